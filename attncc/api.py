@@ -1,0 +1,109 @@
+"""``ac.compile`` and the :class:`Kernel` it returns.
+
+>>> import torch, attncc as ac
+>>> spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.causal())
+>>> kern = ac.compile(spec, target="reference")
+>>> q = k = v = torch.randn(1, 2, 8, 16)
+>>> out, lse = kern(q, k, v, return_lse=True)
+>>> tuple(out.shape), tuple(lse.shape)
+((1, 2, 8, 16), (1, 2, 8))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attncc import config, dump
+from attncc.codegen import reference
+from attncc.errors import SpecError, UnsupportedError
+from attncc.ir.core import Graph
+from attncc.lower import spec_to_ir
+from attncc.passes.base import PassRecord, parse_pipeline, run_pipeline
+from attncc.spec import AttentionSpec
+from attncc.validate import check_qkv, check_requires, check_tensors
+
+log = logging.getLogger("attncc.api")
+
+DEFAULT_PIPELINE = "canonicalize,fuse"
+TARGETS = ("auto", "cpu", "triton", "reference")
+_CACHE: dict[tuple[AttentionSpec, str, str], Kernel] = {}
+
+
+class Kernel:
+    """A compiled attention: call it like a function; inspect ``ir``, ``source``; ``dump`` it."""
+
+    def __init__(self, spec: AttentionSpec, target: str, pipeline: str, graph: Graph, records: list[PassRecord]):
+        self.spec = spec
+        self.target = target
+        self.pipeline = pipeline
+        self.graph = graph
+        self.records = records
+        self._impl = reference.build(graph)
+        self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"Kernel(@{self.spec.name}, target={self.target!r}, key={self.key})"
+
+    @property
+    def ir(self) -> str:
+        """Textual IR after the whole pass pipeline."""
+        return self.records[-1].ir
+
+    @property
+    def source(self) -> str:
+        """Generated source of the chosen target."""
+        return self._impl.source
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False,
+                 **tensors: torch.Tensor) -> Any:
+        """o [B,Hq,Sq,D] (and lse [B,Hq,Sq] with ``return_lse``); differentiable."""
+        shape = check_qkv(self.spec, q, k, v)
+        check_requires(self.spec, shape)
+        bound = check_tensors(self.spec, shape, tensors, q.device)
+        return self._impl(q, k, v, bound, return_lse)
+
+    def dump(self, path: str | Path) -> Path:
+        """Write the IR after every pass, the source and metadata under ``path``."""
+        return dump.write(self, Path(path))
+
+
+def _resolve_target(target: str) -> str:
+    if target not in TARGETS:
+        raise SpecError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
+    if target in ("cpu", "triton"):
+        raise UnsupportedError(
+            f"target {target!r} is not built yet in this version of attncc; use target='reference' "
+            "(or 'auto', which falls back to it with a logged reason)"
+        )
+    if target == "auto":
+        log.info("target auto: using 'reference' (the cpu and triton targets are not built yet)")
+        return "reference"
+    return target
+
+
+def compile(spec: AttentionSpec, target: str = "auto", pipeline: str | None = None) -> Kernel:  # noqa: A001
+    """Compile ``spec`` for ``target``; same spec, target and pipeline give the cached kernel."""
+    if not isinstance(spec, AttentionSpec):
+        raise SpecError(f"compile() takes an AttentionSpec, got {type(spec).__name__}")
+    resolved = _resolve_target(target)
+    text = pipeline or DEFAULT_PIPELINE
+    cfg = config.get()
+    key = (spec, resolved, text)
+    if not cfg.always_compile and key in _CACHE:
+        return _CACHE[key]
+    result = run_pipeline(spec_to_ir(spec), parse_pipeline(text))
+    kern = Kernel(spec, resolved, text, result.graph, result.records)
+    if cfg.debug >= 1:
+        log.info("compiled %r: %s", kern, ", ".join(f"{r.spelling} {r.seconds * 1e3:.1f} ms" for r in result.records[1:]))
+    if cfg.debug >= 4:
+        log.info("source of %r:\n%s", kern, kern.source)
+    if cfg.dump_dir is not None:
+        where = kern.dump(cfg.dump_dir / f"{spec.name}-{kern.key}")
+        log.info("dumped %r to %s", kern, where)
+    _CACHE[key] = kern
+    return kern

@@ -1,0 +1,59 @@
+"""Lower an AttentionSpec to the decomposed IR graph that the pass pipeline starts from.
+
+>>> import attncc as ac
+>>> from attncc.ir import print_ir
+>>> print(print_ir(spec_to_ir(ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.causal()))), end="")
+attn.graph @attention {
+  %q = attn.input {arg = "q"} : [B, 2, Sq, 16]
+  %k = attn.input {arg = "k"} : [B, 2, Skv, 16]
+  %v = attn.input {arg = "v"} : [B, 2, Skv, 16]
+  %s = attn.qk %q, %k {groups = 1} : [B, 2, Sq, Skv]
+  %s1 = attn.scale %s {factor = 0.25} : [B, 2, Sq, Skv]
+  %s2 = attn.mask %s1 {pred = "kv <= q", form = ""} : [B, 2, Sq, Skv]
+  %p = attn.softmax %s2 : [B, 2, Sq, Skv]
+  %o = attn.pv %p, %v {groups = 1} : [B, 2, Sq, 16]
+  attn.return %o
+}
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from attncc.ir import exprs as X
+from attncc.ir.core import Graph, Op, Value
+from attncc.ir.ops import InputOp, MaskOp, PVOp, QKOp, ReturnOp, ScaleOp, ScoreModOp, SoftmaxOp, TensorOp
+from attncc.spec import AttentionSpec
+
+
+def spec_to_ir(spec: AttentionSpec) -> Graph:
+    """The decomposed graph qk -> scale -> score_mod -> mask -> softmax -> pv of ``spec``."""
+    hq, hkv, d = sympy.Integer(spec.num_heads), sympy.Integer(int(spec.num_kv_heads or 0)), sympy.Integer(spec.head_dim)
+    q = Value("q", (X.B, hq, X.Sq, d))
+    k = Value("k", (X.B, hkv, X.Skv, d))
+    v = Value("v", (X.B, hkv, X.Skv, d))
+    ops: list[Op] = [InputOp(q, "q"), InputOp(k, "k"), InputOp(v, "v")]
+    for t in spec.tensors:
+        ops.append(TensorOp(Value(t.name), t.name, t.ndim, t.dtype, t.values))
+    scores = Value("s", (X.B, hq, X.Sq, X.Skv))
+    ops.append(QKOp(scores, q, k, spec.groups))
+    n = 1
+
+    def next_scores() -> Value:
+        nonlocal n
+        value = Value(f"s{n}", scores.shape)
+        n += 1
+        return value
+
+    cur = next_scores()
+    ops.append(ScaleOp(cur, scores, float(spec.scale or 1.0)))
+    if spec.score_mod != X.score:
+        prev, cur = cur, next_scores()
+        ops.append(ScoreModOp(cur, prev, spec.score_mod))
+    if spec.mask != sympy.true:
+        prev, cur = cur, next_scores()
+        ops.append(MaskOp(cur, prev, spec.mask))
+    probs = Value("p", scores.shape)
+    out = Value("o", (X.B, hq, X.Sq, d))
+    ops += [SoftmaxOp(probs, cur), PVOp(out, probs, v, spec.groups), ReturnOp(None, out)]
+    return Graph(spec.name, tuple(ops))

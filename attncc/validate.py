@@ -1,0 +1,125 @@
+"""Call-time checks: q/k/v shapes and dtypes, runtime tensors, length constraints, index bounds.
+
+Index bounds are checked symbolically: each index expression of a runtime tensor is bounded
+by interval analysis at the concrete lengths; a bound that is attained and exceeds the tensor's
+size is an error before any kernel runs. Inexact bounds are left to the kernel's own check.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from attncc.errors import SpecError
+from attncc.ir import exprs as X
+from attncc.ir.intervals import Interval, bounds
+from attncc.spec import AttentionSpec, TensorDecl
+
+log = logging.getLogger("attncc.validate")
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class CallShape:
+    batch: int
+    q_len: int
+    kv_len: int
+
+
+def check_qkv(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> CallShape:
+    """Validate q [B,Hq,Sq,D] and k, v [B,Hkv,Skv,D] against the spec."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise SpecError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise SpecError(f"{name} must be 4-d [batch, heads, length, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOATS:
+            raise SpecError(f"{name} has dtype {t.dtype}; use float16, bfloat16, float32 or float64")
+    if not q.dtype == k.dtype == v.dtype:
+        raise SpecError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
+    if not q.device == k.device == v.device:
+        raise SpecError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    if k.shape != v.shape:
+        raise SpecError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if not q.shape[0] == k.shape[0]:
+        raise SpecError(f"batch of q ({q.shape[0]}) != batch of k/v ({k.shape[0]})")
+    if q.shape[1] != spec.num_heads:
+        raise SpecError(f"q has {q.shape[1]} heads, the spec declares num_heads={spec.num_heads}")
+    if k.shape[1] != spec.num_kv_heads:
+        raise SpecError(f"k/v have {k.shape[1]} heads, the spec declares num_kv_heads={spec.num_kv_heads}")
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[3] != spec.head_dim:
+            raise SpecError(f"{name} has head_dim {t.shape[3]}, the spec declares head_dim={spec.head_dim}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise SpecError(f"empty sequence: q length {q.shape[2]}, kv length {k.shape[2]}")
+    return CallShape(int(q.shape[0]), int(q.shape[2]), int(k.shape[2]))
+
+
+def _dtype_ok(decl: TensorDecl, t: torch.Tensor) -> bool:
+    if decl.dtype == "float":
+        return t.is_floating_point()
+    return not t.is_floating_point() and not t.is_complex()
+
+
+def size_env(spec: AttentionSpec, shape: CallShape) -> dict[sympy.Basic, int]:
+    return {X.B: shape.batch, X.H: spec.num_heads, X.Sq: shape.q_len, X.Skv: shape.kv_len}
+
+
+def check_requires(spec: AttentionSpec, shape: CallShape) -> None:
+    env = size_env(spec, shape)
+    for cond, message in spec.requires:
+        if cond.subs(env) != sympy.true:
+            raise SpecError(f"{message}; got q length {shape.q_len}, kv length {shape.kv_len}")
+
+
+def check_tensors(spec: AttentionSpec, shape: CallShape, given: dict[str, torch.Tensor],
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """The runtime tensors to pass to a kernel (captured ones included), all validated."""
+    wanted = {t.name: t for t in spec.runtime_tensors()}
+    if missing := sorted(set(wanted) - set(given)):
+        raise SpecError(f"missing runtime tensors {missing}; pass them as keywords, e.g. kern(q, k, v, {missing[0]}=...)")
+    if unknown := sorted(set(given) - set(wanted)):
+        raise SpecError(f"unexpected keyword tensors {unknown}; this spec takes {sorted(wanted) or 'none'}")
+    out = dict(spec.captured)
+    out.update(given)
+    decls = {t.name: t for t in spec.tensors if not t.values}
+    for name, t in out.items():
+        decl = decls[name]
+        if not isinstance(t, torch.Tensor):
+            raise SpecError(f"runtime tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != decl.ndim:
+            raise SpecError(f"runtime tensor {name!r} must have {decl.ndim} dims as indexed in the spec, got shape {tuple(t.shape)}")
+        if not _dtype_ok(decl, t):
+            raise SpecError(f"runtime tensor {name!r} has dtype {t.dtype}; the spec uses it as {decl.dtype}")
+        if t.device != device:
+            raise SpecError(f"runtime tensor {name!r} is on {t.device}, q is on {device}")
+    _check_bounds(spec, shape, out)
+    return out
+
+
+def _check_bounds(spec: AttentionSpec, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:
+    env: dict[sympy.Basic, Interval] = {
+        X.b: Interval(0, shape.batch - 1), X.h: Interval(0, spec.num_heads - 1),
+        X.q: Interval(0, shape.q_len - 1), X.kv: Interval(0, shape.kv_len - 1),
+    }
+    sizes = size_env(spec, shape)
+    for expr in (spec.mask, spec.score_mod):
+        for name, uses in X.tensor_refs(expr).items():
+            if name not in tensors:
+                continue
+            for idx in uses:
+                for dim, i in enumerate(idx):
+                    r = bounds(i.subs(sizes), env)
+                    size = tensors[name].shape[dim]
+                    if r.exact and (r.lo < 0 or r.hi >= size):
+                        bad = int(r.lo if r.lo < 0 else r.hi)
+                        raise SpecError(
+                            f"index `{X.expr_str(i)}` of tensor {name!r} reaches {bad} along dim {dim} "
+                            f"(q length {shape.q_len}, kv length {shape.kv_len}), but {name!r} has size {size} there"
+                        )
+                    if not r.exact:
+                        log.debug("bounds of %s[%s] not proven symbolically; checked by the kernel", name, i)

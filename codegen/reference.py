@@ -1,0 +1,123 @@
+"""The reference target: dense PyTorch source generated from an ``attn.fused`` op.
+
+It is the oracle for every other target: exact shared semantics, autograd for gradients
+(including gradients of float runtime tensors such as a relative-bias table), fp32 compute for
+fp16/bf16 inputs and fp64 for fp64 inputs. Memory is O(B * H * Sq * Skv).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+from attncc.errors import LoweringError
+from attncc.ir.core import Graph
+from attncc.ir.exprs import expr_str
+from attncc.ir.ops import FusedOp, TensorOp
+from attncc.codegen.emit_torch import emit
+
+TEMPLATE = '''\
+# attncc reference kernel for @{name}
+# dense PyTorch; fully masked rows give 0 and lse = -inf
+import math
+
+import torch
+
+from attncc.codegen import helpers as H_
+
+SCALE = {scale!r}
+GROUPS = {groups}
+TABLES = {tables}
+
+
+def mask_mod(b, h, q, kv, B, H, Sq, Skv, T):
+    # mask: {mask_text}
+    return {mask_code}
+
+
+def score_mod(score, b, h, q, kv, B, H, Sq, Skv, T):
+    # score_mod: {mod_text}
+    return {mod_code}
+
+
+def forward(q, k, v, T, return_lse=False):
+    B, H, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    T = dict(T)
+    T.update({{n: torch.tensor(vals, device=q.device, dtype=dtype if n in FLOAT_TABLES else torch.int64)
+              for n, vals in TABLES.items()}})
+    qf = q.to(dtype).view(B, Hkv, GROUPS, Sq, D)  # kv head = h // GROUPS, never copied
+    kf, vf = k.to(dtype), v.to(dtype)
+    s = torch.einsum("bjgqd,bjkd->bjgqk", qf, kf).reshape(B, H, Sq, Skv) * SCALE
+    ib = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+    ih = torch.arange(H, device=q.device).view(1, H, 1, 1)
+    iq = torch.arange(Sq, device=q.device).view(1, 1, Sq, 1)
+    ik = torch.arange(Skv, device=q.device).view(1, 1, 1, Skv)
+    s = torch.as_tensor(score_mod(s, ib, ih, iq, ik, B, H, Sq, Skv, T), dtype=dtype).expand(B, H, Sq, Skv)
+    keep = torch.as_tensor(mask_mod(ib, ih, iq, ik, B, H, Sq, Skv, T), device=q.device)
+    s = torch.where(keep.expand(B, H, Sq, Skv), s, -math.inf)
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    visible = denom > 0
+    p = p / torch.where(visible, denom, torch.ones_like(denom))
+    o = torch.einsum("bjgqk,bjkd->bjgqd", p.view(B, Hkv, GROUPS, Sq, Skv), vf).reshape(B, H, Sq, -1)
+    o = o.to(q.dtype)
+    if not return_lse:
+        return o
+    safe = torch.where(visible, denom, torch.ones_like(denom))
+    lse = torch.where(visible, torch.log(safe) + m, -math.inf).squeeze(-1)
+    return o, lse
+'''
+
+
+@dataclass(frozen=True)
+class ReferenceKernel:
+    """Generated source and the module it defines (``forward(q, k, v, T, return_lse)``)."""
+
+    source: str
+    module: types.ModuleType
+
+    def __call__(self, q: Any, k: Any, v: Any, tensors: dict[str, Any], return_lse: bool = False) -> Any:
+        return self.module.forward(q, k, v, tensors, return_lse)
+
+
+def fused_op(graph: Graph) -> FusedOp:
+    fused = graph.ops_of(FusedOp)
+    if len(fused) != 1:
+        raise LoweringError(
+            f"the reference target needs exactly one attn.fused op, @{graph.name} has {len(fused)}; "
+            "run the 'fuse' pass (it logs why it refused)"
+        )
+    op = fused[0]
+    assert isinstance(op, FusedOp)
+    return op
+
+
+def render(graph: Graph) -> str:
+    """Fill the template's holes from the graph's fused op and constant tables."""
+    op = fused_op(graph)
+    tables = {t.tensor: list(t.values) for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.values}
+    floats = {t.tensor for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.dtype == "float"}
+    text = TEMPLATE.format(
+        name=graph.name,
+        scale=op.scale,
+        groups=op.groups,
+        tables=repr(tables),
+        mask_text=expr_str(op.mask),
+        mask_code=emit(op.mask),
+        mod_text=expr_str(op.score_mod),
+        mod_code=emit(op.score_mod),
+    )
+    return text.replace("TABLES = ", f"FLOAT_TABLES = {sorted(floats)!r}\nTABLES = ", 1)
+
+
+def build(graph: Graph) -> ReferenceKernel:
+    """Render and load the reference kernel of ``graph``."""
+    source = render(graph)
+    module = types.ModuleType(f"attncc_reference_{graph.name.replace('-', '_').replace('.', '_')}")
+    exec(compile(source, f"<attncc reference @{graph.name}>", "exec"), module.__dict__)  # noqa: S102
+    return ReferenceKernel(source, module)

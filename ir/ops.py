@@ -1,0 +1,253 @@
+"""The attention ops. Each docstring shows the op's text form.
+
+Decomposed form (what front ends produce)::
+
+    %s  = attn.qk %q, %k {groups = 4}           : [B, 8, Sq, Skv]
+    %s1 = attn.scale %s {factor = 0.125}
+    %s2 = attn.score_mod %s1 {expr = "30*tanh(score/30)"}
+    %s3 = attn.mask %s2 {pred = "kv <= q", form = "causal"}
+    %p  = attn.softmax %s3
+    %o  = attn.pv %p, %v {groups = 4}
+
+Fused form (after the ``fuse`` pass): one ``attn.fused`` op carrying scale, score_mod and mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import sympy
+
+from attncc.ir.core import Op, Shape, Value
+from attncc.ir.exprs import MASK_SYMBOLS, SCORE_SYMBOLS, is_boolean, score, unknown_symbols
+
+
+def _check_expr(op: Op, label: str, expr: sympy.Basic, allowed: frozenset[sympy.Symbol]) -> None:
+    if unknown := unknown_symbols(expr, allowed):
+        raise op.fail(f"{label} {expr} uses unknown symbols {unknown}")
+
+
+def _check_groups(op: Op, groups: int, hq: sympy.Expr, hkv: sympy.Expr) -> None:
+    if groups < 1:
+        raise op.fail(f"groups must be >= 1, got {groups}")
+    if sympy.simplify(hkv * groups - hq) != 0:
+        raise op.fail(f"groups={groups} but query heads {hq} != {groups} x kv heads {hkv}")
+
+
+@dataclass(frozen=True, slots=True)
+class InputOp(Op):
+    """%q = attn.input {arg = "q"} : [B, 8, Sq, 64]   -- a q/k/v tensor argument"""
+
+    name: ClassVar[str] = "attn.input"
+    attrs: ClassVar[dict[str, str]] = {"arg": "str"}
+    arg: str
+
+    def verify(self) -> None:
+        if self.arg not in ("q", "k", "v"):
+            raise self.fail(f"arg must be q, k or v, got {self.arg!r}")
+        if self.result is None or len(self.result.shape) != 4:
+            raise self.fail(f"%{self.arg} must have a 4-d shape [B, heads, length, head_dim]")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorOp(Op):
+    """%doc = attn.tensor {tensor = "doc", ndim = 1, dtype = "int", values = []}
+
+    A runtime tensor that expressions index by name; ``values`` holds a constant table
+    (e.g. a per-head window) and is empty for tensors passed at call time.
+    """
+
+    name: ClassVar[str] = "attn.tensor"
+    attrs: ClassVar[dict[str, str]] = {"tensor": "str", "ndim": "int", "dtype": "str", "values": "floats"}
+    tensor: str
+    ndim: int
+    dtype: str
+    values: tuple[float, ...] = ()
+
+    def verify(self) -> None:
+        if self.dtype not in ("int", "float", "bool"):
+            raise self.fail(f"dtype of {self.tensor!r} must be int, float or bool, got {self.dtype!r}")
+        if self.ndim < 1:
+            raise self.fail(f"tensor {self.tensor!r} must have ndim >= 1")
+        if self.values and self.ndim != 1:
+            raise self.fail(f"constant table {self.tensor!r} must be 1-d")
+
+
+@dataclass(frozen=True, slots=True)
+class QKOp(Op):
+    """%s = attn.qk %q, %k {groups = 1} : [B, Hq, Sq, Skv]   -- scores q.k (kv head = h // groups)"""
+
+    name: ClassVar[str] = "attn.qk"
+    operands: ClassVar[tuple[str, ...]] = ("q", "k")
+    attrs: ClassVar[dict[str, str]] = {"groups": "int"}
+    q: Value
+    k: Value
+    groups: int = 1
+
+    def result_shape(self) -> Shape:
+        return (self.q.shape[0], self.q.shape[1], self.q.shape[2], self.k.shape[2])
+
+    def verify(self) -> None:
+        _check_groups(self, self.groups, self.q.shape[1], self.k.shape[1])
+        if self.q.shape[3] != self.k.shape[3]:
+            raise self.fail(f"head_dim of q ({self.q.shape[3]}) != head_dim of k ({self.k.shape[3]})")
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleOp(Op):
+    """%s1 = attn.scale %s {factor = 0.125}"""
+
+    name: ClassVar[str] = "attn.scale"
+    operands: ClassVar[tuple[str, ...]] = ("scores",)
+    attrs: ClassVar[dict[str, str]] = {"factor": "float"}
+    scores: Value
+    factor: float
+
+    def result_shape(self) -> Shape:
+        return self.scores.shape
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreModOp(Op):
+    """%s2 = attn.score_mod %s1 {expr = "30*tanh(score/30)"}   -- elementwise, sees the scaled score"""
+
+    name: ClassVar[str] = "attn.score_mod"
+    operands: ClassVar[tuple[str, ...]] = ("scores",)
+    attrs: ClassVar[dict[str, str]] = {"expr": "expr"}
+    scores: Value
+    expr: sympy.Expr
+
+    def result_shape(self) -> Shape:
+        return self.scores.shape
+
+    def verify(self) -> None:
+        if is_boolean(self.expr):
+            raise self.fail(f"expr {self.expr} is boolean; a score mod must be numeric")
+        _check_expr(self, "expr", self.expr, SCORE_SYMBOLS)
+
+
+@dataclass(frozen=True, slots=True)
+class MaskOp(Op):
+    """%s3 = attn.mask %s2 {pred = "kv <= q", form = "causal"}   -- scores where pred is false become -inf"""
+
+    name: ClassVar[str] = "attn.mask"
+    operands: ClassVar[tuple[str, ...]] = ("scores",)
+    attrs: ClassVar[dict[str, str]] = {"pred": "bool", "form": "str"}
+    scores: Value
+    pred: sympy.Basic
+    form: str = ""
+
+    def result_shape(self) -> Shape:
+        return self.scores.shape
+
+    def verify(self) -> None:
+        if not is_boolean(self.pred):
+            raise self.fail(f"pred {self.pred} is not boolean")
+        _check_expr(self, "pred", self.pred, MASK_SYMBOLS)
+        if score in self.pred.free_symbols:
+            raise self.fail(f"pred {self.pred} depends on score; masks see indices only")
+
+
+@dataclass(frozen=True, slots=True)
+class SoftmaxOp(Op):
+    """%p = attn.softmax %s3   -- over the key axis; rows with no visible key give 0"""
+
+    name: ClassVar[str] = "attn.softmax"
+    operands: ClassVar[tuple[str, ...]] = ("scores",)
+    scores: Value
+
+    def result_shape(self) -> Shape:
+        return self.scores.shape
+
+
+@dataclass(frozen=True, slots=True)
+class PVOp(Op):
+    """%o = attn.pv %p, %v {groups = 1} : [B, Hq, Sq, D]"""
+
+    name: ClassVar[str] = "attn.pv"
+    operands: ClassVar[tuple[str, ...]] = ("probs", "v")
+    attrs: ClassVar[dict[str, str]] = {"groups": "int"}
+    probs: Value
+    v: Value
+    groups: int = 1
+
+    def result_shape(self) -> Shape:
+        return (*self.probs.shape[:3], self.v.shape[3])
+
+    def verify(self) -> None:
+        _check_groups(self, self.groups, self.probs.shape[1], self.v.shape[1])
+
+
+@dataclass(frozen=True, slots=True)
+class FusedOp(Op):
+    """%o = attn.fused %q, %k, %v {groups, scale, score_mod, mask, form} : [B, Hq, Sq, D]
+
+    One attention: softmax(mask(score_mod(q.k * scale))) . v, as a single op.
+    """
+
+    name: ClassVar[str] = "attn.fused"
+    operands: ClassVar[tuple[str, ...]] = ("q", "k", "v")
+    attrs: ClassVar[dict[str, str]] = {
+        "groups": "int", "scale": "float", "score_mod": "expr", "mask": "bool", "form": "str",
+    }
+    q: Value
+    k: Value
+    v: Value
+    groups: int
+    scale: float
+    score_mod: sympy.Expr = score
+    mask: sympy.Basic = sympy.true
+    form: str = ""
+
+    def result_shape(self) -> Shape:
+        return (*self.q.shape[:3], self.v.shape[3])
+
+    def verify(self) -> None:
+        _check_groups(self, self.groups, self.q.shape[1], self.k.shape[1])
+        if not is_boolean(self.mask):
+            raise self.fail(f"mask {self.mask} is not boolean")
+        if is_boolean(self.score_mod):
+            raise self.fail(f"score_mod {self.score_mod} is boolean; it must be numeric")
+        _check_expr(self, "mask", self.mask, MASK_SYMBOLS)
+        _check_expr(self, "score_mod", self.score_mod, SCORE_SYMBOLS)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadShardOp(Op):
+    """%o2 = attn.head_shard %o {world = 2, owner = [0, 0, 1, 1]}   -- head h computed on rank owner[h]"""
+
+    name: ClassVar[str] = "attn.head_shard"
+    operands: ClassVar[tuple[str, ...]] = ("attn",)
+    attrs: ClassVar[dict[str, str]] = {"world": "int", "owner": "ints"}
+    attn: Value
+    world: int
+    owner: tuple[int, ...]
+
+    def result_shape(self) -> Shape:
+        return self.attn.shape
+
+    def verify(self) -> None:
+        if self.world < 1:
+            raise self.fail(f"world must be >= 1, got {self.world}")
+        if bad := [r for r in self.owner if not 0 <= r < self.world]:
+            raise self.fail(f"owner ranks {bad} outside [0, {self.world})")
+        heads = self.attn.shape[1]
+        if heads.is_number and len(self.owner) != int(heads):
+            raise self.fail(f"owner lists {len(self.owner)} heads, the value has {heads}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnOp(Op):
+    """attn.return %o"""
+
+    name: ClassVar[str] = "attn.return"
+    operands: ClassVar[tuple[str, ...]] = ("out",)
+    out: Value
+
+
+OPS: dict[str, type[Op]] = {
+    cls.name: cls
+    for cls in (InputOp, TensorOp, QKOp, ScaleOp, ScoreModOp, MaskOp, SoftmaxOp, PVOp, FusedOp,
+                HeadShardOp, ReturnOp)
+}
