@@ -13,9 +13,37 @@ torch.Size([1, 4, 32, 16])
 
 from attncc import errors
 from attncc.api import Kernel, compile
-from attncc.dsl import Expr, TensorRef, b, clamp, exp, h, kv, log, maximum, minimum, per_head, q, score, sqrt, tanh, tensor, where
+from attncc.dsl import (
+    Expr,
+    TensorRef,
+    b,
+    clamp,
+    exp,
+    h,
+    kv,
+    log,
+    maximum,
+    minimum,
+    per_head,
+    q,
+    score,
+    sqrt,
+    tanh,
+    tensor,
+    where,
+)
 from attncc.errors import AttnccError, LoweringError, SpecError, UnsupportedError, VerifyError
-from attncc.masks import block_layout, block_local, causal, dilated_window, document, grid_attention, prefix_lm, sinks, sliding_window
+from attncc.masks import (
+    block_layout,
+    block_local,
+    causal,
+    dilated_window,
+    document,
+    grid_attention,
+    prefix_lm,
+    sinks,
+    sliding_window,
+)
 from attncc.mods import alibi, chain, relative_bias, softcap
 from attncc.neighborhood import neighborhood
 from attncc.spec import AttentionSpec, TensorDecl
@@ -23,9 +51,45 @@ from attncc.spec import AttentionSpec, TensorDecl
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionSpec", "AttnccError", "Expr", "Kernel", "LoweringError", "SpecError", "TensorDecl", "TensorRef",
-    "UnsupportedError", "VerifyError", "alibi", "b", "block_layout", "block_local", "causal", "chain", "clamp",
-    "compile", "dilated_window", "document", "errors", "exp", "grid_attention", "h", "kv", "log", "maximum",
-    "minimum", "neighborhood", "per_head", "prefix_lm", "q", "relative_bias", "score", "sinks",
-    "sliding_window", "softcap", "sqrt", "tanh", "tensor", "where",
+    "AttentionSpec",
+    "AttnccError",
+    "Expr",
+    "Kernel",
+    "LoweringError",
+    "SpecError",
+    "TensorDecl",
+    "TensorRef",
+    "UnsupportedError",
+    "VerifyError",
+    "alibi",
+    "b",
+    "block_layout",
+    "block_local",
+    "causal",
+    "chain",
+    "clamp",
+    "compile",
+    "dilated_window",
+    "document",
+    "errors",
+    "exp",
+    "grid_attention",
+    "h",
+    "kv",
+    "log",
+    "maximum",
+    "minimum",
+    "neighborhood",
+    "per_head",
+    "prefix_lm",
+    "q",
+    "relative_bias",
+    "score",
+    "sinks",
+    "sliding_window",
+    "softcap",
+    "sqrt",
+    "tanh",
+    "tensor",
+    "where",
 ]

@@ -59,8 +59,9 @@ class Kernel:
         """Generated source of the chosen target."""
         return self._impl.source
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False,
-                 **tensors: torch.Tensor) -> Any:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False, **tensors: torch.Tensor
+    ) -> Any:
         """o [B,Hq,Sq,D] (and lse [B,Hq,Sq] with ``return_lse``); differentiable."""
         shape = check_qkv(self.spec, q, k, v)
         check_requires(self.spec, shape)
@@ -86,7 +87,7 @@ def _resolve_target(target: str) -> str:
     return target
 
 
-def compile(spec: AttentionSpec, target: str = "auto", pipeline: str | None = None) -> Kernel:  # noqa: A001
+def compile(spec: AttentionSpec, target: str = "auto", pipeline: str | None = None) -> Kernel:
     """Compile ``spec`` for ``target``; same spec, target and pipeline give the cached kernel."""
     if not isinstance(spec, AttentionSpec):
         raise SpecError(f"compile() takes an AttentionSpec, got {type(spec).__name__}")
@@ -99,7 +100,9 @@ def compile(spec: AttentionSpec, target: str = "auto", pipeline: str | None = No
     result = run_pipeline(spec_to_ir(spec), parse_pipeline(text))
     kern = Kernel(spec, resolved, text, result.graph, result.records)
     if cfg.debug >= 1:
-        log.info("compiled %r: %s", kern, ", ".join(f"{r.spelling} {r.seconds * 1e3:.1f} ms" for r in result.records[1:]))
+        log.info(
+            "compiled %r: %s", kern, ", ".join(f"{r.spelling} {r.seconds * 1e3:.1f} ms" for r in result.records[1:])
+        )
     if cfg.debug >= 4:
         log.info("source of %r:\n%s", kern, kern.source)
     if cfg.dump_dir is not None:

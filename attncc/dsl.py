@@ -9,7 +9,7 @@ FlexAttention-style callables trace unchanged.
 >>> import attncc as ac
 >>> m = (ac.q >= ac.kv) & (ac.q - ac.kv < 128)
 >>> m
-Expr((kv <= q) & (q - kv < 128))
+Expr((q >= kv) & (-kv + q < 128))
 >>> doc = ac.tensor("doc")
 >>> doc[ac.q] == doc[ac.kv]
 Expr(Eq(doc[q], doc[kv]))
@@ -63,8 +63,7 @@ def _union_named(a: tuple[Any, ...], b: tuple[Any, ...], what: str) -> tuple[Any
     for name, value in b:
         if name in known and known[name] != value:
             raise SpecError(
-                f"two different {what}s are both named {name!r} ({known[name]} vs {value}); "
-                "give them distinct names"
+                f"two different {what}s are both named {name!r} ({known[name]} vs {value}); give them distinct names"
             )
     return _union(a, b)
 
@@ -75,7 +74,7 @@ EMPTY = Meta()
 class Expr:
     """A symbolic expression over the index symbols (wraps a sympy object)."""
 
-    __slots__ = ("sym", "meta")
+    __slots__ = ("meta", "sym")
     __hash__ = None  # type: ignore[assignment]  # == builds an expression, so no hashing
 
     def __init__(self, sym: sympy.Basic, meta: Meta = EMPTY) -> None:
@@ -126,29 +125,69 @@ class Expr:
         a, c, meta = self._num(other, op)
         return Expr(fn(c, a), meta)
 
-    def __add__(self, o: object) -> Expr: return self._arith(o, "+", lambda a, c: a + c)  # noqa: E704
-    def __radd__(self, o: object) -> Expr: return self._rarith(o, "+", lambda a, c: a + c)  # noqa: E704
-    def __sub__(self, o: object) -> Expr: return self._arith(o, "-", lambda a, c: a - c)  # noqa: E704
-    def __rsub__(self, o: object) -> Expr: return self._rarith(o, "-", lambda a, c: a - c)  # noqa: E704
-    def __mul__(self, o: object) -> Expr: return self._arith(o, "*", lambda a, c: a * c)  # noqa: E704
-    def __rmul__(self, o: object) -> Expr: return self._rarith(o, "*", lambda a, c: a * c)  # noqa: E704
-    def __truediv__(self, o: object) -> Expr: return self._arith(o, "/", lambda a, c: a / c)  # noqa: E704
-    def __rtruediv__(self, o: object) -> Expr: return self._rarith(o, "/", lambda a, c: a / c)  # noqa: E704
-    def __floordiv__(self, o: object) -> Expr: return self._arith(o, "//", _floordiv)  # noqa: E704
-    def __rfloordiv__(self, o: object) -> Expr: return self._rarith(o, "//", _floordiv)  # noqa: E704
-    def __mod__(self, o: object) -> Expr: return self._arith(o, "%", sympy.Mod)  # noqa: E704
-    def __rmod__(self, o: object) -> Expr: return self._rarith(o, "%", sympy.Mod)  # noqa: E704
-    def __pow__(self, o: object) -> Expr: return self._arith(o, "**", lambda a, c: a**c)  # noqa: E704
-    def __rpow__(self, o: object) -> Expr: return self._rarith(o, "**", lambda a, c: a**c)  # noqa: E704
-    def __neg__(self) -> Expr: return self._arith(0, "-", lambda a, _: -a)  # noqa: E704
-    def __pos__(self) -> Expr: return self  # noqa: E704
-    def __abs__(self) -> Expr: return self._arith(0, "abs", lambda a, _: sympy.Abs(a))  # noqa: E704
+    def __add__(self, o: object) -> Expr:
+        return self._arith(o, "+", lambda a, c: a + c)
+
+    def __radd__(self, o: object) -> Expr:
+        return self._rarith(o, "+", lambda a, c: a + c)
+
+    def __sub__(self, o: object) -> Expr:
+        return self._arith(o, "-", lambda a, c: a - c)
+
+    def __rsub__(self, o: object) -> Expr:
+        return self._rarith(o, "-", lambda a, c: a - c)
+
+    def __mul__(self, o: object) -> Expr:
+        return self._arith(o, "*", lambda a, c: a * c)
+
+    def __rmul__(self, o: object) -> Expr:
+        return self._rarith(o, "*", lambda a, c: a * c)
+
+    def __truediv__(self, o: object) -> Expr:
+        return self._arith(o, "/", lambda a, c: a / c)
+
+    def __rtruediv__(self, o: object) -> Expr:
+        return self._rarith(o, "/", lambda a, c: a / c)
+
+    def __floordiv__(self, o: object) -> Expr:
+        return self._arith(o, "//", _floordiv)
+
+    def __rfloordiv__(self, o: object) -> Expr:
+        return self._rarith(o, "//", _floordiv)
+
+    def __mod__(self, o: object) -> Expr:
+        return self._arith(o, "%", sympy.Mod)
+
+    def __rmod__(self, o: object) -> Expr:
+        return self._rarith(o, "%", sympy.Mod)
+
+    def __pow__(self, o: object) -> Expr:
+        return self._arith(o, "**", lambda a, c: a**c)
+
+    def __rpow__(self, o: object) -> Expr:
+        return self._rarith(o, "**", lambda a, c: a**c)
+
+    def __neg__(self) -> Expr:
+        return self._arith(0, "-", lambda a, _: -a)
+
+    def __pos__(self) -> Expr:
+        return self
+
+    def __abs__(self) -> Expr:
+        return self._arith(0, "abs", lambda a, _: sympy.Abs(a))
 
     # comparisons ------------------------------------------------------------------------
-    def __lt__(self, o: object) -> Expr: return self._arith(o, "<", sympy.Lt)  # noqa: E704
-    def __le__(self, o: object) -> Expr: return self._arith(o, "<=", sympy.Le)  # noqa: E704
-    def __gt__(self, o: object) -> Expr: return self._arith(o, ">", sympy.Gt)  # noqa: E704
-    def __ge__(self, o: object) -> Expr: return self._arith(o, ">=", sympy.Ge)  # noqa: E704
+    def __lt__(self, o: object) -> Expr:
+        return self._arith(o, "<", sympy.Lt)
+
+    def __le__(self, o: object) -> Expr:
+        return self._arith(o, "<=", sympy.Le)
+
+    def __gt__(self, o: object) -> Expr:
+        return self._arith(o, ">", sympy.Gt)
+
+    def __ge__(self, o: object) -> Expr:
+        return self._arith(o, ">=", sympy.Ge)
 
     def __eq__(self, o: object) -> Expr:  # type: ignore[override]
         return self._arith(o, "==", lambda a, c: sympy.Eq(a, c))
@@ -260,7 +299,7 @@ def per_head(values: Sequence[Number], name: str = "per_head") -> Expr:
 
     >>> import attncc as ac
     >>> ac.sliding_window(ac.per_head([64, 128, 256, 512], name="window")).sym
-    (kv <= q) & (q <= kv + window[h])
+    (kv <= q) & (q - window[h] <= kv)
     """
     vals = tuple(float(v) for v in values)
     if not vals:

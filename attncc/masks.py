@@ -5,7 +5,7 @@ Python ints or per-head expressions (:func:`attncc.per_head`).
 
 >>> import attncc as ac
 >>> (ac.causal() & ac.sliding_window(3)).sym
-(kv <= q) & (q <= kv + 3)
+(kv <= q) & (q - 3 <= kv)
 """
 
 from __future__ import annotations
@@ -142,8 +142,10 @@ def coords(index: sympy.Expr, grid: tuple[int, ...]) -> list[sympy.Expr]:
 
 def _on_grid(expr: sympy.Basic, grid: tuple[int, ...], label: str) -> Expr:
     n = math.prod(grid)
-    need = (sympy.And(sympy.Eq(X.Sq, n), sympy.Eq(X.Skv, n)),
-            f"{label} needs q and kv lengths equal to the grid's {n} tokens")
+    need = (
+        sympy.And(sympy.Eq(X.Sq, n), sympy.Eq(X.Skv, n)),
+        f"{label} needs q and kv lengths equal to the grid's {n} tokens",
+    )
     return Expr(expr, Meta(requires=(need,)))
 
 

@@ -4,7 +4,7 @@
 >>> spec = ac.AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=64,
 ...                         mask=ac.causal() & ac.sliding_window(256), score_mod=ac.softcap(30.0))
 >>> spec.groups, spec.scale, str(spec.mask)
-(4, 0.125, '(kv <= q) & (q <= kv + 256)')
+(4, 0.125, '(kv <= q) & (q - 256 <= kv)')
 """
 
 from __future__ import annotations
@@ -121,9 +121,7 @@ def _normalize(
     else:
         raise SpecError(f"{label} must be an attncc expression, a callable or None, got {type(value).__name__}")
     if boolean and not expr.is_boolean:
-        raise SpecError(
-            f"mask `{X.expr_str(expr.sym)}` is a number, not a condition; compare it (e.g. `... >= 0`)"
-        )
+        raise SpecError(f"mask `{X.expr_str(expr.sym)}` is a number, not a condition; compare it (e.g. `... >= 0`)")
     if not boolean and expr.is_boolean:
         raise SpecError(f"score_mod `{X.expr_str(expr.sym)}` is a condition; a score mod returns a score")
     allowed = X.MASK_SYMBOLS if boolean else X.SCORE_SYMBOLS
@@ -161,6 +159,5 @@ def _check_index(name: str, index: tuple[sympy.Expr, ...]) -> None:
             raise SpecError(f"tensor {name!r} is indexed by `{X.expr_str(i)}`, which depends on the score")
         if i.is_integer is False or (i.is_integer is None and not i.atoms(sympy.Indexed)):
             raise SpecError(
-                f"index `{X.expr_str(i)}` of tensor {name!r} is not an integer expression; "
-                "use // for integer division"
+                f"index `{X.expr_str(i)}` of tensor {name!r} is not an integer expression; use // for integer division"
             )

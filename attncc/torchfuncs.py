@@ -28,7 +28,7 @@ def _scalar(x: Any) -> Any:
     return x
 
 
-def _clamp(x: Any, min: Any = None, max: Any = None) -> Expr:  # noqa: A002  (torch's names)
+def _clamp(x: Any, min: Any = None, max: Any = None) -> Expr:
     out = dsl.lift(_scalar(x))
     if min is not None:
         out = dsl.maximum(out, _scalar(min))
@@ -82,5 +82,3 @@ def dispatch(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     if func is torch.div and kwargs.get("rounding_mode") is not None:
         raise TraceError(f"torch.div rounding_mode={kwargs['rounding_mode']!r} is not supported; use //")
     return handler(*args, **{k: v for k, v in kwargs.items() if k != "rounding_mode"})
-
-

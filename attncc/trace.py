@@ -107,12 +107,12 @@ def _call(fn: Callable[..., Any], args: list[Expr], label: str) -> tuple[Any, di
     if len(positional) != len(args) and not any(p.kind == p.VAR_POSITIONAL for p in params.values()):
         names = "score, b, h, q_idx, kv_idx" if len(args) == 5 else "b, h, q_idx, kv_idx"
         raise SpecError(f"{label} must take {len(args)} arguments ({names}); {fn!r} takes {len(positional)}")
-    target, captured = (_swap_tensors(fn) if isinstance(fn, types.FunctionType) else (fn, {}))
+    target, captured = _swap_tensors(fn) if isinstance(fn, types.FunctionType) else (fn, {})
     try:
         return target(*args), captured
     except SpecError as exc:
         raise SpecError(f"{label} cannot be traced at {_where(fn, exc)}: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - any failure of user code becomes a located SpecError
+    except Exception as exc:
         raise SpecError(
             f"{label} cannot be traced at {_where(fn, exc)}: {type(exc).__name__}: {exc}. "
             "attncc traces arithmetic, comparisons, &/|/~, torch.where and indexing of captured tensors"

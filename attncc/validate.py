@@ -76,12 +76,15 @@ def check_requires(spec: AttentionSpec, shape: CallShape) -> None:
             raise SpecError(f"{message}; got q length {shape.q_len}, kv length {shape.kv_len}")
 
 
-def check_tensors(spec: AttentionSpec, shape: CallShape, given: dict[str, torch.Tensor],
-                  device: torch.device) -> dict[str, torch.Tensor]:
+def check_tensors(
+    spec: AttentionSpec, shape: CallShape, given: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
     """The runtime tensors to pass to a kernel (captured ones included), all validated."""
     wanted = {t.name: t for t in spec.runtime_tensors()}
     if missing := sorted(set(wanted) - set(given)):
-        raise SpecError(f"missing runtime tensors {missing}; pass them as keywords, e.g. kern(q, k, v, {missing[0]}=...)")
+        raise SpecError(
+            f"missing runtime tensors {missing}; pass them as keywords, e.g. kern(q, k, v, {missing[0]}=...)"
+        )
     if unknown := sorted(set(given) - set(wanted)):
         raise SpecError(f"unexpected keyword tensors {unknown}; this spec takes {sorted(wanted) or 'none'}")
     out = dict(spec.captured)
@@ -92,7 +95,9 @@ def check_tensors(spec: AttentionSpec, shape: CallShape, given: dict[str, torch.
         if not isinstance(t, torch.Tensor):
             raise SpecError(f"runtime tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != decl.ndim:
-            raise SpecError(f"runtime tensor {name!r} must have {decl.ndim} dims as indexed in the spec, got shape {tuple(t.shape)}")
+            raise SpecError(
+                f"runtime tensor {name!r} must have {decl.ndim} dims as indexed in the spec, got shape {tuple(t.shape)}"
+            )
         if not _dtype_ok(decl, t):
             raise SpecError(f"runtime tensor {name!r} has dtype {t.dtype}; the spec uses it as {decl.dtype}")
         if t.device != device:
@@ -103,8 +108,10 @@ def check_tensors(spec: AttentionSpec, shape: CallShape, given: dict[str, torch.
 
 def _check_bounds(spec: AttentionSpec, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:
     env: dict[sympy.Basic, Interval] = {
-        X.b: Interval(0, shape.batch - 1), X.h: Interval(0, spec.num_heads - 1),
-        X.q: Interval(0, shape.q_len - 1), X.kv: Interval(0, shape.kv_len - 1),
+        X.b: Interval(0, shape.batch - 1),
+        X.h: Interval(0, spec.num_heads - 1),
+        X.q: Interval(0, shape.q_len - 1),
+        X.kv: Interval(0, shape.kv_len - 1),
     }
     sizes = size_env(spec, shape)
     for expr in (spec.mask, spec.score_mod):

@@ -41,7 +41,7 @@ def _add(e: sympy.Add) -> str:
     terms = sorted(e.args, key=lambda t: (t.is_number, sympy.default_sort_key(t)))
     out = emit(terms[0])
     for t in terms[1:]:
-        coeff, rest = t.as_coeff_Mul()
+        coeff = t.as_coeff_Mul()[0]
         if coeff.is_number and coeff < 0:
             out += f" - {emit(-t)}"
         else:

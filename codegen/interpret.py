@@ -22,15 +22,20 @@ _ARGS = "score, b, h, q, kv, B, H, Sq, Skv, T"
 
 
 def _fn(expr: Any) -> Any:
-    return eval(f"lambda {_ARGS}: {emit(expr)}", {"H_": helpers, "math": math})  # noqa: S307
+    return eval(f"lambda {_ARGS}: {emit(expr)}", {"H_": helpers, "math": math})
 
 
 def _grids(shape: tuple[int, ...]) -> dict[str, Any]:
     B, H, Sq, Skv = shape
     return {
-        "b": torch.arange(B).view(B, 1, 1, 1), "h": torch.arange(H).view(1, H, 1, 1),
-        "q": torch.arange(Sq).view(1, 1, Sq, 1), "kv": torch.arange(Skv).view(1, 1, 1, Skv),
-        "B": B, "H": H, "Sq": Sq, "Skv": Skv,
+        "b": torch.arange(B).view(B, 1, 1, 1),
+        "h": torch.arange(H).view(1, H, 1, 1),
+        "q": torch.arange(Sq).view(1, 1, Sq, 1),
+        "kv": torch.arange(Skv).view(1, 1, 1, Skv),
+        "B": B,
+        "H": H,
+        "Sq": Sq,
+        "Skv": Skv,
     }
 
 
@@ -56,7 +61,7 @@ def _softmax(s: torch.Tensor) -> torch.Tensor:
 
 
 def _step(op: Op, env: dict[str, torch.Tensor], T: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    get = lambda field: env[getattr(op, field).name]  # noqa: E731
+    get = lambda field: env[getattr(op, field).name]
     if isinstance(op, InputOp | TensorOp):
         return None
     if isinstance(op, QKOp):
@@ -78,8 +83,9 @@ def _step(op: Op, env: dict[str, torch.Tensor], T: dict[str, torch.Tensor]) -> t
     raise UnsupportedError(f"the interpreter has no rule for {op.name}")
 
 
-def interpret(graph: Graph, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def interpret(
+    graph: Graph, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Evaluate ``graph`` on q, k, v (cast to float64); returns the attn.return value."""
     T = {n: (t.double() if t.is_floating_point() else t) for n, t in (tensors or {}).items()}
     for op in graph.ops_of(TensorOp):

@@ -11,13 +11,13 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+from attncc.codegen.emit_torch import emit
 from attncc.errors import LoweringError
 from attncc.ir.core import Graph
 from attncc.ir.exprs import expr_str
 from attncc.ir.ops import FusedOp, TensorOp
-from attncc.codegen.emit_torch import emit
 
-TEMPLATE = '''\
+TEMPLATE = """\
 # attncc reference kernel for @{name}
 # dense PyTorch; fully masked rows give 0 and lse = -inf
 import math
@@ -71,7 +71,7 @@ def forward(q, k, v, T, return_lse=False):
     safe = torch.where(visible, denom, torch.ones_like(denom))
     lse = torch.where(visible, torch.log(safe) + m, -math.inf).squeeze(-1)
     return o, lse
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -119,5 +119,5 @@ def build(graph: Graph) -> ReferenceKernel:
     """Render and load the reference kernel of ``graph``."""
     source = render(graph)
     module = types.ModuleType(f"attncc_reference_{graph.name.replace('-', '_').replace('.', '_')}")
-    exec(compile(source, f"<attncc reference @{graph.name}>", "exec"), module.__dict__)  # noqa: S102
+    exec(compile(source, f"<attncc reference @{graph.name}>", "exec"), module.__dict__)
     return ReferenceKernel(source, module)

@@ -31,18 +31,63 @@ def specs() -> list[tuple[ac.AttentionSpec, dict[str, torch.Tensor], int]]:
 
     return [
         (ac.AttentionSpec(name="llama_gqa", num_heads=8, num_kv_heads=2, head_dim=32, mask=ac.causal()), {}, 64),
-        (ac.AttentionSpec(name="gemma_window", num_heads=4, head_dim=32,
-                          mask=ac.sliding_window(15) | ac.sinks(4), score_mod=ac.softcap(30.0)), {}, 64),
-        (ac.AttentionSpec(name="packed_docs", num_heads=4, head_dim=32,
-                          mask=ac.causal() & ac.document(ac.tensor("doc_ids"))), {"doc_ids": doc_ids}, 64),
-        (ac.AttentionSpec(name="natten_2d", num_heads=2, head_dim=32,
-                          mask=ac.neighborhood(grid=(8, 8), kernel=(3, 5), dilation=(2, 1))), {}, 64),
-        (ac.AttentionSpec(name="alibi_moa", num_heads=4, head_dim=32, score_mod=ac.alibi(),
-                          mask=ac.sliding_window(ac.per_head([4, 8, 16, 32], name="span"))), {}, 64),
-        (ac.AttentionSpec(name="t5_bias", num_heads=4, head_dim=32,
-                          score_mod=ac.relative_bias(ac.tensor("table"), 16)), {"table": bias}, 64),
-        (ac.AttentionSpec(name="flex_callable", num_heads=2, head_dim=32, mask=flex_mask,
-                          score_mod=lambda s, b, h, q_idx, kv_idx: s * 0.5), {}, 64),
+        (
+            ac.AttentionSpec(
+                name="gemma_window",
+                num_heads=4,
+                head_dim=32,
+                mask=ac.sliding_window(15) | ac.sinks(4),
+                score_mod=ac.softcap(30.0),
+            ),
+            {},
+            64,
+        ),
+        (
+            ac.AttentionSpec(
+                name="packed_docs", num_heads=4, head_dim=32, mask=ac.causal() & ac.document(ac.tensor("doc_ids"))
+            ),
+            {"doc_ids": doc_ids},
+            64,
+        ),
+        (
+            ac.AttentionSpec(
+                name="natten_2d",
+                num_heads=2,
+                head_dim=32,
+                mask=ac.neighborhood(grid=(8, 8), kernel=(3, 5), dilation=(2, 1)),
+            ),
+            {},
+            64,
+        ),
+        (
+            ac.AttentionSpec(
+                name="alibi_moa",
+                num_heads=4,
+                head_dim=32,
+                score_mod=ac.alibi(),
+                mask=ac.sliding_window(ac.per_head([4, 8, 16, 32], name="span")),
+            ),
+            {},
+            64,
+        ),
+        (
+            ac.AttentionSpec(
+                name="t5_bias", num_heads=4, head_dim=32, score_mod=ac.relative_bias(ac.tensor("table"), 16)
+            ),
+            {"table": bias},
+            64,
+        ),
+        (
+            ac.AttentionSpec(
+                name="flex_callable",
+                num_heads=2,
+                head_dim=32,
+                mask=flex_mask,
+                score_mod=lambda s, b, h, q_idx, kv_idx: s * 0.5,
+            ),
+            {},
+            64,
+        ),
     ]
 
 
@@ -63,8 +108,10 @@ def check(spec: ac.AttentionSpec, tensors: dict[str, torch.Tensor], n: int) -> s
     err = (out.double() - oracle).abs().max().item()
     gerr = max((a.double() - b).abs().max().item() for a, b in zip(grads, ograds))
     form = kern.graph.ops[-2].form if hasattr(kern.graph.ops[-2], "form") else ""
-    return (f"{spec.name:14s} compile {compile_ms:6.1f} ms   max|out-oracle| {err:.1e}   "
-            f"max|grad-oracle| {gerr:.1e}   form: {form or 'custom'}")
+    return (
+        f"{spec.name:14s} compile {compile_ms:6.1f} ms   max|out-oracle| {err:.1e}   "
+        f"max|grad-oracle| {gerr:.1e}   form: {form or 'custom'}"
+    )
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ class Op:
         return VerifyError(f"{self.name}: {message}")
 
     def replace(self, **changes: object) -> Op:
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +105,6 @@ class Graph:
             expected = op.result_shape()
             if expected is not None and tuple(expected) != tuple(op.result.shape):
                 raise VerifyError(
-                    f"{op.name}: result %{op.result.name} has shape {list(op.result.shape)}, "
-                    f"expected {list(expected)}"
+                    f"{op.name}: result %{op.result.name} has shape {list(op.result.shape)}, expected {list(expected)}"
                 )
             defined[op.result.name] = op.result

@@ -86,10 +86,41 @@ def expr_str(expr: sympy.Basic) -> str:
 
 _FUNCS = {
     name: getattr(sympy, name)
-    for name in (
-        "Mod floor ceiling Min Max Abs Piecewise ITE tanh exp log sqrt sign sin cos "
-        "Eq Ne Lt Le Gt Ge And Or Not Xor true false Integer Rational Float oo pi E"
-    ).split()
+    for name in [
+        "Mod",
+        "floor",
+        "ceiling",
+        "Min",
+        "Max",
+        "Abs",
+        "Piecewise",
+        "ITE",
+        "tanh",
+        "exp",
+        "log",
+        "sqrt",
+        "sign",
+        "sin",
+        "cos",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "And",
+        "Or",
+        "Not",
+        "Xor",
+        "true",
+        "false",
+        "Integer",
+        "Rational",
+        "Float",
+        "oo",
+        "pi",
+        "E",
+    ]
 }
 
 

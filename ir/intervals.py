@@ -8,7 +8,7 @@ which covers the affine index expressions of every builtin.
 
 >>> from attncc.ir.exprs import q, kv
 >>> bounds(q - kv + 3, {q: Interval(0, 9), kv: Interval(0, 9)})
-Interval(lo=-6, hi=12, exact=True)
+Interval(lo=-6.0, hi=12.0, exact=True)
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ class Interval:
 TOP = Interval(-INF, INF, False)
 BOOL = Interval(0, 1, False)
 Env = Mapping[sympy.Basic, Interval]
-
 
 
 def _mul(a: Interval, b: Interval) -> Interval:

@@ -189,7 +189,11 @@ class FusedOp(Op):
     name: ClassVar[str] = "attn.fused"
     operands: ClassVar[tuple[str, ...]] = ("q", "k", "v")
     attrs: ClassVar[dict[str, str]] = {
-        "groups": "int", "scale": "float", "score_mod": "expr", "mask": "bool", "form": "str",
+        "groups": "int",
+        "scale": "float",
+        "score_mod": "expr",
+        "mask": "bool",
+        "form": "str",
     }
     q: Value
     k: Value
@@ -248,6 +252,5 @@ class ReturnOp(Op):
 
 OPS: dict[str, type[Op]] = {
     cls.name: cls
-    for cls in (InputOp, TensorOp, QKOp, ScaleOp, ScoreModOp, MaskOp, SoftmaxOp, PVOp, FusedOp,
-                HeadShardOp, ReturnOp)
+    for cls in (InputOp, TensorOp, QKOp, ScaleOp, ScoreModOp, MaskOp, SoftmaxOp, PVOp, FusedOp, HeadShardOp, ReturnOp)
 }

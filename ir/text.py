@@ -19,7 +19,8 @@ Example::
       %q = attn.input {arg = "q"} : [B, 8, Sq, 64]
       %k = attn.input {arg = "k"} : [B, 2, Skv, 64]
       %v = attn.input {arg = "v"} : [B, 2, Skv, 64]
-      %o = attn.fused %q, %k, %v {groups = 4, scale = 0.125, score_mod = "score", mask = "kv <= q", form = "causal"} : [B, 8, Sq, 64]
+      %o = attn.fused %q, %k, %v {groups = 4, scale = 0.125, score_mod = "score", mask = "kv <= q",
+                                  form = "causal"} : [B, 8, Sq, 64]      (one line in real text)
       attn.return %o
     }
 """

@@ -87,19 +87,27 @@ def _make(name: str, opts: str) -> Pass:
     cls = REGISTRY.get(name)
     if cls is None:
         raise SpecError(f"unknown pass {name!r}; registered passes: {sorted(REGISTRY)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
     kwargs: dict[str, object] = {}
     for item in filter(None, (o.strip() for o in opts.split(","))):
-        key, _, raw = item.partition("=")
-        key = key.strip()
+        key, _, raw = (part.strip() for part in item.partition("="))
         if key not in fields:
             raise SpecError(f"pass {name!r} has no option {key!r}; options: {sorted(fields)}")
-        default = fields[key].default
-        try:
-            kwargs[key] = type(default)(raw.strip()) if not isinstance(default, bool) else raw.strip() in ("1", "true")
-        except ValueError as exc:
-            raise SpecError(f"pass {name!r}: option {key}={raw!r} is not a {type(default).__name__}") from exc
+        kwargs[key] = _coerce(name, key, fields[key], raw)
     return cls(**kwargs)
+
+
+def _coerce(name: str, key: str, default: object, raw: str) -> object:
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes")
+    try:
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError as exc:
+        raise SpecError(f"pass {name!r}: option {key}={raw!r} is not a {type(default).__name__}") from exc
+    return raw
 
 
 def run_pipeline(graph: Graph, passes: Sequence[Pass], verify: bool | None = None) -> PipelineResult:
@@ -117,7 +125,7 @@ def run_pipeline(graph: Graph, passes: Sequence[Pass], verify: bool | None = Non
                 after.verify()
         except (UnsupportedError, SpecError):
             raise
-        except (AttnccError, Exception) as exc:  # noqa: BLE001 - re-raised with context
+        except (AttnccError, Exception) as exc:
             raise LoweringError(
                 f"pass {p.spelling()!r} failed after [{', '.join(done) or 'no passes'}]: "
                 f"{type(exc).__name__}: {exc}\n--- IR it got ---\n{print_ir(before)}"

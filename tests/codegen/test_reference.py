@@ -1,0 +1,141 @@
+"""The reference target: call-time validation, source, dumps, caching and config."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import attncc as ac
+from attncc import config
+from attncc.errors import SpecError, UnsupportedError
+
+SPEC = ac.AttentionSpec(
+    name="doc_window",
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mask=ac.document(ac.tensor("doc")) & ac.sliding_window(4),
+    score_mod=ac.softcap(10.0),
+)
+
+
+def _qkv(sq: int = 12, skv: int = 12, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    return (
+        torch.randn(1, 4, sq, 8, dtype=dtype),
+        torch.randn(1, 2, skv, 8, dtype=dtype),
+        torch.randn(1, 2, skv, 8, dtype=dtype),
+    )
+
+
+DOC = torch.arange(12) // 5
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (
+            lambda k, q, kk, v: k(q[0], kk, v, doc=DOC),
+            r"q must be 4-d \[batch, heads, length, head_dim\], got shape \(4, 12, 8\)",
+        ),
+        (lambda k, q, kk, v: k(q, kk.double(), v, doc=DOC), r"q, k, v dtypes differ"),
+        (lambda k, q, kk, v: k(q.int(), kk.int(), v.int(), doc=DOC), r"q has dtype torch.int32; use float16"),
+        (lambda k, q, kk, v: k(q[:, :3], kk, v, doc=DOC), r"q has 3 heads, the spec declares num_heads=4"),
+        (lambda k, q, kk, v: k(q, kk[:, :1], v[:, :1], doc=DOC), r"k/v have 1 heads, the spec declares num_kv_heads=2"),
+        (
+            lambda k, q, kk, v: k(q[..., :4], kk[..., :4], v[..., :4], doc=DOC),
+            r"q has head_dim 4, the spec declares head_dim=8",
+        ),
+        (
+            lambda k, q, kk, v: k(q, kk, v[:, :, :5], doc=DOC),
+            r"k \(1, 2, 12, 8\) and v \(1, 2, 5, 8\) must have the same shape",
+        ),
+        (lambda k, q, kk, v: k(q, kk, v), r"missing runtime tensors \['doc'\]; pass them as keywords"),
+        (lambda k, q, kk, v: k(q, kk, v, doc=DOC, extra=DOC), r"unexpected keyword tensors \['extra'\]"),
+        (
+            lambda k, q, kk, v: k(q, kk, v, doc=DOC.float()),
+            r"runtime tensor 'doc' has dtype torch.float32; the spec uses it as int",
+        ),
+        (
+            lambda k, q, kk, v: k(q, kk, v, doc=DOC.view(3, 4)),
+            r"runtime tensor 'doc' must have 1 dims as indexed in the spec",
+        ),
+        (
+            lambda k, q, kk, v: k(q, kk, v, doc=DOC[:10]),
+            r"index `kv` of tensor 'doc' reaches 11 along dim 0 \(q length 12, kv length 12\), "
+            r"but 'doc' has size 10 there",
+        ),
+    ],
+)
+def test_call_errors(call, message: str) -> None:  # type: ignore[no-untyped-def]
+    kern = ac.compile(SPEC, target="reference")
+    with pytest.raises(SpecError, match=message):
+        call(kern, *_qkv())
+
+
+def test_grid_masks_check_lengths_and_relative_bias_bounds() -> None:
+    kern = ac.compile(ac.AttentionSpec(num_heads=1, head_dim=8, mask=ac.neighborhood((4, 4), 3)), target="reference")
+    with pytest.raises(
+        SpecError, match=r"neighborhood needs q and kv lengths equal to the grid's 16 tokens; got q length 12"
+    ):
+        kern(*(t[:, :1] for t in _qkv()))
+    rb = ac.compile(ac.AttentionSpec(num_heads=4, head_dim=8, score_mod=ac.relative_bias(ac.tensor("t"), 3)))
+    q = torch.randn(1, 4, 6, 8)
+    with pytest.raises(
+        SpecError, match=r"index `Min\(3, Max\(-3, kv - q\)\) \+ 3` of tensor 't' reaches 6 along dim 1"
+    ):
+        rb(q, q, q, t=torch.randn(4, 5))
+    with pytest.raises(SpecError, match=r"index `h` of tensor 't' reaches 3 along dim 0"):
+        rb(q, q, q, t=torch.randn(2, 7))
+
+
+def test_inexact_bounds_are_checked_by_the_kernel() -> None:
+    idx = ac.tensor("doc")
+    spec = ac.AttentionSpec(num_heads=1, head_dim=8, mask=idx[ac.q % 7 + ac.q % 5] == 0)
+    q = torch.randn(1, 1, 12, 8)
+    with pytest.raises(
+        ValueError,
+        match=r"`doc\[Mod\(q, 5\) \+ Mod\(q, 7\)\]` reads doc\[...\] at index 8 along dim 0, outside its size 8",
+    ):
+        ac.compile(spec, target="reference")(q, q, q, doc=torch.zeros(8, dtype=torch.long))
+
+
+def test_source_is_readable_and_cached() -> None:
+    kern = ac.compile(SPEC, target="reference")
+    assert "# mask: (kv <= q) & (q <= kv + 4) & Eq(doc[q], doc[kv])" in kern.source
+    assert "# score_mod: 10*tanh(score/10)" in kern.source
+    assert ac.compile(SPEC, target="reference") is kern
+    with config.override(always_compile=True):
+        assert ac.compile(SPEC, target="reference") is not kern
+
+
+def test_dump_writes_every_stage(tmp_path: Path) -> None:
+    kern = ac.compile(SPEC, target="reference")
+    where = kern.dump(tmp_path / "d")
+    names = sorted(p.name for p in where.iterdir())
+    assert names == ["00-input.ir", "01-canonicalize.ir", "02-fuse.ir", "kernel.py", "meta.json"]
+    assert "attn.fused" in (where / "02-fuse.ir").read_text()
+    assert json.loads((where / "meta.json").read_text())["runtime_tensors"] == ["doc"]
+
+
+def test_dump_dir_env_knob(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    env = config.from_env({"ATTNCC_DUMP_DIR": str(tmp_path), "ATTNCC_ALWAYS_COMPILE": "1", "ATTNCC_DEBUG": "1"})
+    with (
+        config.override(**{f: getattr(env, f) for f in ("dump_dir", "always_compile", "debug")}),
+        caplog.at_level(logging.INFO, logger="attncc.api"),
+    ):
+        kern = ac.compile(SPEC, target="reference")
+    assert (tmp_path / f"doc_window-{kern.key}" / "kernel.py").exists()
+    assert "compiled Kernel(@doc_window" in caplog.text
+
+
+def test_targets() -> None:
+    with pytest.raises(UnsupportedError, match=r"target 'cpu' is not built yet"):
+        ac.compile(SPEC, target="cpu")
+    with pytest.raises(SpecError, match=r"unknown target 'gpu'"):
+        ac.compile(SPEC, target="gpu")
+    with pytest.raises(ValueError, match="ATTNCC_DEBUG must be an integer"):
+        config.from_env({"ATTNCC_DEBUG": "lots"})
