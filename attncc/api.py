@@ -16,16 +16,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from attncc import config, dump
+from attncc import config, dump, tiling
+from attncc.blockmap import BlockMap
 from attncc.codegen import reference
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.core import Graph
 from attncc.lower import spec_to_ir
 from attncc.passes.base import PassRecord, parse_pipeline, run_pipeline
 from attncc.spec import AttentionSpec
-from attncc.validate import check_qkv, check_requires, check_tensors
+from attncc.validate import CallShape, check_qkv, check_requires, check_tensors
 
 log = logging.getLogger("attncc.api")
 
@@ -44,6 +46,7 @@ class Kernel:
         self.graph = graph
         self.records = records
         self._impl = reference.build(graph)
+        self.block_size = (64, 64)
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
@@ -67,6 +70,27 @@ class Kernel:
         check_requires(self.spec, shape)
         bound = check_tensors(self.spec, shape, tensors, q.device)
         return self._impl(q, k, v, bound, return_lse)
+
+    def block_map(
+        self, q_len: int, kv_len: int, batch: int = 1, block: tuple[int, int] | None = None, **tensors: torch.Tensor
+    ) -> BlockMap:
+        """The tile map at these lengths (runtime tensors by keyword, as for a call)."""
+        shape = CallShape(batch, q_len, kv_len)
+        check_requires(self.spec, shape)
+        bound = check_tensors(self.spec, shape, tensors, torch.device("cpu")) if self.spec.tensors else {}
+        values = {n: t.detach().cpu().numpy() for n, t in bound.items()}
+        constants = {t.name: np.asarray(t.values) for t in self.spec.tensors if t.values}
+        op = reference.fused_op(self.graph)
+        return tiling.build(
+            op.mask,
+            q_len,
+            kv_len,
+            block or self.block_size,
+            self.spec.num_heads,
+            batch,
+            {**values, **constants},
+            frozenset(constants),
+        )
 
     def dump(self, path: str | Path) -> Path:
         """Write the IR after every pass, the source and metadata under ``path``."""

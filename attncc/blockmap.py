@@ -1,0 +1,161 @@
+"""BlockMap: which (q-block, kv-block) tiles a kernel computes, and which of them need mask code.
+
+Two storage forms, one interface:
+
+* ``banded``: per map and q-block, a few disjoint kv-block ranges of computed tiles and of full
+  tiles (O(number of q-blocks)); kernels iterate ranges with no index tensors.
+* ``listed``: a tile state grid (EMPTY / PARTIAL / FULL), from which the compressed lists
+  (kv_num_blocks, kv_indices, their full-tile twins and the transposed q lists for backward)
+  are derived.
+
+Maps are stored once per distinct (batch, head) structure: a head-independent mask has one map.
+
+>>> import attncc as ac
+>>> kern = ac.compile(ac.AttentionSpec(num_heads=8, head_dim=64, mask=ac.causal()), target="reference")
+>>> bm = kern.block_map(4096, 4096)
+>>> bm.block_size, bm.num_computed_blocks, bm.num_full_blocks, bm.num_partial_blocks
+((64, 64), 2080, 2016, 64)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclass(frozen=True, eq=False)
+class BlockMap:
+    """Tile map of one attention at concrete lengths. See the module docstring."""
+
+    block_size: tuple[int, int]
+    q_len: int
+    kv_len: int
+    kind: str
+    computed: np.ndarray | None = field(default=None, repr=False)  # banded: [Bm, Hm, nq, R, 2]
+    full: np.ndarray | None = field(default=None, repr=False)  # banded: [Bm, Hm, nq, R, 2]
+    state: np.ndarray | None = field(default=None, repr=False)  # listed: int8 [Bm, Hm, nq, nkv]
+
+    @staticmethod
+    def banded(block: tuple[int, int], q_len: int, kv_len: int, computed: np.ndarray, full: np.ndarray) -> BlockMap:
+        return BlockMap(block, q_len, kv_len, "banded", computed=computed, full=full)
+
+    @staticmethod
+    def listed(block: tuple[int, int], q_len: int, kv_len: int, state: np.ndarray) -> BlockMap:
+        return BlockMap(block, q_len, kv_len, "listed", state=state)
+
+    # ---- shape ------------------------------------------------------------------------------
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.q_len // self.block_size[0])
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return -(-self.kv_len // self.block_size[1])
+
+    @property
+    def maps_shape(self) -> tuple[int, int]:
+        """(Bm, Hm): 1 where the mask does not depend on the batch / head."""
+        arr = self.computed if self.kind == "banded" else self.state
+        assert arr is not None
+        return int(arr.shape[0]), int(arr.shape[1])
+
+    # ---- counts -----------------------------------------------------------------------------
+    @staticmethod
+    def _count(ranges: np.ndarray) -> int:
+        return int(np.maximum(ranges[..., 1] - ranges[..., 0] + 1, 0).sum())
+
+    @property
+    def num_computed_blocks(self) -> int:
+        """Tiles a kernel computes (partial + full), summed over the stored maps."""
+        if self.kind == "banded":
+            assert self.computed is not None
+            return self._count(self.computed)
+        assert self.state is not None
+        return int((self.state != EMPTY).sum())
+
+    @property
+    def num_full_blocks(self) -> int:
+        if self.kind == "banded":
+            assert self.full is not None
+            return self._count(self.full)
+        assert self.state is not None
+        return int((self.state == FULL).sum())
+
+    @property
+    def num_partial_blocks(self) -> int:
+        return self.num_computed_blocks - self.num_full_blocks
+
+    @property
+    def computed_fraction(self) -> float:
+        bm, hm = self.maps_shape
+        return self.num_computed_blocks / (bm * hm * self.num_q_blocks * self.num_kv_blocks)
+
+    def predicted_flops(self, head_dim: int, num_heads: int, batch: int = 1) -> float:
+        """4 * bq * bkv * head_dim FLOPs per computed tile (QK^T and PV), over all heads."""
+        bm, hm = self.maps_shape
+        per_map = self.num_computed_blocks / (bm * hm)
+        bq, bkv = self.block_size
+        return 4.0 * bq * bkv * head_dim * per_map * num_heads * batch
+
+    # ---- dense and list forms ---------------------------------------------------------------
+    def states(self) -> np.ndarray:
+        """int8 [Bm, Hm, nq, nkv] with EMPTY / PARTIAL / FULL (materializes the grid)."""
+        if self.kind == "listed":
+            assert self.state is not None
+            return self.state
+        assert self.computed is not None and self.full is not None
+        kb = np.arange(self.num_kv_blocks)
+        out = np.zeros((*self.computed.shape[:3], self.num_kv_blocks), np.int8)
+        for ranges, value in ((self.computed, PARTIAL), (self.full, FULL)):
+            lo, hi = ranges[..., 0, None], ranges[..., 1, None]
+            inside = ((kb >= lo) & (kb <= hi)).any(-2)
+            out[inside] = value
+        return out
+
+    def to_dense(self) -> torch.Tensor:
+        """bool [Hm, nq, nkv] of computed tiles ([Bm, Hm, nq, nkv] when the mask depends on b)."""
+        dense = torch.from_numpy(self.states() != EMPTY)
+        return dense[0] if dense.shape[0] == 1 else dense
+
+    def lists(self) -> dict[str, torch.Tensor]:
+        """FlexAttention-style compressed lists, int32, shapes [Bm, Hm, nq] / [Bm, Hm, nq, nkv].
+
+        kv_num_blocks / kv_indices list the partial tiles, full_kv_* the full ones; q_* and
+        full_q_* are the transposed lists (per kv-block) for the backward pass.
+        """
+        st = torch.from_numpy(self.states())
+        out: dict[str, torch.Tensor] = {}
+        for prefix, value in (("", PARTIAL), ("full_", FULL)):
+            sel = st == value
+            for axis, name in ((-1, "kv"), (-2, "q")):
+                chosen = sel if axis == -1 else sel.transpose(-1, -2)
+                num = chosen.sum(-1, dtype=torch.int32)
+                idx = torch.argsort(chosen.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+                out[f"{prefix}{name}_num_blocks"], out[f"{prefix}{name}_indices"] = num, idx
+        return out
+
+    def to_flex(self, mask_mod: object | None = None) -> object:
+        """This map as a ``torch.nn.attention.flex_attention.BlockMask``."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        lists = self.lists()
+        return BlockMask.from_kv_blocks(
+            lists["kv_num_blocks"],
+            lists["kv_indices"],
+            lists["full_kv_num_blocks"],
+            lists["full_kv_indices"],
+            BLOCK_SIZE=self.block_size,
+            mask_mod=mask_mod,
+            seq_lengths=(self.q_len, self.kv_len),
+        )
+
+    def summary(self) -> str:
+        return (
+            f"{self.kind} block map {self.num_q_blocks}x{self.num_kv_blocks} tiles of {self.block_size[0]}x"
+            f"{self.block_size[1]}, maps {self.maps_shape}: {self.num_computed_blocks} computed "
+            f"({self.computed_fraction:.1%}), {self.num_full_blocks} full, {self.num_partial_blocks} partial"
+        )

@@ -1,0 +1,257 @@
+"""Vectorized three-valued evaluation of a mask over many boxes at once.
+
+Each box is a range of (b, h, q, kv) values, given as numpy arrays of lower and upper bounds
+that broadcast together (e.g. q bounds of shape [nq, 1] and kv bounds of shape [1, nkv] for a
+whole tile grid). :func:`evaluate` returns two boolean arrays:
+
+* ``may_true``  - some point of the box may be visible (False proves the box empty);
+* ``may_false`` - some point of the box may be masked (False proves the box full).
+
+Both are *sound* over-approximations computed with interval arithmetic; on a box that is a
+single point they are exact. Runtime tensors are bounded with range-min/max queries over their
+values (:class:`TensorRanges`), so a document mask costs O(S log S) to prepare and O(1) per box.
+
+>>> import numpy as np, sympy
+>>> from attncc.ir.exprs import q, kv
+>>> env = {q: Box(np.array([[0], [64]]), np.array([[63], [127]])), kv: Box(np.array([[0, 64]]), np.array([[63, 127]]))}
+>>> t, f = evaluate(sympy.Le(kv, q), env)
+>>> t.astype(int).tolist(), f.astype(int).tolist()      # diagonal tiles partial, upper empty, lower full
+([[1, 0], [1, 1]], [[1, 1], [0, 1]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import sympy
+
+from attncc.errors import UnsupportedError
+from attncc.ir.exprs import expr_str, is_boolean
+
+Array = np.ndarray
+
+
+@dataclass(frozen=True)
+class Box:
+    """Elementwise intervals [lo, hi] (float64 arrays that broadcast)."""
+
+    lo: Array
+    hi: Array
+
+    @staticmethod
+    def point(x: float | Array) -> Box:
+        a = np.asarray(x, dtype=np.float64)
+        return Box(a, a)
+
+
+class TensorRanges:
+    """Range min/max of a runtime tensor's values along each dim, by sparse tables.
+
+    1-d tensors answer any [lo, hi] range exactly. For n-d tensors a query whose indices are
+    all points is exact; otherwise the whole tensor's range is returned (sound).
+    """
+
+    def __init__(self, values: Array) -> None:
+        self.values = np.asarray(values, dtype=np.float64)
+        self.vmin, self.vmax = float(self.values.min()), float(self.values.max())
+        self._mins: list[Array] = []
+        self._maxs: list[Array] = []
+        if self.values.ndim == 1:
+            self._build(self.values)
+
+    def _build(self, v: Array) -> None:
+        mins, maxs, span = [v], [v], 1
+        while 2 * span <= v.shape[0]:
+            mins.append(np.minimum(mins[-1][:-span], mins[-1][span:]))
+            maxs.append(np.maximum(maxs[-1][:-span], maxs[-1][span:]))
+            span *= 2
+        self._mins, self._maxs = mins, maxs
+
+    def query(self, index: list[Box]) -> Box:
+        shape = self.values.shape
+        los = [np.clip(b.lo, 0, n - 1).astype(np.int64) for b, n in zip(index, shape, strict=True)]
+        his = [np.clip(b.hi, 0, n - 1).astype(np.int64) for b, n in zip(index, shape, strict=True)]
+        if self.values.ndim == 1:
+            lo, hi = np.broadcast_arrays(los[0], his[0])
+            level = np.floor(np.log2(np.maximum(hi - lo + 1, 1))).astype(np.int64)
+            out_lo = np.empty(lo.shape)
+            out_hi = np.empty(lo.shape)
+            for lv in np.unique(level):
+                sel = level == lv
+                a, c = lo[sel], hi[sel] - (1 << int(lv)) + 1
+                out_lo[sel] = np.minimum(self._mins[lv][a], self._mins[lv][c])
+                out_hi[sel] = np.maximum(self._maxs[lv][a], self._maxs[lv][c])
+            return Box(out_lo, out_hi)
+        points = all(np.array_equal(a, c) for a, c in zip(los, his, strict=True))
+        if points:
+            idx = np.broadcast_arrays(*los)
+            vals = self.values[tuple(idx)]
+            return Box(vals, vals)
+        full = np.broadcast_arrays(*los)[0]
+        return Box(np.full(full.shape, self.vmin), np.full(full.shape, self.vmax))
+
+
+Env = Mapping[sympy.Basic, Box]
+Tables = Mapping[str, TensorRanges]
+
+
+def interval(expr: sympy.Basic, env: Env, tables: Tables) -> Box:
+    """Sound elementwise interval of a numeric expression."""
+    if expr in env:
+        return env[expr]
+    if expr.is_number:
+        return Box.point(float(expr))
+    if isinstance(expr, sympy.Indexed):
+        name = str(expr.base)
+        if name not in tables:
+            raise UnsupportedError(f"tensor {name!r} has no values to bound `{expr_str(expr)}`")
+        return tables[name].query([interval(i, env, tables) for i in expr.indices])
+    handler = _NUMERIC.get(type(expr))
+    if handler is None:
+        raise UnsupportedError(f"no interval rule for {type(expr).__name__} in `{expr_str(expr)}`")
+    return handler(expr, env, tables)
+
+
+def _add(e: sympy.Add, env: Env, t: Tables) -> Box:
+    parts = [interval(a, env, t) for a in e.args]
+    return Box(sum(p.lo for p in parts), sum(p.hi for p in parts))  # type: ignore[arg-type]
+
+
+def _mul(e: sympy.Mul, env: Env, t: Tables) -> Box:
+    acc = Box.point(1.0)
+    for a in e.args:
+        b = interval(a, env, t)
+        cands = [acc.lo * b.lo, acc.lo * b.hi, acc.hi * b.lo, acc.hi * b.hi]
+        acc = Box(np.minimum.reduce(np.broadcast_arrays(*cands)), np.maximum.reduce(np.broadcast_arrays(*cands)))
+    return acc
+
+
+def _floor(e: sympy.floor, env: Env, t: Tables) -> Box:
+    a = interval(e.args[0], env, t)
+    return Box(np.floor(a.lo + 1e-9), np.floor(a.hi + 1e-9))
+
+
+def _ceiling(e: sympy.ceiling, env: Env, t: Tables) -> Box:
+    a = interval(e.args[0], env, t)
+    return Box(np.ceil(a.lo - 1e-9), np.ceil(a.hi - 1e-9))
+
+
+def _mod(e: sympy.Mod, env: Env, t: Tables) -> Box:
+    a, m = interval(e.args[0], env, t), interval(e.args[1], env, t)
+    if not (np.all(m.lo == m.hi) and np.all(m.lo > 0)):
+        raise UnsupportedError(f"Mod by a non-constant or non-positive value in `{expr_str(e)}`")
+    n = m.lo
+    same = np.floor(a.lo / n) == np.floor(a.hi / n)
+    lo = np.where(same, a.lo - n * np.floor(a.lo / n), 0.0)
+    hi = np.where(same, a.hi - n * np.floor(a.lo / n), n - 1)
+    return Box(lo, hi)
+
+
+def _minmax(e: sympy.Min | sympy.Max, env: Env, t: Tables) -> Box:
+    parts = [interval(a, env, t) for a in e.args]
+    red = np.minimum if isinstance(e, sympy.Min) else np.maximum
+    return Box(
+        red.reduce(np.broadcast_arrays(*(p.lo for p in parts))), red.reduce(np.broadcast_arrays(*(p.hi for p in parts)))
+    )
+
+
+def _abs(e: sympy.Abs, env: Env, t: Tables) -> Box:
+    a = interval(e.args[0], env, t)
+    lo = np.where(a.lo >= 0, a.lo, np.where(a.hi <= 0, -a.hi, 0.0))
+    return Box(lo, np.maximum(np.abs(a.lo), np.abs(a.hi)))
+
+
+def _piecewise(e: sympy.Piecewise, env: Env, t: Tables) -> Box:
+    lo = hi = None
+    for value, cond in e.args:
+        v = interval(value, env, t)
+        may, _ = evaluate(cond, env, t)
+        vlo, vhi = np.where(may, v.lo, np.inf), np.where(may, v.hi, -np.inf)
+        lo = vlo if lo is None else np.minimum(lo, vlo)
+        hi = vhi if hi is None else np.maximum(hi, vhi)
+    assert lo is not None and hi is not None
+    return Box(lo, hi)
+
+
+def _pow(e: sympy.Pow, env: Env, t: Tables) -> Box:
+    base, ex = interval(e.base, env, t), interval(e.exp, env, t)
+    if np.all(base.lo == base.hi) and np.all(base.lo > 0):
+        a, c = base.lo**ex.lo, base.lo**ex.hi
+        return Box(np.minimum(a, c), np.maximum(a, c))
+    raise UnsupportedError(f"no interval rule for the power `{expr_str(e)}`")
+
+
+def _monotone(fn: Callable[[Array], Array]) -> Callable[..., Box]:
+    def rule(e: sympy.Function, env: Env, t: Tables) -> Box:
+        a = interval(e.args[0], env, t)
+        return Box(fn(a.lo), fn(a.hi))
+
+    return rule
+
+
+_NUMERIC: dict[type, Callable[..., Box]] = {
+    sympy.Add: _add,
+    sympy.Mul: _mul,
+    sympy.floor: _floor,
+    sympy.ceiling: _ceiling,
+    sympy.Mod: _mod,
+    sympy.Min: _minmax,
+    sympy.Max: _minmax,
+    sympy.Abs: _abs,
+    sympy.Piecewise: _piecewise,
+    sympy.Pow: _pow,
+    sympy.tanh: _monotone(np.tanh),
+    sympy.exp: _monotone(np.exp),
+}
+
+Tri = tuple[Array, Array]  # (may_true, may_false)
+
+
+def _rel(e: sympy.core.relational.Relational, env: Env, t: Tables) -> Tri:
+    d = interval(e.lhs - e.rhs, env, t)
+    if isinstance(e, sympy.LessThan):
+        return d.lo <= 0, d.hi > 0
+    if isinstance(e, sympy.StrictLessThan):
+        return d.lo < 0, d.hi >= 0
+    if isinstance(e, sympy.GreaterThan):
+        return d.hi >= 0, d.lo < 0
+    if isinstance(e, sympy.StrictGreaterThan):
+        return d.hi > 0, d.lo <= 0
+    eq_may = (d.lo <= 0) & (d.hi >= 0)
+    eq_maynot = (d.lo != 0) | (d.hi != 0)
+    return (eq_may, eq_maynot) if isinstance(e, sympy.Eq) else (eq_maynot, eq_may)
+
+
+def evaluate(expr: sympy.Basic, env: Env, tables: Tables | None = None) -> Tri:
+    """(may_true, may_false) of a boolean mask expression over the boxes in ``env``."""
+    t = tables or {}
+    if expr is sympy.true:
+        return np.array(True), np.array(False)
+    if expr is sympy.false:
+        return np.array(False), np.array(True)
+    if isinstance(expr, sympy.core.relational.Relational):
+        return _rel(expr, env, t)
+    if isinstance(expr, sympy.And | sympy.Or):
+        parts = [evaluate(a, env, t) for a in expr.args]
+        trues = np.broadcast_arrays(*(p[0] for p in parts))
+        falses = np.broadcast_arrays(*(p[1] for p in parts))
+        if isinstance(expr, sympy.And):
+            return np.logical_and.reduce(trues), np.logical_or.reduce(falses)
+        return np.logical_or.reduce(trues), np.logical_and.reduce(falses)
+    if isinstance(expr, sympy.Not):
+        may_t, may_f = evaluate(expr.args[0], env, t)
+        return may_f, may_t
+    if isinstance(expr, sympy.ITE):
+        (ct, cf), (at, af), (bt, bf) = (evaluate(a, env, t) for a in expr.args)
+        return (ct & at) | (cf & bt), (ct & af) | (cf & bf)
+    if isinstance(expr, sympy.Xor):
+        acc = evaluate(expr.args[0], env, t)
+        for a in expr.args[1:]:
+            nt, nf = evaluate(a, env, t)
+            acc = ((acc[0] & nf) | (acc[1] & nt), (acc[0] & nt) | (acc[1] & nf))
+        return acc
+    if not is_boolean(expr):
+        raise UnsupportedError(f"`{expr_str(expr)}` is not a condition")
+    raise UnsupportedError(f"no three-valued rule for {type(expr).__name__} in `{expr_str(expr)}`")
