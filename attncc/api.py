@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from pathlib import Path
@@ -22,18 +23,21 @@ import torch
 from attncc import config, dump, tiling
 from attncc.blockmap import BlockMap
 from attncc.codegen import reference
+from attncc.costmodel import choose_tiles
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.core import Graph
+from attncc.ir.ops import TiledOp
 from attncc.lower import spec_to_ir
 from attncc.passes.base import PassRecord, parse_pipeline, run_pipeline
+from attncc.passes.normalize import boolean
 from attncc.spec import AttentionSpec
 from attncc.validate import CallShape, check_qkv, check_requires, check_tensors
 
 log = logging.getLogger("attncc.api")
 
-DEFAULT_PIPELINE = "canonicalize,fuse"
+DEFAULT_PIPELINE = "canonicalize,fuse,block-sparse{{bq={bq},bkv={bkv}}}"
 TARGETS = ("auto", "cpu", "triton", "reference")
-_CACHE: dict[tuple[AttentionSpec, str, str], Kernel] = {}
+_CACHE: dict[tuple[AttentionSpec, str, str, tuple[int, ...]], Kernel] = {}
 
 
 class Kernel:
@@ -46,7 +50,8 @@ class Kernel:
         self.graph = graph
         self.records = records
         self._impl = reference.build(graph)
-        self.block_size = (64, 64)
+        tiled = graph.ops_of(TiledOp)
+        self.block_size = (tiled[0].bq, tiled[0].bkv) if tiled else (64, 64)  # type: ignore[attr-defined]
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
@@ -79,18 +84,13 @@ class Kernel:
         check_requires(self.spec, shape)
         bound = check_tensors(self.spec, shape, tensors, torch.device("cpu")) if self.spec.tensors else {}
         values = {n: t.detach().cpu().numpy() for n, t in bound.items()}
+        return tiling.build(self.recipe, q_len, kv_len, block or self.block_size, self.spec.num_heads, batch, values)
+
+    @functools.cached_property
+    def recipe(self) -> tiling.Recipe:
+        """The symbolic part of the block map (bands, dependencies), worked out once."""
         constants = {t.name: np.asarray(t.values) for t in self.spec.tensors if t.values}
-        op = reference.fused_op(self.graph)
-        return tiling.build(
-            op.mask,
-            q_len,
-            kv_len,
-            block or self.block_size,
-            self.spec.num_heads,
-            batch,
-            {**values, **constants},
-            frozenset(constants),
-        )
+        return tiling.recipe(reference.fused_op(self.graph).mask, constants)
 
     def dump(self, path: str | Path) -> Path:
         """Write the IR after every pass, the source and metadata under ``path``."""
@@ -111,16 +111,27 @@ def _resolve_target(target: str) -> str:
     return target
 
 
-def compile(spec: AttentionSpec, target: str = "auto", pipeline: str | None = None) -> Kernel:
-    """Compile ``spec`` for ``target``; same spec, target and pipeline give the cached kernel."""
+def compile(
+    spec: AttentionSpec, target: str = "auto", pipeline: str | None = None, tiles: tuple[int, int] | None = None
+) -> Kernel:
+    """Compile ``spec`` for ``target``; the same arguments give the cached kernel.
+
+    ``tiles=(bq, bkv)`` overrides the cost model's tile choice; ``pipeline`` replaces the
+    default pass pipeline (``canonicalize,fuse,block-sparse{bq=..,bkv=..}``).
+    """
     if not isinstance(spec, AttentionSpec):
         raise SpecError(f"compile() takes an AttentionSpec, got {type(spec).__name__}")
     resolved = _resolve_target(target)
-    text = pipeline or DEFAULT_PIPELINE
+    if tiles is not None and (len(tiles) != 2 or any(not isinstance(t, int) or t < 1 for t in tiles)):
+        raise SpecError(f"tiles must be a pair of positive ints (bq, bkv), got {tiles!r}")
     cfg = config.get()
-    key = (spec, resolved, text)
+    key = (spec, resolved, pipeline or "", tuple(tiles or ()))
     if not cfg.always_compile and key in _CACHE:
         return _CACHE[key]
+    if pipeline is None:
+        bq, bkv = tiles or choose_tiles(spec, boolean(spec.mask), resolved)
+        pipeline = DEFAULT_PIPELINE.format(bq=bq, bkv=bkv)
+    text = pipeline
     result = run_pipeline(spec_to_ir(spec), parse_pipeline(text))
     kern = Kernel(spec, resolved, text, result.graph, result.records)
     if cfg.debug >= 1:

@@ -26,16 +26,32 @@ MAX_BANDS = 8
 
 @dataclass(frozen=True)
 class Band:
-    """Visible keys of query q: ``lo <= kv <= hi`` (expressions in q, h, Sq, Skv, tables[h])."""
+    """Visible keys of query q: ``max(lows) <= kv <= min(highs)``; each bound is affine in q
+    (slope 0 or 1) with constants in Sq, Skv and constant tables indexed by h."""
 
-    lo: sympy.Expr
-    hi: sympy.Expr
+    lows: tuple[sympy.Expr, ...]
+    highs: tuple[sympy.Expr, ...]
 
     def __and__(self, other: Band) -> Band:
-        return Band(sympy.Max(self.lo, other.lo), sympy.Min(self.hi, other.hi))
+        return Band(_union(self.lows, other.lows), _union(self.highs, other.highs))
+
+    @property
+    def lo(self) -> sympy.Expr:
+        return sympy.Max(*self.lows) if len(self.lows) > 1 else self.lows[0]
+
+    @property
+    def hi(self) -> sympy.Expr:
+        return sympy.Min(*self.highs) if len(self.highs) > 1 else self.highs[0]
+
+    def __repr__(self) -> str:
+        return f"Band(lo={self.lo}, hi={self.hi})"
 
 
-FULL = Band(sympy.Integer(0), Skv - 1)
+def _union(a: tuple[sympy.Expr, ...], b: tuple[sympy.Expr, ...]) -> tuple[sympy.Expr, ...]:
+    return a + tuple(x for x in b if x not in a)
+
+
+FULL = Band((sympy.Integer(0),), (Skv - 1,))
 
 
 def _constant_ok(expr: sympy.Expr) -> bool:
@@ -58,9 +74,9 @@ def _relation(rel: sympy.Basic, tables: frozenset[str]) -> Band | None:
     if any(str(acc.base) not in tables for acc in rest.atoms(sympy.Indexed)):
         return None
     if c == 1 and a in (0, -1):  # kv <= -a*q - rest
-        return Band(sympy.Integer(0), -a * q - rest)
+        return Band((sympy.Integer(0),), (-a * q - rest,))
     if c == -1 and a in (0, 1):  # kv >= a*q + rest
-        return Band(a * q + rest, Skv - 1)
+        return Band((a * q + rest,), (Skv - 1,))
     return None
 
 
@@ -92,15 +108,10 @@ def bands_of(mask: sympy.Basic, constant_tables: frozenset[str] = frozenset()) -
     bands = _dnf(mask, constant_tables)
     if bands is None:
         return None
-    return [Band(_tidy(b.lo, lower=True), _tidy(b.hi, lower=False)) for b in bands]
+    return [Band(_drop(b.lows, sympy.Integer(0)), _drop(b.highs, Skv - 1)) for b in bands]
 
 
-def _tidy(expr: sympy.Expr, lower: bool) -> sympy.Expr:
-    """Drop the trivial bounds 0 (from below) and Skv - 1 (from above) that FULL introduced."""
-    if lower and isinstance(expr, sympy.Max):
-        args = [a for a in expr.args if a != 0]
-        return sympy.Max(*args) if args else sympy.Integer(0)
-    if not lower and isinstance(expr, sympy.Min):
-        args = [a for a in expr.args if a != Skv - 1]
-        return sympy.Min(*args) if args else Skv - 1
-    return expr
+def _drop(bounds: tuple[sympy.Expr, ...], trivial: sympy.Expr) -> tuple[sympy.Expr, ...]:
+    """Drop the trivial bound (0 below, Skv - 1 above) that FULL introduced, unless it is alone."""
+    kept = tuple(x for x in bounds if x != trivial)
+    return kept or (trivial,)

@@ -8,7 +8,9 @@ Two storage forms, one interface:
   (kv_num_blocks, kv_indices, their full-tile twins and the transposed q lists for backward)
   are derived.
 
-Maps are stored once per distinct (batch, head) structure: a head-independent mask has one map.
+Maps are stored once per distinct (batch, head) structure (``map_of[b, h]`` names the map a
+batch and head use): a head-independent mask has one map, and heads with equal windows share.
+Counts are over the stored maps.
 
 >>> import attncc as ac
 >>> kern = ac.compile(ac.AttentionSpec(num_heads=8, head_dim=64, mask=ac.causal()), target="reference")
@@ -35,17 +37,20 @@ class BlockMap:
     q_len: int
     kv_len: int
     kind: str
-    computed: np.ndarray | None = field(default=None, repr=False)  # banded: [Bm, Hm, nq, R, 2]
-    full: np.ndarray | None = field(default=None, repr=False)  # banded: [Bm, Hm, nq, R, 2]
-    state: np.ndarray | None = field(default=None, repr=False)  # listed: int8 [Bm, Hm, nq, nkv]
+    map_of: np.ndarray = field(repr=False)  # int [Bm, Hm] -> index of the stored map
+    computed: np.ndarray | None = field(default=None, repr=False)  # banded: [U, nq, R, 2] kv-block ranges
+    full: np.ndarray | None = field(default=None, repr=False)  # banded: [U, nq, R, 2]
+    state: np.ndarray | None = field(default=None, repr=False)  # listed: int8 [U, nq, nkv]
 
     @staticmethod
-    def banded(block: tuple[int, int], q_len: int, kv_len: int, computed: np.ndarray, full: np.ndarray) -> BlockMap:
-        return BlockMap(block, q_len, kv_len, "banded", computed=computed, full=full)
+    def banded(
+        block: tuple[int, int], q_len: int, kv_len: int, computed: np.ndarray, full: np.ndarray, map_of: np.ndarray
+    ) -> BlockMap:
+        return BlockMap(block, q_len, kv_len, "banded", map_of, computed=computed, full=full)
 
     @staticmethod
-    def listed(block: tuple[int, int], q_len: int, kv_len: int, state: np.ndarray) -> BlockMap:
-        return BlockMap(block, q_len, kv_len, "listed", state=state)
+    def listed(block: tuple[int, int], q_len: int, kv_len: int, state: np.ndarray, map_of: np.ndarray) -> BlockMap:
+        return BlockMap(block, q_len, kv_len, "listed", map_of, state=state)
 
     # ---- shape ------------------------------------------------------------------------------
     @property
@@ -59,9 +64,14 @@ class BlockMap:
     @property
     def maps_shape(self) -> tuple[int, int]:
         """(Bm, Hm): 1 where the mask does not depend on the batch / head."""
+        return int(self.map_of.shape[0]), int(self.map_of.shape[1])
+
+    @property
+    def num_maps(self) -> int:
+        """Distinct maps stored."""
         arr = self.computed if self.kind == "banded" else self.state
         assert arr is not None
-        return int(arr.shape[0]), int(arr.shape[1])
+        return int(arr.shape[0])
 
     # ---- counts -----------------------------------------------------------------------------
     @staticmethod
@@ -91,25 +101,27 @@ class BlockMap:
 
     @property
     def computed_fraction(self) -> float:
-        bm, hm = self.maps_shape
-        return self.num_computed_blocks / (bm * hm * self.num_q_blocks * self.num_kv_blocks)
+        return self.num_computed_blocks / (self.num_maps * self.num_q_blocks * self.num_kv_blocks)
 
     def predicted_flops(self, head_dim: int, num_heads: int, batch: int = 1) -> float:
         """4 * bq * bkv * head_dim FLOPs per computed tile (QK^T and PV), over all heads."""
-        bm, hm = self.maps_shape
-        per_map = self.num_computed_blocks / (bm * hm)
+        per_map = self.num_computed_blocks / self.num_maps
         bq, bkv = self.block_size
         return 4.0 * bq * bkv * head_dim * per_map * num_heads * batch
 
     # ---- dense and list forms ---------------------------------------------------------------
     def states(self) -> np.ndarray:
         """int8 [Bm, Hm, nq, nkv] with EMPTY / PARTIAL / FULL (materializes the grid)."""
+        return self.unique_states()[self.map_of]
+
+    def unique_states(self) -> np.ndarray:
+        """int8 [U, nq, nkv]: the stored maps as grids."""
         if self.kind == "listed":
             assert self.state is not None
             return self.state
         assert self.computed is not None and self.full is not None
         kb = np.arange(self.num_kv_blocks)
-        out = np.zeros((*self.computed.shape[:3], self.num_kv_blocks), np.int8)
+        out = np.zeros((*self.computed.shape[:2], self.num_kv_blocks), np.int8)
         for ranges, value in ((self.computed, PARTIAL), (self.full, FULL)):
             lo, hi = ranges[..., 0, None], ranges[..., 1, None]
             inside = ((kb >= lo) & (kb <= hi)).any(-2)
@@ -156,6 +168,7 @@ class BlockMap:
     def summary(self) -> str:
         return (
             f"{self.kind} block map {self.num_q_blocks}x{self.num_kv_blocks} tiles of {self.block_size[0]}x"
-            f"{self.block_size[1]}, maps {self.maps_shape}: {self.num_computed_blocks} computed "
+            f"{self.block_size[1]}, {self.num_maps} distinct map(s) for (batch, head) {self.maps_shape}: "
+            f"{self.num_computed_blocks} computed "
             f"({self.computed_fraction:.1%}), {self.num_full_blocks} full, {self.num_partial_blocks} partial"
         )

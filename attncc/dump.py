@@ -6,17 +6,30 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from attncc import costmodel, picture
+
 if TYPE_CHECKING:
     from attncc.api import Kernel
 
 
+def _picture(kern: Kernel, path: Path) -> str:
+    """Draw the block map at a representative length, when it needs no runtime tensors."""
+    if kern.spec.runtime_tensors():
+        return "not drawn: the map depends on runtime tensors; use kern.block_map(...) or `attncc show`"
+    n = costmodel.representative_length(kern.spec)
+    bm = kern.block_map(n, n)
+    picture.save(bm, path / "blockmap.png", kern.spec.name, kern.spec.head_dim, kern.spec.num_heads)
+    return bm.summary()
+
+
 def write(kern: Kernel, path: Path) -> Path:
-    """Files: NN-<pass>.ir for each stage, kernel.<ext> (the source), meta.json."""
+    """Files: NN-<pass>.ir for each stage, kernel.py (the source), blockmap.png, meta.json."""
     path.mkdir(parents=True, exist_ok=True)
     for i, rec in enumerate(kern.records):
         stem = rec.spelling.split("{")[0]
         (path / f"{i:02d}-{stem}.ir").write_text(rec.ir)
     (path / "kernel.py").write_text(kern.source)
+    picture_note = _picture(kern, path)
     meta = {
         "spec": repr(kern.spec),
         "target": kern.target,
@@ -24,6 +37,7 @@ def write(kern: Kernel, path: Path) -> Path:
         "key": kern.key,
         "passes": [{"pass": r.spelling, "ms": round(r.seconds * 1e3, 3)} for r in kern.records[1:]],
         "runtime_tensors": [t.name for t in kern.spec.runtime_tensors()],
+        "block_map": picture_note,
     }
     (path / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return path

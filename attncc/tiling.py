@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import sympy
@@ -20,7 +21,7 @@ import sympy
 from attncc.bands import Band, bands_of
 from attncc.blockmap import EMPTY, FULL, PARTIAL, BlockMap
 from attncc.ir import exprs as X
-from attncc.ir.boxeval import Box, TensorRanges, evaluate, interval
+from attncc.ir.boxeval import Box, Env, TensorRanges, evaluate, interval
 
 log = logging.getLogger("attncc.tiling")
 
@@ -32,58 +33,98 @@ def _depends(expr: sympy.Basic, sym: sympy.Symbol) -> bool:
     return sym in expr.free_symbols or any(sym in i.free_symbols for a in expr.atoms(sympy.Indexed) for i in a.indices)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """Everything symbolic about a mask's map, worked out once per kernel."""
+
+    mask: sympy.Basic
+    bands: tuple[Band, ...] | None
+    per_head: bool
+    per_batch: bool
+    constants: dict[str, TensorRanges]
+
+
+def recipe(mask: sympy.Basic, constants: Mapping[str, np.ndarray] | None = None) -> Recipe:
+    """Analyse ``mask`` (normalized) once: its bands if banded, and what it depends on."""
+    consts = dict(constants or {})
+    per_batch = _depends(mask, X.b)
+    bands = None if per_batch else bands_of(mask, frozenset(consts))
+    return Recipe(
+        mask,
+        tuple(bands) if bands is not None else None,
+        _depends(mask, X.h),
+        per_batch,
+        {n: TensorRanges(v) for n, v in consts.items()},
+    )
+
+
 def build(
-    mask: sympy.Basic,
+    rec: Recipe,
     q_len: int,
     kv_len: int,
     block: tuple[int, int],
     num_heads: int,
     batch: int,
-    tensors: Mapping[str, np.ndarray],
-    constants: frozenset[str] = frozenset(),
+    tensors: Mapping[str, np.ndarray] | None = None,
 ) -> BlockMap:
-    """The block map of ``mask`` at these lengths; ``tensors`` holds runtime and constant tables."""
-    sizes = {X.Sq: q_len, X.Skv: kv_len, X.H: num_heads, X.B: batch}
-    mask = mask.subs(sizes)
-    hm = num_heads if _depends(mask, X.h) else 1
-    bm = batch if _depends(mask, X.b) else 1
-    tables = {name: TensorRanges(np.asarray(v)) for name, v in tensors.items()}
-    bands = bands_of(mask, constants) if bm == 1 else None
-    if bands is not None:
-        comp, full = _banded(bands, q_len, kv_len, block, hm, tables)
-        return BlockMap.banded(
-            block, q_len, kv_len, comp.reshape(1, hm, *comp.shape[1:]), full.reshape(1, hm, *full.shape[1:])
-        )
-    state = classify(mask, q_len, kv_len, block, hm, bm, tables)
-    return BlockMap.listed(block, q_len, kv_len, state)
+    """The block map at these lengths; ``tensors`` holds the runtime tensors' values."""
+    hm = num_heads if rec.per_head else 1
+    bm = batch if rec.per_batch else 1
+    tables = {**rec.constants, **{n: TensorRanges(np.asarray(v)) for n, v in (tensors or {}).items()}}
+    sizes = {X.Sq: Box.point(q_len), X.Skv: Box.point(kv_len), X.H: Box.point(num_heads), X.B: Box.point(batch)}
+    if rec.bands is not None:
+        comp, full = _banded(list(rec.bands), q_len, kv_len, block, hm, tables, sizes)
+        both, map_of = _dedupe(np.stack([comp, full], 1).reshape(1, hm, 2, *comp.shape[1:]))
+        return BlockMap.banded(block, q_len, kv_len, both[:, 0], both[:, 1], map_of)
+    state, map_of = _dedupe(classify(rec.mask, q_len, kv_len, block, hm, bm, tables, sizes))
+    return BlockMap.listed(block, q_len, kv_len, state, map_of)
+
+
+def _dedupe(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep one copy of each distinct (batch, head) map: (unique [U, ...], map_of [Bm, Hm])."""
+    bm, hm = maps.shape[:2]
+    if bm * hm == 1:
+        return maps.reshape(1, *maps.shape[2:]), np.zeros((1, 1), np.int64)
+    flat = maps.reshape(bm * hm, -1)
+    _, first, inverse = np.unique(flat, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # number the maps in order of first use: head 0 gets map 0
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return flat[first[order]].reshape(-1, *maps.shape[2:]), rank[inverse.reshape(-1)].reshape(bm, hm)
 
 
 # ---- banded ---------------------------------------------------------------------------------
-def _eval_rows(expr: sympy.Expr, q_len: int, hm: int, tables: Mapping[str, TensorRanges]) -> np.ndarray:
+def _eval_rows(
+    bounds: tuple[sympy.Expr, ...], pick: np.ufunc, q_len: int, hm: int, tables: Mapping[str, TensorRanges], sizes: Env
+) -> np.ndarray:
+    """max (or min) of the bounds, for every query row and head: [hm, q_len]."""
     env = {
+        **sizes,
         X.q: Box.point(np.arange(q_len, dtype=np.float64)[None, :]),
         X.h: Box.point(np.arange(hm, dtype=np.float64)[:, None]),
     }
-    return np.broadcast_to(interval(expr, env, tables).lo, (hm, q_len))
+    values = [np.broadcast_to(interval(e, env, tables).lo, (hm, q_len)) for e in bounds]
+    return pick.reduce(values) if len(values) > 1 else values[0]
 
 
 def _band_ranges(
-    band: Band, q_len: int, kv_len: int, block: tuple[int, int], hm: int, tables: Mapping[str, TensorRanges]
+    band: Band, q_len: int, kv_len: int, block: tuple[int, int], hm: int, tables: Mapping[str, TensorRanges], sizes: Env
 ) -> tuple[np.ndarray, np.ndarray]:
     """(computed, full) kv-block ranges [hm, nq, 2] of one band (empty: start > end)."""
     bq, bkv = block
     nq, nkv = -(-q_len // bq), -(-kv_len // bkv)
-    lo = np.maximum(_eval_rows(band.lo, q_len, hm, tables), 0)
-    hi = np.minimum(_eval_rows(band.hi, q_len, hm, tables), kv_len - 1)
+    lo = np.maximum(_eval_rows(band.lows, np.maximum, q_len, hm, tables, sizes), 0)
+    hi = np.minimum(_eval_rows(band.highs, np.minimum, q_len, hm, tables, sizes), kv_len - 1)
     pad = nq * bq - q_len
     real = np.pad(np.ones(q_len, bool), (0, pad)).reshape(nq, bq)
     lo = np.pad(lo, ((0, 0), (0, pad)), constant_values=np.inf).reshape(hm, nq, bq)
     hi = np.pad(hi, ((0, 0), (0, pad)), constant_values=-np.inf).reshape(hm, nq, bq)
     rows = lo <= hi
+    any_row = rows.any(-1)
     c_start = np.where(rows, lo, np.inf).min(-1)
     c_end = np.where(rows, hi, -np.inf).max(-1)
-    any_row = rows.any(-1)
-    comp = np.stack([np.where(any_row, c_start // bkv, 1), np.where(any_row, c_end // bkv, 0)], -1)
+    c_start, c_end = np.where(any_row, c_start, bkv), np.where(any_row, c_end, 0)  # empty rows: (1, 0)
+    comp = np.stack([c_start // bkv, c_end // bkv], -1)
     all_rows = (rows | ~real).all(-1)
     f_lo = np.where(real, lo, -np.inf).max(-1)
     f_hi = np.where(real, hi, np.inf).min(-1)
@@ -95,12 +136,16 @@ def _band_ranges(
 
 
 def _banded(
-    bands: list[Band], q_len: int, kv_len: int, block: tuple[int, int], hm: int, tables: Mapping[str, TensorRanges]
+    bands: list[Band],
+    q_len: int,
+    kv_len: int,
+    block: tuple[int, int],
+    hm: int,
+    tables: Mapping[str, TensorRanges],
+    sizes: Env,
 ) -> tuple[np.ndarray, np.ndarray]:
-    parts = [_band_ranges(b, q_len, kv_len, block, hm, tables) for b in bands]
-    comp = merge_ranges(np.stack([p[0] for p in parts], -2))
-    full = merge_ranges(np.stack([p[1] for p in parts], -2))
-    return comp, full
+    parts = [_band_ranges(b, q_len, kv_len, block, hm, tables, sizes) for b in bands]
+    return merge_ranges(np.stack([p[0] for p in parts], -2)), merge_ranges(np.stack([p[1] for p in parts], -2))
 
 
 def merge_ranges(ranges: np.ndarray) -> np.ndarray:
@@ -116,7 +161,7 @@ def merge_ranges(ranges: np.ndarray) -> np.ndarray:
     new_group = np.ones_like(valid)
     new_group[..., 1:] = start[..., 1:] > run_end[..., :-1] + 1
     group = np.cumsum(new_group, axis=-1) - 1
-    out = np.empty_like(ranges, dtype=np.int64)
+    out = np.empty(ranges.shape, dtype=np.int64)
     for g in range(ranges.shape[-2]):
         member = valid & (group == g)
         some = member.any(-1)
@@ -127,9 +172,9 @@ def merge_ranges(ranges: np.ndarray) -> np.ndarray:
 
 # ---- classified -----------------------------------------------------------------------------
 def _tile_env(
-    lo_q: np.ndarray, hi_q: np.ndarray, lo_k: np.ndarray, hi_k: np.ndarray, hs: np.ndarray, bs: np.ndarray
+    sizes: Env, lo_q: np.ndarray, hi_q: np.ndarray, lo_k: np.ndarray, hi_k: np.ndarray, hs: np.ndarray, bs: np.ndarray
 ) -> dict[sympy.Basic, Box]:
-    return {X.q: Box(lo_q, hi_q), X.kv: Box(lo_k, hi_k), X.h: Box.point(hs), X.b: Box.point(bs)}
+    return {**sizes, X.q: Box(lo_q, hi_q), X.kv: Box(lo_k, hi_k), X.h: Box.point(hs), X.b: Box.point(bs)}
 
 
 def classify(
@@ -140,13 +185,16 @@ def classify(
     hm: int,
     bm: int,
     tables: Mapping[str, TensorRanges],
+    sizes: Env | None = None,
 ) -> np.ndarray:
     """int8 [bm, hm, nq, nkv]: EMPTY, PARTIAL or FULL per tile (sound; tight where decided)."""
+    sizes = sizes or {X.Sq: Box.point(q_len), X.Skv: Box.point(kv_len)}
     bq, bkv = block
     nq, nkv = -(-q_len // bq), -(-kv_len // bkv)
     q0 = (np.arange(nq) * bq).astype(np.float64)
     k0 = (np.arange(nkv) * bkv).astype(np.float64)
     env = _tile_env(
+        sizes,
         q0[None, None, :, None],
         np.minimum(q0 + bq, q_len)[None, None, :, None] - 1,
         k0[None, None, None, :],
@@ -158,8 +206,7 @@ def classify(
     state = np.where(~may_t, EMPTY, np.where(~may_f, FULL, PARTIAL)).astype(np.int8)
     undecided = np.flatnonzero(may_t & may_f)
     if undecided.size:
-        decided = _refine(mask, undecided, state.shape, block, q_len, kv_len, tables)
-        state.reshape(-1)[undecided] = decided
+        state.reshape(-1)[undecided] = _refine(mask, undecided, state.shape, block, q_len, kv_len, tables, sizes)
     return state
 
 
@@ -171,6 +218,7 @@ def _refine(
     q_len: int,
     kv_len: int,
     tables: Mapping[str, TensorRanges],
+    sizes: Env,
 ) -> np.ndarray:
     """Split undecided tiles into halves until each is proven empty, full or mixed."""
     bb, hh, qb, kb = np.unravel_index(tiles, shape)
@@ -183,9 +231,8 @@ def _refine(
         owner, boxes = _split(owner, boxes)
         if owner.size > REFINE_BUDGET * n + 4096:
             break
-        env = _tile_env(
-            *(b.astype(np.float64) for b in boxes), hh[owner].astype(np.float64), bb[owner].astype(np.float64)
-        )
+        q_lo, q_hi, k_lo, k_hi = (b.astype(np.float64) for b in boxes)
+        env = _tile_env(sizes, q_lo, q_hi, k_lo, k_hi, hh[owner].astype(np.float64), bb[owner].astype(np.float64))
         may_t, may_f = (np.broadcast_to(a, owner.shape) for a in evaluate(mask, env, tables))
         has_t[owner[may_t & ~may_f]] = True
         has_f[owner[may_f & ~may_t]] = True

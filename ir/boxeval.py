@@ -47,50 +47,78 @@ class Box:
 
 
 class TensorRanges:
-    """Range min/max of a runtime tensor's values along each dim, by sparse tables.
+    """Range min/max of a runtime tensor's values over index boxes, by sparse tables.
 
-    1-d tensors answer any [lo, hi] range exactly. For n-d tensors a query whose indices are
-    all points is exact; otherwise the whole tensor's range is returned (sound).
+    1-d tensors, and 2-d ones up to ``MAX_2D`` table entries, answer any box exactly (O(1) per
+    box after an O(S log S) build). Otherwise a box that is a single index is exact and a wider
+    one gets the whole tensor's range (sound; refinement narrows the boxes).
     """
+
+    MAX_2D = 1 << 22
 
     def __init__(self, values: Array) -> None:
         self.values = np.asarray(values, dtype=np.float64)
         self.vmin, self.vmax = float(self.values.min()), float(self.values.max())
-        self._mins: list[Array] = []
-        self._maxs: list[Array] = []
-        if self.values.ndim == 1:
-            self._build(self.values)
+        self._tables: dict[tuple[int, ...], tuple[Array, Array]] = {}
+        shape = self.values.shape
+        levels = [max(1, int(np.log2(n)) + 1) for n in shape]
+        if self.values.ndim == 1 or (self.values.ndim == 2 and self.values.size * levels[0] * levels[1] <= self.MAX_2D):
+            self._build(levels)
 
-    def _build(self, v: Array) -> None:
-        mins, maxs, span = [v], [v], 1
-        while 2 * span <= v.shape[0]:
-            mins.append(np.minimum(mins[-1][:-span], mins[-1][span:]))
-            maxs.append(np.maximum(maxs[-1][:-span], maxs[-1][span:]))
-            span *= 2
-        self._mins, self._maxs = mins, maxs
+    def _build(self, levels: list[int]) -> None:
+        base = (self.values, self.values)
+        self._tables[(0,) * self.values.ndim] = base
+        for axis in range(self.values.ndim):
+            for key in list(self._tables):
+                lo, hi = self._tables[key]
+                for lv in range(1, levels[axis]):
+                    span = 1 << (lv - 1)
+                    n = lo.shape[axis] - span
+                    if n <= 0:
+                        break
+                    a = [slice(None)] * lo.ndim
+                    c = [slice(None)] * lo.ndim
+                    a[axis], c[axis] = slice(0, n), slice(span, span + n)
+                    lo, hi = np.minimum(lo[tuple(a)], lo[tuple(c)]), np.maximum(hi[tuple(a)], hi[tuple(c)])
+                    new_key = list(key)
+                    new_key[axis] = lv
+                    self._tables[tuple(new_key)] = (lo, hi)
 
     def query(self, index: list[Box]) -> Box:
         shape = self.values.shape
         los = [np.clip(b.lo, 0, n - 1).astype(np.int64) for b, n in zip(index, shape, strict=True)]
         his = [np.clip(b.hi, 0, n - 1).astype(np.int64) for b, n in zip(index, shape, strict=True)]
-        if self.values.ndim == 1:
-            lo, hi = np.broadcast_arrays(los[0], his[0])
-            level = np.floor(np.log2(np.maximum(hi - lo + 1, 1))).astype(np.int64)
-            out_lo = np.empty(lo.shape)
-            out_hi = np.empty(lo.shape)
-            for lv in np.unique(level):
-                sel = level == lv
-                a, c = lo[sel], hi[sel] - (1 << int(lv)) + 1
-                out_lo[sel] = np.minimum(self._mins[lv][a], self._mins[lv][c])
-                out_hi[sel] = np.maximum(self._maxs[lv][a], self._maxs[lv][c])
-            return Box(out_lo, out_hi)
-        points = all(np.array_equal(a, c) for a, c in zip(los, his, strict=True))
-        if points:
-            idx = np.broadcast_arrays(*los)
-            vals = self.values[tuple(idx)]
-            return Box(vals, vals)
-        full = np.broadcast_arrays(*los)[0]
-        return Box(np.full(full.shape, self.vmin), np.full(full.shape, self.vmax))
+        parts = np.broadcast_arrays(*los, *his)
+        los, his = list(parts[: len(shape)]), list(parts[len(shape) :])
+        if self._tables:
+            return self._sparse_query(los, his)
+        point = np.logical_and.reduce([lo == hi for lo, hi in zip(los, his, strict=True)])
+        vals = self.values[tuple(los)]
+        return Box(np.where(point, vals, self.vmin), np.where(point, vals, self.vmax))
+
+    def _sparse_query(self, los: list[Array], his: list[Array]) -> Box:
+        levels = [
+            np.floor(np.log2(np.maximum(hi - lo + 1, 1))).astype(np.int64) for lo, hi in zip(los, his, strict=True)
+        ]
+        out_lo, out_hi = np.empty(los[0].shape), np.empty(los[0].shape)
+        keys = np.stack(levels, -1).reshape(-1, len(levels))
+        flat_levels = [lv.reshape(-1) for lv in levels]
+        flat_lo, flat_hi = [x.reshape(-1) for x in los], [x.reshape(-1) for x in his]
+        res_lo, res_hi = out_lo.reshape(-1), out_hi.reshape(-1)
+        for key in np.unique(keys, axis=0):
+            sel = np.logical_and.reduce([fl == k for fl, k in zip(flat_levels, key, strict=True)])
+            tlo, thi = self._tables[tuple(int(k) for k in key)]
+            starts = [fl[sel] for fl in flat_lo]
+            ends = [fh[sel] - (1 << int(k)) + 1 for fh, k in zip(flat_hi, key, strict=True)]
+            corners = np.array(np.meshgrid(*[[0, 1]] * len(key))).reshape(len(key), -1).T
+            mins, maxs = [], []
+            for corner in corners:
+                idx = tuple(e if c else s for s, e, c in zip(starts, ends, corner, strict=True))
+                mins.append(tlo[idx])
+                maxs.append(thi[idx])
+            res_lo[sel] = np.minimum.reduce(mins)
+            res_hi[sel] = np.maximum.reduce(maxs)
+        return Box(out_lo, out_hi)
 
 
 Env = Mapping[sympy.Basic, Box]

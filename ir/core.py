@@ -20,7 +20,7 @@ from attncc.errors import VerifyError
 Shape = tuple[sympy.Expr, ...]
 
 #: attribute kinds understood by the printer and parser
-ATTR_KINDS = frozenset({"int", "float", "str", "expr", "bool", "ints", "floats", "opt_float"})
+ATTR_KINDS = frozenset({"int", "float", "str", "expr", "bool", "ints", "floats", "bands"})
 
 
 @dataclass(frozen=True, slots=True)

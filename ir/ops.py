@@ -217,6 +217,49 @@ class FusedOp(Op):
         _check_expr(self, "score_mod", self.score_mod, SCORE_SYMBOLS)
 
 
+Bands = tuple[tuple[sympy.Expr, sympy.Expr], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TiledOp(FusedOp):
+    """%o = attn.tiled %q, %k, %v {..., bq = 64, bkv = 64, layout = "banded", bands = ["0 .. q"],
+    kv_blocks = ["0 .. qb"], full_blocks = ["0 .. qb - 1"]}
+
+    A fused attention split into bq x bkv tiles. ``layout`` says how the kernel finds its tiles:
+    "banded" (closed-form kv ranges per q-block, given by ``bands`` in keys and ``kv_blocks`` /
+    ``full_blocks`` in blocks, before clipping to the lengths), "static" (a tile list built once
+    per length), "runtime" (built per call from runtime tensors) or "dense" (every tile, all partial).
+    """
+
+    name: ClassVar[str] = "attn.tiled"
+    attrs: ClassVar[dict[str, str]] = {
+        **FusedOp.attrs,
+        "bq": "int",
+        "bkv": "int",
+        "layout": "str",
+        "bands": "bands",
+        "kv_blocks": "bands",
+        "full_blocks": "bands",
+    }
+    bq: int = 64
+    bkv: int = 64
+    layout: str = "dense"
+    bands: Bands = ()
+    kv_blocks: Bands = ()
+    full_blocks: Bands = ()
+
+    def verify(self) -> None:
+        FusedOp.verify(self)
+        if self.bq < 1 or self.bkv < 1:
+            raise self.fail(f"tile sizes must be >= 1, got {self.bq}x{self.bkv}")
+        if self.layout not in ("banded", "static", "runtime", "dense"):
+            raise self.fail(f"layout must be banded, static, runtime or dense, got {self.layout!r}")
+        if (self.layout == "banded") != bool(self.bands):
+            raise self.fail("bands are given exactly when layout is 'banded'")
+        if not (len(self.bands) == len(self.kv_blocks) == len(self.full_blocks)):
+            raise self.fail("bands, kv_blocks and full_blocks must have one entry per band")
+
+
 @dataclass(frozen=True, slots=True)
 class HeadShardOp(Op):
     """%o2 = attn.head_shard %o {world = 2, owner = [0, 0, 1, 1]}   -- head h computed on rank owner[h]"""
@@ -252,5 +295,18 @@ class ReturnOp(Op):
 
 OPS: dict[str, type[Op]] = {
     cls.name: cls
-    for cls in (InputOp, TensorOp, QKOp, ScaleOp, ScoreModOp, MaskOp, SoftmaxOp, PVOp, FusedOp, HeadShardOp, ReturnOp)
+    for cls in (
+        InputOp,
+        TensorOp,
+        QKOp,
+        ScaleOp,
+        ScoreModOp,
+        MaskOp,
+        SoftmaxOp,
+        PVOp,
+        FusedOp,
+        TiledOp,
+        HeadShardOp,
+        ReturnOp,
+    )
 }

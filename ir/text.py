@@ -8,7 +8,9 @@ Grammar (one op per line; ``#`` starts a comment line)::
     attrs   := "{" NAME "=" json ("," NAME "=" json)* "}"
     shape   := "[" dim ("," dim)* "]"          dim := sympy expression over B, H, Sq, Skv
 
-Attribute values are JSON: ints, floats, strings and lists. Expression attributes (``expr``,
+Attribute values are JSON: ints, floats, strings and lists. Band lists (``bands``, ``kv_blocks``,
+``full_blocks`` of ``attn.tiled``) are strings ``"lo .. hi"``: an inclusive range of keys per
+query q, or of kv blocks per q-block ``qb``. Expression attributes (``expr``,
 ``pred``, ``mask``, ``score_mod``) are strings holding the canonical sympy text of
 :func:`ir.exprs.expr_str`, e.g. ``pred = "kv <= q"`` or ``mask = "Eq(doc[q], doc[kv])"``.
 Operands are printed in the order of the op's ``operands``; result shapes after ``:``.
@@ -54,6 +56,8 @@ def _attr_text(kind: str, value: object) -> str:
         return repr(float(value))  # type: ignore[arg-type]
     if kind == "floats":
         return "[" + ", ".join(repr(float(x)) for x in value) + "]"  # type: ignore[attr-defined]
+    if kind == "bands":
+        return json.dumps([f"{expr_str(lo)} .. {expr_str(hi)}" for lo, hi in value])  # type: ignore[attr-defined]
     return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
@@ -128,6 +132,9 @@ def _convert(kind: str, raw: object, tensors: list[str], where: str) -> object:
             return tuple(int(x) for x in raw)  # type: ignore[attr-defined]
         if kind == "floats":
             return tuple(float(x) for x in raw)  # type: ignore[attr-defined]
+        if kind == "bands":
+            pairs = [str(item).split(" .. ") for item in raw]  # type: ignore[attr-defined]
+            return tuple((parse_expr(lo, tensors), parse_expr(hi, tensors)) for lo, hi in pairs)
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ParseError(f"{where}: value {raw!r} is not a valid {kind}") from exc

@@ -116,9 +116,21 @@ def test_dump_writes_every_stage(tmp_path: Path) -> None:
     kern = ac.compile(SPEC, target="reference")
     where = kern.dump(tmp_path / "d")
     names = sorted(p.name for p in where.iterdir())
-    assert names == ["00-input.ir", "01-canonicalize.ir", "02-fuse.ir", "kernel.py", "meta.json"]
+    assert names == ["00-input.ir", "01-canonicalize.ir", "02-fuse.ir", "03-block-sparse.ir", "kernel.py", "meta.json"]
     assert "attn.fused" in (where / "02-fuse.ir").read_text()
-    assert json.loads((where / "meta.json").read_text())["runtime_tensors"] == ["doc"]
+    assert 'layout = "runtime"' in (where / "03-block-sparse.ir").read_text()
+    meta = json.loads((where / "meta.json").read_text())
+    assert meta["runtime_tensors"] == ["doc"] and meta["block_map"].startswith("not drawn: the map depends on runtime")
+
+
+def test_dump_draws_static_block_maps(tmp_path: Path) -> None:
+    kern = ac.compile(ac.AttentionSpec(name="na", num_heads=2, head_dim=8, mask=ac.neighborhood((32, 32), 5)))
+    where = kern.dump(tmp_path)
+    from PIL import Image
+
+    with Image.open(where / "blockmap.png") as img:
+        assert img.size[0] > 100 and img.size[1] > 100
+    assert json.loads((where / "meta.json").read_text())["block_map"].startswith("listed block map 16x16 tiles")
 
 
 def test_dump_dir_env_knob(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

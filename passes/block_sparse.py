@@ -1,0 +1,97 @@
+"""The block-sparse pass: tile an ``attn.fused`` op and record how its tiles are found.
+
+before:
+    %o = attn.fused %q, %k, %v {groups = 1, scale = 0.125, score_mod = "score", mask = "kv <= q", form = "causal"}
+after:
+    %o = attn.tiled %q, %k, %v {..., bq = 64, bkv = 64, layout = "banded", bands = ["0 .. q"],
+                                kv_blocks = ["0 .. qb"], full_blocks = ["0 .. qb - 1"]}
+
+The tile status itself (empty / partial / full) is proven at map-build time for concrete
+lengths (:mod:`attncc.tiling`): symbolically for banded masks, by interval analysis otherwise,
+never by evaluating the mask on the whole Q x KV grid. A mask the analysis cannot handle
+is tiled densely (every tile partial) and the reason logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import sympy
+
+from attncc.bands import Band, bands_of
+from attncc.errors import UnsupportedError
+from attncc.ir.boxeval import TensorRanges
+from attncc.ir.core import Graph, Op
+from attncc.ir.exprs import Skv, Sq, q, qb
+from attncc.ir.ops import FusedOp, TensorOp, TiledOp
+from attncc.passes.base import Pass
+
+log = logging.getLogger("attncc.passes.block_sparse")
+
+
+def block_ranges(band: Band, bq: int, bkv: int) -> tuple[tuple[sympy.Expr, sympy.Expr], tuple[sympy.Expr, sympy.Expr]]:
+    """Closed-form (computed, full) kv-block ranges of q-block ``qb`` for one band, unclipped."""
+    first, last = qb * bq, qb * bq + bq - 1
+    computed = (sympy.floor(band.lo.subs(q, first) / bkv), sympy.floor(band.hi.subs(q, last) / bkv))
+    full = (sympy.ceiling(band.lo.subs(q, last) / bkv), sympy.floor((band.hi.subs(q, first) + 1) / bkv) - 1)
+    return computed, full
+
+
+def _probe(op: FusedOp, graph: Graph) -> str | None:
+    """Why the mask cannot be analysed (None when it can): try it on a tiny tile grid."""
+    from attncc import tiling  # runtime module; imported here to keep the pass import light
+
+    tables = {t.tensor: np.zeros(4) for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.ndim == 1}
+    tables.update(
+        {t.tensor: np.zeros((4,) * t.ndim) for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.ndim > 1}
+    )
+    try:
+        tiling.classify(
+            op.mask.subs({Sq: 8, Skv: 8}), 8, 8, (4, 4), 1, 1, {n: TensorRanges(v) for n, v in tables.items()}
+        )
+    except UnsupportedError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class BlockSparse(Pass):
+    """Split each attention into bq x bkv tiles; banded masks get closed-form kv ranges."""
+
+    name: ClassVar[str] = "block-sparse"
+    bq: int = 64
+    bkv: int = 64
+
+    def run(self, graph: Graph) -> Graph:
+        ops: list[Op] = []
+        for op in graph.ops:
+            if isinstance(op, FusedOp) and not isinstance(op, TiledOp):
+                op = self._tile(op, graph)
+            ops.append(op)
+        return Graph(graph.name, tuple(ops))
+
+    def _tile(self, op: FusedOp, graph: Graph) -> TiledOp:
+        fields = {f.name: getattr(op, f.name) for f in dataclasses.fields(op)}
+        base = TiledOp(**fields, bq=self.bq, bkv=self.bkv)
+        constants = frozenset(t.tensor for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.values)
+        runtime = {str(a.base) for a in op.mask.atoms(sympy.Indexed)} - constants
+        if op.mask is sympy.true:
+            return base
+        bands = None if runtime else bands_of(op.mask, constants)
+        if bands is not None:
+            ranges = [block_ranges(b, self.bq, self.bkv) for b in bands]
+            return dataclasses.replace(
+                base,
+                layout="banded",
+                bands=tuple((b.lo, b.hi) for b in bands),
+                kv_blocks=tuple(r[0] for r in ranges),
+                full_blocks=tuple(r[1] for r in ranges),
+            )
+        if (why := _probe(op, graph)) is not None:
+            log.info("block-sparse: tiling %s densely, the mask cannot be analysed: %s", op.result, why)
+            return base
+        return dataclasses.replace(base, layout="runtime" if runtime else "static")

@@ -1,0 +1,203 @@
+"""Block maps: sound for every DSL mask (property test), tight for every builtin at 4K tokens."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attncc as ac
+from attncc.blockmap import EMPTY, FULL
+from attncc.passes.normalize import boolean
+from tests.numerics.brute import constant_tables, dense_mask, tile_states
+
+
+class _Undecided(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "left partial after refinement" in record.getMessage():
+            self.hits += 1
+
+
+@st.composite
+def leaves(draw: st.DrawFn) -> tuple[ac.Expr, dict[str, torch.Tensor]]:
+    kind = draw(
+        st.sampled_from(
+            [
+                "causal",
+                "br",
+                "window",
+                "sinks",
+                "prefix",
+                "dilated",
+                "mod",
+                "div",
+                "abs",
+                "doc",
+                "layout",
+                "linear",
+                "where",
+                "per_head",
+            ]
+        )
+    )
+    i = lambda lo, hi: draw(st.integers(lo, hi))
+    if kind == "causal":
+        return ac.causal(), {}
+    if kind == "br":
+        return ac.causal("bottom_right"), {}
+    if kind == "window":
+        return ac.sliding_window(i(0, 40), i(0, 20)), {}
+    if kind == "sinks":
+        return ac.sinks(i(0, 30)), {}
+    if kind == "prefix":
+        return ac.prefix_lm(i(0, 60)), {}
+    if kind == "dilated":
+        return ac.dilated_window(i(1, 6), i(1, 5), causal=draw(st.booleans())), {}
+    if kind == "mod":
+        a = i(1, 9)
+        return ac.q % a == ac.kv % a, {}
+    if kind == "div":
+        a = i(1, 20)
+        return ac.q // a == ac.kv // a, {}
+    if kind == "abs":
+        return abs(ac.q - ac.kv) <= i(0, 30), {}
+    if kind == "linear":
+        return 2 * ac.kv <= ac.q + i(-10, 40), {}
+    if kind == "where":
+        c = i(0, 60)
+        return ac.where(ac.q > c, ac.kv <= ac.q, ac.kv >= c), {}
+    if kind == "per_head":
+        return ac.sliding_window(ac.per_head([i(0, 30), i(0, 30)], name="w")), {}
+    if kind == "doc":
+        lengths = draw(st.lists(st.integers(1, 40), min_size=1, max_size=8))
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        ids = torch.cat([ids, ids.new_full((200,), len(lengths))])[:200]
+        return ac.document(ac.tensor("doc")), {"doc": ids}
+    bl = i(4, 16)
+    layout = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=30, max_size=30), min_size=30, max_size=30)))
+    return ac.block_layout(ac.tensor("layout"), block=(bl, bl)), {"layout": layout}
+
+
+@st.composite
+def masks(draw: st.DrawFn, depth: int = 2) -> tuple[ac.Expr, dict[str, torch.Tensor]]:
+    if depth == 0 or draw(st.booleans()):
+        return draw(leaves())
+    op = draw(st.sampled_from(["and", "or", "not"]))
+    a, ta = draw(masks(depth - 1))
+    if op == "not":
+        return ~a, ta
+    b, tb = draw(masks(depth - 1))
+    if set(ta) & set(tb):
+        return a, ta  # two draws of the same tensor name with different values: keep one side
+    return (a & b if op == "and" else a | b), {**ta, **tb}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(masks(), st.integers(1, 120), st.integers(1, 120), st.integers(1, 24), st.integers(1, 24))
+def test_classification_is_sound_and_exact_where_decided(mask_and_tensors, sq, skv, bq, bkv) -> None:  # type: ignore[no-untyped-def]
+    mask, tensors = mask_and_tensors
+    try:
+        spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=mask)
+    except ac.SpecError:
+        return  # e.g. a tensor indexed two ways; the DSL refuses it with a message
+    kern = ac.compile(spec, target="reference", tiles=(bq, bkv))
+    if any(n == "layout" for n in tensors) and (sq > 30 * 4 or skv > 30 * 4):
+        return
+    watcher = _Undecided()
+    logger = logging.getLogger("attncc.tiling")
+    logger.addHandler(watcher)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        bm = kern.block_map(sq, skv, **tensors)
+    finally:
+        logger.removeHandler(watcher)
+        logger.setLevel(level)
+    got = bm.states()[0]
+    want = tile_states(dense_mask(boolean(spec.mask), sq, skv, 2, {**tensors, **constant_tables(spec)}), (bq, bkv))
+    got = np.broadcast_to(got, want.shape)
+    assert not ((got == EMPTY) & (want != EMPTY)).any(), "a tile with visible pairs was called empty"
+    assert not ((got == FULL) & (want != FULL)).any(), "a tile with masked pairs was called full"
+    if watcher.hits == 0:
+        np.testing.assert_array_equal(got, want)
+
+
+BUILTINS = {
+    "causal": lambda: ac.causal(),
+    "causal_bottom_right": lambda: ac.causal("bottom_right"),
+    "sliding_window": lambda: ac.sliding_window(256),
+    "sliding_window_2sided": lambda: ac.sliding_window(100, 300),
+    "prefix_lm": lambda: ac.prefix_lm(1000),
+    "sinks_or_window": lambda: ac.sinks(4) | ac.sliding_window(500),
+    "per_head_window": lambda: ac.sliding_window(ac.per_head([64, 300, 64, 1000], name="w")),
+    "dilated_window": lambda: ac.dilated_window(64, 4),
+    "document_causal": lambda: ac.document(ac.tensor("doc")) & ac.causal(),
+    "block_layout": lambda: ac.block_layout(ac.tensor("layout"), block=(128, 128)),
+    "neighborhood_2d": lambda: ac.neighborhood((64, 64), (15, 15)),
+    "neighborhood_2d_dilated_causal": lambda: ac.neighborhood((64, 64), (7, 7), dilation=(2, 3), causal=(True, False)),
+    "neighborhood_3d": lambda: ac.neighborhood((16, 16, 16), (3, 5, 7)),
+    "block_local": lambda: ac.block_local((64, 64), (8, 8)),
+    "halo": lambda: ac.block_local((64, 64), 8, halo=3),
+    "grid": lambda: ac.grid_attention((64, 64), 8),
+}
+
+
+@pytest.mark.parametrize("block", [(64, 64), (128, 64)], ids=["64x64", "128x64"])
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_builtins_at_4k_compute_exactly_the_minimum_tiles(name: str, block: tuple[int, int]) -> None:
+    n = 4096
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "doc": torch.repeat_interleave(torch.arange(40), torch.randint(20, 200, (40,), generator=g))[:n],
+        "layout": torch.rand(32, 32, generator=g) > 0.7,
+    }
+    spec = ac.AttentionSpec(num_heads=4, head_dim=64, mask=BUILTINS[name]())
+    used = {t.name: tensors[t.name] for t in spec.runtime_tensors()}
+    bm = ac.compile(spec, target="reference", tiles=block).block_map(n, n, **used)
+    want = tile_states(dense_mask(boolean(spec.mask), n, n, 4, {**used, **constant_tables(spec)}), block)
+    np.testing.assert_array_equal(np.broadcast_to(bm.states()[0], want.shape), want)
+    if bm.maps_shape[1] == 1:
+        assert bm.num_computed_blocks == int((want[0] != EMPTY).sum())
+        assert bm.num_full_blocks == int((want[0] == FULL).sum())
+
+
+def test_banded_maps_scale_to_a_million_tokens() -> None:
+    kern = ac.compile(
+        ac.AttentionSpec(num_heads=8, head_dim=64, mask=ac.sliding_window(4095)), target="reference", tiles=(128, 128)
+    )
+    bm = kern.block_map(2**20, 2**20)
+    assert bm.kind == "banded" and bm.num_maps == 1
+    # q-block qb sees kv blocks [max(0, qb - 32), qb]; of those, [max(0, qb - 31), qb - 1] are full
+    assert bm.num_computed_blocks == sum(min(qb, 32) + 1 for qb in range(8192))
+    assert bm.num_full_blocks == sum(min(qb, 31) for qb in range(8192))
+
+
+def test_maps_of_equal_heads_are_shared() -> None:
+    spec = ac.AttentionSpec(num_heads=4, head_dim=8, mask=ac.sliding_window(ac.per_head([8, 40, 8, 40], name="w")))
+    bm = ac.compile(spec, target="reference", tiles=(16, 16)).block_map(128, 128)
+    assert bm.num_maps == 2 and bm.map_of.tolist() == [[0, 1, 0, 1]]
+    dense = bm.to_dense()
+    assert dense.shape == (4, 8, 8) and torch.equal(dense[0], dense[2]) and not torch.equal(dense[0], dense[1])
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_interop() -> None:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    doc = torch.arange(200) // 45
+    spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.causal() & ac.document(ac.tensor("doc")))
+    kern = ac.compile(spec, target="reference", tiles=(32, 32))
+    bm = kern.block_map(200, 200, doc=doc)
+    flex_bm = bm.to_flex(lambda b, h, q_idx, kv_idx: (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx))
+    assert torch.equal(flex_bm.to_dense()[0, 0].bool()[:7, :7], bm.to_dense()[0])
+    q, k, v = (torch.randn(1, 2, 200, 16) for _ in range(3))
+    torch.testing.assert_close(
+        flex_attention(q, k, v, block_mask=flex_bm), kern(q, k, v, doc=doc), atol=2e-5, rtol=1e-4
+    )

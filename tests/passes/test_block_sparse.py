@@ -1,0 +1,76 @@
+"""The block-sparse pass: golden before/after, numerics preserved, refusal, tile choice."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import attncc as ac
+from attncc.codegen.interpret import interpret
+from attncc.costmodel import choose_tiles
+from attncc.ir.ops import TiledOp
+from attncc.ir.text import parse_ir, print_ir
+from attncc.lower import spec_to_ir
+from attncc.passes import BlockSparse, Canonicalize, Fuse
+from attncc.passes.normalize import boolean
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _fused(spec: ac.AttentionSpec):  # type: ignore[no-untyped-def]
+    return Fuse().run(Canonicalize().run(spec_to_ir(spec)))
+
+
+def test_golden(golden) -> None:  # type: ignore[no-untyped-def]
+    spec = ac.AttentionSpec(name="sinks_window", num_heads=4, head_dim=16, mask=ac.sinks(4) | ac.sliding_window(255))
+    before = _fused(spec)
+    after = BlockSparse(bq=64, bkv=64).run(before)
+    after.verify()
+    assert parse_ir(print_ir(after)) == after
+    golden(GOLDEN / "block-sparse.ir", f"# before\n{print_ir(before)}# after\n{print_ir(after)}")
+
+
+@pytest.mark.parametrize(
+    "mask,layout",
+    [
+        (ac.causal(), "banded"),
+        (ac.causal("bottom_right") & ac.sliding_window(ac.per_head([3, 9], name="w")), "banded"),
+        (ac.document(ac.tensor("doc")), "runtime"),
+        (ac.neighborhood(24, 5), "static"),
+        (ac.q % (ac.kv + 1) == 0, "dense"),
+    ],
+)
+def test_layouts_and_numerics(mask: ac.Expr, layout: str) -> None:
+    spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=mask)
+    before = _fused(spec)
+    after = BlockSparse(bq=8, bkv=8).run(before)
+    (op,) = after.ops_of(TiledOp)
+    assert isinstance(op, TiledOp) and op.layout == layout
+    q, k, v = (torch.randn(1, 2, 24, 8) for _ in range(3))
+    tensors = {"doc": torch.arange(24) // 5} if layout == "runtime" else {}
+    torch.testing.assert_close(interpret(after, q, k, v, tensors), interpret(before, q, k, v, tensors), rtol=0, atol=0)
+
+
+def test_refusal_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.q % (ac.kv + 1) == 0)
+    with caplog.at_level(logging.INFO, logger="attncc.passes.block_sparse"):
+        BlockSparse().run(_fused(spec))
+    assert "tiling %o densely, the mask cannot be analysed: Mod by a non-constant or non-positive value" in caplog.text
+
+
+def test_closed_form_ranges_in_the_ir() -> None:
+    kern = ac.compile(ac.AttentionSpec(num_heads=1, head_dim=64, mask=ac.causal()), target="reference", tiles=(64, 64))
+    assert 'bands = ["0 .. q"], kv_blocks = ["0 .. qb"], full_blocks = ["0 .. qb - 1"]' in kern.ir
+
+
+def test_cost_model_prefers_big_tiles_for_dense_work_and_smaller_ones_for_narrow_windows() -> None:
+    dense = ac.AttentionSpec(num_heads=8, head_dim=128)
+    assert choose_tiles(dense, boolean(dense.mask), "triton") == (128, 128)
+    narrow = ac.AttentionSpec(num_heads=8, head_dim=64, mask=ac.sliding_window(31))
+    # 128x128 tiles would compute 4x the FLOPs the 32-key window needs; the model picks 64x64
+    assert choose_tiles(narrow, boolean(narrow.mask), "triton") == (64, 64)
+    assert choose_tiles(narrow, boolean(narrow.mask), "reference") == (64, 64)
+    assert ac.compile(narrow, target="reference", tiles=(16, 32)).block_size == (16, 32)
