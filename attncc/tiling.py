@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,40 +94,89 @@ def _dedupe(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- banded ---------------------------------------------------------------------------------
-def _eval_rows(
-    bounds: tuple[sympy.Expr, ...], pick: np.ufunc, q_len: int, hm: int, tables: Mapping[str, TensorRanges], sizes: Env
+def _eval_at(
+    bounds: tuple[sympy.Expr, ...],
+    pick: np.ufunc,
+    qpos: np.ndarray,
+    hm: int,
+    tables: Mapping[str, TensorRanges],
+    sizes: Env,
 ) -> np.ndarray:
-    """max (or min) of the bounds, for every query row and head: [hm, q_len]."""
+    """max (or min) of the bounds at query rows ``qpos`` ([hm, n] or [n]) for every head: [hm, n]."""
+    qpos = np.asarray(qpos, dtype=np.float64)
     env = {
         **sizes,
-        X.q: Box.point(np.arange(q_len, dtype=np.float64)[None, :]),
+        X.q: Box.point(qpos if qpos.ndim == 2 else qpos[None, :]),
         X.h: Box.point(np.arange(hm, dtype=np.float64)[:, None]),
     }
-    values = [np.broadcast_to(interval(e, env, tables).lo, (hm, q_len)) for e in bounds]
+    shape = (hm, qpos.shape[-1])
+    values = [np.broadcast_to(interval(e, env, tables).lo, shape) for e in bounds]
     return pick.reduce(values) if len(values) > 1 else values[0]
+
+
+def _visible_rows(
+    width_at: Callable[[np.ndarray], np.ndarray], q_len: int, bq: int, hm: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per head, the interval [qa, qz] of rows with width >= 0 (empty: qa > qz), width concave.
+
+    Width is evaluated at every q-block's first and last row, then at the rows of the one block
+    where the interval starts (and ends) inside: O(number of q-blocks + bq) points.
+    """
+    nq = -(-q_len // bq)
+    starts = np.arange(nq) * bq
+    ends = np.minimum(starts + bq, q_len) - 1
+    w = width_at(np.broadcast_to(np.concatenate([starts, ends]), (hm, 2 * nq)))
+    ok_s, ok_e = w[:, :nq] >= 0, w[:, nq:] >= 0
+    touched = ok_s | ok_e
+    if not touched.any(-1).all():  # some head's visible rows (if any) sit strictly inside one block
+        rows = np.arange(q_len)
+        ok = width_at(np.broadcast_to(rows, (hm, q_len))) >= 0
+        some = ok.any(-1)
+        qa = np.where(some, ok.argmax(-1), 1)
+        qz = np.where(some, q_len - 1 - ok[:, ::-1].argmax(-1), 0)
+        return qa, qz
+    first_b = touched.argmax(-1)
+    last_b = nq - 1 - touched[:, ::-1].argmax(-1)
+    heads = np.arange(hm)
+    offsets = np.arange(bq)
+    in_first = np.minimum(starts[first_b][:, None] + offsets, q_len - 1)
+    in_last = np.minimum(starts[last_b][:, None] + offsets, q_len - 1)
+    ok_first = width_at(in_first) >= 0
+    ok_last = width_at(in_last) >= 0
+    qa = np.where(ok_s[heads, first_b], starts[first_b], in_first[heads, ok_first.argmax(-1)])
+    last_ok = ok_last & (in_last <= ends[last_b][:, None])
+    qz = np.where(ok_e[heads, last_b], ends[last_b], in_last[heads, bq - 1 - last_ok[:, ::-1].argmax(-1)])
+    return qa, qz
 
 
 def _band_ranges(
     band: Band, q_len: int, kv_len: int, block: tuple[int, int], hm: int, tables: Mapping[str, TensorRanges], sizes: Env
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(computed, full) kv-block ranges [hm, nq, 2] of one band (empty: start > end)."""
+    """(computed, full) kv-block ranges [hm, nq, 2] of one band (empty: start > end).
+
+    The clipped bounds lo(q) = max(lows, 0) and hi(q) = min(highs, Skv - 1) are non-decreasing,
+    and hi - lo is concave, so the rows with a visible key form one interval [qa, qz]
+    (:func:`_visible_rows`); each q-block then needs its bounds at two rows only:
+    O(number of q-blocks) time and memory, whatever the length.
+    """
     bq, bkv = block
     nq, nkv = -(-q_len // bq), -(-kv_len // bkv)
-    lo = np.maximum(_eval_rows(band.lows, np.maximum, q_len, hm, tables, sizes), 0)
-    hi = np.minimum(_eval_rows(band.highs, np.minimum, q_len, hm, tables, sizes), kv_len - 1)
-    pad = nq * bq - q_len
-    real = np.pad(np.ones(q_len, bool), (0, pad)).reshape(nq, bq)
-    lo = np.pad(lo, ((0, 0), (0, pad)), constant_values=np.inf).reshape(hm, nq, bq)
-    hi = np.pad(hi, ((0, 0), (0, pad)), constant_values=-np.inf).reshape(hm, nq, bq)
-    rows = lo <= hi
-    any_row = rows.any(-1)
-    c_start = np.where(rows, lo, np.inf).min(-1)
-    c_end = np.where(rows, hi, -np.inf).max(-1)
-    c_start, c_end = np.where(any_row, c_start, bkv), np.where(any_row, c_end, 0)  # empty rows: (1, 0)
-    comp = np.stack([c_start // bkv, c_end // bkv], -1)
-    all_rows = (rows | ~real).all(-1)
-    f_lo = np.where(real, lo, -np.inf).max(-1)
-    f_hi = np.where(real, hi, np.inf).min(-1)
+
+    def lo_at(pos: np.ndarray) -> np.ndarray:  # pos: [hm, n] rows
+        return np.maximum(_eval_at(band.lows, np.maximum, pos, hm, tables, sizes), 0)
+
+    def hi_at(pos: np.ndarray) -> np.ndarray:
+        return np.minimum(_eval_at(band.highs, np.minimum, pos, hm, tables, sizes), kv_len - 1)
+
+    qa, qz = _visible_rows(lambda pos: hi_at(pos) - lo_at(pos), q_len, bq, hm)
+    qs = np.broadcast_to((np.arange(nq) * bq)[None, :], (hm, nq))
+    qe = np.minimum(qs + bq, q_len) - 1
+    first, final = np.maximum(qs, qa[:, None]), np.minimum(qe, qz[:, None])
+    rows = first <= final
+    c_lo, c_hi = lo_at(np.where(rows, first, 0)), hi_at(np.where(rows, final, 0))
+    comp = np.stack([np.where(rows, c_lo // bkv, 1), np.where(rows, c_hi // bkv, 0)], -1)
+    all_rows = (qa[:, None] <= qs) & (qe <= qz[:, None])
+    f_lo, f_hi = lo_at(qe), hi_at(qs)
     f_start = np.ceil(f_lo / bkv)
     f_end = np.where(f_hi >= kv_len - 1, nkv - 1, np.floor((f_hi + 1) / bkv) - 1)
     ok = all_rows & (f_start <= f_end)

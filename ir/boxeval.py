@@ -62,7 +62,17 @@ class TensorRanges:
         self._tables: dict[tuple[int, ...], tuple[Array, Array]] = {}
         shape = self.values.shape
         levels = [max(1, int(np.log2(n)) + 1) for n in shape]
-        if self.values.ndim == 1 or (self.values.ndim == 2 and self.values.size * levels[0] * levels[1] <= self.MAX_2D):
+        self._stack: tuple[Array, Array] | None = None
+        if self.values.ndim == 1:
+            self._build(levels)
+            n = shape[0]
+            pad = lambda a, fill: np.pad(a, (0, n - a.shape[0]), constant_values=fill)
+            levels_sorted = sorted(self._tables)
+            self._stack = (
+                np.stack([pad(self._tables[k][0], np.inf) for k in levels_sorted]),
+                np.stack([pad(self._tables[k][1], -np.inf) for k in levels_sorted]),
+            )
+        elif self.values.ndim == 2 and self.values.size * levels[0] * levels[1] <= self.MAX_2D:
             self._build(levels)
 
     def _build(self, levels: list[int]) -> None:
@@ -90,6 +100,12 @@ class TensorRanges:
         his = [np.clip(b.hi, 0, n - 1).astype(np.int64) for b, n in zip(index, shape, strict=True)]
         parts = np.broadcast_arrays(*los, *his)
         los, his = list(parts[: len(shape)]), list(parts[len(shape) :])
+        if self._stack is not None:  # 1-d: one gather per end, no loops
+            lo, hi = los[0], his[0]
+            level = np.floor(np.log2(np.maximum(hi - lo + 1, 1))).astype(np.int64)
+            other = hi - np.left_shift(1, level) + 1
+            mins, maxs = self._stack
+            return Box(np.minimum(mins[level, lo], mins[level, other]), np.maximum(maxs[level, lo], maxs[level, other]))
         if self._tables:
             return self._sparse_query(los, his)
         point = np.logical_and.reduce([lo == hi for lo, hi in zip(los, his, strict=True)])
