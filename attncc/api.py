@@ -22,7 +22,7 @@ import torch
 
 from attncc import config, dump, tiling
 from attncc.blockmap import BlockMap
-from attncc.codegen import reference
+from attncc.codegen import cpu, reference, toolchain
 from attncc.costmodel import choose_tiles
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.core import Graph
@@ -50,6 +50,8 @@ class Kernel:
         self.graph = graph
         self.records = records
         self._impl = reference.build(graph)
+        self._cpu: cpu.CpuKernel | None = None
+        self._lists: dict[tuple[int, int, int], cpu.Lists] = {}
         tiled = graph.ops_of(TiledOp)
         self.block_size = (tiled[0].bq, tiled[0].bkv) if tiled else (64, 64)  # type: ignore[attr-defined]
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
@@ -64,8 +66,28 @@ class Kernel:
 
     @property
     def source(self) -> str:
-        """Generated source of the chosen target."""
-        return self._impl.source
+        """Generated source of the chosen target (C++ for cpu, PyTorch for reference)."""
+        return self.cpu_kernel().source if self.target == "cpu" else self._impl.source
+
+    def cpu_kernel(self) -> cpu.CpuKernel:
+        """The compiled C++ kernel (built on first use, cached on disk)."""
+        if self._cpu is None:
+            self._cpu = cpu.CpuKernel(self.graph)
+        return self._cpu
+
+    def _lists_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> cpu.Lists:
+        key = (shape.batch, shape.q_len, shape.kv_len)
+        runtime = bool(self.spec.runtime_tensors()) or bool(self.spec.captured)
+        if runtime or key not in self._lists:
+            values = {n: t.detach().cpu().numpy() for n, t in bound.items()}
+            bm = tiling.build(
+                self.recipe, shape.q_len, shape.kv_len, self.block_size, self.spec.num_heads, shape.batch, values
+            )
+            lists = cpu.Lists.of(bm)
+            if runtime:
+                return lists
+            self._lists[key] = lists
+        return self._lists[key]
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False, **tensors: torch.Tensor
@@ -74,6 +96,14 @@ class Kernel:
         shape = check_qkv(self.spec, q, k, v)
         check_requires(self.spec, shape)
         bound = check_tensors(self.spec, shape, tensors, q.device)
+        if self.target == "cpu":
+            reason = cpu.unsupported_reason(q, bound)
+            if reason is None:
+                o, lse = cpu.CpuAttention.apply(q, k, v, self.cpu_kernel(), self._lists_for(shape, bound), bound)
+                return (o, lse) if return_lse else o
+            if q.device.type != "cpu":
+                raise SpecError(f"target 'cpu' got tensors on {q.device}; compile with target='auto' or 'triton'")
+            log.info("cpu target: running the reference target for this call: %s", reason)
         return self._impl(q, k, v, bound, return_lse)
 
     def block_map(
@@ -100,14 +130,20 @@ class Kernel:
 def _resolve_target(target: str) -> str:
     if target not in TARGETS:
         raise SpecError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
-    if target in ("cpu", "triton"):
+    if target == "triton":
         raise UnsupportedError(
-            f"target {target!r} is not built yet in this version of attncc; use target='reference' "
-            "(or 'auto', which falls back to it with a logged reason)"
+            "target 'triton' is not built yet in this version of attncc; use target='cpu' or 'reference' "
+            "(or 'auto', which picks cpu for CPU tensors)"
         )
-    if target == "auto":
-        log.info("target auto: using 'reference' (the cpu and triton targets are not built yet)")
-        return "reference"
+    if target in ("cpu", "auto"):
+        try:
+            toolchain.compiler()
+        except UnsupportedError:
+            if target == "cpu":
+                raise
+            log.warning("target auto: no C++ compiler, using the reference target")
+            return "reference"
+        return "cpu"
     return target
 
 

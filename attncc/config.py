@@ -29,6 +29,7 @@ class Config:
     print_after: ATTNCC_PRINT_AFTER=all|name,...; log the IR after these passes.
     verify: ATTNCC_VERIFY=1 verifies the IR after every pass.
     debug: ATTNCC_DEBUG=0..4 (1 summary, 2 IR in/out, 3 IR after each pass, 4 generated source).
+    cxx: ATTNCC_CXX (else CXX, else g++ / c++ on PATH); the C++ compiler of the cpu target.
     """
 
     dump_dir: Path | None = None
@@ -37,6 +38,7 @@ class Config:
     print_after: tuple[str, ...] = ()
     verify: bool = False
     debug: int = 0
+    cxx: str = ""
 
 
 def _flag(value: str | None) -> bool:
@@ -59,6 +61,7 @@ def from_env(env: dict[str, str] | None = None) -> Config:
         print_after=tuple(p.strip() for p in after.split(",") if p.strip()),
         verify=_flag(env.get("ATTNCC_VERIFY")),
         debug=int(debug),
+        cxx=env.get("ATTNCC_CXX") or env.get("CXX") or "",
     )
 
 

@@ -95,6 +95,20 @@ class TensorRanges:
                     self._tables[tuple(new_key)] = (lo, hi)
 
     def query(self, index: list[Box]) -> Box:
+        """Bounds of the values over each box; unbounded where an index may leave the tensor, so
+        such tiles stay partial and the kernel's own bounds check reports the bad read."""
+        box = self._query(index)
+        outside = np.logical_or.reduce(
+            [
+                np.broadcast_to((b.lo < 0) | (b.hi > n - 1), box.lo.shape)
+                for b, n in zip(index, self.values.shape, strict=True)
+            ]
+        )
+        if outside.any():
+            return Box(np.where(outside, -np.inf, box.lo), np.where(outside, np.inf, box.hi))
+        return box
+
+    def _query(self, index: list[Box]) -> Box:
         shape = self.values.shape
         los = [np.clip(b.lo, 0, n - 1).astype(np.int64) for b, n in zip(index, shape, strict=True)]
         his = [np.clip(b.hi, 0, n - 1).astype(np.int64) for b, n in zip(index, shape, strict=True)]

@@ -1,0 +1,172 @@
+"""CPU attention: attncc's cpu target vs torch.compile(flex_attention) vs SDPA, side by side.
+
+    python benchmarks/cpu.py                       # N = 4096 and 16384, fp32 and bf16
+    python benchmarks/cpu.py --sizes 4096 --dtypes float32 --masks causal
+
+B=1, H=8, D=64. Times are the best of ``--reps`` calls after a warm-up. attncc's forward and
+backward run the generated C++; FlexAttention is compiled with torch.compile (its block mask
+built once, outside the timing); SDPA runs with the materialized boolean mask ("masked") and
+without any mask ("dense", or is_causal for causal). FLOP/s count the FLOPs of the tiles attncc
+computes (4 * bq * bkv * D per tile per head). Cold-compile times: attncc with an empty cache;
+FlexAttention's first call (torch.compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import attncc as ac
+from attncc import config
+
+B, H, D = 1, 8, 64
+MASKS = ["causal", "sliding_window", "prefix_lm", "document", "neighborhood_2d"]
+
+
+def doc_ids(n: int) -> torch.Tensor:
+    return torch.arange(n) // 1000
+
+
+def grid(n: int) -> int:
+    side = math.isqrt(n)
+    assert side * side == n
+    return side
+
+
+def attncc_mask(name: str, n: int) -> ac.Expr:
+    return {
+        "causal": lambda: ac.causal(),
+        "sliding_window": lambda: ac.sliding_window(255),
+        "prefix_lm": lambda: ac.prefix_lm(n // 4),
+        "document": lambda: ac.document(ac.tensor("doc")),
+        "neighborhood_2d": lambda: ac.neighborhood((grid(n), grid(n)), (15, 15)),
+    }[name]()
+
+
+def flex_mask(name: str, n: int) -> Callable:
+    ids = doc_ids(n)
+    side = grid(n)
+
+    def na(b, h, q, kv):
+        cx, cy = torch.clamp(q // side, 7, side - 8), torch.clamp(q % side, 7, side - 8)
+        return ((kv // side - cx).abs() <= 7) & ((kv % side - cy).abs() <= 7)
+
+    return {
+        "causal": lambda b, h, q, kv: q >= kv,
+        "sliding_window": lambda b, h, q, kv: (q >= kv) & (q - kv <= 255),
+        "prefix_lm": lambda b, h, q, kv: (kv < n // 4) | (q >= kv),
+        "document": lambda b, h, q, kv: ids[q] == ids[kv],
+        "neighborhood_2d": na,
+    }[name]
+
+
+def best(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    out = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - start)
+    return out
+
+
+def run(name: str, n: int, dtype: torch.dtype, reps: int, backward: bool) -> dict[str, float | str]:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=g).to(dtype) for _ in range(3))
+    spec = ac.AttentionSpec(name=f"bench_{name}", num_heads=H, head_dim=D, mask=attncc_mask(name, n))
+    runtime = {"doc": doc_ids(n)} if name == "document" else {}
+    with tempfile.TemporaryDirectory() as tmp, config.override(cache_dir=Path(tmp), always_compile=True):
+        start = time.perf_counter()
+        kern = ac.compile(spec, target="cpu")
+        kern.cpu_kernel()
+        cold = time.perf_counter() - start
+    kern = ac.compile(spec, target="cpu")
+    fwd = best(lambda: kern(q, k, v, **runtime), reps)
+    bm = kern.block_map(n, n, **runtime)
+    flops = bm.predicted_flops(D, H, B)
+    out: dict[str, float | str] = {
+        "attncc_fwd": fwd,
+        "gflops": flops / fwd / 1e9,
+        "cold": cold,
+        "computed": bm.computed_fraction,
+        "tiles": f"{bm.block_size[0]}x{bm.block_size[1]}",
+    }
+    if backward:
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        do = torch.randn_like(q)
+
+        def step() -> None:
+            o = kern(qg, kg, vg, **runtime)
+            torch.autograd.grad(o, (qg, kg, vg), do)
+
+        out["attncc_fwd_bwd"] = best(step, max(1, reps // 2))
+        out["attncc_bwd"] = out["attncc_fwd_bwd"] - fwd  # type: ignore[operator]
+    fmask = flex_mask(name, n)
+    block = create_block_mask(fmask, 1, 1, n, n, device="cpu")
+    compiled = torch.compile(flex_attention)
+    start = time.perf_counter()
+    try:
+        compiled(q, k, v, block_mask=block)
+        out["flex_first_call"] = time.perf_counter() - start
+        out["flex_fwd"] = best(lambda: compiled(q, k, v, block_mask=block), reps)
+    except Exception as exc:  # FlexAttention's own failures are results too
+        out["flex_error"] = type(exc).__name__ + (": C++ compile error" if "CppCompileError" in str(exc) else "")
+        torch._dynamo.reset()
+    qi, ki = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    bool_mask = fmask(0, 0, qi, ki)
+    out["sdpa_masked"] = best(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask), max(1, reps // 2))
+    causal = name == "causal"
+    out["sdpa_dense"] = best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), max(1, reps // 2))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--masks", nargs="+", default=MASKS)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-backward", action="store_true")
+    args = parser.parse_args()
+    print(f"# B={B} H={H} D={D}; torch {torch.__version__}; {platform.machine()}, {torch.get_num_threads()} threads")
+    print(
+        "| mask | N | dtype | tiles | computed | attncc fwd ms | attncc bwd ms | bwd/fwd | flex fwd ms | "
+        "flex/attncc | SDPA masked ms | SDPA dense ms | attncc GFLOP/s | attncc cold compile s | flex first call s |"
+    )
+    print("|" + "---|" * 15)
+    ratios = []
+    for n in args.sizes:
+        for dt in args.dtypes:
+            for name in args.masks:
+                r = run(name, n, getattr(torch, dt), args.reps, not args.no_backward)
+                fwd = float(r["attncc_fwd"])
+                bwd = float(r.get("attncc_bwd", float("nan")))
+                if "flex_error" in r:
+                    flex, ratio_text, first = f"failed ({r['flex_error']})", "-", "-"
+                else:
+                    ratio = float(r["flex_fwd"]) / fwd
+                    ratios.append(ratio)
+                    flex, ratio_text = f"{float(r['flex_fwd']) * 1e3:.1f}", f"{ratio:.2f}x"
+                    first = f"{float(r['flex_first_call']):.2f}"
+                print(
+                    f"| {name} | {n} | {dt} | {r['tiles']} | {float(r['computed']):.1%} | {fwd * 1e3:.1f} | "
+                    f"{bwd * 1e3:.1f} | {bwd / fwd:.2f} | {flex} | {ratio_text} | "
+                    f"{float(r['sdpa_masked']) * 1e3:.1f} | {float(r['sdpa_dense']) * 1e3:.1f} | "
+                    f"{float(r['gflops']):.1f} | {float(r['cold']):.2f} | {first} |",
+                    flush=True,
+                )
+    geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+    print(f"\ngeometric mean flex/attncc forward: {geo:.2f}x over {len(ratios)} rows")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""The cpu target: render the C++ template from the tiled IR, build it, call it through ctypes.
+
+Runtime tensors are passed as int64 (int and bool tensors) or float32 (float tensors);
+q, k, v run in float32 (bf16/fp16 inputs are upcast once, O(S * D), and the output cast back).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sympy
+import torch
+
+from attncc.blockmap import FULL, BlockMap
+from attncc.codegen.cpu_template import TEMPLATE
+from attncc.codegen.emit_cpp import emit
+from attncc.codegen.reference import fused_op
+from attncc.ir.core import Graph
+from attncc.ir.exprs import expr_str, score
+from attncc.ir.ops import TensorOp, TiledOp
+
+log = logging.getLogger("attncc.codegen.cpu")
+
+SPAN_COLUMNS = 512  # merge runs of equal tiles into GEMMs up to this wide (measured: fewer, larger sgemm calls)
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def _accessor(index: int, t: TensorOp) -> str:
+    ctype = "float" if t.dtype == "float" else "int64_t"
+    args = ", ".join(f"int64_t i{d}" for d in range(t.ndim))
+    checks = " || ".join(f"i{d} < 0 || i{d} >= n[{d}]" for d in range(t.ndim))
+    flat = "i0"
+    for d in range(1, t.ndim):
+        flat = f"({flat}) * n[{d}] + i{d}"
+    return (
+        f"// runtime tensor {t.tensor!r} ({t.dtype}, {t.ndim}-d)\n"
+        f"inline {ctype} T_{t.tensor}(const Ctx& cx, {args}) {{\n"
+        f"  const int64_t* n = cx.dims + {4 * index};\n"
+        f"  if ({checks}) {{ __atomic_store_n(cx.error, {index + 1}, __ATOMIC_RELAXED); return 0; }}\n"
+        f"  return ((const {ctype}*)cx.tensors[{index}])[{flat}];\n}}"
+    )
+
+
+def tensor_ops(graph: Graph) -> list[TensorOp]:
+    return [t for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp)]
+
+
+def render(graph: Graph) -> str:
+    """Fill the template's holes from the graph's tiled (or fused) op."""
+    op = fused_op(graph)
+    bq, bkv = (op.bq, op.bkv) if isinstance(op, TiledOp) else (64, 64)
+    dmod = sympy.diff(op.score_mod, score)
+    return TEMPLATE.format(
+        name=graph.name,
+        bq=bq,
+        bkv=bkv,
+        span=max(1, SPAN_COLUMNS // bkv),
+        has_mod="true" if op.score_mod != score else "false",
+        accessors="\n\n".join(_accessor(i, t) for i, t in enumerate(tensor_ops(graph))),
+        mask_text=expr_str(op.mask),
+        mask_code=emit(op.mask),
+        mod_text=expr_str(op.score_mod),
+        mod_code=emit(op.score_mod),
+        dmod_text=expr_str(dmod),
+        dmod_code=emit(dmod),
+    )
+
+
+def _sgemm_address() -> int | None:
+    """The Fortran sgemm_ of the BLAS torch ships (MKL on x86), or None for the portable loops."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = lib_dir / name
+        if path.exists():
+            try:
+                return ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                break
+    log.info("cpu target: torch's BLAS sgemm_ not found; using the portable GEMM loops")
+    return None
+
+
+_SGEMM: list[int | None] = []
+
+
+def sgemm() -> int | None:
+    if not _SGEMM:
+        _SGEMM.append(_sgemm_address())
+    return _SGEMM[0]
+
+
+@dataclass(frozen=True)
+class Lists:
+    """CSR tile lists of a block map: per (map, q-block) the kv blocks, and the transpose."""
+
+    map_of: np.ndarray
+    kv_ptr: np.ndarray
+    kv_idx: np.ndarray
+    kv_full: np.ndarray
+    q_ptr: np.ndarray
+    q_idx: np.ndarray
+    q_full: np.ndarray
+
+    @staticmethod
+    def of(bm: BlockMap) -> Lists:
+        st = bm.unique_states()
+
+        def csr(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            u, r, c = np.nonzero(grid)
+            counts = np.bincount(u * grid.shape[1] + r, minlength=grid.shape[0] * grid.shape[1])
+            ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+            return ptr, c.astype(np.int32), (grid[u, r, c] == FULL).astype(np.uint8)
+
+        kv = csr(st)
+        qt = csr(np.ascontiguousarray(st.transpose(0, 2, 1)))
+        return Lists(bm.map_of.astype(np.int32), *kv, *qt)
+
+
+def _ptr(a: np.ndarray | torch.Tensor) -> int:
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
+
+
+class CpuKernel:
+    """A compiled cpu kernel: ``forward`` and ``backward`` on float32 CPU tensors."""
+
+    def __init__(self, graph: Graph) -> None:
+        from attncc.codegen import toolchain
+
+        self.source = render(graph)
+        op = fused_op(graph)
+        self.groups, self.scale = op.groups, float(op.scale)
+        self.tensors = tensor_ops(graph)
+        self.path, self.compiled_now = toolchain.build(self.source, graph.name)
+        self.lib = ctypes.CDLL(str(self.path))
+        common: list[Any] = [_I] * 6 + [_P, _I, _I]
+        tail: list[Any] = [_P, _P, _P, _P, _P, _P, ctypes.c_int, _I, ctypes.c_float]
+        self.lib.attncc_forward.argtypes = [_P] * 5 + common + tail
+        self.lib.attncc_backward.argtypes = [_P] * 9 + common + tail
+        self.lib.attncc_forward.restype = self.lib.attncc_backward.restype = ctypes.c_int
+
+    def pack(self, tensors: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], Any, np.ndarray]:
+        keep, dims = [], np.zeros(4 * max(1, len(self.tensors)), np.int64)
+        for i, t in enumerate(self.tensors):
+            value = tensors[t.tensor] if t.tensor in tensors else torch.tensor(t.values)
+            value = value.detach().to(torch.float32 if t.dtype == "float" else torch.int64).contiguous()
+            keep.append(value)
+            dims[4 * i : 4 * i + value.dim()] = value.shape
+        ptrs = (ctypes.c_void_p * max(1, len(keep)))(*[v.data_ptr() for v in keep])
+        return keep, ptrs, dims
+
+    def _check(self, code: int) -> None:
+        if code:
+            t = self.tensors[code - 1]
+            raise ValueError(
+                f"the cpu kernel read runtime tensor {t.tensor!r} out of its bounds; "
+                "pass a larger tensor or bound the index expression"
+            )
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: Lists, tensors: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, Sq, D = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, Sq, dtype=torch.float32)
+        _keep, ptrs, dims = self.pack(tensors)
+        code = self.lib.attncc_forward(
+            _ptr(q),
+            _ptr(k),
+            _ptr(v),
+            _ptr(o),
+            _ptr(lse),
+            B,
+            H,
+            Hkv,
+            Sq,
+            Skv,
+            D,
+            _ptr(lists.map_of),
+            lists.map_of.shape[0],
+            lists.map_of.shape[1],
+            _ptr(lists.kv_ptr),
+            _ptr(lists.kv_idx),
+            _ptr(lists.kv_full),
+            ctypes.cast(ptrs, _P),
+            _ptr(dims),
+            sgemm(),
+            torch.get_num_threads(),
+            self.groups,
+            self.scale,
+        )
+        self._check(code)
+        return o, lse
+
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        do: torch.Tensor,
+        lse: torch.Tensor,
+        delta: torch.Tensor,
+        lists: Lists,
+        tensors: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, ...]:
+        B, H, Sq, D = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        threads = torch.get_num_threads()
+        dq = torch.zeros(threads, *q.shape, dtype=torch.float32)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        _keep, ptrs, dims = self.pack(tensors)
+        code = self.lib.attncc_backward(
+            _ptr(q),
+            _ptr(k),
+            _ptr(v),
+            _ptr(do),
+            _ptr(lse),
+            _ptr(delta),
+            _ptr(dq),
+            _ptr(dk),
+            _ptr(dv),
+            B,
+            H,
+            Hkv,
+            Sq,
+            Skv,
+            D,
+            _ptr(lists.map_of),
+            lists.map_of.shape[0],
+            lists.map_of.shape[1],
+            _ptr(lists.q_ptr),
+            _ptr(lists.q_idx),
+            _ptr(lists.q_full),
+            ctypes.cast(ptrs, _P),
+            _ptr(dims),
+            sgemm(),
+            threads,
+            self.groups,
+            self.scale,
+        )
+        self._check(code)
+        return dq.sum(0), dk, dv
+
+
+class CpuAttention(torch.autograd.Function):
+    """Autograd wrapper: forward and backward both run the generated C++."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kern: CpuKernel,
+        lists: Lists,
+        tensors: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = q.dtype
+        qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
+        o, lse = kern.forward(qf, kf, vf, lists, tensors)
+        ctx.save_for_backward(qf, kf, vf, o, lse)
+        ctx.kern, ctx.lists, ctx.tensors, ctx.dtype = kern, lists, tensors, dtype
+        return o.to(dtype), lse
+
+    @staticmethod
+    def backward(ctx: Any, do: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
+        qf, kf, vf, o, lse = ctx.saved_tensors
+        dof = do.to(torch.float32).contiguous()
+        delta = (dof * o).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(torch.float32)  # d lse / d s = P: folds into the same dS formula
+        dq, dk, dv = ctx.kern.backward(qf, kf, vf, dof, lse.contiguous(), delta.contiguous(), ctx.lists, ctx.tensors)
+        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None
+
+
+def unsupported_reason(q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why this call cannot run on the cpu target (None when it can)."""
+    if q.device.type != "cpu":
+        return f"tensors are on {q.device}"
+    if q.dtype == torch.float64:
+        return "float64 inputs (the cpu target computes in float32)"
+    if torch.is_grad_enabled() and any(t.requires_grad and t.is_floating_point() for t in tensors.values()):
+        return "a float runtime tensor requires grad (its gradient is computed by the reference target)"
+    return None

@@ -1,0 +1,289 @@
+"""The C++/OpenMP kernel template of the cpu target. Holes: ``{name}`` fields filled by
+:mod:`attncc.codegen.cpu` from a frozen plan; everything else is fixed text.
+
+Forward: one OpenMP task per (batch, head, q-block), dynamic schedule (tiles per q-block vary);
+each task walks its kv-block list (CSR from the block map), computes S = Q K^T with the
+BLAS ``sgemm_`` torch ships (or a portable loop), applies the score mod on every tile and the
+mask on partial tiles only, runs the online softmax and accumulates P V.
+Backward: one task per (batch, kv head, kv block) walking the transposed lists for every
+query head of the group; dK and dV are owned by the task, dQ goes to a per-thread buffer.
+"""
+
+TEMPLATE = r"""// attncc cpu kernel for @{name}
+// generated from the tiled IR; tiles {bq}x{bkv}; groups and scale are call arguments
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+
+namespace {{
+
+constexpr int BQ = {bq};
+constexpr int BKV = {bkv};
+constexpr bool HAS_MOD = {has_mod};
+constexpr int SPAN = {span};  // consecutive tiles of equal kind merged into one GEMM (up to SPAN tiles)
+constexpr int WKV = BKV * SPAN, WQ = BQ * SPAN;
+
+typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*,
+                        const float*, const int*, const float*, const int*, const float*, float*, const int*);
+
+struct Ctx {{
+  int64_t B, H, Sq, Skv;
+  const void* const* tensors;
+  const int64_t* dims;  // 4 dims per tensor
+  int* error;
+}};
+
+// floor division and modulo with Python/sympy semantics
+inline int64_t fdiv(int64_t a, int64_t b) {{
+  int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}}
+inline int64_t fmod_i(int64_t a, int64_t b) {{
+  int64_t r = a % b;
+  return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r;
+}}
+inline double fmod_f(double a, double b) {{ return a - b * std::floor(a / b); }}
+inline int64_t abs_i(int64_t a) {{ return a < 0 ? -a : a; }}
+inline double sign_f(double a) {{ return (a > 0) - (a < 0); }}
+
+{accessors}
+
+// mask: {mask_text}
+inline bool mask_fn(const Ctx& cx, int64_t b, int64_t h, int64_t q, int64_t kv) {{
+  (void)cx; (void)b; (void)h; (void)q; (void)kv;
+  const int64_t B = cx.B, H = cx.H, Sq = cx.Sq, Skv = cx.Skv; (void)B; (void)H; (void)Sq; (void)Skv;
+  return {mask_code};
+}}
+
+// score_mod: {mod_text}
+inline float mod_fn(const Ctx& cx, float score, int64_t b, int64_t h, int64_t q, int64_t kv) {{
+  (void)cx; (void)b; (void)h; (void)q; (void)kv;
+  const int64_t B = cx.B, H = cx.H, Sq = cx.Sq, Skv = cx.Skv; (void)B; (void)H; (void)Sq; (void)Skv;
+  return (float)({mod_code});
+}}
+
+// d score_mod / d score: {dmod_text}
+inline float dmod_fn(const Ctx& cx, float score, int64_t b, int64_t h, int64_t q, int64_t kv) {{
+  (void)cx; (void)score; (void)b; (void)h; (void)q; (void)kv;
+  const int64_t B = cx.B, H = cx.H, Sq = cx.Sq, Skv = cx.Skv; (void)B; (void)H; (void)Sq; (void)Skv;
+  return (float)({dmod_code});
+}}
+
+// exp for the softmax: Cephes-style, relative error ~1e-7, vectorizable; exp(-inf) = 0 exactly.
+inline float exp_f(float x) {{
+  if (!(x > -88.0f)) return 0.0f;
+  x = std::min(x, 88.0f);
+  float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f; p = p * r * r + r + 1.0f;
+  int32_t bits = ((int32_t)n + 127) << 23;
+  float scale; std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}}
+
+// C[m x n] (row-major, ldc) (+)= A[m x k] * B^T where B is [n x k] row-major: "nt"
+inline void gemm_nt(sgemm_t sg, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                    float* c, int ldc, float beta) {{
+  if (sg) {{ const float one = 1.0f; sg("T", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc); return; }}
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {{
+      float s = 0.0f;
+      for (int d = 0; d < k; ++d) s += a[i * lda + d] * b[j * ldb + d];
+      c[i * ldc + j] = beta * c[i * ldc + j] + s;
+    }}
+}}
+
+// C[m x n] += A[m x k] * B[k x n], all row-major: "nn"
+inline void gemm_nn(sgemm_t sg, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                    float* c, int ldc) {{
+  if (sg) {{ const float one = 1.0f; sg("N", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &one, c, &ldc); return; }}
+  for (int i = 0; i < m; ++i)
+    for (int d = 0; d < k; ++d) {{
+      const float av = a[i * lda + d];
+      for (int j = 0; j < n; ++j) c[i * ldc + j] += av * b[d * ldb + j];
+    }}
+}}
+
+// C[m x n] += A^T * B where A is [k x m] and B is [k x n], row-major: "tn"
+inline void gemm_tn(sgemm_t sg, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                    float* c, int ldc) {{
+  if (sg) {{ const float one = 1.0f; sg("N", "T", &n, &m, &k, &one, b, &ldb, a, &lda, &one, c, &ldc); return; }}
+  for (int d = 0; d < k; ++d)
+    for (int i = 0; i < m; ++i) {{
+      const float av = a[d * lda + i];
+      for (int j = 0; j < n; ++j) c[i * ldc + j] += av * b[d * ldb + j];
+    }}
+}}
+
+// length of the run of consecutive block indices of equal kind starting at t (at most SPAN)
+inline int run_length(const int32_t* idx, const uint8_t* full, int32_t t, int32_t end) {{
+  int n = 1;
+  while (n < SPAN && t + n < end && idx[t + n] == idx[t] + n && full[t + n] == full[t]) ++n;
+  return n;
+}}
+
+inline int64_t map_index(const int32_t* map_of, int64_t maps_b, int64_t maps_h, int64_t b, int64_t h) {{
+  return map_of[(maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0)];
+}}
+
+// scores of one tile: raw scaled score -> score mod -> mask (partial tiles only)
+inline void tile_scores(const Ctx& cx, float SCALE, float* s, int ld, int rows, int cols, bool full, int64_t b,
+                        int64_t h, int64_t q0, int64_t k0) {{
+  for (int i = 0; i < rows; ++i) {{
+    float* row = s + i * ld;
+    for (int j = 0; j < cols; ++j) {{
+      float v = row[j] * SCALE;
+      if (HAS_MOD) v = mod_fn(cx, v, b, h, q0 + i, k0 + j);
+      if (!full && !mask_fn(cx, b, h, q0 + i, k0 + j)) v = -INFINITY;
+      row[j] = v;
+    }}
+  }}
+}}
+
+}}  // namespace
+
+extern "C" int attncc_forward(
+    const float* q, const float* k, const float* v, float* o, float* lse,
+    int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv, int64_t D,
+    const int32_t* map_of, int64_t maps_b, int64_t maps_h,
+    const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
+    const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE) {{
+  const int64_t nq = (Sq + BQ - 1) / BQ;
+  const sgemm_t sg = (sgemm_t)sgemm;
+  int error = 0;
+  const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
+  const int d = (int)D;
+  #pragma omp parallel num_threads(threads)
+  {{
+    std::vector<float> s(BQ * WKV), acc(BQ * D), m(BQ), l(BQ);
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * H * nq; ++task) {{
+      const int64_t qb = task % nq, h = (task / nq) % H, b = task / (nq * H);
+      const int64_t hk = h / GROUPS, q0 = qb * BQ;
+      const int rows = (int)std::min<int64_t>(BQ, Sq - q0);
+      const float* qp = q + ((b * H + h) * Sq + q0) * D;
+      const float* kp = k + (b * Hkv + hk) * Skv * D;
+      const float* vp = v + (b * Hkv + hk) * Skv * D;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.0f);
+      const int64_t row = map_index(map_of, maps_b, maps_h, b, h) * nq + qb;
+      for (int32_t t = kv_ptr[row], span; t < kv_ptr[row + 1]; t += span) {{
+        span = run_length(kv_idx, kv_full, t, kv_ptr[row + 1]);
+        const int64_t k0 = (int64_t)kv_idx[t] * BKV;
+        const int cols = (int)std::min<int64_t>((int64_t)BKV * span, Skv - k0);
+        const bool full = kv_full[t] != 0;
+        gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), WKV, 0.0f);
+        // full tiles without a score mod skip the scores pass: the scale folds into max and exp
+        const bool plain = full && !HAS_MOD;
+        if (!plain) tile_scores(cx, SCALE, s.data(), WKV, rows, cols, full, b, h, q0, k0);
+        const float sc = plain ? SCALE : 1.0f;
+        for (int i = 0; i < rows; ++i) {{
+          float* sr = s.data() + i * WKV;
+          float raw = -INFINITY;
+          for (int j = 0; j < cols; ++j) raw = std::max(raw, sr[j]);
+          const float mx = std::max(m[i], raw * sc);
+          if (mx == -INFINITY) {{ std::fill(sr, sr + cols, 0.0f); continue; }}
+          const float alpha = exp_f(m[i] - mx);
+          float sum = 0.0f;
+          #pragma omp simd reduction(+:sum)
+          for (int j = 0; j < cols; ++j) {{ const float p = exp_f(sr[j] * sc - mx); sr[j] = p; sum += p; }}
+          l[i] = l[i] * alpha + sum;
+          m[i] = mx;
+          if (alpha != 1.0f) for (int64_t c = 0; c < D; ++c) acc[i * D + c] *= alpha;
+        }}
+        gemm_nn(sg, rows, d, cols, s.data(), WKV, vp + k0 * D, d, acc.data(), d);
+      }}
+      for (int i = 0; i < rows; ++i) {{
+        float* out = o + ((b * H + h) * Sq + q0 + i) * D;
+        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        for (int64_t c = 0; c < D; ++c) out[c] = acc[i * D + c] * inv;
+        lse[(b * H + h) * Sq + q0 + i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : -INFINITY;
+      }}
+    }}
+  }}
+  return error;
+}}
+
+extern "C" int attncc_backward(
+    const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* delta,
+    float* dq_threads, float* dk, float* dv,
+    int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv, int64_t D,
+    const int32_t* map_of, int64_t maps_b, int64_t maps_h,
+    const int32_t* q_ptr, const int32_t* q_idx, const uint8_t* q_full,
+    const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE) {{
+  const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
+  const sgemm_t sg = (sgemm_t)sgemm;
+  int error = 0;
+  const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
+  const int d = (int)D;
+  (void)nq;
+  #pragma omp parallel num_threads(threads)
+  {{
+    std::vector<float> s(WQ * BKV), dp(WQ * BKV), dk_acc(BKV * D), dv_acc(BKV * D);
+    float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * B * H * Sq * D;
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * Hkv * nkv; ++task) {{
+      const int64_t kb = task % nkv, hk = (task / nkv) % Hkv, b = task / (nkv * Hkv);
+      const int64_t k0 = kb * BKV;
+      const int cols = (int)std::min<int64_t>(BKV, Skv - k0);
+      const float* kp = k + ((b * Hkv + hk) * Skv + k0) * D;
+      const float* vp = v + ((b * Hkv + hk) * Skv + k0) * D;
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+      for (int g = 0; g < GROUPS; ++g) {{
+        const int64_t h = hk * GROUPS + g;
+        const int64_t row = map_index(map_of, maps_b, maps_h, b, h) * nkv + kb;
+        for (int32_t t = q_ptr[row], span; t < q_ptr[row + 1]; t += span) {{
+          span = run_length(q_idx, q_full, t, q_ptr[row + 1]);
+          const int64_t q0 = (int64_t)q_idx[t] * BQ;
+          const int rows = (int)std::min<int64_t>((int64_t)BQ * span, Sq - q0);
+          const int64_t base = (b * H + h) * Sq + q0;
+          const float* qp = q + base * D;
+          const float* dop = dout + base * D;
+          gemm_nt(sg, rows, cols, d, qp, d, kp, d, s.data(), BKV, 0.0f);
+          gemm_nt(sg, rows, cols, d, dop, d, vp, d, dp.data(), BKV, 0.0f);
+          const bool full = q_full[t] != 0;
+          for (int i = 0; i < rows; ++i) {{
+            float* sr = s.data() + i * BKV;
+            float* dr = dp.data() + i * BKV;
+            const float li = lse[base + i], di = delta[base + i];
+            if (li == -INFINITY) {{ std::fill(sr, sr + cols, 0.0f); std::fill(dr, dr + cols, 0.0f); continue; }}
+            if (full && !HAS_MOD) {{
+              #pragma omp simd
+              for (int j = 0; j < cols; ++j) {{
+                const float p = exp_f(sr[j] * SCALE - li);
+                sr[j] = p;
+                dr[j] = p * (dr[j] - di) * SCALE;
+              }}
+              continue;
+            }}
+            for (int j = 0; j < cols; ++j) {{
+              const float raw = sr[j] * SCALE;
+              const float sc = HAS_MOD ? mod_fn(cx, raw, b, h, q0 + i, k0 + j) : raw;
+              const bool keep = full || mask_fn(cx, b, h, q0 + i, k0 + j);
+              const float p = keep ? exp_f(sc - li) : 0.0f;
+              const float dmod = HAS_MOD ? dmod_fn(cx, raw, b, h, q0 + i, k0 + j) : 1.0f;
+              sr[j] = p;
+              dr[j] = p == 0.0f ? 0.0f : p * (dr[j] - di) * dmod * SCALE;
+            }}
+          }}
+          gemm_tn(sg, cols, d, rows, s.data(), BKV, dop, d, dv_acc.data(), d);
+          gemm_tn(sg, cols, d, rows, dp.data(), BKV, qp, d, dk_acc.data(), d);
+          gemm_nn(sg, rows, d, cols, dp.data(), BKV, kp, d, dq_mine + base * D, d);
+        }}
+      }}
+      float* dkp = dk + ((b * Hkv + hk) * Skv + k0) * D;
+      float* dvp = dv + ((b * Hkv + hk) * Skv + k0) * D;
+      std::memcpy(dkp, dk_acc.data(), sizeof(float) * cols * D);
+      std::memcpy(dvp, dv_acc.data(), sizeof(float) * cols * D);
+    }}
+  }}
+  return error;
+}}
+"""

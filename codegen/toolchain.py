@@ -1,0 +1,94 @@
+"""Compile generated C++ into a shared library, cached on disk under a content hash.
+
+The key covers the source, the flags, the compiler's version, the CPU's instruction-set flags
+(``-march=native`` binaries are not portable) and attncc's own codegen sources, so editing attncc
+or moving the cache to another machine never reuses a stale binary. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from attncc import config
+from attncc.errors import LoweringError, UnsupportedError
+
+log = logging.getLogger("attncc.codegen.toolchain")
+
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-std=c++17",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-Wall",
+    "-Wno-unused-function",
+    "-Wno-unknown-pragmas",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def compiler() -> str:
+    """The C++ compiler to use, or UnsupportedError saying how to get one."""
+    wanted = config.get().cxx
+    for name in [wanted] if wanted else ["g++", "c++", "clang++"]:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise UnsupportedError(
+        f"no C++ compiler found ({wanted or 'g++, c++, clang++'}); install one or set ATTNCC_CXX; "
+        "target='auto' falls back to the reference target"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _fingerprint() -> str:
+    version = subprocess.run([compiler(), "--version"], capture_output=True, text=True, check=False).stdout
+    try:
+        cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        cpu = os.uname().machine
+    here = Path(__file__).parent
+    own = "".join(p.read_text() for p in sorted(here.glob("*.py")))
+    return hashlib.sha256("\n".join([version, cpu, own, " ".join(FLAGS)]).encode()).hexdigest()
+
+
+def cache_key(source: str) -> str:
+    return hashlib.sha256((_fingerprint() + source).encode()).hexdigest()[:24]
+
+
+def build(source: str, name: str) -> tuple[Path, bool]:
+    """(path of the shared library, whether it was compiled now rather than found cached)."""
+    cfg = config.get()
+    folder = cfg.cache_dir / "cpu"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = cache_key(source)
+    lib = folder / f"{name}-{key}.so"
+    if lib.exists() and not cfg.always_compile:
+        return lib, False
+    src = folder / f"{name}-{key}.cpp"
+    src.write_text(source)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        out = Path(tmp) / lib.name
+        start = time.perf_counter()
+        done = subprocess.run(
+            [compiler(), *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise LoweringError(
+                f"the C++ compiler failed on the generated kernel {src} (exit {done.returncode}):\n"
+                f"{done.stderr.strip()[-4000:]}"
+            )
+        os.replace(out, lib)
+    log.info("compiled %s in %.2f s", lib.name, time.perf_counter() - start)
+    return lib, True

@@ -1,0 +1,79 @@
+"""The cpu target as a product: source, caching, compile errors, fallbacks, auto."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import attncc as ac
+from attncc import config
+from attncc.codegen import cpu, toolchain
+from attncc.errors import LoweringError
+
+SPEC = ac.AttentionSpec(
+    name="cpu_doc",
+    num_heads=2,
+    head_dim=16,
+    mask=ac.causal() & ac.document(ac.tensor("doc")),
+    score_mod=ac.softcap(20.0),
+)
+
+
+def test_source_is_readable_cpp() -> None:
+    src = ac.compile(SPEC, target="cpu").source
+    assert "// mask: (kv <= q) & Eq(doc[q], doc[kv])" in src
+    assert "return ((kv <= q) && (T_doc(cx, q) == T_doc(cx, kv)));" in src
+    assert "// d score_mod / d score: -tanh(score/20)**2 + 1" in src
+    assert 'extern "C" int attncc_forward(' in src and 'extern "C" int attncc_backward(' in src
+
+
+def test_second_compile_hits_the_disk_cache(tmp_path: Path) -> None:
+    with config.override(cache_dir=tmp_path, always_compile=False):
+        first = cpu.CpuKernel(ac.compile(SPEC, target="cpu").graph)
+        start = time.perf_counter()
+        second = cpu.CpuKernel(ac.compile(SPEC, target="cpu").graph)
+        warm = time.perf_counter() - start
+    assert first.compiled_now and not second.compiled_now and first.path == second.path
+    assert warm < 0.5, f"a cached load took {warm:.3f} s"
+    assert len(list(tmp_path.glob("cpu/*.so"))) == 1
+
+
+def test_compile_errors_name_the_file_and_show_the_compiler(tmp_path: Path) -> None:
+    with config.override(cache_dir=tmp_path), pytest.raises(LoweringError) as info:
+        toolchain.build("this is not C++;", "broken")
+    msg = str(info.value)
+    assert "the C++ compiler failed on the generated kernel" in msg and "broken-" in msg and "error" in msg
+
+
+def test_out_of_bounds_runtime_index_is_reported() -> None:
+    idx = ac.tensor("doc")
+    spec = ac.AttentionSpec(num_heads=1, head_dim=8, mask=idx[ac.q % 7 + ac.q % 5] == 0)
+    q = torch.randn(1, 1, 12, 8)
+    with pytest.raises(ValueError, match=r"the cpu kernel read runtime tensor 'doc' out of its bounds"):
+        ac.compile(spec, target="cpu")(q, q, q, doc=torch.zeros(8, dtype=torch.long))
+
+
+def test_fallbacks_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.causal()), target="cpu")
+    q = torch.randn(1, 2, 10, 8, dtype=torch.float64)
+    with caplog.at_level(logging.INFO, logger="attncc.api"):
+        out = kern(q, q, q)
+    assert out.dtype == torch.float64
+    assert "running the reference target for this call: float64 inputs" in caplog.text
+    table = torch.randn(2, 7, requires_grad=True)
+    rb = ac.compile(
+        ac.AttentionSpec(num_heads=2, head_dim=8, score_mod=ac.relative_bias(ac.tensor("t"), 3)), target="cpu"
+    )
+    x = torch.randn(1, 2, 10, 8)
+    with caplog.at_level(logging.INFO, logger="attncc.api"):
+        rb(x, x, x, t=table).sum().backward()
+    assert table.grad is not None and "a float runtime tensor requires grad" in caplog.text
+
+
+def test_auto_picks_cpu_for_cpu_tensors() -> None:
+    kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8), target="auto")
+    assert kern.target == "cpu" and "attncc_forward" in kern.source
