@@ -51,7 +51,7 @@ class Kernel:
         self.records = records
         self._impl = reference.build(graph)
         self._cpu: cpu.CpuKernel | None = None
-        self._lists: dict[tuple[int, int, int], cpu.Lists] = {}
+        self._plans: dict[tuple[int, int, int], tuple[cpu.Lists, torch.Tensor]] = {}
         tiled = graph.ops_of(TiledOp)
         self.block_size = (tiled[0].bq, tiled[0].bkv) if tiled else (64, 64)  # type: ignore[attr-defined]
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
@@ -75,19 +75,22 @@ class Kernel:
             self._cpu = cpu.CpuKernel(self.graph)
         return self._cpu
 
-    def _lists_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> cpu.Lists:
+    def _plan_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> tuple[cpu.Lists, torch.Tensor]:
+        """Tile lists and partial-tile masks; cached per shape when the mask has no runtime tensors."""
         key = (shape.batch, shape.q_len, shape.kv_len)
         runtime = bool(self.spec.runtime_tensors()) or bool(self.spec.captured)
-        if runtime or key not in self._lists:
+        if runtime or key not in self._plans:
             values = {n: t.detach().cpu().numpy() for n, t in bound.items()}
             bm = tiling.build(
                 self.recipe, shape.q_len, shape.kv_len, self.block_size, self.spec.num_heads, shape.batch, values
             )
             lists = cpu.Lists.of(bm)
+            sizes = (shape.batch, self.spec.num_heads, shape.q_len, shape.kv_len)
+            plan = (lists, self.cpu_kernel().masks(lists, sizes, bound))
             if runtime:
-                return lists
-            self._lists[key] = lists
-        return self._lists[key]
+                return plan
+            self._plans[key] = plan
+        return self._plans[key]
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False, **tensors: torch.Tensor
@@ -99,7 +102,8 @@ class Kernel:
         if self.target == "cpu":
             reason = cpu.unsupported_reason(q, bound)
             if reason is None:
-                o, lse = cpu.CpuAttention.apply(q, k, v, self.cpu_kernel(), self._lists_for(shape, bound), bound)
+                lists, keep = self._plan_for(shape, bound)
+                o, lse = cpu.CpuAttention.apply(q, k, v, self.cpu_kernel(), lists, keep, bound)
                 return (o, lse) if return_lse else o
             if q.device.type != "cpu":
                 raise SpecError(f"target 'cpu' got tensors on {q.device}; compile with target='auto' or 'triton'")

@@ -97,29 +97,59 @@ def sgemm() -> int | None:
 
 @dataclass(frozen=True)
 class Lists:
-    """CSR tile lists of a block map: per (map, q-block) the kv blocks, and the transpose."""
+    """The tile lists a call walks, built from a block map.
+
+    kv_*: CSR per (map, q-block) of kv blocks, with a full flag; q_*: the transpose, per
+    (map, kv-block). kv_rank / q_rank number each partial tile within its map (-1 for full
+    tiles); keep_base[pair] is where that (batch, head) pair's partial-tile masks start in the
+    keep buffer (BQ x BKV bytes per tile), filled by ``attncc_masks``.
+    """
 
     map_of: np.ndarray
     kv_ptr: np.ndarray
     kv_idx: np.ndarray
     kv_full: np.ndarray
+    kv_rank: np.ndarray
     q_ptr: np.ndarray
     q_idx: np.ndarray
     q_full: np.ndarray
+    q_rank: np.ndarray
+    keep_base: np.ndarray
+    keep_tiles: int
 
     @staticmethod
     def of(bm: BlockMap) -> Lists:
         st = bm.unique_states()
 
-        def csr(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def csr(grid: np.ndarray) -> tuple[np.ndarray, ...]:
             u, r, c = np.nonzero(grid)
             counts = np.bincount(u * grid.shape[1] + r, minlength=grid.shape[0] * grid.shape[1])
             ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-            return ptr, c.astype(np.int32), (grid[u, r, c] == FULL).astype(np.uint8)
+            return ptr, c.astype(np.int32), (grid[u, r, c] == FULL).astype(np.uint8), u, r, c
 
-        kv = csr(st)
-        qt = csr(np.ascontiguousarray(st.transpose(0, 2, 1)))
-        return Lists(bm.map_of.astype(np.int32), *kv, *qt)
+        kv_ptr, kv_idx, kv_full, u, r, c = csr(st)
+        partial = kv_full == 0
+        rank = np.full(st.shape, -1, np.int32)
+        per_map = np.bincount(u[partial], minlength=st.shape[0])
+        starts = np.concatenate([[0], np.cumsum(per_map)[:-1]])
+        rank[u[partial], r[partial], c[partial]] = np.arange(int(partial.sum())) - starts[u[partial]]
+        q_ptr, q_idx, q_full, tu, tr, tc = csr(np.ascontiguousarray(st.transpose(0, 2, 1)))
+        map_of = bm.map_of.astype(np.int32)
+        counts = per_map[map_of.reshape(-1)]
+        keep_base = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        return Lists(
+            map_of,
+            kv_ptr,
+            kv_idx,
+            kv_full,
+            rank[u, r, c].astype(np.int32),
+            q_ptr,
+            q_idx,
+            q_full,
+            rank[tu, tc, tr].astype(np.int32),
+            keep_base,
+            int(counts.sum()),
+        )
 
 
 def _ptr(a: np.ndarray | torch.Tensor) -> int:
@@ -135,14 +165,42 @@ class CpuKernel:
         self.source = render(graph)
         op = fused_op(graph)
         self.groups, self.scale = op.groups, float(op.scale)
+        self.bq, self.bkv = (op.bq, op.bkv) if isinstance(op, TiledOp) else (64, 64)
         self.tensors = tensor_ops(graph)
         self.path, self.compiled_now = toolchain.build(self.source, graph.name)
         self.lib = ctypes.CDLL(str(self.path))
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
-        tail: list[Any] = [_P, _P, _P, _P, _P, _P, ctypes.c_int, _I, ctypes.c_float]
+        tail: list[Any] = [_P] * 9 + [ctypes.c_int, _I, ctypes.c_float]
         self.lib.attncc_forward.argtypes = [_P] * 5 + common + tail
         self.lib.attncc_backward.argtypes = [_P] * 9 + common + tail
-        self.lib.attncc_forward.restype = self.lib.attncc_backward.restype = ctypes.c_int
+        self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+        for fn in (self.lib.attncc_forward, self.lib.attncc_backward, self.lib.attncc_masks):
+            fn.restype = ctypes.c_int
+
+    def masks(self, lists: Lists, shape: tuple[int, int, int, int], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The keep bytes of every partial tile (BQ x BKV each), from one pass of mask code."""
+        B, H, Sq, Skv = shape
+        keep = torch.empty(max(1, lists.keep_tiles) * self.bq * self.bkv, dtype=torch.uint8)
+        _keep_alive, ptrs, dims = self.pack(tensors)
+        code = self.lib.attncc_masks(
+            keep.data_ptr(),
+            B,
+            H,
+            Sq,
+            Skv,
+            _ptr(lists.map_of),
+            lists.map_of.shape[0],
+            lists.map_of.shape[1],
+            _ptr(lists.kv_ptr),
+            _ptr(lists.kv_idx),
+            _ptr(lists.kv_rank),
+            _ptr(lists.keep_base),
+            ctypes.cast(ptrs, _P),
+            _ptr(dims),
+            torch.get_num_threads(),
+        )
+        self._check(code)
+        return keep
 
     def pack(self, tensors: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], Any, np.ndarray]:
         keep, dims = [], np.zeros(4 * max(1, len(self.tensors)), np.int64)
@@ -163,13 +221,19 @@ class CpuKernel:
             )
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: Lists, tensors: dict[str, torch.Tensor]
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lists: Lists,
+        keep: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         o = torch.empty_like(q)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
-        _keep, ptrs, dims = self.pack(tensors)
+        _keep_alive, ptrs, dims = self.pack(tensors)
         code = self.lib.attncc_forward(
             _ptr(q),
             _ptr(k),
@@ -188,6 +252,9 @@ class CpuKernel:
             _ptr(lists.kv_ptr),
             _ptr(lists.kv_idx),
             _ptr(lists.kv_full),
+            _ptr(lists.kv_rank),
+            _ptr(lists.keep_base),
+            keep.data_ptr(),
             ctypes.cast(ptrs, _P),
             _ptr(dims),
             sgemm(),
@@ -207,6 +274,7 @@ class CpuKernel:
         lse: torch.Tensor,
         delta: torch.Tensor,
         lists: Lists,
+        keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, ...]:
         B, H, Sq, D = q.shape
@@ -214,7 +282,7 @@ class CpuKernel:
         threads = torch.get_num_threads()
         dq = torch.zeros(threads, *q.shape, dtype=torch.float32)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        _keep, ptrs, dims = self.pack(tensors)
+        _keep_alive, ptrs, dims = self.pack(tensors)
         code = self.lib.attncc_backward(
             _ptr(q),
             _ptr(k),
@@ -237,6 +305,9 @@ class CpuKernel:
             _ptr(lists.q_ptr),
             _ptr(lists.q_idx),
             _ptr(lists.q_full),
+            _ptr(lists.q_rank),
+            _ptr(lists.keep_base),
+            keep.data_ptr(),
             ctypes.cast(ptrs, _P),
             _ptr(dims),
             sgemm(),
@@ -259,13 +330,14 @@ class CpuAttention(torch.autograd.Function):
         v: torch.Tensor,
         kern: CpuKernel,
         lists: Lists,
+        keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = q.dtype
         qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
-        o, lse = kern.forward(qf, kf, vf, lists, tensors)
+        o, lse = kern.forward(qf, kf, vf, lists, keep, tensors)
         ctx.save_for_backward(qf, kf, vf, o, lse)
-        ctx.kern, ctx.lists, ctx.tensors, ctx.dtype = kern, lists, tensors, dtype
+        ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype = kern, lists, keep, tensors, dtype
         return o.to(dtype), lse
 
     @staticmethod
@@ -275,8 +347,10 @@ class CpuAttention(torch.autograd.Function):
         delta = (dof * o).sum(-1)
         if dlse is not None:
             delta = delta - dlse.to(torch.float32)  # d lse / d s = P: folds into the same dS formula
-        dq, dk, dv = ctx.kern.backward(qf, kf, vf, dof, lse.contiguous(), delta.contiguous(), ctx.lists, ctx.tensors)
-        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None
+        dq, dk, dv = ctx.kern.backward(
+            qf, kf, vf, dof, lse.contiguous(), delta.contiguous(), ctx.lists, ctx.keep, ctx.tensors
+        )
+        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None
 
 
 def unsupported_reason(q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> str | None:

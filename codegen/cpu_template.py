@@ -127,31 +127,62 @@ inline int run_length(const int32_t* idx, const uint8_t* full, int32_t t, int32_
   return n;
 }}
 
-inline int64_t map_index(const int32_t* map_of, int64_t maps_b, int64_t maps_h, int64_t b, int64_t h) {{
-  return map_of[(maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0)];
-}}
-
-// scores of one tile: raw scaled score -> score mod -> mask (partial tiles only)
-inline void tile_scores(const Ctx& cx, float SCALE, float* s, int ld, int rows, int cols, bool full, int64_t b,
-                        int64_t h, int64_t q0, int64_t k0) {{
+// scores of a run of tiles: scaled score -> score mod -> mask from the precomputed keep bytes
+// (partial tiles only; ``keep[u]`` is tile u of the run, BQ x BKV bytes, row-major)
+inline void tile_scores(const Ctx& cx, float SCALE, float* s, int ld, int rows, int cols,
+                        const uint8_t* const* keep, int64_t b, int64_t h, int64_t q0, int64_t k0) {{
   for (int i = 0; i < rows; ++i) {{
     float* row = s + i * ld;
-    for (int j = 0; j < cols; ++j) {{
-      float v = row[j] * SCALE;
-      if (HAS_MOD) v = mod_fn(cx, v, b, h, q0 + i, k0 + j);
-      if (!full && !mask_fn(cx, b, h, q0 + i, k0 + j)) v = -INFINITY;
-      row[j] = v;
-    }}
+    if (HAS_MOD)
+      for (int j = 0; j < cols; ++j) row[j] = mod_fn(cx, row[j] * SCALE, b, h, q0 + i, k0 + j);
+    else
+      for (int j = 0; j < cols; ++j) row[j] *= SCALE;
+    if (keep)
+      for (int u = 0; u * BKV < cols; ++u) {{
+        const uint8_t* kr = keep[u] + i * BKV;
+        float* r = row + u * BKV;
+        const int n = std::min(BKV, cols - u * BKV);
+        #pragma omp simd
+        for (int j = 0; j < n; ++j) r[j] = kr[j] ? r[j] : -INFINITY;
+      }}
   }}
 }}
 
 }}  // namespace
+
+// Evaluate the mask once per call on every partial tile of every (batch, head) pair that has its
+// own mask; forward and backward then read these bytes instead of running mask code.
+extern "C" int attncc_masks(
+    uint8_t* keep, int64_t B, int64_t H, int64_t Sq, int64_t Skv,
+    const int32_t* map_of, int64_t maps_b, int64_t maps_h,
+    const int32_t* kv_ptr, const int32_t* kv_idx, const int32_t* kv_rank, const int64_t* keep_base,
+    const void* const* tensors, const int64_t* dims, int threads) {{
+  const int64_t nq = (Sq + BQ - 1) / BQ;
+  int error = 0;
+  const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
+  #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t task = 0; task < maps_b * maps_h * nq; ++task) {{
+    const int64_t qb = task % nq, pair = task / nq, b = pair / maps_h, h = pair % maps_h;
+    const int64_t row = (int64_t)map_of[pair] * nq + qb, q0 = qb * BQ;
+    const int rows = (int)std::min<int64_t>(BQ, Sq - q0);
+    for (int32_t t = kv_ptr[row]; t < kv_ptr[row + 1]; ++t) {{
+      if (kv_rank[t] < 0) continue;
+      uint8_t* out = keep + (keep_base[pair] + kv_rank[t]) * (int64_t)(BQ * BKV);
+      const int64_t k0 = (int64_t)kv_idx[t] * BKV;
+      const int cols = (int)std::min<int64_t>(BKV, Skv - k0);
+      for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j) out[i * BKV + j] = mask_fn(cx, b, h, q0 + i, k0 + j) ? 1 : 0;
+    }}
+  }}
+  return error;
+}}
 
 extern "C" int attncc_forward(
     const float* q, const float* k, const float* v, float* o, float* lse,
     int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv, int64_t D,
     const int32_t* map_of, int64_t maps_b, int64_t maps_h,
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
+    const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE) {{
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const sgemm_t sg = (sgemm_t)sgemm;
@@ -172,7 +203,9 @@ extern "C" int attncc_forward(
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.0f);
-      const int64_t row = map_index(map_of, maps_b, maps_h, b, h) * nq + qb;
+      const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
+      const int64_t row = (int64_t)map_of[pair] * nq + qb;
+      const uint8_t* run_keep[SPAN];
       for (int32_t t = kv_ptr[row], span; t < kv_ptr[row + 1]; t += span) {{
         span = run_length(kv_idx, kv_full, t, kv_ptr[row + 1]);
         const int64_t k0 = (int64_t)kv_idx[t] * BKV;
@@ -181,7 +214,9 @@ extern "C" int attncc_forward(
         gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), WKV, 0.0f);
         // full tiles without a score mod skip the scores pass: the scale folds into max and exp
         const bool plain = full && !HAS_MOD;
-        if (!plain) tile_scores(cx, SCALE, s.data(), WKV, rows, cols, full, b, h, q0, k0);
+        if (!full)
+          for (int u = 0; u < span; ++u) run_keep[u] = keep + (keep_base[pair] + kv_rank[t + u]) * (int64_t)(BQ * BKV);
+        if (!plain) tile_scores(cx, SCALE, s.data(), WKV, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         const float sc = plain ? SCALE : 1.0f;
         for (int i = 0; i < rows; ++i) {{
           float* sr = s.data() + i * WKV;
@@ -216,6 +251,7 @@ extern "C" int attncc_backward(
     int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv, int64_t D,
     const int32_t* map_of, int64_t maps_b, int64_t maps_h,
     const int32_t* q_ptr, const int32_t* q_idx, const uint8_t* q_full,
+    const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE) {{
   const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
   const sgemm_t sg = (sgemm_t)sgemm;
@@ -238,7 +274,8 @@ extern "C" int attncc_backward(
       std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
       for (int g = 0; g < GROUPS; ++g) {{
         const int64_t h = hk * GROUPS + g;
-        const int64_t row = map_index(map_of, maps_b, maps_h, b, h) * nkv + kb;
+        const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
+        const int64_t row = (int64_t)map_of[pair] * nkv + kb;
         for (int32_t t = q_ptr[row], span; t < q_ptr[row + 1]; t += span) {{
           span = run_length(q_idx, q_full, t, q_ptr[row + 1]);
           const int64_t q0 = (int64_t)q_idx[t] * BQ;
@@ -263,14 +300,15 @@ extern "C" int attncc_backward(
               }}
               continue;
             }}
+            const uint8_t* kr = full ? nullptr
+                : keep + (keep_base[pair] + q_rank[t + i / BQ]) * (int64_t)(BQ * BKV) + (i % BQ) * BKV;
             for (int j = 0; j < cols; ++j) {{
               const float raw = sr[j] * SCALE;
               const float sc = HAS_MOD ? mod_fn(cx, raw, b, h, q0 + i, k0 + j) : raw;
-              const bool keep = full || mask_fn(cx, b, h, q0 + i, k0 + j);
-              const float p = keep ? exp_f(sc - li) : 0.0f;
+              const float p = (full || kr[j]) ? exp_f(sc - li) : 0.0f;
               const float dmod = HAS_MOD ? dmod_fn(cx, raw, b, h, q0 + i, k0 + j) : 1.0f;
               sr[j] = p;
-              dr[j] = p == 0.0f ? 0.0f : p * (dr[j] - di) * dmod * SCALE;
+              dr[j] = p == 0.0f ? 0.0f : p * (dr[j] - di) * dmod * SCALE;  // masked: 0 even if dmod is not finite
             }}
           }}
           gemm_tn(sg, cols, d, rows, s.data(), BKV, dop, d, dv_acc.data(), d);

@@ -115,6 +115,8 @@ def test_source_is_readable_and_cached() -> None:
 def test_dump_writes_every_stage(tmp_path: Path) -> None:
     kern = ac.compile(SPEC, target="reference")
     where = kern.dump(tmp_path / "d")
+    cpu_dump = ac.compile(SPEC, target="cpu").dump(tmp_path / "c")
+    assert (cpu_dump / "kernel.cpp").read_text().startswith("// attncc cpu kernel for @doc_window")
     names = sorted(p.name for p in where.iterdir())
     assert names == ["00-input.ir", "01-canonicalize.ir", "02-fuse.ir", "03-block-sparse.ir", "kernel.py", "meta.json"]
     assert "attn.fused" in (where / "02-fuse.ir").read_text()
@@ -140,7 +142,7 @@ def test_dump_dir_env_knob(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
         caplog.at_level(logging.INFO, logger="attncc.api"),
     ):
         kern = ac.compile(SPEC, target="reference")
-    assert (tmp_path / f"doc_window-{kern.key}" / "kernel.py").exists()
+    assert (tmp_path / f"doc_window-{kern.key}" / "kernel.cpp").exists()
     assert "compiled Kernel(@doc_window" in caplog.text
 
 
