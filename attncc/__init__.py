@@ -33,6 +33,8 @@ from attncc.dsl import (
     where,
 )
 from attncc.errors import AttnccError, LoweringError, SpecError, UnsupportedError, VerifyError
+from attncc.linear import LinearAttentionSpec, linear_attention
+from attncc.linear import x as x
 from attncc.masks import (
     block_layout,
     block_local,
@@ -55,6 +57,7 @@ __all__ = [
     "AttnccError",
     "Expr",
     "Kernel",
+    "LinearAttentionSpec",
     "LoweringError",
     "SpecError",
     "TensorDecl",
@@ -76,6 +79,7 @@ __all__ = [
     "grid_attention",
     "h",
     "kv",
+    "linear_attention",
     "log",
     "maximum",
     "minimum",
@@ -92,4 +96,5 @@ __all__ = [
     "tanh",
     "tensor",
     "where",
+    "x",
 ]

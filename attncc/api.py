@@ -27,6 +27,8 @@ from attncc.costmodel import choose_tiles
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.core import Graph
 from attncc.ir.ops import TiledOp
+from attncc.linear import LinearAttentionSpec
+from attncc.linear import reference as linear_reference
 from attncc.lower import spec_to_ir
 from attncc.passes.base import PassRecord, parse_pipeline, run_pipeline
 from attncc.passes.normalize import boolean
@@ -45,12 +47,14 @@ class Kernel:
 
     def __init__(self, spec: AttentionSpec, target: str, pipeline: str, graph: Graph, records: list[PassRecord]):
         self.spec = spec
+        self.auto = False  # set by compile(target="auto"): CUDA tensors then go to triton
         self.target = target
         self.pipeline = pipeline
         self.graph = graph
         self.records = records
         self._impl = reference.build(graph)
         self._cpu: cpu.CpuKernel | None = None
+        self._triton: Any = None
         self._plans: dict[tuple[int, int, int], tuple[cpu.Lists, torch.Tensor]] = {}
         tiled = graph.ops_of(TiledOp)
         self.block_size = (tiled[0].bq, tiled[0].bkv) if tiled else (64, 64)  # type: ignore[attr-defined]
@@ -67,7 +71,19 @@ class Kernel:
     @property
     def source(self) -> str:
         """Generated source of the chosen target (C++ for cpu, PyTorch for reference)."""
-        return self.cpu_kernel().source if self.target == "cpu" else self._impl.source
+        if self.target == "cpu":
+            return self.cpu_kernel().source
+        if self.target == "triton":
+            return self.triton_kernel().source
+        return self._impl.source
+
+    def triton_kernel(self) -> Any:
+        """The generated Triton kernels (rendered and cached on first use)."""
+        if self._triton is None:
+            from attncc.codegen import triton as triton_target
+
+            self._triton = triton_target.TritonKernel(self.graph)
+        return self._triton
 
     def cpu_kernel(self) -> cpu.CpuKernel:
         """The compiled C++ kernel (built on first use, cached on disk)."""
@@ -99,6 +115,8 @@ class Kernel:
         shape = check_qkv(self.spec, q, k, v)
         check_requires(self.spec, shape)
         bound = check_tensors(self.spec, shape, tensors, q.device)
+        if self.target == "triton" or (self.auto and q.device.type == "cuda"):
+            return self._call_triton(q, k, v, shape, bound, return_lse)
         if self.target == "cpu":
             reason = cpu.unsupported_reason(q, bound)
             if reason is None:
@@ -109,6 +127,28 @@ class Kernel:
                 raise SpecError(f"target 'cpu' got tensors on {q.device}; compile with target='auto' or 'triton'")
             log.info("cpu target: running the reference target for this call: %s", reason)
         return self._impl(q, k, v, bound, return_lse)
+
+    def _call_triton(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        shape: CallShape,
+        bound: dict[str, torch.Tensor],
+        return_lse: bool,
+    ) -> Any:
+        from attncc.codegen import triton as triton_target
+
+        reason = triton_target.unsupported_reason(q, bound)
+        if reason is not None:
+            log.info("triton target: running the reference target for this call: %s", reason)
+            return self._impl(q, k, v, bound, return_lse)
+        values = {n: t.detach().cpu().numpy() for n, t in bound.items()}
+        bm = tiling.build(
+            self.recipe, shape.q_len, shape.kv_len, self.block_size, self.spec.num_heads, shape.batch, values
+        )
+        o, lse = triton_target.TritonAttention.apply(q, k, v, self.triton_kernel(), cpu.Lists.of(bm), bound)
+        return (o, lse) if return_lse else o
 
     def block_map(
         self, q_len: int, kv_len: int, batch: int = 1, block: tuple[int, int] | None = None, **tensors: torch.Tensor
@@ -135,10 +175,11 @@ def _resolve_target(target: str) -> str:
     if target not in TARGETS:
         raise SpecError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
     if target == "triton":
-        raise UnsupportedError(
-            "target 'triton' is not built yet in this version of attncc; use target='cpu' or 'reference' "
-            "(or 'auto', which picks cpu for CPU tensors)"
-        )
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            raise UnsupportedError(f"target 'triton' needs the triton package: {exc}") from exc
+        return "triton"
     if target in ("cpu", "auto"):
         try:
             toolchain.compiler()
@@ -159,8 +200,10 @@ def compile(
     ``tiles=(bq, bkv)`` overrides the cost model's tile choice; ``pipeline`` replaces the
     default pass pipeline (``canonicalize,fuse,block-sparse{bq=..,bkv=..}``).
     """
+    if isinstance(spec, LinearAttentionSpec):
+        return LinearKernel(spec, target)  # type: ignore[return-value]
     if not isinstance(spec, AttentionSpec):
-        raise SpecError(f"compile() takes an AttentionSpec, got {type(spec).__name__}")
+        raise SpecError(f"compile() takes an AttentionSpec or LinearAttentionSpec, got {type(spec).__name__}")
     resolved = _resolve_target(target)
     if tiles is not None and (len(tiles) != 2 or any(not isinstance(t, int) or t < 1 for t in tiles)):
         raise SpecError(f"tiles must be a pair of positive ints (bq, bkv), got {tiles!r}")
@@ -174,6 +217,7 @@ def compile(
     text = pipeline
     result = run_pipeline(spec_to_ir(spec), parse_pipeline(text))
     kern = Kernel(spec, resolved, text, result.graph, result.records)
+    kern.auto = target == "auto"
     if cfg.debug >= 1:
         log.info(
             "compiled %r: %s", kern, ", ".join(f"{r.spelling} {r.seconds * 1e3:.1f} ms" for r in result.records[1:])
@@ -185,3 +229,47 @@ def compile(
         log.info("dumped %r to %s", kern, where)
     _CACHE[key] = kern
     return kern
+
+
+class LinearKernel:
+    """A compiled feature-map linear attention (targets: triton, reference; cpu runs the reference)."""
+
+    def __init__(self, spec: LinearAttentionSpec, target: str = "auto") -> None:
+        if target not in TARGETS:
+            raise SpecError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
+        self.spec = spec
+        self.target = target
+        self._triton: Any = None
+
+    def __repr__(self) -> str:
+        return f"LinearKernel(@{self.spec.name}, target={self.target!r})"
+
+    def triton_kernel(self) -> Any:
+        if self._triton is None:
+            from attncc.codegen.triton_linear import LinearTritonKernel
+
+            self._triton = LinearTritonKernel(self.spec)
+        return self._triton
+
+    @property
+    def source(self) -> str:
+        if self.target == "triton":
+            return str(self.triton_kernel().source)
+        return f"# dense reference: phi(x) = {self.spec.phi}\n"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        check_qkv(self.spec, q, k, v)  # type: ignore[arg-type]
+        if q.shape[2] != k.shape[2]:
+            raise SpecError(f"linear attention needs equal q and kv lengths, got {q.shape[2]} and {k.shape[2]}")
+        use_triton = self.target == "triton" or (self.target == "auto" and q.device.type == "cuda")
+        if use_triton:
+            from attncc.codegen import triton as triton_target
+            from attncc.codegen.triton_linear import LinearAttention
+
+            reason = triton_target.unsupported_reason(q, {})
+            if reason is None:
+                return LinearAttention.apply(q, k, v, self.triton_kernel())  # type: ignore[no-any-return]
+            log.info("linear attention: running the reference for this call: %s", reason)
+        elif self.target == "cpu":
+            log.info("linear attention: the cpu target has no linear-attention kernel; running the reference")
+        return linear_reference(self.spec, q, k, v)

@@ -30,6 +30,7 @@ class Config:
     verify: ATTNCC_VERIFY=1 verifies the IR after every pass.
     debug: ATTNCC_DEBUG=0..4 (1 summary, 2 IR in/out, 3 IR after each pass, 4 generated source).
     cxx: ATTNCC_CXX (else CXX, else g++ / c++ on PATH); the C++ compiler of the cpu target.
+    triton_interpret: TRITON_INTERPRET=1 (Triton's own switch): Triton kernels run on the CPU.
     """
 
     dump_dir: Path | None = None
@@ -39,6 +40,7 @@ class Config:
     verify: bool = False
     debug: int = 0
     cxx: str = ""
+    triton_interpret: bool = False
 
 
 def _flag(value: str | None) -> bool:
@@ -62,6 +64,7 @@ def from_env(env: dict[str, str] | None = None) -> Config:
         verify=_flag(env.get("ATTNCC_VERIFY")),
         debug=int(debug),
         cxx=env.get("ATTNCC_CXX") or env.get("CXX") or "",
+        triton_interpret=_flag(env.get("TRITON_INTERPRET")),
     )
 
 

@@ -94,6 +94,8 @@ def _abs(e: sympy.Abs) -> Code:
 
 
 def _pow(e: sympy.Pow) -> Code:
+    if e.exp == sympy.Rational(1, 2):
+        return f"std::sqrt({_as_double(_emit(e.base))})", False
     base, ex = _emit(e.base), _emit(e.exp)
     return f"std::pow({_as_double(base)}, {_as_double(ex)})", False
 
@@ -155,7 +157,6 @@ _TABLE: dict[type, Callable[..., Code]] = {
     sympy.tanh: _unary("tanh"),
     sympy.exp: _unary("exp"),
     sympy.log: _unary("log"),
-    sympy.sqrt: _unary("sqrt"),
     sympy.sin: _unary("sin"),
     sympy.cos: _unary("cos"),
     sympy.sign: lambda e: (f"sign_f({_as_double(_emit(e.args[0]))})", False),

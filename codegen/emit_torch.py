@@ -74,6 +74,8 @@ def _ceiling(e: sympy.ceiling) -> str:
 
 
 def _pow(e: sympy.Pow) -> str:
+    if e.exp == sympy.Rational(1, 2):
+        return f"H_.unary('sqrt', {emit(e.base)})"
     return f"H_.power({emit(e.base)}, {emit(e.exp)})"
 
 
@@ -125,8 +127,9 @@ _TABLE: dict[type, Emitter] = {
     sympy.Xor: _call("logical_xor"),
     sympy.logic.boolalg.BooleanTrue: lambda e: "True",
     sympy.logic.boolalg.BooleanFalse: lambda e: "False",
+    sympy.Heaviside: lambda e: f"H_.where({emit(e.args[0])} > 0, 1.0, H_.where({emit(e.args[0])} < 0, 0.0, 0.5))",
 }
-for _fn in ("tanh", "exp", "log", "sqrt", "sign", "sin", "cos"):
+for _fn in ("tanh", "exp", "log", "sign", "sin", "cos"):
     _TABLE[getattr(sympy, _fn)] = (lambda n: lambda e: f"H_.unary({n!r}, {emit(e.args[0])})")(_fn)
 
 

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+import torch as _torch
+
+if not _torch.cuda.is_available():  # no GPU: Triton kernels run in Triton's CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -20,7 +20,7 @@ K = 4.0
 FLOOR = 1e-5
 
 
-def _check(
+def check_target(
     spec: ac.AttentionSpec,
     keep: torch.Tensor,
     sq: int,
@@ -28,7 +28,10 @@ def _check(
     tensors: dict[str, torch.Tensor],
     score_fn: Callable[[torch.Tensor], torch.Tensor] | None,
     dtype: torch.dtype = torch.float32,
+    target: str = "cpu",
+    tiles: tuple[int, int] | None = None,
 ) -> None:
+    """Forward, lse and gradients of ``target`` vs the oracle, within K x the eager float error."""
     hkv = int(spec.num_kv_heads or 0)
     g = torch.Generator().manual_seed(sq * 1000 + skv)
     q64 = torch.randn(2, spec.num_heads, sq, spec.head_dim, dtype=torch.float64, generator=g)
@@ -40,21 +43,20 @@ def _check(
     gold, gold_lse = oracle.attention(*leaves, keep, float(spec.scale or 0), score_fn)
     gold_grads = torch.autograd.grad((gold * w).sum(), leaves)
     results = {}
-    for target in ("cpu", "reference"):
+    for name in (target, "reference"):
         ins = [t.to(dtype).requires_grad_() for t in (q64, k64, v64)]
-        out, lse = ac.compile(spec, target=target)(*ins, return_lse=True, **tensors)
+        kern = ac.compile(spec, target=name, tiles=tiles if name == target else None)
+        out, lse = kern(*ins, return_lse=True, **tensors)
         grads = torch.autograd.grad((out.double() * w).sum(), ins)
-        results[target] = (out.double(), lse.double(), [x.double() for x in grads])
+        results[name] = (out.double(), lse.double(), [x.double() for x in grads])
     finite = torch.isfinite(gold_lse)
-    (out, lse, grads), (eout, else_, egrads) = results["cpu"], results["reference"]
+    (out, lse, grads), (eout, else_, egrads) = results[target], results["reference"]
     assert torch.equal(torch.isfinite(lse), finite), "rows with no visible key must have lse = -inf"
-    for name, got, eager, want in [
-        ("out", out, eout, gold),
-        ("lse", lse[finite], else_[finite], gold_lse[finite]),
-        *[(n, a, e, b) for n, a, e, b in zip(["dq", "dk", "dv"], grads, egrads, gold_grads)],
-    ]:
+    named = [("out", out, eout, gold), ("lse", lse[finite], else_[finite], gold_lse[finite])]
+    named += [(n, a, e, b) for n, a, e, b in zip(["dq", "dk", "dv"], grads, egrads, gold_grads)]
+    for name, got, eager, want in named:
         err, eager_err = (got - want).abs().max().item(), (eager - want).abs().max().item()
-        assert err <= K * eager_err + FLOOR, f"{name}: cpu error {err:.2e} vs eager error {eager_err:.2e}"
+        assert err <= K * eager_err + FLOOR, f"{name}: {target} error {err:.2e} vs eager error {eager_err:.2e}"
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
@@ -63,7 +65,7 @@ def test_every_mask_matches_the_oracle(case: Case, kv_heads: int) -> None:
     for sq, skv in case.shapes:
         spec = ac.AttentionSpec(num_heads=4, num_kv_heads=kv_heads, head_dim=8, mask=case.mask())
         keep = oracle.dense(case.oracle(sq, skv), 2, 4, sq, skv)
-        _check(spec, keep, sq, skv, case.tensors(sq, skv), None)
+        check_target(spec, keep, sq, skv, case.tensors(sq, skv), None)
 
 
 @pytest.mark.parametrize("name,mod,fn,tensors", [m for m in MODS if m[0] != "relative_bias"], ids=lambda x: x)
@@ -73,14 +75,14 @@ def test_every_score_mod_matches_the_oracle(name: str, mod, fn, tensors) -> None
             num_heads=4, num_kv_heads=1, head_dim=8, mask=ac.causal("bottom_right"), score_mod=mod()
         )
         keep = oracle.dense(oracle.causal_bottom_right(sq, skv), 2, 4, sq, skv)
-        _check(spec, keep, sq, skv, tensors, fn(tensors))
+        check_target(spec, keep, sq, skv, tensors, fn(tensors))
 
 
 def test_relative_bias_table_without_grad_runs_in_cpp() -> None:
     table = torch.randn(4, 11, dtype=torch.float64)
     spec = ac.AttentionSpec(num_heads=4, head_dim=8, score_mod=ac.relative_bias(ac.tensor("table"), 5))
     keep = torch.ones(2, 4, 33, 29, dtype=torch.bool)
-    _check(spec, keep, 33, 29, {"table": table}, oracle.relative_bias_fn(table, 5))
+    check_target(spec, keep, 33, 29, {"table": table}, oracle.relative_bias_fn(table, 5))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -89,7 +91,7 @@ def test_low_precision_inputs(dtype: torch.dtype) -> None:
         num_heads=4, num_kv_heads=2, head_dim=16, mask=ac.sliding_window(9) | ac.sinks(2), score_mod=ac.softcap(4.0)
     )
     keep = oracle.dense(oracle.sinks_or_window(2, 9), 2, 4, 45, 45)
-    _check(spec, keep, 45, 45, {}, oracle.softcap_fn(4.0), dtype)
+    check_target(spec, keep, 45, 45, {}, oracle.softcap_fn(4.0), dtype)
 
 
 def test_large_tiles_with_merged_runs_match() -> None:
@@ -97,4 +99,4 @@ def test_large_tiles_with_merged_runs_match() -> None:
     spec = ac.AttentionSpec(num_heads=2, head_dim=32, mask=ac.causal() | ac.sinks(3))
     keep = oracle.dense(lambda b, h, i, j: j <= i or j < 3, 2, 2, 301, 301)
     ac.compile(spec, target="cpu", tiles=(16, 16))
-    _check(spec, keep, 301, 301, {}, None)
+    check_target(spec, keep, 301, 301, {}, None)

@@ -1,0 +1,318 @@
+"""The triton target: render the Triton template from the tiled IR, cache it, launch it.
+
+The generated module is written to the cache folder under a content hash (the source, Triton's
+version and attncc's codegen sources) and imported from there (``@triton.jit`` needs a file);
+Triton then caches the compiled binaries itself. On a GPU the tile config is the cost model's
+(bq, bkv) with num_warps 4 or 8 by tile size; under ``TRITON_INTERPRET=1`` the kernels run on the
+CPU, which is how this target is tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import types
+from pathlib import Path
+from typing import Any
+
+import sympy
+import torch
+
+from attncc import config
+from attncc.codegen.cpu import Lists
+from attncc.codegen.emit_triton import emit
+from attncc.codegen.reference import fused_op
+from attncc.codegen.triton_template import TEMPLATE
+from attncc.errors import UnsupportedError
+from attncc.ir.core import Graph
+from attncc.ir.exprs import expr_str, score
+from attncc.ir.ops import TensorOp, TiledOp
+
+log = logging.getLogger("attncc.codegen.triton")
+
+
+def interpreting() -> bool:
+    return config.get().triton_interpret
+
+
+def _loader(t: TensorOp) -> str:
+    idx = [f"i{d}" for d in range(t.ndim)]
+    lines = [
+        f"@triton.jit\ndef _ld_{t.tensor}(T, TD, ERR, {', '.join(idx)}):",
+        f"    # runtime tensor {t.tensor!r} ({t.dtype}, {t.ndim}-d): bounds-checked read",
+    ]
+    ok, flat = [], ""
+    for d, i in enumerate(idx):
+        lines.append(f"    n{d} = tl.load(TD + {d})")
+        ok.append(f"({i} >= 0) & ({i} < n{d})")
+        flat = i if d == 0 else f"({flat}) * n{d} + {i}"
+    lines += [
+        f"    ok = {' & '.join(ok)}",
+        f"    flat = tl.where(ok, {flat}, 0)",
+        "    tl.store(ERR + flat * 0, 1, mask=~ok)",
+        "    return tl.load(T + flat, mask=ok, other=0)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _band_code(op: TiledOp) -> str:
+    if op.layout != "banded":
+        return "    lo = 0\n    hi = -1\n    flo = 0\n    fhi = -1"
+    lines = []
+    for i, ((lo, hi), (flo, fhi)) in enumerate(zip(op.kv_blocks, op.full_blocks, strict=True)):
+        kw = "if" if i == 0 else "elif"
+        lines.append(f"    {kw} band == {i}:  # keys {expr_str(op.bands[i][0])} .. {expr_str(op.bands[i][1])}")
+        for name, e in (("lo", lo), ("hi", hi), ("flo", flo), ("fhi", fhi)):
+            lines.append(f"        {name} = {emit(e)}")
+    lines.append("    else:\n        lo = 0\n        hi = -1\n        flo = 0\n        fhi = -1")
+    return "\n".join(lines)
+
+
+def render(graph: Graph) -> str:
+    op = fused_op(graph)
+    if not isinstance(op, TiledOp):
+        raise UnsupportedError("the triton target needs a tiled op; keep 'block-sparse' in the pipeline")
+    tensors = [t for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp)]
+    params = "".join(f", T_{t.tensor}, TD_{t.tensor}" for t in tensors)
+    dmod = sympy.diff(op.score_mod, score)
+    return TEMPLATE.format(
+        name=graph.name,
+        bq=op.bq,
+        bkv=op.bkv,
+        layout=op.layout,
+        loaders="\n".join(_loader(t) for t in tensors),
+        tensor_params=params,
+        tensor_args=params,
+        table_params=", ERR" + params,
+        table_args=", ERR" + params,
+        mask_text=expr_str(op.mask),
+        mask_code=emit(op.mask),
+        mod_text=expr_str(op.score_mod),
+        mod_code=emit(op.score_mod),
+        dmod_text=expr_str(dmod),
+        dmod_code=emit(dmod),
+        band_code=_band_code(op),
+    )
+
+
+def _key(source: str) -> str:
+    import triton
+
+    here = Path(__file__).parent
+    own = "".join(p.read_text() for p in sorted(here.glob("*.py")))
+    return hashlib.sha256((triton.__version__ + own + source).encode()).hexdigest()[:24]
+
+
+def load(source: str, name: str) -> tuple[types.ModuleType, Path, bool]:
+    """Import the generated module from the disk cache, writing it first if needed."""
+    folder = config.get().cache_dir / "triton"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name.replace('-', '_').replace('.', '_')}_{_key(source)}.py"
+    fresh = not path.exists() or config.get().always_compile
+    if fresh:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(f"attncc_triton_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path, fresh
+
+
+class TritonKernel:
+    """Generated Triton kernels of one graph, with forward and backward launchers."""
+
+    def __init__(self, graph: Graph) -> None:
+        op = fused_op(graph)
+        assert isinstance(op, TiledOp)
+        self.op = op
+        self.source = render(graph)
+        self.module, self.path, self.generated_now = load(self.source, graph.name)
+        self.tensors = [t for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp)]
+        self.bq, self.bkv = max(16, op.bq), max(16, op.bkv)
+        if (self.bq, self.bkv) != (op.bq, op.bkv):
+            raise UnsupportedError(f"the triton target needs tiles of at least 16x16, got {op.bq}x{op.bkv}")
+
+    def _tensor_args(self, tensors: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        out = []
+        for t in self.tensors:
+            value = tensors[t.tensor] if t.tensor in tensors else torch.tensor(t.values)
+            value = value.detach().to(device, torch.float32 if t.dtype == "float" else torch.int64).contiguous()
+            dims = torch.tensor(list(value.shape) + [1] * (4 - value.dim()), dtype=torch.int64, device=device)
+            out += [value, dims]
+        return out
+
+    def _meta(self, D: int) -> dict[str, Any]:
+        meta: dict[str, Any] = dict(
+            D=D,
+            BLOCK_D=max(16, 1 << (D - 1).bit_length()),
+            BLOCK_M=self.bq,
+            BLOCK_N=self.bkv,
+            HAS_MOD=self.op.score_mod != score,
+        )
+        if not interpreting():
+            meta["num_warps"] = 8 if self.bq * self.bkv > 64 * 64 else 4
+        return meta
+
+    def _lists(self, lists: Lists, device: torch.device) -> dict[str, torch.Tensor]:
+        return {
+            n: torch.from_numpy(getattr(lists, n)).to(device)
+            for n in ("map_of", "kv_ptr", "kv_idx", "kv_full", "q_ptr", "q_idx", "q_full")
+        }
+
+    def _error(self, err: torch.Tensor) -> None:
+        if int(err.item()):
+            raise ValueError(
+                "the triton kernel read a runtime tensor out of its bounds; pass a larger tensor "
+                "or bound the index expression"
+            )
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: Lists, tensors: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, Sq, D = q.shape
+        Skv = k.shape[2]
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        err = torch.zeros(1, dtype=torch.int32, device=q.device)
+        L = self._lists(lists, q.device)
+        nq, nkv = -(-Sq // self.bq), -(-Skv // self.bkv)
+        bands = len(self.op.bands)
+        self.module.attncc_fwd[(nq, B * H)](
+            q,
+            k,
+            v,
+            o,
+            lse,
+            err,
+            L["map_of"],
+            L["kv_ptr"],
+            L["kv_idx"],
+            L["kv_full"],
+            *self._tensor_args(tensors, q.device),
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *o.stride()[:3],
+            B,
+            H,
+            Sq,
+            Skv,
+            nq,
+            nkv,
+            lists.map_of.shape[0],
+            lists.map_of.shape[1],
+            self.op.groups,
+            self.op.scale,
+            BANDED=bands > 0,
+            BANDS=max(bands, 1),
+            **self._meta(D),
+        )
+        self._error(err)
+        return o, lse
+
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        o: torch.Tensor,
+        do: torch.Tensor,
+        lse: torch.Tensor,
+        dlse: torch.Tensor | None,
+        lists: Lists,
+        tensors: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, ...]:
+        B, H, Sq, D = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        delta = (do.float() * o.float()).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.float()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        err = torch.zeros(1, dtype=torch.int32, device=q.device)
+        L = self._lists(lists, q.device)
+        nq, nkv = -(-Sq // self.bq), -(-Skv // self.bkv)
+        args = self._tensor_args(tensors, q.device)
+        shape = (B, H, Hkv, Sq, Skv)
+        maps = (lists.map_of.shape[0], lists.map_of.shape[1], self.op.groups, self.op.scale)
+        self.module.attncc_bwd_dkdv[(nkv, B * Hkv)](
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta.contiguous(),
+            dk,
+            dv,
+            err,
+            L["map_of"],
+            L["q_ptr"],
+            L["q_idx"],
+            L["q_full"],
+            *args,
+            *shape,
+            nkv,
+            *maps,
+            **self._meta(D),
+        )
+        self.module.attncc_bwd_dq[(nq, B * H)](
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta.contiguous(),
+            dq,
+            err,
+            L["map_of"],
+            L["kv_ptr"],
+            L["kv_idx"],
+            L["kv_full"],
+            *args,
+            *shape,
+            nq,
+            *maps,
+            **self._meta(D),
+        )
+        self._error(err)
+        return dq, dk, dv
+
+
+class TritonAttention(torch.autograd.Function):
+    """Autograd wrapper: forward and backward both run the generated Triton kernels."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kern: TritonKernel,
+        lists: Lists,
+        tensors: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        qc, kc, vc = (t.detach().contiguous() for t in (q, k, v))
+        o, lse = kern.forward(qc, kc, vc, lists, tensors)
+        ctx.save_for_backward(qc, kc, vc, o, lse)
+        ctx.kern, ctx.lists, ctx.tensors = kern, lists, tensors
+        return o, lse
+
+    @staticmethod
+    def backward(ctx: Any, do: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.kern.backward(q, k, v, o, do.contiguous(), lse, dlse, ctx.lists, ctx.tensors)
+        return dq, dk, dv, None, None, None
+
+
+def unsupported_reason(q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why this call cannot run on the triton target (None when it can)."""
+    if q.device.type != "cuda" and not interpreting():
+        return f"tensors are on {q.device} and TRITON_INTERPRET is not set"
+    if q.dtype == torch.float64:
+        return "float64 inputs (the triton target computes in fp16/bf16/fp32)"
+    if torch.is_grad_enabled() and any(t.requires_grad and t.is_floating_point() for t in tensors.values()):
+        return "a float runtime tensor requires grad (its gradient is computed by the reference target)"
+    return None

@@ -1,0 +1,243 @@
+"""The Triton kernel template of the triton target. Holes: ``{name}`` fields filled by
+:mod:`attncc.codegen.triton` from the tiled op; everything else is fixed text.
+
+Forward (FlashAttention-2 online softmax): one program per (q-block, batch * head). Banded
+layouts compute their kv-block ranges in the kernel from the closed form of the tiled op (no
+index tensors); other layouts read the CSR tile lists. Full tiles run no mask code; ragged edges
+use bounds masks. Backward: a dK/dV kernel per (kv-block, batch * kv-head) walking the
+transposed lists for every query head of its group, and a dQ kernel per (q-block, batch * head).
+"""
+
+TEMPLATE = '''\
+# attncc triton kernels for @{name}
+# generated from the tiled IR: tiles {bq}x{bkv}, layout {layout}
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fdiv(a, b):
+    # floor division with Python semantics
+    q = a // b
+    return tl.where((a % b != 0) & ((a < 0) != (b < 0)), q - 1, q)
+
+
+@triton.jit
+def _fmod(a, b):
+    # modulo with the sign of the divisor, as Python / sympy
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+
+
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+{loaders}
+
+@triton.jit
+def _mask(offs_m, offs_n, b, h, B, H, SQ, SKV, ERR{tensor_params}):
+    # mask: {mask_text}
+    return {mask_code}
+
+
+@triton.jit
+def _mod(s, offs_m, offs_n, b, h, B, H, SQ, SKV, ERR{tensor_params}):
+    # score_mod: {mod_text}
+    return {mod_code}
+
+
+@triton.jit
+def _dmod(s, offs_m, offs_n, b, h, B, H, SQ, SKV, ERR{tensor_params}):
+    # d score_mod / d score: {dmod_text}
+    return {dmod_code} + 0.0 * s
+
+
+@triton.jit
+def _tile(s, offs_m, offs_n, full, b, h, B, H, SQ, SKV, ERR{tensor_params}, HAS_MOD: tl.constexpr):
+    """scaled scores -> score mod -> mask (partial tiles) and bounds (edge tiles)"""
+    keep = (offs_m[:, None] < SQ) & (offs_n[None, :] < SKV)
+    qm = tl.minimum(offs_m, SQ - 1)  # padding rows/columns of edge tiles see valid positions;
+    kn = tl.minimum(offs_n, SKV - 1)  # their scores are discarded by the bounds mask above
+    if HAS_MOD:
+        s = _mod(s, qm, kn, b, h, B, H, SQ, SKV, ERR{tensor_args})
+    if full == 0:
+        keep = keep & _mask(qm, kn, b, h, B, H, SQ, SKV, ERR{tensor_args})
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _kv_range(qb, band: tl.constexpr, h, SQ, SKV, NKV{table_params}):
+    """closed-form kv-block range of q-block qb for one band: computed [lo, hi], full [flo, fhi]"""
+{band_code}
+    lo = tl.maximum((lo + qb * 0).to(tl.int32), 0)  # bounds may come out of floor/ceil as floats
+    hi = tl.minimum((hi + qb * 0).to(tl.int32), NKV - 1)
+    flo = tl.maximum((flo + qb * 0).to(tl.int32), 0)
+    fhi = tl.minimum((fhi + qb * 0).to(tl.int32), NKV - 1)
+    return lo, hi, flo, fhi
+
+
+@triton.jit
+def attncc_fwd(Q, K, V, O, LSE, ERR, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_params},
+               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+               B, H, SQ, SKV, NQ, NKV, MAPS_B, MAPS_H, GROUPS, SCALE,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_MOD: tl.constexpr, BANDED: tl.constexpr, BANDS: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=(offs_m[:, None] < SQ) & dmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if BANDED:
+        for band in tl.static_range(BANDS):
+            lo, hi, flo, fhi = _kv_range(qb, band, h, SQ, SKV, NKV{table_args})
+            for kb in range(lo, hi + 1):
+                seen = 0
+                for other in tl.static_range(band):  # blocks an earlier band already covered
+                    olo, ohi, oflo, ofhi = _kv_range(qb, other, h, SQ, SKV, NKV{table_args})
+                    seen = seen | ((kb >= olo) & (kb <= ohi))
+                if seen == 0:
+                    full = ((kb >= flo) & (kb <= fhi)).to(tl.int32)
+                    m_i, l_i, acc = _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_args},
+                                              b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
+                                              B, H, SQ, SKV, SCALE, BLOCK_N, HAS_MOD)
+    else:
+        pair = tl.where(MAPS_B > 1, b, 0) * MAPS_H + tl.where(MAPS_H > 1, h, 0)
+        row = tl.load(MAP_OF + pair) * NQ + qb
+        start = tl.load(KV_PTR + row)
+        end = tl.load(KV_PTR + row + 1)
+        for t in range(start, end):
+            kb = tl.load(KV_IDX + t)
+            full = tl.load(KV_FULL + t).to(tl.int32)
+            m_i, l_i, acc = _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_args},
+                                      b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
+                                      B, H, SQ, SKV, SCALE, BLOCK_N, HAS_MOD)
+    visible = l_i > 0
+    out = acc / tl.where(visible, l_i, 1.0)[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < SQ) & dmask[None, :])
+    lse = tl.where(visible, m_i + tl.log(tl.where(visible, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + bh * SQ + offs_m, lse, mask=offs_m < SQ)
+
+
+@triton.jit
+def _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_params},
+              b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
+              B, H, SQ, SKV, SCALE, BLOCK_N: tl.constexpr, HAS_MOD: tl.constexpr):
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < SKV
+    k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None],
+                mask=nmask[None, :] & dmask[:, None], other=0.0)
+    s = tl.dot(q, k) * SCALE
+    s = _tile(s, offs_m, offs_n, full, b, h, B, H, SQ, SKV, ERR{tensor_args}, HAS_MOD)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :],
+                mask=nmask[:, None] & dmask[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE, ERR{tensor_params},
+              HAS_MOD: tl.constexpr):
+    """p and dS (gradient w.r.t. the raw q.k) of one tile"""
+    raw = tl.dot(q, tl.trans(k)) * SCALE
+    s = _tile(raw, offs_m, offs_n, full, b, h, B, H, SQ, SKV, ERR{tensor_args}, HAS_MOD)
+    lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)
+    p = tl.exp(s - lse_safe[:, None])
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    if HAS_MOD:
+        ds = ds * _dmod(raw, tl.minimum(offs_m, SQ - 1), tl.minimum(offs_n, SKV - 1), b, h, B, H, SQ, SKV,
+                        ERR{tensor_args})
+    ds = tl.where(p == 0.0, 0.0, ds) * SCALE
+    return p, ds
+
+
+@triton.jit
+def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, MAP_OF, Q_PTR, Q_IDX, Q_FULL{tensor_params},
+                    B, H, HKV, SQ, SKV, NKV, MAPS_B, MAPS_H, GROUPS, SCALE,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_MOD: tl.constexpr):
+    kb = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    nm = (offs_n[:, None] < SKV) & dmask[None, :]
+    kv_off = (bhk * SKV + offs_n[:, None]) * D + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=nm, other=0.0)
+    v = tl.load(V + kv_off, mask=nm, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(0, GROUPS):
+        h = hk * GROUPS + g
+        pair = tl.where(MAPS_B > 1, b, 0) * MAPS_H + tl.where(MAPS_H > 1, h, 0)
+        row = tl.load(MAP_OF + pair) * NKV + kb
+        for t in range(tl.load(Q_PTR + row), tl.load(Q_PTR + row + 1)):
+            qb = tl.load(Q_IDX + t)
+            full = tl.load(Q_FULL + t).to(tl.int32)
+            offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+            mm = (offs_m[:, None] < SQ) & dmask[None, :]
+            q_off = ((b * H + h) * SQ + offs_m[:, None]) * D + offs_d[None, :]
+            q = tl.load(Q + q_off, mask=mm, other=0.0)
+            do = tl.load(DO + q_off, mask=mm, other=0.0)
+            lse = tl.load(LSE + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=float("-inf"))
+            delta = tl.load(DELTA + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=0.0)
+            p, ds = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
+                              ERR{tensor_args}, HAS_MOD)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=nm)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=nm)
+
+
+@triton.jit
+def attncc_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, ERR, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_params},
+                  B, H, HKV, SQ, SKV, NQ, MAPS_B, MAPS_H, GROUPS, SCALE,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_MOD: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    mm = (offs_m[:, None] < SQ) & dmask[None, :]
+    q_off = (bh * SQ + offs_m[:, None]) * D + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=mm, other=0.0)
+    do = tl.load(DO + q_off, mask=mm, other=0.0)
+    lse = tl.load(LSE + bh * SQ + offs_m, mask=offs_m < SQ, other=float("-inf"))
+    delta = tl.load(DELTA + bh * SQ + offs_m, mask=offs_m < SQ, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    pair = tl.where(MAPS_B > 1, b, 0) * MAPS_H + tl.where(MAPS_H > 1, h, 0)
+    row = tl.load(MAP_OF + pair) * NQ + qb
+    for t in range(tl.load(KV_PTR + row), tl.load(KV_PTR + row + 1)):
+        kb = tl.load(KV_IDX + t)
+        full = tl.load(KV_FULL + t).to(tl.int32)
+        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = (offs_n[:, None] < SKV) & dmask[None, :]
+        kv_off = ((b * HKV + hk) * SKV + offs_n[:, None]) * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=nm, other=0.0)
+        v = tl.load(V + kv_off, mask=nm, other=0.0)
+        p, ds = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
+                          ERR{tensor_args}, HAS_MOD)
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=mm)
+'''

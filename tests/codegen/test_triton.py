@@ -1,0 +1,80 @@
+"""The triton target under TRITON_INTERPRET=1 (set by conftest when no GPU): numerics, source, cache.
+
+Small shapes and 16x16 tiles keep the interpreter fast while still crossing tile borders,
+ragged edges and several tiles per row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import attncc as ac
+from attncc import config
+from attncc.codegen import triton as triton_target
+from tests.numerics import oracle
+from tests.numerics.test_builtins import CASES, MODS, Case
+from tests.numerics.test_cpu import check_target
+
+GOLDEN = Path(__file__).parent / "golden"
+TILES = (16, 16)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_every_mask_matches_the_oracle(case: Case) -> None:
+    sq, skv = case.shapes[-1]
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, mask=case.mask())
+    keep = oracle.dense(case.oracle(sq, skv), 2, 4, sq, skv)
+    check_target(spec, keep, sq, skv, case.tensors(sq, skv), None, target="triton", tiles=TILES)
+
+
+@pytest.mark.parametrize("name,mod,fn,tensors", [m for m in MODS if m[0] != "relative_bias"], ids=lambda x: x)
+def test_every_score_mod_matches_the_oracle(name: str, mod, fn, tensors) -> None:  # type: ignore[no-untyped-def]
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=1, head_dim=16, mask=ac.causal("bottom_right"), score_mod=mod())
+    keep = oracle.dense(oracle.causal_bottom_right(21, 37), 2, 4, 21, 37)
+    check_target(spec, keep, 21, 37, tensors, fn(tensors), target="triton", tiles=TILES)
+
+
+def test_mha_odd_lengths_and_head_dim_not_a_power_of_two() -> None:
+    spec = ac.AttentionSpec(num_heads=2, head_dim=24, mask=ac.sliding_window(7) | ac.sinks(3))
+    keep = oracle.dense(oracle.sinks_or_window(3, 7), 2, 2, 45, 45)
+    check_target(spec, keep, 45, 45, {}, None, target="triton", tiles=TILES)
+
+
+def test_half_precision() -> None:
+    spec = ac.AttentionSpec(num_heads=2, num_kv_heads=1, head_dim=16, mask=ac.causal(), score_mod=ac.softcap(4.0))
+    keep = oracle.dense(oracle.causal(), 2, 2, 33, 33)
+    check_target(spec, keep, 33, 33, {}, oracle.softcap_fn(4.0), dtype=torch.float16, target="triton", tiles=TILES)
+
+
+GOLDEN_SPECS = {
+    "causal_softcap": ac.AttentionSpec(
+        name="causal_softcap", num_heads=4, num_kv_heads=2, head_dim=64, mask=ac.causal(), score_mod=ac.softcap(30.0)
+    ),
+    "moa_sinks": ac.AttentionSpec(
+        name="moa_sinks",
+        num_heads=2,
+        head_dim=64,
+        mask=ac.sliding_window(ac.per_head([128, 512], name="span")) | ac.sinks(4),
+    ),
+    "packed_docs": ac.AttentionSpec(
+        name="packed_docs", num_heads=2, head_dim=64, mask=ac.causal() & ac.document(ac.tensor("doc"))
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_SPECS))
+def test_generated_source_golden(name: str, golden) -> None:  # type: ignore[no-untyped-def]
+    kern = ac.compile(GOLDEN_SPECS[name], target="triton", tiles=(64, 64))
+    golden(GOLDEN / f"triton_{name}.py.txt", kern.source)
+
+
+def test_second_compile_hits_the_cache_without_regenerating(tmp_path: Path) -> None:
+    spec = GOLDEN_SPECS["causal_softcap"]
+    with config.override(cache_dir=tmp_path, always_compile=False):
+        first = triton_target.TritonKernel(ac.compile(spec, target="triton").graph)
+        second = triton_target.TritonKernel(ac.compile(spec, target="triton").graph)
+    assert first.generated_now and not second.generated_now and first.path == second.path
+    assert len(list(tmp_path.glob("triton/*.py"))) == 1
