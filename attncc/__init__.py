@@ -98,3 +98,5 @@ __all__ = [
     "where",
     "x",
 ]
+
+from attncc import dynamo as dynamo  # the torch.compile backend; imported last, it uses the names above

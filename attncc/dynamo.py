@@ -1,0 +1,288 @@
+"""The ``torch.compile(model, backend="attncc")`` backend and its per-site reports.
+
+    model = torch.compile(model, backend="attncc", options={"target": "auto", "backend": "inductor"})
+    model(x)
+    ac.dynamo.reports()   # [{"site", "status": "lifted" | "fallback", "mask", "reason", ...}, ...]
+
+Each attention site found by :mod:`attncc.frontends.fx` becomes a call of the ``attncc::attention``
+custom op (so Inductor or eager still runs the rest of the graph); unliftable sites keep their
+original op and the reason is logged and reported. Options: ``target`` (auto | cpu | triton |
+reference), ``backend`` (inductor | eager, for the rest of the graph), ``dump_dir`` (FX graph
+before and after).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import operator
+from pathlib import Path
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+import attncc as ac
+from attncc.dsl import Expr, Meta
+from attncc.errors import AttnccError, UnsupportedError
+from attncc.frontends.fx import _shape, _val, lift_mask
+from attncc.ir import exprs as X
+from attncc.passes.normalize import boolean
+
+log = logging.getLogger("attncc.dynamo")
+
+_SITES: dict[int, tuple[Any, list[str]]] = {}
+_REPORTS: list[dict[str, Any]] = []
+_IDS = itertools.count()
+SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+
+
+def reports() -> list[dict[str, Any]]:
+    """One dict per attention site seen: site, status, mask, reason (and details when lifted)."""
+    return list(_REPORTS)
+
+
+def clear_reports() -> None:
+    _REPORTS.clear()
+
+
+@torch.library.custom_op("attncc::attention", mutates_args=())
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: int, tensors: list[torch.Tensor]
+) -> torch.Tensor:
+    kern, names = _SITES[site]
+    return kern(q, k, v, **dict(zip(names, tensors, strict=True)))  # type: ignore[no-any-return]
+
+
+@_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: int, tensors: list[torch.Tensor]) -> torch.Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    q, k, v, site, tensors = inputs
+    ctx.save_for_backward(q, k, v, *tensors)
+    ctx.site = site
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    q, k, v, *tensors = ctx.saved_tensors
+    kern, names = _SITES[ctx.site]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = kern(*leaves, **dict(zip(names, tensors, strict=True)))
+        dq, dk, dv = torch.autograd.grad(out, leaves, grad)
+    return dq, dk, dv, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def _kv_source(node: Any) -> tuple[Any, int]:
+    """(node, repeat factor): see through HF's repeat_kv (expand + reshape) and repeat_interleave."""
+    if not isinstance(node, fx.Node):
+        return node, 1
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method" and name == "reshape":
+        inner = node.args[0]
+        if isinstance(inner, fx.Node) and inner.op == "call_method" and inner.target == "expand":
+            src = inner.args[0]
+            if isinstance(src, fx.Node) and src.target is operator.getitem:
+                base, index = src.args
+                if isinstance(index, tuple) and len(index) == 5 and index[2] is None:
+                    rep = _shape(inner)[2]
+                    return base, rep
+    if node.target in (torch.repeat_interleave,) or (node.op == "call_method" and name == "repeat_interleave"):
+        reps, dim = node.args[1], node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+        if isinstance(reps, int) and dim == 1:
+            return node.args[0], reps
+    return node, 1
+
+
+def _args(node: fx.Node) -> dict[str, Any]:
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
+    out = dict(zip(names, node.args, strict=False))
+    out.update(node.kwargs)
+    return out
+
+
+def _build(
+    node: fx.Node, q: Any, k: Any, v: Any, mask_node: Any, is_causal: bool, scale: Any, target: str
+) -> tuple[Any, list[fx.Node], str]:
+    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        raise UnsupportedError(f"q/k/v are not 4-d ({qs}, {ks}, {vs})")
+    if vs[-1] != qs[-1]:
+        raise UnsupportedError(f"value head_dim {vs[-1]} differs from query head_dim {qs[-1]}")
+    k0, rk = _kv_source(k)
+    v0, rv = _kv_source(v)
+    if rk != rv:
+        k0, v0 = k, v
+    kv_heads = _shape(k0)[1]
+    if qs[1] % kv_heads:
+        raise UnsupportedError(f"{qs[1]} query heads do not divide into {kv_heads} kv heads")
+    lifted = lift_mask(node.graph, mask_node, (qs[0], qs[1], qs[2], ks[2]))
+    mask = boolean(sympy.And(lifted.mask, sympy.Le(X.kv, X.q)) if is_causal else lifted.mask)
+    dtypes = tuple((n, _kind(t)) for n, t in lifted.tensors.items())
+    mask_expr = Expr(mask, Meta(dtypes=dtypes))
+    mod = None if lifted.bias is None else Expr(X.score + lifted.bias, Meta(dtypes=dtypes))
+    spec = ac.AttentionSpec(
+        name=f"site_{node.name}",
+        num_heads=qs[1],
+        num_kv_heads=kv_heads,
+        head_dim=qs[-1],
+        mask=None if mask is sympy.true else mask_expr,
+        score_mod=mod,
+        scale=None if scale is None else float(scale),
+    )
+    kern = ac.compile(spec, target=target)
+    return kern, [k0, v0, *lifted.tensors.values()], X.expr_str(mask)
+
+
+def _kind(node: fx.Node) -> str:
+    dtype = getattr(_val(node), "dtype", None)
+    return "bool" if dtype is torch.bool else ("float" if dtype is not None and dtype.is_floating_point else "int")
+
+
+def _replace(node: fx.Node, q: Any, kern: Any, extra: list[fx.Node]) -> None:
+    k0, v0, *tensors = extra
+    site = next(_IDS)
+    names = [t.name for t in kern.spec.runtime_tensors()]
+    by_name = dict(zip([f"t_{t.name}" for t in tensors], tensors, strict=True))
+    _SITES[site] = (kern, names)
+    with node.graph.inserting_before(node):
+        new = node.graph.call_function(
+            torch.ops.attncc.attention.default, (q, k0, v0, site, [by_name[n] for n in names])
+        )
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+
+
+def _sdpa_site(node: fx.Node, target: str) -> dict[str, Any]:
+    a = _args(node)
+    if float(a.get("dropout_p", 0.0) or 0.0) != 0.0:
+        raise UnsupportedError(f"dropout_p={a['dropout_p']} (attncc computes attention without dropout)")
+    kern, extra, mask = _build(
+        node,
+        a["query"],
+        a["key"],
+        a["value"],
+        a.get("attn_mask"),
+        bool(a.get("is_causal", False)),
+        a.get("scale"),
+        target,
+    )
+    _replace(node, a["query"], kern, extra)
+    return _info(kern, mask)
+
+
+def _softmax_site(node: fx.Node, target: str) -> dict[str, Any] | None:
+    """matmul(softmax(mask(scale(q @ k^T))), v) -> one attncc op; None when the chain does not match."""
+    soft = node.args[0]
+    if not (isinstance(soft, fx.Node) and _is_softmax(soft)):
+        return None
+    scores, mask_node, keep_where_false, scale = soft.args[0], None, False, 1.0
+    if isinstance(scores, fx.Node) and (scores.target == "masked_fill" or scores.target is torch.masked_fill):
+        fill = scores.args[2]
+        if not (isinstance(fill, float) and fill <= -1e30):
+            raise UnsupportedError(f"masked_fill with {fill} (only -inf masking is lifted)")
+        scores, mask_node, keep_where_false = scores.args[0], scores.args[1], True
+    elif isinstance(scores, fx.Node) and scores.target in (operator.add, torch.add):
+        scores, mask_node = scores.args[0], scores.args[1]
+    if (
+        isinstance(scores, fx.Node)
+        and scores.target in (operator.truediv, torch.div)
+        and isinstance(scores.args[1], float | int)
+    ):
+        scale, scores = 1.0 / float(scores.args[1]), scores.args[0]
+    elif (
+        isinstance(scores, fx.Node)
+        and scores.target in (operator.mul, torch.mul)
+        and isinstance(scores.args[1], float | int)
+    ):
+        scale, scores = float(scores.args[1]), scores.args[0]
+    if not (isinstance(scores, fx.Node) and scores.target in (torch.matmul, operator.matmul)):
+        return None
+    q, kt = scores.args
+    if not (isinstance(kt, fx.Node) and (kt.target == "transpose" or kt.target is torch.transpose)):
+        return None
+    if sorted(int(d) % 4 for d in kt.args[1:3]) != [2, 3]:
+        return None
+    k, v = kt.args[0], node.args[1]
+    keep_node = mask_node
+    if keep_where_false and mask_node is not None:
+        with node.graph.inserting_before(node):
+            keep_node = node.graph.call_function(torch.logical_not, (mask_node,))
+        keep_node.meta = dict(mask_node.meta)
+    kern, extra, mask = _build(node, q, k, v, keep_node, False, scale, target)
+    _replace(node, q, kern, extra)
+    return _info(kern, mask)
+
+
+def _info(kern: Any, mask: str) -> dict[str, Any]:
+    op = kern.graph.ops[-2]
+    return {
+        "mask": mask,
+        "form": getattr(op, "form", ""),
+        "layout": getattr(op, "layout", ""),
+        "num_heads": kern.spec.num_heads,
+        "num_kv_heads": kern.spec.num_kv_heads,
+        "kernel": repr(kern),
+    }
+
+
+def _is_softmax(node: fx.Node) -> bool:
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    is_fn = node.target in (torch.softmax, torch.nn.functional.softmax) or node.target == "softmax"
+    return bool(is_fn and dim in (-1, 3))
+
+
+def lift_graph(gm: fx.GraphModule, target: str = "auto") -> list[dict[str, Any]]:
+    """Rewrite every liftable attention site of ``gm`` in place; return one report per site."""
+    out = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" and node.op != "call_method":
+            continue
+        is_sdpa = node.target in SDPA
+        is_pv = node.target in (torch.matmul, operator.matmul) and isinstance(node.args[0], fx.Node)
+        if not (is_sdpa or is_pv):
+            continue
+        site = f"{gm.__class__.__name__}:{node.name}"
+        try:
+            info = _sdpa_site(node, target) if is_sdpa else _softmax_site(node, target)
+        except (AttnccError, UnsupportedError, TypeError, ValueError, KeyError) as exc:
+            report = {"site": site, "status": "fallback", "mask": None, "reason": str(exc)}
+            log.warning("attncc: %s kept as is: %s", site, exc)
+        else:
+            if info is None:
+                continue
+            report = {"site": site, "status": "lifted", "reason": "", **info}
+            log.info("attncc: %s lifted: mask %s", site, info["mask"])
+        out.append(report)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return out
+
+
+def backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Any:
+    """The torch.compile backend registered as "attncc" (see the module docstring)."""
+    options = dict(kwargs.get("options") or {})
+    unknown = set(options) - {"target", "backend", "dump_dir"}
+    if unknown:
+        raise ValueError(f"unknown attncc backend options {sorted(unknown)}; known: target, backend, dump_dir")
+    dump = Path(options["dump_dir"]) if options.get("dump_dir") else None
+    if dump:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"fx_before_{len(_REPORTS)}.txt").write_text(gm.print_readable(print_output=False))
+    found = lift_graph(gm, options.get("target", "auto"))
+    _REPORTS.extend(found)
+    if dump:
+        (dump / f"fx_after_{len(_REPORTS)}.txt").write_text(gm.print_readable(print_output=False))
+    rest = options.get("backend", "inductor")
+    if rest == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
