@@ -35,6 +35,8 @@ log = logging.getLogger("attncc.dynamo")
 _SITES: dict[int, tuple[Any, list[str]]] = {}
 _REPORTS: list[dict[str, Any]] = []
 _IDS = itertools.count()
+_NEW_KERNEL: dict[str, bool] = {}  # per site name: did the last lift generate a new kernel?
+_COMPILES: dict[str, int] = {}  # per site name: how many graphs (re)compiled it
 SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 
 
@@ -45,6 +47,7 @@ def reports() -> list[dict[str, Any]]:
 
 def clear_reports() -> None:
     _REPORTS.clear()
+    _COMPILES.clear()
 
 
 @torch.library.custom_op("attncc::attention", mutates_args=())
@@ -136,7 +139,11 @@ def _build(
         score_mod=mod,
         scale=None if scale is None else float(scale),
     )
+    from attncc.api import _CACHE
+
+    before = len(_CACHE)
     kern = ac.compile(spec, target=target)
+    _NEW_KERNEL[node.name] = len(_CACHE) > before
     return kern, [k0, v0, *lifted.tensors.values()], X.expr_str(mask)
 
 
@@ -245,6 +252,7 @@ def lift_graph(gm: fx.GraphModule, target: str = "auto") -> list[dict[str, Any]]
     for node in list(gm.graph.nodes):
         if node.op != "call_function" and node.op != "call_method":
             continue
+        name = node.name
         is_sdpa = node.target in SDPA
         is_pv = node.target in (torch.matmul, operator.matmul) and isinstance(node.args[0], fx.Node)
         if not (is_sdpa or is_pv):
@@ -258,7 +266,15 @@ def lift_graph(gm: fx.GraphModule, target: str = "auto") -> list[dict[str, Any]]
         else:
             if info is None:
                 continue
-            report = {"site": site, "status": "lifted", "reason": "", **info}
+            _COMPILES[name] = _COMPILES.get(name, 0) + 1
+            report = {
+                "site": site,
+                "status": "lifted",
+                "reason": "",
+                "compiles": _COMPILES[name],
+                "new_kernel": _NEW_KERNEL.get(name, True),
+                **info,
+            }
             log.info("attncc: %s lifted: mask %s", site, info["mask"])
         out.append(report)
     gm.graph.eliminate_dead_code()

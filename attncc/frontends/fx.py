@@ -43,13 +43,11 @@ def _val(node: Any) -> Any:
 
 
 def _shape(node: Any) -> tuple[int, ...]:
+    """The node's shape; a symbolic size (dynamic sequence length) is -1."""
     v = _val(node)
     if not isinstance(v, torch.Tensor):
         raise UnsupportedError(f"{node} has no tensor metadata")
-    try:
-        return tuple(int(s) for s in v.shape)
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedError(f"{node} has a symbolic shape {tuple(v.shape)}") from exc
+    return tuple(int(s) if isinstance(s, int) else -1 for s in v.shape)
 
 
 class Evaluator:
@@ -128,8 +126,10 @@ class Evaluator:
         target, args, kwargs = node.target, node.args, node.kwargs
         name = getattr(target, "__name__", str(target))
         if target in (torch.arange, aten.arange.default, aten.arange.start, aten.arange.start_step):
+            if len(args) == 1 and not isinstance(args[0], int):  # arange(symbolic length)
+                return arange(_shape(node)[0])
             ints = [int(a) for a in args if isinstance(a, int)]
-            if not 1 <= len(ints) <= 3:
+            if not 1 <= len(ints) <= 3 or len(ints) != len(args):
                 raise UnsupportedError(f"arange with arguments {args!r}")
             start, end, step = (
                 (0, ints[0], 1) if len(ints) == 1 else (ints[0], ints[1], ints[2] if len(ints) == 3 else 1)
@@ -274,7 +274,7 @@ def to_mask(value: SymTensor, shape4: tuple[int, int, int, int]) -> tuple[sympy.
     """Map a [B?, H?, Sq, Skv] symbolic mask onto b, h, q, kv; return (mask, additive bias)."""
     t = value.aligned(4)
     for have, want in zip(t.shape, shape4, strict=True):
-        if have not in (1, want):
+        if have not in (1, want) and -1 not in (have, want):
             raise UnsupportedError(f"attn_mask shape {value.shape} does not broadcast to {shape4}")
     expr = t.expr.xreplace({DIMS[0]: X.b, DIMS[1]: X.h, DIMS[2]: X.q, DIMS[3]: X.kv})
     if X.is_boolean(expr):

@@ -60,7 +60,8 @@ class SymTensor:
 
 
 def arange(n: int, start: int = 0, step: int = 1) -> SymTensor:
-    return SymTensor(start + step * DIMS[0] if n > 1 else sympy.Integer(start), (n,))
+    """``arange`` of n elements (n = -1: a symbolic length, known to be used as an index dim)."""
+    return SymTensor(start + step * DIMS[0] if n != 1 else sympy.Integer(start), (n,))
 
 
 def constant(value: sympy.Basic) -> SymTensor:
@@ -74,6 +75,8 @@ def broadcast(*items: SymTensor) -> tuple[list[sympy.Basic], Shape]:
     shape = []
     for sizes in zip(*(t.shape for t in aligned), strict=True):
         big = {s for s in sizes if s != 1}
+        if len(big) > 1 and -1 in big:
+            big.discard(-1)  # a symbolic size broadcast against its concrete twin
         if len(big) > 1:
             raise UnsupportedError(f"shapes {[t.shape for t in items]} do not broadcast")
         shape.append(big.pop() if big else 1)
