@@ -261,7 +261,7 @@ def lift_graph(gm: fx.GraphModule, target: str = "auto") -> list[dict[str, Any]]
         try:
             info = _sdpa_site(node, target) if is_sdpa else _softmax_site(node, target)
         except (AttnccError, UnsupportedError, TypeError, ValueError, KeyError) as exc:
-            report = {"site": site, "status": "fallback", "mask": None, "reason": str(exc)}
+            report: dict[str, Any] = {"site": site, "status": "fallback", "mask": None, "reason": str(exc)}
             log.warning("attncc: %s kept as is: %s", site, exc)
         else:
             if info is None:
