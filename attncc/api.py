@@ -22,7 +22,7 @@ import torch
 
 from attncc import config, dump, tiling
 from attncc.blockmap import BlockMap
-from attncc.codegen import cpu, reference, toolchain
+from attncc.codegen import cpu, fallback, reference, toolchain
 from attncc.costmodel import choose_tiles
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.core import Graph
@@ -118,7 +118,7 @@ class Kernel:
         if self.target == "triton" or (self.auto and q.device.type == "cuda"):
             return self._call_triton(q, k, v, shape, bound, return_lse)
         if self.target == "cpu":
-            reason = cpu.unsupported_reason(q, bound)
+            reason = fallback.reason("cpu", q, bound)
             if reason is None:
                 lists, keep = self._plan_for(shape, bound)
                 o, lse = cpu.CpuAttention.apply(q, k, v, self.cpu_kernel(), lists, keep, bound)
@@ -139,7 +139,7 @@ class Kernel:
     ) -> Any:
         from attncc.codegen import triton as triton_target
 
-        reason = triton_target.unsupported_reason(q, bound)
+        reason = fallback.reason("triton", q, bound)
         if reason is not None:
             log.info("triton target: running the reference target for this call: %s", reason)
             return self._impl(q, k, v, bound, return_lse)
@@ -263,10 +263,9 @@ class LinearKernel:
             raise SpecError(f"linear attention needs equal q and kv lengths, got {q.shape[2]} and {k.shape[2]}")
         use_triton = self.target == "triton" or (self.target == "auto" and q.device.type == "cuda")
         if use_triton:
-            from attncc.codegen import triton as triton_target
             from attncc.codegen.triton_linear import LinearAttention
 
-            reason = triton_target.unsupported_reason(q, {})
+            reason = fallback.reason("triton", q, {})
             if reason is None:
                 return LinearAttention.apply(q, k, v, self.triton_kernel())  # type: ignore[no-any-return]
             log.info("linear attention: running the reference for this call: %s", reason)

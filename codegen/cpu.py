@@ -351,14 +351,3 @@ class CpuAttention(torch.autograd.Function):
             qf, kf, vf, dof, lse.contiguous(), delta.contiguous(), ctx.lists, ctx.keep, ctx.tensors
         )
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None
-
-
-def unsupported_reason(q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> str | None:
-    """Why this call cannot run on the cpu target (None when it can)."""
-    if q.device.type != "cpu":
-        return f"tensors are on {q.device}"
-    if q.dtype == torch.float64:
-        return "float64 inputs (the cpu target computes in float32)"
-    if torch.is_grad_enabled() and any(t.requires_grad and t.is_floating_point() for t in tensors.values()):
-        return "a float runtime tensor requires grad (its gradient is computed by the reference target)"
-    return None

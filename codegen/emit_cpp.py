@@ -17,6 +17,7 @@ from collections.abc import Callable
 import sympy
 
 from attncc.errors import UnsupportedError
+from attncc.ir.dispatch import handler_for
 from attncc.ir.exprs import expr_str
 
 Code = tuple[str, bool]  # (C++ text, is an integer expression)
@@ -168,12 +169,7 @@ def _emit(expr: sympy.Basic) -> Code:
         return str(expr), str(expr) in INT_SYMBOLS
     if expr.is_number and not isinstance(expr, sympy.logic.boolalg.BooleanAtom):
         return _num(expr)
-    emitter = _TABLE.get(type(expr))
-    if emitter is None:
-        for cls, fn in _TABLE.items():
-            if isinstance(expr, cls):
-                emitter = fn
-                break
+    emitter = handler_for(_TABLE, expr)
     if emitter is None:
         raise UnsupportedError(f"no C++ emitter for {type(expr).__name__} in `{expr_str(expr)}`")
     return emitter(expr)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import sympy
 
 from attncc.errors import UnsupportedError
+from attncc.ir.dispatch import handler_for
 from attncc.ir.exprs import expr_str
 
 Emitter = Callable[[sympy.Basic], str]
@@ -137,12 +138,7 @@ def emit(expr: sympy.Basic) -> str:
     """Python source that evaluates ``expr`` (names: b, h, q, kv, score, B, H, Sq, Skv, T)."""
     if expr.is_number and not isinstance(expr, sympy.logic.boolalg.Boolean):
         return _number(expr)
-    emitter = _TABLE.get(type(expr))
-    if emitter is None:
-        for cls, fn in _TABLE.items():
-            if isinstance(expr, cls):
-                emitter = fn
-                break
+    emitter = handler_for(_TABLE, expr)
     if emitter is None:
         raise UnsupportedError(f"no PyTorch emitter for {type(expr).__name__} in `{expr_str(expr)}`")
     return emitter(expr)

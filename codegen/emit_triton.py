@@ -19,6 +19,7 @@ from collections.abc import Callable
 import sympy
 
 from attncc.errors import UnsupportedError
+from attncc.ir.dispatch import handler_for
 from attncc.ir.exprs import expr_str
 
 NAMES = {
@@ -161,12 +162,7 @@ def emit(expr: sympy.Basic) -> str:
         return NAMES[str(expr)]
     if expr.is_number and not isinstance(expr, sympy.logic.boolalg.BooleanAtom):
         return _num(expr)
-    emitter = _TABLE.get(type(expr))
-    if emitter is None:
-        for cls, fn in _TABLE.items():
-            if isinstance(expr, cls):
-                emitter = fn
-                break
+    emitter = handler_for(_TABLE, expr)
     if emitter is None:
         raise UnsupportedError(f"no Triton emitter for {type(expr).__name__} in `{expr_str(expr)}`")
     return emitter(expr)

@@ -305,14 +305,3 @@ class TritonAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = ctx.kern.backward(q, k, v, o, do.contiguous(), lse, dlse, ctx.lists, ctx.tensors)
         return dq, dk, dv, None, None, None
-
-
-def unsupported_reason(q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> str | None:
-    """Why this call cannot run on the triton target (None when it can)."""
-    if q.device.type != "cuda" and not interpreting():
-        return f"tensors are on {q.device} and TRITON_INTERPRET is not set"
-    if q.dtype == torch.float64:
-        return "float64 inputs (the triton target computes in fp16/bf16/fp32)"
-    if torch.is_grad_enabled() and any(t.requires_grad and t.is_floating_point() for t in tensors.values()):
-        return "a float runtime tensor requires grad (its gradient is computed by the reference target)"
-    return None

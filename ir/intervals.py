@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import sympy
 
+from attncc.ir.dispatch import handler_for
+
 INF = math.inf
 
 
@@ -122,12 +124,7 @@ def bounds(expr: sympy.Basic, env: Env, tables: TableRanges | None = None) -> In
         return TOP
     if isinstance(expr, sympy.Indexed):
         return tables.get(str(expr.base), TOP)
-    handler = _HANDLERS.get(type(expr))
-    if handler is None:
-        for cls, fn in _HANDLERS.items():
-            if isinstance(expr, cls):
-                handler = fn
-                break
+    handler = handler_for(_HANDLERS, expr)
     if handler is None:
         return TOP
     result = handler(expr, env, tables)
