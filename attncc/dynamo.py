@@ -182,7 +182,7 @@ def _sdpa_site(node: fx.Node, target: str) -> dict[str, Any]:
         target,
     )
     _replace(node, a["query"], kern, extra)
-    return _info(kern, mask)
+    return _info(kern, mask, _shape(a["query"])[2], _shape(a["key"])[2])
 
 
 def _softmax_site(node: fx.Node, target: str) -> dict[str, Any] | None:
@@ -225,15 +225,21 @@ def _softmax_site(node: fx.Node, target: str) -> dict[str, Any] | None:
         keep_node.meta = dict(mask_node.meta)
     kern, extra, mask = _build(node, q, k, v, keep_node, False, scale, target)
     _replace(node, q, kern, extra)
-    return _info(kern, mask)
+    return _info(kern, mask, _shape(q)[2], _shape(k)[2])
 
 
-def _info(kern: Any, mask: str) -> dict[str, Any]:
+def _info(kern: Any, mask: str, q_len: int, kv_len: int) -> dict[str, Any]:
+    """Report details; ``computed_tiles`` is the fraction of tiles the kernel computes at the traced
+    lengths (None when the map needs runtime tensors or the lengths are symbolic)."""
     op = kern.graph.ops[-2]
+    computed = None
+    if q_len > 0 and kv_len > 0 and not kern.spec.runtime_tensors():
+        computed = round(kern.block_map(q_len, kv_len).computed_fraction, 4)
     return {
         "mask": mask,
         "form": getattr(op, "form", ""),
         "layout": getattr(op, "layout", ""),
+        "computed_tiles": computed,
         "num_heads": kern.spec.num_heads,
         "num_kv_heads": kern.spec.num_kv_heads,
         "kernel": repr(kern),

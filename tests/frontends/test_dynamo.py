@@ -78,17 +78,18 @@ def test_mistral_sliding_window() -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
         sliding_window=8,
-        max_position_embeddings=128,
+        max_position_embeddings=256,
         attn_implementation="sdpa",
     )
     model = transformers.MistralForCausalLM(cfg).eval()
-    ids = torch.randint(0, 96, (1, 33))
+    ids = torch.randint(0, 96, (1, 160))
     with torch.no_grad():
         want = model(ids).logits
         got = _compile(model)(ids).logits
     sites = _sites()
     assert sites and all(s["status"] == "lifted" for s in sites), sites
     assert all(s["form"] == "sliding_window(7, 0)" for s in sites), [s["mask"] for s in sites]
+    assert all(0 < s["computed_tiles"] < 1 for s in sites), "a 9-key window over 160 tokens skips tiles"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
