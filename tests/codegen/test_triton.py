@@ -24,10 +24,10 @@ TILES = (16, 16)
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_every_mask_matches_the_oracle(case: Case) -> None:
-    sq, skv = case.shapes[-1]
-    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, mask=case.mask())
-    keep = oracle.dense(case.oracle(sq, skv), 2, 4, sq, skv)
-    check_target(spec, keep, sq, skv, case.tensors(sq, skv), None, target="triton", tiles=TILES)
+    for sq, skv in sorted({case.shapes[0], case.shapes[-1]}):  # Sq = Skv, and Sq != Skv where allowed
+        spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, mask=case.mask())
+        keep = oracle.dense(case.oracle(sq, skv), 2, 4, sq, skv)
+        check_target(spec, keep, sq, skv, case.tensors(sq, skv), None, target="triton", tiles=TILES)
 
 
 @pytest.mark.parametrize("name,mod,fn,tensors", [m for m in MODS if m[0] != "relative_bias"], ids=lambda x: x)
