@@ -147,7 +147,10 @@ class Kernel:
         bm = tiling.build(
             self.recipe, shape.q_len, shape.kv_len, self.block_size, self.spec.num_heads, shape.batch, values
         )
-        o, lse = triton_target.TritonAttention.apply(q, k, v, self.triton_kernel(), cpu.Lists.of(bm), bound)
+        names = list(bound)
+        o, lse = triton_target.TritonAttention.apply(
+            q, k, v, self.triton_kernel(), cpu.Lists.of(bm), names, *(bound[n] for n in names)
+        )
         return (o, lse) if return_lse else o
 
     def block_map(

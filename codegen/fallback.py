@@ -15,6 +15,10 @@ def reason(target: str, q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> st
         return f"tensors are on {q.device} and TRITON_INTERPRET is not set"
     if q.dtype == torch.float64:
         return f"float64 inputs (the {target} target computes in float32 or lower)"
-    if torch.is_grad_enabled() and any(t.requires_grad and t.is_floating_point() for t in tensors.values()):
+    if (
+        target == "cpu"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad and t.is_floating_point() for t in tensors.values())
+    ):
         return "a float runtime tensor requires grad (its gradient is computed by the reference target)"
     return None

@@ -43,6 +43,9 @@ def _loader(t: TensorOp) -> str:
         f"@triton.jit\ndef _ld_{t.tensor}(T, TD, ERR, {', '.join(idx)}):",
         f"    # runtime tensor {t.tensor!r} ({t.dtype}, {t.ndim}-d): bounds-checked read",
     ]
+    if t.ndim > 1:  # broadcast scalar and tile indices to one shape before comparing them
+        lines.append(f"    zero = 0 * ({' + '.join(idx)})")
+        lines += [f"    {i} = {i} + zero" for i in idx]
     ok, flat = [], ""
     for d, i in enumerate(idx):
         lines.append(f"    n{d} = tl.load(TD + {d})")
@@ -70,6 +73,51 @@ def _band_code(op: TiledOp) -> str:
     return "\n".join(lines)
 
 
+def _table_grad_code(op: TiledOp, tensors: list[TensorOp]) -> str:
+    """Triton statements adding d_mod * d(score_mod)/d(entry) at every float-table entry the mod reads."""
+    lines: list[str] = []
+    for t in tensors:
+        if t.dtype != "float" or t.values:
+            continue
+        occurrences = sorted(
+            (a for a in op.score_mod.atoms(sympy.Indexed) if str(a.base) == t.tensor), key=sympy.default_sort_key
+        )
+        for occ in occurrences:
+            entry = sympy.Symbol("entry", real=True)
+            deriv = sympy.diff(op.score_mod.xreplace({occ: entry}), entry).xreplace({entry: occ})
+            tile = " + 0 * offs_m[:, None] + 0 * offs_n[None, :]"
+            lines.append(f"    # d score_mod / d {expr_str(occ)} = {expr_str(deriv)}")
+            flat, ok = "", "live"
+            for d, index in enumerate(occ.indices):
+                lines.append(f"    i{d} = {emit(index)}{tile}")
+                lines.append(f"    n{d} = tl.load(TD_{t.tensor} + {d})")
+                ok += f" & (i{d} >= 0) & (i{d} < n{d})"
+                flat = f"i{d}" if d == 0 else f"({flat}) * n{d} + i{d}"
+            lines.append(f"    ok = {ok}")
+            lines.append(
+                f"    tl.atomic_add(TG_{t.tensor} + tl.where(ok, {flat}, 0), "
+                f"tl.where(ok, d_mod * ({emit(deriv)}), 0.0))  # masked lanes add 0.0 to entry 0"
+            )
+    return "\n".join(lines) or "    pass"
+
+
+def grad_tables(graph: Graph) -> list[TensorOp]:
+    """Float runtime tensors read by the score mod: the ones whose gradients the kernels can return."""
+    op = fused_op(graph)
+    read = {str(a.base) for a in op.score_mod.atoms(sympy.Indexed)}
+    return [
+        t
+        for t in graph.ops_of(TensorOp)
+        if isinstance(t, TensorOp) and t.dtype == "float" and not t.values and t.tensor in read
+    ]
+
+
+_AUTOTUNE = (
+    "@triton.autotune(configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],\n"
+    '                 key=["SQ", "SKV", "D"])\n'
+)
+
+
 def render(graph: Graph) -> str:
     op = fused_op(graph)
     if not isinstance(op, TiledOp):
@@ -77,7 +125,12 @@ def render(graph: Graph) -> str:
     tensors = [t for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp)]
     params = "".join(f", T_{t.tensor}, TD_{t.tensor}" for t in tensors)
     dmod = sympy.diff(op.score_mod, score)
+    grads = "".join(f", TG_{t.tensor}" for t in grad_tables(graph))
     return TEMPLATE.format(
+        grad_params=grads,
+        grad_args=grads,
+        table_grad_code=_table_grad_code(op, tensors),
+        autotune="" if interpreting() else _AUTOTUNE,
         name=graph.name,
         bq=op.bq,
         bkv=op.bkv,
@@ -132,6 +185,7 @@ class TritonKernel:
         self.source = render(graph)
         self.module, self.path, self.generated_now = load(self.source, graph.name)
         self.tensors = [t for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp)]
+        self.grad_tables = grad_tables(graph)
         self.bq, self.bkv = max(16, op.bq), max(16, op.bkv)
         if (self.bq, self.bkv) != (op.bq, op.bkv):
             raise UnsupportedError(f"the triton target needs tiles of at least 16x16, got {op.bq}x{op.bkv}")
@@ -153,7 +207,11 @@ class TritonKernel:
             BLOCK_N=self.bkv,
             HAS_MOD=self.op.score_mod != score,
         )
-        if not interpreting():
+        return meta  # the forward kernel is autotuned over num_warps / num_stages on a GPU
+
+    def _bwd_meta(self, D: int) -> dict[str, Any]:
+        meta = self._meta(D)
+        if not interpreting():  # the backward kernels accumulate (atomics), so they are not autotuned
             meta["num_warps"] = 8 if self.bq * self.bkv > 64 * 64 else 4
         return meta
 
@@ -225,7 +283,7 @@ class TritonKernel:
         dlse: torch.Tensor | None,
         lists: Lists,
         tensors: dict[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         delta = (do.float() * o.float()).sum(-1)
@@ -238,6 +296,11 @@ class TritonKernel:
         args = self._tensor_args(tensors, q.device)
         shape = (B, H, Hkv, Sq, Skv)
         maps = (lists.map_of.shape[0], lists.map_of.shape[1], self.op.groups, self.op.scale)
+        want = {n: t for n, t in tensors.items() if t.requires_grad and n in {g.tensor for g in self.grad_tables}}
+        table_grads = {
+            g.tensor: torch.zeros(tuple(tensors[g.tensor].shape), dtype=torch.float32, device=q.device)
+            for g in self.grad_tables
+        }
         self.module.attncc_bwd_dkdv[(nkv, B * Hkv)](
             q,
             k,
@@ -253,10 +316,12 @@ class TritonKernel:
             L["q_idx"],
             L["q_full"],
             *args,
+            *table_grads.values(),
             *shape,
             nkv,
             *maps,
-            **self._meta(D),
+            TABLE_GRADS=bool(want),
+            **self._bwd_meta(D),
         )
         self.module.attncc_bwd_dq[(nq, B * H)](
             q,
@@ -275,14 +340,15 @@ class TritonKernel:
             *shape,
             nq,
             *maps,
-            **self._meta(D),
+            **self._bwd_meta(D),
         )
         self._error(err)
-        return dq, dk, dv
+        return (dq, dk, dv), {n: g.to(want[n].dtype) for n, g in table_grads.items() if n in want}
 
 
 class TritonAttention(torch.autograd.Function):
-    """Autograd wrapper: forward and backward both run the generated Triton kernels."""
+    """Autograd wrapper: forward and backward both run the generated Triton kernels; runtime
+    tensors are inputs too, so a learnable float table read by the score mod gets its gradient."""
 
     @staticmethod
     def forward(
@@ -292,16 +358,18 @@ class TritonAttention(torch.autograd.Function):
         v: torch.Tensor,
         kern: TritonKernel,
         lists: Lists,
-        tensors: dict[str, torch.Tensor],
+        names: list[str],
+        *values: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = dict(zip(names, values, strict=True))
         qc, kc, vc = (t.detach().contiguous() for t in (q, k, v))
         o, lse = kern.forward(qc, kc, vc, lists, tensors)
         ctx.save_for_backward(qc, kc, vc, o, lse)
-        ctx.kern, ctx.lists, ctx.tensors = kern, lists, tensors
+        ctx.kern, ctx.lists, ctx.names, ctx.tensors = kern, lists, names, tensors
         return o, lse
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.kern.backward(q, k, v, o, do.contiguous(), lse, dlse, ctx.lists, ctx.tensors)
-        return dq, dk, dv, None, None, None
+        (dq, dk, dv), grads = ctx.kern.backward(q, k, v, o, do.contiguous(), lse, dlse, ctx.lists, ctx.tensors)
+        return (dq, dk, dv, None, None, None, *(grads.get(n) for n in ctx.names))

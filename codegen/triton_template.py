@@ -77,7 +77,7 @@ def _kv_range(qb, band: tl.constexpr, h, SQ, SKV, NKV{table_params}):
     return lo, hi, flo, fhi
 
 
-@triton.jit
+{autotune}@triton.jit
 def attncc_fwd(Q, K, V, O, LSE, ERR, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_params},
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                B, H, SQ, SKV, NQ, NKV, MAPS_B, MAPS_H, GROUPS, SCALE,
@@ -158,19 +158,29 @@ def _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV
     lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)
     p = tl.exp(s - lse_safe[:, None])
     dp = tl.dot(do, tl.trans(v))
-    ds = p * (dp - delta[:, None])
+    ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))  # dL / d(score after the mod)
+    d_mod = ds
     if HAS_MOD:
         ds = ds * _dmod(raw, tl.minimum(offs_m, SQ - 1), tl.minimum(offs_n, SKV - 1), b, h, B, H, SQ, SKV,
                         ERR{tensor_args})
     ds = tl.where(p == 0.0, 0.0, ds) * SCALE
-    return p, ds
+    return p, ds, d_mod, raw
 
 
 @triton.jit
-def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, MAP_OF, Q_PTR, Q_IDX, Q_FULL{tensor_params},
+def _table_grads(d_mod, s, offs_m, offs_n, b, h, B, H, SQ, SKV, ERR{tensor_params}{grad_params}):
+    """scatter dL/d(score_mod) * d(score_mod)/d(table entry) into the gradients of float tables"""
+    live = (d_mod != 0.0) & (offs_m[:, None] < SQ) & (offs_n[None, :] < SKV)
+    offs_m = tl.minimum(offs_m, SQ - 1)
+    offs_n = tl.minimum(offs_n, SKV - 1)
+{table_grad_code}
+
+
+@triton.jit
+def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, MAP_OF, Q_PTR, Q_IDX, Q_FULL{tensor_params}{grad_params},
                     B, H, HKV, SQ, SKV, NKV, MAPS_B, MAPS_H, GROUPS, SCALE,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_MOD: tl.constexpr):
+                    HAS_MOD: tl.constexpr, TABLE_GRADS: tl.constexpr):
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -198,8 +208,10 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, MAP_OF, Q_PTR, Q_IDX, 
             do = tl.load(DO + q_off, mask=mm, other=0.0)
             lse = tl.load(LSE + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=float("-inf"))
             delta = tl.load(DELTA + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=0.0)
-            p, ds = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
-                              ERR{tensor_args}, HAS_MOD)
+            p, ds, d_mod, raw = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
+                                     ERR{tensor_args}, HAS_MOD)
+            if TABLE_GRADS:
+                _table_grads(d_mod, raw, offs_m, offs_n, b, h, B, H, SQ, SKV, ERR{tensor_args}{grad_args})
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=nm)
@@ -236,8 +248,8 @@ def attncc_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, ERR, MAP_OF, KV_PTR, KV_IDX, KV_F
         kv_off = ((b * HKV + hk) * SKV + offs_n[:, None]) * D + offs_d[None, :]
         k = tl.load(K + kv_off, mask=nm, other=0.0)
         v = tl.load(V + kv_off, mask=nm, other=0.0)
-        p, ds = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
-                          ERR{tensor_args}, HAS_MOD)
+        p, ds, _, _ = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
+                             ERR{tensor_args}, HAS_MOD)
         dq += tl.dot(ds.to(k.dtype), k)
     tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=mm)
 '''
