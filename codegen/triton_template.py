@@ -31,6 +31,7 @@ def _fmod(a, b):
 
 @triton.jit
 def _tanh(x):
+    x = tl.minimum(tl.maximum(x, -15.0), 15.0)  # tanh is +-1 in fp32 beyond |x| = 9; no exp overflow
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 {loaders}
