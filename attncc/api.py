@@ -96,10 +96,7 @@ class Kernel:
         key = (shape.batch, shape.q_len, shape.kv_len)
         runtime = bool(self.spec.runtime_tensors()) or bool(self.spec.captured)
         if runtime or key not in self._plans:
-            values = {n: t.detach().cpu().numpy() for n, t in bound.items()}
-            bm = tiling.build(
-                self.recipe, shape.q_len, shape.kv_len, self.block_size, self.spec.num_heads, shape.batch, values
-            )
+            bm = self._map(shape, bound)
             lists = cpu.Lists.of(bm)
             sizes = (shape.batch, self.spec.num_heads, shape.q_len, shape.kv_len)
             plan = (lists, self.cpu_kernel().masks(lists, sizes, bound))
@@ -143,10 +140,7 @@ class Kernel:
         if reason is not None:
             log.info("triton target: running the reference target for this call: %s", reason)
             return self._impl(q, k, v, bound, return_lse)
-        values = {n: t.detach().cpu().numpy() for n, t in bound.items()}
-        bm = tiling.build(
-            self.recipe, shape.q_len, shape.kv_len, self.block_size, self.spec.num_heads, shape.batch, values
-        )
+        bm = self._map(shape, bound)
         names = list(bound)
         o, lse = triton_target.TritonAttention.apply(
             q, k, v, self.triton_kernel(), cpu.Lists.of(bm), names, *(bound[n] for n in names)
@@ -160,14 +154,20 @@ class Kernel:
         shape = CallShape(batch, q_len, kv_len)
         check_requires(self.spec, shape)
         bound = check_tensors(self.spec, shape, tensors, torch.device("cpu")) if self.spec.tensors else {}
-        values = {n: t.detach().cpu().numpy() for n, t in bound.items()}
-        return tiling.build(self.recipe, q_len, kv_len, block or self.block_size, self.spec.num_heads, batch, values)
+        return self._map(shape, bound, block)
 
     @functools.cached_property
     def recipe(self) -> tiling.Recipe:
         """The symbolic part of the block map (bands, dependencies), worked out once."""
         constants = {t.name: np.asarray(t.values) for t in self.spec.tensors if t.values}
         return tiling.recipe(reference.fused_op(self.graph).mask, constants)
+
+    def _map(self, shape: CallShape, bound: dict[str, torch.Tensor], block: tuple[int, int] | None = None) -> BlockMap:
+        """The block map of a validated call (runtime tensors already bound)."""
+        values = {n: t.detach().cpu().numpy() for n, t in bound.items()}
+        return tiling.build(
+            self.recipe, shape.q_len, shape.kv_len, block or self.block_size, self.spec.num_heads, shape.batch, values
+        )
 
     def dump(self, path: str | Path) -> Path:
         """Write the IR after every pass, the source and metadata under ``path``."""
