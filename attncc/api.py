@@ -55,7 +55,8 @@ class Kernel:
         self._impl = reference.build(graph)
         self._cpu: cpu.CpuKernel | None = None
         self._triton: Any = None
-        self._plans: dict[tuple[int, int, int], tuple[cpu.Lists, torch.Tensor]] = {}
+        self._lists: dict[tuple[int, int, int], cpu.Lists] = {}
+        self._keeps: dict[tuple[int, int, int], torch.Tensor] = {}
         tiled = graph.ops_of(TiledOp)
         self.block_size = (tiled[0].bq, tiled[0].bkv) if tiled else (64, 64)  # type: ignore[attr-defined]
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
@@ -91,19 +92,30 @@ class Kernel:
             self._cpu = cpu.CpuKernel(self.graph)
         return self._cpu
 
-    def _plan_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> tuple[cpu.Lists, torch.Tensor]:
-        """Tile lists and partial-tile masks; cached per shape when the mask has no runtime tensors."""
+    def _static(self) -> bool:
+        """True when the block map depends on the lengths only (no runtime or captured tensors)."""
+        return not self.spec.runtime_tensors() and not self.spec.captured
+
+    def _lists_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> cpu.Lists:
+        """Tile lists of a call; cached per shape when the mask is static."""
         key = (shape.batch, shape.q_len, shape.kv_len)
-        runtime = bool(self.spec.runtime_tensors()) or bool(self.spec.captured)
-        if runtime or key not in self._plans:
-            bm = self._map(shape, bound)
-            lists = cpu.Lists.of(bm)
-            sizes = (shape.batch, self.spec.num_heads, shape.q_len, shape.kv_len)
-            plan = (lists, self.cpu_kernel().masks(lists, sizes, bound))
-            if runtime:
-                return plan
-            self._plans[key] = plan
-        return self._plans[key]
+        if not self._static():
+            return cpu.Lists.of(self._map(shape, bound))
+        if key not in self._lists:
+            self._lists[key] = cpu.Lists.of(self._map(shape, bound))
+        return self._lists[key]
+
+    def _plan_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> tuple[cpu.Lists, torch.Tensor]:
+        """Tile lists and the cpu target's partial-tile masks; cached per shape when the mask is static."""
+        key = (shape.batch, shape.q_len, shape.kv_len)
+        lists = self._lists_for(shape, bound)
+        if self._static() and key in self._keeps:
+            return lists, self._keeps[key]
+        sizes = (shape.batch, self.spec.num_heads, shape.q_len, shape.kv_len)
+        keep = self.cpu_kernel().masks(lists, sizes, bound)
+        if self._static():
+            self._keeps[key] = keep
+        return lists, keep
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False, **tensors: torch.Tensor
@@ -140,10 +152,9 @@ class Kernel:
         if reason is not None:
             log.info("triton target: running the reference target for this call: %s", reason)
             return self._impl(q, k, v, bound, return_lse)
-        bm = self._map(shape, bound)
         names = list(bound)
         o, lse = triton_target.TritonAttention.apply(
-            q, k, v, self.triton_kernel(), cpu.Lists.of(bm), names, *(bound[n] for n in names)
+            q, k, v, self.triton_kernel(), self._lists_for(shape, bound), names, *(bound[n] for n in names)
         )
         return (o, lse) if return_lse else o
 

@@ -152,6 +152,13 @@ class Lists:
         )
 
 
+def kernel_value(t: TensorOp, tensors: dict[str, torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """A runtime tensor (or the constant table) as generated kernels read it: float32 for float
+    tensors, int64 for int and bool ones, contiguous."""
+    value = tensors[t.tensor] if t.tensor in tensors else torch.tensor(t.values)
+    return value.detach().to(device or value.device, torch.float32 if t.dtype == "float" else torch.int64).contiguous()
+
+
 def _ptr(a: np.ndarray | torch.Tensor) -> int:
     return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
 
@@ -205,8 +212,7 @@ class CpuKernel:
     def pack(self, tensors: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], Any, np.ndarray]:
         keep, dims = [], np.zeros(4 * max(1, len(self.tensors)), np.int64)
         for i, t in enumerate(self.tensors):
-            value = tensors[t.tensor] if t.tensor in tensors else torch.tensor(t.values)
-            value = value.detach().to(torch.float32 if t.dtype == "float" else torch.int64).contiguous()
+            value = kernel_value(t, tensors)
             keep.append(value)
             dims[4 * i : 4 * i + value.dim()] = value.shape
         ptrs = (ctypes.c_void_p * max(1, len(keep)))(*[v.data_ptr() for v in keep])

@@ -18,7 +18,7 @@ import sympy
 
 from attncc.errors import UnsupportedError
 from attncc.ir.dispatch import handler_for
-from attncc.ir.exprs import expr_str
+from attncc.ir.exprs import exact_division, expr_str
 
 Code = tuple[str, bool]  # (C++ text, is an integer expression)
 INT_SYMBOLS = {"b", "h", "q", "kv", "B", "H", "Sq", "Skv"}
@@ -58,16 +58,16 @@ def _mul(e: sympy.Mul) -> Code:
 
 
 def _floor(e: sympy.floor) -> Code:
-    num, den = e.args[0].as_numer_denom()
-    if den.is_Integer and den != 1 and num.is_integer:
-        return f"fdiv({_emit(num)[0]}, {int(den)})", True
+    if (division := exact_division(e.args[0])) is not None:
+        num, den = division
+        return f"fdiv({_emit(num)[0]}, {den})", True
     return f"(int64_t)std::floor({_as_double(_emit(e.args[0]))})", True
 
 
 def _ceiling(e: sympy.ceiling) -> Code:
-    num, den = e.args[0].as_numer_denom()
-    if den.is_Integer and den != 1 and num.is_integer:
-        return f"(-fdiv(-({_emit(num)[0]}), {int(den)}))", True
+    if (division := exact_division(e.args[0])) is not None:
+        num, den = division
+        return f"(-fdiv(-({_emit(num)[0]}), {den}))", True
     return f"(int64_t)std::ceil({_as_double(_emit(e.args[0]))})", True
 
 

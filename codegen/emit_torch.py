@@ -17,7 +17,7 @@ import sympy
 
 from attncc.errors import UnsupportedError
 from attncc.ir.dispatch import handler_for
-from attncc.ir.exprs import expr_str
+from attncc.ir.exprs import exact_division, expr_str
 
 Emitter = Callable[[sympy.Basic], str]
 
@@ -61,16 +61,16 @@ def _mul(e: sympy.Mul) -> str:
 
 
 def _floor(e: sympy.floor) -> str:
-    num, den = e.args[0].as_numer_denom()
-    if den.is_Integer and den != 1 and num.is_integer:
-        return f"H_.floordiv({emit(num)}, {int(den)})"
+    if (division := exact_division(e.args[0])) is not None:
+        num, den = division
+        return f"H_.floordiv({emit(num)}, {den})"
     return f"H_.floor({emit(e.args[0])})"
 
 
 def _ceiling(e: sympy.ceiling) -> str:
-    num, den = e.args[0].as_numer_denom()
-    if den.is_Integer and den != 1 and num.is_integer:
-        return f"-H_.floordiv(-({emit(num)}), {int(den)})"
+    if (division := exact_division(e.args[0])) is not None:
+        num, den = division
+        return f"-H_.floordiv(-({emit(num)}), {den})"
     return f"H_.ceil({emit(e.args[0])})"
 
 

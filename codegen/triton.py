@@ -21,7 +21,7 @@ import sympy
 import torch
 
 from attncc import config
-from attncc.codegen.cpu import Lists
+from attncc.codegen.cpu import Lists, kernel_value
 from attncc.codegen.emit_triton import emit
 from attncc.codegen.reference import fused_op
 from attncc.codegen.triton_template import TEMPLATE
@@ -193,8 +193,7 @@ class TritonKernel:
     def _tensor_args(self, tensors: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         out = []
         for t in self.tensors:
-            value = tensors[t.tensor] if t.tensor in tensors else torch.tensor(t.values)
-            value = value.detach().to(device, torch.float32 if t.dtype == "float" else torch.int64).contiguous()
+            value = kernel_value(t, tensors, device)
             dims = torch.tensor(list(value.shape) + [1] * (4 - value.dim()), dtype=torch.int64, device=device)
             out += [value, dims]
         return out

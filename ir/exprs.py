@@ -146,6 +146,19 @@ def _parse_cached(text: str, local_items: tuple[tuple[str, object], ...]) -> sym
     return result
 
 
+def exact_division(expr: sympy.Basic) -> tuple[sympy.Expr, int] | None:
+    """(num, den) when ``expr`` is num/den with an integer num and an integer den > 1, so that
+    floor(expr) and ceiling(expr) are integer divisions; None otherwise.
+
+    >>> exact_division(q / 64)
+    (q, 64)
+    """
+    num, den = expr.as_numer_denom()
+    if den.is_Integer and den != 1 and num.is_integer:
+        return num, int(den)
+    return None
+
+
 def is_boolean(expr: sympy.Basic) -> bool:
     """True for sympy booleans (relations, And/Or/Not/ITE, true/false); plain symbols are not."""
     return isinstance(expr, _BOOLEAN_TYPES)
