@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attncc import config, dump, tiling
+from attncc import config, dump, rope, tiling
 from attncc.blockmap import BlockMap
 from attncc.codegen import cpu, fallback, reference, toolchain
 from attncc.costmodel import choose_tiles
@@ -123,19 +123,23 @@ class Kernel:
         """o [B,Hq,Sq,D] (and lse [B,Hq,Sq] with ``return_lse``); differentiable."""
         shape = check_qkv(self.spec, q, k, v)
         check_requires(self.spec, shape)
+        tensors = dict(tensors)
+        tables = rope.take(
+            self.spec.rope, tensors, shape.batch, shape.q_len, shape.kv_len, self.spec.head_dim, q.device
+        )
         bound = check_tensors(self.spec, shape, tensors, q.device)
         if self.target == "triton" or (self.auto and q.device.type == "cuda"):
-            return self._call_triton(q, k, v, shape, bound, return_lse)
+            return self._call_triton(q, k, v, shape, bound, tables, return_lse)
         if self.target == "cpu":
             reason = fallback.reason("cpu", q, bound)
             if reason is None:
                 lists, keep = self._plan_for(shape, bound)
-                o, lse = cpu.CpuAttention.apply(q, k, v, self.cpu_kernel(), lists, keep, bound)
+                o, lse = cpu.CpuAttention.apply(q, k, v, self.cpu_kernel(), lists, keep, bound, tables)
                 return (o, lse) if return_lse else o
             if q.device.type != "cpu":
                 raise SpecError(f"target 'cpu' got tensors on {q.device}; compile with target='auto' or 'triton'")
             log.info("cpu target: running the reference target for this call: %s", reason)
-        return self._impl(q, k, v, bound, return_lse)
+        return self._impl(q, k, v, _with_tables(bound, tables), return_lse)
 
     def _call_triton(
         self,
@@ -144,6 +148,7 @@ class Kernel:
         v: torch.Tensor,
         shape: CallShape,
         bound: dict[str, torch.Tensor],
+        tables: tuple[torch.Tensor, torch.Tensor] | None,
         return_lse: bool,
     ) -> Any:
         from attncc.codegen import triton as triton_target
@@ -151,7 +156,10 @@ class Kernel:
         reason = fallback.reason("triton", q, bound)
         if reason is not None:
             log.info("triton target: running the reference target for this call: %s", reason)
-            return self._impl(q, k, v, bound, return_lse)
+            return self._impl(q, k, v, _with_tables(bound, tables), return_lse)
+        if tables is not None:
+            log.info("triton target: RoPE is applied by PyTorch before the kernel (no in-kernel prologue yet)")
+            q, k = rope.apply(q, *tables), rope.apply(k, *tables)
         names = list(bound)
         o, lse = triton_target.TritonAttention.apply(
             q, k, v, self.triton_kernel(), self._lists_for(shape, bound), names, *(bound[n] for n in names)
@@ -183,6 +191,11 @@ class Kernel:
     def dump(self, path: str | Path) -> Path:
         """Write the IR after every pass, the source and metadata under ``path``."""
         return dump.write(self, Path(path))
+
+
+def _with_tables(bound: dict[str, torch.Tensor], tables: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+    """Runtime tensors plus the rope tables under their call names (as the reference reads them)."""
+    return bound if tables is None else {**bound, **dict(zip(rope.NAMES, tables, strict=True))}
 
 
 def _resolve_target(target: str) -> str:

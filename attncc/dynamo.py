@@ -29,6 +29,7 @@ from attncc.errors import AttnccError, UnsupportedError
 from attncc.frontends.fx import _shape, _val, lift_mask
 from attncc.ir import exprs as X
 from attncc.passes.normalize import boolean
+from attncc.rope import NAMES as ROPE_NAMES
 
 log = logging.getLogger("attncc.dynamo")
 
@@ -67,16 +68,22 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     q, k, v, site, tensors = inputs
     ctx.save_for_backward(q, k, v, *tensors)
     ctx.site = site
+    ctx.learnable = [t.requires_grad and t.is_floating_point() for t in tensors]
 
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    """Recompute through the kernel's own autograd: grads of q, k, v and of float tensors that
+    require them (e.g. a learned bias read by the lifted mask); the rest get None."""
     q, k, v, *tensors = ctx.saved_tensors
     kern, names = _SITES[ctx.site]
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = kern(*leaves, **dict(zip(names, tensors, strict=True)))
-        dq, dk, dv = torch.autograd.grad(out, leaves, grad)
-    return dq, dk, dv, None, None
+        extra = [t.detach().requires_grad_() if learn else t for t, learn in zip(tensors, ctx.learnable, strict=True)]
+        out = kern(*leaves, **dict(zip(names, extra, strict=True)))
+        wanted = leaves + [t for t, learn in zip(extra, ctx.learnable, strict=True) if learn]
+        dq, dk, dv, *dt = torch.autograd.grad(out, wanted, grad, allow_unused=True)
+    it = iter(dt)
+    return dq, dk, dv, None, [next(it) if learn else None for learn in ctx.learnable]
 
 
 _attention.register_autograd(_backward, setup_context=_setup)
@@ -103,6 +110,88 @@ def _kv_source(node: Any) -> tuple[Any, int]:
     return node, 1
 
 
+def _called(node: Any, *targets: Any) -> bool:
+    """``node`` calls one of ``targets`` (functions, or method names as strings)."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return False
+    return any(node.target is t or node.target == t for t in targets)
+
+
+def _without_empty_cache(node: Any) -> Any:
+    """See through ``torch.cat([empty, x], dim=-2)``: a KV cache's first step (Hugging Face's
+    DynamicCache concatenates the new keys to an empty tensor)."""
+    if not _called(node, torch.cat) or node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) not in (-2, 2):
+        return node
+    parts = list(node.args[0])
+    live = [p for p in parts if not (isinstance(p, fx.Node) and _shape(p) == (0,))]
+    return live[0] if len(live) == 1 else node
+
+
+def _rope_of(node: Any) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(x, cos, sin) when ``node`` is ``x * cos + rotate_half(x) * sin`` (rotate-half convention,
+    ``rotate_half(x) = cat((-x[..., D/2:], x[..., :D/2]), -1)``), else None."""
+    if not _called(node, operator.add, torch.add) or len(node.args) != 2:
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        if not (_called(a, operator.mul, torch.mul) and _called(b, operator.mul, torch.mul)):
+            continue
+        for x, cos in (a.args, a.args[::-1]):
+            for rot, sin in (b.args, b.args[::-1]):
+                if _is_rotate_half(rot, x) and _rope_table(cos, x) and _rope_table(sin, x):
+                    return x, cos, sin
+    return None
+
+
+def _is_rotate_half(rot: Any, x: Any) -> bool:
+    if not (_called(rot, torch.cat) and isinstance(x, fx.Node)):
+        return False
+    dim = rot.kwargs.get("dim", rot.args[1] if len(rot.args) > 1 else 0)
+    parts = rot.args[0]
+    if dim not in (-1, 3) or len(parts) != 2 or not _called(parts[0], operator.neg, torch.neg):
+        return False
+    shape = _shape(x)
+    if len(shape) != 4 or shape[-1] < 2 or shape[-1] % 2:
+        return False
+    half = shape[-1] // 2
+    return _is_slice(parts[0].args[0], x, half, None) and _is_slice(parts[1], x, None, half)
+
+
+def _is_slice(node: Any, x: fx.Node, start: int | None, stop: int | None) -> bool:
+    """``node`` is ``x[..., start:stop]``."""
+    if not (_called(node, operator.getitem) and node.args[0] is x):
+        return False
+    index = node.args[1]
+    if not (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice)):
+        return False
+    sl = index[1]
+    return (sl.start in (start, 0 if start is None else start)) and sl.stop == stop and sl.step in (None, 1)
+
+
+def _rope_table(node: Any, x: fx.Node) -> bool:
+    """A cos/sin table that broadcasts over heads: [S, D] or [B|1, 1, S, D], float, no gradient."""
+    value = _val(node)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.requires_grad:
+        return False
+    shape, xs = _shape(node), _shape(x)
+    return (len(shape) == 2 and shape == xs[2:]) or (
+        len(shape) == 4 and shape[0] in (1, xs[0]) and shape[1] == 1 and shape[2:] == xs[2:]
+    )
+
+
+def _fused_rope(q: Any, k: Any) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+    """(q source, k source, [cos, sin]) when q and k are rotated by the same RoPE tables right
+    before attention; the kernel then applies the rotation itself."""
+    rq, rk = _rope_of(q), _rope_of(_without_empty_cache(k))
+    if rq is None or rk is None:
+        if rq is not None or rk is not None:
+            log.info("attncc: RoPE found on %s only; left to the graph", "q" if rq else "k")
+        return None
+    if rq[1:] != rk[1:] or _shape(rq[0])[2] != _shape(rk[0])[2]:
+        log.info("attncc: q and k are rotated with different tables or lengths; RoPE left to the graph")
+        return None
+    return rq[0], rk[0], [rq[1], rq[2]]
+
+
 def _args(node: fx.Node) -> dict[str, Any]:
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
     out = dict(zip(names, node.args, strict=False))
@@ -112,7 +201,8 @@ def _args(node: fx.Node) -> dict[str, Any]:
 
 def _build(
     node: fx.Node, q: Any, k: Any, v: Any, mask_node: Any, is_causal: bool, scale: Any, target: str
-) -> tuple[Any, list[fx.Node], str]:
+) -> tuple[Any, Any, list[Any], dict[str, fx.Node], str]:
+    """The site's kernel, the q it reads, [k, v], its tensors by call name, and the mask text."""
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
     if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         raise UnsupportedError(f"q/k/v are not 4-d ({qs}, {ks}, {vs})")
@@ -122,6 +212,9 @@ def _build(
     v0, rv = _kv_source(v)
     if rk != rv:
         k0, v0 = k, v
+    rope = _fused_rope(q, k0)
+    if rope is not None:
+        q, k0, tables = rope
     kv_heads = _shape(k0)[1]
     if qs[1] % kv_heads:
         raise UnsupportedError(f"{qs[1]} query heads do not divide into {kv_heads} kv heads")
@@ -138,13 +231,17 @@ def _build(
         mask=None if mask is sympy.true else mask_expr,
         score_mod=mod,
         scale=None if scale is None else float(scale),
+        rope=rope is not None,
     )
     from attncc.api import _CACHE
 
     before = len(_CACHE)
     kern = ac.compile(spec, target=target)
     _NEW_KERNEL[node.name] = len(_CACHE) > before
-    return kern, [k0, v0, *lifted.tensors.values()], X.expr_str(mask)
+    named = {f"t_{n.name}": n for n in lifted.tensors.values()}
+    if rope is not None:
+        named.update(zip(ROPE_NAMES, tables, strict=True))
+    return kern, q, [k0, v0], named, X.expr_str(mask)
 
 
 def _kind(node: fx.Node) -> str:
@@ -152,11 +249,11 @@ def _kind(node: fx.Node) -> str:
     return "bool" if dtype is torch.bool else ("float" if dtype is not None and dtype.is_floating_point else "int")
 
 
-def _replace(node: fx.Node, q: Any, kern: Any, extra: list[fx.Node]) -> None:
-    k0, v0, *tensors = extra
+def _replace(node: fx.Node, q: Any, kern: Any, kv: list[fx.Node], by_name: dict[str, fx.Node]) -> None:
+    """Swap the site for an attncc::attention call reading q, k, v and the named tensors."""
+    k0, v0 = kv
     site = next(_IDS)
-    names = [t.name for t in kern.spec.runtime_tensors()]
-    by_name = dict(zip([f"t_{t.name}" for t in tensors], tensors, strict=True))
+    names = [t.name for t in kern.spec.runtime_tensors()] + (list(ROPE_NAMES) if kern.spec.rope else [])
     _SITES[site] = (kern, names)
     with node.graph.inserting_before(node):
         new = node.graph.call_function(
@@ -171,7 +268,7 @@ def _sdpa_site(node: fx.Node, target: str) -> dict[str, Any]:
     a = _args(node)
     if float(a.get("dropout_p", 0.0) or 0.0) != 0.0:
         raise UnsupportedError(f"dropout_p={a['dropout_p']} (attncc computes attention without dropout)")
-    kern, extra, mask = _build(
+    kern, q, kv, named, mask = _build(
         node,
         a["query"],
         a["key"],
@@ -181,7 +278,7 @@ def _sdpa_site(node: fx.Node, target: str) -> dict[str, Any]:
         a.get("scale"),
         target,
     )
-    _replace(node, a["query"], kern, extra)
+    _replace(node, q, kern, kv, named)
     return _info(kern, mask, _shape(a["query"])[2], _shape(a["key"])[2])
 
 
@@ -223,8 +320,8 @@ def _softmax_site(node: fx.Node, target: str) -> dict[str, Any] | None:
         with node.graph.inserting_before(node):
             keep_node = node.graph.call_function(torch.logical_not, (mask_node,))
         keep_node.meta = dict(mask_node.meta)
-    kern, extra, mask = _build(node, q, k, v, keep_node, False, scale, target)
-    _replace(node, q, kern, extra)
+    kern, q_in, kv, named, mask = _build(node, q, k, v, keep_node, False, scale, target)
+    _replace(node, q_in, kern, kv, named)
     return _info(kern, mask, _shape(q)[2], _shape(k)[2])
 
 
@@ -242,6 +339,7 @@ def _info(kern: Any, mask: str, q_len: int, kv_len: int) -> dict[str, Any]:
         "computed_tiles": computed,
         "num_heads": kern.spec.num_heads,
         "num_kv_heads": kern.spec.num_kv_heads,
+        "rope": kern.spec.rope,
         "kernel": repr(kern),
     }
 

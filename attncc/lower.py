@@ -22,12 +22,23 @@ import sympy
 
 from attncc.ir import exprs as X
 from attncc.ir.core import Graph, Op, Value
-from attncc.ir.ops import InputOp, MaskOp, PVOp, QKOp, ReturnOp, ScaleOp, ScoreModOp, SoftmaxOp, TensorOp
+from attncc.ir.ops import (
+    InputOp,
+    MaskOp,
+    PVOp,
+    QKOp,
+    ReturnOp,
+    RopeOp,
+    ScaleOp,
+    ScoreModOp,
+    SoftmaxOp,
+    TensorOp,
+)
 from attncc.spec import AttentionSpec
 
 
 def spec_to_ir(spec: AttentionSpec) -> Graph:
-    """The decomposed graph qk -> scale -> score_mod -> mask -> softmax -> pv of ``spec``."""
+    """The decomposed graph (rope ->) qk -> scale -> score_mod -> mask -> softmax -> pv of ``spec``."""
     hq, hkv, d = sympy.Integer(spec.num_heads), sympy.Integer(int(spec.num_kv_heads or 0)), sympy.Integer(spec.head_dim)
     q = Value("q", (X.B, hq, X.Sq, d))
     k = Value("k", (X.B, hkv, X.Skv, d))
@@ -35,6 +46,9 @@ def spec_to_ir(spec: AttentionSpec) -> Graph:
     ops: list[Op] = [InputOp(q, "q"), InputOp(k, "k"), InputOp(v, "v")]
     for t in spec.tensors:
         ops.append(TensorOp(Value(t.name), t.name, t.ndim, t.dtype, t.values))
+    if spec.rope:
+        q, k = Value("q1", q.shape), Value("k1", k.shape)
+        ops += [RopeOp(q, ops[0].result), RopeOp(k, ops[1].result)]  # type: ignore[arg-type]
     scores = Value("s", (X.B, hq, X.Sq, X.Skv))
     ops.append(QKOp(scores, q, k, spec.groups))
     n = 1

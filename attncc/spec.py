@@ -44,6 +44,8 @@ class AttentionSpec:
     head_dim: size of each head. mask: boolean expression, FlexAttention mask_mod or None.
     score_mod: numeric expression over ``score``, FlexAttention score_mod or None.
     scale: score scale, default ``1/sqrt(head_dim)``.
+    rope: rotate q and k by RoPE tables passed at call time (``rope_cos``, ``rope_sin``; see
+    :mod:`attncc.rope`); the kernels apply the rotation in their prologue.
 
     After construction ``mask`` and ``score_mod`` hold sympy expressions (``true`` / ``score``
     when absent), ``tensors`` the runtime tensors they index and ``requires`` the length
@@ -57,6 +59,7 @@ class AttentionSpec:
     score_mod: Any = None
     scale: float | None = None
     name: str = "attention"
+    rope: bool = False
     tensors: tuple[TensorDecl, ...] = field(default=(), init=False)
     requires: tuple[tuple[sympy.Basic, str], ...] = field(default=(), init=False)
     captured: dict[str, torch.Tensor] = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
@@ -71,6 +74,10 @@ class AttentionSpec:
                 f"num_heads={self.num_heads} is not divisible by num_kv_heads={kv_heads}; "
                 "each kv head must serve the same number of query heads"
             )
+        if not isinstance(self.rope, bool):
+            raise SpecError(f"rope must be True or False, got {self.rope!r}")
+        if self.rope and self.head_dim % 2:
+            raise SpecError(f"rope=True needs an even head_dim (it rotates pairs d, d + D/2), got {self.head_dim}")
         scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale > 0):
             raise SpecError(f"scale must be a positive finite number, got {self.scale!r}")

@@ -194,7 +194,86 @@ def _banded(
     sizes: Env,
 ) -> tuple[np.ndarray, np.ndarray]:
     parts = [_band_ranges(b, q_len, kv_len, block, hm, tables, sizes) for b in bands]
-    return merge_ranges(np.stack([p[0] for p in parts], -2)), merge_ranges(np.stack([p[1] for p in parts], -2))
+    comp, full = merge_ranges(np.stack([p[0] for p in parts], -2)), merge_ranges(np.stack([p[1] for p in parts], -2))
+    if len(bands) > 1:
+        full = _jointly_full(bands, parts, full, q_len, kv_len, block, hm, tables, sizes)
+        pad = full.shape[-2] - comp.shape[-2]
+        if pad > 0:  # keep one slot count for both (unused slots hold the empty range (1, 0))
+            empty = np.tile(np.array([1, 0], dtype=np.int64), (*comp.shape[:2], pad, 1))
+            comp = np.concatenate([comp, empty], -2)
+    return comp, full
+
+
+JOINT_CHECK_LIMIT = 1 << 24  # (candidate tile, row) pairs checked for joint coverage before giving up
+
+
+def _jointly_full(
+    bands: list[Band],
+    parts: list[tuple[np.ndarray, np.ndarray]],
+    full: np.ndarray,
+    q_len: int,
+    kv_len: int,
+    block: tuple[int, int],
+    hm: int,
+    tables: Mapping[str, TensorRanges],
+    sizes: Env,
+) -> np.ndarray:
+    """Add the tiles that several bands cover together but none alone (e.g. ``kv > q | kv <= q``).
+
+    Such a tile is partial in every band that reaches it, so it is an edge tile of some band: the
+    candidates are the computed-but-not-full blocks of each band (O(q-blocks) of them), and each is
+    checked row by row against the union of the bands' intervals at that row. O(candidates x bq).
+    """
+    bq, bkv = block
+    edges = []
+    for comp_b, full_b in parts:
+        c_lo, c_hi, f_lo, f_hi = comp_b[..., 0], comp_b[..., 1], full_b[..., 0], full_b[..., 1]
+        has_full = f_lo <= f_hi
+        edges.append((c_lo, np.where(has_full, np.minimum(f_lo - 1, c_hi), c_hi)))
+        edges.append((np.where(has_full, np.maximum(f_hi + 1, c_lo), c_hi + 1), c_hi))
+    width = max(int((hi - lo + 1).max(initial=0)) for lo, hi in edges)
+    heads, qbs, kbs = [], [], []
+    for lo, hi in edges:
+        for offset in range(width):
+            h, qb = np.nonzero(lo + offset <= hi)
+            heads.append(h)
+            qbs.append(qb)
+            kbs.append(lo[h, qb] + offset)
+    h, qb, kb = np.concatenate(heads), np.concatenate(qbs), np.concatenate(kbs)
+    if h.size == 0:
+        return full
+
+    def covered(h: np.ndarray, kb: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Is tile column block kb inside the union of the bands at every one of ``rows`` [C, n]?"""
+        flat = np.broadcast_to(rows.reshape(-1), (hm, rows.size))
+        pick = (h[:, None], np.arange(rows.size).reshape(rows.shape))
+        lows = [np.maximum(_eval_at(b.lows, np.maximum, flat, hm, tables, sizes), 0)[pick] for b in bands]
+        highs = [np.minimum(_eval_at(b.highs, np.minimum, flat, hm, tables, sizes), kv_len - 1)[pick] for b in bands]
+        merged = merge_ranges(np.stack([np.stack(lows, -1), np.stack(highs, -1)], -1))  # [C, n, R, 2]
+        k0 = (kb * bkv)[:, None, None]
+        k1 = np.minimum(kb * bkv + bkv - 1, kv_len - 1)[:, None, None]
+        return ((merged[..., 0] <= k0) & (merged[..., 1] >= k1)).any(-1).all(-1)  # type: ignore[no-any-return]
+
+    known = ((full[h, qb, :, 0] <= kb[:, None]) & (kb[:, None] <= full[h, qb, :, 1])).any(-1)
+    h, qb, kb = h[~known], qb[~known], kb[~known]
+    ends = np.stack([qb * bq, np.minimum(qb * bq + bq, q_len) - 1], -1)
+    keep = covered(h, kb, ends)  # the block's first and last rows first: most candidates fail there
+    h, qb, kb = h[keep], qb[keep], kb[keep]
+    if h.size * bq > JOINT_CHECK_LIMIT:
+        log.info("%d tiles left partial after refinement: too many to check for joint coverage by bands", h.size)
+        return full
+    keep = covered(h, kb, np.minimum(qb[:, None] * bq + np.arange(bq), q_len - 1))
+    if not keep.any():
+        return full
+    h, qb, kb = h[keep], qb[keep], kb[keep]
+    order = np.lexsort((kb, qb, h))
+    h, qb, kb = h[order], qb[order], kb[order]
+    same = np.r_[False, (h[1:] == h[:-1]) & (qb[1:] == qb[:-1])]
+    run_start = np.maximum.accumulate(np.where(~same, np.arange(h.size), 0))
+    slot = np.arange(h.size) - run_start
+    extra = np.tile(np.array([1, 0], dtype=np.int64), (*full.shape[:2], int(slot.max()) + 1, 1))
+    extra[h, qb, slot] = np.stack([kb, kb], -1)
+    return merge_ranges(np.concatenate([full, extra], -2))
 
 
 def merge_ranges(ranges: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 from attncc.blockmap import FULL, BlockMap
 from attncc.codegen.cpu_template import TEMPLATE
 from attncc.codegen.emit_cpp import emit
-from attncc.codegen.reference import fused_op
+from attncc.codegen.reference import fused_op, has_rope
 from attncc.ir.core import Graph
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp, TiledOp
@@ -62,6 +62,7 @@ def render(graph: Graph) -> str:
         bkv=bkv,
         span=max(1, SPAN_COLUMNS // bkv),
         has_mod="true" if op.score_mod != score else "false",
+        rope="true" if has_rope(graph) else "false",
         accessors="\n\n".join(_accessor(i, t) for i, t in enumerate(tensor_ops(graph))),
         mask_text=expr_str(op.mask),
         mask_code=emit(op.mask),
@@ -159,6 +160,20 @@ def kernel_value(t: TensorOp, tensors: dict[str, torch.Tensor], device: torch.de
     return value.detach().to(device or value.device, torch.float32 if t.dtype == "float" else torch.int64).contiguous()
 
 
+Tables = tuple[torch.Tensor, torch.Tensor] | None  # rope_cos, rope_sin as [Bt, Skv, D] float32, or None
+
+
+def rope_tables(tables: tuple[torch.Tensor, torch.Tensor] | None) -> Tables:
+    """The rope tables as the kernel reads them: float32, contiguous."""
+    return None if tables is None else (tables[0].float().contiguous(), tables[1].float().contiguous())
+
+
+def _rope_args(tables: Tables) -> tuple[int, int, int]:
+    if tables is None:
+        return 0, 0, 0
+    return tables[0].data_ptr(), tables[1].data_ptr(), int(tables[0].shape[0])
+
+
 def _ptr(a: np.ndarray | torch.Tensor) -> int:
     return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
 
@@ -177,7 +192,7 @@ class CpuKernel:
         self.path, self.compiled_now = toolchain.build(self.source, graph.name)
         self.lib = ctypes.CDLL(str(self.path))
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
-        tail: list[Any] = [_P] * 9 + [ctypes.c_int, _I, ctypes.c_float]
+        tail: list[Any] = [_P] * 9 + [ctypes.c_int, _I, ctypes.c_float, _P, _P, _I]
         self.lib.attncc_forward.argtypes = [_P] * 5 + common + tail
         self.lib.attncc_backward.argtypes = [_P] * 9 + common + tail
         self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
@@ -234,6 +249,7 @@ class CpuKernel:
         lists: Lists,
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
+        tables: Tables = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
@@ -267,6 +283,7 @@ class CpuKernel:
             torch.get_num_threads(),
             self.groups,
             self.scale,
+            *_rope_args(tables),
         )
         self._check(code)
         return o, lse
@@ -282,6 +299,7 @@ class CpuKernel:
         lists: Lists,
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
+        tables: Tables = None,
     ) -> tuple[torch.Tensor, ...]:
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
@@ -320,6 +338,7 @@ class CpuKernel:
             threads,
             self.groups,
             self.scale,
+            *_rope_args(tables),
         )
         self._check(code)
         return dq.sum(0), dk, dv
@@ -338,12 +357,14 @@ class CpuAttention(torch.autograd.Function):
         lists: Lists,
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
+        tables: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = q.dtype
         qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
-        o, lse = kern.forward(qf, kf, vf, lists, keep, tensors)
+        rope = rope_tables(tables)
+        o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
         ctx.save_for_backward(qf, kf, vf, o, lse)
-        ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype = kern, lists, keep, tensors, dtype
+        ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype, ctx.rope = kern, lists, keep, tensors, dtype, rope
         return o.to(dtype), lse
 
     @staticmethod
@@ -354,6 +375,6 @@ class CpuAttention(torch.autograd.Function):
         if dlse is not None:
             delta = delta - dlse.to(torch.float32)  # d lse / d s = P: folds into the same dS formula
         dq, dk, dv = ctx.kern.backward(
-            qf, kf, vf, dof, lse.contiguous(), delta.contiguous(), ctx.lists, ctx.keep, ctx.tensors
+            qf, kf, vf, dof, lse.contiguous(), delta.contiguous(), ctx.lists, ctx.keep, ctx.tensors, ctx.rope
         )
-        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None
+        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None

@@ -23,6 +23,7 @@ namespace {{
 constexpr int BQ = {bq};
 constexpr int BKV = {bkv};
 constexpr bool HAS_MOD = {has_mod};
+constexpr bool ROPE = {rope};  // q and k rotated by RoPE tables in the prologue
 constexpr int SPAN = {span};  // consecutive tiles of equal kind merged into one GEMM (up to SPAN tiles)
 constexpr int WKV = BKV * SPAN, WQ = BQ * SPAN;
 
@@ -120,6 +121,34 @@ inline void gemm_tn(sgemm_t sg, int m, int n, int k, const float* a, int lda, co
     }}
 }}
 
+// RoPE, rotate-half convention, on one row of D values: x' = x * c + rotate_half(x) * s with
+// rotate_half(x) = [-x2, x1]; ``inverse`` applies the transpose (for gradients). In place is fine.
+inline void rope_row(const float* x, float* out, const float* c, const float* s, int d, bool inverse) {{
+  const int half = d / 2;
+  #pragma omp simd
+  for (int j = 0; j < half; ++j) {{
+    const float a = x[j], b = x[j + half];
+    if (!inverse) {{
+      out[j] = a * c[j] - b * s[j];
+      out[j + half] = b * c[j + half] + a * s[j + half];
+    }} else {{
+      out[j] = a * c[j] + b * s[j + half];
+      out[j + half] = b * c[j + half] - a * s[j];
+    }}
+  }}
+}}
+
+// rotate every row of x [B, heads, S, D] into out; table rows: row i of S uses table row i + Skv - S
+inline void rope_all(const float* x, float* out, int64_t B, int64_t heads, int64_t S, int64_t Skv, int64_t D,
+                     const float* cs, const float* sn, int64_t bt, bool inverse, int threads) {{
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < B * heads * S; ++r) {{
+    const int64_t i = r % S, b = r / (heads * S);
+    const int64_t t = ((bt > 1 ? b : 0) * Skv + i + Skv - S) * D;
+    rope_row(x + r * D, out + r * D, cs + t, sn + t, (int)D, inverse);
+  }}
+}}
+
 // length of the run of consecutive block indices of equal kind starting at t (at most SPAN)
 inline int run_length(const int32_t* idx, const uint8_t* full, int32_t t, int32_t end) {{
   int n = 1;
@@ -183,21 +212,35 @@ extern "C" int attncc_forward(
     const int32_t* map_of, int64_t maps_b, int64_t maps_h,
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
-    const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE) {{
+    const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE,
+    const float* rope_cos, const float* rope_sin, int64_t rope_bt) {{
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const sgemm_t sg = (sgemm_t)sgemm;
+  std::vector<float> k_rot;  // prologue: K rotated once (every q-block task reads it); Q per task below
+  if (ROPE) {{
+    k_rot.resize(B * Hkv * Skv * D);
+    rope_all(k, k_rot.data(), B, Hkv, Skv, Skv, D, rope_cos, rope_sin, rope_bt, false, threads);
+    k = k_rot.data();
+  }}
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
   #pragma omp parallel num_threads(threads)
   {{
-    std::vector<float> s(BQ * WKV), acc(BQ * D), m(BQ), l(BQ);
+    std::vector<float> s(BQ * WKV), acc(BQ * D), m(BQ), l(BQ), q_rot(ROPE ? BQ * D : 0);
     #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * H * nq; ++task) {{
       const int64_t qb = task % nq, h = (task / nq) % H, b = task / (nq * H);
       const int64_t hk = h / GROUPS, q0 = qb * BQ;
       const int rows = (int)std::min<int64_t>(BQ, Sq - q0);
       const float* qp = q + ((b * H + h) * Sq + q0) * D;
+      if (ROPE) {{  // prologue: this task's query rows, rotated into a local tile
+        for (int i = 0; i < rows; ++i) {{
+          const int64_t t = ((rope_bt > 1 ? b : 0) * Skv + q0 + i + Skv - Sq) * D;
+          rope_row(qp + i * D, q_rot.data() + i * D, rope_cos + t, rope_sin + t, d, false);
+        }}
+        qp = q_rot.data();
+      }}
       const float* kp = k + (b * Hkv + hk) * Skv * D;
       const float* vp = v + (b * Hkv + hk) * Skv * D;
       std::fill(acc.begin(), acc.end(), 0.0f);
@@ -252,9 +295,19 @@ extern "C" int attncc_backward(
     const int32_t* map_of, int64_t maps_b, int64_t maps_h,
     const int32_t* q_ptr, const int32_t* q_idx, const uint8_t* q_full,
     const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
-    const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE) {{
+    const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE,
+    const float* rope_cos, const float* rope_sin, int64_t rope_bt) {{
   const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
   const sgemm_t sg = (sgemm_t)sgemm;
+  std::vector<float> q_rot, k_rot;  // prologue: rotated Q and K; the epilogue rotates dQ and dK back
+  if (ROPE) {{
+    q_rot.resize(B * H * Sq * D);
+    k_rot.resize(B * Hkv * Skv * D);
+    rope_all(q, q_rot.data(), B, H, Sq, Skv, D, rope_cos, rope_sin, rope_bt, false, threads);
+    rope_all(k, k_rot.data(), B, Hkv, Skv, Skv, D, rope_cos, rope_sin, rope_bt, false, threads);
+    q = q_rot.data();
+    k = k_rot.data();
+  }}
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
@@ -318,9 +371,21 @@ extern "C" int attncc_backward(
       }}
       float* dkp = dk + ((b * Hkv + hk) * Skv + k0) * D;
       float* dvp = dv + ((b * Hkv + hk) * Skv + k0) * D;
-      std::memcpy(dkp, dk_acc.data(), sizeof(float) * cols * D);
+      if (ROPE)
+        for (int j = 0; j < cols; ++j) {{
+          const int64_t t = ((rope_bt > 1 ? b : 0) * Skv + k0 + j) * D;
+          rope_row(dk_acc.data() + j * D, dkp + j * D, rope_cos + t, rope_sin + t, d, true);
+        }}
+      else
+        std::memcpy(dkp, dk_acc.data(), sizeof(float) * cols * D);
       std::memcpy(dvp, dv_acc.data(), sizeof(float) * cols * D);
     }}
+    if (ROPE)  // epilogue: this thread's dQ rows back through the rotation (linear, so before the sum)
+      for (int64_t r = 0; r < B * H * Sq; ++r) {{
+        const int64_t i = r % Sq, b = r / (H * Sq);
+        const int64_t t = ((rope_bt > 1 ? b : 0) * Skv + i + Skv - Sq) * D;
+        rope_row(dq_mine + r * D, dq_mine + r * D, rope_cos + t, rope_sin + t, d, true);
+      }}
   }}
   return error;
 }}

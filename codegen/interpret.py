@@ -16,7 +16,19 @@ from attncc.codegen import helpers
 from attncc.codegen.emit_torch import emit
 from attncc.errors import UnsupportedError
 from attncc.ir.core import Graph, Op
-from attncc.ir.ops import FusedOp, InputOp, MaskOp, PVOp, QKOp, ReturnOp, ScaleOp, ScoreModOp, SoftmaxOp, TensorOp
+from attncc.ir.ops import (
+    FusedOp,
+    InputOp,
+    MaskOp,
+    PVOp,
+    QKOp,
+    ReturnOp,
+    RopeOp,
+    ScaleOp,
+    ScoreModOp,
+    SoftmaxOp,
+    TensorOp,
+)
 
 _ARGS = "score, b, h, q, kv, B, H, Sq, Skv, T"
 
@@ -64,6 +76,10 @@ def _step(op: Op, env: dict[str, torch.Tensor], T: dict[str, torch.Tensor]) -> t
     get = lambda field: env[getattr(op, field).name]
     if isinstance(op, InputOp | TensorOp):
         return None
+    if isinstance(op, RopeOp):
+        x, half, n = get("x"), get("x").shape[-1] // 2, get("x").shape[2]
+        cos, sin = ((t if t.dim() == 3 else t[None])[:, None, -n:] for t in (T["rope_cos"], T["rope_sin"]))
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
     if isinstance(op, QKOp):
         return get("q") @ _expand_heads(get("k"), op.groups).transpose(-1, -2)
     if isinstance(op, ScaleOp):

@@ -15,7 +15,7 @@ from attncc.codegen.emit_torch import emit
 from attncc.errors import LoweringError
 from attncc.ir.core import Graph
 from attncc.ir.exprs import expr_str
-from attncc.ir.ops import FusedOp, TensorOp
+from attncc.ir.ops import FusedOp, InputOp, RopeOp, TensorOp
 
 TEMPLATE = """\
 # attncc reference kernel for @{name}
@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from attncc import rope as R_
 from attncc.codegen import helpers as H_
 
 SCALE = {scale!r}
@@ -48,8 +49,8 @@ def forward(q, k, v, T, return_lse=False):
     T = dict(T)
     T.update({{n: torch.tensor(vals, device=q.device, dtype=dtype if n in FLOAT_TABLES else torch.int64)
               for n, vals in TABLES.items()}})
-    qf = q.to(dtype).view(B, Hkv, GROUPS, Sq, D)  # kv head = h // GROUPS, never copied
-    kf, vf = k.to(dtype), v.to(dtype)
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+{rope_code}    qf = qf.view(B, Hkv, GROUPS, Sq, D)  # kv head = h // GROUPS, never copied
     s = torch.einsum("bjgqd,bjkd->bjgqk", qf, kf).reshape(B, H, Sq, Skv) * SCALE
     ib = torch.arange(B, device=q.device).view(B, 1, 1, 1)
     ih = torch.arange(H, device=q.device).view(1, H, 1, 1)
@@ -97,6 +98,31 @@ def fused_op(graph: Graph) -> FusedOp:
     return op
 
 
+ROPE_CODE = """\
+    # attn.rope on q and k: x * cos + rotate_half(x) * sin (tables: one row per key position)
+    qf, kf = (R_.apply(x, T["rope_cos"], T["rope_sin"]) for x in (qf, kf))
+"""
+
+
+def has_rope(graph: Graph) -> bool:
+    """True when the fused op reads q and k through attn.rope ops on the inputs (the kernels then
+    rotate in their prologue); a rope on only one of them, or not on an input, is refused."""
+    op = fused_op(graph)
+    found = []
+    for operand, arg in ((op.q, "q"), (op.k, "k")):
+        producer = graph.producer(operand)
+        if isinstance(producer, RopeOp):
+            source = graph.producer(producer.x)
+            if not (isinstance(source, InputOp) and source.arg == arg):
+                raise LoweringError(f"attn.rope must read the input %{arg} directly; it reads {producer.x}")
+            found.append(arg)
+        elif not isinstance(producer, InputOp):
+            raise LoweringError(f"the fused op's {arg} operand comes from {producer.name}, which no target can absorb")
+    if len(found) == 1:
+        raise LoweringError(f"attn.rope on {found[0]} only; RoPE rotates q and k with the same tables")
+    return bool(found)
+
+
 def render(graph: Graph) -> str:
     """Fill the template's holes from the graph's fused op and constant tables."""
     op = fused_op(graph)
@@ -111,6 +137,7 @@ def render(graph: Graph) -> str:
         mask_code=emit(op.mask),
         mod_text=expr_str(op.score_mod),
         mod_code=emit(op.score_mod),
+        rope_code=ROPE_CODE if has_rope(graph) else "",
     )
     return text.replace("TABLES = ", f"FLOAT_TABLES = {sorted(floats)!r}\nTABLES = ", 1)
 

@@ -75,6 +75,30 @@ class TensorOp(Op):
 
 
 @dataclass(frozen=True, slots=True)
+class RopeOp(Op):
+    """%q1 = attn.rope %q : [B, 8, Sq, 64]   -- rotary embedding by the call's rope tables
+
+    x' = x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x[D/2:], x[:D/2]); tables
+    ``rope_cos`` / ``rope_sin`` have one row per key position, query rows align with the last
+    ones. Code generators apply it in the kernel prologue of the op that reads the result.
+    """
+
+    name: ClassVar[str] = "attn.rope"
+    operands: ClassVar[tuple[str, ...]] = ("x",)
+    x: Value
+
+    def result_shape(self) -> Shape:
+        return self.x.shape
+
+    def verify(self) -> None:
+        if len(self.x.shape) != 4:
+            raise self.fail(f"{self.x} must be 4-d [B, heads, length, head_dim]")
+        d = self.x.shape[3]
+        if d.is_number and int(d) % 2:
+            raise self.fail(f"head_dim {d} of {self.x} is odd; RoPE rotates pairs (d, d + D/2)")
+
+
+@dataclass(frozen=True, slots=True)
 class QKOp(Op):
     """%s = attn.qk %q, %k {groups = 1} : [B, Hq, Sq, Skv]   -- scores q.k (kv head = h // groups)"""
 
@@ -298,6 +322,7 @@ OPS: dict[str, type[Op]] = {
     for cls in (
         InputOp,
         TensorOp,
+        RopeOp,
         QKOp,
         ScaleOp,
         ScoreModOp,

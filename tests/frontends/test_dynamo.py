@@ -52,6 +52,7 @@ def test_llama_causal_gqa() -> None:
     assert len(sites) == 2 and all(s["status"] == "lifted" for s in sites), sites
     assert all(s["mask"] == "kv <= q" for s in sites)
     assert all(s["num_heads"] == 4 and s["num_kv_heads"] == 2 for s in sites), "GQA recovered, k/v not repeated"
+    assert all(s["rope"] for s in sites), "q/k rotation moved into the kernel prologue"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -181,3 +182,72 @@ def test_llama_with_inductor_for_the_rest() -> None:
         got = _compile(model, backend="inductor")(ids).logits
     assert all(s["status"] == "lifted" for s in _sites())
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RopeAttention(torch.nn.Module):
+    """q and k rotated (Hugging Face's apply_rotary_pos_emb) right before causal SDPA; k's tables
+    may differ from q's."""
+
+    def __init__(self, heads: int = 2, dim: int = 32) -> None:
+        super().__init__()
+        self.heads, self.qkv = heads, torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_sin: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q = q * cos + _rotate_half(q) * sin
+        k = (k * cos) + (_rotate_half(k) * k_sin)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("same_tables", [True, False], ids=["fused", "different-tables"])
+def test_rope_is_fused_only_when_q_and_k_share_tables_and_gradients_match(same_tables: bool) -> None:
+    model = RopeAttention()
+    x = torch.randn(2, 19, 32)
+    angle = torch.arange(19.0)[:, None] * 0.3 ** torch.arange(8.0)
+    cos, sin = torch.cat((angle, angle), -1).cos(), torch.cat((angle, angle), -1).sin()
+    k_sin = sin if same_tables else -sin
+    want = model(x, cos, sin, k_sin)
+    (want * torch.arange(16.0)).sum().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = _compile(model)(x, cos, sin, k_sin)
+    (got * torch.arange(16.0)).sum().backward()
+    (site,) = _sites()
+    assert site["status"] == "lifted" and site["rope"] is same_tables, site
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for p, w in zip(model.parameters(), want_grads, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-4)
+
+
+class LearnedRelativeBias(torch.nn.Module):
+    """An additive relative-position bias read from a learned table (T5 / Swin style)."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(2 * length - 1))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = q.shape[2]
+        i = torch.arange(n)
+        bias = self.table[i[:, None] - i[None, :] + n - 1]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def test_learned_bias_read_by_a_lifted_site_gets_its_gradient() -> None:
+    model = LearnedRelativeBias(11)
+    q, k, v = (torch.randn(2, 2, 11, 8, requires_grad=True) for _ in range(3))
+    want = model(q, k, v)
+    want_grads = torch.autograd.grad(want.square().sum(), [q, k, v, model.table])
+    got = _compile(model)(q, k, v)
+    got_grads = torch.autograd.grad(got.square().sum(), [q, k, v, model.table])
+    (site,) = _sites()
+    assert site["status"] == "lifted", site
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

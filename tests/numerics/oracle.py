@@ -157,3 +157,29 @@ def relative_bias_fn(table: torch.Tensor, max_distance: int) -> Callable[[torch.
         return s + table.double()[:, idx].unsqueeze(0)
 
     return fn
+
+
+# ---- rotary position embedding ---------------------------------------------------------------
+def rope_angles(positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """theta[p, j] = p * base^(-2j/D) for j < D/2, float64 (RoFormer, eq. 34)."""
+    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return torch.arange(positions, dtype=torch.float64)[:, None] * inv[None]
+
+
+def rope_complex(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, S, D] by the last S rows of theta [S', D/2]: the pair (x[j], x[j + D/2])
+    read as the complex number x[j] + i x[j + D/2] is multiplied by exp(i theta[p, j])."""
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(
+        torch.ones_like(theta[-x.shape[2] :]), theta[-x.shape[2] :]
+    )
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin written out per element for arbitrary tables [Bt, S', D]
+    (no pairing between the halves assumed)."""
+    half, n = x.shape[-1] // 2, x.shape[2]
+    c, s = cos[:, None, -n:].double(), sin[:, None, -n:].double()
+    lo, hi = x[..., :half].double(), x[..., half:].double()
+    return torch.cat((lo * c[..., :half] - hi * s[..., :half], hi * c[..., half:] + lo * s[..., half:]), dim=-1)
