@@ -157,19 +157,19 @@ class Kernel:
         if reason is not None:
             log.info("triton target: running the reference target for this call: %s", reason)
             return self._impl(q, k, v, _with_tables(bound, tables), return_lse)
-        if tables is not None:
-            log.info("triton target: RoPE is applied by PyTorch before the kernel (no in-kernel prologue yet)")
-            q, k = rope.apply(q, *tables), rope.apply(k, *tables)
-        names = list(bound)
+        given = _with_tables(bound, tables)  # the rope tables ride along under their call names
+        names = list(given)
         o, lse = triton_target.TritonAttention.apply(
-            q, k, v, self.triton_kernel(), self._lists_for(shape, bound), names, *(bound[n] for n in names)
+            q, k, v, self.triton_kernel(), self._lists_for(shape, bound), names, *(given[n] for n in names)
         )
         return (o, lse) if return_lse else o
 
     def block_map(
         self, q_len: int, kv_len: int, batch: int = 1, block: tuple[int, int] | None = None, **tensors: torch.Tensor
     ) -> BlockMap:
-        """The tile map at these lengths (runtime tensors by keyword, as for a call)."""
+        """The tile map at these lengths (runtime tensors by keyword, as for a call; rope tables,
+        which do not change the map, are accepted and ignored)."""
+        tensors = {n: t for n, t in tensors.items() if n not in rope.NAMES}
         shape = CallShape(batch, q_len, kv_len)
         check_requires(self.spec, shape)
         bound = check_tensors(self.spec, shape, tensors, torch.device("cpu")) if self.spec.tensors else {}

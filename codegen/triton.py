@@ -21,14 +21,15 @@ import sympy
 import torch
 
 from attncc import config
-from attncc.codegen.cpu import Lists, kernel_value
+from attncc.codegen.cpu import Lists, kernel_value, rope_tables
 from attncc.codegen.emit_triton import emit
-from attncc.codegen.reference import fused_op
+from attncc.codegen.reference import fused_op, has_rope
 from attncc.codegen.triton_template import TEMPLATE
 from attncc.errors import UnsupportedError
 from attncc.ir.core import Graph
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp, TiledOp
+from attncc.rope import NAMES as ROPE_NAMES
 
 log = logging.getLogger("attncc.codegen.triton")
 
@@ -186,6 +187,7 @@ class TritonKernel:
         self.module, self.path, self.generated_now = load(self.source, graph.name)
         self.tensors = [t for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp)]
         self.grad_tables = grad_tables(graph)
+        self.rope = has_rope(graph)
         self.bq, self.bkv = max(16, op.bq), max(16, op.bkv)
         if (self.bq, self.bkv) != (op.bq, op.bkv):
             raise UnsupportedError(f"the triton target needs tiles of at least 16x16, got {op.bq}x{op.bkv}")
@@ -205,6 +207,7 @@ class TritonKernel:
             BLOCK_M=self.bq,
             BLOCK_N=self.bkv,
             HAS_MOD=self.op.score_mod != score,
+            ROPE=self.rope,
         )
         return meta  # the forward kernel is autotuned over num_warps / num_stages on a GPU
 
@@ -219,6 +222,11 @@ class TritonKernel:
             n: torch.from_numpy(getattr(lists, n)).to(device)
             for n in ("map_of", "kv_ptr", "kv_idx", "kv_full", "q_ptr", "q_idx", "q_full")
         }
+
+    def _rope_args(self, q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> list[Any]:
+        """COS, SIN, ROPE_B: the rope tables (under their call names in ``tensors``) as fp32 [Bt, Skv, D]."""
+        tables = rope_tables((tensors[ROPE_NAMES[0]], tensors[ROPE_NAMES[1]]) if self.rope else None)
+        return [q, q, 1] if tables is None else [tables[0], tables[1], int(tables[0].shape[0])]
 
     def _error(self, err: torch.Tensor) -> None:
         if int(err.item()):
@@ -245,6 +253,7 @@ class TritonKernel:
             o,
             lse,
             err,
+            *self._rope_args(q, tensors),
             L["map_of"],
             L["kv_ptr"],
             L["kv_idx"],
@@ -310,6 +319,7 @@ class TritonKernel:
             dk,
             dv,
             err,
+            *self._rope_args(q, tensors),
             L["map_of"],
             L["q_ptr"],
             L["q_idx"],
@@ -331,6 +341,7 @@ class TritonKernel:
             delta.contiguous(),
             dq,
             err,
+            *self._rope_args(q, tensors),
             L["map_of"],
             L["kv_ptr"],
             L["kv_idx"],

@@ -34,6 +34,35 @@ def _tanh(x):
     x = tl.minimum(tl.maximum(x, -15.0), 15.0)  # tanh is +-1 in fp32 beyond |x| = 9; no exp overflow
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
+@triton.jit
+def _rope(x, row_ptrs, mask, COS, SIN, trow, offs_d, D: tl.constexpr):
+    """attn.rope: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], in fp32.
+    row_ptrs [rows, 1]: where each row of x starts (the partner columns are loaded from there);
+    trow [rows]: the table row of each row of x."""
+    half = D // 2
+    partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+    xp = tl.load(row_ptrs + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    sign = tl.where(offs_d < half, -1.0, 1.0)
+    t_off = trow[:, None] * D + offs_d[None, :]
+    c = tl.load(COS + t_off, mask=mask, other=0.0)
+    s = tl.load(SIN + t_off, mask=mask, other=0.0)
+    return x.to(tl.float32) * c + sign[None, :] * xp * s
+
+
+@triton.jit
+def _rope_back(g, COS, SIN, trow, mask, offs_d, D: tl.constexpr):
+    """gradient through attn.rope: g * cos + rotate_half^T(g * sin), rotate_half^T(y) = [y2, -y1]
+    (the column swap as a product with a signed permutation, exact in fp32)"""
+    half = D // 2
+    t_off = trow[:, None] * D + offs_d[None, :]
+    c = tl.load(COS + t_off, mask=mask, other=0.0)
+    s = tl.load(SIN + t_off, mask=mask, other=0.0)
+    i = offs_d[:, None]
+    j = offs_d[None, :]
+    swap = tl.where((j < half) & (i == j + half), 1.0, 0.0)
+    swap -= tl.where((j >= half) & (j < D) & (i == j - half), 1.0, 0.0)
+    return g * c + tl.dot(g * s, swap, input_precision="ieee")
+
 {loaders}
 
 @triton.jit
@@ -79,11 +108,11 @@ def _kv_range(qb, band: tl.constexpr, h, SQ, SKV, NKV{table_params}):
 
 
 {autotune}@triton.jit
-def attncc_fwd(Q, K, V, O, LSE, ERR, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_params},
+def attncc_fwd(Q, K, V, O, LSE, ERR, COS, SIN, ROPE_B, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_params},
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                B, H, SQ, SKV, NQ, NKV, MAPS_B, MAPS_H, GROUPS, SCALE,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_MOD: tl.constexpr, BANDED: tl.constexpr, BANDS: tl.constexpr):
+               HAS_MOD: tl.constexpr, ROPE: tl.constexpr, BANDED: tl.constexpr, BANDS: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -92,8 +121,12 @@ def attncc_fwd(Q, K, V, O, LSE, ERR, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_para
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
-                mask=(offs_m[:, None] < SQ) & dmask[None, :], other=0.0)
+    q_rows = Q + b * sqb + h * sqh + offs_m[:, None] * sqm
+    qmask = (offs_m[:, None] < SQ) & dmask[None, :]
+    q = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0)
+    tb = tl.where(ROPE_B > 1, b, 0) * SKV  # first table row of this batch entry
+    if ROPE:  # prologue: queries are the last SQ positions of the tables
+        q = _rope(q, q_rows, qmask, COS, SIN, tb + offs_m + SKV - SQ, offs_d, D).to(q.dtype)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -109,7 +142,7 @@ def attncc_fwd(Q, K, V, O, LSE, ERR, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_para
                     full = ((kb >= flo) & (kb <= fhi)).to(tl.int32)
                     m_i, l_i, acc = _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_args},
                                               b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
-                                              B, H, SQ, SKV, SCALE, BLOCK_N, HAS_MOD)
+                                              B, H, SQ, SKV, SCALE, COS, SIN, tb, D, BLOCK_N, HAS_MOD, ROPE)
     else:
         pair = tl.where(MAPS_B > 1, b, 0) * MAPS_H + tl.where(MAPS_H > 1, h, 0)
         row = tl.load(MAP_OF + pair) * NQ + qb
@@ -120,7 +153,7 @@ def attncc_fwd(Q, K, V, O, LSE, ERR, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_para
             full = tl.load(KV_FULL + t).to(tl.int32)
             m_i, l_i, acc = _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_args},
                                       b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
-                                      B, H, SQ, SKV, SCALE, BLOCK_N, HAS_MOD)
+                                      B, H, SQ, SKV, SCALE, COS, SIN, tb, D, BLOCK_N, HAS_MOD, ROPE)
     visible = l_i > 0
     out = acc / tl.where(visible, l_i, 1.0)[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -132,11 +165,18 @@ def attncc_fwd(Q, K, V, O, LSE, ERR, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_para
 @triton.jit
 def _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_params},
               b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
-              B, H, SQ, SKV, SCALE, BLOCK_N: tl.constexpr, HAS_MOD: tl.constexpr):
+              B, H, SQ, SKV, SCALE, COS, SIN, tb, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MOD: tl.constexpr,
+              ROPE: tl.constexpr):
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < SKV
-    k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None],
-                mask=nmask[None, :] & dmask[:, None], other=0.0)
+    if ROPE:  # the K tile rotated as it is loaded
+        k_rows = K + b * skb + hk * skh + offs_n[:, None] * skn
+        kmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_rows + offs_d[None, :], mask=kmask, other=0.0)
+        k = tl.trans(_rope(k, k_rows, kmask, COS, SIN, tb + offs_n, offs_d, D).to(k.dtype))
+    else:
+        k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None],
+                    mask=nmask[None, :] & dmask[:, None], other=0.0)
     s = tl.dot(q, k) * SCALE
     s = _tile(s, offs_m, offs_n, full, b, h, B, H, SQ, SKV, ERR{tensor_args}, HAS_MOD)
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -178,10 +218,11 @@ def _table_grads(d_mod, s, offs_m, offs_n, b, h, B, H, SQ, SKV, ERR{tensor_param
 
 
 @triton.jit
-def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, MAP_OF, Q_PTR, Q_IDX, Q_FULL{tensor_params}{grad_params},
+def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, COS, SIN, ROPE_B,
+                    MAP_OF, Q_PTR, Q_IDX, Q_FULL{tensor_params}{grad_params},
                     B, H, HKV, SQ, SKV, NKV, MAPS_B, MAPS_H, GROUPS, SCALE,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_MOD: tl.constexpr, TABLE_GRADS: tl.constexpr):
+                    HAS_MOD: tl.constexpr, ROPE: tl.constexpr, TABLE_GRADS: tl.constexpr):
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -193,6 +234,9 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, MAP_OF, Q_PTR, Q_IDX, 
     kv_off = (bhk * SKV + offs_n[:, None]) * D + offs_d[None, :]
     k = tl.load(K + kv_off, mask=nm, other=0.0)
     v = tl.load(V + kv_off, mask=nm, other=0.0)
+    tb = tl.where(ROPE_B > 1, b, 0) * SKV
+    if ROPE:  # prologue: K rotated; dK is rotated back in the epilogue
+        k = _rope(k, K + (bhk * SKV + offs_n[:, None]) * D, nm, COS, SIN, tb + offs_n, offs_d, D).to(k.dtype)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(0, GROUPS):
@@ -206,6 +250,9 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, MAP_OF, Q_PTR, Q_IDX, 
             mm = (offs_m[:, None] < SQ) & dmask[None, :]
             q_off = ((b * H + h) * SQ + offs_m[:, None]) * D + offs_d[None, :]
             q = tl.load(Q + q_off, mask=mm, other=0.0)
+            if ROPE:
+                q_rows = Q + ((b * H + h) * SQ + offs_m[:, None]) * D
+                q = _rope(q, q_rows, mm, COS, SIN, tb + offs_m + SKV - SQ, offs_d, D).to(q.dtype)
             do = tl.load(DO + q_off, mask=mm, other=0.0)
             lse = tl.load(LSE + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=float("-inf"))
             delta = tl.load(DELTA + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=0.0)
@@ -215,15 +262,18 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, MAP_OF, Q_PTR, Q_IDX, 
                 _table_grads(d_mod, raw, offs_m, offs_n, b, h, B, H, SQ, SKV, ERR{tensor_args}{grad_args})
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    if ROPE:
+        dk = _rope_back(dk, COS, SIN, tb + offs_n, nm, offs_d, D)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=nm)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=nm)
 
 
 @triton.jit
-def attncc_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, ERR, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_params},
+def attncc_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, ERR, COS, SIN, ROPE_B,
+                  MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_params},
                   B, H, HKV, SQ, SKV, NQ, MAPS_B, MAPS_H, GROUPS, SCALE,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_MOD: tl.constexpr):
+                  HAS_MOD: tl.constexpr, ROPE: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -235,6 +285,9 @@ def attncc_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, ERR, MAP_OF, KV_PTR, KV_IDX, KV_F
     mm = (offs_m[:, None] < SQ) & dmask[None, :]
     q_off = (bh * SQ + offs_m[:, None]) * D + offs_d[None, :]
     q = tl.load(Q + q_off, mask=mm, other=0.0)
+    tb = tl.where(ROPE_B > 1, b, 0) * SKV
+    if ROPE:  # prologue: Q rotated; dQ is rotated back in the epilogue
+        q = _rope(q, Q + (bh * SQ + offs_m[:, None]) * D, mm, COS, SIN, tb + offs_m + SKV - SQ, offs_d, D).to(q.dtype)
     do = tl.load(DO + q_off, mask=mm, other=0.0)
     lse = tl.load(LSE + bh * SQ + offs_m, mask=offs_m < SQ, other=float("-inf"))
     delta = tl.load(DELTA + bh * SQ + offs_m, mask=offs_m < SQ, other=0.0)
@@ -248,9 +301,14 @@ def attncc_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, ERR, MAP_OF, KV_PTR, KV_IDX, KV_F
         nm = (offs_n[:, None] < SKV) & dmask[None, :]
         kv_off = ((b * HKV + hk) * SKV + offs_n[:, None]) * D + offs_d[None, :]
         k = tl.load(K + kv_off, mask=nm, other=0.0)
+        if ROPE:
+            k_rows = K + ((b * HKV + hk) * SKV + offs_n[:, None]) * D
+            k = _rope(k, k_rows, nm, COS, SIN, tb + offs_n, offs_d, D).to(k.dtype)
         v = tl.load(V + kv_off, mask=nm, other=0.0)
         p, ds, _, _ = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
                              ERR{tensor_args}, HAS_MOD)
         dq += tl.dot(ds.to(k.dtype), k)
+    if ROPE:
+        dq = _rope_back(dq, COS, SIN, tb + offs_m + SKV - SQ, mm, offs_d, D)
     tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=mm)
 '''

@@ -27,12 +27,18 @@ def specs() -> list[tuple[ac.AttentionSpec, dict[str, torch.Tensor], int]]:
     doc_ids = torch.repeat_interleave(torch.arange(4), torch.tensor([70, 29, 95, 62]))
     bias = torch.randn(4, 2 * 16 + 1)
     captured = torch.tensor([0] * 100 + [1] * 156)
+    freqs = torch.arange(256.0)[:, None] * 10000.0 ** (-torch.arange(0, 32, 2) / 32)
+    angles = torch.cat((freqs, freqs), -1)  # Llama's rotary table layout, [positions, head_dim]
 
     def flex_mask(b, h, q_idx, kv_idx):  # a FlexAttention mask_mod, unchanged
         return (captured[q_idx] == captured[kv_idx]) & (q_idx >= kv_idx)
 
     return [
-        (ac.AttentionSpec(name="llama_gqa", num_heads=8, num_kv_heads=2, head_dim=32, mask=ac.causal()), {}, 256),
+        (
+            ac.AttentionSpec(name="llama_gqa", num_heads=8, num_kv_heads=2, head_dim=32, mask=ac.causal(), rope=True),
+            {"rope_cos": angles.cos(), "rope_sin": angles.sin()},  # RoPE applied in the kernel prologue
+            256,
+        ),
         (
             ac.AttentionSpec(
                 name="gemma_window",

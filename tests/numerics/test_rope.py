@@ -28,8 +28,9 @@ def _check(
     paired: bool = True,
     dtype: torch.dtype = torch.float32,
     mod: bool = False,
+    D: int = 16,
 ) -> None:
-    B, H, D = 2, 4, 16
+    B, H = 2, 4
     g = torch.Generator().manual_seed(sq * 100 + skv + kv_heads)
     q, k, v = (
         torch.randn(B, h, n, D, dtype=torch.float64, generator=g)
@@ -42,12 +43,12 @@ def _check(
         emb = torch.cat((theta, theta), -1)
         cos, sin = emb.cos().float(), emb.sin().float()
         tables = (cos.expand(B, skv, D).contiguous(), sin.expand(B, skv, D).contiguous()) if batched else (cos, sin)
-        rotate = lambda x: oracle.rope_complex(x, theta)  # noqa: E731
+        rotate = lambda x: oracle.rope_complex(x, theta)
     else:
         cos = torch.randn(B if batched else 1, skv, D, generator=g, dtype=torch.float64).float()
         sin = torch.randn(B if batched else 1, skv, D, generator=g, dtype=torch.float64).float()
         tables = (cos, sin) if batched else (cos[0], sin[0])
-        rotate = lambda x: oracle.rope_tables(cos, sin, x)  # noqa: E731
+        rotate = lambda x: oracle.rope_tables(cos, sin, x)
     keep = oracle.dense(lambda b, h, i, j: j <= i + skv - sq, B, H, sq, skv)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     score_fn = (lambda s: 20 * torch.tanh(s / 20)) if mod else None
@@ -90,14 +91,18 @@ def test_rope_cpu_bf16() -> None:
     _check("cpu", 29, 29, dtype=torch.bfloat16)
 
 
-def test_rope_triton_interpreted() -> None:
-    _check("triton", 16, 24, batched=True)
+@pytest.mark.parametrize("head_dim", [16, 24], ids=["d16", "d24-padded"])
+def test_rope_triton_prologue(head_dim: int) -> None:
+    """In-kernel rotation of the Triton target (forward, dK/dV and dQ kernels), under the interpreter
+    on machines without a GPU."""
+    _check("triton", 16, 24, batched=True, mod=True, D=head_dim)
 
 
 def test_rope_ir_shows_the_rotation_feeding_the_tiled_op() -> None:
     kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.causal(), rope=True), target="cpu")
     assert "%q1 = attn.rope %q : [B, 2, Sq, 8]" in kern.ir and "attn.tiled %q1, %k1, %v" in kern.ir
     assert "constexpr bool ROPE = true;" in kern.source
+    assert "q = _rope(q, q_rows" in ac.compile(kern.spec, target="triton").source
     plain = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.causal()), target="cpu")
     assert "constexpr bool ROPE = false;" in plain.source and "attn.rope" not in plain.ir
 
