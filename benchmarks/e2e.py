@@ -76,7 +76,8 @@ def main() -> None:
     for name, first, t, err in rows:
         print(f"| {name} | {first:.2f} | {t * 1e3:.1f} | {eager / t:.2f}x | {err:.1e} |")
     for site in ac.dynamo.reports():
-        print(f"site {site['site']}: {site['status']}, mask {site.get('mask')}, {site.get('reason') or ''}")
+        rope = ", RoPE in the kernel prologue" if site.get("rope") else ""
+        print(f"site {site['site']}: {site['status']}, mask {site.get('mask')}{rope} {site.get('reason') or ''}")
 
 
 if __name__ == "__main__":

@@ -264,6 +264,7 @@ extern "C" int attncc_forward(
         for (int i = 0; i < rows; ++i) {{
           float* sr = s.data() + i * WKV;
           float raw = -INFINITY;
+          #pragma omp simd reduction(max:raw)
           for (int j = 0; j < cols; ++j) raw = std::max(raw, sr[j]);
           const float mx = std::max(m[i], raw * sc);
           if (mx == -INFINITY) {{ std::fill(sr, sr + cols, 0.0f); continue; }}
