@@ -232,6 +232,11 @@ def _jointly_full(
         edges.append((c_lo, np.where(has_full, np.minimum(f_lo - 1, c_hi), c_hi)))
         edges.append((np.where(has_full, np.maximum(f_hi + 1, c_lo), c_hi + 1), c_hi))
     width = max(int((hi - lo + 1).max(initial=0)) for lo, hi in edges)
+    if width <= 0:
+        return full
+    if width * full.shape[0] * full.shape[1] * len(edges) > JOINT_CHECK_LIMIT:
+        log.info("tiles left partial after refinement: band edges %d blocks wide are too many to check", width)
+        return full
     heads, qbs, kbs = [], [], []
     for lo, hi in edges:
         for offset in range(width):
