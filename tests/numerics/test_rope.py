@@ -10,10 +10,15 @@ from __future__ import annotations
 import math
 
 import pytest
+import sympy
 import torch
 
 import attncc as ac
-from attncc.errors import SpecError
+from attncc.errors import SpecError, VerifyError
+from attncc.ir import exprs as X
+from attncc.ir import parse_ir, print_ir
+from attncc.ir.core import Value
+from attncc.ir.ops import RopeOp
 from tests.numerics import oracle
 
 K, FLOOR = 4.0, 1e-5
@@ -103,6 +108,13 @@ def test_rope_ir_shows_the_rotation_feeding_the_tiled_op() -> None:
     assert "%q1 = attn.rope %q : [B, 2, Sq, 8]" in kern.ir and "attn.tiled %q1, %k1, %v" in kern.ir
     assert "constexpr bool ROPE = true;" in kern.source
     assert "q = _rope(q, q_rows" in ac.compile(kern.spec, target="triton").source
+    for record in kern.records:  # the IR after every pass prints and parses back to itself
+        assert print_ir(parse_ir(record.ir)) == record.ir
+    with pytest.raises(VerifyError, match="head_dim 7 of %q is odd"):
+        RopeOp(
+            Value("q1", (X.B, sympy.Integer(2), X.Sq, sympy.Integer(7))),
+            Value("q", (X.B, sympy.Integer(2), X.Sq, sympy.Integer(7))),
+        ).verify()
     plain = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.causal()), target="cpu")
     assert "constexpr bool ROPE = false;" in plain.source and "attn.rope" not in plain.ir
 
