@@ -149,6 +149,18 @@ def _visible_rows(
     return qa, qz
 
 
+def _band_lo(band: Band, pos: np.ndarray, hm: int, tables: Mapping[str, TensorRanges], sizes: Env) -> np.ndarray:
+    """First visible key of the band at query rows ``pos``, clipped to 0: [hm, n]."""
+    return np.maximum(_eval_at(band.lows, np.maximum, pos, hm, tables, sizes), 0)
+
+
+def _band_hi(
+    band: Band, pos: np.ndarray, kv_len: int, hm: int, tables: Mapping[str, TensorRanges], sizes: Env
+) -> np.ndarray:
+    """Last visible key of the band at query rows ``pos``, clipped to kv_len - 1: [hm, n]."""
+    return np.minimum(_eval_at(band.highs, np.minimum, pos, hm, tables, sizes), kv_len - 1)
+
+
 def _band_ranges(
     band: Band, q_len: int, kv_len: int, block: tuple[int, int], hm: int, tables: Mapping[str, TensorRanges], sizes: Env
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -163,10 +175,10 @@ def _band_ranges(
     nq, nkv = -(-q_len // bq), -(-kv_len // bkv)
 
     def lo_at(pos: np.ndarray) -> np.ndarray:  # pos: [hm, n] rows
-        return np.maximum(_eval_at(band.lows, np.maximum, pos, hm, tables, sizes), 0)
+        return _band_lo(band, pos, hm, tables, sizes)
 
     def hi_at(pos: np.ndarray) -> np.ndarray:
-        return np.minimum(_eval_at(band.highs, np.minimum, pos, hm, tables, sizes), kv_len - 1)
+        return _band_hi(band, pos, kv_len, hm, tables, sizes)
 
     qa, qz = _visible_rows(lambda pos: hi_at(pos) - lo_at(pos), q_len, bq, hm)
     qs = np.broadcast_to((np.arange(nq) * bq)[None, :], (hm, nq))
@@ -252,8 +264,8 @@ def _jointly_full(
         """Is tile column block kb inside the union of the bands at every one of ``rows`` [C, n]?"""
         flat = np.broadcast_to(rows.reshape(-1), (hm, rows.size))
         pick = (h[:, None], np.arange(rows.size).reshape(rows.shape))
-        lows = [np.maximum(_eval_at(b.lows, np.maximum, flat, hm, tables, sizes), 0)[pick] for b in bands]
-        highs = [np.minimum(_eval_at(b.highs, np.minimum, flat, hm, tables, sizes), kv_len - 1)[pick] for b in bands]
+        lows = [_band_lo(b, flat, hm, tables, sizes)[pick] for b in bands]
+        highs = [_band_hi(b, flat, kv_len, hm, tables, sizes)[pick] for b in bands]
         merged = merge_ranges(np.stack([np.stack(lows, -1), np.stack(highs, -1)], -1))  # [C, n, R, 2]
         k0 = (kb * bkv)[:, None, None]
         k1 = np.minimum(kb * bkv + bkv - 1, kv_len - 1)[:, None, None]

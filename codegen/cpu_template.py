@@ -138,13 +138,18 @@ inline void rope_row(const float* x, float* out, const float* c, const float* s,
   }}
 }}
 
-// rotate every row of x [B, heads, S, D] into out; table rows: row i of S uses table row i + Skv - S
+// offset of the table row of key position ``pos`` of batch entry b (tables: [bt, Skv, D], bt = 1 or B);
+// query row i sits at position i + Skv - Sq
+inline int64_t rope_at(int64_t bt, int64_t b, int64_t Skv, int64_t pos, int64_t D) {{
+  return ((bt > 1 ? b : 0) * Skv + pos) * D;
+}}
+
+// rotate every row of x [B, heads, S, D] into out (in place is fine) with ``threads`` threads
 inline void rope_all(const float* x, float* out, int64_t B, int64_t heads, int64_t S, int64_t Skv, int64_t D,
                      const float* cs, const float* sn, int64_t bt, bool inverse, int threads) {{
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < B * heads * S; ++r) {{
-    const int64_t i = r % S, b = r / (heads * S);
-    const int64_t t = ((bt > 1 ? b : 0) * Skv + i + Skv - S) * D;
+    const int64_t t = rope_at(bt, r / (heads * S), Skv, r % S + Skv - S, D);
     rope_row(x + r * D, out + r * D, cs + t, sn + t, (int)D, inverse);
   }}
 }}
@@ -236,7 +241,7 @@ extern "C" int attncc_forward(
       const float* qp = q + ((b * H + h) * Sq + q0) * D;
       if (ROPE) {{  // prologue: this task's query rows, rotated into a local tile
         for (int i = 0; i < rows; ++i) {{
-          const int64_t t = ((rope_bt > 1 ? b : 0) * Skv + q0 + i + Skv - Sq) * D;
+          const int64_t t = rope_at(rope_bt, b, Skv, q0 + i + Skv - Sq, D);
           rope_row(qp + i * D, q_rot.data() + i * D, rope_cos + t, rope_sin + t, d, false);
         }}
         qp = q_rot.data();
@@ -374,7 +379,7 @@ extern "C" int attncc_backward(
       float* dvp = dv + ((b * Hkv + hk) * Skv + k0) * D;
       if (ROPE)
         for (int j = 0; j < cols; ++j) {{
-          const int64_t t = ((rope_bt > 1 ? b : 0) * Skv + k0 + j) * D;
+          const int64_t t = rope_at(rope_bt, b, Skv, k0 + j, D);
           rope_row(dk_acc.data() + j * D, dkp + j * D, rope_cos + t, rope_sin + t, d, true);
         }}
       else
@@ -382,11 +387,7 @@ extern "C" int attncc_backward(
       std::memcpy(dvp, dv_acc.data(), sizeof(float) * cols * D);
     }}
     if (ROPE)  // epilogue: this thread's dQ rows back through the rotation (linear, so before the sum)
-      for (int64_t r = 0; r < B * H * Sq; ++r) {{
-        const int64_t i = r % Sq, b = r / (H * Sq);
-        const int64_t t = ((rope_bt > 1 ? b : 0) * Skv + i + Skv - Sq) * D;
-        rope_row(dq_mine + r * D, dq_mine + r * D, rope_cos + t, rope_sin + t, d, true);
-      }}
+      rope_all(dq_mine, dq_mine, B, H, Sq, Skv, D, rope_cos, rope_sin, rope_bt, true, 1);
   }}
   return error;
 }}
