@@ -3,7 +3,7 @@
     python benchmarks/cpu.py                       # N = 4096 and 16384, fp32 and bf16
     python benchmarks/cpu.py --sizes 4096 --dtypes float32 --masks causal
 
-B=1, H=8, D=64. Times are the best of ``--reps`` calls after a warm-up. attncc's forward and
+B=1, H=8, D=64 (``--head-dim`` to change). Times are the best of ``--reps`` calls after a warm-up. attncc's forward and
 backward run the generated C++; FlexAttention is compiled with torch.compile (its block mask
 built once, outside the timing); SDPA runs with the materialized boolean mask ("masked") and
 without any mask ("dense", or is_causal for causal). FLOP/s count the FLOPs of the tiles attncc
@@ -79,10 +79,10 @@ def best(fn: Callable[[], object], reps: int) -> float:
     return out
 
 
-def run(name: str, n: int, dtype: torch.dtype, reps: int, backward: bool) -> dict[str, float | str]:
+def run(name: str, n: int, dtype: torch.dtype, reps: int, backward: bool, head_dim: int = D) -> dict[str, float | str]:
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, generator=g).to(dtype) for _ in range(3))
-    spec = ac.AttentionSpec(name=f"bench_{name}", num_heads=H, head_dim=D, mask=attncc_mask(name, n))
+    q, k, v = (torch.randn(B, H, n, head_dim, generator=g).to(dtype) for _ in range(3))
+    spec = ac.AttentionSpec(name=f"bench_{name}", num_heads=H, head_dim=head_dim, mask=attncc_mask(name, n))
     runtime = {"doc": doc_ids(n)} if name == "document" else {}
     with tempfile.TemporaryDirectory() as tmp, config.override(cache_dir=Path(tmp), always_compile=True):
         start = time.perf_counter()
@@ -92,7 +92,7 @@ def run(name: str, n: int, dtype: torch.dtype, reps: int, backward: bool) -> dic
     kern = ac.compile(spec, target="cpu")
     fwd = best(lambda: kern(q, k, v, **runtime), reps)
     bm = kern.block_map(n, n, **runtime)
-    flops = bm.predicted_flops(D, H, B)
+    flops = bm.predicted_flops(head_dim, H, B)
     out: dict[str, float | str] = {
         "attncc_fwd": fwd,
         "gflops": flops / fwd / 1e9,
@@ -136,8 +136,10 @@ def main() -> None:
     parser.add_argument("--masks", nargs="+", default=MASKS)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--head-dim", type=int, default=D)
     args = parser.parse_args()
-    print(f"# B={B} H={H} D={D}; torch {torch.__version__}; {platform.machine()}, {torch.get_num_threads()} threads")
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"# B={B} H={H} D={args.head_dim}; torch {torch.__version__}; {machine}")
     print(
         "| mask | N | dtype | tiles | computed | attncc fwd ms | attncc bwd ms | bwd/fwd | flex fwd ms | "
         "flex/attncc | SDPA masked ms | SDPA dense ms | attncc GFLOP/s | attncc cold compile s | flex first call s |"
@@ -147,7 +149,7 @@ def main() -> None:
     for n in args.sizes:
         for dt in args.dtypes:
             for name in args.masks:
-                r = run(name, n, getattr(torch, dt), args.reps, not args.no_backward)
+                r = run(name, n, getattr(torch, dt), args.reps, not args.no_backward, args.head_dim)
                 fwd = float(r["attncc_fwd"])
                 bwd = float(r.get("attncc_bwd", float("nan")))
                 if "flex_error" in r:
