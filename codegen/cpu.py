@@ -27,6 +27,7 @@ from attncc.ir.ops import TensorOp, TiledOp
 log = logging.getLogger("attncc.codegen.cpu")
 
 SPAN_COLUMNS = 512  # merge runs of equal tiles into GEMMs up to this wide (measured: fewer, larger sgemm calls)
+SPAN_ROWS = 128  # the backward's runs of q-blocks, up to this many rows
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -61,6 +62,7 @@ def render(graph: Graph) -> str:
         bq=bq,
         bkv=bkv,
         span=max(1, SPAN_COLUMNS // bkv),
+        span_q=max(1, SPAN_ROWS // bq),
         has_mod="true" if op.score_mod != score else "false",
         rope="true" if has_rope(graph) else "false",
         accessors="\n\n".join(_accessor(i, t) for i, t in enumerate(tensor_ops(graph))),
@@ -198,6 +200,26 @@ class CpuKernel:
         self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         for fn in (self.lib.attncc_forward, self.lib.attncc_backward, self.lib.attncc_masks):
             fn.restype = ctypes.c_int
+        self.lib.attncc_vector_lanes.restype = ctypes.c_int
+        self.lanes = int(self.lib.attncc_vector_lanes())
+        self._told: set[int] = set()
+
+    def products(self, head_dim: int) -> str:
+        """How this kernel computes its block products at ``head_dim``: register-blocked micro-kernels
+        where the head dim and the kv tile are multiples of the register block's width, else sgemm."""
+        width = 2 * self.lanes
+        if not self.lanes:
+            return "blas: this build has no FMA vector unit (no AVX2+FMA or AVX-512)"
+        if head_dim % width or self.bkv % width:
+            return f"blas: head_dim {head_dim} or kv tile {self.bkv} is not a multiple of {width}"
+        return f"micro-kernels: register blocks {width} columns wide ({self.lanes}-lane FMA vectors)"
+
+    def _tell(self, head_dim: int) -> None:
+        if head_dim not in self._told:
+            self._told.add(head_dim)
+            how = self.products(head_dim)
+            if how.startswith("blas"):
+                log.info("cpu kernel %s: block products fall back to sgemm (%s)", self.path.name, how[6:])
 
     def masks(self, lists: Lists, shape: tuple[int, int, int, int], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The keep bytes of every partial tile (BQ x BKV each), from one pass of mask code."""
@@ -253,6 +275,7 @@ class CpuKernel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
+        self._tell(D)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)

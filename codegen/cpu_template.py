@@ -15,6 +15,7 @@ TEMPLATE = r"""// attncc cpu kernel for @{name}
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 #include <omp.h>
 
@@ -25,7 +26,8 @@ constexpr int BKV = {bkv};
 constexpr bool HAS_MOD = {has_mod};
 constexpr bool ROPE = {rope};  // q and k rotated by RoPE tables in the prologue
 constexpr int SPAN = {span};  // consecutive tiles of equal kind merged into one GEMM (up to SPAN tiles)
-constexpr int WKV = BKV * SPAN, WQ = BQ * SPAN;
+constexpr int SPAN_Q = {span_q};  // the same for the backward's runs of q-blocks
+constexpr int WKV = BKV * SPAN, WQ = BQ * SPAN_Q;
 
 typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*,
                         const float*, const int*, const float*, const int*, const float*, float*, const int*);
@@ -73,15 +75,17 @@ inline float dmod_fn(const Ctx& cx, float score, int64_t b, int64_t h, int64_t q
   return (float)({dmod_code});
 }}
 
-// exp for the softmax: Cephes-style, relative error ~1e-7, vectorizable; exp(-inf) = 0 exactly.
-inline float exp_f(float x) {{
-  if (!(x > -88.0f)) return 0.0f;
-  x = std::min(x, 88.0f);
-  float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f; p = p * r * r + r + 1.0f;
+// 2^x for the softmax, which runs in base 2 (log2(e) folds into the score scale): x = n + r with
+// n = round(x) (exact), 2^r by a degree-5 minimax polynomial on [-1/2, 1/2] (relative error
+// < 2e-7), 2^n through the exponent bits; vectorizable; 2^-inf = 0 exactly.
+constexpr float LOG2E = 1.44269504088896341f, LN2 = 0.693147180559945309f;
+inline float exp2_f(float x) {{
+  if (!(x > -127.0f)) return 0.0f;
+  x = std::min(x, 127.0f);
+  const float n = std::nearbyint(x), r = x - n;
+  float p = 1.32646796e-3f;
+  p = p * r + 9.67150275e-3f; p = p * r + 5.55073395e-2f; p = p * r + 2.40222424e-1f;
+  p = p * r + 6.93147004e-1f; p = p * r + 1.0f;
   int32_t bits = ((int32_t)n + 127) << 23;
   float scale; std::memcpy(&scale, &bits, 4);
   return p * scale;
@@ -121,6 +125,108 @@ inline void gemm_tn(sgemm_t sg, int m, int n, int k, const float* a, int lda, co
     }}
 }}
 
+// Register-blocked micro-kernels for the forward's two products: an MR x NR block of the result
+// lives in 2 * MR vector registers while the shared dimension streams through. K is packed once
+// per call into panels of NR keys ([D][NR] each, zero past Skv) so the QK^T kernel loads whole
+// vectors; V is read in place (NR columns of a row are contiguous). Used where D and BKV are
+// multiples of NR and the CPU has FMA vectors; otherwise the BLAS path above.
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#else
+constexpr int VW = 8;
+#endif
+#if (defined(__AVX2__) && defined(__FMA__)) || defined(__AVX512F__)
+constexpr bool SIMD = true;
+#else
+constexpr bool SIMD = false;
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  // unaligned view of floats
+constexpr int MR = 6, NR = 2 * VW;
+
+// C[M x NR] (op)= A . B over a shared dimension of n, with A(i, j) = a[i * ai + j * aj] and B's row j
+// at b + j * ldb. MODE 0 stores, 1 accumulates, 2 rescales C's row i by alpha[i] first (online softmax).
+template <int M, int MODE>
+inline void micro(int n, const float* a, int64_t ai, int64_t aj, const float* b, int64_t ldb, float* c, int64_t ldc,
+                  const float* alpha) {{
+  vf c0[M], c1[M];
+  for (int i = 0; i < M; ++i) c0[i] = c1[i] = vf{{}};
+  for (int j = 0; j < n; ++j) {{
+    const vf b0 = *(const vfu*)(b + j * ldb), b1 = *(const vfu*)(b + j * ldb + VW);
+    for (int i = 0; i < M; ++i) {{
+      const float x = a[i * ai + j * aj];
+      c0[i] += x * b0;
+      c1[i] += x * b1;
+    }}
+  }}
+  for (int i = 0; i < M; ++i) {{
+    vfu* out0 = (vfu*)(c + i * ldc);
+    vfu* out1 = (vfu*)(c + i * ldc + VW);
+    if (MODE == 0) {{ *out0 = c0[i]; *out1 = c1[i]; }}
+    if (MODE == 1) {{ *out0 += c0[i]; *out1 += c1[i]; }}
+    if (MODE == 2) {{ *out0 = *out0 * alpha[i] + c0[i]; *out1 = *out1 * alpha[i] + c1[i]; }}
+  }}
+}}
+
+// C[rows x cols] (op)= A . B, cols a multiple of NR; B's column block x (NR wide) starts at b + x * bc
+// (bc = 1: B row-major with row stride ldb; bc = n, ldb = NR: B packed in panels by pack_panels)
+template <int MODE>
+inline void gemm_micro(int rows, int cols, int n, const float* a, int64_t ai, int64_t aj, const float* b, int64_t bc,
+                       int64_t ldb, float* c, int64_t ldc, const float* alpha = nullptr) {{
+  int i = 0;
+  for (; i + MR <= rows; i += MR)
+    for (int x = 0; x < cols; x += NR)
+      micro<MR, MODE>(n, a + i * ai, ai, aj, b + x * bc, ldb, c + i * ldc + x, ldc, alpha ? alpha + i : nullptr);
+  const float* ar = a + i * ai;
+  const float* al = alpha ? alpha + i : nullptr;
+  for (int x = 0; x < cols && i < rows; x += NR) {{
+    const float* bx = b + x * bc;
+    float* cx = c + i * ldc + x;
+    switch (rows - i) {{
+      case 1: micro<1, MODE>(n, ar, ai, aj, bx, ldb, cx, ldc, al); break;
+      case 2: micro<2, MODE>(n, ar, ai, aj, bx, ldb, cx, ldc, al); break;
+      case 3: micro<3, MODE>(n, ar, ai, aj, bx, ldb, cx, ldc, al); break;
+      case 4: micro<4, MODE>(n, ar, ai, aj, bx, ldb, cx, ldc, al); break;
+      default: micro<5, MODE>(n, ar, ai, aj, bx, ldb, cx, ldc, al); break;
+    }}
+  }}
+}}
+
+// round n up to a multiple of NR
+inline int up_nr(int n) {{ return (n + NR - 1) / NR * NR; }}
+
+// max of x[0..n): vector lanes, then the lanes (gcc leaves an omp simd max reduction scalar)
+inline float row_max(const float* x, int n) {{
+  float r = -INFINITY;
+  int j = 0;
+  if (SIMD && n >= VW) {{
+    vf acc = *(const vfu*)x;
+    for (j = VW; j + VW <= n; j += VW) {{
+      const vf y = *(const vfu*)(x + j);
+      acc = acc > y ? acc : y;
+    }}
+    for (int u = 0; u < VW; ++u) r = std::max(r, acc[u]);
+  }}
+  for (; j < n; ++j) r = std::max(r, x[j]);
+  return r;
+}}
+
+// pack K or V [heads, S, d] into panels of NR rows [heads][ceil(S / NR)][d][NR], zero past S, so that
+// the panel of rows j0.. (j0 a multiple of NR) starts at out + (h * up(S) + j0) * d
+inline void pack_panels(const float* k, float* out, int64_t heads, int64_t S, int64_t d, int threads) {{
+  const int64_t panels = (S + NR - 1) / NR;
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < heads * panels; ++t) {{
+    const int64_t h = t / panels, p = t % panels;
+    float* dst = out + (h * panels + p) * NR * d;
+    for (int jj = 0; jj < NR; ++jj) {{
+      const int64_t j = p * NR + jj;
+      const float* src = k + (h * S + j) * d;
+      for (int64_t x = 0; x < d; ++x) dst[x * NR + jj] = j < S ? src[x] : 0.0f;
+    }}
+  }}
+}}
+
 // RoPE, rotate-half convention, on one row of D values: x' = x * c + rotate_half(x) * s with
 // rotate_half(x) = [-x2, x1]; ``inverse`` applies the transpose (for gradients). In place is fine.
 inline void rope_row(const float* x, float* out, const float* c, const float* s, int d, bool inverse) {{
@@ -154,10 +260,10 @@ inline void rope_all(const float* x, float* out, int64_t B, int64_t heads, int64
   }}
 }}
 
-// length of the run of consecutive block indices of equal kind starting at t (at most SPAN)
-inline int run_length(const int32_t* idx, const uint8_t* full, int32_t t, int32_t end) {{
+// length of the run of consecutive block indices of equal kind starting at t (at most ``most``)
+inline int run_length(const int32_t* idx, const uint8_t* full, int32_t t, int32_t end, int most) {{
   int n = 1;
-  while (n < SPAN && t + n < end && idx[t + n] == idx[t] + n && full[t + n] == full[t]) ++n;
+  while (n < most && t + n < end && idx[t + n] == idx[t] + n && full[t + n] == full[t]) ++n;
   return n;
 }}
 
@@ -227,12 +333,16 @@ extern "C" int attncc_forward(
     rope_all(k, k_rot.data(), B, Hkv, Skv, Skv, D, rope_cos, rope_sin, rope_bt, false, threads);
     k = k_rot.data();
   }}
+  const bool micro = SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else the BLAS
+  const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
+  std::unique_ptr<float[]> k_pack(micro ? new float[B * Hkv * skv_pad * D] : nullptr);  // filled by pack_panels
+  if (micro) pack_panels(k, k_pack.get(), B * Hkv, Skv, D, threads);
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
   #pragma omp parallel num_threads(threads)
   {{
-    std::vector<float> s(BQ * WKV), acc(BQ * D), m(BQ), l(BQ), q_rot(ROPE ? BQ * D : 0);
+    std::vector<float> s(BQ * WKV), acc(BQ * D), m(BQ), l(BQ), alpha(BQ), q_rot(ROPE ? BQ * D : 0);
     #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * H * nq; ++task) {{
       const int64_t qb = task % nq, h = (task / nq) % H, b = task / (nq * H);
@@ -247,6 +357,7 @@ extern "C" int attncc_forward(
         qp = q_rot.data();
       }}
       const float* kp = k + (b * Hkv + hk) * Skv * D;
+      const float* kpp = micro ? k_pack.get() + (b * Hkv + hk) * skv_pad * D : nullptr;
       const float* vp = v + (b * Hkv + hk) * Skv * D;
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -INFINITY);
@@ -255,44 +366,50 @@ extern "C" int attncc_forward(
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
       const uint8_t* run_keep[SPAN];
       for (int32_t t = kv_ptr[row], span; t < kv_ptr[row + 1]; t += span) {{
-        span = run_length(kv_idx, kv_full, t, kv_ptr[row + 1]);
+        span = run_length(kv_idx, kv_full, t, kv_ptr[row + 1], SPAN);
         const int64_t k0 = (int64_t)kv_idx[t] * BKV;
         const int cols = (int)std::min<int64_t>((int64_t)BKV * span, Skv - k0);
         const bool full = kv_full[t] != 0;
-        gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), WKV, 0.0f);
+        if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), WKV);
+        else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), WKV, 0.0f);
         // full tiles without a score mod skip the scores pass: the scale folds into max and exp
         const bool plain = full && !HAS_MOD;
         if (!full)
           for (int u = 0; u < span; ++u) run_keep[u] = keep + (keep_base[pair] + kv_rank[t + u]) * (int64_t)(BQ * BKV);
         if (!plain) tile_scores(cx, SCALE, s.data(), WKV, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
-        const float sc = plain ? SCALE : 1.0f;
+        const float sc = plain ? SCALE * LOG2E : LOG2E;  // scores to base 2; m[] is kept in base 2
         for (int i = 0; i < rows; ++i) {{
           float* sr = s.data() + i * WKV;
-          float raw = -INFINITY;
-          #pragma omp simd reduction(max:raw)
-          for (int j = 0; j < cols; ++j) raw = std::max(raw, sr[j]);
-          const float mx = std::max(m[i], raw * sc);
-          if (mx == -INFINITY) {{ std::fill(sr, sr + cols, 0.0f); continue; }}
-          const float alpha = exp_f(m[i] - mx);
+          const float mx = std::max(m[i], row_max(sr, cols) * sc);
+          if (mx == -INFINITY) {{ std::fill(sr, sr + cols, 0.0f); alpha[i] = 1.0f; continue; }}
+          const float a = exp2_f(m[i] - mx);
           float sum = 0.0f;
           #pragma omp simd reduction(+:sum)
-          for (int j = 0; j < cols; ++j) {{ const float p = exp_f(sr[j] * sc - mx); sr[j] = p; sum += p; }}
-          l[i] = l[i] * alpha + sum;
+          for (int j = 0; j < cols; ++j) {{ const float p = exp2_f(sr[j] * sc - mx); sr[j] = p; sum += p; }}
+          l[i] = l[i] * a + sum;
           m[i] = mx;
-          if (alpha != 1.0f) for (int64_t c = 0; c < D; ++c) acc[i * D + c] *= alpha;
+          alpha[i] = a;
         }}
-        gemm_nn(sg, rows, d, cols, s.data(), WKV, vp + k0 * D, d, acc.data(), d);
+        if (micro) gemm_micro<2>(rows, d, cols, s.data(), WKV, 1, vp + k0 * D, 1, d, acc.data(), d, alpha.data());
+        else {{
+          for (int i = 0; i < rows; ++i)
+            if (alpha[i] != 1.0f) for (int64_t c = 0; c < D; ++c) acc[i * D + c] *= alpha[i];
+          gemm_nn(sg, rows, d, cols, s.data(), WKV, vp + k0 * D, d, acc.data(), d);
+        }}
       }}
       for (int i = 0; i < rows; ++i) {{
         float* out = o + ((b * H + h) * Sq + q0 + i) * D;
         const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
         for (int64_t c = 0; c < D; ++c) out[c] = acc[i * D + c] * inv;
-        lse[(b * H + h) * Sq + q0 + i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : -INFINITY;
+        lse[(b * H + h) * Sq + q0 + i] = l[i] > 0.0f ? m[i] * LN2 + std::log(l[i]) : -INFINITY;
       }}
     }}
   }}
   return error;
 }}
+
+// lanes of the register-blocked products' vectors; 0 when this build has no FMA vectors (BLAS path)
+extern "C" int attncc_vector_lanes() {{ return SIMD ? VW : 0; }}
 
 extern "C" int attncc_backward(
     const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* delta,
@@ -314,6 +431,15 @@ extern "C" int attncc_backward(
     q = q_rot.data();
     k = k_rot.data();
   }}
+  const bool micro = SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else the BLAS
+  const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
+  std::unique_ptr<float[]> k_pack, v_pack;  // filled by pack_panels
+  if (micro) {{
+    k_pack.reset(new float[B * Hkv * skv_pad * D]);
+    v_pack.reset(new float[B * Hkv * skv_pad * D]);
+    pack_panels(k, k_pack.get(), B * Hkv, Skv, D, threads);
+    pack_panels(v, v_pack.get(), B * Hkv, Skv, D, threads);
+  }}
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
@@ -329,6 +455,7 @@ extern "C" int attncc_backward(
       const int cols = (int)std::min<int64_t>(BKV, Skv - k0);
       const float* kp = k + ((b * Hkv + hk) * Skv + k0) * D;
       const float* vp = v + ((b * Hkv + hk) * Skv + k0) * D;
+      const int64_t packed = ((b * Hkv + hk) * skv_pad + k0) * D;  // this block's K and V panels
       std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
       std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
       for (int g = 0; g < GROUPS; ++g) {{
@@ -336,43 +463,64 @@ extern "C" int attncc_backward(
         const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
         const int64_t row = (int64_t)map_of[pair] * nkv + kb;
         for (int32_t t = q_ptr[row], span; t < q_ptr[row + 1]; t += span) {{
-          span = run_length(q_idx, q_full, t, q_ptr[row + 1]);
+          span = run_length(q_idx, q_full, t, q_ptr[row + 1], SPAN_Q);
           const int64_t q0 = (int64_t)q_idx[t] * BQ;
           const int rows = (int)std::min<int64_t>((int64_t)BQ * span, Sq - q0);
           const int64_t base = (b * H + h) * Sq + q0;
           const float* qp = q + base * D;
           const float* dop = dout + base * D;
-          gemm_nt(sg, rows, cols, d, qp, d, kp, d, s.data(), BKV, 0.0f);
-          gemm_nt(sg, rows, cols, d, dop, d, vp, d, dp.data(), BKV, 0.0f);
+          if (micro) {{
+            gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, k_pack.get() + packed, d, NR, s.data(), BKV);
+            gemm_micro<0>(rows, up_nr(cols), d, dop, d, 1, v_pack.get() + packed, d, NR, dp.data(), BKV);
+          }} else {{
+            gemm_nt(sg, rows, cols, d, qp, d, kp, d, s.data(), BKV, 0.0f);
+            gemm_nt(sg, rows, cols, d, dop, d, vp, d, dp.data(), BKV, 0.0f);
+          }}
           const bool full = q_full[t] != 0;
           for (int i = 0; i < rows; ++i) {{
             float* sr = s.data() + i * BKV;
             float* dr = dp.data() + i * BKV;
             const float li = lse[base + i], di = delta[base + i];
             if (li == -INFINITY) {{ std::fill(sr, sr + cols, 0.0f); std::fill(dr, dr + cols, 0.0f); continue; }}
-            if (full && !HAS_MOD) {{
-              #pragma omp simd
-              for (int j = 0; j < cols; ++j) {{
-                const float p = exp_f(sr[j] * SCALE - li);
-                sr[j] = p;
-                dr[j] = p * (dr[j] - di) * SCALE;
+            const uint8_t* kr = full ? nullptr
+                : keep + (keep_base[pair] + q_rank[t + i / BQ]) * (int64_t)(BQ * BKV) + (i % BQ) * BKV;
+            if (!HAS_MOD) {{  // vector loops; the scale and log2(e) fold into one multiply
+              const float sc2 = SCALE * LOG2E, li2 = li * LOG2E;
+              if (full) {{
+                #pragma omp simd
+                for (int j = 0; j < cols; ++j) {{
+                  const float p = exp2_f(sr[j] * sc2 - li2);
+                  sr[j] = p;
+                  dr[j] = p * (dr[j] - di) * SCALE;
+                }}
+              }} else {{
+                #pragma omp simd
+                for (int j = 0; j < cols; ++j) {{
+                  const float p = exp2_f(sr[j] * sc2 - li2);
+                  sr[j] = kr[j] ? p : 0.0f;
+                  dr[j] = kr[j] ? p * (dr[j] - di) * SCALE : 0.0f;
+                }}
               }}
               continue;
             }}
-            const uint8_t* kr = full ? nullptr
-                : keep + (keep_base[pair] + q_rank[t + i / BQ]) * (int64_t)(BQ * BKV) + (i % BQ) * BKV;
             for (int j = 0; j < cols; ++j) {{
               const float raw = sr[j] * SCALE;
               const float sc = HAS_MOD ? mod_fn(cx, raw, b, h, q0 + i, k0 + j) : raw;
-              const float p = (full || kr[j]) ? exp_f(sc - li) : 0.0f;
+              const float p = (full || kr[j]) ? exp2_f((sc - li) * LOG2E) : 0.0f;
               const float dmod = HAS_MOD ? dmod_fn(cx, raw, b, h, q0 + i, k0 + j) : 1.0f;
               sr[j] = p;
               dr[j] = p == 0.0f ? 0.0f : p * (dr[j] - di) * dmod * SCALE;  // masked: 0 even if dmod is not finite
             }}
           }}
-          gemm_tn(sg, cols, d, rows, s.data(), BKV, dop, d, dv_acc.data(), d);
-          gemm_tn(sg, cols, d, rows, dp.data(), BKV, qp, d, dk_acc.data(), d);
-          gemm_nn(sg, rows, d, cols, dp.data(), BKV, kp, d, dq_mine + base * D, d);
+          if (micro) {{
+            gemm_micro<1>(cols, d, rows, s.data(), 1, BKV, dop, 1, d, dv_acc.data(), d);
+            gemm_micro<1>(cols, d, rows, dp.data(), 1, BKV, qp, 1, d, dk_acc.data(), d);
+            gemm_micro<1>(rows, d, cols, dp.data(), BKV, 1, kp, 1, d, dq_mine + base * D, d);
+          }} else {{
+            gemm_tn(sg, cols, d, rows, s.data(), BKV, dop, d, dv_acc.data(), d);
+            gemm_tn(sg, cols, d, rows, dp.data(), BKV, qp, d, dk_acc.data(), d);
+            gemm_nn(sg, rows, d, cols, dp.data(), BKV, kp, d, dq_mine + base * D, d);
+          }}
         }}
       }}
       float* dkp = dk + ((b * Hkv + hk) * Skv + k0) * D;

@@ -26,6 +26,7 @@ FLAGS = [
     "-O3",
     "-march=native",
     "-std=c++17",
+    "-ffp-contract=fast",
     "-fopenmp",
     "-shared",
     "-fPIC",

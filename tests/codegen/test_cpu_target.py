@@ -77,3 +77,17 @@ def test_fallbacks_are_logged(caplog: pytest.LogCaptureFixture) -> None:
 def test_auto_picks_cpu_for_cpu_tensors() -> None:
     kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8), target="auto")
     assert kern.target == "cpu" and "attncc_forward" in kern.source
+
+
+def test_block_products_use_register_blocked_micro_kernels_where_shapes_allow(caplog: pytest.LogCaptureFixture) -> None:
+    kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.causal()), target="cpu").cpu_kernel()
+    if kern.lanes == 0:
+        pytest.skip("this CPU has no FMA vector unit: every product runs through sgemm")
+    width = 2 * kern.lanes
+    assert kern.products(width).startswith("micro-kernels")
+    assert kern.products(width + 8).startswith(f"blas: head_dim {width + 8}")
+    odd = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=width + 8, mask=ac.causal()), target="cpu")
+    x = torch.randn(1, 2, 9, width + 8)
+    with caplog.at_level(logging.INFO, logger="attncc.codegen.cpu"):
+        odd(x, x, x)
+    assert "block products fall back to sgemm" in caplog.text
