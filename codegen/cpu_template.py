@@ -1,25 +1,46 @@
 """The C++/OpenMP kernel template of the cpu target. Holes: ``{name}`` fields filled by
-:mod:`attncc.codegen.cpu` from a frozen plan; everything else is fixed text.
+:mod:`attncc.codegen.cpu` from a frozen plan; everything else is fixed text. The toolchain
+compiles the text between ``// ---- attncc: next translation unit ----`` lines as separate units
+(each prefixed with the shared part before the first such line), in parallel.
 
 Forward: one OpenMP task per (batch, head, q-block), dynamic schedule (tiles per q-block vary);
-each task walks its kv-block list (CSR from the block map), computes S = Q K^T with the
-BLAS ``sgemm_`` torch ships (or a portable loop), applies the score mod on every tile and the
-mask on partial tiles only, runs the online softmax and accumulates P V.
+each task walks its kv-block list (CSR from the block map), computes S = Q K^T, applies the
+score mod on every tile and the mask on partial tiles only, runs the online softmax (base 2) and
+accumulates P V. Block products run in register-blocked FMA micro-kernels (K and V packed into
+panels once per call) where the head dim and kv tile allow, else in the BLAS ``sgemm_`` torch
+ships (or a portable loop).
 Backward: one task per (batch, kv head, kv block) walking the transposed lists for every
 query head of the group; dK and dV are owned by the task, dQ goes to a per-thread buffer.
 """
 
 TEMPLATE = r"""// attncc cpu kernel for @{name}
 // generated from the tiled IR; tiles {bq}x{bkv}; groups and scale are call arguments
-#include <algorithm>
-#include <cmath>
+// light headers only (parsing <cmath> or <vector> would cost a large part of the compile time):
+// math comes from compiler builtins, arrays from Buf below
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <vector>
 #include <omp.h>
 
 namespace {{
+
+constexpr float INF = __builtin_inff();
+template <class T> inline T min_of(T a, T b) {{ return b < a ? b : a; }}
+template <class T> inline T max_of(T a, T b) {{ return a < b ? b : a; }}
+inline void fill(float* x, int64_t n, float value) {{ for (int64_t i = 0; i < n; ++i) x[i] = value; }}
+
+// an uninitialized float array on the heap, freed at the end of its scope
+struct Buf {{
+  float* p = nullptr;
+  Buf() = default;
+  explicit Buf(int64_t n) {{ resize(n); }}
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() {{ std::free(p); }}
+  void resize(int64_t n) {{ std::free(p); p = n > 0 ? (float*)std::malloc(sizeof(float) * n) : nullptr; }}
+  float* data() const {{ return p; }}
+  float& operator[](int64_t i) const {{ return p[i]; }}
+}};
 
 constexpr int BQ = {bq};
 constexpr int BKV = {bkv};
@@ -48,7 +69,7 @@ inline int64_t fmod_i(int64_t a, int64_t b) {{
   int64_t r = a % b;
   return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r;
 }}
-inline double fmod_f(double a, double b) {{ return a - b * std::floor(a / b); }}
+inline double fmod_f(double a, double b) {{ return a - b * __builtin_floor(a / b); }}
 inline int64_t abs_i(int64_t a) {{ return a < 0 ? -a : a; }}
 inline double sign_f(double a) {{ return (a > 0) - (a < 0); }}
 
@@ -81,8 +102,8 @@ inline float dmod_fn(const Ctx& cx, float score, int64_t b, int64_t h, int64_t q
 constexpr float LOG2E = 1.44269504088896341f, LN2 = 0.693147180559945309f;
 inline float exp2_f(float x) {{
   if (!(x > -127.0f)) return 0.0f;
-  x = std::min(x, 127.0f);
-  const float n = std::nearbyint(x), r = x - n;
+  x = min_of(x, 127.0f);
+  const float n = __builtin_nearbyintf(x), r = x - n;
   float p = 1.32646796e-3f;
   p = p * r + 9.67150275e-3f; p = p * r + 5.55073395e-2f; p = p * r + 2.40222424e-1f;
   p = p * r + 6.93147004e-1f; p = p * r + 1.0f;
@@ -197,7 +218,7 @@ inline int up_nr(int n) {{ return (n + NR - 1) / NR * NR; }}
 
 // max of x[0..n): vector lanes, then the lanes (gcc leaves an omp simd max reduction scalar)
 inline float row_max(const float* x, int n) {{
-  float r = -INFINITY;
+  float r = -INF;
   int j = 0;
   if (SIMD && n >= VW) {{
     vf acc = *(const vfu*)x;
@@ -205,9 +226,9 @@ inline float row_max(const float* x, int n) {{
       const vf y = *(const vfu*)(x + j);
       acc = acc > y ? acc : y;
     }}
-    for (int u = 0; u < VW; ++u) r = std::max(r, acc[u]);
+    for (int u = 0; u < VW; ++u) r = max_of(r, acc[u]);
   }}
-  for (; j < n; ++j) r = std::max(r, x[j]);
+  for (; j < n; ++j) r = max_of(r, x[j]);
   return r;
 }}
 
@@ -281,15 +302,16 @@ inline void tile_scores(const Ctx& cx, float SCALE, float* s, int ld, int rows, 
       for (int u = 0; u * BKV < cols; ++u) {{
         const uint8_t* kr = keep[u] + i * BKV;
         float* r = row + u * BKV;
-        const int n = std::min(BKV, cols - u * BKV);
+        const int n = min_of(BKV, cols - u * BKV);
         #pragma omp simd
-        for (int j = 0; j < n; ++j) r[j] = kr[j] ? r[j] : -INFINITY;
+        for (int j = 0; j < n; ++j) r[j] = kr[j] ? r[j] : -INF;
       }}
   }}
 }}
 
 }}  // namespace
 
+// ---- attncc: next translation unit ----
 // Evaluate the mask once per call on every partial tile of every (batch, head) pair that has its
 // own mask; forward and backward then read these bytes instead of running mask code.
 extern "C" int attncc_masks(
@@ -304,12 +326,12 @@ extern "C" int attncc_masks(
   for (int64_t task = 0; task < maps_b * maps_h * nq; ++task) {{
     const int64_t qb = task % nq, pair = task / nq, b = pair / maps_h, h = pair % maps_h;
     const int64_t row = (int64_t)map_of[pair] * nq + qb, q0 = qb * BQ;
-    const int rows = (int)std::min<int64_t>(BQ, Sq - q0);
+    const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
     for (int32_t t = kv_ptr[row]; t < kv_ptr[row + 1]; ++t) {{
       if (kv_rank[t] < 0) continue;
       uint8_t* out = keep + (keep_base[pair] + kv_rank[t]) * (int64_t)(BQ * BKV);
       const int64_t k0 = (int64_t)kv_idx[t] * BKV;
-      const int cols = (int)std::min<int64_t>(BKV, Skv - k0);
+      const int cols = (int)min_of<int64_t>(BKV, Skv - k0);
       for (int i = 0; i < rows; ++i)
         for (int j = 0; j < cols; ++j) out[i * BKV + j] = mask_fn(cx, b, h, q0 + i, k0 + j) ? 1 : 0;
     }}
@@ -327,7 +349,7 @@ extern "C" int attncc_forward(
     const float* rope_cos, const float* rope_sin, int64_t rope_bt) {{
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const sgemm_t sg = (sgemm_t)sgemm;
-  std::vector<float> k_rot;  // prologue: K rotated once (every q-block task reads it); Q per task below
+  Buf k_rot;  // prologue: K rotated once (every q-block task reads it); Q per task below
   if (ROPE) {{
     k_rot.resize(B * Hkv * Skv * D);
     rope_all(k, k_rot.data(), B, Hkv, Skv, Skv, D, rope_cos, rope_sin, rope_bt, false, threads);
@@ -335,19 +357,19 @@ extern "C" int attncc_forward(
   }}
   const bool micro = SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else the BLAS
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
-  std::unique_ptr<float[]> k_pack(micro ? new float[B * Hkv * skv_pad * D] : nullptr);  // filled by pack_panels
-  if (micro) pack_panels(k, k_pack.get(), B * Hkv, Skv, D, threads);
+  Buf k_pack(micro ? B * Hkv * skv_pad * D : 0);
+  if (micro) pack_panels(k, k_pack.data(), B * Hkv, Skv, D, threads);
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
   #pragma omp parallel num_threads(threads)
   {{
-    std::vector<float> s(BQ * WKV), acc(BQ * D), m(BQ), l(BQ), alpha(BQ), q_rot(ROPE ? BQ * D : 0);
+    Buf s(BQ * WKV), acc(BQ * D), m(BQ), l(BQ), alpha(BQ), q_rot(ROPE ? BQ * D : 0);
     #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * H * nq; ++task) {{
       const int64_t qb = task % nq, h = (task / nq) % H, b = task / (nq * H);
       const int64_t hk = h / GROUPS, q0 = qb * BQ;
-      const int rows = (int)std::min<int64_t>(BQ, Sq - q0);
+      const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
       const float* qp = q + ((b * H + h) * Sq + q0) * D;
       if (ROPE) {{  // prologue: this task's query rows, rotated into a local tile
         for (int i = 0; i < rows; ++i) {{
@@ -357,18 +379,18 @@ extern "C" int attncc_forward(
         qp = q_rot.data();
       }}
       const float* kp = k + (b * Hkv + hk) * Skv * D;
-      const float* kpp = micro ? k_pack.get() + (b * Hkv + hk) * skv_pad * D : nullptr;
+      const float* kpp = micro ? k_pack.data() + (b * Hkv + hk) * skv_pad * D : nullptr;
       const float* vp = v + (b * Hkv + hk) * Skv * D;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), -INFINITY);
-      std::fill(l.begin(), l.end(), 0.0f);
+      fill(acc.data(), BQ * D, 0.0f);
+      fill(m.data(), BQ, -INF);
+      fill(l.data(), BQ, 0.0f);
       const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
       const uint8_t* run_keep[SPAN];
       for (int32_t t = kv_ptr[row], span; t < kv_ptr[row + 1]; t += span) {{
         span = run_length(kv_idx, kv_full, t, kv_ptr[row + 1], SPAN);
         const int64_t k0 = (int64_t)kv_idx[t] * BKV;
-        const int cols = (int)std::min<int64_t>((int64_t)BKV * span, Skv - k0);
+        const int cols = (int)min_of<int64_t>((int64_t)BKV * span, Skv - k0);
         const bool full = kv_full[t] != 0;
         if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), WKV);
         else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), WKV, 0.0f);
@@ -380,8 +402,8 @@ extern "C" int attncc_forward(
         const float sc = plain ? SCALE * LOG2E : LOG2E;  // scores to base 2; m[] is kept in base 2
         for (int i = 0; i < rows; ++i) {{
           float* sr = s.data() + i * WKV;
-          const float mx = std::max(m[i], row_max(sr, cols) * sc);
-          if (mx == -INFINITY) {{ std::fill(sr, sr + cols, 0.0f); alpha[i] = 1.0f; continue; }}
+          const float mx = max_of(m[i], row_max(sr, cols) * sc);
+          if (mx == -INF) {{ fill(sr, cols, 0.0f); alpha[i] = 1.0f; continue; }}
           const float a = exp2_f(m[i] - mx);
           float sum = 0.0f;
           #pragma omp simd reduction(+:sum)
@@ -401,13 +423,14 @@ extern "C" int attncc_forward(
         float* out = o + ((b * H + h) * Sq + q0 + i) * D;
         const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
         for (int64_t c = 0; c < D; ++c) out[c] = acc[i * D + c] * inv;
-        lse[(b * H + h) * Sq + q0 + i] = l[i] > 0.0f ? m[i] * LN2 + std::log(l[i]) : -INFINITY;
+        lse[(b * H + h) * Sq + q0 + i] = l[i] > 0.0f ? m[i] * LN2 + __builtin_logf(l[i]) : -INF;
       }}
     }}
   }}
   return error;
 }}
 
+// ---- attncc: next translation unit ----
 // lanes of the register-blocked products' vectors; 0 when this build has no FMA vectors (BLAS path)
 extern "C" int attncc_vector_lanes() {{ return SIMD ? VW : 0; }}
 
@@ -422,7 +445,7 @@ extern "C" int attncc_backward(
     const float* rope_cos, const float* rope_sin, int64_t rope_bt) {{
   const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
   const sgemm_t sg = (sgemm_t)sgemm;
-  std::vector<float> q_rot, k_rot;  // prologue: rotated Q and K; the epilogue rotates dQ and dK back
+  Buf q_rot, k_rot;  // prologue: rotated Q and K; the epilogue rotates dQ and dK back
   if (ROPE) {{
     q_rot.resize(B * H * Sq * D);
     k_rot.resize(B * Hkv * Skv * D);
@@ -433,12 +456,12 @@ extern "C" int attncc_backward(
   }}
   const bool micro = SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else the BLAS
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
-  std::unique_ptr<float[]> k_pack, v_pack;  // filled by pack_panels
+  Buf k_pack, v_pack;  // filled by pack_panels
   if (micro) {{
-    k_pack.reset(new float[B * Hkv * skv_pad * D]);
-    v_pack.reset(new float[B * Hkv * skv_pad * D]);
-    pack_panels(k, k_pack.get(), B * Hkv, Skv, D, threads);
-    pack_panels(v, v_pack.get(), B * Hkv, Skv, D, threads);
+    k_pack.resize(B * Hkv * skv_pad * D);
+    v_pack.resize(B * Hkv * skv_pad * D);
+    pack_panels(k, k_pack.data(), B * Hkv, Skv, D, threads);
+    pack_panels(v, v_pack.data(), B * Hkv, Skv, D, threads);
   }}
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
@@ -446,18 +469,18 @@ extern "C" int attncc_backward(
   (void)nq;
   #pragma omp parallel num_threads(threads)
   {{
-    std::vector<float> s(WQ * BKV), dp(WQ * BKV), dk_acc(BKV * D), dv_acc(BKV * D);
+    Buf s(WQ * BKV), dp(WQ * BKV), dk_acc(BKV * D), dv_acc(BKV * D);
     float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * B * H * Sq * D;
     #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * Hkv * nkv; ++task) {{
       const int64_t kb = task % nkv, hk = (task / nkv) % Hkv, b = task / (nkv * Hkv);
       const int64_t k0 = kb * BKV;
-      const int cols = (int)std::min<int64_t>(BKV, Skv - k0);
+      const int cols = (int)min_of<int64_t>(BKV, Skv - k0);
       const float* kp = k + ((b * Hkv + hk) * Skv + k0) * D;
       const float* vp = v + ((b * Hkv + hk) * Skv + k0) * D;
       const int64_t packed = ((b * Hkv + hk) * skv_pad + k0) * D;  // this block's K and V panels
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+      fill(dk_acc.data(), BKV * D, 0.0f);
+      fill(dv_acc.data(), BKV * D, 0.0f);
       for (int g = 0; g < GROUPS; ++g) {{
         const int64_t h = hk * GROUPS + g;
         const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
@@ -465,13 +488,13 @@ extern "C" int attncc_backward(
         for (int32_t t = q_ptr[row], span; t < q_ptr[row + 1]; t += span) {{
           span = run_length(q_idx, q_full, t, q_ptr[row + 1], SPAN_Q);
           const int64_t q0 = (int64_t)q_idx[t] * BQ;
-          const int rows = (int)std::min<int64_t>((int64_t)BQ * span, Sq - q0);
+          const int rows = (int)min_of<int64_t>((int64_t)BQ * span, Sq - q0);
           const int64_t base = (b * H + h) * Sq + q0;
           const float* qp = q + base * D;
           const float* dop = dout + base * D;
           if (micro) {{
-            gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, k_pack.get() + packed, d, NR, s.data(), BKV);
-            gemm_micro<0>(rows, up_nr(cols), d, dop, d, 1, v_pack.get() + packed, d, NR, dp.data(), BKV);
+            gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, k_pack.data() + packed, d, NR, s.data(), BKV);
+            gemm_micro<0>(rows, up_nr(cols), d, dop, d, 1, v_pack.data() + packed, d, NR, dp.data(), BKV);
           }} else {{
             gemm_nt(sg, rows, cols, d, qp, d, kp, d, s.data(), BKV, 0.0f);
             gemm_nt(sg, rows, cols, d, dop, d, vp, d, dp.data(), BKV, 0.0f);
@@ -481,7 +504,7 @@ extern "C" int attncc_backward(
             float* sr = s.data() + i * BKV;
             float* dr = dp.data() + i * BKV;
             const float li = lse[base + i], di = delta[base + i];
-            if (li == -INFINITY) {{ std::fill(sr, sr + cols, 0.0f); std::fill(dr, dr + cols, 0.0f); continue; }}
+            if (li == -INF) {{ fill(sr, cols, 0.0f); fill(dr, cols, 0.0f); continue; }}
             const uint8_t* kr = full ? nullptr
                 : keep + (keep_base[pair] + q_rank[t + i / BQ]) * (int64_t)(BQ * BKV) + (i % BQ) * BKV;
             if (!HAS_MOD) {{  // vector loops; the scale and log2(e) fold into one multiply

@@ -26,9 +26,9 @@ INT_SYMBOLS = {"b", "h", "q", "kv", "B", "H", "Sq", "Skv"}
 
 def _num(e: sympy.Basic) -> Code:
     if e is sympy.oo:
-        return "INFINITY", False
+        return "INF", False
     if e is sympy.S.NegativeInfinity:
-        return "(-INFINITY)", False
+        return "(-INF)", False
     if isinstance(e, sympy.Integer):
         return f"INT64_C({int(e)})" if abs(int(e)) > 2**31 else str(int(e)), True
     return repr(float(e)), False
@@ -61,14 +61,14 @@ def _floor(e: sympy.floor) -> Code:
     if (division := exact_division(e.args[0])) is not None:
         num, den = division
         return f"fdiv({_emit(num)[0]}, {den})", True
-    return f"(int64_t)std::floor({_as_double(_emit(e.args[0]))})", True
+    return f"(int64_t)__builtin_floor({_as_double(_emit(e.args[0]))})", True
 
 
 def _ceiling(e: sympy.ceiling) -> Code:
     if (division := exact_division(e.args[0])) is not None:
         num, den = division
         return f"(-fdiv(-({_emit(num)[0]}), {den}))", True
-    return f"(int64_t)std::ceil({_as_double(_emit(e.args[0]))})", True
+    return f"(int64_t)__builtin_ceil({_as_double(_emit(e.args[0]))})", True
 
 
 def _mod(e: sympy.Mod) -> Code:
@@ -79,7 +79,7 @@ def _mod(e: sympy.Mod) -> Code:
 
 
 def _minmax(e: sympy.Min | sympy.Max) -> Code:
-    fn = "std::min" if isinstance(e, sympy.Min) else "std::max"
+    fn = "min_of" if isinstance(e, sympy.Min) else "max_of"
     parts = [_emit(a) for a in e.args]
     is_int = all(p[1] for p in parts)
     ty = "int64_t" if is_int else "double"
@@ -91,14 +91,14 @@ def _minmax(e: sympy.Min | sympy.Max) -> Code:
 
 def _abs(e: sympy.Abs) -> Code:
     a = _emit(e.args[0])
-    return (f"abs_i({a[0]})", True) if a[1] else (f"std::fabs({a[0]})", False)
+    return (f"abs_i({a[0]})", True) if a[1] else (f"__builtin_fabs({a[0]})", False)
 
 
 def _pow(e: sympy.Pow) -> Code:
     if e.exp == sympy.Rational(1, 2):
-        return f"std::sqrt({_as_double(_emit(e.base))})", False
+        return f"__builtin_sqrt({_as_double(_emit(e.base))})", False
     base, ex = _emit(e.base), _emit(e.exp)
-    return f"std::pow({_as_double(base)}, {_as_double(ex)})", False
+    return f"__builtin_pow({_as_double(base)}, {_as_double(ex)})", False
 
 
 def _piecewise(e: sympy.Piecewise) -> Code:
@@ -127,7 +127,7 @@ def _join(op: str) -> Callable[[sympy.Basic], Code]:
 
 
 def _unary(fn: str) -> Callable[[sympy.Basic], Code]:
-    return lambda e: (f"std::{fn}({_as_double(_emit(e.args[0]))})", False)
+    return lambda e: (f"__builtin_{fn}({_as_double(_emit(e.args[0]))})", False)
 
 
 _TABLE: dict[type, Callable[..., Code]] = {

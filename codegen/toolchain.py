@@ -28,7 +28,6 @@ FLAGS = [
     "-std=c++17",
     "-ffp-contract=fast",
     "-fopenmp",
-    "-shared",
     "-fPIC",
     "-fno-math-errno",
     "-fno-trapping-math",
@@ -36,6 +35,15 @@ FLAGS = [
     "-Wno-unused-function",
     "-Wno-unknown-pragmas",
 ]
+LINK_FLAGS = ["-shared", "-fopenmp"]
+UNIT_BREAK = "// ---- attncc: next translation unit ----\n"  # see split_units
+
+
+def split_units(source: str) -> list[str]:
+    """The translation units of ``source``: the text before the first UNIT_BREAK line is shared
+    (includes, helpers) and prefixed to each later part; without a break, the source is one unit."""
+    shared, *parts = source.split(UNIT_BREAK)
+    return [shared + part for part in parts] if parts else [shared]
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,7 +69,7 @@ def _fingerprint() -> str:
         cpu = os.uname().machine
     here = Path(__file__).parent
     own = "".join(p.read_text() for p in sorted(here.glob("*.py")))
-    return hashlib.sha256("\n".join([version, cpu, own, " ".join(FLAGS)]).encode()).hexdigest()
+    return hashlib.sha256("\n".join([version, cpu, own, " ".join(FLAGS + LINK_FLAGS)]).encode()).hexdigest()
 
 
 def cache_key(source: str) -> str:
@@ -79,17 +87,34 @@ def build(source: str, name: str) -> tuple[Path, bool]:
         return lib, False
     src = folder / f"{name}-{key}.cpp"
     src.write_text(source)
+    units = split_units(source)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         out = Path(tmp) / lib.name
         start = time.perf_counter()
+        files = [src] if len(units) == 1 else [folder / f"{name}-{key}.{i}.cpp" for i in range(len(units))]
+        if len(units) > 1:
+            for path, text in zip(files, units):
+                path.write_text(text)
+        objects = [Path(tmp) / f"unit{i}.o" for i in range(len(files))]
+        jobs = [
+            subprocess.Popen([compiler(), *FLAGS, "-c", str(path), "-o", str(obj)], stderr=subprocess.PIPE, text=True)
+            for path, obj in zip(files, objects)
+        ]  # the units compile in parallel
+        for path, job in zip(files, jobs):
+            _, err = job.communicate()
+            if job.returncode != 0:
+                for other in jobs:
+                    other.kill()
+                    other.wait()
+                raise LoweringError(
+                    f"the C++ compiler failed on the generated kernel {path} (exit {job.returncode}):\n"
+                    f"{err.strip()[-4000:]}"
+                )
         done = subprocess.run(
-            [compiler(), *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, check=False
+            [compiler(), *LINK_FLAGS, *map(str, objects), "-o", str(out)], capture_output=True, text=True, check=False
         )
         if done.returncode != 0:
-            raise LoweringError(
-                f"the C++ compiler failed on the generated kernel {src} (exit {done.returncode}):\n"
-                f"{done.stderr.strip()[-4000:]}"
-            )
+            raise LoweringError(f"linking the generated kernel {src} failed:\n{done.stderr.strip()[-4000:]}")
         os.replace(out, lib)
     log.info("compiled %s in %.2f s", lib.name, time.perf_counter() - start)
     return lib, True
