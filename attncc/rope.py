@@ -9,7 +9,8 @@ The tables are call arguments ``rope_cos`` and ``rope_sin``, float, of shape [Sk
 [B, Skv, D] or [B, 1, Skv, D] (Hugging Face's unsqueezed form): one row per key position.
 Key row j uses table row j; query row i uses table row ``i + Skv - Sq`` (queries are the last
 Sq positions, as when decoding against a cache of unrotated keys). The tables are constants:
-no gradient flows into them.
+no gradient flows into them, and tables that require grad are refused rather than silently
+detached.
 
 >>> import torch, attncc as ac
 >>> spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.causal(), rope=True)
@@ -60,6 +61,11 @@ def take(
             raise SpecError(f"{name} must be a float tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         if t.device != device:
             raise SpecError(f"{name} is on {t.device}, q is on {device}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise SpecError(
+                f"{name} requires grad, but attncc treats RoPE tables as constants and returns no gradient for "
+                f"them; pass {name}=table.detach(), or rotate q and k outside attncc if the tables are learned"
+            )
         table = t.unsqueeze(0) if t.dim() == 2 else (t.squeeze(1) if t.dim() == 4 and t.shape[1] == 1 else t)
         if table.dim() != 3 or table.shape[0] not in (1, batch) or tuple(table.shape[1:]) != (kv_len, head_dim):
             raise SpecError(

@@ -346,7 +346,7 @@ extern "C" int attncc_forward(
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE,
-    const float* rope_cos, const float* rope_sin, int64_t rope_bt) {{
+    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work) {{
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const sgemm_t sg = (sgemm_t)sgemm;
   Buf k_rot;  // prologue: K rotated once (every q-block task reads it); Q per task below
@@ -357,8 +357,8 @@ extern "C" int attncc_forward(
   }}
   const bool micro = SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else the BLAS
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
-  Buf k_pack(micro ? B * Hkv * skv_pad * D : 0);
-  if (micro) pack_panels(k, k_pack.data(), B * Hkv, Skv, D, threads);
+  float* k_pack = work;  // the caller's workspace: B * Hkv * skv_pad * D floats where micro
+  if (micro) pack_panels(k, k_pack, B * Hkv, Skv, D, threads);
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
@@ -379,7 +379,7 @@ extern "C" int attncc_forward(
         qp = q_rot.data();
       }}
       const float* kp = k + (b * Hkv + hk) * Skv * D;
-      const float* kpp = micro ? k_pack.data() + (b * Hkv + hk) * skv_pad * D : nullptr;
+      const float* kpp = micro ? k_pack + (b * Hkv + hk) * skv_pad * D : nullptr;
       const float* vp = v + (b * Hkv + hk) * Skv * D;
       fill(acc.data(), BQ * D, 0.0f);
       fill(m.data(), BQ, -INF);
@@ -442,7 +442,7 @@ extern "C" int attncc_backward(
     const int32_t* q_ptr, const int32_t* q_idx, const uint8_t* q_full,
     const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE,
-    const float* rope_cos, const float* rope_sin, int64_t rope_bt) {{
+    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work) {{
   const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
   const sgemm_t sg = (sgemm_t)sgemm;
   Buf q_rot, k_rot;  // prologue: rotated Q and K; the epilogue rotates dQ and dK back
@@ -456,12 +456,11 @@ extern "C" int attncc_backward(
   }}
   const bool micro = SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else the BLAS
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
-  Buf k_pack, v_pack;  // filled by pack_panels
+  float* k_pack = work;  // the caller's workspace: 2 * B * Hkv * skv_pad * D floats where micro
+  float* v_pack = micro ? work + B * Hkv * skv_pad * D : nullptr;
   if (micro) {{
-    k_pack.resize(B * Hkv * skv_pad * D);
-    v_pack.resize(B * Hkv * skv_pad * D);
-    pack_panels(k, k_pack.data(), B * Hkv, Skv, D, threads);
-    pack_panels(v, v_pack.data(), B * Hkv, Skv, D, threads);
+    pack_panels(k, k_pack, B * Hkv, Skv, D, threads);
+    pack_panels(v, v_pack, B * Hkv, Skv, D, threads);
   }}
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
@@ -493,8 +492,8 @@ extern "C" int attncc_backward(
           const float* qp = q + base * D;
           const float* dop = dout + base * D;
           if (micro) {{
-            gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, k_pack.data() + packed, d, NR, s.data(), BKV);
-            gemm_micro<0>(rows, up_nr(cols), d, dop, d, 1, v_pack.data() + packed, d, NR, dp.data(), BKV);
+            gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, k_pack + packed, d, NR, s.data(), BKV);
+            gemm_micro<0>(rows, up_nr(cols), d, dop, d, 1, v_pack + packed, d, NR, dp.data(), BKV);
           }} else {{
             gemm_nt(sg, rows, cols, d, qp, d, kp, d, s.data(), BKV, 0.0f);
             gemm_nt(sg, rows, cols, d, dop, d, vp, d, dp.data(), BKV, 0.0f);

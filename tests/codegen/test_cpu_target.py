@@ -91,3 +91,17 @@ def test_block_products_use_register_blocked_micro_kernels_where_shapes_allow(ca
     with caplog.at_level(logging.INFO, logger="attncc.codegen.cpu"):
         odd(x, x, x)
     assert "block products fall back to sgemm" in caplog.text
+
+
+def test_concurrent_calls_from_python_threads_do_not_share_scratch_memory() -> None:
+    """ctypes releases the GIL during the call: each Python thread packs K into its own workspace."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=32, mask=ac.causal()), target="cpu")
+    g = torch.Generator().manual_seed(3)
+    inputs = [tuple(torch.randn(1, 2, 300 + 37 * i, 32, generator=g) for _ in range(3)) for i in range(4)]
+    alone = [kern(*x) for x in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda x: kern(*x), inputs * 3))
+    for i, out in enumerate(together):
+        assert torch.equal(out, alone[i % 4])

@@ -130,6 +130,11 @@ def test_rope_errors_name_what_to_pass() -> None:
         kern(x, x[:, :, :3], x[:, :, :3], rope_cos=torch.ones(3, 8), rope_sin=torch.ones(3, 8))
     with pytest.raises(SpecError, match="even head_dim"):
         ac.AttentionSpec(num_heads=2, head_dim=7, rope=True)
+    learned = torch.ones(6, 8, requires_grad=True)
+    with pytest.raises(SpecError, match="rope_cos requires grad, but attncc treats RoPE tables as constants"):
+        kern(x, x, x, rope_cos=learned, rope_sin=torch.ones(6, 8))
+    with torch.no_grad():
+        assert kern(x, x, x, rope_cos=learned, rope_sin=torch.ones(6, 8)).shape == x.shape
     plain = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8), target="reference")
     with pytest.raises(SpecError, match="the spec has no rope"):
         plain(x, x, x, rope_cos=torch.ones(6, 8), rope_sin=torch.ones(6, 8))
