@@ -355,7 +355,7 @@ extern "C" int attncc_forward(
     rope_all(k, k_rot.data(), B, Hkv, Skv, Skv, D, rope_cos, rope_sin, rope_bt, false, threads);
     k = k_rot.data();
   }}
-  const bool micro = SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else the BLAS
+  const bool micro = work && SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else BLAS
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
   float* k_pack = work;  // the caller's workspace: B * Hkv * skv_pad * D floats where micro
   if (micro) pack_panels(k, k_pack, B * Hkv, Skv, D, threads);
@@ -454,7 +454,7 @@ extern "C" int attncc_backward(
     q = q_rot.data();
     k = k_rot.data();
   }}
-  const bool micro = SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else the BLAS
+  const bool micro = work && SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else BLAS
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
   float* k_pack = work;  // the caller's workspace: 2 * B * Hkv * skv_pad * D floats where micro
   float* v_pack = micro ? work + B * Hkv * skv_pad * D : nullptr;
