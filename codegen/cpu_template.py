@@ -213,6 +213,10 @@ inline void gemm_micro(int rows, int cols, int n, const float* a, int64_t ai, in
   }}
 }}
 
+// whether a call runs the register-blocked products: the caller passes a workspace exactly where
+// CpuKernel.products() says so (it reads the lanes from attncc_vector_lanes), and the shapes fit
+inline bool use_micro(const float* work, int64_t D) {{ return work && SIMD && D % NR == 0 && BKV % NR == 0; }}
+
 // round n up to a multiple of NR
 inline int up_nr(int n) {{ return (n + NR - 1) / NR * NR; }}
 
@@ -355,7 +359,7 @@ extern "C" int attncc_forward(
     rope_all(k, k_rot.data(), B, Hkv, Skv, Skv, D, rope_cos, rope_sin, rope_bt, false, threads);
     k = k_rot.data();
   }}
-  const bool micro = work && SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else BLAS
+  const bool micro = use_micro(work, D);  // register-blocked products, else BLAS
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
   float* k_pack = work;  // the caller's workspace: B * Hkv * skv_pad * D floats where micro
   if (micro) pack_panels(k, k_pack, B * Hkv, Skv, D, threads);
@@ -454,7 +458,7 @@ extern "C" int attncc_backward(
     q = q_rot.data();
     k = k_rot.data();
   }}
-  const bool micro = work && SIMD && D % NR == 0 && BKV % NR == 0;  // register-blocked products, else BLAS
+  const bool micro = use_micro(work, D);  // register-blocked products, else BLAS
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
   float* k_pack = work;  // the caller's workspace: 2 * B * Hkv * skv_pad * D floats where micro
   float* v_pack = micro ? work + B * Hkv * skv_pad * D : nullptr;
