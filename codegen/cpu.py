@@ -210,7 +210,7 @@ class CpuKernel:
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
         tail: list[Any] = [_P] * 9 + [ctypes.c_int, _I, ctypes.c_float, _P, _P, _I, _P]
         self.lib.attncc_forward.argtypes = [_P] * 5 + common + tail
-        self.lib.attncc_backward.argtypes = [_P] * 9 + common + tail
+        self.lib.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P]
         self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         for fn in (self.lib.attncc_forward, self.lib.attncc_backward, self.lib.attncc_masks):
             fn.restype = ctypes.c_int
@@ -228,13 +228,13 @@ class CpuKernel:
             return f"blas: head_dim {head_dim} or kv tile {self.bkv} is not a multiple of {width}"
         return f"micro-kernels: register blocks {width} columns wide ({self.lanes}-lane FMA vectors)"
 
-    def _work(self, k: torch.Tensor, copies: int) -> int | None:
-        """Address of a workspace for ``copies`` packed copies of k (None where the BLAS path needs none)."""
+    def _packed(self, k: torch.Tensor) -> int:
+        """Floats of one copy of k packed into register-block panels (0 where the BLAS path packs nothing)."""
         B, Hkv, Skv, D = k.shape
         if not self.products(D).startswith("micro"):
-            return None
+            return 0
         width = 2 * self.lanes
-        return workspace(copies * B * Hkv * -(-Skv // width) * width * D)
+        return B * Hkv * -(-Skv // width) * width * D
 
     def _tell(self, head_dim: int) -> None:
         if head_dim not in self._told:
@@ -298,6 +298,7 @@ class CpuKernel:
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         self._tell(D)
+        packed = self._packed(k)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
@@ -329,7 +330,7 @@ class CpuKernel:
             self.groups,
             self.scale,
             *_rope_args(tables),
-            self._work(k, 1),
+            workspace(packed) if packed else None,
         )
         self._check(code)
         return o, lse
@@ -339,27 +340,35 @@ class CpuKernel:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        o: torch.Tensor,
         do: torch.Tensor,
         lse: torch.Tensor,
-        delta: torch.Tensor,
+        dlse: torch.Tensor | None,
         lists: Lists,
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
         tables: Tables = None,
     ) -> tuple[torch.Tensor, ...]:
+        """dq, dk, dv of float32 contiguous inputs (o and lse from ``forward``; dlse, the gradient of
+        lse, may be None). One call: the kernel computes delta = rowsum(do * o) - dlse, sums its
+        threads' dq partials and rotates RoPE gradients back itself; its scratch (per-thread dq
+        partials, packed K and V) lives in the calling thread's workspace."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         threads = torch.get_num_threads()
-        dq = torch.zeros(threads, *q.shape, dtype=torch.float32)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        packed = 2 * self._packed(k)
+        scratch = threads * q.numel() + B * H * Sq
+        work = workspace(scratch + packed)
         _keep_alive, ptrs, dims = self.pack(tensors)
         code = self.lib.attncc_backward(
             _ptr(q),
             _ptr(k),
             _ptr(v),
+            _ptr(o),
             _ptr(do),
             _ptr(lse),
-            _ptr(delta),
+            None if dlse is None else _ptr(dlse),
             _ptr(dq),
             _ptr(dk),
             _ptr(dv),
@@ -385,10 +394,11 @@ class CpuKernel:
             self.groups,
             self.scale,
             *_rope_args(tables),
-            self._work(k, 2),
+            work,
+            work + 4 * scratch if packed else None,
         )
         self._check(code)
-        return dq.sum(0), dk, dv
+        return dq, dk, dv
 
 
 class CpuAttention(torch.autograd.Function):
@@ -418,10 +428,8 @@ class CpuAttention(torch.autograd.Function):
     def backward(ctx: Any, do: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
         qf, kf, vf, o, lse = ctx.saved_tensors
         dof = do.to(torch.float32).contiguous()
-        delta = (dof * o).sum(-1)
-        if dlse is not None:
-            delta = delta - dlse.to(torch.float32)  # d lse / d s = P: folds into the same dS formula
+        dlsef = None if dlse is None else dlse.to(torch.float32).contiguous()
         dq, dk, dv = ctx.kern.backward(
-            qf, kf, vf, dof, lse.contiguous(), delta.contiguous(), ctx.lists, ctx.keep, ctx.tensors, ctx.rope
+            qf, kf, vf, o, dof, lse.contiguous(), dlsef, ctx.lists, ctx.keep, ctx.tensors, ctx.rope
         )
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None

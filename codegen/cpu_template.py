@@ -9,8 +9,9 @@ score mod on every tile and the mask on partial tiles only, runs the online soft
 accumulates P V. Block products run in register-blocked FMA micro-kernels (K and V packed into
 panels once per call) where the head dim and kv tile allow, else in the BLAS ``sgemm_`` torch
 ships (or a portable loop).
-Backward: one task per (batch, kv head, kv block) walking the transposed lists for every
-query head of the group; dK and dV are owned by the task, dQ goes to a per-thread buffer.
+Backward: delta = rowsum(dO * O) first; then one task per (batch, kv head, kv block) walking the
+transposed lists for every query head of the group; dK and dV are owned by the task, dQ goes to a
+per-thread partial, and the team sums the partials into dQ at the end.
 """
 
 TEMPLATE = r"""// attncc cpu kernel for @{name}
@@ -439,14 +440,14 @@ extern "C" int attncc_forward(
 extern "C" int attncc_vector_lanes() {{ return SIMD ? VW : 0; }}
 
 extern "C" int attncc_backward(
-    const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* delta,
-    float* dq_threads, float* dk, float* dv,
+    const float* q, const float* k, const float* v, const float* o, const float* dout, const float* lse,
+    const float* dlse, float* dq, float* dk, float* dv,
     int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv, int64_t D,
     const int32_t* map_of, int64_t maps_b, int64_t maps_h,
     const int32_t* q_ptr, const int32_t* q_idx, const uint8_t* q_full,
     const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE,
-    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work) {{
+    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, float* pack) {{
   const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
   const sgemm_t sg = (sgemm_t)sgemm;
   Buf q_rot, k_rot;  // prologue: rotated Q and K; the epilogue rotates dQ and dK back
@@ -458,10 +459,24 @@ extern "C" int attncc_backward(
     q = q_rot.data();
     k = k_rot.data();
   }}
-  const bool micro = use_micro(work, D);  // register-blocked products, else BLAS
+  // the caller's workspaces: ``work`` holds per-thread dQ partials (threads * B * H * Sq * D floats) and
+  // delta (B * H * Sq); ``pack`` K and V in panels (2 * B * Hkv * skv_pad * D) where the products are
+  // register-blocked (null otherwise)
+  const int64_t rows_all = B * H * Sq;
+  float* dq_threads = work;
+  float* delta = work + (int64_t)threads * rows_all * D;
+  const bool micro = use_micro(pack, D);  // register-blocked products, else BLAS
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
-  float* k_pack = work;  // the caller's workspace: 2 * B * Hkv * skv_pad * D floats where micro
-  float* v_pack = micro ? work + B * Hkv * skv_pad * D : nullptr;
+  float* k_pack = pack;
+  float* v_pack = micro ? pack + B * Hkv * skv_pad * D : nullptr;
+  // delta = rowsum(dO * O) - dlse: d lse / d s = P, so an lse gradient folds into the same dS formula
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows_all; ++r) {{
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (int64_t c = 0; c < D; ++c) sum += dout[r * D + c] * o[r * D + c];
+    delta[r] = dlse ? sum - dlse[r] : sum;
+  }}
   if (micro) {{
     pack_panels(k, k_pack, B * Hkv, Skv, D, threads);
     pack_panels(v, v_pack, B * Hkv, Skv, D, threads);
@@ -473,7 +488,8 @@ extern "C" int attncc_backward(
   #pragma omp parallel num_threads(threads)
   {{
     Buf s(WQ * BKV), dp(WQ * BKV), dk_acc(BKV * D), dv_acc(BKV * D);
-    float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * B * H * Sq * D;
+    float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * rows_all * D;
+    std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
     #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * Hkv * nkv; ++task) {{
       const int64_t kb = task % nkv, hk = (task / nkv) % Hkv, b = task / (nkv * Hkv);
@@ -560,8 +576,22 @@ extern "C" int attncc_backward(
         std::memcpy(dkp, dk_acc.data(), sizeof(float) * cols * D);
       std::memcpy(dvp, dv_acc.data(), sizeof(float) * cols * D);
     }}
-    if (ROPE)  // epilogue: this thread's dQ rows back through the rotation (linear, so before the sum)
-      rope_all(dq_mine, dq_mine, B, H, Sq, Skv, D, rope_cos, rope_sin, rope_bt, true, 1);
+    // epilogue (after the task loop's barrier): dQ = the sum of the team's partials, rotated back
+    const int team = omp_get_num_threads();
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows_all; ++r) {{
+      float* out = dq + r * D;
+      std::memcpy(out, dq_threads + r * D, sizeof(float) * D);
+      for (int u = 1; u < team; ++u) {{
+        const float* part = dq_threads + (u * rows_all + r) * D;
+        #pragma omp simd
+        for (int64_t c = 0; c < D; ++c) out[c] += part[c];
+      }}
+      if (ROPE) {{
+        const int64_t t = rope_at(rope_bt, r / (H * Sq), Skv, r % Sq + Skv - Sq, D);
+        rope_row(out, out, rope_cos + t, rope_sin + t, d, true);
+      }}
+    }}
   }}
   return error;
 }}

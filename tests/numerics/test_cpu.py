@@ -30,26 +30,33 @@ def check_target(
     dtype: torch.dtype = torch.float32,
     target: str = "cpu",
     tiles: tuple[int, int] | None = None,
+    lse_weight: float = 0.0,
 ) -> None:
-    """Forward, lse and gradients of ``target`` vs the oracle, within K x the eager float error."""
+    """Forward, lse and gradients of ``target`` vs the oracle, within K x the eager float error; the
+    gradients are those of (out * w).sum() + lse_weight * (lse * u).sum() over rows with a visible key."""
     hkv = int(spec.num_kv_heads or 0)
     g = torch.Generator().manual_seed(sq * 1000 + skv)
     q64 = torch.randn(2, spec.num_heads, sq, spec.head_dim, dtype=torch.float64, generator=g)
     k64 = torch.randn(2, hkv, skv, spec.head_dim, dtype=torch.float64, generator=g)
     v64 = torch.randn(2, hkv, skv, spec.head_dim, dtype=torch.float64, generator=g)
     w = torch.randn(2, spec.num_heads, sq, spec.head_dim, dtype=torch.float64, generator=g)
+    u = torch.randn(2, spec.num_heads, sq, dtype=torch.float64, generator=g)
     q64, k64, v64 = (t.to(dtype).double() for t in (q64, k64, v64))  # the oracle sees the rounded inputs
     leaves = [t.clone().requires_grad_() for t in (q64, k64, v64)]
     gold, gold_lse = oracle.attention(*leaves, keep, float(spec.scale or 0), score_fn)
-    gold_grads = torch.autograd.grad((gold * w).sum(), leaves)
+    finite = torch.isfinite(gold_lse)
+
+    def loss(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        return (out.double() * w).sum() + lse_weight * (torch.where(finite, lse.double(), 0.0) * u).sum()
+
+    gold_grads = torch.autograd.grad(loss(gold, gold_lse), leaves)
     results = {}
     for name in (target, "reference"):
         ins = [t.to(dtype).requires_grad_() for t in (q64, k64, v64)]
         kern = ac.compile(spec, target=name, tiles=tiles if name == target else None)
         out, lse = kern(*ins, return_lse=True, **tensors)
-        grads = torch.autograd.grad((out.double() * w).sum(), ins)
+        grads = torch.autograd.grad(loss(out, lse), ins)
         results[name] = (out.double(), lse.double(), [x.double() for x in grads])
-    finite = torch.isfinite(gold_lse)
     (out, lse, grads), (eout, else_, egrads) = results[target], results["reference"]
     assert torch.equal(torch.isfinite(lse), finite), "rows with no visible key must have lse = -inf"
     named = [("out", out, eout, gold), ("lse", lse[finite], else_[finite], gold_lse[finite])]
@@ -100,3 +107,11 @@ def test_large_tiles_with_merged_runs_match() -> None:
     keep = oracle.dense(lambda b, h, i, j: j <= i or j < 3, 2, 2, 301, 301)
     ac.compile(spec, target="cpu", tiles=(16, 16))
     check_target(spec, keep, 301, 301, {}, None)
+
+
+def test_gradients_through_lse_match() -> None:
+    """A loss on lse as well as on the output (as ring attention or a merge of partial results
+    has): the kernel folds dlse into delta."""
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, mask=ac.causal() & ac.sliding_window(20))
+    keep = oracle.dense(lambda b, h, i, j: j <= i and i - j <= 20, 2, 4, 70, 70)
+    check_target(spec, keep, 70, 70, {}, None, lse_weight=1.0)
