@@ -3,8 +3,9 @@
     python benchmarks/cpu.py                       # N = 4096 and 16384, fp32 and bf16
     python benchmarks/cpu.py --sizes 4096 --dtypes float32 --masks causal
 
-B=1, H=8, D=64 (``--head-dim`` to change). Times are the best of ``--reps`` calls after a warm-up. attncc's forward and
-backward run the generated C++; FlexAttention is compiled with torch.compile (its block mask
+B=1, H=8, D=64 (``--head-dim`` to change). Times are the best of ``--reps`` rounds after a warm-up; each round
+calls every contender once, so all see the same machine state. attncc's forward and backward run the generated C++
+(the backward is timed alone, on a retained graph); FlexAttention is compiled with torch.compile (its block mask
 built once, outside the timing); SDPA runs with the materialized boolean mask ("masked") and
 without any mask ("dense", or is_causal for causal). FLOP/s count the FLOPs of the tiles attncc
 computes (4 * bq * bkv * D per tile per head). Cold-compile times: attncc with an empty cache;
@@ -18,7 +19,7 @@ import math
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -69,13 +70,20 @@ def flex_mask(name: str, n: int) -> Callable:
     }[name]
 
 
-def best(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    out = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, slow: Collection[str] = ()) -> dict[str, float]:
+    """Best time of each callable, timed in rounds that visit every callable once, so that all of them
+    see the same machine state (speed on a shared machine drifts by 10-30% over a minute); the
+    callables named in ``slow`` (dense SDPA at large N) run in every other round only."""
+    for fn in fns.values():
         fn()
-        out = min(out, time.perf_counter() - start)
+    out = dict.fromkeys(fns, math.inf)
+    for rnd in range(reps):
+        for name, fn in fns.items():
+            if name in slow and rnd % 2:
+                continue
+            start = time.perf_counter()
+            fn()
+            out[name] = min(out[name], time.perf_counter() - start)
     return out
 
 
@@ -90,26 +98,18 @@ def run(name: str, n: int, dtype: torch.dtype, reps: int, backward: bool, head_d
         kern.cpu_kernel()
         cold = time.perf_counter() - start
     kern = ac.compile(spec, target="cpu")
-    fwd = best(lambda: kern(q, k, v, **runtime), reps)
     bm = kern.block_map(n, n, **runtime)
-    flops = bm.predicted_flops(head_dim, H, B)
     out: dict[str, float | str] = {
-        "attncc_fwd": fwd,
-        "gflops": flops / fwd / 1e9,
         "cold": cold,
         "computed": bm.computed_fraction,
         "tiles": f"{bm.block_size[0]}x{bm.block_size[1]}",
     }
+    fns: dict[str, Callable[[], object]] = {"attncc_fwd": lambda: kern(q, k, v, **runtime)}
     if backward:
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        o = kern(qg, kg, vg, **runtime)  # one forward; the backward alone is timed on its retained graph
         do = torch.randn_like(q)
-
-        def step() -> None:
-            o = kern(qg, kg, vg, **runtime)
-            torch.autograd.grad(o, (qg, kg, vg), do)
-
-        out["attncc_fwd_bwd"] = best(step, reps)
-        out["attncc_bwd"] = out["attncc_fwd_bwd"] - fwd  # type: ignore[operator]
+        fns["attncc_bwd"] = lambda: torch.autograd.grad(o, (qg, kg, vg), do, retain_graph=True)
     fmask = flex_mask(name, n)
     block = create_block_mask(fmask, 1, 1, n, n, device="cpu")
     compiled = torch.compile(flex_attention)
@@ -117,15 +117,17 @@ def run(name: str, n: int, dtype: torch.dtype, reps: int, backward: bool, head_d
     try:
         compiled(q, k, v, block_mask=block)
         out["flex_first_call"] = time.perf_counter() - start
-        out["flex_fwd"] = best(lambda: compiled(q, k, v, block_mask=block), reps)
+        fns["flex_fwd"] = lambda: compiled(q, k, v, block_mask=block)
     except Exception as exc:  # FlexAttention's own failures are results too
         out["flex_error"] = type(exc).__name__ + (": C++ compile error" if "CppCompileError" in str(exc) else "")
         torch._dynamo.reset()
     qi, ki = torch.arange(n)[:, None], torch.arange(n)[None, :]
     bool_mask = fmask(0, 0, qi, ki)
-    out["sdpa_masked"] = best(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask), max(1, reps // 2))
     causal = name == "causal"
-    out["sdpa_dense"] = best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), max(1, reps // 2))
+    fns["sdpa_masked"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask)
+    fns["sdpa_dense"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out.update(interleaved(fns, reps, slow={"sdpa_masked", "sdpa_dense"}))
+    out["gflops"] = bm.predicted_flops(head_dim, H, B) / float(out["attncc_fwd"]) / 1e9
     return out
 
 

@@ -220,7 +220,16 @@ class CpuKernel:
 
     def products(self, head_dim: int) -> str:
         """How this kernel computes its block products at ``head_dim``: register-blocked micro-kernels
-        where the head dim and the kv tile are multiples of the register block's width, else sgemm."""
+        where the head dim and the kv tile are multiples of the register block's width, else sgemm
+        (with the reason; the fallback is also logged once per kernel on ``attncc.codegen.cpu``).
+
+        >>> import attncc as ac
+        >>> kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=64, mask=ac.causal()), target="cpu")
+        >>> kern.cpu_kernel().products(64).split(":")[0] in ("micro-kernels", "blas")
+        True
+        >>> kern.cpu_kernel().products(8).startswith("blas")  # 8 columns: narrower than any register block
+        True
+        """
         width = 2 * self.lanes
         if not self.lanes:
             return "blas: this build has no FMA vector unit (no AVX2+FMA or AVX-512)"

@@ -3,6 +3,7 @@
 A pass is a small frozen dataclass with a ``name``; its fields are its options, written in a
 pipeline string as ``name{opt=value,...}``::
 
+    >>> from attncc.passes import parse_pipeline
     >>> parse_pipeline("canonicalize,fuse")
     [Canonicalize(), Fuse()]
 
