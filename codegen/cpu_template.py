@@ -8,7 +8,10 @@ each task walks its kv-block list (CSR from the block map), computes S = Q K^T, 
 score mod on every tile and the mask on partial tiles only, runs the online softmax (base 2) and
 accumulates P V. Block products run in register-blocked FMA micro-kernels (K and V packed into
 panels once per call) where the head dim and kv tile allow, else in the BLAS ``sgemm_`` torch
-ships (or a portable loop).
+ships (or a portable loop). On partial tiles the micro-kernels go finer than the tile: the mask pass
+records each row's and each column's kept range, and every register block (6 rows) computes only
+the column panels and the shared-dimension range its rows keep (the causal diagonal, window edges,
+a neighborhood's columns), in the forward and in all five backward products.
 Backward: delta = rowsum(dO * O) first; then one task per (batch, kv head, kv block) walking the
 transposed lists for every query head of the group; dK and dV are owned by the task, dQ goes to a
 per-thread partial, and the team sums the partials into dQ at the end.
@@ -50,6 +53,7 @@ constexpr bool ROPE = {rope};  // q and k rotated by RoPE tables in the prologue
 constexpr int SPAN = {span};  // consecutive tiles of equal kind merged into one GEMM (up to SPAN tiles)
 constexpr int SPAN_Q = {span_q};  // the same for the backward's runs of q-blocks
 constexpr int WKV = BKV * SPAN, WQ = BQ * SPAN_Q;
+constexpr int SPAN_MAX = SPAN > SPAN_Q ? SPAN : SPAN_Q;
 
 typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*,
                         const float*, const int*, const float*, const int*, const float*, float*, const int*);
@@ -221,6 +225,80 @@ inline bool use_micro(const float* work, int64_t D) {{ return work && SIMD && D 
 // round n up to a multiple of NR
 inline int up_nr(int n) {{ return (n + NR - 1) / NR * NR; }}
 
+// A partial tile's record in the keep buffer (filled by attncc_masks): BQ x BKV keep bytes, row-major, then
+// each row's kept columns [lo, hi) as two int16 (lo = BKV, hi = 0 for a row that keeps nothing), then each
+// column's kept rows the same way
+constexpr int64_t TILE_BYTES = (int64_t)BQ * BKV + 4 * BQ + 4 * BKV;
+inline const int16_t* kept_ranges(const uint8_t* tile) {{ return (const int16_t*)(tile + (int64_t)BQ * BKV); }}
+inline const int16_t* kept_col_ranges(const uint8_t* tile) {{ return kept_ranges(tile) + 2 * BQ; }}
+
+// the union [lo, hi) of the ranges of lines i..i+m-1 (2 int16 per line) in a tile ``ext`` long across them
+inline void kept_cols(const int16_t* rng, int i, int m, int& lo, int& hi, int ext = BKV) {{
+  lo = ext;
+  hi = 0;
+  for (int r = i; r < i + m; ++r) {{
+    lo = min_of<int>(lo, rng[2 * r]);
+    hi = max_of<int>(hi, rng[2 * r + 1]);
+  }}
+}}
+
+// micro<m, MODE> for a runtime m in 1..MR
+template <int MODE>
+inline void micro_m(int m, int n, const float* a, int64_t ai, int64_t aj, const float* b, int64_t ldb, float* c,
+                    int64_t ldc, const float* alpha) {{
+  switch (m) {{
+    case 1: micro<1, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 2: micro<2, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 3: micro<3, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 4: micro<4, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 5: micro<5, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    default: micro<MR, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+  }}
+}}
+
+// Scores S[rows x cols] = A . B of one partial tile (as gemm_micro<0>), skipping the NR-wide column panels
+// that no row of a register block keeps: those scores stay unset, and the keep bytes turn them into -inf
+// (forward) or 0 (backward) right after. rng: the rows' kept columns.
+inline void scores_kept(int rows, int cols, int n, const float* a, int64_t ai, const float* b, int64_t bc, int64_t ldb,
+                        float* c, int64_t ldc, const int16_t* rng) {{
+  for (int i = 0; i < rows; i += MR) {{
+    const int m = min_of(MR, rows - i);
+    int lo, hi;
+    kept_cols(rng, i, m, lo, hi);
+    for (int x = lo / NR * NR; x < min_of(hi, cols); x += NR)
+      micro_m<0>(m, n, a + i * ai, ai, 1, b + x * bc, ldb, c + i * ldc + x, ldc, nullptr);
+  }}
+}}
+
+// C[rows x d] (MODE 1: +=, MODE 2: = C * alpha +) P . B over a run of partial tiles stacked along the shared
+// dimension (``ext`` long each), P(i, j) = p[i * ai + j * aj] zero outside row i's kept range in each tile:
+// each register block of rows multiplies only the union [lo, hi) of its rows' ranges in each tile. rng[u]:
+// tile u's ranges (2 int16 per row of C). B: row j at b + j * ldb.
+template <int MODE>
+inline void products_kept(int rows, int d, const float* p, int64_t ai, int64_t aj, int ext, const float* b,
+                          int64_t ldb, float* c, int64_t ldc, const float* alpha, const int16_t* const* rng,
+                          int tiles) {{
+  int lo[SPAN_MAX], hi[SPAN_MAX];
+  for (int i = 0; i < rows; i += MR) {{
+    const int m = min_of(MR, rows - i);
+    for (int u = 0; u < tiles; ++u) kept_cols(rng[u], i, m, lo[u], hi[u], ext);
+    for (int x = 0; x < d; x += NR) {{
+      bool first = true;  // MODE 2 rescales C once, with the first tile that has kept columns
+      for (int u = 0; u < tiles; ++u) {{
+        if (hi[u] <= lo[u]) continue;
+        const int j0 = u * ext + lo[u];
+        const float* pa = p + i * ai + j0 * aj;
+        const float* pb = b + j0 * ldb + x;
+        float* pc = c + i * ldc + x;
+        if (MODE == 2 && first) micro_m<2>(m, hi[u] - lo[u], pa, ai, aj, pb, ldb, pc, ldc, alpha + i);
+        else micro_m<1>(m, hi[u] - lo[u], pa, ai, aj, pb, ldb, pc, ldc, nullptr);
+        first = false;
+      }}
+      if (MODE == 2 && first) micro_m<2>(m, 0, p, ai, aj, b, ldb, c + i * ldc + x, ldc, alpha + i);  // rescale only
+    }}
+  }}
+}}
+
 // max of x[0..n): vector lanes, then the lanes (gcc leaves an omp simd max reduction scalar)
 inline float row_max(const float* x, int n) {{
   float r = -INF;
@@ -294,7 +372,7 @@ inline int run_length(const int32_t* idx, const uint8_t* full, int32_t t, int32_
 }}
 
 // scores of a run of tiles: scaled score -> score mod -> mask from the precomputed keep bytes
-// (partial tiles only; ``keep[u]`` is tile u of the run, BQ x BKV bytes, row-major)
+// (partial tiles only; ``keep[u]`` is tile u of the run, its BQ x BKV bytes row-major)
 inline void tile_scores(const Ctx& cx, float SCALE, float* s, int ld, int rows, int cols,
                         const uint8_t* const* keep, int64_t b, int64_t h, int64_t q0, int64_t k0) {{
   for (int i = 0; i < rows; ++i) {{
@@ -334,11 +412,27 @@ extern "C" int attncc_masks(
     const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
     for (int32_t t = kv_ptr[row]; t < kv_ptr[row + 1]; ++t) {{
       if (kv_rank[t] < 0) continue;
-      uint8_t* out = keep + (keep_base[pair] + kv_rank[t]) * (int64_t)(BQ * BKV);
+      uint8_t* out = keep + (keep_base[pair] + kv_rank[t]) * TILE_BYTES;
+      int16_t* rng = (int16_t*)(out + (int64_t)BQ * BKV);  // rows' kept columns, then columns' kept rows
+      int16_t* col_rng = rng + 2 * BQ;
+      for (int j = 0; j < BKV; ++j) {{ col_rng[2 * j] = BQ; col_rng[2 * j + 1] = 0; }}
       const int64_t k0 = (int64_t)kv_idx[t] * BKV;
       const int cols = (int)min_of<int64_t>(BKV, Skv - k0);
-      for (int i = 0; i < rows; ++i)
-        for (int j = 0; j < cols; ++j) out[i * BKV + j] = mask_fn(cx, b, h, q0 + i, k0 + j) ? 1 : 0;
+      for (int i = 0; i < BQ; ++i) {{
+        int lo = BKV, hi = 0;
+        for (int j = 0; i < rows && j < cols; ++j) {{
+          const bool kept = mask_fn(cx, b, h, q0 + i, k0 + j);
+          out[i * BKV + j] = kept ? 1 : 0;
+          if (kept) {{
+            lo = min_of(lo, j);
+            hi = j + 1;
+            col_rng[2 * j] = min_of<int16_t>(col_rng[2 * j], (int16_t)i);
+            col_rng[2 * j + 1] = (int16_t)(i + 1);
+          }}
+        }}
+        rng[2 * i] = (int16_t)lo;
+        rng[2 * i + 1] = (int16_t)hi;
+      }}
     }}
   }}
   return error;
@@ -392,17 +486,25 @@ extern "C" int attncc_forward(
       const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
       const uint8_t* run_keep[SPAN];
+      const int16_t* run_rng[SPAN];
       for (int32_t t = kv_ptr[row], span; t < kv_ptr[row + 1]; t += span) {{
         span = run_length(kv_idx, kv_full, t, kv_ptr[row + 1], SPAN);
         const int64_t k0 = (int64_t)kv_idx[t] * BKV;
         const int cols = (int)min_of<int64_t>((int64_t)BKV * span, Skv - k0);
         const bool full = kv_full[t] != 0;
-        if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), WKV);
+        if (!full)
+          for (int u = 0; u < span; ++u) {{
+            run_keep[u] = keep + (keep_base[pair] + kv_rank[t + u]) * TILE_BYTES;
+            run_rng[u] = kept_ranges(run_keep[u]);
+          }}
+        if (micro && !full)  // partial tiles: only the column panels some row keeps
+          for (int u = 0; u < span; ++u)
+            scores_kept(rows, up_nr(min_of(BKV, cols - u * BKV)), d, qp, d, kpp + (k0 + u * BKV) * D, d, NR,
+                        s.data() + u * BKV, WKV, run_rng[u]);
+        else if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), WKV);
         else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), WKV, 0.0f);
         // full tiles without a score mod skip the scores pass: the scale folds into max and exp
         const bool plain = full && !HAS_MOD;
-        if (!full)
-          for (int u = 0; u < span; ++u) run_keep[u] = keep + (keep_base[pair] + kv_rank[t + u]) * (int64_t)(BQ * BKV);
         if (!plain) tile_scores(cx, SCALE, s.data(), WKV, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         const float sc = plain ? SCALE * LOG2E : LOG2E;  // scores to base 2; m[] is kept in base 2
         for (int i = 0; i < rows; ++i) {{
@@ -417,7 +519,9 @@ extern "C" int attncc_forward(
           m[i] = mx;
           alpha[i] = a;
         }}
-        if (micro) gemm_micro<2>(rows, d, cols, s.data(), WKV, 1, vp + k0 * D, 1, d, acc.data(), d, alpha.data());
+        if (micro && !full)
+          products_kept<2>(rows, d, s.data(), WKV, 1, BKV, vp + k0 * D, d, acc.data(), d, alpha.data(), run_rng, span);
+        else if (micro) gemm_micro<2>(rows, d, cols, s.data(), WKV, 1, vp + k0 * D, 1, d, acc.data(), d, alpha.data());
         else {{
           for (int i = 0; i < rows; ++i)
             if (alpha[i] != 1.0f) for (int64_t c = 0; c < D; ++c) acc[i * D + c] *= alpha[i];
@@ -488,6 +592,9 @@ extern "C" int attncc_backward(
   #pragma omp parallel num_threads(threads)
   {{
     Buf s(WQ * BKV), dp(WQ * BKV), dk_acc(BKV * D), dv_acc(BKV * D);
+    int16_t run_rng[2 * WQ];  // kept columns of the rows of a partial run
+    const int16_t* rng_one = run_rng;
+    const int16_t* col_rngs[SPAN_Q];
     float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * rows_all * D;
     std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
     #pragma omp for schedule(dynamic, 1)
@@ -511,21 +618,33 @@ extern "C" int attncc_backward(
           const int64_t base = (b * H + h) * Sq + q0;
           const float* qp = q + base * D;
           const float* dop = dout + base * D;
-          if (micro) {{
+          const bool full = q_full[t] != 0;
+          if (!full) {{  // the run's rows' kept columns and each q tile's columns' kept rows, from the records
+            for (int u = 0; u < span; ++u)
+              col_rngs[u] = kept_col_ranges(keep + (keep_base[pair] + q_rank[t + u]) * TILE_BYTES);
+            for (int i = 0; i < rows; ++i) {{
+              const int16_t* r = kept_ranges(keep + (keep_base[pair] + q_rank[t + i / BQ]) * TILE_BYTES);
+              run_rng[2 * i] = r[2 * (i % BQ)];
+              run_rng[2 * i + 1] = r[2 * (i % BQ) + 1];
+            }}
+          }}
+          if (micro && !full) {{  // partial tiles: only the column panels some row keeps
+            scores_kept(rows, up_nr(cols), d, qp, d, k_pack + packed, d, NR, s.data(), BKV, run_rng);
+            scores_kept(rows, up_nr(cols), d, dop, d, v_pack + packed, d, NR, dp.data(), BKV, run_rng);
+          }} else if (micro) {{
             gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, k_pack + packed, d, NR, s.data(), BKV);
             gemm_micro<0>(rows, up_nr(cols), d, dop, d, 1, v_pack + packed, d, NR, dp.data(), BKV);
           }} else {{
             gemm_nt(sg, rows, cols, d, qp, d, kp, d, s.data(), BKV, 0.0f);
             gemm_nt(sg, rows, cols, d, dop, d, vp, d, dp.data(), BKV, 0.0f);
           }}
-          const bool full = q_full[t] != 0;
           for (int i = 0; i < rows; ++i) {{
             float* sr = s.data() + i * BKV;
             float* dr = dp.data() + i * BKV;
             const float li = lse[base + i], di = delta[base + i];
             if (li == -INF) {{ fill(sr, cols, 0.0f); fill(dr, cols, 0.0f); continue; }}
             const uint8_t* kr = full ? nullptr
-                : keep + (keep_base[pair] + q_rank[t + i / BQ]) * (int64_t)(BQ * BKV) + (i % BQ) * BKV;
+                : keep + (keep_base[pair] + q_rank[t + i / BQ]) * TILE_BYTES + (i % BQ) * BKV;
             if (!HAS_MOD) {{  // vector loops; the scale and log2(e) fold into one multiply
               const float sc2 = SCALE * LOG2E, li2 = li * LOG2E;
               if (full) {{
@@ -555,9 +674,15 @@ extern "C" int attncc_backward(
             }}
           }}
           if (micro) {{
-            gemm_micro<1>(cols, d, rows, s.data(), 1, BKV, dop, 1, d, dv_acc.data(), d);
-            gemm_micro<1>(cols, d, rows, dp.data(), 1, BKV, qp, 1, d, dk_acc.data(), d);
-            gemm_micro<1>(rows, d, cols, dp.data(), BKV, 1, kp, 1, d, dq_mine + base * D, d);
+            if (full) {{
+              gemm_micro<1>(cols, d, rows, s.data(), 1, BKV, dop, 1, d, dv_acc.data(), d);
+              gemm_micro<1>(cols, d, rows, dp.data(), 1, BKV, qp, 1, d, dk_acc.data(), d);
+              gemm_micro<1>(rows, d, cols, dp.data(), BKV, 1, kp, 1, d, dq_mine + base * D, d);
+            }} else {{  // partial tiles: each register block only over its kept rows (dV, dK) or columns (dQ)
+              products_kept<1>(cols, d, s.data(), 1, BKV, BQ, dop, d, dv_acc.data(), d, nullptr, col_rngs, span);
+              products_kept<1>(cols, d, dp.data(), 1, BKV, BQ, qp, d, dk_acc.data(), d, nullptr, col_rngs, span);
+              products_kept<1>(rows, d, dp.data(), BKV, 1, BKV, kp, d, dq_mine + base * D, d, nullptr, &rng_one, 1);
+            }}
           }} else {{
             gemm_tn(sg, cols, d, rows, s.data(), BKV, dop, d, dv_acc.data(), d);
             gemm_tn(sg, cols, d, rows, dp.data(), BKV, qp, d, dk_acc.data(), d);
