@@ -8,8 +8,9 @@ calls every contender once, so all see the same machine state. attncc's forward 
 (the backward is timed alone, on a retained graph); FlexAttention is compiled with torch.compile (its block mask
 built once, outside the timing); SDPA runs with the materialized boolean mask ("masked") and
 without any mask ("dense", or is_causal for causal). FLOP/s count the FLOPs of the tiles attncc
-computes (4 * bq * bkv * D per tile per head). Cold-compile times: attncc with an empty cache;
-FlexAttention's first call (torch.compile).
+computes (4 * bq * bkv * D per tile per head); inside partial tiles the kernel skips register blocks that
+keep nothing, so for sparse masks (window, neighborhood) this is an effective rate. Cold-compile times:
+attncc with an empty cache; FlexAttention's first call (torch.compile).
 """
 
 from __future__ import annotations
