@@ -219,6 +219,9 @@ def _resolve_target(target: str) -> str:
     return target
 
 
+MAX_TILE = 4096  # the cpu kernel records kept ranges inside a tile as int16
+
+
 def compile(
     spec: AttentionSpec, target: str = "auto", pipeline: str | None = None, tiles: tuple[int, int] | None = None
 ) -> Kernel:
@@ -232,8 +235,8 @@ def compile(
     if not isinstance(spec, AttentionSpec):
         raise SpecError(f"compile() takes an AttentionSpec or LinearAttentionSpec, got {type(spec).__name__}")
     resolved = _resolve_target(target)
-    if tiles is not None and (len(tiles) != 2 or any(not isinstance(t, int) or t < 1 for t in tiles)):
-        raise SpecError(f"tiles must be a pair of positive ints (bq, bkv), got {tiles!r}")
+    if tiles is not None and (len(tiles) != 2 or any(not isinstance(t, int) or not 1 <= t <= MAX_TILE for t in tiles)):
+        raise SpecError(f"tiles must be a pair of ints (bq, bkv) in 1..{MAX_TILE}, got {tiles!r}")
     cfg = config.get()
     key = (spec, resolved, pipeline or "", tuple(tiles or ()))
     if not cfg.always_compile and key in _CACHE:

@@ -105,3 +105,9 @@ def test_concurrent_calls_from_python_threads_do_not_share_scratch_memory() -> N
         together = list(pool.map(lambda x: kern(*x), inputs * 3))
     for i, out in enumerate(together):
         assert torch.equal(out, alone[i % 4])
+
+
+@pytest.mark.parametrize("tiles", [(0, 64), (64, 8192), (64,)])
+def test_tile_sizes_out_of_range_are_refused(tiles: tuple[int, ...]) -> None:
+    with pytest.raises(ac.SpecError, match=r"tiles must be a pair of ints \(bq, bkv\) in 1\.\.4096"):
+        ac.compile(SPEC, target="cpu", tiles=tiles)  # type: ignore[arg-type]
