@@ -119,8 +119,8 @@ class Lists:
     kv_*: CSR per (map, q-block) of kv blocks, with a full flag; q_*: the transpose, per
     (map, kv-block). kv_rank / q_rank number each partial tile within its map (-1 for full
     tiles); keep_base[pair] is where that (batch, head) pair's partial-tile masks start in the
-    keep buffer (a record per tile: BQ x BKV keep bytes, then per-row kept column ranges), filled by
-    ``attncc_masks``.
+    keep buffer (a record per tile: BQ x BKV keep bytes, then each row's and each column's kept range),
+    filled by ``attncc_masks``.
     """
 
     map_of: np.ndarray
@@ -205,7 +205,7 @@ class CpuKernel:
         op = fused_op(graph)
         self.groups, self.scale = op.groups, float(op.scale)
         self.bq, self.bkv = (op.bq, op.bkv) if isinstance(op, TiledOp) else (64, 64)
-        self.tile_bytes = self.bq * self.bkv + 4 * (self.bq + self.bkv)  # TILE_BYTES of the template
+        self.tile_bytes = -(-self.bq * self.bkv // 4) * 4 + 4 * (self.bq + self.bkv)  # TILE_BYTES of the template
         self.tensors = tensor_ops(graph)
         self.path, self.compiled_now = toolchain.build(self.source, graph.name)
         self.lib = ctypes.CDLL(str(self.path))
@@ -255,8 +255,8 @@ class CpuKernel:
                 log.info("cpu kernel %s: block products fall back to sgemm (%s)", self.path.name, how[6:])
 
     def masks(self, lists: Lists, shape: tuple[int, int, int, int], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The record of every partial tile (its BQ x BKV keep bytes, then each row's kept column range
-        [lo, hi) as two int16), from one pass of mask code."""
+        """The record of every partial tile (its BQ x BKV keep bytes, padded to 4, then each row's kept
+        column range [lo, hi) and each column's kept row range as two int16), from one pass of mask code."""
         B, H, Sq, Skv = shape
         keep = torch.empty(max(1, lists.keep_tiles) * self.tile_bytes, dtype=torch.uint8)
         _keep_alive, ptrs, dims = self.pack(tensors)

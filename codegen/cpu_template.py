@@ -228,8 +228,9 @@ inline int up_nr(int n) {{ return (n + NR - 1) / NR * NR; }}
 // A partial tile's record in the keep buffer (filled by attncc_masks): BQ x BKV keep bytes, row-major, then
 // each row's kept columns [lo, hi) as two int16 (lo = BKV, hi = 0 for a row that keeps nothing), then each
 // column's kept rows the same way
-constexpr int64_t TILE_BYTES = (int64_t)BQ * BKV + 4 * BQ + 4 * BKV;
-inline const int16_t* kept_ranges(const uint8_t* tile) {{ return (const int16_t*)(tile + (int64_t)BQ * BKV); }}
+constexpr int64_t KEEP_BYTES = ((int64_t)BQ * BKV + 3) / 4 * 4;  // padded: the ranges stay int16-aligned
+constexpr int64_t TILE_BYTES = KEEP_BYTES + 4 * BQ + 4 * BKV;
+inline const int16_t* kept_ranges(const uint8_t* tile) {{ return (const int16_t*)(tile + KEEP_BYTES); }}
 inline const int16_t* kept_col_ranges(const uint8_t* tile) {{ return kept_ranges(tile) + 2 * BQ; }}
 
 // the union [lo, hi) of the ranges of lines i..i+m-1 (2 int16 per line) in a tile ``ext`` long across them
@@ -413,7 +414,7 @@ extern "C" int attncc_masks(
     for (int32_t t = kv_ptr[row]; t < kv_ptr[row + 1]; ++t) {{
       if (kv_rank[t] < 0) continue;
       uint8_t* out = keep + (keep_base[pair] + kv_rank[t]) * TILE_BYTES;
-      int16_t* rng = (int16_t*)(out + (int64_t)BQ * BKV);  // rows' kept columns, then columns' kept rows
+      int16_t* rng = (int16_t*)(out + KEEP_BYTES);  // rows' kept columns, then columns' kept rows
       int16_t* col_rng = rng + 2 * BQ;
       for (int j = 0; j < BKV; ++j) {{ col_rng[2 * j] = BQ; col_rng[2 * j + 1] = 0; }}
       const int64_t k0 = (int64_t)kv_idx[t] * BKV;

@@ -115,3 +115,12 @@ def test_gradients_through_lse_match() -> None:
     spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, mask=ac.causal() & ac.sliding_window(20))
     keep = oracle.dense(lambda b, h, i, j: j <= i and i - j <= 20, 2, 4, 70, 70)
     check_target(spec, keep, 70, 70, {}, None, lse_weight=1.0)
+
+
+@pytest.mark.parametrize("tiles", [(7, 16), (5, 3)], ids=["odd-bq-micro", "odd-both-blas"])
+def test_odd_tile_sizes_match(tiles: tuple[int, int]) -> None:
+    """Tiles whose rows are not a multiple of the 6-row register block, and a kv tile too narrow for it."""
+    spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.sliding_window(11) | ac.sinks(2))
+    keep = oracle.dense(lambda b, h, i, j: (j <= i and i - j <= 11) or j < 2, 2, 2, 53, 53)
+    ac.compile(spec, target="cpu", tiles=tiles)
+    check_target(spec, keep, 53, 53, {}, None, tiles=tiles)
