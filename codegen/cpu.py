@@ -205,7 +205,6 @@ class CpuKernel:
         op = fused_op(graph)
         self.groups, self.scale = op.groups, float(op.scale)
         self.bq, self.bkv = (op.bq, op.bkv) if isinstance(op, TiledOp) else (64, 64)
-        self.tile_bytes = -(-self.bq * self.bkv // 4) * 4 + 4 * (self.bq + self.bkv)  # TILE_BYTES of the template
         self.tensors = tensor_ops(graph)
         self.path, self.compiled_now = toolchain.build(self.source, graph.name)
         self.lib = ctypes.CDLL(str(self.path))
@@ -218,6 +217,8 @@ class CpuKernel:
             fn.restype = ctypes.c_int
         self.lib.attncc_vector_lanes.restype = ctypes.c_int
         self.lanes = int(self.lib.attncc_vector_lanes())
+        self.lib.attncc_tile_bytes.restype = ctypes.c_int64
+        self.tile_bytes = int(self.lib.attncc_tile_bytes())  # one partial tile's record in the keep buffer
         self._told: set[int] = set()
 
     def products(self, head_dim: int) -> str:

@@ -194,6 +194,20 @@ inline void micro(int n, const float* a, int64_t ai, int64_t aj, const float* b,
   }}
 }}
 
+// micro<m, MODE> for a runtime m in 1..MR
+template <int MODE>
+inline void micro_m(int m, int n, const float* a, int64_t ai, int64_t aj, const float* b, int64_t ldb, float* c,
+                    int64_t ldc, const float* alpha) {{
+  switch (m) {{
+    case 1: micro<1, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 2: micro<2, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 3: micro<3, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 4: micro<4, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 5: micro<5, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    default: micro<MR, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+  }}
+}}
+
 // C[rows x cols] (op)= A . B, cols a multiple of NR; B's column block x (NR wide) starts at b + x * bc
 // (bc = 1: B row-major with row stride ldb; bc = n, ldb = NR: B packed in panels by pack_panels)
 template <int MODE>
@@ -205,17 +219,8 @@ inline void gemm_micro(int rows, int cols, int n, const float* a, int64_t ai, in
       micro<MR, MODE>(n, a + i * ai, ai, aj, b + x * bc, ldb, c + i * ldc + x, ldc, alpha ? alpha + i : nullptr);
   const float* ar = a + i * ai;
   const float* al = alpha ? alpha + i : nullptr;
-  for (int x = 0; x < cols && i < rows; x += NR) {{
-    const float* bx = b + x * bc;
-    float* cx = c + i * ldc + x;
-    switch (rows - i) {{
-      case 1: micro<1, MODE>(n, ar, ai, aj, bx, ldb, cx, ldc, al); break;
-      case 2: micro<2, MODE>(n, ar, ai, aj, bx, ldb, cx, ldc, al); break;
-      case 3: micro<3, MODE>(n, ar, ai, aj, bx, ldb, cx, ldc, al); break;
-      case 4: micro<4, MODE>(n, ar, ai, aj, bx, ldb, cx, ldc, al); break;
-      default: micro<5, MODE>(n, ar, ai, aj, bx, ldb, cx, ldc, al); break;
-    }}
-  }}
+  for (int x = 0; x < cols && i < rows; x += NR)
+    micro_m<MODE>(rows - i, n, ar, ai, aj, b + x * bc, ldb, c + i * ldc + x, ldc, al);
 }}
 
 // whether a call runs the register-blocked products: the caller passes a workspace exactly where
@@ -240,20 +245,6 @@ inline void kept_cols(const int16_t* rng, int i, int m, int& lo, int& hi, int ex
   for (int r = i; r < i + m; ++r) {{
     lo = min_of<int>(lo, rng[2 * r]);
     hi = max_of<int>(hi, rng[2 * r + 1]);
-  }}
-}}
-
-// micro<m, MODE> for a runtime m in 1..MR
-template <int MODE>
-inline void micro_m(int m, int n, const float* a, int64_t ai, int64_t aj, const float* b, int64_t ldb, float* c,
-                    int64_t ldc, const float* alpha) {{
-  switch (m) {{
-    case 1: micro<1, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 2: micro<2, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 3: micro<3, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 4: micro<4, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 5: micro<5, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    default: micro<MR, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
   }}
 }}
 
@@ -396,6 +387,9 @@ inline void tile_scores(const Ctx& cx, float SCALE, float* s, int ld, int rows, 
 }}  // namespace
 
 // ---- attncc: next translation unit ----
+// bytes of one partial tile's record in the keep buffer (CpuKernel sizes the buffer with it)
+extern "C" int64_t attncc_tile_bytes() {{ return TILE_BYTES; }}
+
 // Evaluate the mask once per call on every partial tile of every (batch, head) pair that has its
 // own mask; forward and backward then read these bytes instead of running mask code.
 extern "C" int attncc_masks(
@@ -620,7 +614,7 @@ extern "C" int attncc_backward(
           const float* qp = q + base * D;
           const float* dop = dout + base * D;
           const bool full = q_full[t] != 0;
-          if (!full) {{  // the run's rows' kept columns and each q tile's columns' kept rows, from the records
+          if (micro && !full) {{  // the run's rows' kept columns and each q tile's columns' kept rows
             for (int u = 0; u < span; ++u)
               col_rngs[u] = kept_col_ranges(keep + (keep_base[pair] + q_rank[t + u]) * TILE_BYTES);
             for (int i = 0; i < rows; ++i) {{
