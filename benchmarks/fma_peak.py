@@ -1,0 +1,60 @@
+"""The machine's fp32 FMA peak, the denominator of the "% of peak" figures in BENCHMARKS.md.
+
+    python benchmarks/fma_peak.py
+
+Compiles a loop of 12 independent 8-lane (AVX2; 16 with AVX-512 via -march=native) FMA chains with
+the system compiler and runs one copy per core at once; prints GFLOP/s per core and their sum.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from attncc.codegen import toolchain
+
+SOURCE = r"""
+#include <chrono>
+#include <cstdio>
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#else
+constexpr int VW = 8;
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+int main() {
+  vf c[12];
+  for (int i = 0; i < 12; ++i) c[i] = vf{} + i * 0.001f;
+  vf a = vf{} + 0.9999f, b = vf{} + 0.0001f;
+  const long iters = 200000000;
+  auto t0 = std::chrono::steady_clock::now();
+  for (long it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) c[i] = c[i] * a + b;
+    asm volatile("" : "+x"(a));
+  }
+  double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  float s = 0;
+  for (int i = 0; i < 12; ++i) s += c[i][0];
+  std::printf("%.1f %g\n", iters * 12.0 * VW * 2 / dt / 1e9, s);
+}
+"""
+
+
+def main() -> None:
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "peak.cpp", Path(tmp) / "peak"
+        src.write_text(SOURCE)
+        subprocess.run(
+            [toolchain.compiler(), "-O2", "-march=native", "-ffp-contract=fast", str(src), "-o", str(exe)], check=True
+        )
+        runs = [subprocess.Popen([str(exe)], stdout=subprocess.PIPE, text=True) for _ in range(cores)]
+        per_core = [float(r.communicate()[0].split()[0]) for r in runs]
+    print(f"fp32 FMA peak: {sum(per_core):.1f} GFLOP/s on {cores} cores ({', '.join(f'{x:.1f}' for x in per_core)})")
+
+
+if __name__ == "__main__":
+    main()
