@@ -13,6 +13,7 @@ torch.Size([1, 4, 32, 16])
 
 from attncc import errors
 from attncc.api import Kernel, compile
+from attncc.codegen.cpu import release_workspace, workspace_bytes
 from attncc.dsl import (
     Expr,
     TensorRef,
@@ -88,6 +89,7 @@ __all__ = [
     "prefix_lm",
     "q",
     "relative_bias",
+    "release_workspace",
     "score",
     "sinks",
     "sliding_window",
@@ -96,6 +98,7 @@ __all__ = [
     "tanh",
     "tensor",
     "where",
+    "workspace_bytes",
     "x",
 ]
 

@@ -108,8 +108,33 @@ def workspace(floats: int) -> int:
     faults (the OS zeroes each new page): about 11% of a 16K sliding-window forward, measured."""
     buf = getattr(_WORKSPACE, "buf", None)
     if buf is None or buf.numel() < floats:
+        _WORKSPACE.buf = None  # the old buffer goes before the larger one is allocated
         buf = _WORKSPACE.buf = torch.empty(floats, dtype=torch.float32)
     return buf.data_ptr()
+
+
+def workspace_bytes() -> int:
+    """Bytes of the calling thread's cpu-kernel workspace (0 when it has none)."""
+    buf = getattr(_WORKSPACE, "buf", None)
+    return 0 if buf is None else buf.numel() * buf.element_size()
+
+
+def release_workspace() -> int:
+    """Free the calling thread's cpu-kernel workspace and return how many bytes it held. The workspace
+    (K and V packed for the micro-kernels, the backward's per-thread dQ partials) is kept between calls and
+    grows to the largest call's need: after a 16K-token, 8-head backward it holds about 128 MB. The next
+    cpu-kernel call in this thread allocates afresh.
+
+    >>> import torch, attncc as ac
+    >>> kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.causal()), target="cpu")
+    >>> x = torch.randn(1, 2, 64, 16)
+    >>> _ = kern(x, x, x)
+    >>> ac.release_workspace() > 0, ac.workspace_bytes()
+    (True, 0)
+    """
+    held = workspace_bytes()
+    _WORKSPACE.buf = None
+    return held
 
 
 @dataclass(frozen=True)
@@ -211,7 +236,7 @@ class CpuKernel:
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
         tail: list[Any] = [_P] * 9 + [ctypes.c_int, _I, ctypes.c_float, _P, _P, _I, _P]
         self.lib.attncc_forward.argtypes = [_P] * 5 + common + tail
-        self.lib.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P]
+        self.lib.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P, ctypes.c_int]
         self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         for fn in (self.lib.attncc_forward, self.lib.attncc_backward, self.lib.attncc_masks):
             fn.restype = ctypes.c_int
@@ -365,7 +390,9 @@ class CpuKernel:
         """dq, dk, dv of float32 contiguous inputs (o and lse from ``forward``; dlse, the gradient of
         lse, may be None). One call: the kernel computes delta = rowsum(do * o) - dlse, sums its
         threads' dq partials and rotates RoPE gradients back itself; its scratch (per-thread dq
-        partials, packed K and V) lives in the calling thread's workspace."""
+        partials, packed K and V) lives in the calling thread's workspace. Under
+        ``torch.use_deterministic_algorithms(True)`` dq is bitwise reproducible for a given thread count
+        (tasks go to threads round-robin instead of dynamically; dk, dv and the forward always are)."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         threads = torch.get_num_threads()
@@ -409,6 +436,7 @@ class CpuKernel:
             *_rope_args(tables),
             work,
             work + 4 * scratch if packed else None,
+            torch.are_deterministic_algorithms_enabled(),
         )
         self._check(code)
         return dq, dk, dv

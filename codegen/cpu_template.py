@@ -546,7 +546,7 @@ extern "C" int attncc_backward(
     const int32_t* q_ptr, const int32_t* q_idx, const uint8_t* q_full,
     const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE,
-    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, float* pack) {{
+    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, float* pack, int deterministic) {{
   const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
   const sgemm_t sg = (sgemm_t)sgemm;
   Buf q_rot, k_rot;  // prologue: rotated Q and K; the epilogue rotates dQ and dK back
@@ -584,6 +584,12 @@ extern "C" int attncc_backward(
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
   (void)nq;
+  // kv-block tasks go to threads dynamically (uneven tiles balance), or round-robin when the caller asks for
+  // a deterministic dQ: each thread's partial then sums the same tasks in the same order on every call
+  omp_sched_t saved_kind;
+  int saved_chunk;
+  omp_get_schedule(&saved_kind, &saved_chunk);
+  omp_set_schedule(deterministic ? omp_sched_static : omp_sched_dynamic, 1);
   #pragma omp parallel num_threads(threads)
   {{
     Buf s(WQ * BKV), dp(WQ * BKV), dk_acc(BKV * D), dv_acc(BKV * D);
@@ -592,7 +598,7 @@ extern "C" int attncc_backward(
     const int16_t* col_rngs[SPAN_Q];
     float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * rows_all * D;
     std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
-    #pragma omp for schedule(dynamic, 1)
+    #pragma omp for schedule(runtime)
     for (int64_t task = 0; task < B * Hkv * nkv; ++task) {{
       const int64_t kb = task % nkv, hk = (task / nkv) % Hkv, b = task / (nkv * Hkv);
       const int64_t k0 = kb * BKV;
@@ -713,6 +719,7 @@ extern "C" int attncc_backward(
       }}
     }}
   }}
+  omp_set_schedule(saved_kind, saved_chunk);
   return error;
 }}
 """

@@ -111,3 +111,40 @@ def test_concurrent_calls_from_python_threads_do_not_share_scratch_memory() -> N
 def test_tile_sizes_out_of_range_are_refused(tiles: tuple[int, ...]) -> None:
     with pytest.raises(ac.SpecError, match=r"tiles must be a pair of ints \(bq, bkv\) in 1\.\.4096"):
         ac.compile(SPEC, target="cpu", tiles=tiles)  # type: ignore[arg-type]
+
+
+def test_deterministic_algorithms_make_the_backward_bitwise_reproducible() -> None:
+    """dq sums per-thread partials; under torch.use_deterministic_algorithms the kv-block tasks go to threads
+    round-robin, so every call sums the same tasks in the same order."""
+    kern = ac.compile(ac.AttentionSpec(num_heads=4, head_dim=32, mask=ac.causal()), target="cpu", tiles=(32, 32))
+    g = torch.Generator().manual_seed(5)
+    q, k, v, do = (torch.randn(1, 4, 384, 32, generator=g) for _ in range(4))
+
+    def grads() -> tuple[torch.Tensor, ...]:
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        return torch.autograd.grad(kern(qg, kg, vg), (qg, kg, vg), do)
+
+    free = grads()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [grads() for _ in range(4)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+    for a, b in zip(runs[0], free):  # the same gradients, summed in another order at most
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_release_workspace_frees_the_scratch_and_later_calls_allocate_afresh() -> None:
+    kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=32, mask=ac.causal()), target="cpu")
+    x = torch.randn(1, 2, 256, 32, generator=torch.Generator().manual_seed(6))
+    first = kern(x, x, x)
+    held = ac.workspace_bytes()
+    assert held >= 2 * 256 * 32 * 4  # K packed for the micro-kernels
+    assert ac.release_workspace() == held
+    assert ac.workspace_bytes() == 0
+    assert torch.equal(kern(x, x, x), first)
+    assert ac.workspace_bytes() > 0
