@@ -62,7 +62,6 @@ def run(name: str, n: int, reps: int, peak: float) -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
     fns: dict[str, Callable[[], object]] = {}
-    flops = 0.0
     with tempfile.TemporaryDirectory() as tmp, config.override(cache_dir=Path(tmp), always_compile=True):
         for label, edits in ABLATIONS.items():
             tag = label.replace(" ", "_")
@@ -71,7 +70,7 @@ def run(name: str, n: int, reps: int, peak: float) -> None:
                 kern = ac.compile(spec, target="cpu")
                 kern.cpu_kernel()
             fns[label] = lambda kern=kern: kern(q, k, v)
-            flops = kern.block_map(n, n).predicted_flops(D, H, B)
+    flops = kern.block_map(n, n).predicted_flops(D, H, B)  # the same tiles for every copy
     block = create_block_mask(flex_mask(name, n), 1, 1, n, n, device="cpu")
     compiled = torch.compile(flex_attention)
     fns["flex"] = lambda: compiled(q, k, v, block_mask=block)

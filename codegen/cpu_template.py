@@ -237,6 +237,10 @@ constexpr int64_t KEEP_BYTES = ((int64_t)BQ * BKV + 3) / 4 * 4;  // padded: the 
 constexpr int64_t TILE_BYTES = KEEP_BYTES + 4 * BQ + 4 * BKV;
 inline const int16_t* kept_ranges(const uint8_t* tile) {{ return (const int16_t*)(tile + KEEP_BYTES); }}
 inline const int16_t* kept_col_ranges(const uint8_t* tile) {{ return kept_ranges(tile) + 2 * BQ; }}
+// the record of partial tile number ``rank`` of (batch, head) pair ``pair`` (its tiles start at keep_base[pair])
+template <class T> inline T* tile_record(T* keep, const int64_t* keep_base, int64_t pair, int32_t rank) {{
+  return keep + (keep_base[pair] + rank) * TILE_BYTES;
+}}
 
 // the union [lo, hi) of the ranges of lines i..i+m-1 (2 int16 per line) in a tile ``ext`` long across them
 inline void kept_cols(const int16_t* rng, int i, int m, int& lo, int& hi, int ext = BKV) {{
@@ -407,7 +411,7 @@ extern "C" int attncc_masks(
     const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
     for (int32_t t = kv_ptr[row]; t < kv_ptr[row + 1]; ++t) {{
       if (kv_rank[t] < 0) continue;
-      uint8_t* out = keep + (keep_base[pair] + kv_rank[t]) * TILE_BYTES;
+      uint8_t* out = tile_record(keep, keep_base, pair, kv_rank[t]);
       int16_t* rng = (int16_t*)(out + KEEP_BYTES);  // rows' kept columns, then columns' kept rows
       int16_t* col_rng = rng + 2 * BQ;
       for (int j = 0; j < BKV; ++j) {{ col_rng[2 * j] = BQ; col_rng[2 * j + 1] = 0; }}
@@ -489,7 +493,7 @@ extern "C" int attncc_forward(
         const bool full = kv_full[t] != 0;
         if (!full)
           for (int u = 0; u < span; ++u) {{
-            run_keep[u] = keep + (keep_base[pair] + kv_rank[t + u]) * TILE_BYTES;
+            run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
             run_rng[u] = kept_ranges(run_keep[u]);
           }}
         if (micro && !full)  // partial tiles: only the column panels some row keeps
@@ -622,9 +626,9 @@ extern "C" int attncc_backward(
           const bool full = q_full[t] != 0;
           if (micro && !full) {{  // the run's rows' kept columns and each q tile's columns' kept rows
             for (int u = 0; u < span; ++u)
-              col_rngs[u] = kept_col_ranges(keep + (keep_base[pair] + q_rank[t + u]) * TILE_BYTES);
+              col_rngs[u] = kept_col_ranges(tile_record(keep, keep_base, pair, q_rank[t + u]));
             for (int i = 0; i < rows; ++i) {{
-              const int16_t* r = kept_ranges(keep + (keep_base[pair] + q_rank[t + i / BQ]) * TILE_BYTES);
+              const int16_t* r = kept_ranges(tile_record(keep, keep_base, pair, q_rank[t + i / BQ]));
               run_rng[2 * i] = r[2 * (i % BQ)];
               run_rng[2 * i + 1] = r[2 * (i % BQ) + 1];
             }}
@@ -645,7 +649,7 @@ extern "C" int attncc_backward(
             const float li = lse[base + i], di = delta[base + i];
             if (li == -INF) {{ fill(sr, cols, 0.0f); fill(dr, cols, 0.0f); continue; }}
             const uint8_t* kr = full ? nullptr
-                : keep + (keep_base[pair] + q_rank[t + i / BQ]) * TILE_BYTES + (i % BQ) * BKV;
+                : tile_record(keep, keep_base, pair, q_rank[t + i / BQ]) + (i % BQ) * BKV;
             if (!HAS_MOD) {{  // vector loops; the scale and log2(e) fold into one multiply
               const float sc2 = SCALE * LOG2E, li2 = li * LOG2E;
               if (full) {{

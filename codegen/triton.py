@@ -297,6 +297,8 @@ class TritonKernel:
         delta = (do.float() * o.float()).sum(-1)
         if dlse is not None:
             delta = delta - dlse.float()
+        delta = delta.contiguous()
+        rope = self._rope_args(q, tensors)  # both kernels read the same tables
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         err = torch.zeros(1, dtype=torch.int32, device=q.device)
         L = self._lists(lists, q.device)
@@ -315,11 +317,11 @@ class TritonKernel:
             v,
             do,
             lse,
-            delta.contiguous(),
+            delta,
             dk,
             dv,
             err,
-            *self._rope_args(q, tensors),
+            *rope,
             L["map_of"],
             L["q_ptr"],
             L["q_idx"],
@@ -338,10 +340,10 @@ class TritonKernel:
             v,
             do,
             lse,
-            delta.contiguous(),
+            delta,
             dq,
             err,
-            *self._rope_args(q, tensors),
+            *rope,
             L["map_of"],
             L["kv_ptr"],
             L["kv_idx"],
