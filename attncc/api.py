@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -39,7 +41,10 @@ log = logging.getLogger("attncc.api")
 
 DEFAULT_PIPELINE = "canonicalize,fuse,block-sparse{{bq={bq},bkv={bkv}}}"
 TARGETS = ("auto", "cpu", "triton", "reference")
-_CACHE: dict[tuple[AttentionSpec, str, str, tuple[int, ...]], Kernel] = {}
+_CACHE: dict[tuple[AttentionSpec, str, str, tuple[int, ...], str], Kernel] = {}
+# the same kernels by structure (the spec without its captured bindings): a spec that differs from a
+# compiled one only in which tensors it captured reuses that kernel's IR and code, bound to its own tensors
+_BY_STRUCTURE: dict[tuple[Any, ...], Kernel] = {}
 
 
 class Kernel:
@@ -53,8 +58,9 @@ class Kernel:
         self.graph = graph
         self.records = records
         self._impl = reference.build(graph)
-        self._cpu: cpu.CpuKernel | None = None
-        self._triton: Any = None
+        self._built: dict[str, Any] = {}  # target -> generated kernel; shared with rebound() twins
+        self._last_call: dump.Call | None = None  # lengths and runtime tensors of the last call, for dump()
+        self._dumped_to: Path | None = None  # ATTNCC_DUMP_DIR folder whose map waits for a call's tensors
         self._lists: dict[tuple[int, int, int], cpu.Lists] = {}
         self._keeps: dict[tuple[int, int, int], torch.Tensor] = {}
         tiled = graph.ops_of(TiledOp)
@@ -63,6 +69,16 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"Kernel(@{self.spec.name}, target={self.target!r}, key={self.key})"
+
+    def rebound(self, spec: AttentionSpec) -> Kernel:
+        """This kernel (IR, generated code) for ``spec``, which differs only in its captured tensors."""
+        if _structure(spec) != _structure(self.spec):
+            raise SpecError(f"rebound(): {spec!r} is not {self.spec!r} with other captured tensors")
+        twin = copy.copy(self)
+        twin.spec = spec
+        twin._lists, twin._keeps = {}, {}
+        twin._last_call = twin._dumped_to = None
+        return twin
 
     @property
     def ir(self) -> str:
@@ -80,17 +96,22 @@ class Kernel:
 
     def triton_kernel(self) -> Any:
         """The generated Triton kernels (rendered and cached on first use)."""
-        if self._triton is None:
+        if "triton" not in self._built:
             from attncc.codegen import triton as triton_target
 
-            self._triton = triton_target.TritonKernel(self.graph)
-        return self._triton
+            self._built["triton"] = triton_target.TritonKernel(self.graph)
+        return self._built["triton"]
 
     def cpu_kernel(self) -> cpu.CpuKernel:
         """The compiled C++ kernel (built on first use, cached on disk)."""
-        if self._cpu is None:
-            self._cpu = cpu.CpuKernel(self.graph)
-        return self._cpu
+        if "cpu" not in self._built:
+            self._built["cpu"] = cpu.CpuKernel(self.graph)
+        return self._built["cpu"]  # type: ignore[no-any-return]
+
+    @functools.cached_property
+    def _grad_tables(self) -> list[str]:
+        """Float tables read by the score mod: the generated backwards return their gradients."""
+        return [t.tensor for t in reference.grad_tables(self.graph)]
 
     def _static(self) -> bool:
         """True when the block map depends on the lengths only (no runtime or captured tensors)."""
@@ -128,13 +149,18 @@ class Kernel:
             self.spec.rope, tensors, shape.batch, shape.q_len, shape.kv_len, self.spec.head_dim, q.device
         )
         bound = check_tensors(self.spec, shape, tensors, q.device)
+        if self.spec.runtime_tensors():
+            self._remember(shape, tensors)
         if self.target == "triton" or (self.auto and q.device.type == "cuda"):
             return self._call_triton(q, k, v, shape, bound, tables, return_lse)
         if self.target == "cpu":
-            reason = fallback.reason("cpu", q, bound)
+            reason = fallback.reason("cpu", q, bound, self._grad_tables)
             if reason is None:
                 lists, keep = self._plan_for(shape, bound)
-                o, lse = cpu.CpuAttention.apply(q, k, v, self.cpu_kernel(), lists, keep, bound, tables)
+                learn = tuple(fallback.learned(bound))
+                o, lse = cpu.CpuAttention.apply(
+                    q, k, v, self.cpu_kernel(), lists, keep, bound, tables, learn, *(bound[n] for n in learn)
+                )
                 return (o, lse) if return_lse else o
             if q.device.type != "cpu":
                 raise SpecError(f"target 'cpu' got tensors on {q.device}; compile with target='auto' or 'triton'")
@@ -164,6 +190,14 @@ class Kernel:
         )
         return (o, lse) if return_lse else o
 
+    def _remember(self, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep this call's lengths and runtime tensors for dump(); draw a pending ATTNCC_DUMP_DIR map."""
+        given = {n: t.detach() for n, t in tensors.items() if n not in rope.NAMES}  # no autograd graph kept
+        self._last_call = (shape.batch, shape.q_len, shape.kv_len, given)
+        if self._dumped_to is not None:
+            where, self._dumped_to = self._dumped_to, None
+            dump.update_picture(self, where, self._last_call)
+
     def block_map(
         self, q_len: int, kv_len: int, batch: int = 1, block: tuple[int, int] | None = None, **tensors: torch.Tensor
     ) -> BlockMap:
@@ -188,9 +222,21 @@ class Kernel:
             self.recipe, shape.q_len, shape.kv_len, block or self.block_size, self.spec.num_heads, shape.batch, values
         )
 
-    def dump(self, path: str | Path) -> Path:
-        """Write the IR after every pass, the source and metadata under ``path``."""
-        return dump.write(self, Path(path))
+    def dump(
+        self, path: str | Path, q_len: int | None = None, kv_len: int | None = None, **tensors: torch.Tensor
+    ) -> Path:
+        """Write the IR after every pass, the source, the block-map picture and metadata under ``path``.
+
+        A map that depends on runtime tensors is drawn from those given here (with ``q_len`` and
+        ``kv_len``), else from the kernel's last call, else it is noted as not drawn yet.
+        """
+        call = self._last_call
+        if tensors or q_len is not None:
+            if q_len is None and call is None:
+                raise SpecError("dump(path, **tensors) needs q_len= (and kv_len=, default q_len) to draw the map")
+            q = q_len if q_len is not None else call[1]  # type: ignore[index]
+            call = (1, q, kv_len if kv_len is not None else q, tensors)
+        return dump.write(self, Path(path), call)
 
 
 def _with_tables(bound: dict[str, torch.Tensor], tables: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
@@ -238,27 +284,64 @@ def compile(
     if tiles is not None and (len(tiles) != 2 or any(not isinstance(t, int) or not 1 <= t <= MAX_TILE for t in tiles)):
         raise SpecError(f"tiles must be a pair of ints (bq, bkv) in 1..{MAX_TILE}, got {tiles!r}")
     cfg = config.get()
-    key = (spec, resolved, pipeline or "", tuple(tiles or ()))
+    isa = cfg.cpu_isa if resolved == "cpu" else ""  # the cpu build differs per instruction set
+    key = (spec, resolved, pipeline or "", tuple(tiles or ()), isa)
     if not cfg.always_compile and key in _CACHE:
         return _CACHE[key]
+    shared = (_structure(spec), *key[1:])
+    if not cfg.always_compile and shared in _BY_STRUCTURE:
+        kern = _BY_STRUCTURE[shared].rebound(spec)
+        kern.auto = target == "auto"
+        _CACHE[key] = kern
+        return kern
     if pipeline is None:
         bq, bkv = tiles or choose_tiles(spec, boolean(spec.mask), resolved)
         pipeline = DEFAULT_PIPELINE.format(bq=bq, bkv=bkv)
     text = pipeline
     result = run_pipeline(spec_to_ir(spec), parse_pipeline(text))
     kern = Kernel(spec, resolved, text, result.graph, result.records)
+    if resolved == "triton" and (problem := triton_tiles_problem(*kern.block_size)):
+        raise SpecError(problem)
     kern.auto = target == "auto"
     if cfg.debug >= 1:
-        log.info(
+        config.knob_logger(log.name).info(
             "compiled %r: %s", kern, ", ".join(f"{r.spelling} {r.seconds * 1e3:.1f} ms" for r in result.records[1:])
         )
     if cfg.debug >= 4:
-        log.info("source of %r:\n%s", kern, kern.source)
+        config.knob_logger(log.name).info("source of %r:\n%s", kern, kern.source)
     if cfg.dump_dir is not None:
         where = kern.dump(cfg.dump_dir / f"{spec.name}-{kern.key}")
-        log.info("dumped %r to %s", kern, where)
-    _CACHE[key] = kern
+        config.knob_logger(log.name).info("dumped %r to %s", kern, where)
+        if spec.runtime_tensors():
+            kern._dumped_to = where
+    _CACHE[key] = _BY_STRUCTURE[shared] = kern
     return kern
+
+
+def triton_tiles_problem(bq: int, bkv: int) -> str | None:
+    """Why the triton target cannot run (bq, bkv) tiles (it needs powers of 2, at least 16, for
+    ``tl.arange`` and ``tl.dot``), naming the nearest tiles it can run; None when it can.
+
+    >>> triton_tiles_problem(48, 32).split(": ")[-1]
+    'use tiles=(32, 32) or (64, 32)'
+    >>> triton_tiles_problem(64, 16) is None
+    True
+    """
+    ok = [t >= 16 and t & (t - 1) == 0 for t in (bq, bkv)]
+    if all(ok):
+        return None
+    below = [t if good else max(16, 1 << (t.bit_length() - 1)) for t, good in zip((bq, bkv), ok)]
+    above = [t if good else max(16, 1 << (t - 1).bit_length()) for t, good in zip((bq, bkv), ok)]
+    options = " or ".join(dict.fromkeys(f"({a}, {c})" for a, c in (below, above)))
+    return (
+        f"the triton target needs power-of-2 tiles of at least 16 (tl.arange and tl.dot); got {bq}x{bkv}: "
+        f"use tiles={options}"
+    )
+
+
+def _structure(spec: AttentionSpec) -> tuple[Any, ...]:
+    """The spec's compared fields except its captured bindings: what the generated code depends on."""
+    return tuple(getattr(spec, f.name) for f in dataclasses.fields(spec) if f.compare and f.name != "bindings")
 
 
 class LinearKernel:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from attncc.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,9 @@ class Config:
     debug: ATTNCC_DEBUG=0..4 (1 summary, 2 IR in/out, 3 IR after each pass, 4 generated source).
     cxx: ATTNCC_CXX (else CXX, else g++ / c++ on PATH); the C++ compiler of the cpu target.
     triton_interpret: TRITON_INTERPRET=1 (Triton's own switch): Triton kernels run on the CPU.
+    cpu_isa: ATTNCC_CPU_ISA=native|avx2|avx512|portable; the instruction set the cpu target builds
+        for (default native: what ``-march=native`` finds). A lower one tests the other code paths
+        on one machine; asking for one the CPU lacks is an error when the kernel is built.
     """
 
     dump_dir: Path | None = None
@@ -41,6 +47,7 @@ class Config:
     debug: int = 0
     cxx: str = ""
     triton_interpret: bool = False
+    cpu_isa: str = "native"
 
 
 def _flag(value: str | None) -> bool:
@@ -55,7 +62,7 @@ def from_env(env: dict[str, str] | None = None) -> Config:
     after = env.get("ATTNCC_PRINT_AFTER", "")
     debug = env.get("ATTNCC_DEBUG", "0").strip() or "0"
     if not debug.isdigit():
-        raise ValueError(f"ATTNCC_DEBUG must be an integer 0..4, got {debug!r}")
+        raise ConfigError(f"ATTNCC_DEBUG must be an integer 0..4, got {debug!r}")
     return Config(
         dump_dir=Path(dump) if dump else None,
         cache_dir=Path(cache) if cache else Config.cache_dir,
@@ -65,7 +72,32 @@ def from_env(env: dict[str, str] | None = None) -> Config:
         debug=int(debug),
         cxx=env.get("ATTNCC_CXX") or env.get("CXX") or "",
         triton_interpret=_flag(env.get("TRITON_INTERPRET")),
+        cpu_isa=_isa(env.get("ATTNCC_CPU_ISA", "")),
     )
+
+
+def knob_logger(name: str) -> logging.Logger:
+    """The logger ``name`` made to show INFO records: what ATTNCC_PRINT_AFTER and ATTNCC_DEBUG ask
+    for must appear even when the program configured no logging (then a stderr handler is added to
+    the ``attncc`` logger, once); a program's own handlers are used where it has them."""
+    logger = logging.getLogger(name)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    if not logger.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        logging.getLogger("attncc").addHandler(handler)
+    return logger
+
+
+CPU_ISAS = ("native", "avx2", "avx512", "portable")
+
+
+def _isa(value: str) -> str:
+    isa = value.strip().lower() or "native"
+    if isa not in CPU_ISAS:
+        raise ConfigError(f"ATTNCC_CPU_ISA must be one of {list(CPU_ISAS)}, got {value!r}")
+    return isa
 
 
 _current: Config | None = None

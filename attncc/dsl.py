@@ -226,6 +226,17 @@ class Expr:
         a, _, meta = self._bool(True, "~")
         return Expr(sympy.Not(a), meta)
 
+    # the tensor methods FlexAttention's own combinators call (and_masks, or_masks, noop_mask) ---
+    device = None  # symbolic values live on no device; new_* below ignore the device they are given
+
+    def new_ones(self, *size: Any, dtype: Any = None, **_: Any) -> Expr:
+        """The constant 1 (``True`` for ``dtype=torch.bool``): ``b.new_ones(())`` in ``noop_mask``."""
+        return _constant(1, size, dtype, "new_ones")
+
+    def new_zeros(self, *size: Any, dtype: Any = None, **_: Any) -> Expr:
+        """The constant 0 (``False`` for ``dtype=torch.bool``)."""
+        return _constant(0, size, dtype, "new_zeros")
+
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         from attncc.torchfuncs import dispatch
@@ -235,6 +246,15 @@ class Expr:
 
 class TraceError(SpecError):
     """A traced callable did something that has no symbolic meaning."""
+
+
+def _constant(value: int, size: tuple[Any, ...], dtype: Any, label: str) -> Expr:
+    shape = size[0] if len(size) == 1 and isinstance(size[0], tuple | list) else size
+    if tuple(shape) not in ((), (1,)):
+        raise TraceError(f"{label}{tuple(shape)}: a traced mask or score works on one element; use a 0-d size ()")
+    if str(dtype) == "torch.bool":
+        return lift(bool(value))
+    return lift(float(value) if dtype is not None and getattr(dtype, "is_floating_point", False) else value)
 
 
 def _floordiv(a: sympy.Expr, c: sympy.Expr) -> sympy.Expr:
@@ -269,6 +289,8 @@ class TensorRef:
     _meta: Meta = field(default=EMPTY, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise SpecError(f"tensor name must be a str, got {type(self.name).__name__} {self.name!r}")
         if not self.name.isidentifier() or self.name in {"q", "k", "v", "b", "h", "kv", "score"}:
             raise SpecError(f"tensor name {self.name!r} must be an identifier other than q, k, v, b, h, kv, score")
         if self.dtype not in (None, "int", "float", "bool"):

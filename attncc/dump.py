@@ -13,21 +13,35 @@ from attncc.errors import AttnccError
 log = logging.getLogger("attncc.dump")
 
 if TYPE_CHECKING:
+    import torch
+
     from attncc.api import Kernel
 
 
-def _picture(kern: Kernel, path: Path) -> str:
-    """Draw the block map at a representative length, when it needs no runtime tensors.
+Call = tuple[int, int, int, dict[str, "torch.Tensor"]]  # batch, q_len, kv_len, runtime tensors
 
-    Never raises: a dump must not break a compile; a failure becomes a note in meta.json.
+
+def picture_of(kern: Kernel, path: Path, call: Call | None) -> str:
+    """Draw the block map to ``path/blockmap.png``; return its summary, or why it was not drawn.
+
+    Without runtime tensors the map is drawn at a representative length; with them, from a call's
+    tensors and lengths (``call``). Never raises: a dump must not break a compile or a call; a
+    failure becomes a note in meta.json.
     """
-    if kern.spec.runtime_tensors():
-        return "not drawn: the map depends on runtime tensors; use kern.block_map(...) or `attncc show`"
-    n = costmodel.representative_length(kern.spec)
-    lengths = [int(t.shape[0]) for t in kern.spec.captured.values() if t.dim() == 1]
-    n = min([n, *lengths])
+    if call is not None:
+        batch, q_len, kv_len, tensors = call
+    elif kern.spec.runtime_tensors():
+        names = ", ".join(f"{t.name}=..." for t in kern.spec.runtime_tensors())
+        return (
+            "not drawn yet: the map depends on runtime tensors; it is drawn at the kernel's first call, "
+            f"or pass them: kern.dump(path, q_len=..., kv_len=..., {names})"
+        )
+    else:
+        n = costmodel.representative_length(kern.spec)
+        lengths = [int(t.shape[0]) for t in kern.spec.captured.values() if t.dim() == 1]
+        batch, q_len, kv_len, tensors = 1, min([n, *lengths]), min([n, *lengths]), {}
     try:
-        bm = kern.block_map(n, n)
+        bm = kern.block_map(q_len, kv_len, batch=batch, **tensors)
         picture.save(bm, path / "blockmap.png", kern.spec.name, kern.spec.head_dim, kern.spec.num_heads)
     except (AttnccError, ValueError) as exc:
         log.info("dump of %r: block map not drawn: %s", kern, exc)
@@ -35,14 +49,23 @@ def _picture(kern: Kernel, path: Path) -> str:
     return bm.summary()
 
 
-def write(kern: Kernel, path: Path) -> Path:
+def update_picture(kern: Kernel, path: Path, call: Call) -> None:
+    """Draw the map of a kernel dumped before its runtime tensors were known, and note it in meta.json."""
+    note = picture_of(kern, path, call)
+    meta_path = path / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta["block_map"] = f"{note} (drawn from the first call: q length {call[1]}, kv length {call[2]})"
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def write(kern: Kernel, path: Path, call: Call | None = None) -> Path:
     """Files: NN-<pass>.ir for each stage, kernel.cpp / kernel.py (the source), blockmap.png, meta.json."""
     path.mkdir(parents=True, exist_ok=True)
     for i, rec in enumerate(kern.records):
         stem = rec.spelling.split("{")[0]
         (path / f"{i:02d}-{stem}.ir").write_text(rec.ir)
     (path / ("kernel.cpp" if kern.target == "cpu" else "kernel.py")).write_text(kern.source)
-    picture_note = _picture(kern, path)
+    picture_note = picture_of(kern, path, call)
     meta = {
         "spec": repr(kern.spec),
         "target": kern.target,

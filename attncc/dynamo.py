@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch.fx as fx
 
 import attncc as ac
 from attncc.dsl import Expr, Meta
-from attncc.errors import AttnccError, UnsupportedError
+from attncc.errors import AttnccError, SpecError, UnsupportedError
 from attncc.frontends.fx import _shape, _val, lift_mask
 from attncc.ir import exprs as X
 from attncc.passes.normalize import boolean
@@ -38,6 +39,7 @@ _REPORTS: list[dict[str, Any]] = []
 _IDS = itertools.count()
 _NEW_KERNEL: dict[str, bool] = {}  # per site name: did the last lift generate a new kernel?
 _COMPILES: dict[str, int] = {}  # per site name: how many graphs (re)compiled it
+_GRAD_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="attncc-grad")
 SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 
 
@@ -72,18 +74,57 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
 
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-    """Recompute through the kernel's own autograd: grads of q, k, v and of float tensors that
-    require them (e.g. a learned bias read by the lifted mask); the rest get None."""
+    """Grads of q, k, v and of the float tensors that require them (e.g. a learned bias read by the
+    lifted mask), from the ``attncc::attention_backward`` op, so that AOTAutograd traces the backward
+    as one opaque call (with fake tensors) instead of tracing into the kernel."""
     q, k, v, *tensors = ctx.saved_tensors
-    kern, names = _SITES[ctx.site]
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        extra = [t.detach().requires_grad_() if learn else t for t, learn in zip(tensors, ctx.learnable, strict=True)]
-        out = kern(*leaves, **dict(zip(names, extra, strict=True)))
-        wanted = leaves + [t for t, learn in zip(extra, ctx.learnable, strict=True) if learn]
-        dq, dk, dv, *dt = torch.autograd.grad(out, wanted, grad, allow_unused=True)
+    dq, dk, dv, *dt = torch.ops.attncc.attention_backward(grad, q, k, v, ctx.site, tensors, ctx.learnable)
     it = iter(dt)
     return dq, dk, dv, None, [next(it) if learn else None for learn in ctx.learnable]
+
+
+@torch.library.custom_op("attncc::attention_backward", mutates_args=())
+def _attention_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    site: int,
+    tensors: list[torch.Tensor],
+    learnable: list[bool],
+) -> list[torch.Tensor]:
+    """[dq, dk, dv, grads of the learnable tensors]: the site's kernel recomputed under autograd.
+
+    The dispatcher runs custom-op bodies with autograd switched off for the calling thread, so the
+    recompute runs in a worker thread of its own, where the kernel's own backward (cpu, triton or
+    reference) is recorded as usual."""
+    kern, names = _SITES[site]
+
+    def recompute() -> list[torch.Tensor]:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            extra = [t.detach().requires_grad_() if on else t for t, on in zip(tensors, learnable, strict=True)]
+            out = kern(*leaves, **dict(zip(names, extra, strict=True)))
+            wanted = leaves + [t for t, on in zip(extra, learnable, strict=True) if on]
+            grads = torch.autograd.grad(out, wanted, grad, allow_unused=True)
+        # contiguous, as the fake below promises (Inductor checks the strides)
+        return [w.new_zeros(w.shape) if g is None else g.contiguous() for g, w in zip(grads, wanted, strict=True)]
+
+    return _GRAD_POOL.submit(recompute).result()
+
+
+@_attention_backward.register_fake
+def _(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    site: int,
+    tensors: list[torch.Tensor],
+    learnable: list[bool],
+) -> list[torch.Tensor]:
+    wanted = [q, k, v] + [t for t, learn in zip(tensors, learnable, strict=True) if learn]
+    return [w.new_empty(w.shape) for w in wanted]
 
 
 _attention.register_autograd(_backward, setup_context=_setup)
@@ -346,8 +387,56 @@ def _info(kern: Any, mask: str, q_len: int, kv_len: int) -> dict[str, Any]:
 
 def _is_softmax(node: fx.Node) -> bool:
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    is_fn = node.target in (torch.softmax, torch.nn.functional.softmax) or node.target == "softmax"
-    return bool(is_fn and dim in (-1, 3))
+    return _is_any_softmax(node) and dim in (-1, 3)
+
+
+def _is_any_softmax(node: Any) -> bool:
+    return isinstance(node, fx.Node) and (
+        node.target in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax) or node.target == "softmax"
+    )
+
+
+_MATMULS = (torch.matmul, operator.matmul, torch.bmm, torch.einsum, "matmul", "bmm")
+_LOOKBACK = 12  # nodes walked from a softmax back to the score matmul
+
+
+def _score_matmul(soft: fx.Node) -> tuple[fx.Node, list[str]] | None:
+    """(matmul of two activations feeding ``soft``, the ops between them), walking back through
+    elementwise steps; None when the softmax does not read such a product (it is not attention)."""
+    path: list[str] = []
+    node: Any = soft.args[0] if soft.args else None
+    for _ in range(_LOOKBACK):
+        if not isinstance(node, fx.Node) or node.op in ("placeholder", "get_attr"):
+            return None
+        if node.target in _MATMULS:
+            operands = [a for a in node.args if isinstance(a, fx.Node)]
+            activations = [a for a in operands if a.op != "get_attr" and not isinstance(_val(a), torch.nn.Parameter)]
+            return (node, path[::-1]) if len(activations) >= 2 else None
+        path.append(getattr(node.target, "__name__", str(node.target)))
+        node = next((a for a in node.args if isinstance(a, fx.Node)), None)
+    return None
+
+
+def _silent_sites(gm: fx.GraphModule) -> list[dict[str, Any]]:
+    """A fallback report for every softmax still in the graph that reads a product of two
+    activations: an attention site attncc saw but did not lift (never silent)."""
+    out = []
+    for node in gm.graph.nodes:
+        if not _is_any_softmax(node) or (found := _score_matmul(node)) is None:
+            continue
+        mm, between = found
+        after = [getattr(u.target, "__name__", str(u.target)) for u in node.users]
+        reason = (
+            f"softmax {node.name} reads the product {mm.name} of two activations but the chain was not lifted: "
+            f"{mm.name} -> {' -> '.join(between) or '(nothing)'} -> softmax -> {', '.join(after) or '(unused)'}; "
+            "attncc lifts q @ k^T, an optional constant scale and one mask (add / masked_fill), softmax over the "
+            "last dim, then @ v"
+        )
+        out.append(
+            {"site": f"{gm.__class__.__name__}:{node.name}", "status": "fallback", "mask": None, "reason": reason}
+        )
+        log.warning("attncc: %s kept as is: %s", out[-1]["site"], reason)
+    return out
 
 
 def lift_graph(gm: fx.GraphModule, target: str = "auto") -> list[dict[str, Any]]:
@@ -382,6 +471,7 @@ def lift_graph(gm: fx.GraphModule, target: str = "auto") -> list[dict[str, Any]]
             log.info("attncc: %s lifted: mask %s", site, info["mask"])
         out.append(report)
     gm.graph.eliminate_dead_code()
+    out += _silent_sites(gm)
     gm.recompile()
     return out
 
@@ -391,7 +481,7 @@ def backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Any
     options = dict(kwargs.get("options") or {})
     unknown = set(options) - {"target", "backend", "dump_dir"}
     if unknown:
-        raise ValueError(f"unknown attncc backend options {sorted(unknown)}; known: target, backend, dump_dir")
+        raise SpecError(f"unknown attncc backend options {sorted(unknown)}; known: target, backend, dump_dir")
     dump = Path(options["dump_dir"]) if options.get("dump_dir") else None
     if dump:
         dump.mkdir(parents=True, exist_ok=True)

@@ -27,5 +27,9 @@ class LoweringError(AttnccError):
     """A pass or code generator failed; the message names the passes that ran before it."""
 
 
+class ConfigError(AttnccError, ValueError):
+    """An ATTNCC_* environment variable holds a value attncc cannot read."""
+
+
 class ParseError(AttnccError, ValueError):
     """The textual IR could not be parsed; the message gives the line and column."""

@@ -27,8 +27,14 @@ def alibi(slopes: Sequence[float] | TensorRef | None = None) -> Expr:
         slope = Expr(sympy.Integer(2) ** (-8 * (X.h + 1) / X.H))
     elif isinstance(slopes, TensorRef):
         slope = TensorRef(slopes.name, slopes.dtype or "float")[X.h]
-    else:
+    elif isinstance(slopes, Sequence) and not isinstance(slopes, str):
         slope = per_head(list(slopes), name="alibi_slopes")
+    else:
+        raise SpecError(
+            f"alibi(slopes) takes one slope per query head (a list), a runtime tensor (ac.tensor) or None "
+            f"for the default 2**(-8(h+1)/H); got {type(slopes).__name__} {slopes!r} "
+            "(the number of heads comes from the spec's num_heads)"
+        )
     return Expr(X.score) - slope * abs(Expr(X.q) - Expr(X.kv))
 
 

@@ -30,7 +30,7 @@ def _pool(states: np.ndarray) -> np.ndarray:
 
 def render(bm: BlockMap, caption: str) -> Image.Image:
     maps = [_pool(m) for m in bm.unique_states()[:MAX_MAPS]]
-    scale = max(1, min(8, 512 // max(maps[0].shape)))
+    scale = max(1, min(64, 512 // max(maps[0].shape)))  # small maps scaled up to about 512 px
     tiles = [
         Image.fromarray(COLORS[m]).resize((m.shape[1] * scale, m.shape[0] * scale), Image.Resampling.NEAREST)
         for m in maps

@@ -49,7 +49,17 @@ class AttentionSpec:
 
     After construction ``mask`` and ``score_mod`` hold sympy expressions (``true`` / ``score``
     when absent), ``tensors`` the runtime tensors they index and ``requires`` the length
-    constraints checked at call time.
+    constraints checked at call time. Tensors captured by traced callables are bound by
+    reference in ``captured``; ``bindings`` (name, object identity) makes them part of the spec's
+    equality, so two specs that capture different tensors under one name never share a kernel:
+
+    >>> import torch
+    >>> def same_doc(doc):
+    ...     return lambda b, h, q, kv: doc[q] == doc[kv]
+    >>> a, c = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1])
+    >>> spec = lambda doc: AttentionSpec(num_heads=1, head_dim=8, mask=same_doc(doc))
+    >>> spec(a) == spec(a), spec(a) == spec(c)
+    (True, False)
     """
 
     num_heads: int
@@ -63,6 +73,7 @@ class AttentionSpec:
     tensors: tuple[TensorDecl, ...] = field(default=(), init=False)
     requires: tuple[tuple[sympy.Basic, str], ...] = field(default=(), init=False)
     captured: dict[str, torch.Tensor] = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
+    bindings: tuple[tuple[str, int], ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_int(self.num_heads, "num_heads")
@@ -95,7 +106,9 @@ class AttentionSpec:
         set_(self, "score_mod", mod)
         set_(self, "tensors", _declare(mask, mod, meta, self.num_heads))
         set_(self, "requires", meta.requires)
-        set_(self, "captured", {**mcap, **scap})
+        captured = _merge_captured(mcap, scap)
+        set_(self, "captured", captured)
+        set_(self, "bindings", tuple(sorted((n, id(t)) for n, t in captured.items())))
 
     @property
     def groups(self) -> int:
@@ -105,6 +118,14 @@ class AttentionSpec:
     def runtime_tensors(self) -> list[TensorDecl]:
         """Tensors to pass at call time (constant tables and captured tensors excluded)."""
         return [t for t in self.tensors if not t.values and t.name not in self.captured]
+
+
+def _merge_captured(mask: dict[str, torch.Tensor], mod: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mask's and the score mod's captured tensors; one name may not mean two tensors."""
+    for name in set(mask) & set(mod):
+        if mask[name] is not mod[name]:
+            raise SpecError(f"mask and score_mod capture two different tensors both named {name!r}; rename one of them")
+    return {**mask, **mod}
 
 
 def _check_int(value: object, label: str) -> None:

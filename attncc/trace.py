@@ -48,29 +48,90 @@ def _dtype_kind(t: torch.Tensor) -> str:
     return "float" if t.is_floating_point() else "int"
 
 
-def _swap_tensors(fn: types.FunctionType) -> tuple[types.FunctionType, dict[str, torch.Tensor]]:
-    """A copy of ``fn`` whose captured tensors are symbolic :class:`TensorRef`s."""
-    captured: dict[str, torch.Tensor] = {}
+class _Swapper:
+    """Clones a traced callable and the helpers it calls, with captured tensors made symbolic.
 
-    def proxy(name: str, value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            captured[name] = value
-            return TensorRef(name, _dtype_kind(value))
+    Tensors with one or more dims become :class:`TensorRef`s of their variable's name (renamed
+    ``name_1``, ... when two different tensors share a name); 0-d tensors become their value
+    (a constant of the spec). Helper functions the callable reaches through globals, closures
+    or tuples of functions (``and_masks(m1, m2)``) are cloned the same way, so a tensor read by
+    a helper is captured too. Functions of torch and attncc themselves are left as they are.
+    """
+
+    def __init__(self) -> None:
+        self.captured: dict[str, torch.Tensor] = {}
+        self.names: dict[int, str] = {}  # id(tensor) -> its runtime name
+        self.clones: dict[int, types.FunctionType] = {}
+
+    def value(self, name: str, value: Any, depth: int) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self.tensor(name, value)
+        if isinstance(value, types.FunctionType) and depth < _MAX_DEPTH and not _is_library(value):
+            return self.function(value, depth + 1)
+        if isinstance(value, tuple | list) and any(isinstance(x, types.FunctionType) for x in value):
+            return type(value)(self.value(name, x, depth) for x in value)
         return value
 
-    code = fn.__code__
-    cells = None
-    if fn.__closure__:
-        cells = tuple(
-            types.CellType(proxy(name, _cell_value(cell)))
-            for name, cell in zip(code.co_freevars, fn.__closure__, strict=True)
-        )
-    glob = dict(fn.__globals__)
-    for name in code.co_names:
-        if name in glob:
-            glob[name] = proxy(name, glob[name])
-    clone = types.FunctionType(code, glob, fn.__name__, fn.__defaults__, cells)
-    return clone, captured
+    def tensor(self, name: str, value: torch.Tensor) -> Any:
+        if value.dim() == 0:
+            if value.requires_grad:
+                raise SpecError(
+                    f"captured 0-d tensor {name!r} requires grad: attncc bakes 0-d tensors in as constants; "
+                    f"capture a 1-element tensor and index it ({name}[0]) to pass it at call time"
+                )
+            return value.item()
+        if id(value) not in self.names:
+            unique, i = name, 0
+            while unique in self.captured:
+                i += 1
+                unique = f"{name}_{i}"
+            self.names[id(value)] = unique
+            self.captured[unique] = value
+        return TensorRef(self.names[id(value)], _dtype_kind(value))
+
+    def function(self, fn: types.FunctionType, depth: int) -> types.FunctionType:
+        if id(fn) in self.clones:
+            return self.clones[id(fn)]
+        self.clones[id(fn)] = fn  # while its globals are swapped: a helper that calls itself sees the original
+        code = fn.__code__
+        glob = dict(fn.__globals__)
+        for name in _global_names(code):
+            if name in glob:
+                glob[name] = self.value(name, glob[name], depth)
+        cells = None
+        if fn.__closure__:
+            cells = tuple(
+                types.CellType(self.value(name, _cell_value(cell), depth))
+                for name, cell in zip(code.co_freevars, fn.__closure__, strict=True)
+            )
+        clone = types.FunctionType(code, glob, fn.__name__, fn.__defaults__, cells)
+        clone.__kwdefaults__ = fn.__kwdefaults__
+        self.clones[id(fn)] = clone
+        return clone
+
+
+_MAX_DEPTH = 8
+
+
+def _is_library(fn: types.FunctionType) -> bool:
+    path = os.path.abspath(fn.__code__.co_filename)
+    return path.startswith((_PKG_DIR, _TORCH_DIR))
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """Global names read by ``code`` and by the functions and lambdas defined inside it."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _swap_tensors(fn: types.FunctionType) -> tuple[types.FunctionType, dict[str, torch.Tensor]]:
+    """A copy of ``fn`` (and of the helpers it calls) whose captured tensors are symbolic."""
+    swapper = _Swapper()
+    clone = swapper.function(fn, 0)
+    return clone, swapper.captured
 
 
 def _cell_value(cell: types.CellType) -> Any:

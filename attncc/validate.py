@@ -7,6 +7,7 @@ size is an error before any kernel runs. Inexact bounds are left to the kernel's
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass
 
@@ -81,6 +82,14 @@ def check_tensors(
 ) -> dict[str, torch.Tensor]:
     """The runtime tensors to pass to a kernel (captured ones included), all validated."""
     wanted = {t.name: t for t in spec.runtime_tensors()}
+    missing, unknown = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
+    if missing and unknown:
+        guesses = {u: difflib.get_close_matches(u, missing, n=1) for u in unknown}
+        hints = [f"{u!r} -> {g[0]!r}" for u, g in guesses.items() if g]
+        raise SpecError(
+            f"missing runtime tensors {missing} and unexpected keyword tensors {unknown}"
+            + (f"; did you mean {', '.join(hints)}?" if hints else f"; this spec takes {sorted(wanted)}")
+        )
     if missing := sorted(set(wanted) - set(given)):
         raise SpecError(
             f"missing runtime tensors {missing}; pass them as keywords, e.g. kern(q, k, v, {missing[0]}=...)"

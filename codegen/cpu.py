@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import torch
 from attncc.blockmap import FULL, BlockMap
 from attncc.codegen.cpu_template import TEMPLATE
 from attncc.codegen.emit_cpp import emit
-from attncc.codegen.reference import fused_op, has_rope
+from attncc.codegen.reference import fused_op, grad_tables, has_rope, table_derivatives
+from attncc.errors import SpecError
 from attncc.ir.core import Graph
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp, TiledOp
@@ -73,7 +75,32 @@ def render(graph: Graph) -> str:
         mod_code=emit(op.score_mod),
         dmod_text=expr_str(dmod),
         dmod_code=emit(dmod),
+        table_grads_on="true" if grad_tables(graph) else "false",
+        table_grads_code=_table_grads_code(graph),
     )
+
+
+def _table_grads_code(graph: Graph) -> str:
+    """C++ statements of ``table_grads_fn``: per read of a float table in the score mod, its entry's
+    index and d score_mod / d entry (reads out of bounds were reported by the forward: skipped here)."""
+    op, tensors = fused_op(graph), tensor_ops(graph)
+    lines = []
+    for slot, t in enumerate(grad_tables(graph)):
+        index = tensors.index(t)
+        for occ, deriv in table_derivatives(op, t.tensor):
+            idx = [f"i{d}" for d in range(len(occ.indices))]
+            flat = idx[0]
+            for d in range(1, len(idx)):
+                flat = f"({flat}) * n[{d}] + i{d}"
+            inside = " && ".join(f"i{d} >= 0 && i{d} < n[{d}]" for d in range(len(idx)))
+            lines += [
+                f"  {{  // d score_mod / d {expr_str(occ)} = {expr_str(deriv)}",
+                f"    const int64_t* n = cx.dims + {4 * index};",
+                *(f"    const int64_t i{d} = (int64_t)({emit(e)});" for d, e in enumerate(occ.indices)),
+                f"    if ({inside}) tg[tg_off[{slot}] + {flat}] += g * (float)({emit(deriv)});",
+                "  }",
+            ]
+    return "\n".join(lines)
 
 
 def _sgemm_address() -> int | None:
@@ -127,8 +154,8 @@ def release_workspace() -> int:
 
     >>> import torch, attncc as ac
     >>> kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.causal()), target="cpu")
-    >>> x = torch.randn(1, 2, 64, 16)
-    >>> _ = kern(x, x, x)
+    >>> x = torch.randn(1, 2, 64, 16, requires_grad=True)
+    >>> kern(x, x, x).sum().backward()  # the backward keeps its dQ partials there on every ISA
     >>> ac.release_workspace() > 0, ac.workspace_bytes()
     (True, 0)
     """
@@ -231,12 +258,13 @@ class CpuKernel:
         self.groups, self.scale = op.groups, float(op.scale)
         self.bq, self.bkv = (op.bq, op.bkv) if isinstance(op, TiledOp) else (64, 64)
         self.tensors = tensor_ops(graph)
+        self.grad_tables = [t.tensor for t in grad_tables(graph)]  # float tables whose gradients it returns
         self.path, self.compiled_now = toolchain.build(self.source, graph.name)
         self.lib = ctypes.CDLL(str(self.path))
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
         tail: list[Any] = [_P] * 9 + [ctypes.c_int, _I, ctypes.c_float, _P, _P, _I, _P]
         self.lib.attncc_forward.argtypes = [_P] * 5 + common + tail
-        self.lib.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P, ctypes.c_int]
+        self.lib.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P, ctypes.c_int, _P, _P, _I]
         self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         for fn in (self.lib.attncc_forward, self.lib.attncc_backward, self.lib.attncc_masks):
             fn.restype = ctypes.c_int
@@ -318,7 +346,7 @@ class CpuKernel:
     def _check(self, code: int) -> None:
         if code:
             t = self.tensors[code - 1]
-            raise ValueError(
+            raise SpecError(
                 f"the cpu kernel read runtime tensor {t.tensor!r} out of its bounds; "
                 "pass a larger tensor or bound the index expression"
             )
@@ -386,11 +414,14 @@ class CpuKernel:
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
         tables: Tables = None,
-    ) -> tuple[torch.Tensor, ...]:
+        want: Sequence[str] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """dq, dk, dv of float32 contiguous inputs (o and lse from ``forward``; dlse, the gradient of
-        lse, may be None). One call: the kernel computes delta = rowsum(do * o) - dlse, sums its
+        lse, may be None), and the float32 gradients of the tables named in ``want`` (a subset of
+        ``grad_tables``). One call: the kernel computes delta = rowsum(do * o) - dlse, sums its
         threads' dq partials and rotates RoPE gradients back itself; its scratch (per-thread dq
-        partials, packed K and V) lives in the calling thread's workspace. Under
+        partials, packed K and V) lives in the calling thread's workspace; table gradients are summed
+        from per-thread partials (``table_grad_floats`` of them). Under
         ``torch.use_deterministic_algorithms(True)`` dq is bitwise reproducible for a given thread count
         (tasks go to threads round-robin instead of dynamically; dk, dv and the forward always are)."""
         B, H, Sq, D = q.shape
@@ -401,6 +432,9 @@ class CpuKernel:
         scratch = threads * q.numel() + B * H * Sq
         work = workspace(scratch + packed)
         _keep_alive, ptrs, dims = self.pack(tensors)
+        sizes = [tensors[n].numel() if n in want else 0 for n in self.grad_tables]
+        offsets = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+        partials = torch.zeros(threads, sum(sizes)) if any(sizes) else None
         code = self.lib.attncc_backward(
             _ptr(q),
             _ptr(k),
@@ -437,9 +471,24 @@ class CpuKernel:
             work,
             work + 4 * scratch if packed else None,
             torch.are_deterministic_algorithms_enabled(),
+            None if partials is None else partials.data_ptr(),
+            _ptr(offsets),
+            sum(sizes),
         )
         self._check(code)
-        return dq, dk, dv
+        grads = {}
+        if partials is not None:
+            total = partials.sum(0)
+            for n, size, at in zip(self.grad_tables, sizes, offsets):
+                if size:
+                    grads[n] = total[int(at) : int(at) + size].view(tensors[n].shape)
+        return dq, dk, dv, grads
+
+    def table_grad_floats(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Floats of per-thread partial sums the backward needs for the tables in ``tensors`` that
+        require grad (the api runs the reference instead when this is too large)."""
+        learn = [n for n in self.grad_tables if n in tensors and tensors[n].requires_grad]
+        return torch.get_num_threads() * sum(tensors[n].numel() for n in learn)
 
 
 class CpuAttention(torch.autograd.Function):
@@ -455,14 +504,19 @@ class CpuAttention(torch.autograd.Function):
         lists: Lists,
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
-        tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+        tables: tuple[torch.Tensor, torch.Tensor] | None,
+        learn: tuple[str, ...],
+        *learned: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``learned``: the tensors of ``tensors`` named in ``learn`` (float tables the score mod reads
+        that require grad), passed again so that autograd routes their gradients."""
         dtype = q.dtype
         qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
         rope = rope_tables(tables)
         o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
         ctx.save_for_backward(qf, kf, vf, o, lse)
         ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype, ctx.rope = kern, lists, keep, tensors, dtype, rope
+        ctx.learn = learn
         return o.to(dtype), lse
 
     @staticmethod
@@ -470,7 +524,8 @@ class CpuAttention(torch.autograd.Function):
         qf, kf, vf, o, lse = ctx.saved_tensors
         dof = do.to(torch.float32).contiguous()
         dlsef = None if dlse is None else dlse.to(torch.float32).contiguous()
-        dq, dk, dv = ctx.kern.backward(
-            qf, kf, vf, o, dof, lse.contiguous(), dlsef, ctx.lists, ctx.keep, ctx.tensors, ctx.rope
+        dq, dk, dv, grads = ctx.kern.backward(
+            qf, kf, vf, o, dof, lse.contiguous(), dlsef, ctx.lists, ctx.keep, ctx.tensors, ctx.rope, ctx.learn
         )
-        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None
+        learned = [grads[n].to(ctx.tensors[n].dtype) for n in ctx.learn]
+        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None, None, *learned

@@ -101,12 +101,23 @@ inline float dmod_fn(const Ctx& cx, float score, int64_t b, int64_t h, int64_t q
   return (float)({dmod_code});
 }}
 
+// gradients of the float tables the score mod reads (learned biases): g = dL/d(score_mod) times
+// d score_mod / d entry, added to the calling thread's partial sums (table t's slice at tg_off[t])
+constexpr bool TABLE_GRADS = {table_grads_on};
+inline void table_grads_fn(const Ctx& cx, float g, float score, int64_t b, int64_t h, int64_t q, int64_t kv,
+                           float* tg, const int64_t* tg_off) {{
+  (void)cx; (void)g; (void)score; (void)b; (void)h; (void)q; (void)kv; (void)tg; (void)tg_off;
+  const int64_t B = cx.B, H = cx.H, Sq = cx.Sq, Skv = cx.Skv; (void)B; (void)H; (void)Sq; (void)Skv;
+{table_grads_code}
+}}
+
 // 2^x for the softmax, which runs in base 2 (log2(e) folds into the score scale): x = n + r with
 // n = round(x) (exact), 2^r by a degree-5 minimax polynomial on [-1/2, 1/2] (relative error
-// < 2e-7), 2^n through the exponent bits; vectorizable; 2^-inf = 0 exactly.
+// < 2e-7), 2^n through the exponent bits; vectorizable; 2^-inf = 0 exactly; 2^NaN = NaN (a NaN in q or
+// k reaches the row's sum and output, as in torch, instead of looking like a masked key).
 constexpr float LOG2E = 1.44269504088896341f, LN2 = 0.693147180559945309f;
 inline float exp2_f(float x) {{
-  if (!(x > -127.0f)) return 0.0f;
+  if (x < -127.0f) return 0.0f;  // NaN fails this test and every step below keeps it NaN
   x = min_of(x, 127.0f);
   const float n = __builtin_nearbyintf(x), r = x - n;
   float p = 1.32646796e-3f;
@@ -293,6 +304,13 @@ inline void products_kept(int rows, int d, const float* p, int64_t ai, int64_t a
       if (MODE == 2 && first) micro_m<2>(m, 0, p, ai, aj, b, ldb, c + i * ldc + x, ldc, alpha + i);  // rescale only
     }}
   }}
+}}
+
+// a NaN of x[0..n), or 0 when there is none (only asked of rows whose max is -inf: rare)
+inline float first_nan(const float* x, int n) {{
+  for (int j = 0; j < n; ++j)
+    if (x[j] != x[j]) return x[j];
+  return 0.0f;
 }}
 
 // max of x[0..n): vector lanes, then the lanes (gcc leaves an omp simd max reduction scalar)
@@ -508,8 +526,12 @@ extern "C" int attncc_forward(
         const float sc = plain ? SCALE * LOG2E : LOG2E;  // scores to base 2; m[] is kept in base 2
         for (int i = 0; i < rows; ++i) {{
           float* sr = s.data() + i * WKV;
-          const float mx = max_of(m[i], row_max(sr, cols) * sc);
-          if (mx == -INF) {{ fill(sr, cols, 0.0f); alpha[i] = 1.0f; continue; }}
+          float mx = max_of(m[i], row_max(sr, cols) * sc);
+          if (mx == -INF) {{  // nothing visible so far, or only NaN scores (the max skips NaN)
+            const float bad = first_nan(sr, cols);
+            if (bad == 0.0f) {{ fill(sr, cols, 0.0f); alpha[i] = 1.0f; continue; }}
+            mx = bad;  // NaN: the row's sum, output and lse become NaN
+          }}
           const float a = exp2_f(m[i] - mx);
           float sum = 0.0f;
           #pragma omp simd reduction(+:sum)
@@ -529,9 +551,9 @@ extern "C" int attncc_forward(
       }}
       for (int i = 0; i < rows; ++i) {{
         float* out = o + ((b * H + h) * Sq + q0 + i) * D;
-        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;  // NaN stays NaN
         for (int64_t c = 0; c < D; ++c) out[c] = acc[i * D + c] * inv;
-        lse[(b * H + h) * Sq + q0 + i] = l[i] > 0.0f ? m[i] * LN2 + __builtin_logf(l[i]) : -INF;
+        lse[(b * H + h) * Sq + q0 + i] = l[i] != 0.0f ? m[i] * LN2 + __builtin_logf(l[i]) : -INF;
       }}
     }}
   }}
@@ -550,7 +572,8 @@ extern "C" int attncc_backward(
     const int32_t* q_ptr, const int32_t* q_idx, const uint8_t* q_full,
     const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE,
-    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, float* pack, int deterministic) {{
+    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, float* pack, int deterministic,
+    float* tgrad, const int64_t* tgrad_off, int64_t tgrad_total) {{
   const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
   const sgemm_t sg = (sgemm_t)sgemm;
   Buf q_rot, k_rot;  // prologue: rotated Q and K; the epilogue rotates dQ and dK back
@@ -601,6 +624,8 @@ extern "C" int attncc_backward(
     const int16_t* rng_one = run_rng;
     const int16_t* col_rngs[SPAN_Q];
     float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * rows_all * D;
+    // this thread's partial table gradients (zeroed by the caller, summed by it afterwards); null: none wanted
+    float* tg_mine = TABLE_GRADS && tgrad ? tgrad + (int64_t)omp_get_thread_num() * tgrad_total : nullptr;
     std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
     #pragma omp for schedule(runtime)
     for (int64_t task = 0; task < B * Hkv * nkv; ++task) {{
@@ -675,6 +700,8 @@ extern "C" int attncc_backward(
               const float p = (full || kr[j]) ? exp2_f((sc - li) * LOG2E) : 0.0f;
               const float dmod = HAS_MOD ? dmod_fn(cx, raw, b, h, q0 + i, k0 + j) : 1.0f;
               sr[j] = p;
+              if (TABLE_GRADS && tg_mine && p != 0.0f)
+                table_grads_fn(cx, p * (dr[j] - di), raw, b, h, q0 + i, k0 + j, tg_mine, tgrad_off);
               dr[j] = p == 0.0f ? 0.0f : p * (dr[j] - di) * dmod * SCALE;  // masked: 0 even if dmod is not finite
             }}
           }}

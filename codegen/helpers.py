@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from attncc.errors import SpecError
+
 Val = Any  # int | float | bool | torch.Tensor
 
 
@@ -100,14 +102,14 @@ def unary(name: str, a: Val) -> Val:
 def index(table: torch.Tensor, name: str, idx: tuple[Val, ...], text: str) -> torch.Tensor:
     """``table[idx]`` with a bounds check that names the expression (no silent wraparound)."""
     if len(idx) != table.dim():
-        raise ValueError(f"tensor {name!r} has {table.dim()} dims but `{text}` indexes {len(idx)}")
+        raise SpecError(f"tensor {name!r} has {table.dim()} dims but `{text}` indexes {len(idx)}")
     parts = []
     for dim, i in enumerate(idx):
         t = torch.as_tensor(i, device=table.device)
         t = t.long() if not t.is_floating_point() else t.floor().long()
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= table.shape[dim]:
-            raise ValueError(
+            raise SpecError(
                 f"`{text}` reads {name}[...] at index {lo if lo < 0 else hi} along dim {dim}, "
                 f"outside its size {table.shape[dim]}; pass a larger {name!r} or bound the index"
             )

@@ -11,6 +11,8 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+import sympy
+
 from attncc.codegen.emit_torch import emit
 from attncc.errors import LoweringError
 from attncc.ir.core import Graph
@@ -63,7 +65,7 @@ def forward(q, k, v, T, return_lse=False):
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
-    visible = denom > 0
+    visible = denom != 0  # a NaN score makes the row (and its lse) NaN, as in torch
     p = p / torch.where(visible, denom, torch.ones_like(denom))
     o = torch.einsum("bjgqk,bjkd->bjgqd", p.view(B, Hkv, GROUPS, Sq, Skv), vf).reshape(B, H, Sq, -1)
     o = o.to(q.dtype)
@@ -96,6 +98,38 @@ def fused_op(graph: Graph) -> FusedOp:
     op = fused[0]
     assert isinstance(op, FusedOp)
     return op
+
+
+def grad_tables(graph: Graph) -> list[TensorOp]:
+    """Float runtime tensors read by the score mod: the ones whose gradients the kernels can return."""
+    op = fused_op(graph)
+    read = {str(a.base) for a in op.score_mod.atoms(sympy.Indexed)}
+    return [
+        t
+        for t in graph.ops_of(TensorOp)
+        if isinstance(t, TensorOp) and t.dtype == "float" and not t.values and t.tensor in read
+    ]
+
+
+def table_derivatives(op: FusedOp, tensor: str) -> list[tuple[sympy.Indexed, sympy.Basic]]:
+    """Each read of ``tensor`` in the score mod, with d score_mod / d (the entry it reads): a kernel adds
+    dL/d(score_mod) times that derivative to the entry's gradient.
+
+    >>> import attncc as ac, sympy
+    >>> from attncc.codegen.reference import table_derivatives
+    >>> from attncc.lower import spec_to_ir
+    >>> from attncc.passes.base import parse_pipeline, run_pipeline
+    >>> mod = ac.score * 2 + ac.tensor("bias")[ac.h, ac.q - ac.kv + 8]
+    >>> spec = ac.AttentionSpec(num_heads=2, head_dim=8, score_mod=mod)
+    >>> g = run_pipeline(spec_to_ir(spec), parse_pipeline("canonicalize,fuse")).graph
+    >>> [(str(occ), str(d)) for occ, d in table_derivatives(fused_op(g), "bias")]
+    [('bias[h, -kv + q + 8]', '1')]
+    """
+    occurrences = sorted(
+        (a for a in op.score_mod.atoms(sympy.Indexed) if str(a.base) == tensor), key=sympy.default_sort_key
+    )
+    entry = sympy.Symbol("entry", real=True)
+    return [(occ, sympy.diff(op.score_mod.xreplace({occ: entry}), entry).xreplace({entry: occ})) for occ in occurrences]
 
 
 ROPE_CODE = """\

@@ -39,6 +39,41 @@ LINK_FLAGS = ["-shared", "-fopenmp"]
 UNIT_BREAK = "// ---- attncc: next translation unit ----\n"  # see split_units
 
 
+def isa_flags(isa: str) -> list[str]:
+    """Compiler flags that build for ``isa`` (see ``config.Config.cpu_isa``) instead of the whole CPU.
+
+    >>> isa_flags("native"), isa_flags("portable")
+    ([], ['-march=x86-64'])
+    """
+    if isa == "native":
+        return []
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        if isa == "portable":
+            return []
+        raise UnsupportedError(f"ATTNCC_CPU_ISA={isa} is an x86 instruction set; this CPU is {os.uname().machine}")
+    if isa == "portable":
+        return ["-march=x86-64"]  # SSE2 only: the kernels take their scalar/BLAS paths
+    wanted = {"avx2": ("avx2", "fma"), "avx512": ("avx512f",)}[isa]
+    if missing := [f for f in wanted if f not in cpu_flags()]:
+        raise UnsupportedError(f"ATTNCC_CPU_ISA={isa}: this CPU lacks {missing}; choose native, avx2 or portable")
+    return ["-mno-avx512f"] if isa == "avx2" else []
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags (/proc/cpuinfo), empty where unknown."""
+    try:
+        line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def flags() -> list[str]:
+    """FLAGS for the instruction set in force (ATTNCC_CPU_ISA): later -march/-mno flags win."""
+    return FLAGS + isa_flags(config.get().cpu_isa)
+
+
 def split_units(source: str) -> list[str]:
     """The translation units of ``source``: the text before the first UNIT_BREAK line is shared
     (includes, helpers) and prefixed to each later part; without a break, the source is one unit."""
@@ -73,7 +108,7 @@ def _fingerprint() -> str:
 
 
 def cache_key(source: str) -> str:
-    return hashlib.sha256((_fingerprint() + source).encode()).hexdigest()[:24]
+    return hashlib.sha256((_fingerprint() + " ".join(flags()) + source).encode()).hexdigest()[:24]
 
 
 def build(source: str, name: str) -> tuple[Path, bool]:
@@ -97,7 +132,7 @@ def build(source: str, name: str) -> tuple[Path, bool]:
                 path.write_text(text)
         objects = [Path(tmp) / f"unit{i}.o" for i in range(len(files))]
         jobs = [
-            subprocess.Popen([compiler(), *FLAGS, "-c", str(path), "-o", str(obj)], stderr=subprocess.PIPE, text=True)
+            subprocess.Popen([compiler(), *flags(), "-c", str(path), "-o", str(obj)], stderr=subprocess.PIPE, text=True)
             for path, obj in zip(files, objects)
         ]  # the units compile in parallel
         for path, job in zip(files, jobs):

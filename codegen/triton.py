@@ -23,9 +23,9 @@ import torch
 from attncc import config
 from attncc.codegen.cpu import Lists, kernel_value, rope_tables
 from attncc.codegen.emit_triton import emit
-from attncc.codegen.reference import fused_op, has_rope
+from attncc.codegen.reference import fused_op, grad_tables, has_rope, table_derivatives
 from attncc.codegen.triton_template import TEMPLATE
-from attncc.errors import UnsupportedError
+from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.core import Graph
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp, TiledOp
@@ -80,12 +80,7 @@ def _table_grad_code(op: TiledOp, tensors: list[TensorOp]) -> str:
     for t in tensors:
         if t.dtype != "float" or t.values:
             continue
-        occurrences = sorted(
-            (a for a in op.score_mod.atoms(sympy.Indexed) if str(a.base) == t.tensor), key=sympy.default_sort_key
-        )
-        for occ in occurrences:
-            entry = sympy.Symbol("entry", real=True)
-            deriv = sympy.diff(op.score_mod.xreplace({occ: entry}), entry).xreplace({entry: occ})
+        for occ, deriv in table_derivatives(op, t.tensor):
             tile = " + 0 * offs_m[:, None] + 0 * offs_n[None, :]"
             lines.append(f"    # d score_mod / d {expr_str(occ)} = {expr_str(deriv)}")
             flat, ok = "", "live"
@@ -100,17 +95,6 @@ def _table_grad_code(op: TiledOp, tensors: list[TensorOp]) -> str:
                 f"tl.where(ok, d_mod * ({emit(deriv)}), 0.0))  # masked lanes add 0.0 to entry 0"
             )
     return "\n".join(lines) or "    pass"
-
-
-def grad_tables(graph: Graph) -> list[TensorOp]:
-    """Float runtime tensors read by the score mod: the ones whose gradients the kernels can return."""
-    op = fused_op(graph)
-    read = {str(a.base) for a in op.score_mod.atoms(sympy.Indexed)}
-    return [
-        t
-        for t in graph.ops_of(TensorOp)
-        if isinstance(t, TensorOp) and t.dtype == "float" and not t.values and t.tensor in read
-    ]
 
 
 _AUTOTUNE = (
@@ -188,9 +172,12 @@ class TritonKernel:
         self.tensors = [t for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp)]
         self.grad_tables = grad_tables(graph)
         self.rope = has_rope(graph)
-        self.bq, self.bkv = max(16, op.bq), max(16, op.bkv)
-        if (self.bq, self.bkv) != (op.bq, op.bkv):
-            raise UnsupportedError(f"the triton target needs tiles of at least 16x16, got {op.bq}x{op.bkv}")
+        self.bq, self.bkv = op.bq, op.bkv
+        if any(t < 16 or t & (t - 1) for t in (op.bq, op.bkv)):
+            raise UnsupportedError(
+                f"the triton target needs power-of-2 tiles of at least 16 (tl.arange and tl.dot), got "
+                f"{op.bq}x{op.bkv}; compile with target='triton' to be told the nearest valid tiles"
+            )
 
     def _tensor_args(self, tensors: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         out = []
@@ -230,7 +217,7 @@ class TritonKernel:
 
     def _error(self, err: torch.Tensor) -> None:
         if int(err.item()):
-            raise ValueError(
+            raise SpecError(
                 "the triton kernel read a runtime tensor out of its bounds; pass a larger tensor "
                 "or bound the index expression"
             )

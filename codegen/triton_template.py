@@ -31,7 +31,8 @@ def _fmod(a, b):
 
 @triton.jit
 def _tanh(x):
-    x = tl.minimum(tl.maximum(x, -15.0), 15.0)  # tanh is +-1 in fp32 beyond |x| = 9; no exp overflow
+    # tanh is +-1 in fp32 beyond |x| = 9; no exp overflow; NaN stays NaN (max/min drop it by default)
+    x = tl.minimum(tl.maximum(x, -15.0, propagate_nan=tl.PropagateNan.ALL), 15.0, propagate_nan=tl.PropagateNan.ALL)
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 @triton.jit
@@ -154,7 +155,7 @@ def attncc_fwd(Q, K, V, O, LSE, ERR, COS, SIN, ROPE_B, MAP_OF, KV_PTR, KV_IDX, K
             m_i, l_i, acc = _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_args},
                                       b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
                                       B, H, SQ, SKV, SCALE, COS, SIN, tb, D, BLOCK_N, HAS_MOD, ROPE)
-    visible = l_i > 0
+    visible = l_i != 0  # NaN scores make l_i NaN: the row and its lse stay NaN, as in torch
     out = acc / tl.where(visible, l_i, 1.0)[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < SQ) & dmask[None, :])

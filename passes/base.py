@@ -138,5 +138,5 @@ def run_pipeline(graph: Graph, passes: Sequence[Pass], verify: bool | None = Non
         done.append(p.spelling())
         log.debug("pass %s: %.2f ms", p.spelling(), seconds * 1e3)
         if "all" in cfg.print_after or p.name in cfg.print_after or cfg.debug >= 3:
-            log.info("IR after %s:\n%s", p.spelling(), text)
+            config.knob_logger(log.name).info("IR after %s:\n%s", p.spelling(), text)
     return result

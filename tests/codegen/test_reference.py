@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,7 +125,56 @@ def test_dump_writes_every_stage(tmp_path: Path) -> None:
     assert "attn.fused" in (where / "02-fuse.ir").read_text()
     assert 'layout = "runtime"' in (where / "03-block-sparse.ir").read_text()
     meta = json.loads((where / "meta.json").read_text())
-    assert meta["runtime_tensors"] == ["doc"] and meta["block_map"].startswith("not drawn: the map depends on runtime")
+    assert meta["runtime_tensors"] == ["doc"] and meta["block_map"].startswith("not drawn yet: the map depends on")
+    assert "kern.dump(path, q_len=..., kv_len=..., doc=...)" in meta["block_map"]
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
+
+
+def test_dump_draws_runtime_maps_from_the_last_call_or_given_tensors(tmp_path: Path) -> None:
+    """Issue 13 item 9: the README's own example (runtime doc ids) dumps a picture."""
+    kern = ac.compile(SPEC, target="reference")
+    q, kv = torch.randn(1, 4, 200, 8), torch.randn(1, 2, 200, 8)
+    kern(q, kv, kv, doc=torch.arange(200) // 50)
+    where = kern.dump(tmp_path / "last")
+    assert _png_size(where / "blockmap.png")[1] > 200
+    assert json.loads((where / "meta.json").read_text())["block_map"].startswith("listed block map")
+    other = ac.compile(SPEC, target="reference").dump(
+        tmp_path / "given", q_len=64, doc=torch.zeros(64, dtype=torch.long)
+    )
+    assert (other / "blockmap.png").exists()
+
+
+def test_dump_dir_draws_the_map_at_the_first_call(tmp_path: Path) -> None:
+    with config.override(dump_dir=tmp_path, always_compile=True):
+        kern = ac.compile(SPEC, target="reference")
+    folder = tmp_path / f"doc_window-{kern.key}"
+    assert not (folder / "blockmap.png").exists()
+    q, kv = torch.randn(1, 4, 96, 8), torch.randn(1, 2, 96, 8)
+    kern(q, kv, kv, doc=torch.arange(96) // 32)
+    assert (folder / "blockmap.png").exists()
+    assert "drawn from the first call: q length 96" in json.loads((folder / "meta.json").read_text())["block_map"]
+
+
+def test_small_maps_are_scaled_up(tmp_path: Path) -> None:
+    kern = ac.compile(ac.AttentionSpec(num_heads=1, head_dim=8, mask=ac.causal()), target="reference", tiles=(64, 64))
+    kern(*(torch.randn(1, 1, 256, 8) for _ in range(3)))
+    _, height = _png_size(kern.dump(tmp_path) / "blockmap.png")
+    assert height >= 256, "a 4x4-tile map (256 tokens) is drawn at least 256 px high, not as a 32 px strip"
+
+
+def test_print_after_is_visible_without_logging_configured(tmp_path: Path) -> None:
+    """ATTNCC_PRINT_AFTER must print although the program configured no logging (a fresh process)."""
+    code = "import attncc as ac; ac.compile(ac.AttentionSpec(num_heads=1, head_dim=8, mask=ac.causal()), 'reference')"
+    env = {**os.environ, "ATTNCC_PRINT_AFTER": "fuse", "ATTNCC_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "IR after fuse:" in done.stderr and "attn.fused" in done.stderr
 
 
 def test_dump_draws_static_block_maps(tmp_path: Path) -> None:

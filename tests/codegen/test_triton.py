@@ -104,3 +104,15 @@ def test_learnable_table_gets_its_gradient_from_the_kernels() -> None:
     for name, a, b in zip(["dq", "dk", "dv", "dtable"], grads["triton"], grads["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
     assert grads["triton"][3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("tiles", [(48, 32), (32, 24), (8, 64)])
+def test_tiles_the_triton_compiler_cannot_run_are_refused_with_the_nearest_valid_ones(tiles: tuple[int, int]) -> None:
+    spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.causal())
+    with pytest.raises(ac.SpecError, match=r"power-of-2 tiles of at least 16.*use tiles=\(\d+, \d+\)") as info:
+        ac.compile(spec, target="triton", tiles=tiles)
+    suggested = [int(n) for n in str(info.value).split("use tiles=(")[1].split(")")[0].split(", ")]
+    x = torch.randn(1, 2, 40, 16)
+    out = ac.compile(spec, target="triton", tiles=tuple(suggested))(x, x, x)  # the suggestion runs
+    keep = oracle.dense(oracle.causal(), 1, 2, 40, 40)
+    torch.testing.assert_close(out.double(), oracle.attention(x, x, x, keep, 0.25)[0], rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import sympy
+import torch
 
 import attncc as ac
 from attncc.errors import SpecError
@@ -98,3 +99,49 @@ def test_spec_is_frozen_hashable_and_normalized() -> None:
 def test_spec_errors(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(SpecError, match=message):
         ac.AttentionSpec(**kwargs)
+
+
+# ---- errors a user meets first (issue 13, item 10) ------------------------------------------------------
+
+
+def test_alibi_with_a_head_count_says_what_it_takes() -> None:
+    with pytest.raises(ac.SpecError, match=r"alibi\(slopes\) takes one slope per query head.*got int 4"):
+        ac.alibi(4)
+    assert ac.AttentionSpec(num_heads=2, head_dim=8, score_mod=ac.alibi([0.5, 0.25])).tensors[0].values == (0.5, 0.25)
+
+
+def test_tensor_names_of_the_wrong_type_are_refused() -> None:
+    with pytest.raises(ac.SpecError, match="tensor name must be a str, got int 3"):
+        ac.tensor(3)  # type: ignore[arg-type]
+
+
+def test_a_misspelled_runtime_keyword_names_both_sides() -> None:
+    spec = ac.AttentionSpec(num_heads=1, head_dim=8, mask=ac.document(ac.tensor("doc_ids")))
+    x = torch.randn(1, 1, 4, 8)
+    with pytest.raises(
+        ac.SpecError,
+        match=r"missing runtime tensors \['doc_ids'\] and unexpected .*\['doc_id'\]; "
+        r"did you mean 'doc_id' -> 'doc_ids'\?",
+    ):
+        ac.compile(spec, target="reference")(x, x, x, doc_id=torch.zeros(4, dtype=torch.long))
+
+
+def test_bad_knobs_and_backend_options_raise_attncc_errors() -> None:
+    from attncc import config
+
+    with pytest.raises(ac.AttnccError, match="ATTNCC_DEBUG must be an integer"):
+        config.from_env({"ATTNCC_DEBUG": "lots"})
+    with pytest.raises(ac.AttnccError, match="ATTNCC_CPU_ISA must be one of"):
+        config.from_env({"ATTNCC_CPU_ISA": "sse9"})
+    with pytest.raises(ac.AttnccError, match="unknown attncc backend options"):
+        ac.dynamo.backend(torch.fx.symbolic_trace(torch.nn.Identity()), [], options={"tagret": "cpu"})
+
+
+def test_out_of_bounds_runtime_reads_raise_spec_errors() -> None:
+    # an index read through another tensor has no symbolic bound: the kernel's own check catches it
+    spec = ac.AttentionSpec(num_heads=1, head_dim=8, mask=ac.tensor("ids")[ac.tensor("pos")[ac.q]] == 0)
+    x = torch.randn(1, 1, 4, 8)
+    ids, pos = torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 2, 9])
+    for target in ("reference", "cpu"):
+        with pytest.raises(ac.SpecError, match=r"out of its bounds|outside its size"):
+            ac.compile(spec, target=target)(x, x, x, ids=ids, pos=pos)

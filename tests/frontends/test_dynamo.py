@@ -251,3 +251,95 @@ def test_learned_bias_read_by_a_lifted_site_gets_its_gradient() -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+class TrainableBlock(torch.nn.Module):
+    """Projections around two attention sites: causal SDPA, and SDPA with a learned relative bias."""
+
+    def __init__(self, length: int, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+        self.bias = LearnedRelativeBias(length)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.bias(y, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, s, d))
+
+
+@pytest.mark.parametrize("rest", ["inductor", "eager"])
+def test_training_steps_through_every_rest_backend_match_eager(rest: str) -> None:
+    """Issue 13 item 2: a model in training mode (inputs of lifted sites require grad) compiles with
+    Inductor for the rest of the graph, and two optimizer steps give eager's parameters."""
+    torch.manual_seed(1)
+    model = TrainableBlock(13)
+    twin = TrainableBlock(13)
+    twin.load_state_dict(model.state_dict())
+    compiled = _compile(model, backend=rest)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    for step in range(2):
+        x = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(step))
+        for fn, opt in ((compiled, opts[0]), (twin, opts[1])):
+            opt.zero_grad()
+            fn(x).square().mean().backward()
+            opt.step()
+    sites = _sites()
+    assert len(sites) == 2 and all(s["status"] == "lifted" for s in sites), sites
+    for (name, got), want in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert got.grad is not None and got.grad.abs().sum() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+class DecomposedVariant(torch.nn.Module):
+    """Hand-written attention in the shapes issue 13 item 8 found unreported."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.drop = kind, torch.nn.Dropout(0.1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = q @ k.transpose(-1, -2)
+        if self.kind == "tanh_softcap":
+            scores = 5.0 * torch.tanh(scores / 4.0 / 5.0)
+        elif self.kind == "scale_after_mask":
+            keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+            scores = scores.masked_fill(~keep, float("-inf")) / 4.0
+        else:
+            scores = scores / 4.0
+        if self.kind == "hf_float32_softmax":
+            p = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        else:
+            p = scores.softmax(-1)
+        if self.kind == "dropout":
+            p = self.drop(p)
+        return p @ v
+
+
+@pytest.mark.parametrize("kind", ["tanh_softcap", "dropout", "scale_after_mask", "hf_float32_softmax"])
+def test_attention_sites_are_lifted_or_reported_never_silent(kind: str) -> None:
+    model = DecomposedVariant(kind).eval()
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    got = _compile(model)(q, k, v)
+    torch.testing.assert_close(got, model(q, k, v))
+    (site,) = _sites()
+    if site["status"] == "fallback":
+        assert "softmax" in site["reason"] and "not lifted" in site["reason"], site
+        assert site["site"].endswith(("p", "softmax")), "the report names the softmax's FX node"
+
+
+def test_softmax_that_is_not_attention_is_not_reported() -> None:
+    class Gate(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Linear(16, 4)
+            self.experts = torch.nn.Parameter(torch.randn(16, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.w(x).softmax(-1) + (x @ self.experts).softmax(-1)
+
+    _compile(Gate())(torch.randn(3, 16))
+    assert _sites() == []

@@ -85,3 +85,70 @@ def test_untraceable_calls_are_reported() -> None:
         trace_mask(lambda b, h, q_idx, kv_idx: q_idx - kv_idx)
     with pytest.raises(SpecError, match=r"score_mod returned the condition"):
         trace_score_mod(lambda s, b, h, q_idx, kv_idx: s > 0)
+
+
+# ---- FlexAttention compatibility (issue 13, item 4) ----------------------------------------------------
+
+PACKED = torch.tensor([0] * 5 + [1] * 7 + [2] * 4)
+
+
+def _same_packed_doc(q_idx, kv_idx):  # a helper reading a module-level tensor
+    return PACKED[q_idx] == PACKED[kv_idx]
+
+
+def _run_against(spec: ac.AttentionSpec, fn) -> None:  # type: ignore[no-untyped-def]
+    """Run ``spec`` on the cpu target and compare with the oracle of the plain-Python mask ``fn``."""
+    S = len(PACKED)
+    q, k, v = (torch.randn(1, 2, S, 16) for _ in range(3))
+    keep = oracle.dense(fn, 1, 2, S, S)
+    want, _ = oracle.attention(q, k, v, keep, 16**-0.5)
+    torch.testing.assert_close(ac.compile(spec, target="cpu")(q, k, v).double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_mask_combinators_trace() -> None:
+    from torch.nn.attention.flex_attention import and_masks, noop_mask, or_masks
+
+    causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
+    doc = lambda b, h, q_idx, kv_idx: PACKED[q_idx] == PACKED[kv_idx]
+    ids = PACKED.tolist()
+    spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=and_masks(causal, doc))
+    _run_against(spec, lambda b, h, i, j: i >= j and ids[i] == ids[j])
+    spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=or_masks(causal, doc))
+    _run_against(spec, lambda b, h, i, j: i >= j or ids[i] == ids[j])
+    assert ac.AttentionSpec(num_heads=2, head_dim=16, mask=noop_mask).mask == sympy.true
+    assert ac.AttentionSpec(num_heads=2, head_dim=16, mask=and_masks()).mask == sympy.true
+
+
+def test_helpers_reading_global_tensors_are_captured() -> None:
+    def mask(b, h, q_idx, kv_idx):
+        return _same_packed_doc(q_idx, kv_idx) & (q_idx >= kv_idx)
+
+    spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=mask)
+    assert spec.captured == {"PACKED": PACKED}
+    ids = PACKED.tolist()
+    _run_against(spec, lambda b, h, i, j: i >= j and ids[i] == ids[j])
+
+
+def test_lambdas_made_by_helpers_and_name_clashes() -> None:
+    def make(doc):
+        return lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx]
+
+    from torch.nn.attention.flex_attention import and_masks
+
+    other = torch.tensor([0] * 8 + [1] * 8)
+    spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=and_masks(make(PACKED), make(other)))
+    assert set(spec.captured) == {"doc", "doc_1"}, "two tensors under one name get distinct runtime names"
+    a, c = PACKED.tolist(), other.tolist()
+    _run_against(spec, lambda b, h, i, j: a[i] == a[j] and c[i] == c[j])
+
+
+def test_captured_zero_d_tensor_is_a_constant() -> None:
+    w = torch.tensor(4)
+    spec = ac.AttentionSpec(
+        num_heads=2, head_dim=16, mask=lambda b, h, q_idx, kv_idx: (q_idx - kv_idx < w) & (q_idx >= kv_idx)
+    )
+    assert not spec.captured and "4" in str(spec.mask)
+    _run_against(spec, lambda b, h, i, j: 0 <= i - j < 4)
+    learned = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(SpecError, match=r"0-d tensor 'learned' requires grad.*learned\[0\]"):
+        ac.AttentionSpec(num_heads=2, head_dim=16, score_mod=lambda s, b, h, q_idx, kv_idx: s * learned)

@@ -124,3 +124,79 @@ def test_odd_tile_sizes_match(tiles: tuple[int, int]) -> None:
     keep = oracle.dense(lambda b, h, i, j: (j <= i and i - j <= 11) or j < 2, 2, 2, 53, 53)
     ac.compile(spec, target="cpu", tiles=tiles)
     check_target(spec, keep, 53, 53, {}, None, tiles=tiles)
+
+
+def _table_grad_case(spec: ac.AttentionSpec, table: torch.Tensor, name: str, fn, keep: torch.Tensor, tiles) -> None:  # type: ignore[no-untyped-def]
+    """The cpu kernel's gradients of a learned table (and of q, k, v) against the float64 oracle,
+    with the cpu kernel itself running (no fallback to the dense reference)."""
+    B, (sq, skv) = keep.shape[0], keep.shape[-2:]
+    g = torch.Generator().manual_seed(11)
+    hkv = int(spec.num_kv_heads or 0)
+    q = torch.randn(B, spec.num_heads, sq, spec.head_dim, generator=g)
+    k, v = (torch.randn(B, hkv, skv, spec.head_dim, generator=g) for _ in range(2))
+    w = torch.randn(B, spec.num_heads, sq, spec.head_dim, generator=g, dtype=torch.float64)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)] + [table.detach().double().requires_grad_()]
+    gold, _ = oracle.attention(*leaves64[:3], keep, float(spec.scale or 0), fn(leaves64[3]))
+    gold_grads = torch.autograd.grad((gold * w).sum(), leaves64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + [table.detach().clone().requires_grad_()]
+    kern = ac.compile(spec, target="cpu", tiles=tiles)
+    out = kern(*leaves[:3], **{name: leaves[3]})
+    assert out.grad_fn is not None and "CpuAttention" in type(out.grad_fn).__name__, "the C++ kernel ran"
+    grads = torch.autograd.grad((out.double() * w).sum(), leaves)
+    eager = ac.compile(spec, target="reference")
+    leaves_e = [t.clone().requires_grad_() for t in (q, k, v)] + [table.detach().clone().requires_grad_()]
+    eager_grads = torch.autograd.grad((eager(*leaves_e[:3], **{name: leaves_e[3]}).double() * w).sum(), leaves_e)
+    for label, got, e, want in zip(["dq", "dk", "dv", "dtable"], grads, eager_grads, gold_grads):
+        err, eager_err = (got.double() - want).abs().max().item(), (e.double() - want).abs().max().item()
+        assert err <= K * eager_err + FLOOR, f"{label}: cpu error {err:.2e} vs eager error {eager_err:.2e}"
+
+
+@pytest.mark.parametrize("tiles", [(16, 16), (32, 64)])
+def test_learned_relative_bias_table_gets_its_gradient_from_the_cpu_kernel(tiles: tuple[int, int]) -> None:
+    """Issue 13 item 5: a learnable table no longer sends the whole call to the O(S^2) reference."""
+    table = torch.randn(4, 11)
+    spec = ac.AttentionSpec(
+        num_heads=4, num_kv_heads=2, head_dim=32, mask=ac.causal(), score_mod=ac.relative_bias(ac.tensor("table"), 5)
+    )
+    keep = oracle.dense(oracle.causal(), 2, 4, 70, 70)
+    _table_grad_case(spec, table, "table", lambda t: oracle.relative_bias_fn(t, 5), keep, tiles)
+
+
+def test_captured_parameter_bias_gets_its_gradient_from_the_cpu_kernel() -> None:
+    bias = torch.nn.Parameter(torch.randn(2, 37, 37) * 0.5)
+    spec = ac.AttentionSpec(
+        num_heads=2,
+        head_dim=16,
+        mask=ac.sliding_window(9),
+        score_mod=lambda s, b, h, q_idx, kv_idx: s * 0.5 + bias[h, q_idx, kv_idx],
+    )
+    keep = oracle.dense(oracle.sliding_window(9), 1, 2, 37, 37)
+    captured = spec.captured["bias"]
+    assert captured is bias
+
+    def fn(t: torch.Tensor):  # type: ignore[no-untyped-def]
+        return lambda s: s * 0.5 + t.unsqueeze(0)
+
+    # the captured tensor is bound by the spec itself: compare through it
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 37, 16, generator=g, requires_grad=True) for _ in range(3))
+    out = ac.compile(spec, target="cpu", tiles=(16, 16))(q, k, v)
+    assert "CpuAttention" in type(out.grad_fn).__name__
+    (got,) = torch.autograd.grad(out.square().sum(), [bias])
+    leaves = [t.detach().double() for t in (q, k, v)] + [bias.detach().double().requires_grad_()]
+    gold, _ = oracle.attention(*leaves[:3], keep, 0.25, fn(leaves[3]))
+    (want,) = torch.autograd.grad(gold.square().sum(), [leaves[3]])
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_float_tensor_the_score_mod_does_not_read_still_falls_back_with_a_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spec = ac.AttentionSpec(num_heads=1, head_dim=16, mask=ac.tensor("gate", "float")[ac.kv] > 0)
+    x = torch.randn(1, 1, 20, 16)
+    gate = torch.randn(20, requires_grad=True)
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="attncc.api"):
+        ac.compile(spec, target="cpu")(x, x, x, gate=gate)
+    assert "require grad but the score mod does not read them" in caplog.text
