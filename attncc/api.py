@@ -149,6 +149,11 @@ class Kernel:
             self.spec.rope, tensors, shape.batch, shape.q_len, shape.kv_len, self.spec.head_dim, q.device
         )
         bound = check_tensors(self.spec, shape, tensors, q.device)
+        if shape.batch == 0:  # empty in, empty out (as torch), still connected to q, k, v for autograd
+            link = (q.sum() + k.sum() + v.sum()) * 0
+            o = q.new_zeros((*q.shape[:-1], v.shape[-1])) + link
+            lse = torch.zeros(q.shape[:-1], dtype=torch.float32, device=q.device) + link.float()
+            return (o, lse) if return_lse else o
         if self.spec.runtime_tensors():
             self._remember(shape, tensors)
         if self.target == "triton" or (self.auto and q.device.type == "cuda"):
@@ -158,8 +163,9 @@ class Kernel:
             if reason is None:
                 lists, keep = self._plan_for(shape, bound)
                 learn = tuple(fallback.learned(bound))
+                recompute = functools.partial(self._recompute, tables=tables)
                 o, lse = cpu.CpuAttention.apply(
-                    q, k, v, self.cpu_kernel(), lists, keep, bound, tables, learn, *(bound[n] for n in learn)
+                    q, k, v, self.cpu_kernel(), lists, keep, bound, tables, recompute, learn, *(bound[n] for n in learn)
                 )
                 return (o, lse) if return_lse else o
             if q.device.type != "cpu":
@@ -186,7 +192,14 @@ class Kernel:
         given = _with_tables(bound, tables)  # the rope tables ride along under their call names
         names = list(given)
         o, lse = triton_target.TritonAttention.apply(
-            q, k, v, self.triton_kernel(), self._lists_for(shape, bound), names, *(given[n] for n in names)
+            q,
+            k,
+            v,
+            self.triton_kernel(),
+            self._lists_for(shape, bound),
+            self._recompute,
+            names,
+            *(given[n] for n in names),
         )
         return (o, lse) if return_lse else o
 
@@ -197,6 +210,17 @@ class Kernel:
         if self._dumped_to is not None:
             where, self._dumped_to = self._dumped_to, None
             dump.update_picture(self, where, self._last_call)
+
+    def _recompute(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call on the reference target (differentiable twice): second-order gradients."""
+        return self._impl(q, k, v, _with_tables(tensors, tables), True)  # type: ignore[no-any-return]
 
     def block_map(
         self, q_len: int, kv_len: int, batch: int = 1, block: tuple[int, int] | None = None, **tensors: torch.Tensor

@@ -130,6 +130,17 @@ def _(
 _attention.register_autograd(_backward, setup_context=_setup)
 
 
+def _no_second_order(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+    raise UnsupportedError(
+        "second-order gradients (create_graph=True) through a site lifted by torch.compile(backend='attncc') "
+        "are not supported (Inductor's AOTAutograd refuses double backward too); run that model uncompiled, "
+        "or call an attncc kernel directly: kern(q, k, v) is differentiable twice"
+    )
+
+
+_attention_backward.register_autograd(_no_second_order)
+
+
 def _kv_source(node: Any) -> tuple[Any, int]:
     """(node, repeat factor): see through HF's repeat_kv (expand + reshape) and repeat_interleave."""
     if not isinstance(node, fx.Node):

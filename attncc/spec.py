@@ -152,6 +152,12 @@ def _normalize(
         raise SpecError(f"mask `{X.expr_str(expr.sym)}` is a number, not a condition; compare it (e.g. `... >= 0`)")
     if not boolean and expr.is_boolean:
         raise SpecError(f"score_mod `{X.expr_str(expr.sym)}` is a condition; a score mod returns a score")
+    if expr.sym.has(sympy.nan, sympy.zoo) or (not boolean and expr.sym.has(sympy.oo)):
+        bad = "NaN" if expr.sym.has(sympy.nan, sympy.zoo) else "+inf"
+        raise SpecError(
+            f"{label} `{X.expr_str(expr.sym)}` holds the constant {bad}, which has no softmax; "
+            "use a mask (or -inf in a score_mod branch) to hide keys"
+        )
     allowed = X.MASK_SYMBOLS if boolean else X.SCORE_SYMBOLS
     if unknown := X.unknown_symbols(expr.sym, allowed):
         hint = "; masks see b, h, q, kv only (use a score_mod for score)" if "score" in unknown else ""

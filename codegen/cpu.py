@@ -19,6 +19,7 @@ import sympy
 import torch
 
 from attncc.blockmap import FULL, BlockMap
+from attncc.codegen import fallback
 from attncc.codegen.cpu_template import TEMPLATE
 from attncc.codegen.emit_cpp import emit
 from attncc.codegen.reference import fused_op, grad_tables, has_rope, table_derivatives
@@ -259,8 +260,7 @@ class CpuKernel:
         self.bq, self.bkv = (op.bq, op.bkv) if isinstance(op, TiledOp) else (64, 64)
         self.tensors = tensor_ops(graph)
         self.grad_tables = [t.tensor for t in grad_tables(graph)]  # float tables whose gradients it returns
-        self.path, self.compiled_now = toolchain.build(self.source, graph.name)
-        self.lib = ctypes.CDLL(str(self.path))
+        self.lib, self.path, self.compiled_now = toolchain.load(self.source, graph.name)
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
         tail: list[Any] = [_P] * 9 + [ctypes.c_int, _I, ctypes.c_float, _P, _P, _I, _P]
         self.lib.attncc_forward.argtypes = [_P] * 5 + common + tail
@@ -505,22 +505,27 @@ class CpuAttention(torch.autograd.Function):
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
         tables: tuple[torch.Tensor, torch.Tensor] | None,
+        recompute: fallback.Recompute,
         learn: tuple[str, ...],
         *learned: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``learned``: the tensors of ``tensors`` named in ``learn`` (float tables the score mod reads
-        that require grad), passed again so that autograd routes their gradients."""
+        that require grad), passed again so that autograd routes their gradients. ``recompute``: the
+        call on the reference target, for differentiable gradients (``create_graph=True``)."""
         dtype = q.dtype
         qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
         rope = rope_tables(tables)
         o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
         ctx.save_for_backward(qf, kf, vf, o, lse)
         ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype, ctx.rope = kern, lists, keep, tensors, dtype, rope
-        ctx.learn = learn
+        ctx.learn, ctx.recompute, ctx.inputs = learn, recompute, (q, k, v, *learned)
         return o.to(dtype), lse
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the C++ backward is not differentiable
+            q, k, v, *rest = fallback.second_order(ctx.recompute, ctx.inputs, ctx.learn, ctx.tensors, (do, dlse))
+            return q, k, v, None, None, None, None, None, None, None, *rest
         qf, kf, vf, o, lse = ctx.saved_tensors
         dof = do.to(torch.float32).contiguous()
         dlsef = None if dlse is None else dlse.to(torch.float32).contiguous()
@@ -528,4 +533,4 @@ class CpuAttention(torch.autograd.Function):
             qf, kf, vf, o, dof, lse.contiguous(), dlsef, ctx.lists, ctx.keep, ctx.tensors, ctx.rope, ctx.learn
         )
         learned = [grads[n].to(ctx.tensors[n].dtype) for n in ctx.learn]
-        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None, None, *learned
+        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None, None, None, *learned

@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 import torch
 
 from attncc import config
+
+log = logging.getLogger("attncc.codegen.fallback")
+
+Recompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, ...]]
+
+
+def second_order(
+    recompute: Recompute,
+    inputs: Sequence[torch.Tensor],
+    names: Sequence[str],
+    tensors: dict[str, torch.Tensor],
+    grads: tuple[torch.Tensor | None, torch.Tensor | None],
+) -> list[torch.Tensor | None]:
+    """Differentiable gradients of a kernel call (``create_graph=True``: a gradient penalty, a
+    Hessian-vector product). The generated backwards are not differentiable themselves, so the call
+    is recomputed on the reference target under autograd (O(S^2) memory) and differentiated with a
+    graph. ``inputs``: q, k, v and then the tensors ``names`` (learned tables) as the kernel got them;
+    returns one gradient per input (None where it does not require grad)."""
+    log.info("attncc: gradients with create_graph=True are recomputed on the reference target (differentiable)")
+    live = [t for t in inputs if t.requires_grad]
+    with torch.enable_grad():
+        given = {**tensors, **dict(zip(names, inputs[3:], strict=True))}
+        out, lse = recompute(inputs[0], inputs[1], inputs[2], given)
+        pairs = [(o, g) for o, g in zip((out, lse), grads, strict=True) if g is not None]
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], live, [g for _, g in pairs], create_graph=True, allow_unused=True
+        )
+    by_id = {id(t): g for t, g in zip(live, found, strict=True)}
+    return [by_id.get(id(t)) if t.requires_grad else None for t in inputs]
+
 
 MAX_PARTIAL_FLOATS = 1 << 26  # 256 MB of per-thread table-gradient partials on the cpu target
 

@@ -7,17 +7,20 @@ or moving the cache to another machine never reuses a stale binary. Writes are a
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
+import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from attncc import config
+from attncc import config, diskcache
 from attncc.errors import LoweringError, UnsupportedError
 
 log = logging.getLogger("attncc.codegen.toolchain")
@@ -111,38 +114,78 @@ def cache_key(source: str) -> str:
     return hashlib.sha256((_fingerprint() + " ".join(flags()) + source).encode()).hexdigest()[:24]
 
 
-def build(source: str, name: str) -> tuple[Path, bool]:
-    """(path of the shared library, whether it was compiled now rather than found cached)."""
-    cfg = config.get()
-    folder = cfg.cache_dir / "cpu"
-    folder.mkdir(parents=True, exist_ok=True)
+KEY_SYMBOL = "attncc_cache_key"  # every library exports its cache key: a foreign one is refused after dlopen
+
+
+def build(source: str, name: str, force: bool = False) -> tuple[Path, bool]:
+    """(path of the shared library, whether it was compiled now rather than found cached).
+
+    An entry is a record ``<name>-<key>.json`` (key, library file, size, sha256) published by an
+    atomic rename after the library itself: a reader sees a complete entry or none. A record or
+    library that fails validation (missing, truncated, corrupt, another key's) is discarded and
+    rebuilt, never loaded. Each build gets a library file of its own name, so a process never
+    reuses a stale ``dlopen`` handle of an earlier build at the same path.
+    """
+    folder = diskcache.folder("cpu")
     key = cache_key(source)
-    lib = folder / f"{name}-{key}.so"
-    if lib.exists() and not cfg.always_compile:
-        return lib, False
-    src = folder / f"{name}-{key}.cpp"
-    src.write_text(source)
-    units = split_units(source)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        out = Path(tmp) / lib.name
+    record = folder / f"{name}-{key}.json"
+    if not (force or config.get().always_compile):
+        lib = valid_entry(record, key)
+        if lib is not None:
+            return lib, False
+    return _compile(source, folder, name, key, record), True
+
+
+def valid_entry(record: Path, key: str) -> Path | None:
+    """The library a cache record names, when record and file check out; else None (and the bad
+    parts are discarded)."""
+    if not record.exists():
+        return None
+    try:
+        meta = json.loads(record.read_text())
+        lib = record.parent / str(meta["file"])
+        problem = (
+            "it records another key"
+            if meta.get("key") != key
+            else "its library is missing"
+            if not lib.exists()
+            else f"its library has {lib.stat().st_size} bytes, the record says {meta['size']}"
+            if lib.stat().st_size != meta["size"]
+            else "its library's checksum differs from the record"
+            if diskcache.sha256(lib) != meta["sha256"]
+            else None
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        problem = f"unreadable record ({type(exc).__name__}: {exc})"
+    if problem is None:
+        return lib
+    diskcache.discard(record, problem)
+    return None
+
+
+def _compile(source: str, folder: Path, name: str, key: str, record: Path) -> Path:
+    src = folder / f"{name}-{key}.cpp"  # kept beside the library for people to read
+    diskcache.write_atomic(src, source)
+    units = [*split_units(source), f'extern "C" const char {KEY_SYMBOL}[] = "{key}";\n']
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:  # private: no writer shares it
+        out = Path(tmp) / "lib.so"
         start = time.perf_counter()
-        files = [src] if len(units) == 1 else [folder / f"{name}-{key}.{i}.cpp" for i in range(len(units))]
-        if len(units) > 1:
-            for path, text in zip(files, units):
-                path.write_text(text)
+        files = [Path(tmp) / f"unit{i}.cpp" for i in range(len(units))]
+        for path, text in zip(files, units):
+            path.write_text(text)
         objects = [Path(tmp) / f"unit{i}.o" for i in range(len(files))]
         jobs = [
             subprocess.Popen([compiler(), *flags(), "-c", str(path), "-o", str(obj)], stderr=subprocess.PIPE, text=True)
             for path, obj in zip(files, objects)
         ]  # the units compile in parallel
-        for path, job in zip(files, jobs):
+        for job in jobs:
             _, err = job.communicate()
             if job.returncode != 0:
                 for other in jobs:
                     other.kill()
                     other.wait()
                 raise LoweringError(
-                    f"the C++ compiler failed on the generated kernel {path} (exit {job.returncode}):\n"
+                    f"the C++ compiler failed on the generated kernel {src} (exit {job.returncode}):\n"
                     f"{err.strip()[-4000:]}"
                 )
         done = subprocess.run(
@@ -150,6 +193,29 @@ def build(source: str, name: str) -> tuple[Path, bool]:
         )
         if done.returncode != 0:
             raise LoweringError(f"linking the generated kernel {src} failed:\n{done.stderr.strip()[-4000:]}")
+        lib = folder / f"{name}-{key}-{secrets.token_hex(6)}.so"
+        meta = {"key": key, "file": lib.name, "size": out.stat().st_size, "sha256": diskcache.sha256(out)}
         os.replace(out, lib)
+        diskcache.write_atomic(record, json.dumps(meta))
+    for old in folder.glob(f"{name}-{key}-*.so"):  # earlier builds: unlinking is safe for processes that map them
+        if old != lib:
+            old.unlink(missing_ok=True)
     log.info("compiled %s in %.2f s", lib.name, time.perf_counter() - start)
-    return lib, True
+    return lib
+
+
+def load(source: str, name: str) -> tuple[ctypes.CDLL, Path, bool]:
+    """Build (or find) and ``dlopen`` the library of ``source``; its exported key must be this
+    source's key, else the entry is discarded and rebuilt once."""
+    key = cache_key(source)
+    for attempt in range(3):
+        path, fresh = build(source, name, force=attempt > 0)
+        try:
+            lib = ctypes.CDLL(str(path))
+            found = (ctypes.c_char * (len(key) + 1)).in_dll(lib, KEY_SYMBOL).value.decode()
+        except (OSError, ValueError) as exc:  # removed by another process's rebuild, or no key symbol
+            found = f"<{type(exc).__name__}: {exc}>"
+        if found == key:
+            return lib, path, fresh
+        diskcache.discard(path, f"its library reports key {found}, expected {key}")
+    raise LoweringError(f"could not load a valid build of {name}-{key} from {path.parent} after 3 attempts")

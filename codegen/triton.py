@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import types
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from typing import Any
 import sympy
 import torch
 
-from attncc import config
+from attncc import config, diskcache
+from attncc.codegen import fallback
 from attncc.codegen.cpu import Lists, kernel_value, rope_tables
 from attncc.codegen.emit_triton import emit
 from attncc.codegen.reference import fused_op, grad_tables, has_rope, table_derivatives
@@ -144,15 +144,25 @@ def _key(source: str) -> str:
 
 
 def load(source: str, name: str) -> tuple[types.ModuleType, Path, bool]:
-    """Import the generated module from the disk cache, writing it first if needed."""
-    folder = config.get().cache_dir / "triton"
-    folder.mkdir(parents=True, exist_ok=True)
+    """Import the generated module from the disk cache, writing it first if needed.
+
+    The cached file must hold exactly ``source`` (its name carries the source's hash); one that does
+    not (truncated, garbage, another module's) is discarded and rewritten. Writes are atomic with a
+    unique temporary name, so concurrent writers never see each other's half-written files.
+    """
+    folder = diskcache.folder("triton")
     path = folder / f"{name.replace('-', '_').replace('.', '_')}_{_key(source)}.py"
-    fresh = not path.exists() or config.get().always_compile
+    fresh = config.get().always_compile or not path.exists()
+    if not fresh:
+        try:
+            found = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            found = f"<unreadable: {exc}>"
+        if found != source:
+            diskcache.discard(path, "its text is not the generated source of this key")
+            fresh = True
     if fresh:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(source)
-        os.replace(tmp, path)
+        diskcache.write_atomic(path, source)
     spec = importlib.util.spec_from_file_location(f"attncc_triton_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -357,18 +367,24 @@ class TritonAttention(torch.autograd.Function):
         v: torch.Tensor,
         kern: TritonKernel,
         lists: Lists,
+        recompute: fallback.Recompute,
         names: list[str],
         *values: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``recompute``: the call on the reference target, for differentiable gradients."""
         tensors = dict(zip(names, values, strict=True))
         qc, kc, vc = (t.detach().contiguous() for t in (q, k, v))
         o, lse = kern.forward(qc, kc, vc, lists, tensors)
         ctx.save_for_backward(qc, kc, vc, o, lse)
         ctx.kern, ctx.lists, ctx.names, ctx.tensors = kern, lists, names, tensors
+        ctx.recompute, ctx.inputs = recompute, (q, k, v, *values)
         return o, lse
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the generated backward is not differentiable
+            q, k, v, *rest = fallback.second_order(ctx.recompute, ctx.inputs, ctx.names, ctx.tensors, (do, dlse))
+            return q, k, v, None, None, None, None, *rest
         q, k, v, o, lse = ctx.saved_tensors
         (dq, dk, dv), grads = ctx.kern.backward(q, k, v, o, do.contiguous(), lse, dlse, ctx.lists, ctx.tensors)
-        return (dq, dk, dv, None, None, None, *(grads.get(n) for n in ctx.names))
+        return (dq, dk, dv, None, None, None, None, *(grads.get(n) for n in ctx.names))
