@@ -190,10 +190,32 @@ class Expr:
         return self._arith(o, ">=", sympy.Ge)
 
     def __eq__(self, o: object) -> Expr:  # type: ignore[override]
+        if (pair := self._conditions(o)) is not None:  # two conditions: equal truth values
+            a, c, meta = pair
+            return Expr(sympy.Or(sympy.And(a, c), sympy.And(sympy.Not(a), sympy.Not(c))), meta)
         return self._arith(o, "==", lambda a, c: sympy.Eq(a, c))
 
     def __ne__(self, o: object) -> Expr:  # type: ignore[override]
+        if (pair := self._conditions(o)) is not None:
+            a, c, meta = pair
+            return Expr(sympy.Xor(a, c), meta)
         return self._arith(o, "!=", lambda a, c: sympy.Ne(a, c))
+
+    def _conditions(self, other: object) -> tuple[sympy.Basic, sympy.Basic, Meta] | None:
+        """Both sides as conditions when one is a condition and the other a condition or 0/1 (as
+        torch compares booleans); None otherwise."""
+        o = lift(other)
+        if not (self.is_boolean or o.is_boolean):
+            return None
+        sides = []
+        for side in (self, o):
+            if side.is_boolean:
+                sides.append(side.sym)
+            elif side.sym in (sympy.Integer(0), sympy.Integer(1)):
+                sides.append(sympy.true if side.sym == 1 else sympy.false)
+            else:
+                return None  # a condition against another number: _arith's error says what to do
+        return sides[0], sides[1], self.meta.merge(o.meta)
 
     # boolean ----------------------------------------------------------------------------
     def _bool(self, other: object, op: str) -> tuple[sympy.Basic, sympy.Basic, Meta]:
@@ -236,6 +258,26 @@ class Expr:
     def new_zeros(self, *size: Any, dtype: Any = None, **_: Any) -> Expr:
         """The constant 0 (``False`` for ``dtype=torch.bool``)."""
         return _constant(0, size, dtype, "new_zeros")
+
+    def __getattr__(self, name: str) -> Any:
+        """Tensor methods on index values while tracing (``q_idx.clamp(0, 7)``, ``.long()``, ...)."""
+        from attncc.torchfuncs import method
+
+        return method(self, name)
+
+    def __getitem__(self, index: object) -> Expr:
+        """``x[None]``, ``x[...]``, ``x[()]``: a symbolic value is one element."""
+        if (
+            index is None
+            or index is Ellipsis
+            or index == ()
+            or (isinstance(index, tuple) and all(i is None or i is Ellipsis for i in index))
+        ):
+            return self
+        raise TraceError(
+            f"`{X.expr_str(self.sym)}` is one symbolic element and cannot be indexed by {index!r}; "
+            "index a declared or captured tensor with it instead"
+        )
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
@@ -377,10 +419,50 @@ def _unary(fn: Callable[[sympy.Expr], sympy.Expr], label: str) -> Callable[[obje
     return apply
 
 
+def _round_half_even(x: sympy.Expr) -> sympy.Expr:
+    """torch.round: to the nearest integer, ties to the even one."""
+    r = sympy.floor(x + sympy.Rational(1, 2))
+    tie_to_odd = sympy.And(sympy.Eq(x + sympy.Rational(1, 2), r), sympy.Eq(sympy.Mod(r, 2), 1))
+    return sympy.Piecewise((r - 1, tie_to_odd), (r, True))
+
+
+def _trunc(x: sympy.Expr) -> sympy.Expr:
+    """Toward zero (torch.trunc, and float -> int conversion)."""
+    if x.is_integer:
+        return x
+    return sympy.Piecewise((sympy.floor(x), x >= 0), (sympy.ceiling(x), True))
+
+
 tanh = _unary(sympy.tanh, "tanh")
 exp = _unary(sympy.exp, "exp")
 log = _unary(sympy.log, "log")
 sqrt = _unary(sympy.sqrt, "sqrt")
+sign = _unary(sympy.sign, "sign")
+floor = _unary(sympy.floor, "floor")
+ceil = _unary(sympy.ceiling, "ceil")
+round_ = _unary(_round_half_even, "round")
+trunc = _unary(_trunc, "trunc")
+sin = _unary(sympy.sin, "sin")
+cos = _unary(sympy.cos, "cos")
+exp2 = _unary(lambda x: sympy.Integer(2) ** x, "exp2")
+log2 = _unary(lambda x: sympy.log(x) / sympy.log(2), "log2")
+log10 = _unary(lambda x: sympy.log(x) / sympy.log(10), "log10")
+sigmoid = _unary(lambda x: 1 / (1 + sympy.exp(-x)), "sigmoid")
+
+
+def as_number(x: object) -> Expr:
+    """A condition as the number 1 or 0 (``cond.float()``, ``cond.long()``); numbers unchanged."""
+    e = lift(x)
+    if not e.is_boolean:
+        return e
+    return Expr(sympy.Piecewise((sympy.Integer(1), e.sym), (sympy.Integer(0), True)), e.meta)
+
+
+def as_condition(x: object) -> Expr:
+    """A number as the condition ``x != 0`` (``x.bool()``); conditions unchanged."""
+    e = lift(x)
+    return e if e.is_boolean else e != 0
+
 
 b = Expr(X.b)
 h = Expr(X.h)

@@ -148,6 +148,7 @@ _TABLE: dict[type, Callable[..., str]] = {
     sympy.tanh: lambda e: f"_tanh({emit(e.args[0])})",
     sympy.exp: lambda e: f"tl.exp(({emit(e.args[0])}) * 1.0)",
     sympy.log: lambda e: f"tl.log(({emit(e.args[0])}) * 1.0)",
+    sympy.sign: lambda e: f"tl.where(({emit(e.args[0])}) > 0, 1.0, tl.where(({emit(e.args[0])}) < 0, -1.0, 0.0))",
     sympy.Heaviside: lambda e: f"tl.where(({emit(e.args[0])}) > 0, 1.0, tl.where(({emit(e.args[0])}) < 0, 0.0, 0.5))",
     sympy.sin: lambda e: f"tl.sin(({emit(e.args[0])}) * 1.0)",
     sympy.cos: lambda e: f"tl.cos(({emit(e.args[0])}) * 1.0)",

@@ -174,14 +174,19 @@ def interval(expr: sympy.Basic, env: Env, tables: Tables) -> Box:
 
 def _add(e: sympy.Add, env: Env, t: Tables) -> Box:
     parts = [interval(a, env, t) for a in e.args]
-    return Box(sum(p.lo for p in parts), sum(p.hi for p in parts))  # type: ignore[arg-type]
+    with np.errstate(invalid="ignore"):  # -inf + inf: the sum is unbounded on that side
+        lo, hi = sum(p.lo for p in parts), sum(p.hi for p in parts)
+    lo = np.nan_to_num(lo, nan=-np.inf, posinf=np.inf, neginf=-np.inf)  # type: ignore[arg-type]
+    return Box(lo, np.nan_to_num(hi, nan=np.inf, posinf=np.inf, neginf=-np.inf))  # type: ignore[arg-type]
 
 
 def _mul(e: sympy.Mul, env: Env, t: Tables) -> Box:
     acc = Box.point(1.0)
     for a in e.args:
         b = interval(a, env, t)
-        cands = [acc.lo * b.lo, acc.lo * b.hi, acc.hi * b.lo, acc.hi * b.hi]
+        ends = (acc.lo, acc.hi)
+        with np.errstate(invalid="ignore"):  # 0 * inf bounds a product of finite values: it is 0, not NaN
+            cands = [np.nan_to_num(x * y, nan=0.0, posinf=np.inf, neginf=-np.inf) for x in ends for y in (b.lo, b.hi)]
         acc = Box(np.minimum.reduce(np.broadcast_arrays(*cands)), np.maximum.reduce(np.broadcast_arrays(*cands)))
     return acc
 
@@ -238,7 +243,33 @@ def _pow(e: sympy.Pow, env: Env, t: Tables) -> Box:
     if np.all(base.lo == base.hi) and np.all(base.lo > 0):
         a, c = base.lo**ex.lo, base.lo**ex.hi
         return Box(np.minimum(a, c), np.maximum(a, c))
+    if e.exp.is_Integer:  # x**n: monotone pieces (even powers fold at 0; negative powers need 0 outside)
+        n = int(e.exp)
+        with np.errstate(divide="ignore", over="ignore"):
+            a, c = base.lo.astype(float) ** n, base.hi.astype(float) ** n
+        lo, hi = np.minimum(a, c), np.maximum(a, c)
+        if n % 2 == 0 and n > 0:
+            lo = np.where((base.lo <= 0) & (base.hi >= 0), 0.0, lo)
+        if n < 0:
+            spans_zero = (base.lo <= 0) & (base.hi >= 0)
+            lo, hi = np.where(spans_zero, -np.inf, lo), np.where(spans_zero, np.inf, hi)
+        return Box(lo, hi)
+    if e.exp.is_number and e.exp.is_real:  # x**p, p not an integer: monotone for x >= 0, NaN below 0
+        p = float(e.exp)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            a, c = np.maximum(base.lo, 0.0) ** p, np.maximum(base.hi, 0.0) ** p
+        maybe_nan = base.lo < 0 if p > 0 else base.lo <= 0
+        return Box(np.where(maybe_nan, -np.inf, np.minimum(a, c)), np.where(maybe_nan, np.inf, np.maximum(a, c)))
     raise UnsupportedError(f"no interval rule for the power `{expr_str(e)}`")
+
+
+def _log(e: sympy.log, env: Env, t: Tables) -> Box:
+    """log is -inf at 0 and NaN below it: a box reaching below 0 is unbounded both ways (never a proof)."""
+    a = interval(e.args[0], env, t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lo, hi = np.log(np.maximum(a.lo, 0.0)), np.log(np.maximum(a.hi, 0.0))
+    below = a.lo < 0
+    return Box(np.where(below, -np.inf, lo), np.where(below, np.inf, hi))
 
 
 def _monotone(fn: Callable[[Array], Array]) -> Callable[..., Box]:
@@ -262,6 +293,10 @@ _NUMERIC: dict[type, Callable[..., Box]] = {
     sympy.Pow: _pow,
     sympy.tanh: _monotone(np.tanh),
     sympy.exp: _monotone(np.exp),
+    sympy.sign: _monotone(np.sign),
+    sympy.log: _log,
+    sympy.sin: lambda e, env, t: Box(np.array(-1.0), np.array(1.0)),
+    sympy.cos: lambda e, env, t: Box(np.array(-1.0), np.array(1.0)),
 }
 
 Tri = tuple[Array, Array]  # (may_true, may_false)

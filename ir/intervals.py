@@ -109,6 +109,8 @@ TableRanges = Mapping[str, Interval]
 _MONOTONE: dict[type, Callable[[float], float]] = {
     sympy.tanh: math.tanh,
     sympy.exp: lambda x: math.exp(x) if x < 700 else INF,
+    sympy.sign: lambda x: float((x > 0) - (x < 0)),
+    sympy.log: lambda x: math.log(x) if x > 0 else -INF,  # only for x >= 0 (see _h_log)
 }
 
 
@@ -200,6 +202,11 @@ def _h_monotone(e: sympy.Function, env: Env, t: TableRanges) -> Interval:
     return Interval(f(a.lo), f(a.hi), a.exact)
 
 
+def _h_log(e: sympy.log, env: Env, t: TableRanges) -> Interval:
+    a = bounds(e.args[0], env, t)
+    return TOP if a.lo < 0 else _h_monotone(e, env, t)  # NaN below 0 lies in no interval: claim nothing
+
+
 def _h_bool(e: sympy.Basic, env: Env, t: TableRanges) -> Interval:
     return BOOL
 
@@ -217,5 +224,9 @@ _HANDLERS: dict[type, Callable[..., Interval]] = {
     sympy.Piecewise: _h_piecewise,
     sympy.tanh: _h_monotone,
     sympy.exp: _h_monotone,
+    sympy.sign: _h_monotone,
+    sympy.log: _h_log,
+    sympy.sin: lambda e, env, t: Interval(-1, 1, False),
+    sympy.cos: lambda e, env, t: Interval(-1, 1, False),
     sympy.logic.boolalg.Boolean: _h_bool,
 }

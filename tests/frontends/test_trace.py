@@ -73,8 +73,10 @@ def test_python_control_flow_is_reported_with_its_line() -> None:
 
 
 def test_untraceable_calls_are_reported() -> None:
-    with pytest.raises(SpecError, match=r"torch.sigmoid has no symbolic equivalent"):
-        trace_score_mod(lambda s, b, h, q_idx, kv_idx: torch.sigmoid(s))
+    with pytest.raises(SpecError, match=r"torch.cumsum has no symbolic equivalent"):
+        trace_score_mod(lambda s, b, h, q_idx, kv_idx: torch.cumsum(s, 0))
+    with pytest.raises(SpecError, match=r"tensor method `.cumsum\(\)` has no symbolic equivalent"):
+        trace_score_mod(lambda s, b, h, q_idx, kv_idx: s.cumsum(0))
     with pytest.raises(SpecError, match=r"used as a Python integer"):
         trace_mask(lambda b, h, q_idx, kv_idx: [True, False][q_idx])
     with pytest.raises(SpecError, match=r"math.exp|TypeError|converted to float"):
