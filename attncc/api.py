@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from attncc import config, dump, rope, tiling
@@ -28,12 +27,11 @@ from attncc.codegen import cpu, fallback, reference, toolchain
 from attncc.costmodel import choose_tiles
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.core import Graph
-from attncc.ir.ops import TiledOp
 from attncc.linear import LinearAttentionSpec
-from attncc.linear import reference as linear_reference
 from attncc.lower import spec_to_ir
 from attncc.passes.base import PassRecord, parse_pipeline, run_pipeline
 from attncc.passes.normalize import boolean
+from attncc.plan import TileLists, lower
 from attncc.spec import AttentionSpec
 from attncc.validate import CallShape, check_qkv, check_requires, check_tensors
 
@@ -57,14 +55,14 @@ class Kernel:
         self.pipeline = pipeline
         self.graph = graph
         self.records = records
-        self._impl = reference.build(graph)
+        self.plan = lower(graph)  # what every target builds from
+        self._impl = reference.build(self.plan)
         self._built: dict[str, Any] = {}  # target -> generated kernel; shared with rebound() twins
         self._last_call: dump.Call | None = None  # lengths and runtime tensors of the last call, for dump()
         self._dumped_to: Path | None = None  # ATTNCC_DUMP_DIR folder whose map waits for a call's tensors
-        self._lists: dict[tuple[int, int, int], cpu.Lists] = {}
+        self._lists: dict[tuple[int, int, int], TileLists] = {}
         self._keeps: dict[tuple[int, int, int], torch.Tensor] = {}
-        tiled = graph.ops_of(TiledOp)
-        self.block_size = (tiled[0].bq, tiled[0].bkv) if tiled else (64, 64)  # type: ignore[attr-defined]
+        self.block_size = self.plan.tiles
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
@@ -99,34 +97,29 @@ class Kernel:
         if "triton" not in self._built:
             from attncc.codegen import triton as triton_target
 
-            self._built["triton"] = triton_target.TritonKernel(self.graph)
+            self._built["triton"] = triton_target.TritonKernel(self.plan)
         return self._built["triton"]
 
     def cpu_kernel(self) -> cpu.CpuKernel:
         """The compiled C++ kernel (built on first use, cached on disk)."""
         if "cpu" not in self._built:
-            self._built["cpu"] = cpu.CpuKernel(self.graph)
+            self._built["cpu"] = cpu.CpuKernel(self.plan)
         return self._built["cpu"]  # type: ignore[no-any-return]
-
-    @functools.cached_property
-    def _grad_tables(self) -> list[str]:
-        """Float tables read by the score mod: the generated backwards return their gradients."""
-        return [t.tensor for t in reference.grad_tables(self.graph)]
 
     def _static(self) -> bool:
         """True when the block map depends on the lengths only (no runtime or captured tensors)."""
         return not self.spec.runtime_tensors() and not self.spec.captured
 
-    def _lists_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> cpu.Lists:
+    def _lists_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> TileLists:
         """Tile lists of a call; cached per shape when the mask is static."""
         key = (shape.batch, shape.q_len, shape.kv_len)
         if not self._static():
-            return cpu.Lists.of(self._map(shape, bound))
+            return TileLists.of(self._map(shape, bound))
         if key not in self._lists:
-            self._lists[key] = cpu.Lists.of(self._map(shape, bound))
+            self._lists[key] = TileLists.of(self._map(shape, bound))
         return self._lists[key]
 
-    def _plan_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> tuple[cpu.Lists, torch.Tensor]:
+    def _plan_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> tuple[TileLists, torch.Tensor]:
         """Tile lists and the cpu target's partial-tile masks; cached per shape when the mask is static."""
         key = (shape.batch, shape.q_len, shape.kv_len)
         lists = self._lists_for(shape, bound)
@@ -159,7 +152,7 @@ class Kernel:
         if self.target == "triton" or (self.auto and q.device.type == "cuda"):
             return self._call_triton(q, k, v, shape, bound, tables, return_lse)
         if self.target == "cpu":
-            reason = fallback.reason("cpu", q, bound, self._grad_tables)
+            reason = fallback.reason("cpu", q, bound, self.plan.grad_tables)
             if reason is None:
                 lists, keep = self._plan_for(shape, bound)
                 learn = tuple(fallback.learned(bound))
@@ -233,18 +226,15 @@ class Kernel:
         bound = check_tensors(self.spec, shape, tensors, torch.device("cpu")) if self.spec.tensors else {}
         return self._map(shape, bound, block)
 
-    @functools.cached_property
+    @property
     def recipe(self) -> tiling.Recipe:
-        """The symbolic part of the block map (bands, dependencies), worked out once."""
-        constants = {t.name: np.asarray(t.values) for t in self.spec.tensors if t.values}
-        return tiling.recipe(reference.fused_op(self.graph).mask, constants)
+        """The symbolic part of the block map (bands, dependencies), worked out once (in the plan)."""
+        return self.plan.recipe
 
     def _map(self, shape: CallShape, bound: dict[str, torch.Tensor], block: tuple[int, int] | None = None) -> BlockMap:
         """The block map of a validated call (runtime tensors already bound)."""
         values = {n: t.detach().cpu().numpy() for n, t in bound.items()}
-        return tiling.build(
-            self.recipe, shape.q_len, shape.kv_len, block or self.block_size, self.spec.num_heads, shape.batch, values
-        )
+        return self.plan.block_map(shape.q_len, shape.kv_len, shape.batch, values, block)
 
     def dump(
         self, path: str | Path, q_len: int | None = None, kv_len: int | None = None, **tensors: torch.Tensor
@@ -308,8 +298,7 @@ def compile(
     if tiles is not None and (len(tiles) != 2 or any(not isinstance(t, int) or not 1 <= t <= MAX_TILE for t in tiles)):
         raise SpecError(f"tiles must be a pair of ints (bq, bkv) in 1..{MAX_TILE}, got {tiles!r}")
     cfg = config.get()
-    isa = cfg.cpu_isa if resolved == "cpu" else ""  # the cpu build differs per instruction set
-    key = (spec, resolved, pipeline or "", tuple(tiles or ()), isa)
+    key = _cache_key(spec, resolved, pipeline, tiles)
     if not cfg.always_compile and key in _CACHE:
         return _CACHE[key]
     shared = (_structure(spec), *key[1:])
@@ -340,6 +329,28 @@ def compile(
             kern._dumped_to = where
     _CACHE[key] = _BY_STRUCTURE[shared] = kern
     return kern
+
+
+def _cache_key(
+    spec: AttentionSpec, resolved: str, pipeline: str | None, tiles: tuple[int, int] | None
+) -> tuple[AttentionSpec, str, str, tuple[int, ...], str]:
+    isa = config.get().cpu_isa if resolved == "cpu" else ""  # the cpu build differs per instruction set
+    return (spec, resolved, pipeline or "", tuple(tiles or ()), isa)
+
+
+def is_cached(
+    spec: AttentionSpec, target: str = "auto", pipeline: str | None = None, tiles: tuple[int, int] | None = None
+) -> bool:
+    """True when ``compile`` with these arguments returns an already compiled kernel.
+
+    >>> import attncc as ac
+    >>> spec = ac.AttentionSpec(num_heads=1, head_dim=8, mask=ac.sliding_window(3), name="is_cached_doc")
+    >>> before = ac.api.is_cached(spec, "reference")
+    >>> kern = ac.compile(spec, "reference")
+    >>> before, ac.api.is_cached(spec, "reference")
+    (False, True)
+    """
+    return _cache_key(spec, _resolve_target(target), pipeline, tiles) in _CACHE
 
 
 def triton_tiles_problem(bq: int, bkv: int) -> str | None:
@@ -408,4 +419,4 @@ class LinearKernel:
             log.info("linear attention: running the reference for this call: %s", reason)
         elif self.target == "cpu":
             log.info("linear attention: the cpu target has no linear-attention kernel; running the reference")
-        return linear_reference(self.spec, q, k, v)
+        return reference.linear(self.spec, q, k, v)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from attncc.ir.exprs import Skv, Sq, h, kv, q
+from attncc.ir.exprs import Skv, Sq, h, kv, q, qb
 
 MAX_BANDS = 8
 
@@ -115,3 +115,15 @@ def _drop(bounds: tuple[sympy.Expr, ...], trivial: sympy.Expr) -> tuple[sympy.Ex
     """Drop the trivial bound (0 below, Skv - 1 above) that FULL introduced, unless it is alone."""
     kept = tuple(x for x in bounds if x != trivial)
     return kept or (trivial,)
+
+
+def block_ranges(band: Band, bq: int, bkv: int) -> tuple[tuple[sympy.Expr, sympy.Expr], tuple[sympy.Expr, sympy.Expr]]:
+    """Closed-form (computed, full) kv-block ranges of q-block ``qb`` for one band, unclipped.
+
+    >>> block_ranges(Band((q - 128,), (q,)), 64, 64)
+    ((qb - 2, qb), (qb - 1, qb - 1))
+    """
+    first, last = qb * bq, qb * bq + bq - 1
+    computed = (sympy.floor(band.lo.subs(q, first) / bkv), sympy.floor(band.hi.subs(q, last) / bkv))
+    full = (sympy.ceiling(band.lo.subs(q, last) / bkv), sympy.floor((band.hi.subs(q, first) + 1) / bkv) - 1)
+    return computed, full

@@ -43,6 +43,7 @@ def show(args: argparse.Namespace) -> int:
     tensors = getattr(module, args.tensors) if args.tensors else {}
     bm = kern.block_map(q_len, kv_len, **tensors)
     print(kern.ir)
+    print(kern.plan)
     print(bm.summary())
     print(f"predicted: {bm.predicted_flops(spec.head_dim, spec.num_heads) / 1e9:.3f} GFLOP per batch element")
     out = Path(args.out or f"{spec.name}-blockmap.png")
@@ -54,7 +55,7 @@ def show(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attncc", description="attncc, a compiler for attention")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("show", help="print a spec's IR and block map, and draw the map")
+    p = sub.add_parser("show", help="print a spec's IR, kernel plan and block map, and draw the map")
     p.add_argument("target", help="FILE.py:NAME of an AttentionSpec or Kernel")
     p.add_argument("--q-len", type=int)
     p.add_argument("--kv-len", type=int)

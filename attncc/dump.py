@@ -59,11 +59,13 @@ def update_picture(kern: Kernel, path: Path, call: Call) -> None:
 
 
 def write(kern: Kernel, path: Path, call: Call | None = None) -> Path:
-    """Files: NN-<pass>.ir for each stage, kernel.cpp / kernel.py (the source), blockmap.png, meta.json."""
+    """Files: NN-<pass>.ir for each stage, plan.txt (the KernelPlan), kernel.cpp / kernel.py (the source),
+    blockmap.png, meta.json."""
     path.mkdir(parents=True, exist_ok=True)
     for i, rec in enumerate(kern.records):
         stem = rec.spelling.split("{")[0]
         (path / f"{i:02d}-{stem}.ir").write_text(rec.ir)
+    (path / "plan.txt").write_text(f"{kern.plan}\n")
     (path / ("kernel.cpp" if kern.target == "cpu" else "kernel.py")).write_text(kern.source)
     picture_note = picture_of(kern, path, call)
     meta = {

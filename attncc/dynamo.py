@@ -27,7 +27,7 @@ import torch.fx as fx
 import attncc as ac
 from attncc.dsl import Expr, Meta
 from attncc.errors import AttnccError, SpecError, UnsupportedError
-from attncc.frontends.fx import _shape, _val, lift_mask
+from attncc.frontends.fx import example_value, lift_mask, shape_of
 from attncc.ir import exprs as X
 from attncc.passes.normalize import boolean
 from attncc.rope import NAMES as ROPE_NAMES
@@ -153,7 +153,7 @@ def _kv_source(node: Any) -> tuple[Any, int]:
             if isinstance(src, fx.Node) and src.target is operator.getitem:
                 base, index = src.args
                 if isinstance(index, tuple) and len(index) == 5 and index[2] is None:
-                    rep = _shape(inner)[2]
+                    rep = shape_of(inner)[2]
                     return base, rep
     if node.target in (torch.repeat_interleave,) or (node.op == "call_method" and name == "repeat_interleave"):
         reps, dim = node.args[1], node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
@@ -175,7 +175,7 @@ def _without_empty_cache(node: Any) -> Any:
     if not _called(node, torch.cat) or node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) not in (-2, 2):
         return node
     parts = list(node.args[0])
-    live = [p for p in parts if not (isinstance(p, fx.Node) and _shape(p) == (0,))]
+    live = [p for p in parts if not (isinstance(p, fx.Node) and shape_of(p) == (0,))]
     return live[0] if len(live) == 1 else node
 
 
@@ -201,7 +201,7 @@ def _is_rotate_half(rot: Any, x: Any) -> bool:
     parts = rot.args[0]
     if dim not in (-1, 3) or len(parts) != 2 or not _called(parts[0], operator.neg, torch.neg):
         return False
-    shape = _shape(x)
+    shape = shape_of(x)
     if len(shape) != 4 or shape[-1] < 2 or shape[-1] % 2:
         return False
     half = shape[-1] // 2
@@ -221,10 +221,10 @@ def _is_slice(node: Any, x: fx.Node, start: int | None, stop: int | None) -> boo
 
 def _rope_table(node: Any, x: fx.Node) -> bool:
     """A cos/sin table that broadcasts over heads: [S, D] or [B|1, 1, S, D], float, no gradient."""
-    value = _val(node)
+    value = example_value(node)
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.requires_grad:
         return False
-    shape, xs = _shape(node), _shape(x)
+    shape, xs = shape_of(node), shape_of(x)
     return (len(shape) == 2 and shape == xs[2:]) or (
         len(shape) == 4 and shape[0] in (1, xs[0]) and shape[1] == 1 and shape[2:] == xs[2:]
     )
@@ -238,7 +238,7 @@ def _fused_rope(q: Any, k: Any) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None
         if rq is not None or rk is not None:
             log.info("attncc: RoPE found on %s only; left to the graph", "q" if rq else "k")
         return None
-    if rq[1:] != rk[1:] or _shape(rq[0])[2] != _shape(rk[0])[2]:
+    if rq[1:] != rk[1:] or shape_of(rq[0])[2] != shape_of(rk[0])[2]:
         log.info("attncc: q and k are rotated with different tables or lengths; RoPE left to the graph")
         return None
     return rq[0], rk[0], [rq[1], rq[2]]
@@ -255,7 +255,7 @@ def _build(
     node: fx.Node, q: Any, k: Any, v: Any, mask_node: Any, is_causal: bool, scale: Any, target: str
 ) -> tuple[Any, Any, list[Any], dict[str, fx.Node], str]:
     """The site's kernel, the q it reads, [k, v], its tensors by call name, and the mask text."""
-    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
     if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         raise UnsupportedError(f"q/k/v are not 4-d ({qs}, {ks}, {vs})")
     if vs[-1] != qs[-1]:
@@ -267,7 +267,7 @@ def _build(
     rope = _fused_rope(q, k0)
     if rope is not None:
         q, k0, tables = rope
-    kv_heads = _shape(k0)[1]
+    kv_heads = shape_of(k0)[1]
     if qs[1] % kv_heads:
         raise UnsupportedError(f"{qs[1]} query heads do not divide into {kv_heads} kv heads")
     lifted = lift_mask(node.graph, mask_node, (qs[0], qs[1], qs[2], ks[2]))
@@ -285,11 +285,8 @@ def _build(
         scale=None if scale is None else float(scale),
         rope=rope is not None,
     )
-    from attncc.api import _CACHE
-
-    before = len(_CACHE)
+    _NEW_KERNEL[node.name] = not ac.api.is_cached(spec, target)
     kern = ac.compile(spec, target=target)
-    _NEW_KERNEL[node.name] = len(_CACHE) > before
     named = {f"t_{n.name}": n for n in lifted.tensors.values()}
     if rope is not None:
         named.update(zip(ROPE_NAMES, tables, strict=True))
@@ -297,7 +294,7 @@ def _build(
 
 
 def _kind(node: fx.Node) -> str:
-    dtype = getattr(_val(node), "dtype", None)
+    dtype = getattr(example_value(node), "dtype", None)
     return "bool" if dtype is torch.bool else ("float" if dtype is not None and dtype.is_floating_point else "int")
 
 
@@ -331,7 +328,7 @@ def _sdpa_site(node: fx.Node, target: str) -> dict[str, Any]:
         target,
     )
     _replace(node, q, kern, kv, named)
-    return _info(kern, mask, _shape(a["query"])[2], _shape(a["key"])[2])
+    return _info(kern, mask, shape_of(a["query"])[2], shape_of(a["key"])[2])
 
 
 def _softmax_site(node: fx.Node, target: str) -> dict[str, Any] | None:
@@ -374,7 +371,7 @@ def _softmax_site(node: fx.Node, target: str) -> dict[str, Any] | None:
         keep_node.meta = dict(mask_node.meta)
     kern, q_in, kv, named, mask = _build(node, q, k, v, keep_node, False, scale, target)
     _replace(node, q_in, kern, kv, named)
-    return _info(kern, mask, _shape(q)[2], _shape(k)[2])
+    return _info(kern, mask, shape_of(q)[2], shape_of(k)[2])
 
 
 def _info(kern: Any, mask: str, q_len: int, kv_len: int) -> dict[str, Any]:
@@ -421,7 +418,9 @@ def _score_matmul(soft: fx.Node) -> tuple[fx.Node, list[str]] | None:
             return None
         if node.target in _MATMULS:
             operands = [a for a in node.args if isinstance(a, fx.Node)]
-            activations = [a for a in operands if a.op != "get_attr" and not isinstance(_val(a), torch.nn.Parameter)]
+            activations = [
+                a for a in operands if a.op != "get_attr" and not isinstance(example_value(a), torch.nn.Parameter)
+            ]
             return (node, path[::-1]) if len(activations) >= 2 else None
         path.append(getattr(node.target, "__name__", str(node.target)))
         node = next((a for a in node.args if isinstance(a, fx.Node)), None)

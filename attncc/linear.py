@@ -17,13 +17,10 @@ torch.Size([1, 2, 10, 16])
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import sympy
-import torch
 
 from attncc.dsl import Expr, lift
 from attncc.errors import SpecError
@@ -92,29 +89,3 @@ def _feature_map(fm: Any) -> sympy.Expr:
 def linear_attention(**kwargs: Any) -> LinearAttentionSpec:
     """Declare a feature-map linear attention (see the module docstring)."""
     return LinearAttentionSpec(**kwargs)
-
-
-def phi_fn(expr: sympy.Expr) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A torch function evaluating a feature-map expression elementwise (differentiable)."""
-    from attncc.codegen import helpers
-    from attncc.codegen.emit_torch import emit
-
-    fn = eval(f"lambda x: {emit(expr)}", {"H_": helpers, "math": math})
-    return lambda t: torch.as_tensor(fn(t)).to(t.dtype) + torch.zeros_like(t)
-
-
-def reference(spec: LinearAttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense linear attention (the oracle of the triton target); fp32 compute for fp16/bf16."""
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    phi = phi_fn(spec.phi)
-    g = spec.groups
-    fq = phi(q.to(dtype))
-    fk = phi(k.to(dtype)).repeat_interleave(g, 1)
-    vv = v.to(dtype).repeat_interleave(g, 1)
-    a = fq @ fk.transpose(-1, -2)
-    if spec.causal:
-        a = torch.tril(a)
-    out = a @ vv
-    if spec.normalize:
-        out = out / (a.sum(-1, keepdim=True) + spec.eps)
-    return out.to(q.dtype)

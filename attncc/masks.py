@@ -115,7 +115,8 @@ def _pair(value: int | Sequence[int], label: str) -> tuple[int, int]:
     return pair[0], pair[1]
 
 
-def _axes(grid: int | Sequence[int], value: int | Sequence[int], label: str) -> list[int]:
+def per_axis(grid: int | Sequence[int], value: int | Sequence[int], label: str) -> list[int]:
+    """``value`` (one int for every axis, or one per axis) as a list with an entry per grid axis."""
     n = 1 if isinstance(grid, int) else len(grid)
     vals = [value] * n if isinstance(value, int) else list(value)
     if len(vals) != n:
@@ -123,7 +124,8 @@ def _axes(grid: int | Sequence[int], value: int | Sequence[int], label: str) -> 
     return vals
 
 
-def _grid(grid: int | Sequence[int], label: str) -> tuple[int, ...]:
+def grid_of(grid: int | Sequence[int], label: str) -> tuple[int, ...]:
+    """``grid`` checked (1 to 3 positive ints) and as a tuple."""
     g = (grid,) if isinstance(grid, int) else tuple(grid)
     if not 1 <= len(g) <= 3 or any(not isinstance(n, int) or n < 1 for n in g):
         raise SpecError(f"{label}: grid must be 1 to 3 positive ints, got {grid!r}")
@@ -140,7 +142,8 @@ def coords(index: sympy.Expr, grid: tuple[int, ...]) -> list[sympy.Expr]:
     return out
 
 
-def _on_grid(expr: sympy.Basic, grid: tuple[int, ...], label: str) -> Expr:
+def on_grid(expr: sympy.Basic, grid: tuple[int, ...], label: str) -> Expr:
+    """``expr`` as a mask that requires both lengths to equal the grid's size."""
     n = math.prod(grid)
     need = (
         sympy.And(sympy.Eq(X.Sq, n), sympy.Eq(X.Skv, n)),
@@ -154,8 +157,8 @@ def block_local(grid: int | Sequence[int], block: int | Sequence[int], halo: int
 
     Per axis with block P and halo r: ``floor(x/P)*P - r <= y < (floor(x/P)+1)*P + r``.
     """
-    g = _grid(grid, "block_local")
-    blocks, halos = _axes(g, block, "block_local(block)"), _axes(g, halo, "block_local(halo)")
+    g = grid_of(grid, "block_local")
+    blocks, halos = per_axis(g, block, "block_local(block)"), per_axis(g, halo, "block_local(halo)")
     if any(p < 1 for p in blocks) or any(r < 0 for r in halos):
         raise SpecError(f"block_local: blocks must be >= 1 and halos >= 0, got {blocks}, {halos}")
     parts = []
@@ -165,16 +168,16 @@ def block_local(grid: int | Sequence[int], block: int | Sequence[int], halo: int
             parts.append(sympy.Eq(sympy.floor(x / p), sympy.floor(y / p)))
         else:
             parts.append(sympy.And(sympy.Le(start - r, y), sympy.Lt(y, start + p + r)))
-    return _on_grid(sympy.And(*parts), g, "block_local")
+    return on_grid(sympy.And(*parts), g, "block_local")
 
 
 def grid_attention(grid: int | Sequence[int], groups: int | Sequence[int]) -> Expr:
     """MaxViT grid (dilated global) attention: ``x mod (n/G) == y mod (n/G)`` on every axis."""
-    g = _grid(grid, "grid_attention")
-    gs = _axes(g, groups, "grid_attention(groups)")
+    g = grid_of(grid, "grid_attention")
+    gs = per_axis(g, groups, "grid_attention(groups)")
     parts = []
     for x, y, n, G in zip(coords(X.q, g), coords(X.kv, g), g, gs, strict=True):
         if G < 1 or n % G:
             raise SpecError(f"grid_attention: axis of length {n} is not divisible by groups={G}")
         parts.append(sympy.Eq(sympy.Mod(x, n // G), sympy.Mod(y, n // G)))
-    return _on_grid(sympy.And(*parts), g, "grid_attention")
+    return on_grid(sympy.And(*parts), g, "grid_attention")

@@ -21,7 +21,7 @@ import sympy
 from attncc.dsl import Expr
 from attncc.errors import SpecError
 from attncc.ir import exprs as X
-from attncc.masks import _axes, _grid, _on_grid, coords
+from attncc.masks import coords, grid_of, on_grid, per_axis
 
 
 def _axis(x: sympy.Expr, y: sympy.Expr, n: int, k: int, d: int, s: int, causal: bool) -> sympy.Basic:
@@ -56,10 +56,10 @@ def neighborhood(
     >>> import attncc as ac
     >>> m = ac.neighborhood(grid=(8, 8), kernel=(3, 3))   # each token sees a 3x3 neighborhood
     """
-    g = _grid(grid, "neighborhood")
-    ks = _axes(g, kernel, "neighborhood(kernel)")
-    ds = _axes(g, dilation, "neighborhood(dilation)")
-    ss = _axes(g, stride, "neighborhood(stride)")
+    g = grid_of(grid, "neighborhood")
+    ks = per_axis(g, kernel, "neighborhood(kernel)")
+    ds = per_axis(g, dilation, "neighborhood(dilation)")
+    ss = per_axis(g, stride, "neighborhood(stride)")
     cs = [bool(c) for c in ([causal] * len(g) if isinstance(causal, bool) else list(causal))]
     if len(cs) != len(g):
         raise SpecError(f"neighborhood(causal) has {len(cs)} entries but the grid has {len(g)} axes")
@@ -76,4 +76,4 @@ def neighborhood(
         if s > k:
             raise SpecError(f"neighborhood axis {axis}: stride {s} must not exceed the kernel {k}")
         parts.append(_axis(x, y, n, k, d, s, cs[axis]))
-    return _on_grid(sympy.And(*parts), g, "neighborhood")
+    return on_grid(sympy.And(*parts), g, "neighborhood")

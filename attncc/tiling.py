@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import sympy
@@ -44,11 +45,16 @@ class Recipe:
     constants: dict[str, TensorRanges]
 
 
-def recipe(mask: sympy.Basic, constants: Mapping[str, np.ndarray] | None = None) -> Recipe:
-    """Analyse ``mask`` (normalized) once: its bands if banded, and what it depends on."""
+_FIND = object()
+
+
+def recipe(mask: sympy.Basic, constants: Mapping[str, np.ndarray] | None = None, bands: Any = _FIND) -> Recipe:
+    """Analyse ``mask`` (normalized) once: its bands if banded (``bands`` gives them when a pass
+    already found them, None when it found the mask is not banded), and what it depends on."""
     consts = dict(constants or {})
     per_batch = _depends(mask, X.b)
-    bands = None if per_batch else bands_of(mask, frozenset(consts))
+    if bands is _FIND:
+        bands = None if per_batch else bands_of(mask, frozenset(consts))
     return Recipe(
         mask,
         tuple(bands) if bands is not None else None,

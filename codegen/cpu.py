@@ -10,23 +10,19 @@ import ctypes
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sympy
 import torch
 
-from attncc.blockmap import FULL, BlockMap
 from attncc.codegen import fallback
 from attncc.codegen.cpu_template import TEMPLATE
 from attncc.codegen.emit_cpp import emit
-from attncc.codegen.reference import fused_op, grad_tables, has_rope, table_derivatives
 from attncc.errors import SpecError
-from attncc.ir.core import Graph
 from attncc.ir.exprs import expr_str, score
-from attncc.ir.ops import TensorOp, TiledOp
+from attncc.ir.ops import TensorOp
+from attncc.plan import KernelPlan, RopeTables, TileLists, kernel_value, rope_tables
 
 log = logging.getLogger("attncc.codegen.cpu")
 
@@ -52,43 +48,32 @@ def _accessor(index: int, t: TensorOp) -> str:
     )
 
 
-def tensor_ops(graph: Graph) -> list[TensorOp]:
-    return [t for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp)]
-
-
-def render(graph: Graph) -> str:
-    """Fill the template's holes from the graph's tiled (or fused) op."""
-    op = fused_op(graph)
-    bq, bkv = (op.bq, op.bkv) if isinstance(op, TiledOp) else (64, 64)
-    dmod = sympy.diff(op.score_mod, score)
+def render(plan: KernelPlan) -> str:
+    """Fill the template's holes from the plan."""
+    bq, bkv = plan.tiles
     return TEMPLATE.format(
-        name=graph.name,
+        name=plan.name,
         bq=bq,
         bkv=bkv,
         span=max(1, SPAN_COLUMNS // bkv),
         span_q=max(1, SPAN_ROWS // bq),
-        has_mod="true" if op.score_mod != score else "false",
-        rope="true" if has_rope(graph) else "false",
-        accessors="\n\n".join(_accessor(i, t) for i, t in enumerate(tensor_ops(graph))),
-        mask_text=expr_str(op.mask),
-        mask_code=emit(op.mask),
-        mod_text=expr_str(op.score_mod),
-        mod_code=emit(op.score_mod),
-        dmod_text=expr_str(dmod),
-        dmod_code=emit(dmod),
-        table_grads_on="true" if grad_tables(graph) else "false",
-        table_grads_code=_table_grads_code(graph),
+        has_mod="true" if plan.score_mod != score else "false",
+        rope="true" if plan.rope else "false",
+        accessors="\n\n".join(_accessor(i, t) for i, t in enumerate(plan.tensors)),
+        **plan.expression_holes(emit),
+        table_grads_on="true" if plan.grad_tables else "false",
+        table_grads_code=_table_grads_code(plan),
     )
 
 
-def _table_grads_code(graph: Graph) -> str:
+def _table_grads_code(plan: KernelPlan) -> str:
     """C++ statements of ``table_grads_fn``: per read of a float table in the score mod, its entry's
     index and d score_mod / d entry (reads out of bounds were reported by the forward: skipped here)."""
-    op, tensors = fused_op(graph), tensor_ops(graph)
+    names = [t.tensor for t in plan.tensors]
     lines = []
-    for slot, t in enumerate(grad_tables(graph)):
-        index = tensors.index(t)
-        for occ, deriv in table_derivatives(op, t.tensor):
+    for slot, (name, reads) in enumerate(plan.table_derivatives):
+        index = names.index(name)
+        for occ, deriv in reads:
             idx = [f"i{d}" for d in range(len(occ.indices))]
             flat = idx[0]
             for d in range(1, len(idx)):
@@ -165,80 +150,7 @@ def release_workspace() -> int:
     return held
 
 
-@dataclass(frozen=True)
-class Lists:
-    """The tile lists a call walks, built from a block map.
-
-    kv_*: CSR per (map, q-block) of kv blocks, with a full flag; q_*: the transpose, per
-    (map, kv-block). kv_rank / q_rank number each partial tile within its map (-1 for full
-    tiles); keep_base[pair] is where that (batch, head) pair's partial-tile masks start in the
-    keep buffer (a record per tile: BQ x BKV keep bytes, then each row's and each column's kept range),
-    filled by ``attncc_masks``.
-    """
-
-    map_of: np.ndarray
-    kv_ptr: np.ndarray
-    kv_idx: np.ndarray
-    kv_full: np.ndarray
-    kv_rank: np.ndarray
-    q_ptr: np.ndarray
-    q_idx: np.ndarray
-    q_full: np.ndarray
-    q_rank: np.ndarray
-    keep_base: np.ndarray
-    keep_tiles: int
-
-    @staticmethod
-    def of(bm: BlockMap) -> Lists:
-        st = bm.unique_states()
-
-        def csr(grid: np.ndarray) -> tuple[np.ndarray, ...]:
-            u, r, c = np.nonzero(grid)
-            counts = np.bincount(u * grid.shape[1] + r, minlength=grid.shape[0] * grid.shape[1])
-            ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-            return ptr, c.astype(np.int32), (grid[u, r, c] == FULL).astype(np.uint8), u, r, c
-
-        kv_ptr, kv_idx, kv_full, u, r, c = csr(st)
-        partial = kv_full == 0
-        rank = np.full(st.shape, -1, np.int32)
-        per_map = np.bincount(u[partial], minlength=st.shape[0])
-        starts = np.concatenate([[0], np.cumsum(per_map)[:-1]])
-        rank[u[partial], r[partial], c[partial]] = np.arange(int(partial.sum())) - starts[u[partial]]
-        q_ptr, q_idx, q_full, tu, tr, tc = csr(np.ascontiguousarray(st.transpose(0, 2, 1)))
-        map_of = bm.map_of.astype(np.int32)
-        counts = per_map[map_of.reshape(-1)]
-        keep_base = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        return Lists(
-            map_of,
-            kv_ptr,
-            kv_idx,
-            kv_full,
-            rank[u, r, c].astype(np.int32),
-            q_ptr,
-            q_idx,
-            q_full,
-            rank[tu, tc, tr].astype(np.int32),
-            keep_base,
-            int(counts.sum()),
-        )
-
-
-def kernel_value(t: TensorOp, tensors: dict[str, torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
-    """A runtime tensor (or the constant table) as generated kernels read it: float32 for float
-    tensors, int64 for int and bool ones, contiguous."""
-    value = tensors[t.tensor] if t.tensor in tensors else torch.tensor(t.values)
-    return value.detach().to(device or value.device, torch.float32 if t.dtype == "float" else torch.int64).contiguous()
-
-
-Tables = tuple[torch.Tensor, torch.Tensor] | None  # rope_cos, rope_sin as [Bt, Skv, D] float32, or None
-
-
-def rope_tables(tables: tuple[torch.Tensor, torch.Tensor] | None) -> Tables:
-    """The rope tables as the kernel reads them: float32, contiguous."""
-    return None if tables is None else (tables[0].float().contiguous(), tables[1].float().contiguous())
-
-
-def _rope_args(tables: Tables) -> tuple[int, int, int]:
+def _rope_args(tables: RopeTables) -> tuple[int, int, int]:
     if tables is None:
         return 0, 0, 0
     return tables[0].data_ptr(), tables[1].data_ptr(), int(tables[0].shape[0])
@@ -251,16 +163,15 @@ def _ptr(a: np.ndarray | torch.Tensor) -> int:
 class CpuKernel:
     """A compiled cpu kernel: ``forward`` and ``backward`` on float32 CPU tensors."""
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, plan: KernelPlan) -> None:
         from attncc.codegen import toolchain
 
-        self.source = render(graph)
-        op = fused_op(graph)
-        self.groups, self.scale = op.groups, float(op.scale)
-        self.bq, self.bkv = (op.bq, op.bkv) if isinstance(op, TiledOp) else (64, 64)
-        self.tensors = tensor_ops(graph)
-        self.grad_tables = [t.tensor for t in grad_tables(graph)]  # float tables whose gradients it returns
-        self.lib, self.path, self.compiled_now = toolchain.load(self.source, graph.name)
+        self.source = render(plan)
+        self.groups, self.scale = plan.groups, plan.scale
+        self.bq, self.bkv = plan.tiles
+        self.tensors = list(plan.tensors)
+        self.grad_tables = list(plan.grad_tables)  # float tables whose gradients it returns
+        self.lib, self.path, self.compiled_now = toolchain.load(self.source, plan.name)
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
         tail: list[Any] = [_P] * 9 + [ctypes.c_int, _I, ctypes.c_float, _P, _P, _I, _P]
         self.lib.attncc_forward.argtypes = [_P] * 5 + common + tail
@@ -308,7 +219,9 @@ class CpuKernel:
             if how.startswith("blas"):
                 log.info("cpu kernel %s: block products fall back to sgemm (%s)", self.path.name, how[6:])
 
-    def masks(self, lists: Lists, shape: tuple[int, int, int, int], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def masks(
+        self, lists: TileLists, shape: tuple[int, int, int, int], tensors: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """The record of every partial tile (its BQ x BKV keep bytes, padded to 4, then each row's kept
         column range [lo, hi) and each column's kept row range as two int16), from one pass of mask code."""
         B, H, Sq, Skv = shape
@@ -356,10 +269,10 @@ class CpuKernel:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        lists: Lists,
+        lists: TileLists,
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
-        tables: Tables = None,
+        tables: RopeTables = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
@@ -410,10 +323,10 @@ class CpuKernel:
         do: torch.Tensor,
         lse: torch.Tensor,
         dlse: torch.Tensor | None,
-        lists: Lists,
+        lists: TileLists,
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
-        tables: Tables = None,
+        tables: RopeTables = None,
         want: Sequence[str] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """dq, dk, dv of float32 contiguous inputs (o and lse from ``forward``; dlse, the gradient of
@@ -501,7 +414,7 @@ class CpuAttention(torch.autograd.Function):
         k: torch.Tensor,
         v: torch.Tensor,
         kern: CpuKernel,
-        lists: Lists,
+        lists: TileLists,
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
         tables: tuple[torch.Tensor, torch.Tensor] | None,

@@ -7,17 +7,19 @@ fp16/bf16 inputs and fp64 for fp64 inputs. Memory is O(B * H * Sq * Skv).
 
 from __future__ import annotations
 
+import math
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import sympy
+import torch
 
+from attncc.codegen import helpers
 from attncc.codegen.emit_torch import emit
-from attncc.errors import LoweringError
-from attncc.ir.core import Graph
-from attncc.ir.exprs import expr_str
-from attncc.ir.ops import FusedOp, InputOp, RopeOp, TensorOp
+from attncc.linear import LinearAttentionSpec
+from attncc.plan import KernelPlan
 
 TEMPLATE = """\
 # attncc reference kernel for @{name}
@@ -88,97 +90,56 @@ class ReferenceKernel:
         return self.module.forward(q, k, v, tensors, return_lse)
 
 
-def fused_op(graph: Graph) -> FusedOp:
-    fused = graph.ops_of(FusedOp)
-    if len(fused) != 1:
-        raise LoweringError(
-            f"the reference target needs exactly one attn.fused op, @{graph.name} has {len(fused)}; "
-            "run the 'fuse' pass (it logs why it refused)"
-        )
-    op = fused[0]
-    assert isinstance(op, FusedOp)
-    return op
-
-
-def grad_tables(graph: Graph) -> list[TensorOp]:
-    """Float runtime tensors read by the score mod: the ones whose gradients the kernels can return."""
-    op = fused_op(graph)
-    read = {str(a.base) for a in op.score_mod.atoms(sympy.Indexed)}
-    return [
-        t
-        for t in graph.ops_of(TensorOp)
-        if isinstance(t, TensorOp) and t.dtype == "float" and not t.values and t.tensor in read
-    ]
-
-
-def table_derivatives(op: FusedOp, tensor: str) -> list[tuple[sympy.Indexed, sympy.Basic]]:
-    """Each read of ``tensor`` in the score mod, with d score_mod / d (the entry it reads): a kernel adds
-    dL/d(score_mod) times that derivative to the entry's gradient.
-
-    >>> import attncc as ac, sympy
-    >>> from attncc.codegen.reference import table_derivatives
-    >>> from attncc.lower import spec_to_ir
-    >>> from attncc.passes.base import parse_pipeline, run_pipeline
-    >>> mod = ac.score * 2 + ac.tensor("bias")[ac.h, ac.q - ac.kv + 8]
-    >>> spec = ac.AttentionSpec(num_heads=2, head_dim=8, score_mod=mod)
-    >>> g = run_pipeline(spec_to_ir(spec), parse_pipeline("canonicalize,fuse")).graph
-    >>> [(str(occ), str(d)) for occ, d in table_derivatives(fused_op(g), "bias")]
-    [('bias[h, -kv + q + 8]', '1')]
-    """
-    occurrences = sorted(
-        (a for a in op.score_mod.atoms(sympy.Indexed) if str(a.base) == tensor), key=sympy.default_sort_key
-    )
-    entry = sympy.Symbol("entry", real=True)
-    return [(occ, sympy.diff(op.score_mod.xreplace({occ: entry}), entry).xreplace({entry: occ})) for occ in occurrences]
-
-
 ROPE_CODE = """\
     # attn.rope on q and k: x * cos + rotate_half(x) * sin (tables: one row per key position)
     qf, kf = (R_.apply(x, T["rope_cos"], T["rope_sin"]) for x in (qf, kf))
 """
 
 
-def has_rope(graph: Graph) -> bool:
-    """True when the fused op reads q and k through attn.rope ops on the inputs (the kernels then
-    rotate in their prologue); a rope on only one of them, or not on an input, is refused."""
-    op = fused_op(graph)
-    found = []
-    for operand, arg in ((op.q, "q"), (op.k, "k")):
-        producer = graph.producer(operand)
-        if isinstance(producer, RopeOp):
-            source = graph.producer(producer.x)
-            if not (isinstance(source, InputOp) and source.arg == arg):
-                raise LoweringError(f"attn.rope must read the input %{arg} directly; it reads {producer.x}")
-            found.append(arg)
-        elif not isinstance(producer, InputOp):
-            raise LoweringError(f"the fused op's {arg} operand comes from {producer.name}, which no target can absorb")
-    if len(found) == 1:
-        raise LoweringError(f"attn.rope on {found[0]} only; RoPE rotates q and k with the same tables")
-    return bool(found)
-
-
-def render(graph: Graph) -> str:
-    """Fill the template's holes from the graph's fused op and constant tables."""
-    op = fused_op(graph)
-    tables = {t.tensor: list(t.values) for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.values}
-    floats = {t.tensor for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.dtype == "float"}
+def render(plan: KernelPlan) -> str:
+    """Fill the template's holes from the plan (constant tables written in)."""
+    tables = {t.tensor: list(t.values) for t in plan.tensors if t.values}
+    floats = {t.tensor for t in plan.tensors if t.dtype == "float"}
     text = TEMPLATE.format(
-        name=graph.name,
-        scale=op.scale,
-        groups=op.groups,
+        name=plan.name,
+        scale=plan.scale,
+        groups=plan.groups,
         tables=repr(tables),
-        mask_text=expr_str(op.mask),
-        mask_code=emit(op.mask),
-        mod_text=expr_str(op.score_mod),
-        mod_code=emit(op.score_mod),
-        rope_code=ROPE_CODE if has_rope(graph) else "",
+        **plan.expression_holes(emit),
+        rope_code=ROPE_CODE if plan.rope else "",
     )
     return text.replace("TABLES = ", f"FLOAT_TABLES = {sorted(floats)!r}\nTABLES = ", 1)
 
 
-def build(graph: Graph) -> ReferenceKernel:
-    """Render and load the reference kernel of ``graph``."""
-    source = render(graph)
-    module = types.ModuleType(f"attncc_reference_{graph.name.replace('-', '_').replace('.', '_')}")
-    exec(compile(source, f"<attncc reference @{graph.name}>", "exec"), module.__dict__)
+def build(plan: KernelPlan) -> ReferenceKernel:
+    """Render and load the reference kernel of ``plan``."""
+    source = render(plan)
+    module = types.ModuleType(f"attncc_reference_{plan.name.replace('-', '_').replace('.', '_')}")
+    exec(compile(source, f"<attncc reference @{plan.name}>", "exec"), module.__dict__)
     return ReferenceKernel(source, module)
+
+
+# ---- feature-map linear attention (attncc.linear) -----------------------------------------------
+
+
+def phi_fn(expr: sympy.Expr) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A torch function evaluating a feature-map expression elementwise (differentiable)."""
+    fn = eval(f"lambda x: {emit(expr)}", {"H_": helpers, "math": math})
+    return lambda t: torch.as_tensor(fn(t)).to(t.dtype) + torch.zeros_like(t)
+
+
+def linear(spec: LinearAttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense linear attention (the oracle of the triton target); fp32 compute for fp16/bf16."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    phi = phi_fn(spec.phi)
+    g = spec.groups
+    fq = phi(q.to(dtype))
+    fk = phi(k.to(dtype)).repeat_interleave(g, 1)
+    vv = v.to(dtype).repeat_interleave(g, 1)
+    a = fq @ fk.transpose(-1, -2)
+    if spec.causal:
+        a = torch.tril(a)
+    out = a @ vv
+    if spec.normalize:
+        out = out / (a.sum(-1, keepdim=True) + spec.eps)
+    return out.to(q.dtype)

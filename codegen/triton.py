@@ -16,19 +16,16 @@ import types
 from pathlib import Path
 from typing import Any
 
-import sympy
 import torch
 
 from attncc import config, diskcache
 from attncc.codegen import fallback
-from attncc.codegen.cpu import Lists, kernel_value, rope_tables
 from attncc.codegen.emit_triton import emit
-from attncc.codegen.reference import fused_op, grad_tables, has_rope, table_derivatives
 from attncc.codegen.triton_template import TEMPLATE
 from attncc.errors import SpecError, UnsupportedError
-from attncc.ir.core import Graph
 from attncc.ir.exprs import expr_str, score
-from attncc.ir.ops import TensorOp, TiledOp
+from attncc.ir.ops import TensorOp
+from attncc.plan import KernelPlan, TileLists, kernel_value, rope_tables
 from attncc.rope import NAMES as ROPE_NAMES
 
 log = logging.getLogger("attncc.codegen.triton")
@@ -61,37 +58,35 @@ def _loader(t: TensorOp) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _band_code(op: TiledOp) -> str:
-    if op.layout != "banded":
+def _band_code(plan: KernelPlan) -> str:
+    if plan.layout != "banded":
         return "    lo = 0\n    hi = -1\n    flo = 0\n    fhi = -1"
     lines = []
-    for i, ((lo, hi), (flo, fhi)) in enumerate(zip(op.kv_blocks, op.full_blocks, strict=True)):
+    for i, b in enumerate(plan.bands):
         kw = "if" if i == 0 else "elif"
-        lines.append(f"    {kw} band == {i}:  # keys {expr_str(op.bands[i][0])} .. {expr_str(op.bands[i][1])}")
-        for name, e in (("lo", lo), ("hi", hi), ("flo", flo), ("fhi", fhi)):
+        lines.append(f"    {kw} band == {i}:  # keys {expr_str(b.band.lo)} .. {expr_str(b.band.hi)}")
+        for name, e in (("lo", b.computed[0]), ("hi", b.computed[1]), ("flo", b.full[0]), ("fhi", b.full[1])):
             lines.append(f"        {name} = {emit(e)}")
     lines.append("    else:\n        lo = 0\n        hi = -1\n        flo = 0\n        fhi = -1")
     return "\n".join(lines)
 
 
-def _table_grad_code(op: TiledOp, tensors: list[TensorOp]) -> str:
+def _table_grad_code(plan: KernelPlan) -> str:
     """Triton statements adding d_mod * d(score_mod)/d(entry) at every float-table entry the mod reads."""
     lines: list[str] = []
-    for t in tensors:
-        if t.dtype != "float" or t.values:
-            continue
-        for occ, deriv in table_derivatives(op, t.tensor):
+    for name, reads in plan.table_derivatives:
+        for occ, deriv in reads:
             tile = " + 0 * offs_m[:, None] + 0 * offs_n[None, :]"
             lines.append(f"    # d score_mod / d {expr_str(occ)} = {expr_str(deriv)}")
             flat, ok = "", "live"
             for d, index in enumerate(occ.indices):
                 lines.append(f"    i{d} = {emit(index)}{tile}")
-                lines.append(f"    n{d} = tl.load(TD_{t.tensor} + {d})")
+                lines.append(f"    n{d} = tl.load(TD_{name} + {d})")
                 ok += f" & (i{d} >= 0) & (i{d} < n{d})"
                 flat = f"i{d}" if d == 0 else f"({flat}) * n{d} + i{d}"
             lines.append(f"    ok = {ok}")
             lines.append(
-                f"    tl.atomic_add(TG_{t.tensor} + tl.where(ok, {flat}, 0), "
+                f"    tl.atomic_add(TG_{name} + tl.where(ok, {flat}, 0), "
                 f"tl.where(ok, d_mod * ({emit(deriv)}), 0.0))  # masked lanes add 0.0 to entry 0"
             )
     return "\n".join(lines) or "    pass"
@@ -103,35 +98,25 @@ _AUTOTUNE = (
 )
 
 
-def render(graph: Graph) -> str:
-    op = fused_op(graph)
-    if not isinstance(op, TiledOp):
-        raise UnsupportedError("the triton target needs a tiled op; keep 'block-sparse' in the pipeline")
-    tensors = [t for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp)]
-    params = "".join(f", T_{t.tensor}, TD_{t.tensor}" for t in tensors)
-    dmod = sympy.diff(op.score_mod, score)
-    grads = "".join(f", TG_{t.tensor}" for t in grad_tables(graph))
+def render(plan: KernelPlan) -> str:
+    params = "".join(f", T_{t.tensor}, TD_{t.tensor}" for t in plan.tensors)
+    grads = "".join(f", TG_{n}" for n in plan.grad_tables)
     return TEMPLATE.format(
         grad_params=grads,
         grad_args=grads,
-        table_grad_code=_table_grad_code(op, tensors),
+        table_grad_code=_table_grad_code(plan),
         autotune="" if interpreting() else _AUTOTUNE,
-        name=graph.name,
-        bq=op.bq,
-        bkv=op.bkv,
-        layout=op.layout,
-        loaders="\n".join(_loader(t) for t in tensors),
+        name=plan.name,
+        bq=plan.tiles[0],
+        bkv=plan.tiles[1],
+        layout=plan.layout,
+        loaders="\n".join(_loader(t) for t in plan.tensors),
         tensor_params=params,
         tensor_args=params,
         table_params=", ERR" + params,
         table_args=", ERR" + params,
-        mask_text=expr_str(op.mask),
-        mask_code=emit(op.mask),
-        mod_text=expr_str(op.score_mod),
-        mod_code=emit(op.score_mod),
-        dmod_text=expr_str(dmod),
-        dmod_code=emit(dmod),
-        band_code=_band_code(op),
+        **plan.expression_holes(emit),
+        band_code=_band_code(plan),
     )
 
 
@@ -173,21 +158,19 @@ def load(source: str, name: str) -> tuple[types.ModuleType, Path, bool]:
 class TritonKernel:
     """Generated Triton kernels of one graph, with forward and backward launchers."""
 
-    def __init__(self, graph: Graph) -> None:
-        op = fused_op(graph)
-        assert isinstance(op, TiledOp)
-        self.op = op
-        self.source = render(graph)
-        self.module, self.path, self.generated_now = load(self.source, graph.name)
-        self.tensors = [t for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp)]
-        self.grad_tables = grad_tables(graph)
-        self.rope = has_rope(graph)
-        self.bq, self.bkv = op.bq, op.bkv
-        if any(t < 16 or t & (t - 1) for t in (op.bq, op.bkv)):
+    def __init__(self, plan: KernelPlan) -> None:
+        if any(t < 16 or t & (t - 1) for t in plan.tiles):
             raise UnsupportedError(
                 f"the triton target needs power-of-2 tiles of at least 16 (tl.arange and tl.dot), got "
-                f"{op.bq}x{op.bkv}; compile with target='triton' to be told the nearest valid tiles"
+                f"{plan.tiles[0]}x{plan.tiles[1]}; compile with target='triton' to be told the nearest valid tiles"
             )
+        self.plan = plan
+        self.source = render(plan)
+        self.module, self.path, self.generated_now = load(self.source, plan.name)
+        self.tensors = list(plan.tensors)
+        self.grad_tables = list(plan.grad_tables)
+        self.rope = plan.rope
+        self.bq, self.bkv = plan.tiles
 
     def _tensor_args(self, tensors: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         out = []
@@ -203,7 +186,7 @@ class TritonKernel:
             BLOCK_D=max(16, 1 << (D - 1).bit_length()),
             BLOCK_M=self.bq,
             BLOCK_N=self.bkv,
-            HAS_MOD=self.op.score_mod != score,
+            HAS_MOD=self.plan.score_mod != score,
             ROPE=self.rope,
         )
         return meta  # the forward kernel is autotuned over num_warps / num_stages on a GPU
@@ -214,7 +197,7 @@ class TritonKernel:
             meta["num_warps"] = 8 if self.bq * self.bkv > 64 * 64 else 4
         return meta
 
-    def _lists(self, lists: Lists, device: torch.device) -> dict[str, torch.Tensor]:
+    def _lists(self, lists: TileLists, device: torch.device) -> dict[str, torch.Tensor]:
         return {
             n: torch.from_numpy(getattr(lists, n)).to(device)
             for n in ("map_of", "kv_ptr", "kv_idx", "kv_full", "q_ptr", "q_idx", "q_full")
@@ -233,7 +216,7 @@ class TritonKernel:
             )
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: Lists, tensors: dict[str, torch.Tensor]
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: TileLists, tensors: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, Sq, D = q.shape
         Skv = k.shape[2]
@@ -242,7 +225,7 @@ class TritonKernel:
         err = torch.zeros(1, dtype=torch.int32, device=q.device)
         L = self._lists(lists, q.device)
         nq, nkv = -(-Sq // self.bq), -(-Skv // self.bkv)
-        bands = len(self.op.bands)
+        bands = len(self.plan.bands)
         self.module.attncc_fwd[(nq, B * H)](
             q,
             k,
@@ -268,8 +251,8 @@ class TritonKernel:
             nkv,
             lists.map_of.shape[0],
             lists.map_of.shape[1],
-            self.op.groups,
-            self.op.scale,
+            self.plan.groups,
+            self.plan.scale,
             BANDED=bands > 0,
             BANDS=max(bands, 1),
             **self._meta(D),
@@ -286,7 +269,7 @@ class TritonKernel:
         do: torch.Tensor,
         lse: torch.Tensor,
         dlse: torch.Tensor | None,
-        lists: Lists,
+        lists: TileLists,
         tensors: dict[str, torch.Tensor],
     ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
         B, H, Sq, D = q.shape
@@ -302,11 +285,10 @@ class TritonKernel:
         nq, nkv = -(-Sq // self.bq), -(-Skv // self.bkv)
         args = self._tensor_args(tensors, q.device)
         shape = (B, H, Hkv, Sq, Skv)
-        maps = (lists.map_of.shape[0], lists.map_of.shape[1], self.op.groups, self.op.scale)
-        want = {n: t for n, t in tensors.items() if t.requires_grad and n in {g.tensor for g in self.grad_tables}}
+        maps = (lists.map_of.shape[0], lists.map_of.shape[1], self.plan.groups, self.plan.scale)
+        want = {n: t for n, t in tensors.items() if t.requires_grad and n in self.grad_tables}
         table_grads = {
-            g.tensor: torch.zeros(tuple(tensors[g.tensor].shape), dtype=torch.float32, device=q.device)
-            for g in self.grad_tables
+            n: torch.zeros(tuple(tensors[n].shape), dtype=torch.float32, device=q.device) for n in self.grad_tables
         }
         self.module.attncc_bwd_dkdv[(nkv, B * Hkv)](
             q,
@@ -366,7 +348,7 @@ class TritonAttention(torch.autograd.Function):
         k: torch.Tensor,
         v: torch.Tensor,
         kern: TritonKernel,
-        lists: Lists,
+        lists: TileLists,
         recompute: fallback.Recompute,
         names: list[str],
         *values: torch.Tensor,

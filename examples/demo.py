@@ -134,7 +134,8 @@ def main() -> None:
             print(check(spec, tensors, n))
     kern = ac.compile(specs()[1][0], target="auto")
     print("\nIR of gemma_window after the pipeline:\n" + kern.ir)
-    print(f"dumps (IR after each pass, kernel source, block-map picture, metadata) are in {DUMP_DIR}/<spec>-<key>/")
+    print("\nits kernel plan (what every target builds from):\n" + str(kern.plan))
+    print(f"dumps (IR after each pass, plan, kernel source, block-map picture, metadata) are in {DUMP_DIR}/<spec>-<key>/")
     for path in sorted(DUMP_DIR.iterdir()):
         print("  ", path.name, "->", ", ".join(sorted(p.name for p in path.iterdir())))
 

@@ -22,23 +22,15 @@ from typing import ClassVar
 import numpy as np
 import sympy
 
-from attncc.bands import Band, bands_of
+from attncc.bands import bands_of, block_ranges
 from attncc.errors import UnsupportedError
 from attncc.ir.boxeval import TensorRanges
 from attncc.ir.core import Graph, Op
-from attncc.ir.exprs import Skv, Sq, q, qb
+from attncc.ir.exprs import Skv, Sq
 from attncc.ir.ops import FusedOp, TensorOp, TiledOp
 from attncc.passes.base import Pass
 
 log = logging.getLogger("attncc.passes.block_sparse")
-
-
-def block_ranges(band: Band, bq: int, bkv: int) -> tuple[tuple[sympy.Expr, sympy.Expr], tuple[sympy.Expr, sympy.Expr]]:
-    """Closed-form (computed, full) kv-block ranges of q-block ``qb`` for one band, unclipped."""
-    first, last = qb * bq, qb * bq + bq - 1
-    computed = (sympy.floor(band.lo.subs(q, first) / bkv), sympy.floor(band.hi.subs(q, last) / bkv))
-    full = (sympy.ceiling(band.lo.subs(q, last) / bkv), sympy.floor((band.hi.subs(q, first) + 1) / bkv) - 1)
-    return computed, full
 
 
 def _probe(op: FusedOp, graph: Graph) -> str | None:

@@ -38,13 +38,14 @@ class Lifted:
     tensors: dict[str, fx.Node] = field(default_factory=dict)
 
 
-def _val(node: Any) -> Any:
+def example_value(node: Any) -> Any:
+    """The example value (a fake tensor) dynamo recorded for an FX node; a non-node is returned as is."""
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
 
 
-def _shape(node: Any) -> tuple[int, ...]:
+def shape_of(node: Any) -> tuple[int, ...]:
     """The node's shape; a symbolic size (dynamic sequence length) is -1."""
-    v = _val(node)
+    v = example_value(node)
     if not isinstance(v, torch.Tensor):
         raise UnsupportedError(f"{node} has no tensor metadata")
     return tuple(int(s) if isinstance(s, int) else -1 for s in v.shape)
@@ -127,7 +128,7 @@ class Evaluator:
         name = getattr(target, "__name__", str(target))
         if target in (torch.arange, aten.arange.default, aten.arange.start, aten.arange.start_step):
             if len(args) == 1 and not isinstance(args[0], int):  # arange(symbolic length)
-                return arange(_shape(node)[0])
+                return arange(shape_of(node)[0])
             ints = [int(a) for a in args if isinstance(a, int)]
             if not 1 <= len(ints) <= 3 or len(ints) != len(args):
                 raise UnsupportedError(f"arange with arguments {args!r}")
@@ -179,7 +180,7 @@ class Evaluator:
         raise UnsupportedError(f"`{name}` ({node.op}) in the mask's producer graph is not lifted")
 
     def _filled(self, node: fx.Node) -> SymTensor:
-        shape = _shape(node)
+        shape = shape_of(node)
         value = 1 if node.target in (torch.ones, torch.ones_like) else 0
         if node.target is torch.full:
             value = node.args[1]
@@ -194,7 +195,7 @@ class Evaluator:
         t = self.value(node.args[0])
         if name == "unsqueeze":
             return t.unsqueeze(int(node.args[1]))
-        target_shape = _shape(node)
+        target_shape = shape_of(node)
         if name == "expand":
             return t.expand(target_shape)
         # view / reshape that only adds or removes size-1 dims
@@ -206,7 +207,7 @@ class Evaluator:
         return SymTensor(t.expr.xreplace(mapping), target_shape)
 
     def _filled_like(self, node: fx.Node, value: int) -> SymTensor:
-        shape = _shape(node)
+        shape = shape_of(node)
         dtype = node.kwargs.get("dtype")
         if dtype is torch.bool:
             return SymTensor(sympy.true if value else sympy.false, shape)
@@ -251,14 +252,14 @@ class Evaluator:
 
     def _gather(self, base: fx.Node, items: tuple[Any, ...], to_bool: bool = False) -> SymTensor:
         """A real tensor indexed by symbolic index tensors: a runtime-tensor access."""
-        if any(not isinstance(i, fx.Node) for i in items) or len(items) != len(_shape(base)):
+        if any(not isinstance(i, fx.Node) for i in items) or len(items) != len(shape_of(base)):
             raise UnsupportedError(f"{base.name} is indexed by {items!r}; only one index tensor per dim is lifted")
         parts = [self.value(i) for i in items]
         exprs, shape = broadcast(*parts)
         name = f"t_{base.name}"
         self.tensors[name] = base
         data = X.tensor_base(name)[tuple(exprs)]
-        dtype = getattr(_val(base), "dtype", None)
+        dtype = getattr(example_value(base), "dtype", None)
         return SymTensor(sympy.Ne(data, 0) if (to_bool or dtype is torch.bool) else data, shape)
 
 

@@ -33,9 +33,9 @@ def test_source_is_readable_cpp() -> None:
 
 def test_second_compile_hits_the_disk_cache(tmp_path: Path) -> None:
     with config.override(cache_dir=tmp_path, always_compile=False):
-        first = cpu.CpuKernel(ac.compile(SPEC, target="cpu").graph)
+        first = cpu.CpuKernel(ac.compile(SPEC, target="cpu").plan)
         start = time.perf_counter()
-        second = cpu.CpuKernel(ac.compile(SPEC, target="cpu").graph)
+        second = cpu.CpuKernel(ac.compile(SPEC, target="cpu").plan)
         warm = time.perf_counter() - start
     assert first.compiled_now and not second.compiled_now and first.path == second.path
     assert warm < 0.5, f"a cached load took {warm:.3f} s"

@@ -121,7 +121,10 @@ def test_dump_writes_every_stage(tmp_path: Path) -> None:
     cpu_dump = ac.compile(SPEC, target="cpu").dump(tmp_path / "c")
     assert (cpu_dump / "kernel.cpp").read_text().startswith("// attncc cpu kernel for @doc_window")
     names = sorted(p.name for p in where.iterdir())
-    assert names == ["00-input.ir", "01-canonicalize.ir", "02-fuse.ir", "03-block-sparse.ir", "kernel.py", "meta.json"]
+    stages = ["00-input.ir", "01-canonicalize.ir", "02-fuse.ir", "03-block-sparse.ir"]
+    assert names == [*stages, "kernel.py", "meta.json", "plan.txt"]
+    assert (where / "plan.txt").read_text() == f"{kern.plan}\n"
+    assert "doc: int 1-d (runtime)" in (where / "plan.txt").read_text()
     assert "attn.fused" in (where / "02-fuse.ir").read_text()
     assert 'layout = "runtime"' in (where / "03-block-sparse.ir").read_text()
     meta = json.loads((where / "meta.json").read_text())

@@ -82,8 +82,8 @@ def test_generated_source_golden(name: str, golden) -> None:  # type: ignore[no-
 def test_second_compile_hits_the_cache_without_regenerating(tmp_path: Path) -> None:
     spec = GOLDEN_SPECS["causal_softcap"]
     with config.override(cache_dir=tmp_path, always_compile=False):
-        first = triton_target.TritonKernel(ac.compile(spec, target="triton").graph)
-        second = triton_target.TritonKernel(ac.compile(spec, target="triton").graph)
+        first = triton_target.TritonKernel(ac.compile(spec, target="triton").plan)
+        second = triton_target.TritonKernel(ac.compile(spec, target="triton").plan)
     assert first.generated_now and not second.generated_now and first.path == second.path
     assert len(list(tmp_path.glob("triton/*.py"))) == 1
 

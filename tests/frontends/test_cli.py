@@ -25,6 +25,7 @@ def test_show_prints_ir_and_stats_and_draws(tmp_path: Path) -> None:
         timeout=120,
     )
     assert 'layout = "runtime"' in done.stdout
+    assert "plan @" in done.stdout and "tiles       64 x 64, layout runtime" in done.stdout
     assert "listed block map 64x64 tiles of 64x64" in done.stdout and "GFLOP" in done.stdout
     assert out.stat().st_size > 1000
 

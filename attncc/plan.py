@@ -1,0 +1,328 @@
+"""The lowering boundary: ``lower(graph) -> KernelPlan``, the frozen description every target builds from.
+
+After the passes, everything a code generator or the runtime needs to know about one attention
+is worked out here, once: tiles and layout, the band ranges (in keys and in blocks), head
+grouping and placement, scale, mask, score mod and its derivative, the runtime-tensor interface
+in argument order with dtypes, the rope flag, which tables get gradients (and the derivative of
+each read), and the block-map recipe that turns lengths and runtime tensors into tile lists.
+Targets read the plan; none of them looks into the graph or into another target.
+
+>>> import attncc as ac
+>>> kern = ac.compile(ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, mask=ac.causal()),
+...                   target="reference", tiles=(32, 32))
+>>> print(kern.plan)
+plan @attention
+  heads       4 query, 2 kv (groups of 2), head_dim 16, all on one device
+  scale       0.25
+  tiles       32 x 32, layout banded
+  band 0      0 <= kv <= q; kv blocks 0 .. qb, full 0 .. qb - 1
+  mask        kv <= q
+  score_mod   score
+  d/d score   1
+  tensors     (none)
+  rope        no
+>>> kern.plan.block_map(64, 64).num_computed_blocks
+3
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import sympy
+import torch
+
+from attncc import tiling
+from attncc.bands import Band, block_ranges
+from attncc.blockmap import FULL, BlockMap
+from attncc.errors import LoweringError
+from attncc.ir.core import Graph
+from attncc.ir.exprs import expr_str, score
+from attncc.ir.ops import FusedOp, HeadShardOp, InputOp, RopeOp, TensorOp, TiledOp
+
+log = logging.getLogger("attncc.plan")
+
+Range = tuple[sympy.Expr, sympy.Expr]  # first .. last kv block of q-block qb (inclusive, unclipped)
+
+
+@dataclass(frozen=True)
+class BandPlan:
+    """One band ``lo(q) <= kv <= hi(q)`` and, per q-block ``qb``, the kv blocks it computes and the
+    ones it proves full (closed form, before clipping to the lengths)."""
+
+    band: Band
+    computed: Range
+    full: Range
+
+
+def band_from_range(lo: sympy.Expr, hi: sympy.Expr) -> Band:
+    """The Band whose bounds print as ``lo .. hi`` (as the IR stores them)."""
+    lows = tuple(lo.args) if isinstance(lo, sympy.Max) else (lo,)
+    highs = tuple(hi.args) if isinstance(hi, sympy.Min) else (hi,)
+    return Band(lows, highs)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Everything the targets build from (see the module docstring); frozen and printable."""
+
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    value_dim: int
+    scale: float
+    tiles: tuple[int, int]
+    layout: str  # banded | static | runtime | dense
+    bands: tuple[BandPlan, ...]
+    mask: sympy.Basic
+    score_mod: sympy.Expr
+    dscore: sympy.Expr  # d score_mod / d score
+    tensors: tuple[TensorOp, ...]  # the runtime-tensor interface, in argument order
+    grad_tables: tuple[str, ...]  # float tables read by the score mod: the backwards return their gradients
+    table_derivatives: tuple[tuple[str, tuple[tuple[sympy.Indexed, sympy.Expr], ...]], ...]
+    rope: bool
+    owner: tuple[int, ...] | None  # rank of each query head (attn.head_shard), None: all on one device
+    recipe: tiling.Recipe = field(compare=False, repr=False)
+
+    @property
+    def groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def static(self) -> bool:
+        """True when the tile lists depend on the lengths only (no runtime tensors)."""
+        return not any(not t.values for t in self.tensors)
+
+    def expression_holes(self, emit: Callable[[sympy.Basic], str]) -> dict[str, str]:
+        """The template holes every target fills alike: mask, score mod and d/d score, as text and code."""
+        holes = {}
+        for key, expr in (("mask", self.mask), ("mod", self.score_mod), ("dmod", self.dscore)):
+            holes[f"{key}_text"], holes[f"{key}_code"] = expr_str(expr), emit(expr)
+        return holes
+
+    def block_map(
+        self,
+        q_len: int,
+        kv_len: int,
+        batch: int = 1,
+        tensors: Mapping[str, np.ndarray] | None = None,
+        block: tuple[int, int] | None = None,
+    ) -> BlockMap:
+        """The block map at these lengths; ``tensors`` holds the runtime tensors' values."""
+        return tiling.build(self.recipe, q_len, kv_len, block or self.tiles, self.num_heads, batch, tensors)
+
+    def tile_lists(
+        self, q_len: int, kv_len: int, batch: int = 1, tensors: Mapping[str, np.ndarray] | None = None
+    ) -> TileLists:
+        """The tile lists a call walks (every target's kernels read these)."""
+        return TileLists.of(self.block_map(q_len, kv_len, batch, tensors))
+
+    def __str__(self) -> str:
+        heads = (
+            "all on one device"
+            if self.owner is None
+            else "; ".join(
+                f"rank {r}: {[h for h, o in enumerate(self.owner) if o == r]}" for r in sorted(set(self.owner))
+            )
+        )
+        lines = [
+            f"plan @{self.name}",
+            f"  heads       {self.num_heads} query, {self.num_kv_heads} kv (groups of {self.groups}), "
+            f"head_dim {self.head_dim}" + (f", value_dim {self.value_dim}" if self.value_dim != self.head_dim else "")
+            + f", {heads}",
+            f"  scale       {self.scale:g}",
+            f"  tiles       {self.tiles[0]} x {self.tiles[1]}, layout {self.layout}",
+        ]  # fmt: skip
+        for i, b in enumerate(self.bands):
+            lines.append(
+                f"  band {i:<6} {expr_str(b.band.lo)} <= kv <= {expr_str(b.band.hi)}; kv blocks "
+                f"{expr_str(b.computed[0])} .. {expr_str(b.computed[1])}, full {expr_str(b.full[0])} .. "
+                f"{expr_str(b.full[1])}"
+            )
+        described = []
+        for t in self.tensors:
+            role = (
+                "constant" if t.values else "learned: gradient returned" if t.tensor in self.grad_tables else "runtime"
+            )
+            described.append(f"{t.tensor}: {t.dtype} {t.ndim}-d ({role})")
+        lines += [
+            f"  mask        {expr_str(self.mask)}",
+            f"  score_mod   {expr_str(self.score_mod)}",
+            f"  d/d score   {expr_str(self.dscore)}",
+            f"  tensors     {'; '.join(described) or '(none)'}",
+        ]
+        for name, reads in self.table_derivatives:
+            for occ, deriv in reads:
+                lines.append(f"  d/d {expr_str(occ):<7} {expr_str(deriv)}  (gradient of {name})")
+        lines.append(f"  rope        {'q and k rotated in the prologue' if self.rope else 'no'}")
+        return "\n".join(lines)
+
+
+def fused_op(graph: Graph) -> FusedOp:
+    """The graph's one fused (or tiled) attention op; a clear error when the fuse pass did not run."""
+    fused = graph.ops_of(FusedOp)
+    if len(fused) != 1:
+        raise LoweringError(
+            f"lowering needs exactly one attn.fused op, @{graph.name} has {len(fused)}; "
+            "run the 'fuse' pass (it logs why it refused)"
+        )
+    op = fused[0]
+    assert isinstance(op, FusedOp)
+    return op
+
+
+def _has_rope(graph: Graph, op: FusedOp) -> bool:
+    """True when q and k reach the fused op through attn.rope ops on the inputs (the kernels then
+    rotate in their prologue); a rope on only one of them, or not on an input, is refused."""
+    found = []
+    for operand, arg in ((op.q, "q"), (op.k, "k")):
+        producer = graph.producer(operand)
+        if isinstance(producer, RopeOp):
+            source = graph.producer(producer.x)
+            if not (isinstance(source, InputOp) and source.arg == arg):
+                raise LoweringError(f"attn.rope must read the input %{arg} directly; it reads {producer.x}")
+            found.append(arg)
+        elif not isinstance(producer, InputOp):
+            raise LoweringError(f"the fused op's {arg} operand comes from {producer.name}, which no target can absorb")
+    if len(found) == 1:
+        raise LoweringError(f"attn.rope on {found[0]} only; RoPE rotates q and k with the same tables")
+    return bool(found)
+
+
+def table_derivatives(op: FusedOp, tensor: str) -> list[tuple[sympy.Indexed, sympy.Basic]]:
+    """Each read of ``tensor`` in the score mod, with d score_mod / d (the entry it reads): a kernel adds
+    dL/d(score_mod) times that derivative to the entry's gradient.
+
+    >>> import attncc as ac
+    >>> mod = ac.score * 2 + ac.tensor("bias")[ac.h, ac.q - ac.kv + 8]
+    >>> plan = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8, score_mod=mod), target="reference").plan
+    >>> [(str(occ), str(d)) for occ, d in plan.table_derivatives[0][1]]
+    [('bias[h, -kv + q + 8]', '1')]
+    """
+    occurrences = sorted(
+        (a for a in op.score_mod.atoms(sympy.Indexed) if str(a.base) == tensor), key=sympy.default_sort_key
+    )
+    entry = sympy.Symbol("entry", real=True)
+    return [(occ, sympy.diff(op.score_mod.xreplace({occ: entry}), entry).xreplace({entry: occ})) for occ in occurrences]
+
+
+def _int(dim: sympy.Expr, what: str, graph: Graph) -> int:
+    if not dim.is_Integer:
+        raise LoweringError(f"@{graph.name}: the {what} must be a number to lower, got {dim}")
+    return int(dim)
+
+
+def lower(graph: Graph) -> KernelPlan:
+    """The plan of a graph after the passes (fused, usually tiled; see the module docstring)."""
+    op = fused_op(graph)
+    tensors = tuple(t for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp))
+    read = {str(a.base) for a in op.score_mod.atoms(sympy.Indexed)}
+    grads = tuple(t.tensor for t in tensors if t.dtype == "float" and not t.values and t.tensor in read)
+    constants = {t.tensor: np.asarray(t.values) for t in tensors if t.values}
+    if isinstance(op, TiledOp):  # the block-sparse pass decided the layout and found the bands: not redone here
+        tiles, layout = (op.bq, op.bkv), op.layout
+        found = tuple(band_from_range(lo, hi) for lo, hi in op.bands) if layout == "banded" else None
+        rec = tiling.recipe(op.mask, constants, bands=found)
+        bands = tuple(BandPlan(*x) for x in zip(found or (), op.kv_blocks, op.full_blocks, strict=True))
+    else:  # a pipeline without block-sparse: the default tiles, bands found here
+        rec = tiling.recipe(op.mask, constants)
+        tiles, layout = (64, 64), "banded" if rec.bands else "static"
+        bands = tuple(BandPlan(b, *block_ranges(b, *tiles)) for b in rec.bands or ())
+    shards = graph.ops_of(HeadShardOp)
+    return KernelPlan(
+        name=graph.name,
+        num_heads=_int(op.q.shape[1], "number of query heads", graph),
+        num_kv_heads=_int(op.k.shape[1], "number of kv heads", graph),
+        head_dim=_int(op.q.shape[3], "head dim", graph),
+        value_dim=_int(op.v.shape[3], "value head dim", graph),
+        scale=float(op.scale),
+        tiles=tiles,
+        layout=layout,
+        bands=bands,
+        mask=op.mask,
+        score_mod=op.score_mod,
+        dscore=sympy.diff(op.score_mod, score),
+        tensors=tensors,
+        grad_tables=grads,
+        table_derivatives=tuple((n, tuple(table_derivatives(op, n))) for n in grads),
+        rope=_has_rope(graph, op),
+        owner=shards[0].owner if shards else None,  # type: ignore[attr-defined]
+        recipe=rec,
+    )
+
+
+@dataclass(frozen=True)
+class TileLists:
+    """The tile lists a call walks, built from a block map (every target reads these).
+
+    kv_*: CSR per (map, q-block) of kv blocks, with a full flag; q_*: the transpose, per
+    (map, kv-block). kv_rank / q_rank number each partial tile within its map (-1 for full
+    tiles); keep_base[pair] is where that (batch, head) pair's partial-tile masks start in the
+    cpu target's keep buffer (a record per tile: BQ x BKV keep bytes, then each row's and each column's
+    kept range), filled by its ``attncc_masks``.
+    """
+
+    map_of: np.ndarray
+    kv_ptr: np.ndarray
+    kv_idx: np.ndarray
+    kv_full: np.ndarray
+    kv_rank: np.ndarray
+    q_ptr: np.ndarray
+    q_idx: np.ndarray
+    q_full: np.ndarray
+    q_rank: np.ndarray
+    keep_base: np.ndarray
+    keep_tiles: int
+
+    @staticmethod
+    def of(bm: BlockMap) -> TileLists:
+        st = bm.unique_states()
+
+        def csr(grid: np.ndarray) -> tuple[np.ndarray, ...]:
+            u, r, c = np.nonzero(grid)
+            counts = np.bincount(u * grid.shape[1] + r, minlength=grid.shape[0] * grid.shape[1])
+            ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+            return ptr, c.astype(np.int32), (grid[u, r, c] == FULL).astype(np.uint8), u, r, c
+
+        kv_ptr, kv_idx, kv_full, u, r, c = csr(st)
+        partial = kv_full == 0
+        rank = np.full(st.shape, -1, np.int32)
+        per_map = np.bincount(u[partial], minlength=st.shape[0])
+        starts = np.concatenate([[0], np.cumsum(per_map)[:-1]])
+        rank[u[partial], r[partial], c[partial]] = np.arange(int(partial.sum())) - starts[u[partial]]
+        q_ptr, q_idx, q_full, tu, tr, tc = csr(np.ascontiguousarray(st.transpose(0, 2, 1)))
+        map_of = bm.map_of.astype(np.int32)
+        counts = per_map[map_of.reshape(-1)]
+        keep_base = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        return TileLists(
+            map_of,
+            kv_ptr,
+            kv_idx,
+            kv_full,
+            rank[u, r, c].astype(np.int32),
+            q_ptr,
+            q_idx,
+            q_full,
+            rank[tu, tc, tr].astype(np.int32),
+            keep_base,
+            int(counts.sum()),
+        )
+
+
+def kernel_value(t: TensorOp, tensors: dict[str, torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """A runtime tensor (or the constant table) as generated kernels read it: float32 for float
+    tensors, int64 for int and bool ones, contiguous."""
+    value = tensors[t.tensor] if t.tensor in tensors else torch.tensor(t.values)
+    return value.detach().to(device or value.device, torch.float32 if t.dtype == "float" else torch.int64).contiguous()
+
+
+RopeTables = tuple[torch.Tensor, torch.Tensor] | None  # rope_cos, rope_sin as [Bt, Skv, D] float32, or None
+
+
+def rope_tables(tables: tuple[torch.Tensor, torch.Tensor] | None) -> RopeTables:
+    """The rope tables as the kernels read them: float32, contiguous."""
+    return None if tables is None else (tables[0].float().contiguous(), tables[1].float().contiguous())
