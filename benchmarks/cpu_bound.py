@@ -30,7 +30,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import attncc as ac
 from attncc import config
-from attncc.codegen import cpu as cpu_codegen
+from attncc.codegen import cpu_template
 
 B, H, D = 1, 8, 64
 NO_EXP = [("const float p = exp2_f(sr[j] * sc - mx);", "const float p = sr[j] * sc - mx;")]
@@ -43,19 +43,20 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
 
 @contextmanager
 def ablated(edits: list[tuple[str, str]]) -> Iterator[None]:
-    """The cpu target generating from its template with ``edits`` (old, new) applied; each old text must occur
-    exactly once, so a template change that moves it stops the benchmark instead of timing the wrong thing."""
-    source = cpu_codegen.TEMPLATE
+    """The cpu target generating its runtime (the fixed forward and backward) with ``edits`` (old, new) applied;
+    each old text must occur exactly once, so a template change that moves it stops the benchmark instead of
+    timing the wrong thing."""
+    source = cpu_template.RUNTIME
     for old, new in edits:
         if source.count(old) != 1:
             raise SystemExit(f"cpu_bound.py: the cpu template no longer has exactly one {old!r}; update ABLATIONS")
         source = source.replace(old, new)
-    saved = cpu_codegen.TEMPLATE
-    cpu_codegen.TEMPLATE = source
+    saved = cpu_template.RUNTIME
+    cpu_template.RUNTIME = source
     try:
         yield
     finally:
-        cpu_codegen.TEMPLATE = saved
+        cpu_template.RUNTIME = saved
 
 
 def run(name: str, n: int, reps: int, peak: float) -> None:

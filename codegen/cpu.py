@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from attncc.codegen import fallback
-from attncc.codegen.cpu_template import TEMPLATE
+from attncc.codegen import cpu_template, fallback
 from attncc.codegen.emit_cpp import emit
-from attncc.errors import SpecError
+from attncc.errors import LoweringError, SpecError
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp
 from attncc.plan import KernelPlan, RopeTables, TileLists, kernel_value, rope_tables
@@ -49,21 +48,24 @@ def _accessor(index: int, t: TensorOp) -> str:
 
 
 def render(plan: KernelPlan) -> str:
-    """Fill the template's holes from the plan."""
+    """The spec's own C++ (mask, score mod, derivatives, tensor reads), from the plan."""
     bq, bkv = plan.tiles
-    return TEMPLATE.format(
+    return cpu_template.SPEC.format(
         name=plan.name,
         bq=bq,
         bkv=bkv,
-        span=max(1, SPAN_COLUMNS // bkv),
-        span_q=max(1, SPAN_ROWS // bq),
         has_mod="true" if plan.score_mod != score else "false",
-        rope="true" if plan.rope else "false",
         accessors="\n\n".join(_accessor(i, t) for i, t in enumerate(plan.tensors)),
         **plan.expression_holes(emit),
         table_grads_on="true" if plan.grad_tables else "false",
         table_grads_code=_table_grads_code(plan),
     )
+
+
+def render_runtime(tiles: tuple[int, int]) -> str:
+    """The fixed forward and backward for these tiles: one build per machine, shared by every spec."""
+    bq, bkv = tiles
+    return cpu_template.RUNTIME.format(bq=bq, bkv=bkv, span=max(1, SPAN_COLUMNS // bkv), span_q=max(1, SPAN_ROWS // bq))
 
 
 def _table_grads_code(plan: KernelPlan) -> str:
@@ -150,7 +152,10 @@ def release_workspace() -> int:
     return held
 
 
-def _rope_args(tables: RopeTables) -> tuple[int, int, int]:
+def _rope_args(tables: RopeTables, rope: bool) -> tuple[int, int, int]:
+    """The rope arguments of the runtime, which rotates q and k exactly when it is given tables."""
+    if (tables is not None) != rope:
+        raise LoweringError(f"the plan says rope={rope} but the call {'lacks' if rope else 'passes'} rope tables")
     if tables is None:
         return 0, 0, 0
     return tables[0].data_ptr(), tables[1].data_ptr(), int(tables[0].shape[0])
@@ -171,18 +176,28 @@ class CpuKernel:
         self.bq, self.bkv = plan.tiles
         self.tensors = list(plan.tensors)
         self.grad_tables = list(plan.grad_tables)  # float tables whose gradients it returns
-        self.lib, self.path, self.compiled_now = toolchain.load(self.source, plan.name)
+        self.rope = plan.rope  # the runtime rotates q and k when it is given the tables
+        self.runtime_source = render_runtime(plan.tiles)
+        self.lib, self.path, self.spec_compiled_now = toolchain.load(self.source, plan.name)
+        self.runtime, self.runtime_path, self.runtime_compiled_now = toolchain.load(
+            self.runtime_source, f"runtime_{plan.tiles[0]}x{plan.tiles[1]}"
+        )
+        self.compiled_now = self.spec_compiled_now or self.runtime_compiled_now
+        self.lib.attncc_hooks.restype = ctypes.c_void_p
+        self.hooks = self.lib.attncc_hooks()  # the spec's score-mod code, called by the runtime
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
         tail: list[Any] = [_P] * 9 + [ctypes.c_int, _I, ctypes.c_float, _P, _P, _I, _P]
-        self.lib.attncc_forward.argtypes = [_P] * 5 + common + tail
-        self.lib.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P, ctypes.c_int, _P, _P, _I]
+        self.runtime.attncc_forward.argtypes = [_P] * 5 + common + tail + [_P]
+        self.runtime.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P, ctypes.c_int, _P, _P, _I, _P]
         self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
-        for fn in (self.lib.attncc_forward, self.lib.attncc_backward, self.lib.attncc_masks):
+        for fn in (self.runtime.attncc_forward, self.runtime.attncc_backward, self.lib.attncc_masks):
             fn.restype = ctypes.c_int
-        self.lib.attncc_vector_lanes.restype = ctypes.c_int
-        self.lanes = int(self.lib.attncc_vector_lanes())
-        self.lib.attncc_tile_bytes.restype = ctypes.c_int64
-        self.tile_bytes = int(self.lib.attncc_tile_bytes())  # one partial tile's record in the keep buffer
+        self.runtime.attncc_vector_lanes.restype = ctypes.c_int
+        self.lanes = int(self.runtime.attncc_vector_lanes())
+        self.runtime.attncc_tile_bytes.restype = self.lib.attncc_tile_bytes.restype = ctypes.c_int64
+        self.tile_bytes = int(self.runtime.attncc_tile_bytes())  # one partial tile's record in the keep buffer
+        if self.tile_bytes != int(self.lib.attncc_tile_bytes()):
+            raise LoweringError(f"{self.path.name} and {self.runtime_path.name} disagree on the keep-record layout")
         self._told: set[int] = set()
 
     def products(self, head_dim: int) -> str:
@@ -281,7 +296,7 @@ class CpuKernel:
         o = torch.empty_like(q)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
-        code = self.lib.attncc_forward(
+        code = self.runtime.attncc_forward(
             _ptr(q),
             _ptr(k),
             _ptr(v),
@@ -308,8 +323,9 @@ class CpuKernel:
             torch.get_num_threads(),
             self.groups,
             self.scale,
-            *_rope_args(tables),
+            *_rope_args(tables, self.rope),
             workspace(packed) if packed else None,
+            self.hooks,
         )
         self._check(code)
         return o, lse
@@ -348,7 +364,7 @@ class CpuKernel:
         sizes = [tensors[n].numel() if n in want else 0 for n in self.grad_tables]
         offsets = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
         partials = torch.zeros(threads, sum(sizes)) if any(sizes) else None
-        code = self.lib.attncc_backward(
+        code = self.runtime.attncc_backward(
             _ptr(q),
             _ptr(k),
             _ptr(v),
@@ -380,13 +396,14 @@ class CpuKernel:
             threads,
             self.groups,
             self.scale,
-            *_rope_args(tables),
+            *_rope_args(tables, self.rope),
             work,
             work + 4 * scratch if packed else None,
             torch.are_deterministic_algorithms_enabled(),
             None if partials is None else partials.data_ptr(),
             _ptr(offsets),
             sum(sizes),
+            self.hooks,
         )
         self._check(code)
         grads = {}

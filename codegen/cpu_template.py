@@ -1,11 +1,18 @@
-"""The C++/OpenMP kernel template of the cpu target. Holes: ``{name}`` fields filled by
-:mod:`attncc.codegen.cpu` from a frozen plan; everything else is fixed text. The toolchain
-compiles the text between ``// ---- attncc: next translation unit ----`` lines as separate units
-(each prefixed with the shared part before the first such line), in parallel.
+"""The C++/OpenMP templates of the cpu target, in two parts.
+
+``SPEC`` is what one spec compiles: its tensor reads, mask, score mod and derivatives, the mask pass
+(``attncc_masks``, the keep bytes of every partial tile) and two hooks the runtime calls once per row: the
+score mod over a row of scores, and the backward's softmax gradient through it (``attncc_hooks``). It is
+about 200 lines and builds in a fraction of a second. ``RUNTIME`` is everything else: the fixed forward and
+backward, GEMMs and micro-kernels, RoPE; it depends only on the tile size, so it is built once per machine
+and tile size and shared by every spec (the disk cache keeps both). Holes: ``{name}`` fields filled by
+:mod:`attncc.codegen.cpu` from the plan. The toolchain compiles the text between
+``// ---- attncc: next translation unit ----`` lines as separate units (each prefixed with the shared part
+before the first such line), in parallel.
 
 Forward: one OpenMP task per (batch, head, q-block), dynamic schedule (tiles per q-block vary);
 each task walks its kv-block list (CSR from the block map), computes S = Q K^T, applies the
-score mod on every tile and the mask on partial tiles only, runs the online softmax (base 2) and
+score mod (the spec's hook) on every tile and the mask on partial tiles only, runs the online softmax (base 2) and
 accumulates P V. Block products run in register-blocked FMA micro-kernels (K and V packed into
 panels once per call) where the head dim and kv tile allow, else in the BLAS ``sgemm_`` torch
 ships (or a portable loop). On partial tiles the micro-kernels go finer than the tile: the mask pass
@@ -17,10 +24,10 @@ transposed lists for every query head of the group; dK and dV are owned by the t
 per-thread partial, and the team sums the partials into dQ at the end.
 """
 
-TEMPLATE = r"""// attncc cpu kernel for @{name}
-// generated from the tiled IR; tiles {bq}x{bkv}; groups and scale are call arguments
-// light headers only (parsing <cmath> or <vector> would cost a large part of the compile time):
-// math comes from compiler builtins, arrays from Buf below
+SPEC = r"""// attncc cpu kernel for @{name}: the spec's own code (mask, score mod, derivatives, tensor reads)
+// generated from the kernel plan; tiles {bq}x{bkv}. The fixed forward and backward are in the cpu
+// runtime for these tiles (see CpuKernel.runtime_source), built once per machine and shared.
+// light headers only: math comes from compiler builtins
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -49,14 +56,6 @@ struct Buf {{
 constexpr int BQ = {bq};
 constexpr int BKV = {bkv};
 constexpr bool HAS_MOD = {has_mod};
-constexpr bool ROPE = {rope};  // q and k rotated by RoPE tables in the prologue
-constexpr int SPAN = {span};  // consecutive tiles of equal kind merged into one GEMM (up to SPAN tiles)
-constexpr int SPAN_Q = {span_q};  // the same for the backward's runs of q-blocks
-constexpr int WKV = BKV * SPAN, WQ = BQ * SPAN_Q;
-constexpr int SPAN_MAX = SPAN > SPAN_Q ? SPAN : SPAN_Q;
-
-typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*,
-                        const float*, const int*, const float*, const int*, const float*, float*, const int*);
 
 struct Ctx {{
   int64_t B, H, Sq, Skv;
@@ -64,6 +63,49 @@ struct Ctx {{
   const int64_t* dims;  // 4 dims per tensor
   int* error;
 }};
+
+// What the per-spec library gives the runtime: its score mod applied to rows of a tile, and the backward's
+// per-row softmax gradient through the score mod (null when the spec has no score mod; the runtime then runs
+// its own vector loops), and whether it accumulates gradients of learned tables.
+typedef void (*mod_rows_t)(const Ctx* cx, float scale, float* s, int ld, int rows, int cols, int64_t b, int64_t h,
+                           int64_t q0, int64_t k0);
+typedef void (*backward_row_t)(const Ctx* cx, float scale, float* sr, float* dr, const uint8_t* kr, int cols,
+                               float lse, float delta, int64_t b, int64_t h, int64_t q, int64_t k0, float* tg,
+                               const int64_t* tg_off);
+struct Hooks {{
+  mod_rows_t mod_rows;
+  backward_row_t backward_row;
+  int table_grads;
+}};
+
+// A partial tile's record in the keep buffer (filled by attncc_masks): BQ x BKV keep bytes, row-major, then
+// each row's kept columns [lo, hi) as two int16 (lo = BKV, hi = 0 for a row that keeps nothing), then each
+// column's kept rows the same way
+constexpr int64_t KEEP_BYTES = ((int64_t)BQ * BKV + 3) / 4 * 4;  // padded: the ranges stay int16-aligned
+constexpr int64_t TILE_BYTES = KEEP_BYTES + 4 * BQ + 4 * BKV;
+inline const int16_t* kept_ranges(const uint8_t* tile) {{ return (const int16_t*)(tile + KEEP_BYTES); }}
+inline const int16_t* kept_col_ranges(const uint8_t* tile) {{ return kept_ranges(tile) + 2 * BQ; }}
+// the record of partial tile number ``rank`` of (batch, head) pair ``pair`` (its tiles start at keep_base[pair])
+template <class T> inline T* tile_record(T* keep, const int64_t* keep_base, int64_t pair, int32_t rank) {{
+  return keep + (keep_base[pair] + rank) * TILE_BYTES;
+}}
+
+// 2^x for the softmax, which runs in base 2 (log2(e) folds into the score scale): x = n + r with
+// n = round(x) (exact), 2^r by a degree-5 minimax polynomial on [-1/2, 1/2] (relative error
+// < 2e-7), 2^n through the exponent bits; vectorizable; 2^-inf = 0 exactly; 2^NaN = NaN (a NaN in q or
+// k reaches the row's sum and output, as in torch, instead of looking like a masked key).
+constexpr float LOG2E = 1.44269504088896341f, LN2 = 0.693147180559945309f;
+inline float exp2_f(float x) {{
+  if (x < -127.0f) return 0.0f;  // NaN fails this test and every step below keeps it NaN
+  x = min_of(x, 127.0f);
+  const float n = __builtin_nearbyintf(x), r = x - n;
+  float p = 1.32646796e-3f;
+  p = p * r + 9.67150275e-3f; p = p * r + 5.55073395e-2f; p = p * r + 2.40222424e-1f;
+  p = p * r + 6.93147004e-1f; p = p * r + 1.0f;
+  int32_t bits = ((int32_t)n + 127) << 23;
+  float scale; std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}}
 
 // floor division and modulo with Python/sympy semantics
 inline int64_t fdiv(int64_t a, int64_t b) {{
@@ -111,6 +153,145 @@ inline void table_grads_fn(const Ctx& cx, float g, float score, int64_t b, int64
 {table_grads_code}
 }}
 
+
+}}  // namespace
+
+// bytes of one partial tile's record in the keep buffer (checked against the runtime's by CpuKernel)
+extern "C" int64_t attncc_tile_bytes() {{ return TILE_BYTES; }}
+
+extern "C" void attncc_mod_rows(const Ctx* cx, float scale, float* s, int ld, int rows, int cols, int64_t b,
+                                int64_t h, int64_t q0, int64_t k0) {{
+  for (int i = 0; i < rows; ++i) {{
+    float* row = s + i * ld;
+    for (int j = 0; j < cols; ++j) row[j] = mod_fn(*cx, row[j] * scale, b, h, q0 + i, k0 + j);
+  }}
+}}
+
+// one row of the backward through the score mod: P from the scores and lse, dS = P (dP - delta) d mod/d score
+// (0 where masked, even if the derivative is not finite there), and the learned tables' gradients
+extern "C" void attncc_backward_row(const Ctx* cx, float scale, float* sr, float* dr, const uint8_t* kr, int cols,
+                                    float li, float di, int64_t b, int64_t h, int64_t q, int64_t k0, float* tg,
+                                    const int64_t* tg_off) {{
+  for (int j = 0; j < cols; ++j) {{
+    const float raw = sr[j] * scale;
+    const float sc = mod_fn(*cx, raw, b, h, q, k0 + j);
+    const float p = (!kr || kr[j]) ? exp2_f((sc - li) * LOG2E) : 0.0f;
+    const float dmod = dmod_fn(*cx, raw, b, h, q, k0 + j);
+    sr[j] = p;
+    if (TABLE_GRADS && tg && p != 0.0f) table_grads_fn(*cx, p * (dr[j] - di), raw, b, h, q, k0 + j, tg, tg_off);
+    dr[j] = p == 0.0f ? 0.0f : p * (dr[j] - di) * dmod * scale;
+  }}
+}}
+
+extern "C" const Hooks* attncc_hooks() {{
+  static const Hooks hooks{{HAS_MOD ? attncc_mod_rows : nullptr, HAS_MOD ? attncc_backward_row : nullptr,
+                           TABLE_GRADS ? 1 : 0}};
+  return &hooks;
+}}
+
+// Evaluate the mask once per call on every partial tile of every (batch, head) pair that has its
+// own mask; forward and backward then read these bytes instead of running mask code.
+extern "C" int attncc_masks(
+    uint8_t* keep, int64_t B, int64_t H, int64_t Sq, int64_t Skv,
+    const int32_t* map_of, int64_t maps_b, int64_t maps_h,
+    const int32_t* kv_ptr, const int32_t* kv_idx, const int32_t* kv_rank, const int64_t* keep_base,
+    const void* const* tensors, const int64_t* dims, int threads) {{
+  const int64_t nq = (Sq + BQ - 1) / BQ;
+  int error = 0;
+  const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
+  #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t task = 0; task < maps_b * maps_h * nq; ++task) {{
+    const int64_t qb = task % nq, pair = task / nq, b = pair / maps_h, h = pair % maps_h;
+    const int64_t row = (int64_t)map_of[pair] * nq + qb, q0 = qb * BQ;
+    const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
+    for (int32_t t = kv_ptr[row]; t < kv_ptr[row + 1]; ++t) {{
+      if (kv_rank[t] < 0) continue;
+      uint8_t* out = tile_record(keep, keep_base, pair, kv_rank[t]);
+      int16_t* rng = (int16_t*)(out + KEEP_BYTES);  // rows' kept columns, then columns' kept rows
+      int16_t* col_rng = rng + 2 * BQ;
+      for (int j = 0; j < BKV; ++j) {{ col_rng[2 * j] = BQ; col_rng[2 * j + 1] = 0; }}
+      const int64_t k0 = (int64_t)kv_idx[t] * BKV;
+      const int cols = (int)min_of<int64_t>(BKV, Skv - k0);
+      for (int i = 0; i < BQ; ++i) {{
+        int lo = BKV, hi = 0;
+        for (int j = 0; i < rows && j < cols; ++j) {{
+          const bool kept = mask_fn(cx, b, h, q0 + i, k0 + j);
+          out[i * BKV + j] = kept ? 1 : 0;
+          if (kept) {{
+            lo = min_of(lo, j);
+            hi = j + 1;
+            col_rng[2 * j] = min_of<int16_t>(col_rng[2 * j], (int16_t)i);
+            col_rng[2 * j + 1] = (int16_t)(i + 1);
+          }}
+        }}
+        rng[2 * i] = (int16_t)lo;
+        rng[2 * i + 1] = (int16_t)hi;
+      }}
+    }}
+  }}
+  return error;
+}}
+
+"""
+
+RUNTIME = r"""// attncc cpu runtime: the fixed forward and backward for {bq}x{bkv} tiles, shared by every spec
+// with these tiles; the spec's own code (mask bytes, score mod, derivatives) comes from its library
+// through Hooks
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <omp.h>
+
+namespace {{
+
+constexpr float INF = __builtin_inff();
+template <class T> inline T min_of(T a, T b) {{ return b < a ? b : a; }}
+template <class T> inline T max_of(T a, T b) {{ return a < b ? b : a; }}
+inline void fill(float* x, int64_t n, float value) {{ for (int64_t i = 0; i < n; ++i) x[i] = value; }}
+
+// an uninitialized float array on the heap, freed at the end of its scope
+struct Buf {{
+  float* p = nullptr;
+  Buf() = default;
+  explicit Buf(int64_t n) {{ resize(n); }}
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() {{ std::free(p); }}
+  void resize(int64_t n) {{ std::free(p); p = n > 0 ? (float*)std::malloc(sizeof(float) * n) : nullptr; }}
+  float* data() const {{ return p; }}
+  float& operator[](int64_t i) const {{ return p[i]; }}
+}};
+
+constexpr int BQ = {bq};
+constexpr int BKV = {bkv};
+constexpr int SPAN = {span};  // consecutive tiles of equal kind merged into one GEMM (up to SPAN tiles)
+constexpr int SPAN_Q = {span_q};  // the same for the backward's runs of q-blocks
+constexpr int WKV = BKV * SPAN, WQ = BQ * SPAN_Q;
+constexpr int SPAN_MAX = SPAN > SPAN_Q ? SPAN : SPAN_Q;
+
+typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*,
+                        const float*, const int*, const float*, const int*, const float*, float*, const int*);
+
+struct Ctx {{
+  int64_t B, H, Sq, Skv;
+  const void* const* tensors;
+  const int64_t* dims;  // 4 dims per tensor
+  int* error;
+}};
+
+// What the per-spec library gives the runtime: its score mod applied to rows of a tile, and the backward's
+// per-row softmax gradient through the score mod (null when the spec has no score mod; the runtime then runs
+// its own vector loops), and whether it accumulates gradients of learned tables.
+typedef void (*mod_rows_t)(const Ctx* cx, float scale, float* s, int ld, int rows, int cols, int64_t b, int64_t h,
+                           int64_t q0, int64_t k0);
+typedef void (*backward_row_t)(const Ctx* cx, float scale, float* sr, float* dr, const uint8_t* kr, int cols,
+                               float lse, float delta, int64_t b, int64_t h, int64_t q, int64_t k0, float* tg,
+                               const int64_t* tg_off);
+struct Hooks {{
+  mod_rows_t mod_rows;
+  backward_row_t backward_row;
+  int table_grads;
+}};
 // 2^x for the softmax, which runs in base 2 (log2(e) folds into the score scale): x = n + r with
 // n = round(x) (exact), 2^r by a degree-5 minimax polynomial on [-1/2, 1/2] (relative error
 // < 2e-7), 2^n through the exponent bits; vectorizable; 2^-inf = 0 exactly; 2^NaN = NaN (a NaN in q or
@@ -387,13 +568,12 @@ inline int run_length(const int32_t* idx, const uint8_t* full, int32_t t, int32_
 
 // scores of a run of tiles: scaled score -> score mod -> mask from the precomputed keep bytes
 // (partial tiles only; ``keep[u]`` is tile u of the run, its BQ x BKV bytes row-major)
-inline void tile_scores(const Ctx& cx, float SCALE, float* s, int ld, int rows, int cols,
+inline void tile_scores(const Hooks& spec, const Ctx& cx, float SCALE, float* s, int ld, int rows, int cols,
                         const uint8_t* const* keep, int64_t b, int64_t h, int64_t q0, int64_t k0) {{
+  if (spec.mod_rows) spec.mod_rows(&cx, SCALE, s, ld, rows, cols, b, h, q0, k0);
   for (int i = 0; i < rows; ++i) {{
     float* row = s + i * ld;
-    if (HAS_MOD)
-      for (int j = 0; j < cols; ++j) row[j] = mod_fn(cx, row[j] * SCALE, b, h, q0 + i, k0 + j);
-    else
+    if (!spec.mod_rows)
       for (int j = 0; j < cols; ++j) row[j] *= SCALE;
     if (keep)
       for (int u = 0; u * BKV < cols; ++u) {{
@@ -412,49 +592,6 @@ inline void tile_scores(const Ctx& cx, float SCALE, float* s, int ld, int rows, 
 // bytes of one partial tile's record in the keep buffer (CpuKernel sizes the buffer with it)
 extern "C" int64_t attncc_tile_bytes() {{ return TILE_BYTES; }}
 
-// Evaluate the mask once per call on every partial tile of every (batch, head) pair that has its
-// own mask; forward and backward then read these bytes instead of running mask code.
-extern "C" int attncc_masks(
-    uint8_t* keep, int64_t B, int64_t H, int64_t Sq, int64_t Skv,
-    const int32_t* map_of, int64_t maps_b, int64_t maps_h,
-    const int32_t* kv_ptr, const int32_t* kv_idx, const int32_t* kv_rank, const int64_t* keep_base,
-    const void* const* tensors, const int64_t* dims, int threads) {{
-  const int64_t nq = (Sq + BQ - 1) / BQ;
-  int error = 0;
-  const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
-  #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t task = 0; task < maps_b * maps_h * nq; ++task) {{
-    const int64_t qb = task % nq, pair = task / nq, b = pair / maps_h, h = pair % maps_h;
-    const int64_t row = (int64_t)map_of[pair] * nq + qb, q0 = qb * BQ;
-    const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
-    for (int32_t t = kv_ptr[row]; t < kv_ptr[row + 1]; ++t) {{
-      if (kv_rank[t] < 0) continue;
-      uint8_t* out = tile_record(keep, keep_base, pair, kv_rank[t]);
-      int16_t* rng = (int16_t*)(out + KEEP_BYTES);  // rows' kept columns, then columns' kept rows
-      int16_t* col_rng = rng + 2 * BQ;
-      for (int j = 0; j < BKV; ++j) {{ col_rng[2 * j] = BQ; col_rng[2 * j + 1] = 0; }}
-      const int64_t k0 = (int64_t)kv_idx[t] * BKV;
-      const int cols = (int)min_of<int64_t>(BKV, Skv - k0);
-      for (int i = 0; i < BQ; ++i) {{
-        int lo = BKV, hi = 0;
-        for (int j = 0; i < rows && j < cols; ++j) {{
-          const bool kept = mask_fn(cx, b, h, q0 + i, k0 + j);
-          out[i * BKV + j] = kept ? 1 : 0;
-          if (kept) {{
-            lo = min_of(lo, j);
-            hi = j + 1;
-            col_rng[2 * j] = min_of<int16_t>(col_rng[2 * j], (int16_t)i);
-            col_rng[2 * j + 1] = (int16_t)(i + 1);
-          }}
-        }}
-        rng[2 * i] = (int16_t)lo;
-        rng[2 * i + 1] = (int16_t)hi;
-      }}
-    }}
-  }}
-  return error;
-}}
-
 extern "C" int attncc_forward(
     const float* q, const float* k, const float* v, float* o, float* lse,
     int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv, int64_t D,
@@ -462,9 +599,11 @@ extern "C" int attncc_forward(
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE,
-    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work) {{
+    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, const void* hooks) {{
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const sgemm_t sg = (sgemm_t)sgemm;
+  const Hooks& spec = *(const Hooks*)hooks;
+  const bool HAS_MOD = spec.mod_rows != nullptr, ROPE = rope_cos != nullptr;
   Buf k_rot;  // prologue: K rotated once (every q-block task reads it); Q per task below
   if (ROPE) {{
     k_rot.resize(B * Hkv * Skv * D);
@@ -522,7 +661,7 @@ extern "C" int attncc_forward(
         else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), WKV, 0.0f);
         // full tiles without a score mod skip the scores pass: the scale folds into max and exp
         const bool plain = full && !HAS_MOD;
-        if (!plain) tile_scores(cx, SCALE, s.data(), WKV, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
+        if (!plain) tile_scores(spec, cx, SCALE, s.data(), WKV, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         const float sc = plain ? SCALE * LOG2E : LOG2E;  // scores to base 2; m[] is kept in base 2
         for (int i = 0; i < rows; ++i) {{
           float* sr = s.data() + i * WKV;
@@ -573,9 +712,11 @@ extern "C" int attncc_backward(
     const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE,
     const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, float* pack, int deterministic,
-    float* tgrad, const int64_t* tgrad_off, int64_t tgrad_total) {{
+    float* tgrad, const int64_t* tgrad_off, int64_t tgrad_total, const void* hooks) {{
   const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
   const sgemm_t sg = (sgemm_t)sgemm;
+  const Hooks& spec = *(const Hooks*)hooks;
+  const bool HAS_MOD = spec.mod_rows != nullptr, ROPE = rope_cos != nullptr;
   Buf q_rot, k_rot;  // prologue: rotated Q and K; the epilogue rotates dQ and dK back
   if (ROPE) {{
     q_rot.resize(B * H * Sq * D);
@@ -625,7 +766,7 @@ extern "C" int attncc_backward(
     const int16_t* col_rngs[SPAN_Q];
     float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * rows_all * D;
     // this thread's partial table gradients (zeroed by the caller, summed by it afterwards); null: none wanted
-    float* tg_mine = TABLE_GRADS && tgrad ? tgrad + (int64_t)omp_get_thread_num() * tgrad_total : nullptr;
+    float* tg_mine = spec.table_grads && tgrad ? tgrad + (int64_t)omp_get_thread_num() * tgrad_total : nullptr;
     std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
     #pragma omp for schedule(runtime)
     for (int64_t task = 0; task < B * Hkv * nkv; ++task) {{
@@ -694,16 +835,7 @@ extern "C" int attncc_backward(
               }}
               continue;
             }}
-            for (int j = 0; j < cols; ++j) {{
-              const float raw = sr[j] * SCALE;
-              const float sc = HAS_MOD ? mod_fn(cx, raw, b, h, q0 + i, k0 + j) : raw;
-              const float p = (full || kr[j]) ? exp2_f((sc - li) * LOG2E) : 0.0f;
-              const float dmod = HAS_MOD ? dmod_fn(cx, raw, b, h, q0 + i, k0 + j) : 1.0f;
-              sr[j] = p;
-              if (TABLE_GRADS && tg_mine && p != 0.0f)
-                table_grads_fn(cx, p * (dr[j] - di), raw, b, h, q0 + i, k0 + j, tg_mine, tgrad_off);
-              dr[j] = p == 0.0f ? 0.0f : p * (dr[j] - di) * dmod * SCALE;  // masked: 0 even if dmod is not finite
-            }}
+            spec.backward_row(&cx, SCALE, sr, dr, kr, cols, li, di, b, h, q0 + i, k0, tg_mine, tgrad_off);
           }}
           if (micro) {{
             if (full) {{

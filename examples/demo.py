@@ -135,7 +135,7 @@ def main() -> None:
     kern = ac.compile(specs()[1][0], target="auto")
     print("\nIR of gemma_window after the pipeline:\n" + kern.ir)
     print("\nits kernel plan (what every target builds from):\n" + str(kern.plan))
-    print(f"dumps (IR after each pass, plan, kernel source, block-map picture, metadata) are in {DUMP_DIR}/<spec>-<key>/")
+    print(f"dumps (IR after each pass, plan, source, block-map picture, metadata) are in {DUMP_DIR}/<spec>-<key>/")
     for path in sorted(DUMP_DIR.iterdir()):
         print("  ", path.name, "->", ", ".join(sorted(p.name for p in path.iterdir())))
 

@@ -42,8 +42,9 @@ def _ok(done: subprocess.CompletedProcess[str]) -> str:
     return done.stderr
 
 
-def _entry(cache: Path) -> tuple[Path, Path]:
-    (record,) = (cache / "cpu").glob("*.json")
+def _entry(cache: Path, runtime: bool = False) -> tuple[Path, Path]:
+    """The record and library of the spec's own library (or of the shared runtime's)."""
+    (record,) = (r for r in (cache / "cpu").glob("*.json") if r.name.startswith("runtime_") == runtime)
     return record, record.parent / json.loads(record.read_text())["file"]
 
 
@@ -64,6 +65,15 @@ def test_a_damaged_cached_library_is_discarded_and_rebuilt(tmp_path: Path, damag
     stderr = _ok(_run(tmp_path))
     assert "discarding cache entry" in stderr and "it is rebuilt" in stderr
     _ok(_run(tmp_path))  # and the rebuilt entry is good
+
+
+def test_a_damaged_runtime_library_is_discarded_and_rebuilt(tmp_path: Path) -> None:
+    """The runtime (the fixed forward and backward, shared by every spec with these tiles) is checked too."""
+    _ok(_run(tmp_path))
+    _, lib = _entry(tmp_path, runtime=True)
+    os.truncate(lib, lib.stat().st_size // 2)
+    stderr = _ok(_run(tmp_path, window=7))  # another spec: its own library is new, the runtime is reused
+    assert "discarding cache entry" in stderr and "runtime_16x16" in stderr
 
 
 def test_a_foreign_library_with_a_forged_record_is_refused_by_its_key(tmp_path: Path) -> None:

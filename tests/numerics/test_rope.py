@@ -106,7 +106,7 @@ def test_rope_triton_prologue(head_dim: int) -> None:
 def test_rope_ir_shows_the_rotation_feeding_the_tiled_op() -> None:
     kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.causal(), rope=True), target="cpu")
     assert "%q1 = attn.rope %q : [B, 2, Sq, 8]" in kern.ir and "attn.tiled %q1, %k1, %v" in kern.ir
-    assert "constexpr bool ROPE = true;" in kern.source
+    assert kern.plan.rope and kern.cpu_kernel().rope and "q and k rotated in the prologue" in str(kern.plan)
     assert "q = _rope(q, q_rows" in ac.compile(kern.spec, target="triton").source
     for record in kern.records:  # the IR after every pass prints and parses back to itself
         assert print_ir(parse_ir(record.ir)) == record.ir
@@ -116,7 +116,7 @@ def test_rope_ir_shows_the_rotation_feeding_the_tiled_op() -> None:
             Value("q", (X.B, sympy.Integer(2), X.Sq, sympy.Integer(7))),
         ).verify()
     plain = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.causal()), target="cpu")
-    assert "constexpr bool ROPE = false;" in plain.source and "attn.rope" not in plain.ir
+    assert not plain.plan.rope and not plain.cpu_kernel().rope and "attn.rope" not in plain.ir
 
 
 def test_rope_errors_name_what_to_pass() -> None:
