@@ -24,11 +24,8 @@ transposed lists for every query head of the group; dK and dV are owned by the t
 per-thread partial, and the team sums the partials into dQ at the end.
 """
 
-SPEC = r"""// attncc cpu kernel for @{name}: the spec's own code (mask, score mod, derivatives, tensor reads)
-// generated from the kernel plan; tiles {bq}x{bkv}. The fixed forward and backward are in the cpu
-// runtime for these tiles (see CpuKernel.runtime_source), built once per machine and shared.
-// light headers only: math comes from compiler builtins
-#include <cstdint>
+# both parts: light headers (math from compiler builtins), small helpers, the tile size
+_HEAD = r"""#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <omp.h>
@@ -55,9 +52,10 @@ struct Buf {{
 
 constexpr int BQ = {bq};
 constexpr int BKV = {bkv};
-constexpr bool HAS_MOD = {has_mod};
+"""
 
-struct Ctx {{
+# both parts: what a spec's code sees of a call, and the hooks the runtime calls
+_CTX = r"""struct Ctx {{
   int64_t B, H, Sq, Skv;
   const void* const* tensors;
   const int64_t* dims;  // 4 dims per tensor
@@ -77,10 +75,12 @@ struct Hooks {{
   backward_row_t backward_row;
   int table_grads;
 }};
+"""
 
-// A partial tile's record in the keep buffer (filled by attncc_masks): BQ x BKV keep bytes, row-major, then
-// each row's kept columns [lo, hi) as two int16 (lo = BKV, hi = 0 for a row that keeps nothing), then each
-// column's kept rows the same way
+# both parts: the layout of a partial tile's keep record (the spec writes it, the runtime reads it)
+_RECORD = r"""// A partial tile's record in the keep buffer (filled by attncc_masks): BQ x BKV keep bytes,
+// row-major, then each row's kept columns [lo, hi) as two int16 (lo = BKV, hi = 0 for a row that
+// keeps nothing), then each column's kept rows the same way
 constexpr int64_t KEEP_BYTES = ((int64_t)BQ * BKV + 3) / 4 * 4;  // padded: the ranges stay int16-aligned
 constexpr int64_t TILE_BYTES = KEEP_BYTES + 4 * BQ + 4 * BKV;
 inline const int16_t* kept_ranges(const uint8_t* tile) {{ return (const int16_t*)(tile + KEEP_BYTES); }}
@@ -90,7 +90,10 @@ template <class T> inline T* tile_record(T* keep, const int64_t* keep_base, int6
   return keep + (keep_base[pair] + rank) * TILE_BYTES;
 }}
 
-// 2^x for the softmax, which runs in base 2 (log2(e) folds into the score scale): x = n + r with
+"""
+
+# both parts: the softmax's 2^x
+_EXP2 = r"""// 2^x for the softmax, which runs in base 2 (log2(e) folds into the score scale): x = n + r with
 // n = round(x) (exact), 2^r by a degree-5 minimax polynomial on [-1/2, 1/2] (relative error
 // < 2e-7), 2^n through the exponent bits; vectorizable; 2^-inf = 0 exactly; 2^NaN = NaN (a NaN in q or
 // k reaches the row's sum and output, as in torch, instead of looking like a masked key).
@@ -106,7 +109,23 @@ inline float exp2_f(float x) {{
   float scale; std::memcpy(&scale, &bits, 4);
   return p * scale;
 }}
+"""
 
+SPEC = (
+    r"""// attncc cpu kernel for @{name}: the spec's own code (mask, score mod, derivatives, tensor reads)
+// generated from the kernel plan; tiles {bq}x{bkv}. The fixed forward and backward are in the cpu
+// runtime for these tiles (see CpuKernel.runtime_source), built once per machine and shared.
+// light headers only: math comes from compiler builtins
+"""
+    + _HEAD
+    + r"""constexpr bool HAS_MOD = {has_mod};
+
+"""
+    + _CTX
+    + "\n"
+    + _RECORD
+    + _EXP2
+    + r"""
 // floor division and modulo with Python/sympy semantics
 inline int64_t fdiv(int64_t a, int64_t b) {{
   int64_t q = a / b;
@@ -233,38 +252,15 @@ extern "C" int attncc_masks(
 }}
 
 """
+)
 
-RUNTIME = r"""// attncc cpu runtime: the fixed forward and backward for {bq}x{bkv} tiles, shared by every spec
+RUNTIME = (
+    r"""// attncc cpu runtime: the fixed forward and backward for {bq}x{bkv} tiles, shared by every spec
 // with these tiles; the spec's own code (mask bytes, score mod, derivatives) comes from its library
 // through Hooks
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <omp.h>
-
-namespace {{
-
-constexpr float INF = __builtin_inff();
-template <class T> inline T min_of(T a, T b) {{ return b < a ? b : a; }}
-template <class T> inline T max_of(T a, T b) {{ return a < b ? b : a; }}
-inline void fill(float* x, int64_t n, float value) {{ for (int64_t i = 0; i < n; ++i) x[i] = value; }}
-
-// an uninitialized float array on the heap, freed at the end of its scope
-struct Buf {{
-  float* p = nullptr;
-  Buf() = default;
-  explicit Buf(int64_t n) {{ resize(n); }}
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-  ~Buf() {{ std::free(p); }}
-  void resize(int64_t n) {{ std::free(p); p = n > 0 ? (float*)std::malloc(sizeof(float) * n) : nullptr; }}
-  float* data() const {{ return p; }}
-  float& operator[](int64_t i) const {{ return p[i]; }}
-}};
-
-constexpr int BQ = {bq};
-constexpr int BKV = {bkv};
-constexpr int SPAN = {span};  // consecutive tiles of equal kind merged into one GEMM (up to SPAN tiles)
+"""
+    + _HEAD
+    + r"""constexpr int SPAN = {span};  // consecutive tiles of equal kind merged into one GEMM (up to SPAN tiles)
 constexpr int SPAN_Q = {span_q};  // the same for the backward's runs of q-blocks
 constexpr int WKV = BKV * SPAN, WQ = BQ * SPAN_Q;
 constexpr int SPAN_MAX = SPAN > SPAN_Q ? SPAN : SPAN_Q;
@@ -272,43 +268,11 @@ constexpr int SPAN_MAX = SPAN > SPAN_Q ? SPAN : SPAN_Q;
 typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*,
                         const float*, const int*, const float*, const int*, const float*, float*, const int*);
 
-struct Ctx {{
-  int64_t B, H, Sq, Skv;
-  const void* const* tensors;
-  const int64_t* dims;  // 4 dims per tensor
-  int* error;
-}};
-
-// What the per-spec library gives the runtime: its score mod applied to rows of a tile, and the backward's
-// per-row softmax gradient through the score mod (null when the spec has no score mod; the runtime then runs
-// its own vector loops), and whether it accumulates gradients of learned tables.
-typedef void (*mod_rows_t)(const Ctx* cx, float scale, float* s, int ld, int rows, int cols, int64_t b, int64_t h,
-                           int64_t q0, int64_t k0);
-typedef void (*backward_row_t)(const Ctx* cx, float scale, float* sr, float* dr, const uint8_t* kr, int cols,
-                               float lse, float delta, int64_t b, int64_t h, int64_t q, int64_t k0, float* tg,
-                               const int64_t* tg_off);
-struct Hooks {{
-  mod_rows_t mod_rows;
-  backward_row_t backward_row;
-  int table_grads;
-}};
-// 2^x for the softmax, which runs in base 2 (log2(e) folds into the score scale): x = n + r with
-// n = round(x) (exact), 2^r by a degree-5 minimax polynomial on [-1/2, 1/2] (relative error
-// < 2e-7), 2^n through the exponent bits; vectorizable; 2^-inf = 0 exactly; 2^NaN = NaN (a NaN in q or
-// k reaches the row's sum and output, as in torch, instead of looking like a masked key).
-constexpr float LOG2E = 1.44269504088896341f, LN2 = 0.693147180559945309f;
-inline float exp2_f(float x) {{
-  if (x < -127.0f) return 0.0f;  // NaN fails this test and every step below keeps it NaN
-  x = min_of(x, 127.0f);
-  const float n = __builtin_nearbyintf(x), r = x - n;
-  float p = 1.32646796e-3f;
-  p = p * r + 9.67150275e-3f; p = p * r + 5.55073395e-2f; p = p * r + 2.40222424e-1f;
-  p = p * r + 6.93147004e-1f; p = p * r + 1.0f;
-  int32_t bits = ((int32_t)n + 127) << 23;
-  float scale; std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}}
-
+"""
+    + _CTX
+    + r""""""
+    + _EXP2
+    + r"""
 // C[m x n] (row-major, ldc) (+)= A[m x k] * B^T where B is [n x k] row-major: "nt"
 inline void gemm_nt(sgemm_t sg, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
                     float* c, int ldc, float beta) {{
@@ -422,19 +386,9 @@ inline bool use_micro(const float* work, int64_t D) {{ return work && SIMD && D 
 // round n up to a multiple of NR
 inline int up_nr(int n) {{ return (n + NR - 1) / NR * NR; }}
 
-// A partial tile's record in the keep buffer (filled by attncc_masks): BQ x BKV keep bytes, row-major, then
-// each row's kept columns [lo, hi) as two int16 (lo = BKV, hi = 0 for a row that keeps nothing), then each
-// column's kept rows the same way
-constexpr int64_t KEEP_BYTES = ((int64_t)BQ * BKV + 3) / 4 * 4;  // padded: the ranges stay int16-aligned
-constexpr int64_t TILE_BYTES = KEEP_BYTES + 4 * BQ + 4 * BKV;
-inline const int16_t* kept_ranges(const uint8_t* tile) {{ return (const int16_t*)(tile + KEEP_BYTES); }}
-inline const int16_t* kept_col_ranges(const uint8_t* tile) {{ return kept_ranges(tile) + 2 * BQ; }}
-// the record of partial tile number ``rank`` of (batch, head) pair ``pair`` (its tiles start at keep_base[pair])
-template <class T> inline T* tile_record(T* keep, const int64_t* keep_base, int64_t pair, int32_t rank) {{
-  return keep + (keep_base[pair] + rank) * TILE_BYTES;
-}}
-
-// the union [lo, hi) of the ranges of lines i..i+m-1 (2 int16 per line) in a tile ``ext`` long across them
+"""
+    + _RECORD
+    + r"""// the union [lo, hi) of the ranges of lines i..i+m-1 (2 int16 per line) in a tile ``ext`` long across them
 inline void kept_cols(const int16_t* rng, int i, int m, int& lo, int& hi, int ext = BKV) {{
   lo = ext;
   hi = 0;
@@ -886,3 +840,4 @@ extern "C" int attncc_backward(
   return error;
 }}
 """
+)
