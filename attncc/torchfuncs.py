@@ -268,6 +268,19 @@ def dispatch(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return handler(*args, **kwargs)
 
 
+def handles(func: Any) -> bool:
+    """True when ``func`` (a torch function) has a symbolic equivalent here."""
+    try:
+        return func in _TABLE
+    except TypeError:  # unhashable
+        return False
+
+
+def has_method(name: str) -> bool:
+    """True when the tensor method ``name`` has a symbolic equivalent here."""
+    return name in _METHODS
+
+
 def method(value: Expr, name: str) -> Any:
     """``value.name`` for a tensor method the tracer knows (bound to ``value``), else AttributeError."""
     if name in _METHODS:

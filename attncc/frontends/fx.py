@@ -2,11 +2,12 @@
 
 Sites: ``scaled_dot_product_attention`` calls (is_causal, boolean or additive float attn_mask,
 scale, enable_gqa) and decomposed ``matmul -> (scale) -> (mask) -> softmax -> matmul`` chains.
-The mask's producer subgraph (arange, arithmetic, comparisons, logical ops, where, triu/tril,
-indexing of runtime tensors, unsqueeze/view/expand) is evaluated symbolically
-(:mod:`attncc.frontends.symtensor`) into an attncc mask; K/V heads repeated by expand + reshape
-or repeat_interleave become GQA. A site that cannot be lifted keeps its original op and the
-reason is recorded; nothing is computed differently to get a lift.
+The mask's producer subgraph (arange, where, triu/tril, indexing of runtime tensors,
+unsqueeze/view/expand, and every elementwise op the FlexAttention tracer knows: one table,
+:mod:`attncc.torchfuncs`) is evaluated symbolically (:mod:`attncc.frontends.symtensor`) into an
+attncc mask; K/V heads repeated by expand + reshape or repeat_interleave become GQA. A site that
+cannot be lifted keeps its original op and the reason is recorded; nothing is computed differently
+to get a lift.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sympy
 import torch
 import torch.fx as fx
 
+from attncc import torchfuncs
+from attncc.dsl import Expr, lift
 from attncc.errors import AttnccError, UnsupportedError
 from attncc.frontends.symtensor import DIMS, SymTensor, arange, broadcast, constant
 from attncc.ir import exprs as X
@@ -54,40 +57,9 @@ def shape_of(node: Any) -> tuple[int, ...]:
 class Evaluator:
     """Evaluate the mask-producing part of a graph symbolically, node by node (memoized)."""
 
+    # & and | on attention masks: also on 0/1 integer masks (a padding mask kept as int64), read as != 0.
+    # Every other elementwise op goes through the tracer's table (attncc.torchfuncs, see _traced).
     ELEMENTWISE = {
-        operator.add: sympy.Add,
-        torch.add: sympy.Add,
-        aten.add.Tensor: sympy.Add,
-        operator.mul: sympy.Mul,
-        torch.mul: sympy.Mul,
-        aten.mul.Tensor: sympy.Mul,
-        operator.sub: lambda a, c: a - c,
-        torch.sub: lambda a, c: a - c,
-        aten.sub.Tensor: lambda a, c: a - c,
-        operator.le: sympy.Le,
-        torch.le: sympy.Le,
-        aten.le.Tensor: sympy.Le,
-        aten.le.Scalar: sympy.Le,
-        operator.lt: sympy.Lt,
-        torch.lt: sympy.Lt,
-        aten.lt.Tensor: sympy.Lt,
-        aten.lt.Scalar: sympy.Lt,
-        operator.ge: sympy.Ge,
-        torch.ge: sympy.Ge,
-        aten.ge.Tensor: sympy.Ge,
-        aten.ge.Scalar: sympy.Ge,
-        operator.gt: sympy.Gt,
-        torch.gt: sympy.Gt,
-        aten.gt.Tensor: sympy.Gt,
-        aten.gt.Scalar: sympy.Gt,
-        operator.eq: sympy.Eq,
-        torch.eq: sympy.Eq,
-        aten.eq.Tensor: sympy.Eq,
-        aten.eq.Scalar: sympy.Eq,
-        operator.ne: sympy.Ne,
-        torch.ne: sympy.Ne,
-        aten.ne.Tensor: sympy.Ne,
-        aten.ne.Scalar: sympy.Ne,
         operator.and_: sympy.And,
         torch.logical_and: sympy.And,
         torch.bitwise_and: sympy.And,
@@ -98,10 +70,6 @@ class Evaluator:
         torch.bitwise_or: sympy.Or,
         aten.logical_or.default: sympy.Or,
         aten.bitwise_or.Tensor: sympy.Or,
-        operator.floordiv: lambda a, c: sympy.floor(a / c),
-        torch.floor_divide: lambda a, c: sympy.floor(a / c),
-        operator.mod: sympy.Mod,
-        torch.remainder: sympy.Mod,
     }
     PASSTHROUGH = {"to", "bool", "long", "int", "float", "contiguous", "clone", "detach", "type_as", "type"}
 
@@ -140,7 +108,7 @@ class Evaluator:
         if target in self.ELEMENTWISE:
             parts = [self.value(a) for a in args[:2]]
             exprs, shape = broadcast(*parts)
-            exprs = [_as_bool(e) if self.ELEMENTWISE[target] in (sympy.And, sympy.Or) else e for e in exprs]
+            exprs = [_as_bool(e) for e in exprs]
             return SymTensor(self.ELEMENTWISE[target](*exprs), shape)
         if target in (operator.invert, torch.logical_not, torch.bitwise_not, aten.logical_not.default):
             t = self.value(args[0])
@@ -177,7 +145,27 @@ class Evaluator:
             return self.value(args[0]).unsqueeze(int(args[1]))
         if target is operator.getitem:
             return self._getitem(node)
+        fn = _torch_function(node)
+        if fn is not None:  # everything else elementwise: the tracer's table (attncc.torchfuncs)
+            return self._traced(node, fn)
         raise UnsupportedError(f"`{name}` ({node.op}) in the mask's producer graph is not lifted")
+
+    def _traced(self, node: fx.Node, fn: Any) -> SymTensor:
+        """An elementwise op evaluated by the FlexAttention tracer's table on the broadcast operands."""
+        values = [self.value(a) if isinstance(a, fx.Node) else a for a in node.args]
+        kwargs = {k: self.value(v) if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()}
+        tensors = [v for v in [*values, *kwargs.values()] if isinstance(v, SymTensor)]
+        if not tensors:
+            raise UnsupportedError(f"`{fn}` in the mask's producer graph has no symbolic operand")
+        exprs, shape = broadcast(*tensors)
+        wrapped = iter(Expr(e) for e in exprs)
+        args = [next(wrapped) if isinstance(v, SymTensor) else v for v in values]
+        kw = {k: next(wrapped) if isinstance(v, SymTensor) else v for k, v in kwargs.items()}
+        try:
+            out = torchfuncs.method(args[0], fn)(*args[1:], **kw) if isinstance(fn, str) else fn(*args, **kw)
+        except (AttnccError, TypeError, AttributeError) as exc:
+            raise UnsupportedError(f"`{node.target}` in the mask's producer graph: {exc}") from exc
+        return SymTensor(lift(out).sym, shape)
 
     def _filled(self, node: fx.Node) -> SymTensor:
         shape = shape_of(node)
@@ -261,6 +249,37 @@ class Evaluator:
         data = X.tensor_base(name)[tuple(exprs)]
         dtype = getattr(example_value(base), "dtype", None)
         return SymTensor(sympy.Ne(data, 0) if (to_bool or dtype is torch.bool) else data, shape)
+
+
+_OPERATORS = {
+    operator.add: torch.add,
+    operator.sub: torch.sub,
+    operator.mul: torch.mul,
+    operator.truediv: torch.true_divide,
+    operator.floordiv: torch.floor_divide,
+    operator.mod: torch.remainder,
+    operator.pow: torch.pow,
+    operator.abs: torch.abs,
+    operator.lt: torch.lt,
+    operator.le: torch.le,
+    operator.gt: torch.gt,
+    operator.ge: torch.ge,
+    operator.eq: torch.eq,
+    operator.ne: torch.ne,
+}
+
+
+def _torch_function(node: fx.Node) -> Any:
+    """The torch function (or tensor-method name) an FX node applies, where attncc.torchfuncs traces it:
+    ``torch.clamp``, ``Tensor.abs``, ``aten.minimum.default`` (by its name), ``operator.truediv``."""
+    target = node.target
+    if node.op == "call_method":
+        return target if isinstance(target, str) and torchfuncs.has_method(target) else None
+    if target in _OPERATORS:
+        return _OPERATORS[target]
+    if isinstance(target, torch._ops.OpOverload):
+        target = getattr(torch, target._schema.name.split("::")[-1], None)
+    return target if target is not None and torchfuncs.handles(target) else None
 
 
 def _as_bool(e: sympy.Basic) -> sympy.Basic:

@@ -162,6 +162,28 @@ def test_decomposed_pattern_with_triu_causal_mask() -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_mask_code_using_any_traced_torch_op_is_lifted() -> None:
+    """Mask-building ops beyond the FX front end's own few (abs, minimum, clamp, full_like, exp2 of a
+    distance as an additive bias) go through the FlexAttention tracer's table: one table for both."""
+
+    class Ops(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            i = torch.arange(q.shape[2])
+            dist = (i[:, None] - i[None, :]).abs()
+            keep = torch.minimum(dist, torch.full_like(dist, 100)).clamp(0, 50) <= 5
+            hidden = torch.full_like(dist, float("-inf"), dtype=torch.float)
+            bias = torch.where(keep, -torch.exp2(dist.float() / 4.0), hidden)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    q, k, v = (torch.randn(1, 2, 24, 16) for _ in range(3))
+    with torch.no_grad():
+        want = Ops()(q, k, v)
+        got = _compile(Ops())(q, k, v)
+    (site,) = _sites()
+    assert site["status"] == "lifted", site
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_unliftable_site_falls_back_with_a_reason() -> None:
     class Dropout(torch.nn.Module):
         def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
