@@ -103,7 +103,6 @@ def render(plan: KernelPlan) -> str:
     grads = "".join(f", TG_{n}" for n in plan.grad_tables)
     return TEMPLATE.format(
         grad_params=grads,
-        grad_args=grads,
         table_grad_code=_table_grad_code(plan),
         autotune="" if interpreting() else _AUTOTUNE,
         name=plan.name,
@@ -112,9 +111,7 @@ def render(plan: KernelPlan) -> str:
         layout=plan.layout,
         loaders="\n".join(_loader(t) for t in plan.tensors),
         tensor_params=params,
-        tensor_args=params,
         table_params=", ERR" + params,
-        table_args=", ERR" + params,
         **plan.expression_holes(emit),
         band_code=_band_code(plan),
     )

@@ -91,9 +91,9 @@ def _tile(s, offs_m, offs_n, full, b, h, B, H, SQ, SKV, ERR{tensor_params}, HAS_
     qm = tl.minimum(offs_m, SQ - 1)  # padding rows/columns of edge tiles see valid positions;
     kn = tl.minimum(offs_n, SKV - 1)  # their scores are discarded by the bounds mask above
     if HAS_MOD:
-        s = _mod(s, qm, kn, b, h, B, H, SQ, SKV, ERR{tensor_args})
+        s = _mod(s, qm, kn, b, h, B, H, SQ, SKV, ERR{tensor_params})
     if full == 0:
-        keep = keep & _mask(qm, kn, b, h, B, H, SQ, SKV, ERR{tensor_args})
+        keep = keep & _mask(qm, kn, b, h, B, H, SQ, SKV, ERR{tensor_params})
     return tl.where(keep, s, float("-inf"))
 
 
@@ -133,15 +133,15 @@ def attncc_fwd(Q, K, V, O, LSE, ERR, COS, SIN, ROPE_B, MAP_OF, KV_PTR, KV_IDX, K
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if BANDED:
         for band in tl.static_range(BANDS):
-            lo, hi, flo, fhi = _kv_range(qb, band, h, SQ, SKV, NKV{table_args})
+            lo, hi, flo, fhi = _kv_range(qb, band, h, SQ, SKV, NKV{table_params})
             for kb in range(lo, hi + 1):
                 seen = 0
                 for other in tl.static_range(band):  # blocks an earlier band already covered
-                    olo, ohi, oflo, ofhi = _kv_range(qb, other, h, SQ, SKV, NKV{table_args})
+                    olo, ohi, oflo, ofhi = _kv_range(qb, other, h, SQ, SKV, NKV{table_params})
                     seen = seen | ((kb >= olo) & (kb <= ohi))
                 if seen == 0:
                     full = ((kb >= flo) & (kb <= fhi)).to(tl.int32)
-                    m_i, l_i, acc = _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_args},
+                    m_i, l_i, acc = _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_params},
                                               b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
                                               B, H, SQ, SKV, SCALE, COS, SIN, tb, D, BLOCK_N, HAS_MOD, ROPE)
     else:
@@ -152,7 +152,7 @@ def attncc_fwd(Q, K, V, O, LSE, ERR, COS, SIN, ROPE_B, MAP_OF, KV_PTR, KV_IDX, K
         for t in range(start, end):
             kb = tl.load(KV_IDX + t)
             full = tl.load(KV_FULL + t).to(tl.int32)
-            m_i, l_i, acc = _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_args},
+            m_i, l_i, acc = _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_params},
                                       b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
                                       B, H, SQ, SKV, SCALE, COS, SIN, tb, D, BLOCK_N, HAS_MOD, ROPE)
     visible = l_i != 0  # NaN scores make l_i NaN: the row and its lse stay NaN, as in torch
@@ -179,7 +179,7 @@ def _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_params},
         k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None],
                     mask=nmask[None, :] & dmask[:, None], other=0.0)
     s = tl.dot(q, k) * SCALE
-    s = _tile(s, offs_m, offs_n, full, b, h, B, H, SQ, SKV, ERR{tensor_args}, HAS_MOD)
+    s = _tile(s, offs_m, offs_n, full, b, h, B, H, SQ, SKV, ERR{tensor_params}, HAS_MOD)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
@@ -196,7 +196,7 @@ def _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV
               HAS_MOD: tl.constexpr):
     """p and dS (gradient w.r.t. the raw q.k) of one tile"""
     raw = tl.dot(q, tl.trans(k)) * SCALE
-    s = _tile(raw, offs_m, offs_n, full, b, h, B, H, SQ, SKV, ERR{tensor_args}, HAS_MOD)
+    s = _tile(raw, offs_m, offs_n, full, b, h, B, H, SQ, SKV, ERR{tensor_params}, HAS_MOD)
     lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)
     p = tl.exp(s - lse_safe[:, None])
     dp = tl.dot(do, tl.trans(v))
@@ -204,7 +204,7 @@ def _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV
     d_mod = ds
     if HAS_MOD:
         ds = ds * _dmod(raw, tl.minimum(offs_m, SQ - 1), tl.minimum(offs_n, SKV - 1), b, h, B, H, SQ, SKV,
-                        ERR{tensor_args})
+                        ERR{tensor_params})
     ds = tl.where(p == 0.0, 0.0, ds) * SCALE
     return p, ds, d_mod, raw
 
@@ -258,9 +258,9 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, COS, SIN, ROPE_B,
             lse = tl.load(LSE + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=float("-inf"))
             delta = tl.load(DELTA + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=0.0)
             p, ds, d_mod, raw = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
-                                     ERR{tensor_args}, HAS_MOD)
+                                     ERR{tensor_params}, HAS_MOD)
             if TABLE_GRADS:
-                _table_grads(d_mod, raw, offs_m, offs_n, b, h, B, H, SQ, SKV, ERR{tensor_args}{grad_args})
+                _table_grads(d_mod, raw, offs_m, offs_n, b, h, B, H, SQ, SKV, ERR{tensor_params}{grad_params})
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     if ROPE:
@@ -307,7 +307,7 @@ def attncc_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, ERR, COS, SIN, ROPE_B,
             k = _rope(k, k_rows, nm, COS, SIN, tb + offs_n, offs_d, D).to(k.dtype)
         v = tl.load(V + kv_off, mask=nm, other=0.0)
         p, ds, _, _ = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
-                             ERR{tensor_args}, HAS_MOD)
+                             ERR{tensor_params}, HAS_MOD)
         dq += tl.dot(ds.to(k.dtype), k)
     if ROPE:
         dq = _rope_back(dq, COS, SIN, tb + offs_m + SKV - SQ, mm, offs_d, D)
