@@ -1,8 +1,8 @@
 """The Triton kernel template of the triton target. Holes: ``{name}`` fields filled by
-:mod:`attncc.codegen.triton` from the tiled op; everything else is fixed text.
+:mod:`attncc.codegen.triton` from the kernel plan; everything else is fixed text.
 
 Forward (FlashAttention-2 online softmax): one program per (q-block, batch * head). Banded
-layouts compute their kv-block ranges in the kernel from the closed form of the tiled op (no
+layouts compute their kv-block ranges in the kernel from the closed form in the plan (no
 index tensors); other layouts read the CSR tile lists. Full tiles run no mask code; ragged edges
 use bounds masks. Backward: a dK/dV kernel per (kv-block, batch * kv-head) walking the
 transposed lists for every query head of its group, and a dQ kernel per (q-block, batch * head).
