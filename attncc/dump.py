@@ -59,14 +59,16 @@ def update_picture(kern: Kernel, path: Path, call: Call) -> None:
 
 
 def write(kern: Kernel, path: Path, call: Call | None = None) -> Path:
-    """Files: NN-<pass>.ir for each stage, plan.txt (the KernelPlan), kernel.cpp / kernel.py (the source),
-    blockmap.png, meta.json."""
+    """Files: NN-<pass>.ir for each stage, plan.txt (the KernelPlan), kernel.cpp / kernel.py (the source;
+    on the cpu target also runtime.cpp, the fixed part it plugs into), blockmap.png, meta.json."""
     path.mkdir(parents=True, exist_ok=True)
     for i, rec in enumerate(kern.records):
         stem = rec.spelling.split("{")[0]
         (path / f"{i:02d}-{stem}.ir").write_text(rec.ir)
     (path / "plan.txt").write_text(f"{kern.plan}\n")
     (path / ("kernel.cpp" if kern.target == "cpu" else "kernel.py")).write_text(kern.source)
+    if kern.target == "cpu":  # the fixed forward and backward the spec's kernel.cpp plugs into
+        (path / "runtime.cpp").write_text(kern.cpu_kernel().runtime_source)
     picture_note = picture_of(kern, path, call)
     meta = {
         "spec": repr(kern.spec),

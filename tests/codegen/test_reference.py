@@ -120,6 +120,7 @@ def test_dump_writes_every_stage(tmp_path: Path) -> None:
     where = kern.dump(tmp_path / "d")
     cpu_dump = ac.compile(SPEC, target="cpu").dump(tmp_path / "c")
     assert (cpu_dump / "kernel.cpp").read_text().startswith("// attncc cpu kernel for @doc_window")
+    assert 'extern "C" int attncc_forward(' in (cpu_dump / "runtime.cpp").read_text()
     names = sorted(p.name for p in where.iterdir())
     stages = ["00-input.ir", "01-canonicalize.ir", "02-fuse.ir", "03-block-sparse.ir"]
     assert names == [*stages, "kernel.py", "meta.json", "plan.txt"]
