@@ -49,6 +49,7 @@ from attncc.masks import (
 )
 from attncc.mods import alibi, chain, relative_bias, softcap
 from attncc.neighborhood import neighborhood
+from attncc.sharding import ShardPlan, shard_heads
 from attncc.spec import AttentionSpec, TensorDecl
 
 __version__ = "0.1.0"
@@ -60,6 +61,7 @@ __all__ = [
     "Kernel",
     "LinearAttentionSpec",
     "LoweringError",
+    "ShardPlan",
     "SpecError",
     "TensorDecl",
     "TensorRef",
@@ -91,6 +93,7 @@ __all__ = [
     "relative_bias",
     "release_workspace",
     "score",
+    "shard_heads",
     "sinks",
     "sliding_window",
     "softcap",

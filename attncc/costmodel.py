@@ -12,10 +12,12 @@ else 4096). Masks with runtime tensors are costed as dense. Users override with
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import sympy
 
+from attncc.blockmap import FULL, PARTIAL, BlockMap
 from attncc.ir import exprs as X
 from attncc.spec import AttentionSpec
 
@@ -63,3 +65,105 @@ def choose_tiles(spec: AttentionSpec, mask: sympy.Basic, target: str) -> tuple[i
         if cost < best_cost:
             best, best_cost = (bq, bkv), cost
     return best
+
+
+# ---- head placement (the head-shard pass and ac.shard_heads) ----------------------------------------------
+
+PARTIAL_COST = 1.5  # a partial tile relative to a full one (keep bytes, kept ranges): an estimate, not measured
+EXACT_GROUPS = 12  # up to this many kv-head groups the balance is searched exhaustively (branch and bound)
+
+
+def head_costs(bm: BlockMap, num_heads: int) -> np.ndarray:
+    """float64 [num_heads]: each query head's work in full-tile units (full tiles + PARTIAL_COST * partial
+    tiles), summed over the map's batch entries; a map shared by all heads gives every head its cost."""
+    states = bm.states()  # [Bm, Hm, nq, nkv]
+    per = ((states == FULL).sum((2, 3)) + PARTIAL_COST * (states == PARTIAL).sum((2, 3))).sum(0).astype(np.float64)
+    return np.broadcast_to(per, (num_heads,)).copy() if per.shape[0] == 1 else per
+
+
+def balance(costs: Sequence[float], world: int, equal_counts: bool = True) -> tuple[int, ...]:
+    """The rank of each item (a kv-head group) so that the largest rank's cost is small: exhaustive branch
+    and bound up to EXACT_GROUPS items, else longest-processing-time first improved by pairwise swaps.
+    ``equal_counts``: every rank gets len(costs) / world items (needs divisibility; PyTorch's tensor
+    parallelism splits heads evenly).
+
+    >>> balance([5, 4, 3, 3, 3, 2], 2)    # LPT alone would give 11 vs 9; the exact split is 10 vs 10
+    (0, 1, 1, 0, 1, 0)
+    """
+    n = len(costs)
+    cap = n // world if equal_counts else n
+    if equal_counts and n % world:
+        raise ValueError(f"{n} groups do not split evenly over {world} ranks")
+    order = sorted(range(n), key=lambda i: -costs[i])
+    owner = _lpt(costs, order, world, cap)
+    if n <= EXACT_GROUPS:
+        return _exact(costs, order, world, cap, owner)
+    return _improve(costs, owner, world, moves=not equal_counts)
+
+
+def _loads(costs: Sequence[float], owner: Sequence[int], world: int) -> list[float]:
+    loads = [0.0] * world
+    for i, r in enumerate(owner):
+        loads[r] += costs[i]
+    return loads
+
+
+def _lpt(costs: Sequence[float], order: list[int], world: int, cap: int) -> list[int]:
+    owner, loads, counts = [0] * len(costs), [0.0] * world, [0] * world
+    for i in order:
+        r = min((r for r in range(world) if counts[r] < cap), key=lambda r: loads[r])
+        owner[i], loads[r], counts[r] = r, loads[r] + costs[i], counts[r] + 1
+    return owner
+
+
+def _exact(costs: Sequence[float], order: list[int], world: int, cap: int, start: list[int]) -> tuple[int, ...]:
+    best, best_max = list(start), max(_loads(costs, start, world))
+    loads, counts, owner = [0.0] * world, [0] * world, [0] * len(costs)
+
+    def search(k: int) -> None:
+        nonlocal best, best_max
+        if k == len(order):
+            if max(loads) < best_max - 1e-12:
+                best, best_max = list(owner), max(loads)
+            return
+        i, seen = order[k], set()
+        for r in range(world):
+            key = (loads[r], counts[r])
+            if counts[r] >= cap or key in seen or loads[r] + costs[i] >= best_max - 1e-12:
+                continue  # full, symmetric to a rank tried already, or no better than the best found
+            seen.add(key)
+            owner[i], loads[r], counts[r] = r, loads[r] + costs[i], counts[r] + 1
+            search(k + 1)
+            loads[r], counts[r] = loads[r] - costs[i], counts[r] - 1
+
+    search(0)
+    return tuple(best)
+
+
+def _improve(costs: Sequence[float], owner: list[int], world: int, moves: bool) -> tuple[int, ...]:
+    """Swap pairs of items between the most loaded rank and another (or, with ``moves``, move one item off it)
+    while that lowers the larger of the two ranks' loads."""
+    owner = list(owner)
+    for _ in range(100 * len(costs)):
+        loads = _loads(costs, owner, world)
+        top = max(range(world), key=lambda r: loads[r])
+        best: tuple[float, int, int] | None = None
+        for i in (i for i, r in enumerate(owner) if r == top):
+            candidates = [(j, other, costs[j]) for j, other in enumerate(owner) if other != top]
+            if moves:
+                candidates += [(-1 - r, r, 0.0) for r in range(world) if r != top]  # j < 0: a move to rank r
+            for j, other, cj in candidates:
+                if cj >= costs[i]:
+                    continue
+                delta = costs[i] - cj
+                new_max = max(loads[top] - delta, loads[other] + delta)
+                if new_max < loads[top] - 1e-12 and (best is None or new_max < best[0]):
+                    best = (new_max, i, j)
+        if best is None:
+            break
+        _, i, j = best
+        if j < 0:
+            owner[i] = -1 - j
+        else:
+            owner[i], owner[j] = owner[j], owner[i]
+    return tuple(owner)

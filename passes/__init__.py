@@ -4,5 +4,16 @@ from attncc.passes.base import REGISTRY, Pass, PassRecord, parse_pipeline, run_p
 from attncc.passes.block_sparse import BlockSparse
 from attncc.passes.canonicalize import Canonicalize
 from attncc.passes.fuse import Fuse
+from attncc.passes.head_shard import HeadShard
 
-__all__ = ["REGISTRY", "BlockSparse", "Canonicalize", "Fuse", "Pass", "PassRecord", "parse_pipeline", "run_pipeline"]
+__all__ = [
+    "REGISTRY",
+    "BlockSparse",
+    "Canonicalize",
+    "Fuse",
+    "HeadShard",
+    "Pass",
+    "PassRecord",
+    "parse_pipeline",
+    "run_pipeline",
+]

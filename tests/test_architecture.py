@@ -24,7 +24,12 @@ LAYERS: list[tuple[str, set[str]]] = [
     # what users write: the DSL, specs, tracing, and spec -> decomposed IR
     ("declarations", _names("dsl torchfuncs trace masks mods neighborhood spec rope linear lower validate")),
     ("analysis", _names("bands tiling blockmap costmodel picture passes.normalize")),
-    ("passes", _names("passes passes.base passes.canonicalize passes.fuse passes.recognize passes.block_sparse")),
+    (
+        "passes",
+        _names(
+            "passes passes.base passes.canonicalize passes.fuse passes.recognize passes.block_sparse passes.head_shard"
+        ),
+    ),
     ("plan", {"plan"}),
     (
         "targets",
@@ -32,7 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         | {f"codegen.{m}" for m in _names("reference cpu cpu_template triton triton_template triton_linear")}
         | {"codegen"},
     ),
-    ("api", _names("api dump cli dynamo frontends frontends.fx frontends.symtensor __init__")),
+    ("api", _names("api sharding dump cli dynamo frontends frontends.fx frontends.symtensor __init__")),
 ]
 # the code generators of different targets never import each other (triton_linear is the triton target's)
 TARGETS = {"codegen.cpu": "cpu", "codegen.reference": "reference", "codegen.triton": "triton",
