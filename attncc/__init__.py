@@ -105,4 +105,5 @@ __all__ = [
     "x",
 ]
 
+from attncc import distributed as distributed
 from attncc import dynamo as dynamo  # the torch.compile backend; imported last, it uses the names above

@@ -26,6 +26,7 @@ from attncc.blockmap import BlockMap
 from attncc.codegen import cpu, fallback, reference, toolchain
 from attncc.costmodel import choose_tiles
 from attncc.errors import SpecError, UnsupportedError
+from attncc.ir import exprs as X
 from attncc.ir.core import Graph
 from attncc.linear import LinearAttentionSpec
 from attncc.lower import spec_to_ir
@@ -223,8 +224,9 @@ class Kernel:
         tensors = {n: t for n, t in tensors.items() if n not in rope.NAMES}
         shape = CallShape(batch, q_len, kv_len)
         check_requires(self.spec, shape)
-        bound = check_tensors(self.spec, shape, tensors, torch.device("cpu")) if self.spec.tensors else {}
-        return self._map(shape, bound, block)
+        mask_names = set(X.tensor_refs(self.spec.mask))  # the score mod's tensors do not change the map
+        bound = check_tensors(self.spec, shape, tensors, torch.device("cpu"), mask_names) if self.spec.tensors else {}
+        return self._map(shape, {n: t for n, t in bound.items() if n in mask_names}, block)
 
     @property
     def recipe(self) -> tiling.Recipe:

@@ -9,9 +9,8 @@
 >>> round(plan.imbalance, 3), round(plan.naive_imbalance, 3)   # vs heads 0-3 | 4-7
 (1.0, 1.641)
 
-Execution on torch.distributed (each rank computing its heads with their global indices, gathering the
-outputs) is not built yet; the plan is what it will follow, and what the ``head-shard`` pass writes into
-the IR for a fixed length.
+The plan is what :class:`attncc.distributed.ShardedAttention` executes on torch.distributed (each rank its
+heads, with their global indices), and what the ``head-shard`` pass writes into the IR for a fixed length.
 """
 
 from __future__ import annotations

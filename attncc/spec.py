@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,3 +195,110 @@ def _check_index(name: str, index: tuple[sympy.Expr, ...]) -> None:
             raise SpecError(
                 f"index `{X.expr_str(i)}` of tensor {name!r} is not an integer expression; use // for integer division"
             )
+
+
+HEAD_TABLE = "attncc_head"  # a sharded spec's local query head -> global head index
+Q_POS, KV_POS = "attncc_q_pos", "attncc_kv_pos"  # a sequence shard's rows / columns -> global positions
+
+
+def for_heads(spec: AttentionSpec, heads: Sequence[int]) -> AttentionSpec:
+    """``spec`` restricted to the query heads ``heads`` (whole kv-head groups, ascending), each keeping its
+    global index: per-head tables keep their heads' entries, every other use of ``h`` (ALiBi's default slopes,
+    a runtime tensor indexed by the head) reads the global index from a constant table. Kv head ``j`` of the
+    result is the ``j``-th kv head the heads use. What a rank of head-sharded attention compiles.
+
+    >>> import attncc as ac
+    >>> spec = ac.AttentionSpec(num_heads=4, head_dim=8, mask=ac.sliding_window(ac.per_head([1, 2, 3, 4], "w")),
+    ...                         score_mod=ac.alibi())
+    >>> local = for_heads(spec, [1, 3])
+    >>> [(t.name, t.values) for t in local.tensors]
+    [('attncc_head', (1.0, 3.0)), ('w', (2.0, 4.0))]
+    """
+    heads = [int(h) for h in heads]
+    groups = spec.groups
+    if not heads or heads != sorted(set(heads)) or not all(0 <= h < spec.num_heads for h in heads):
+        raise SpecError(f"heads {heads} must be distinct ascending query heads in [0, {spec.num_heads})")
+    kv_heads = sorted({h // groups for h in heads})
+    if len(heads) != len(kv_heads) * groups:
+        raise SpecError(
+            f"heads {heads} split a kv-head group (each kv head serves {groups} consecutive query heads); "
+            "take whole groups"
+        )
+    tables = {t.name: t.values for t in spec.tensors if t.values}
+    local_tables = {name: tuple(values[h] for h in heads) for name, values in tables.items()}
+    held: dict[sympy.Basic, sympy.Symbol] = {}  # table[h] accesses, kept while the other uses of h are replaced
+
+    def hold(e: sympy.Basic) -> sympy.Basic:
+        if str(e.base) in tables:
+            if e.indices != (X.h,):
+                raise SpecError(f"per-head table access `{X.expr_str(e)}` is not indexed by h; cannot shard its heads")
+            return held.setdefault(e, sympy.Dummy(str(e.base)))
+        return e
+
+    glob = X.tensor_base(HEAD_TABLE)[X.h]
+    exprs = []
+    for expr in (spec.mask, spec.score_mod):
+        expr = expr.replace(lambda e: isinstance(e, sympy.Indexed), hold)
+        expr = expr.xreplace({X.h: glob})
+        exprs.append(expr.xreplace({d: e for e, d in held.items()}))
+    if any(e.has(glob) for e in exprs):
+        local_tables[HEAD_TABLE] = tuple(float(h) for h in heads)
+    requires = tuple((c.subs(X.H, spec.num_heads), m) for c, m in spec.requires)
+    return _rebuilt(spec, exprs[0], exprs[1], len(heads), len(kv_heads), local_tables, {}, requires)
+
+
+def at_positions(spec: AttentionSpec, q_len: int, kv_len: int) -> AttentionSpec:
+    """``spec`` on query rows and key columns that sit at global positions ``attncc_q_pos[q]`` and
+    ``attncc_kv_pos[kv]`` (int runtime tensors passed at call time) of a ``q_len`` x ``kv_len`` attention:
+    what one rank of sequence-parallel attention compiles. Runtime tensors keep their global indexing.
+
+    >>> import attncc as ac
+    >>> str(at_positions(ac.AttentionSpec(num_heads=1, head_dim=8, mask=ac.causal()), 64, 64).mask)
+    'attncc_kv_pos[kv] <= attncc_q_pos[q]'
+    """
+    subs = {
+        X.q: X.tensor_base(Q_POS)[X.q],
+        X.kv: X.tensor_base(KV_POS)[X.kv],
+        X.Sq: sympy.Integer(q_len),
+        X.Skv: sympy.Integer(kv_len),
+    }
+    mask, mod = spec.mask.xreplace(subs), spec.score_mod.xreplace(subs)
+    requires = tuple((c.subs({X.Sq: q_len, X.Skv: kv_len}), m) for c, m in spec.requires)
+    for cond, message in requires:
+        if cond is sympy.false:
+            raise SpecError(f"{message} (at q_len={q_len}, kv_len={kv_len})")
+    tables = {t.name: t.values for t in spec.tensors if t.values}
+    return _rebuilt(spec, mask, mod, spec.num_heads, int(spec.num_kv_heads or spec.num_heads), tables,
+                    {Q_POS: "int", KV_POS: "int"}, requires)  # fmt: skip
+
+
+def _rebuilt(
+    spec: AttentionSpec,
+    mask: sympy.Basic,
+    mod: sympy.Basic,
+    num_heads: int,
+    num_kv_heads: int,
+    tables: dict[str, tuple[float, ...]],
+    extra_dtypes: dict[str, str],
+    requires: tuple[tuple[sympy.Basic, str], ...],
+) -> AttentionSpec:
+    dtypes = {t.name: t.dtype for t in spec.tensors} | extra_dtypes
+    dtypes.update({n: "int" if all(float(v).is_integer() for v in vals) else "float" for n, vals in tables.items()})
+    meta = Meta(
+        requires=tuple(r for r in requires if r[0] is not sympy.true),
+        tables=tuple(sorted(tables.items())),
+        dtypes=tuple(sorted(dtypes.items())),
+    )
+    out = AttentionSpec(
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=spec.head_dim,
+        mask=Expr(mask, meta),
+        score_mod=Expr(mod, EMPTY),
+        scale=spec.scale,
+        name=spec.name,
+        rope=spec.rope,
+    )
+    object.__setattr__(out, "captured", dict(spec.captured))
+    object.__setattr__(out, "bindings", spec.bindings)
+    return out

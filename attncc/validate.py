@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import sympy
@@ -78,10 +79,16 @@ def check_requires(spec: AttentionSpec, shape: CallShape) -> None:
 
 
 def check_tensors(
-    spec: AttentionSpec, shape: CallShape, given: dict[str, torch.Tensor], device: torch.device
+    spec: AttentionSpec,
+    shape: CallShape,
+    given: dict[str, torch.Tensor],
+    device: torch.device,
+    names: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The runtime tensors to pass to a kernel (captured ones included), all validated."""
-    wanted = {t.name: t for t in spec.runtime_tensors()}
+    """The runtime tensors to pass to a kernel (captured ones included), all validated; ``names``: only these
+    are required (the mask's, for a block map), the spec's others are accepted and left out."""
+    wanted = {t.name: t for t in spec.runtime_tensors() if names is None or t.name in names}
+    given = {n: t for n, t in given.items() if n in wanted or n not in {d.name for d in spec.runtime_tensors()}}
     missing, unknown = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
     if missing and unknown:
         guesses = {u: difflib.get_close_matches(u, missing, n=1) for u in unknown}

@@ -7,7 +7,9 @@ or moving the cache to another machine never reuses a stale binary. Writes are a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import json
@@ -18,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from attncc import config, diskcache
@@ -129,11 +132,29 @@ def build(source: str, name: str, force: bool = False) -> tuple[Path, bool]:
     folder = diskcache.folder("cpu")
     key = cache_key(source)
     record = folder / f"{name}-{key}.json"
-    if not (force or config.get().always_compile):
+    always = config.get().always_compile
+    if not (force or always):
         lib = valid_entry(record, key)
         if lib is not None:
             return lib, False
-    return _compile(source, folder, name, key, record), True
+    with _locked(folder / f".{name}-{key}.lock"):  # ranks of one job compiling one kernel: one builds, all use it
+        if not always:
+            lib = valid_entry(record, key)  # (a bad entry was discarded before a forced build: this one is new)
+            if lib is not None:
+                return lib, False
+        return _compile(source, folder, name, key, record), True
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created), held for the block, so concurrent processes that miss
+    the same entry wait for one build instead of each compiling (and unlinking each other's libraries)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def valid_entry(record: Path, key: str) -> Path | None:
@@ -208,14 +229,20 @@ def load(source: str, name: str) -> tuple[ctypes.CDLL, Path, bool]:
     """Build (or find) and ``dlopen`` the library of ``source``; its exported key must be this
     source's key, else the entry is discarded and rebuilt once."""
     key = cache_key(source)
-    for attempt in range(3):
-        path, fresh = build(source, name, force=attempt > 0)
+    force = False
+    for _ in range(3):
+        path, fresh = build(source, name, force=force)
         try:
             lib = ctypes.CDLL(str(path))
             found = (ctypes.c_char * (len(key) + 1)).in_dll(lib, KEY_SYMBOL).value.decode()
         except (OSError, ValueError) as exc:  # removed by another process's rebuild, or no key symbol
+            if not path.exists():  # replaced by another process's newer build: its record names the new file
+                log.debug("attncc: %s was replaced by another process's build; loading that one", path.name)
+                force = False
+                continue
             found = f"<{type(exc).__name__}: {exc}>"
         if found == key:
             return lib, path, fresh
         diskcache.discard(path, f"its library reports key {found}, expected {key}")
+        force = True
     raise LoweringError(f"could not load a valid build of {name}-{key} from {path.parent} after 3 attempts")

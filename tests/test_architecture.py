@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         | {f"codegen.{m}" for m in _names("reference cpu cpu_template triton triton_template triton_linear")}
         | {"codegen"},
     ),
-    ("api", _names("api sharding dump cli dynamo frontends frontends.fx frontends.symtensor __init__")),
+    ("api", _names("api sharding distributed dump cli dynamo frontends frontends.fx frontends.symtensor __init__")),
 ]
 # the code generators of different targets never import each other (triton_linear is the triton target's)
 TARGETS = {"codegen.cpu": "cpu", "codegen.reference": "reference", "codegen.triton": "triton",
