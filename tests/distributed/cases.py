@@ -130,3 +130,53 @@ def expected(name: str) -> dict[str, torch.Tensor]:
     grads = {f"grad_{n}": t.grad for n, t in leaves.items()}
     grads |= {f"grad_{n}": rt[n].grad for n in case.learned}
     return {"out": out.detach(), **grads}
+
+
+# ---- a model block under PyTorch's own tensor parallelism --------------------------------------------------
+TP_WINDOWS = [4, 250, 8, 200, 16, 130, 2, 250]  # per-head windows: a contiguous split of heads is unbalanced
+TP_HIDDEN, TP_HEADS, TP_KV_HEADS, TP_DIM, TP_LEN = 32, 8, 4, 8, 256
+
+
+class Block(torch.nn.Module):
+    """q/k/v projections, attention, output projection: the shape PyTorch's ColwiseParallel / RowwiseParallel
+    split. ``attend(q, k, v)`` takes [B, heads, S, D] and is given the heads the projections produce."""
+
+    def __init__(self, attend: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(TP_HIDDEN, TP_HEADS * TP_DIM)
+        self.k = torch.nn.Linear(TP_HIDDEN, TP_KV_HEADS * TP_DIM)
+        self.v = torch.nn.Linear(TP_HIDDEN, TP_KV_HEADS * TP_DIM)
+        self.o = torch.nn.Linear(TP_HEADS * TP_DIM, TP_HIDDEN)
+        self.attend = attend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        heads = lambda t: t.view(b, s, -1, TP_DIM).transpose(1, 2)  # local heads under TP
+        out = self.attend(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
+        return self.o(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def tp_spec() -> ac.AttentionSpec:
+    window = ac.per_head(TP_WINDOWS, "w")
+    return ac.AttentionSpec(num_heads=TP_HEADS, num_kv_heads=TP_KV_HEADS, head_dim=TP_DIM,
+                            mask=ac.sliding_window(window), score_mod=ac.alibi())  # fmt: skip
+
+
+def tp_inputs() -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The block's weights, its input and the loss weights (the same in every process)."""
+    torch.manual_seed(7)
+    weights = Block(lambda q, k, v: q).state_dict()
+    return weights, torch.randn(2, TP_LEN, TP_HIDDEN), torch.randn(2, TP_LEN, TP_HIDDEN)
+
+
+def tp_expected() -> dict[str, torch.Tensor]:
+    """float64 oracle of the unsharded block: output and the gradient of sum(out * w) for x."""
+    weights, x, w = tp_inputs()
+    keep = oracle.dense(oracle.per_head_window(TP_WINDOWS), 2, TP_HEADS, TP_LEN, TP_LEN)
+    scale = 1.0 / TP_DIM**0.5
+    block = Block(lambda q, k, v: oracle.attention(q, k, v, keep, scale, oracle.alibi_fn(TP_HEADS))[0]).double()
+    block.load_state_dict({n: t.double() for n, t in weights.items()})
+    xd = x.double().requires_grad_()
+    out = block(xd)
+    (out * w.double()).sum().backward()
+    return {"out": out.detach(), "grad_x": xd.grad}

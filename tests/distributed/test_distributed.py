@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tests.distributed.cases import CASES, expected
+from tests.distributed.cases import CASES, expected, tp_expected
 
 WORKER = Path(__file__).with_name("worker.py")
 
@@ -35,7 +35,12 @@ def _launch(world: int, names: list[str], tmp: Path) -> list[dict[str, dict[str,
 
 
 def _check(world: int, names: list[str], tmp: Path) -> None:
-    results = _launch(world, names, tmp)
+    results = _launch(world, [*names, "tp"], tmp)
+    want_tp = tp_expected()
+    for rank, res in enumerate(results):  # torch's own TP split of a block whose weights permute_heads reordered
+        torch.testing.assert_close(res["tp"]["out"].double(), want_tp["out"], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(res["tp"]["grad_x"].double(), want_tp["grad_x"], atol=2e-5, rtol=1e-4)
+        assert res["tp"]["dtensor_err"] < 1e-5, f"rank {rank}: DTensor heads differ by {res['tp']['dtensor_err']}"
     for name in names:
         want = expected(name)
         heads = CASES[name].mode == "heads"

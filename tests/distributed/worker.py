@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import attncc as ac
-from tests.distributed.cases import CASES, inputs
+from tests.distributed.cases import CASES, Block, inputs, tp_inputs, tp_spec
 
 
 def run(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -44,12 +44,61 @@ def run(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     return result
 
 
+def run_tp(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """The block under torch's ColwiseParallel / RowwiseParallel, its weights permuted by the balanced plan;
+    plus the DTensor path: q/k/v as DTensors sharded on heads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    spec = tp_spec()
+    weights, x, w = tp_inputs()
+    plan = ac.shard_heads(spec, world, x.shape[1])
+    att = ac.distributed.ShardedAttention(spec, plan, target="cpu")
+    block = Block(att)
+    d = spec.head_dim
+    permuted = {}
+    for name, t in weights.items():
+        proj = name.split(".")[0]
+        kv = proj in ("k", "v")
+        permuted[name] = (
+            t
+            if proj == "o" and name.endswith("bias")
+            else (ac.distributed.permute_heads(t, plan, d, dim=1 if proj == "o" else 0, kv=kv))
+        )
+    block.load_state_dict(permuted)
+    mesh = init_device_mesh("cpu", (world,))
+    parallelize_module(block, mesh, {"q": ColwiseParallel(), "k": ColwiseParallel(), "v": ColwiseParallel(),
+                                     "o": RowwiseParallel()})  # fmt: skip
+    xl = x.clone().requires_grad_()
+    out = block(xl)
+    out = out.full_tensor() if isinstance(out, DTensor) else out
+    (out * w).sum().backward()
+    grad_x = xl.grad
+    # DTensor inputs sharded on heads (global head order = plan.permutation)
+    q = torch.randn(1, spec.num_heads, 32, d)
+    k, v = torch.randn(1, spec.num_kv_heads, 32, d), torch.randn(1, spec.num_kv_heads, 32, d)
+    perm = torch.tensor(plan.permutation)
+    kv_perm = torch.tensor([h for r in range(world) for h in plan.kv_heads_of(r)])
+    dq = DTensor.from_local(q[:, perm].chunk(world, 1)[rank], mesh, [Shard(1)], run_check=False)
+    dk = DTensor.from_local(k[:, kv_perm].chunk(world, 1)[rank], mesh, [Shard(1)], run_check=False)
+    dv = DTensor.from_local(v[:, kv_perm].chunk(world, 1)[rank], mesh, [Shard(1)], run_check=False)
+    dout = att(dq, dk, dv)
+    full = ac.compile(spec, target="reference")(q, k, v)[:, perm]
+    plain = lambda t: t.detach().clone()  # an op on torch's AsyncCollectiveTensor waits and returns a Tensor
+    return {"out": plain(out), "grad_x": plain(grad_x), "dtensor_err": (dout.full_tensor() - full).abs().max()}
+
+
 def main() -> None:
     rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        torch.save({name: run(name, rank, world) for name in sys.argv[5:]}, f"{out}.{rank}")
+        names = sys.argv[5:]
+        results = {name: run(name, rank, world) for name in names if name != "tp"}
+        if "tp" in names:
+            results["tp"] = run_tp(rank, world)
+        torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
