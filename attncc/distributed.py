@@ -252,7 +252,11 @@ class SequenceLayout:
 
     def rows_sent(self, rank: int) -> int:
         """Key/value rows ``rank`` sends in the forward (the backward returns as many gradient rows)."""
-        return sum(len(self._span(c, self.chunk_kv, self.kv_len)) for c, src, _ in self.transfers() if src == rank)
+        return sum(_rows(self, c) for c, src, _ in self.transfers() if src == rank)
+
+    def rows_received(self, rank: int) -> int:
+        """Key/value rows ``rank`` fetches in the forward."""
+        return sum(_rows(self, c) for c, _, dst in self.transfers() if dst == rank)
 
     def ring_rows_sent(self, rank: int) -> int:
         """What a full ring would send: every rank's rows pass to every other rank."""
