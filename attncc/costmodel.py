@@ -69,15 +69,25 @@ def choose_tiles(spec: AttentionSpec, mask: sympy.Basic, target: str) -> tuple[i
 
 # ---- head placement (the head-shard pass and ac.shard_heads) ----------------------------------------------
 
-PARTIAL_COST = 1.5  # a partial tile relative to a full one (keep bytes, kept ranges): an estimate, not measured
+# A partial tile's time relative to a full one's, per target. cpu: measured 1.18-1.32 at 64 x 64 tiles for masks
+# evaluated per element (``benchmarks/sharding.py --part tiles``); triton: an estimate, never measured on a GPU;
+# reference: dense, every tile costs the same.
+PARTIAL_COST = {"cpu": 1.25, "triton": 1.5, "reference": 1.0}
 EXACT_GROUPS = 12  # up to this many kv-head groups the balance is searched exhaustively (branch and bound)
 
 
-def head_costs(bm: BlockMap, num_heads: int) -> np.ndarray:
-    """float64 [num_heads]: each query head's work in full-tile units (full tiles + PARTIAL_COST * partial
-    tiles), summed over the map's batch entries; a map shared by all heads gives every head its cost."""
+def partial_cost(target: str) -> float:
+    """:data:`PARTIAL_COST` of ``target`` (the cpu figure for a target without one)."""
+    return PARTIAL_COST.get(target, PARTIAL_COST["cpu"])
+
+
+def head_costs(bm: BlockMap, num_heads: int, target: str = "cpu") -> np.ndarray:
+    """float64 [num_heads]: each query head's work in full-tile units (full tiles + partial tiles x
+    ``partial_cost(target)``), summed over the map's batch entries; a map shared by all heads gives every head
+    its cost."""
     states = bm.states()  # [Bm, Hm, nq, nkv]
-    per = ((states == FULL).sum((2, 3)) + PARTIAL_COST * (states == PARTIAL).sum((2, 3))).sum(0).astype(np.float64)
+    weight = partial_cost(target)
+    per = ((states == FULL).sum((2, 3)) + weight * (states == PARTIAL).sum((2, 3))).sum(0).astype(np.float64)
     return np.broadcast_to(per, (num_heads,)).copy() if per.shape[0] == 1 else per
 
 

@@ -211,7 +211,7 @@ def permute_heads(weight: torch.Tensor, plan: ShardPlan, head_dim: int, dim: int
 @dataclass(frozen=True)
 class SequenceLayout:
     """Which rank owns which query/key chunks, which key chunks each query chunk needs, and the cost of each
-    query chunk (full + PARTIAL_COST x partial tiles) — all read off the block map."""
+    query chunk (full + partial tiles x the target's partial-tile cost) — all read off the block map."""
 
     world_size: int
     q_len: int
@@ -288,6 +288,7 @@ def sequence_layout(
     q_len: int,
     kv_len: int | None = None,
     chunks_per_rank: int = 2,
+    target: str = "cpu",
     **runtime: torch.Tensor,
 ) -> SequenceLayout:
     """Cut ``q_len`` queries and ``kv_len`` keys into ``world_size * chunks_per_rank`` chunks and place them
@@ -315,7 +316,7 @@ def sequence_layout(
     bm = compile_spec(spec, target="reference").block_map(q_len, kv_len, **runtime)
     bq, bkv = bm.block_size
     states = bm.states()
-    work = ((states == FULL) + costmodel.PARTIAL_COST * (states == PARTIAL)).sum((0, 1))  # [nq, nkv]
+    work = ((states == FULL) + costmodel.partial_cost(target) * (states == PARTIAL)).sum((0, 1))  # [nq, nkv]
     if states.shape[1] == 1:
         work = work * spec.num_heads  # one map shared by every head
     computed = (states != EMPTY).any((0, 1))

@@ -7,7 +7,7 @@
 >>> plan.heads_of(0), plan.heads_of(1)       # each rank gets two narrow and two wide heads
 ([0, 2, 4, 6], [1, 3, 5, 7])
 >>> round(plan.imbalance, 3), round(plan.naive_imbalance, 3)   # vs heads 0-3 | 4-7
-(1.0, 1.641)
+(1.0, 1.684)
 
 The plan is what :class:`attncc.distributed.ShardedAttention` executes on torch.distributed (each rank its
 heads, with their global indices), and what the ``head-shard`` pass writes into the IR for a fixed length.
@@ -36,6 +36,7 @@ class ShardPlan:
     num_kv_heads: int
     owner: tuple[int, ...]  # rank of each query head
     head_costs: tuple[float, ...]
+    partial_cost: float = 1.0  # the weight of a partial tile in head_costs (the target's)
 
     def heads_of(self, rank: int) -> list[int]:
         """The global query-head indices ``rank`` computes (ascending)."""
@@ -73,7 +74,7 @@ class ShardPlan:
 
     def __str__(self) -> str:
         lines = [f"head placement over {self.world_size} ranks (cost: full tiles + partial tiles x "
-                 f"{costmodel.PARTIAL_COST:g})"]  # fmt: skip
+                 f"{self.partial_cost:g})"]  # fmt: skip
         for r in range(self.world_size):
             lines.append(
                 f"  rank {r}: heads {self.heads_of(r)}, kv heads {self.kv_heads_of(r)}, cost {self.cost_of(r):g}"
@@ -88,12 +89,19 @@ def _imbalance(loads: list[float]) -> float:
 
 
 def shard_heads(
-    spec: AttentionSpec, world_size: int, q_len: int, kv_len: int | None = None, **runtime: torch.Tensor
+    spec: AttentionSpec,
+    world_size: int,
+    q_len: int,
+    kv_len: int | None = None,
+    target: str = "cpu",
+    **runtime: torch.Tensor,
 ) -> ShardPlan:
     """Place ``spec``'s query heads on ``world_size`` ranks so that their proven work is balanced (see the
-    module docstring). Runtime tensors the mask reads are passed by name, as for a call."""
+    module docstring), partial tiles weighted by ``target``'s measured cost. Runtime tensors the mask reads
+    are passed by name, as for a call."""
     kern = compile_spec(spec, target="reference")
     bm = kern.block_map(q_len, kv_len or q_len, **runtime)
-    costs = costmodel.head_costs(bm, spec.num_heads)
+    costs = costmodel.head_costs(bm, spec.num_heads, target)
     owner = group_owner(costs, kern.plan.num_kv_heads, world_size)
-    return ShardPlan(world_size, spec.num_heads, kern.plan.num_kv_heads, owner, tuple(map(float, costs)))
+    return ShardPlan(world_size, spec.num_heads, kern.plan.num_kv_heads, owner, tuple(map(float, costs)),
+                     costmodel.partial_cost(target))  # fmt: skip

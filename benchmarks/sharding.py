@@ -172,18 +172,46 @@ def sent_bytes(n: int) -> None:
     print()
 
 
+def tiles(n: int, reps: int) -> None:
+    """Per-tile time of full and partial tiles on the cpu target: what costmodel.PARTIAL_COST["cpu"] is set from."""
+    print(f"## tiles: cpu forward, N={n}, 4 heads, D={D}, fp32: time per computed tile\n")
+    print("| mask | full tiles | partial tiles | ms | us per tile | partial / full |")
+    print("|---|---|---|---|---|---|")
+    docs = torch.arange(n) // 7  # 7-token documents: every computed tile is partial
+    masks = {
+        "all visible (kv >= 0)": (ac.kv >= 0, {}),
+        "(q + kv) even": ((ac.q + ac.kv) % 2 == 0, {}),
+        "7-token documents (runtime ids)": (ac.document(ac.tensor("doc")), {"doc": docs}),
+        "q % 3 != kv % 5": ((ac.q % 3) != (ac.kv % 5), {}),
+    }
+    per_full = None
+    for label, (mask, runtime) in masks.items():
+        kern = ac.compile(ac.AttentionSpec(num_heads=4, head_dim=D, mask=mask), target="cpu", tiles=(64, 64))
+        st = kern.block_map(n, n, **runtime).states()
+        mult = 4 if st.shape[1] == 1 else 1
+        full, part = int((st == 2).sum()) * mult, int((st == 1).sum()) * mult
+        q, k, v = (torch.randn(1, 4, n, D) for _ in range(3))
+        sec = _best(lambda kern=kern, q=q, k=k, v=v, rt=runtime: kern(q, k, v, **rt), reps)
+        per = sec / (full + part)
+        per_full = per if per_full is None else per_full
+        print(f"| {label} | {full} | {part} | {sec * 1e3:.1f} | {per * 1e6:.1f} | {per / per_full:.2f} |")
+    print()
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         world, rank, init, n, reps, out = sys.argv[2:8]
         worker(int(rank), int(world), init, int(n), int(reps), out)
         return
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--part", choices=["predict", "run", "bytes", "all"], default="all")
+    parser.add_argument("--part", choices=["tiles", "predict", "run", "bytes", "all"], default="all")
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--run-n", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n")
+    if args.part in ("tiles", "all"):
+        tiles(args.run_n, args.reps + 2)
     if args.part in ("predict", "all"):
         predict(args.n, args.reps)
     if args.part in ("run", "all"):

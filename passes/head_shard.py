@@ -9,7 +9,7 @@ after (world = 2):
     attn.return %o1
 
 Each head's cost comes from the block map at ``q_len`` x ``kv_len`` (full tiles, and partial tiles
-weighted by :data:`attncc.costmodel.PARTIAL_COST`), so heads with different windows or per-head masks
+weighted by the target's :data:`attncc.costmodel.PARTIAL_COST`), so heads with different windows or per-head masks
 are balanced by the work they really do, not by their number. A GQA group (a kv head and its query
 heads) stays on one rank. Every rank gets the same number of groups (PyTorch's tensor parallelism splits
 heads evenly). A mask that reads runtime tensors is costed as dense here; ``ac.shard_heads(...,
@@ -62,6 +62,7 @@ class HeadShard(Pass):
     world: int = 2
     q_len: int = 4096
     kv_len: int = 0  # 0: q_len
+    target: str = "cpu"  # whose partial-tile cost weighs the map
 
     def run(self, graph: Graph) -> Graph:
         (op,) = (o for o in graph.ops if isinstance(o, FusedOp))
@@ -75,7 +76,7 @@ class HeadShard(Pass):
         else:
             rec = tiling.recipe(op.mask, {t.tensor: np.asarray(t.values) for t in tensors if t.values})
             bm = tiling.build(rec, self.q_len, kv_len, tiles, heads, 1)
-        owner = group_owner(costmodel.head_costs(bm, heads), kv_heads, self.world)
+        owner = group_owner(costmodel.head_costs(bm, heads, self.target), kv_heads, self.world)
         ret = graph.ops[-1]
         assert isinstance(ret, ReturnOp)
         shard = HeadShardOp(Value(f"{ret.out.name}_sharded", ret.out.shape), ret.out, self.world, owner)

@@ -44,7 +44,7 @@ def _moa(n: int) -> ac.AttentionSpec:
 
 def test_moa_heads_balance_over_four_ranks() -> None:
     plan = ac.shard_heads(_moa(16384), 4, 16384)
-    assert plan.imbalance <= 1.05 < plan.naive_imbalance  # measured: 1.001 vs 2.579 for the contiguous split
+    assert plan.imbalance <= 1.05 < plan.naive_imbalance  # measured: 1.001 vs 2.621 contiguous
     assert sorted(plan.permutation) == list(range(32)) and all(len(plan.heads_of(r)) == 8 for r in range(4))
     assert abs(sum(plan.cost_of(r) for r in range(4)) - sum(plan.head_costs)) < 1e-6
     assert "imbalance" in str(plan) and "rank 3: heads" in str(plan)
