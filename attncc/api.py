@@ -23,7 +23,9 @@ import torch
 
 from attncc import config, dump, rope, tiling
 from attncc.blockmap import BlockMap
-from attncc.codegen import cpu, fallback, reference, toolchain
+from attncc.codegen import fallback, reference, toolchain
+from attncc.codegen.target import Call, Executable, with_rope
+from attncc.codegen.target import build as build_target
 from attncc.costmodel import choose_tiles
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir import exprs as X
@@ -57,12 +59,10 @@ class Kernel:
         self.graph = graph
         self.records = records
         self.plan = lower(graph)  # what every target builds from
-        self._impl = reference.build(self.plan)
-        self._built: dict[str, Any] = {}  # target -> generated kernel; shared with rebound() twins
+        self._built: dict[str, Executable] = {}  # target -> its executable; shared with rebound() twins
         self._last_call: dump.Call | None = None  # lengths and runtime tensors of the last call, for dump()
         self._dumped_to: Path | None = None  # ATTNCC_DUMP_DIR folder whose map waits for a call's tensors
         self._lists: dict[tuple[int, int, int], TileLists] = {}
-        self._keeps: dict[tuple[int, int, int], torch.Tensor] = {}
         self.block_size = self.plan.tiles
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
 
@@ -75,7 +75,7 @@ class Kernel:
             raise SpecError(f"rebound(): {spec!r} is not {self.spec!r} with other captured tensors")
         twin = copy.copy(self)
         twin.spec = spec
-        twin._lists, twin._keeps = {}, {}
+        twin._lists = {}
         twin._last_call = twin._dumped_to = None
         return twin
 
@@ -86,26 +86,22 @@ class Kernel:
 
     @property
     def source(self) -> str:
-        """Generated source of the chosen target (C++ for cpu, PyTorch for reference)."""
-        if self.target == "cpu":
-            return self.cpu_kernel().source
-        if self.target == "triton":
-            return self.triton_kernel().source
-        return self._impl.source
+        """Generated source of the chosen target (C++ for cpu, Triton, PyTorch for reference)."""
+        return self.executable(self.target).source
+
+    def executable(self, target: str) -> Executable:
+        """``target``'s executable of this kernel's plan (``codegen.target.build``), built on first use."""
+        if target not in self._built:
+            self._built[target] = build_target(target, self.plan)
+        return self._built[target]
 
     def triton_kernel(self) -> Any:
         """The generated Triton kernels (rendered and cached on first use)."""
-        if "triton" not in self._built:
-            from attncc.codegen import triton as triton_target
+        return self.executable("triton").kernel  # type: ignore[attr-defined]
 
-            self._built["triton"] = triton_target.TritonKernel(self.plan)
-        return self._built["triton"]
-
-    def cpu_kernel(self) -> cpu.CpuKernel:
+    def cpu_kernel(self) -> Any:
         """The compiled C++ kernel (built on first use, cached on disk)."""
-        if "cpu" not in self._built:
-            self._built["cpu"] = cpu.CpuKernel(self.plan)
-        return self._built["cpu"]  # type: ignore[no-any-return]
+        return self.executable("cpu").kernel  # type: ignore[attr-defined]
 
     def _static(self) -> bool:
         """True when the block map depends on the lengths only (no runtime or captured tensors)."""
@@ -119,18 +115,6 @@ class Kernel:
         if key not in self._lists:
             self._lists[key] = TileLists.of(self._map(shape, bound))
         return self._lists[key]
-
-    def _plan_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> tuple[TileLists, torch.Tensor]:
-        """Tile lists and the cpu target's partial-tile masks; cached per shape when the mask is static."""
-        key = (shape.batch, shape.q_len, shape.kv_len)
-        lists = self._lists_for(shape, bound)
-        if self._static() and key in self._keeps:
-            return lists, self._keeps[key]
-        sizes = (shape.batch, self.spec.num_heads, shape.q_len, shape.kv_len)
-        keep = self.cpu_kernel().masks(lists, sizes, bound)
-        if self._static():
-            self._keeps[key] = keep
-        return lists, keep
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False, **tensors: torch.Tensor
@@ -150,51 +134,15 @@ class Kernel:
             return (o, lse) if return_lse else o
         if self.spec.runtime_tensors():
             self._remember(shape, tensors)
-        if self.target == "triton" or (self.auto and q.device.type == "cuda"):
-            return self._call_triton(q, k, v, shape, bound, tables, return_lse)
-        if self.target == "cpu":
-            reason = fallback.reason("cpu", q, bound, self.plan.grad_tables)
-            if reason is None:
-                lists, keep = self._plan_for(shape, bound)
-                learn = tuple(fallback.learned(bound))
-                recompute = functools.partial(self._recompute, tables=tables)
-                o, lse = cpu.CpuAttention.apply(
-                    q, k, v, self.cpu_kernel(), lists, keep, bound, tables, recompute, learn, *(bound[n] for n in learn)
-                )
-                return (o, lse) if return_lse else o
-            if q.device.type != "cpu":
-                raise SpecError(f"target 'cpu' got tensors on {q.device}; compile with target='auto' or 'triton'")
-            log.info("cpu target: running the reference target for this call: %s", reason)
-        return self._impl(q, k, v, _with_tables(bound, tables), return_lse)
-
-    def _call_triton(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        shape: CallShape,
-        bound: dict[str, torch.Tensor],
-        tables: tuple[torch.Tensor, torch.Tensor] | None,
-        return_lse: bool,
-    ) -> Any:
-        from attncc.codegen import triton as triton_target
-
-        reason = fallback.reason("triton", q, bound)
+        name = "triton" if self.target == "triton" or (self.auto and q.device.type == "cuda") else self.target
+        call = Call(q, k, v, shape, bound, tables, functools.partial(self._lists_for, shape, bound), self._static(),
+                    self._recompute)  # fmt: skip
+        exe = self.executable(name)
+        reason = exe.unsupported(call)
         if reason is not None:
-            log.info("triton target: running the reference target for this call: %s", reason)
-            return self._impl(q, k, v, _with_tables(bound, tables), return_lse)
-        given = _with_tables(bound, tables)  # the rope tables ride along under their call names
-        names = list(given)
-        o, lse = triton_target.TritonAttention.apply(
-            q,
-            k,
-            v,
-            self.triton_kernel(),
-            self._lists_for(shape, bound),
-            self._recompute,
-            names,
-            *(given[n] for n in names),
-        )
+            log.info("%s target: running the reference target for this call: %s", name, reason)
+            exe = self.executable("reference")
+        o, lse = exe.run(call)
         return (o, lse) if return_lse else o
 
     def _remember(self, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:
@@ -214,7 +162,8 @@ class Kernel:
         tables: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The call on the reference target (differentiable twice): second-order gradients."""
-        return self._impl(q, k, v, _with_tables(tensors, tables), True)  # type: ignore[no-any-return]
+        ref = self.executable("reference")
+        return ref(q, k, v, with_rope(tensors, tables), True)  # type: ignore[operator, no-any-return]
 
     def block_map(
         self, q_len: int, kv_len: int, batch: int = 1, block: tuple[int, int] | None = None, **tensors: torch.Tensor
@@ -253,11 +202,6 @@ class Kernel:
             q = q_len if q_len is not None else call[1]  # type: ignore[index]
             call = (1, q, kv_len if kv_len is not None else q, tensors)
         return dump.write(self, Path(path), call)
-
-
-def _with_tables(bound: dict[str, torch.Tensor], tables: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
-    """Runtime tensors plus the rope tables under their call names (as the reference reads them)."""
-    return bound if tables is None else {**bound, **dict(zip(rope.NAMES, tables, strict=True))}
 
 
 def _resolve_target(target: str) -> str:

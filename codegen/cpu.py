@@ -7,6 +7,7 @@ q, k, v run in float32 (bf16/fp16 inputs are upcast once, O(S * D), and the outp
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ import torch
 
 from attncc.codegen import cpu_template, fallback
 from attncc.codegen.emit_cpp import emit
+from attncc.codegen.target import Call
 from attncc.errors import LoweringError, SpecError
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp
@@ -419,6 +421,52 @@ class CpuKernel:
         require grad (the api runs the reference instead when this is too large)."""
         learn = [n for n in self.grad_tables if n in tensors and tensors[n].requires_grad]
         return torch.get_num_threads() * sum(tensors[n].numel() for n in learn)
+
+
+class CpuExecutable:
+    """The cpu target's executable: the compiled library (built or loaded on first use) and the partial-tile
+    masks of static maps, per call shape."""
+
+    def __init__(self, plan: KernelPlan) -> None:
+        self.plan = plan
+        self._kernel: CpuKernel | None = None
+        self._keeps: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    @property
+    def kernel(self) -> CpuKernel:
+        if self._kernel is None:
+            self._kernel = CpuKernel(self.plan)
+        return self._kernel
+
+    @property
+    def source(self) -> str:
+        return self.kernel.source
+
+    def unsupported(self, call: Call) -> str | None:
+        reason = fallback.reason("cpu", call.q, call.tensors, self.plan.grad_tables)
+        if reason is not None and call.q.device.type != "cpu":
+            raise SpecError(f"target 'cpu' got tensors on {call.q.device}; compile with target='auto' or 'triton'")
+        return reason
+
+    def run(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+        lists = call.lists()
+        shape = (call.shape.batch, call.shape.q_len, call.shape.kv_len)
+        keep = self._keeps.get(shape) if call.static else None
+        if keep is None:
+            sizes = (call.shape.batch, self.plan.num_heads, call.shape.q_len, call.shape.kv_len)
+            keep = self.kernel.masks(lists, sizes, call.tensors)
+            if call.static:
+                self._keeps[shape] = keep
+        learn = tuple(fallback.learned(call.tensors))
+        recompute = functools.partial(call.recompute, tables=call.rope)
+        o, lse = CpuAttention.apply(call.q, call.k, call.v, self.kernel, lists, keep, call.tensors, call.rope,
+                                    recompute, learn, *(call.tensors[n] for n in learn))  # fmt: skip
+        return o, lse
+
+
+def build(plan: KernelPlan) -> CpuExecutable:
+    """The cpu executable of ``plan`` (nothing is compiled until its first call or ``.kernel``)."""
+    return CpuExecutable(plan)
 
 
 class CpuAttention(torch.autograd.Function):

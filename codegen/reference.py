@@ -18,6 +18,7 @@ import torch
 
 from attncc.codegen import helpers
 from attncc.codegen.emit_torch import emit
+from attncc.codegen.target import Call, with_rope
 from attncc.linear import LinearAttentionSpec
 from attncc.plan import KernelPlan
 
@@ -85,9 +86,16 @@ class ReferenceKernel:
 
     source: str
     module: types.ModuleType
+    plan: KernelPlan
 
     def __call__(self, q: Any, k: Any, v: Any, tensors: dict[str, Any], return_lse: bool = False) -> Any:
         return self.module.forward(q, k, v, tensors, return_lse)
+
+    def unsupported(self, call: Call) -> str | None:
+        return None  # the reference runs every call
+
+    def run(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(call.q, call.k, call.v, with_rope(call.tensors, call.rope), True)  # type: ignore[no-any-return]
 
 
 ROPE_CODE = """\
@@ -116,7 +124,7 @@ def build(plan: KernelPlan) -> ReferenceKernel:
     source = render(plan)
     module = types.ModuleType(f"attncc_reference_{plan.name.replace('-', '_').replace('.', '_')}")
     exec(compile(source, f"<attncc reference @{plan.name}>", "exec"), module.__dict__)
-    return ReferenceKernel(source, module)
+    return ReferenceKernel(source, module, plan)
 
 
 # ---- feature-map linear attention (attncc.linear) -----------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from attncc import config, diskcache
 from attncc.codegen import fallback
 from attncc.codegen.emit_triton import emit
+from attncc.codegen.target import Call, with_rope
 from attncc.codegen.triton_template import TEMPLATE
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.exprs import expr_str, score
@@ -332,6 +333,39 @@ class TritonKernel:
         )
         self._error(err)
         return (dq, dk, dv), {n: g.to(want[n].dtype) for n, g in table_grads.items() if n in want}
+
+
+class TritonExecutable:
+    """The triton target's executable: the generated kernels, rendered and loaded on first use."""
+
+    def __init__(self, plan: KernelPlan) -> None:
+        self.plan = plan
+        self._kernel: TritonKernel | None = None
+
+    @property
+    def kernel(self) -> TritonKernel:
+        if self._kernel is None:
+            self._kernel = TritonKernel(self.plan)
+        return self._kernel
+
+    @property
+    def source(self) -> str:
+        return self.kernel.source
+
+    def unsupported(self, call: Call) -> str | None:
+        return fallback.reason("triton", call.q, call.tensors)
+
+    def run(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+        given = with_rope(call.tensors, call.rope)  # the rope tables ride along under their call names
+        names = list(given)
+        o, lse = TritonAttention.apply(call.q, call.k, call.v, self.kernel, call.lists(), call.recompute, names,
+                                       *(given[n] for n in names))  # fmt: skip
+        return o, lse
+
+
+def build(plan: KernelPlan) -> TritonExecutable:
+    """The triton executable of ``plan`` (rendered and loaded on its first call or ``.kernel``)."""
+    return TritonExecutable(plan)
 
 
 class TritonAttention(torch.autograd.Function):

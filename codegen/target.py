@@ -1,0 +1,81 @@
+"""The one interface between :mod:`attncc.api` and a code generator: ``build(target, plan) -> Executable``.
+
+Every target module (``codegen/cpu.py``, ``codegen/triton.py``, ``codegen/reference.py``) has a
+``build(plan)`` that returns an :class:`Executable` built from the frozen plan alone. The API validates a
+call once, packs it into a :class:`Call` and asks the executable whether it can run it
+(:meth:`Executable.unsupported`: None, or the reason it cannot, which the API logs before running the
+reference instead); the executable then returns ``(o, lse)``, differentiable. Whatever a target keeps
+between calls (a compiled library, partial-tile masks of a static map) lives in its executable, never in
+the :class:`attncc.api.Kernel`.
+
+>>> import attncc as ac
+>>> kern = ac.compile(ac.AttentionSpec(num_heads=1, head_dim=8, mask=ac.causal()), target="reference")
+>>> exe = build("reference", kern.plan)
+>>> type(exe).__name__, exe.plan is kern.plan
+('ReferenceKernel', True)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from attncc import rope
+from attncc.plan import KernelPlan, TileLists
+from attncc.validate import CallShape
+
+MODULES = {"cpu": "attncc.codegen.cpu", "triton": "attncc.codegen.triton", "reference": "attncc.codegen.reference"}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One validated call as every target receives it.
+
+    tensors: the bound runtime tensors (captured ones included); rope: the (cos, sin) tables or None;
+    lists: this call's tile lists from the plan's block-map recipe (computed on first use, cached by the
+    kernel when the map is static); static: the map depends on the lengths only (a target may cache what
+    it derives from it per shape); recompute: the call on the reference target, for second-order gradients.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    shape: CallShape
+    tensors: dict[str, torch.Tensor]
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    lists: Callable[[], TileLists]
+    static: bool
+    recompute: Callable[..., Any]
+
+
+class Executable(Protocol):
+    """What ``build(plan)`` returns."""
+
+    plan: KernelPlan
+
+    @property
+    def source(self) -> str: ...
+
+    def unsupported(self, call: Call) -> str | None:
+        """None when this target runs ``call``; else why not (the API runs the reference instead)."""
+        ...
+
+    def run(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+        """(o, lse) of ``call``, differentiable."""
+        ...
+
+
+def with_rope(tensors: dict[str, Any], tables: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+    """Runtime tensors plus the rope tables under their call names (as the generated code reads them)."""
+    return tensors if tables is None else {**tensors, **dict(zip(rope.NAMES, tables, strict=True))}
+
+
+def build(target: str, plan: KernelPlan) -> Executable:
+    """The executable of ``target`` for ``plan`` (the target's module is imported on first use: triton's only
+    when asked for)."""
+    module = importlib.import_module(MODULES[target])
+    return module.build(plan)  # type: ignore[no-any-return]
