@@ -26,21 +26,20 @@ from attncc.blockmap import BlockMap
 from attncc.codegen import fallback, reference, toolchain
 from attncc.codegen.target import Call, Executable, with_rope
 from attncc.codegen.target import build as build_target
-from attncc.costmodel import choose_tiles
+from attncc.costmodel import representative_length
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir import exprs as X
 from attncc.ir.core import Graph
 from attncc.linear import LinearAttentionSpec
 from attncc.lower import spec_to_ir
 from attncc.passes.base import PassRecord, parse_pipeline, run_pipeline
-from attncc.passes.normalize import boolean
 from attncc.plan import TileLists, lower
 from attncc.spec import AttentionSpec
 from attncc.validate import CallShape, check_qkv, check_requires, check_tensors
 
 log = logging.getLogger("attncc.api")
 
-DEFAULT_PIPELINE = "canonicalize,fuse,block-sparse{{bq={bq},bkv={bkv}}}"
+DEFAULT_PIPELINE = "canonicalize,fuse,block-sparse{{{tiles}}}"  # tiles: bq=..,bkv=.. or target=..,n=.. (cost model)
 TARGETS = ("auto", "cpu", "triton", "reference")
 _CACHE: dict[tuple[AttentionSpec, str, str, tuple[int, ...], str], Kernel] = {}
 # the same kernels by structure (the spec without its captured bindings): a spec that differs from a
@@ -234,7 +233,9 @@ def compile(
     """Compile ``spec`` for ``target``; the same arguments give the cached kernel.
 
     ``tiles=(bq, bkv)`` overrides the cost model's tile choice; ``pipeline`` replaces the
-    default pass pipeline (``canonicalize,fuse,block-sparse{bq=..,bkv=..}``).
+    default pass pipeline (``canonicalize,fuse,block-sparse{target=..,n=..}``: the block-sparse pass picks
+    the tiles with the target's cost model at the spec's representative length; ``bq=..,bkv=..`` with
+    ``tiles``).
     """
     if isinstance(spec, LinearAttentionSpec):
         return LinearKernel(spec, target)  # type: ignore[return-value]
@@ -254,8 +255,8 @@ def compile(
         _CACHE[key] = kern
         return kern
     if pipeline is None:
-        bq, bkv = tiles or choose_tiles(spec, boolean(spec.mask), resolved)
-        pipeline = DEFAULT_PIPELINE.format(bq=bq, bkv=bkv)
+        chosen = f"bq={tiles[0]},bkv={tiles[1]}" if tiles else f"target={resolved},n={representative_length(spec)}"
+        pipeline = DEFAULT_PIPELINE.format(tiles=chosen)
     text = pipeline
     result = run_pipeline(spec_to_ir(spec), parse_pipeline(text))
     kern = Kernel(spec, resolved, text, result.graph, result.records)

@@ -18,6 +18,7 @@ import numpy as np
 import sympy
 
 from attncc.blockmap import FULL, PARTIAL, BlockMap
+from attncc.errors import UnsupportedError
 from attncc.ir import exprs as X
 from attncc.spec import AttentionSpec
 
@@ -40,28 +41,35 @@ def representative_length(spec: AttentionSpec) -> int:
     return 4096
 
 
-def choose_tiles(spec: AttentionSpec, mask: sympy.Basic, target: str) -> tuple[int, int]:
-    """The cheapest candidate tile for ``target`` under the model above."""
+def choose_tiles(
+    mask: sympy.Basic,
+    target: str,
+    num_heads: int,
+    head_dim: int,
+    n: int = 4096,
+    constants: dict[str, np.ndarray] | None = None,
+    runtime: bool = False,
+) -> tuple[int, int]:
+    """The cheapest candidate tile for ``target`` under the model above, for ``mask`` (normalized) at ``n`` x
+    ``n``; ``constants``: per-head tables' values; ``runtime``: the mask reads runtime tensors (costed dense).
+    The block-sparse pass calls this when its pipeline options leave the tiles open."""
     from attncc import tiling
 
     candidates = CANDIDATES.get(target, CANDIDATES["cpu"])
     if len(candidates) == 1:
         return candidates[0]
-    n = representative_length(spec)
-    constants = {t.name: np.asarray(t.values) for t in spec.tensors if t.values}
-    runtime = any(not t.values for t in spec.tensors)
-    rec = None if runtime else tiling.recipe(mask, constants)
+    rec = None if runtime else tiling.recipe(mask, constants or {})
     best, best_cost = candidates[0], math.inf
     for bq, bkv in candidates:
-        tiles: float
-        if runtime:
-            tiles = -(-n // bq) * -(-n // bkv)
-        else:
-            assert rec is not None
-            bm = tiling.build(rec, n, n, (bq, bkv), spec.num_heads, 1)
-            tiles = bm.num_computed_blocks / bm.num_maps
+        tiles: float = -(-n // bq) * -(-n // bkv)  # dense: runtime tensors, or a mask the analysis cannot bound
+        if rec is not None:
+            try:
+                bm = tiling.build(rec, n, n, (bq, bkv), num_heads, 1)
+                tiles = bm.num_computed_blocks / bm.num_maps
+            except UnsupportedError:
+                rec = None
         rate = min(1.0, (bq * bkv) / SATURATE[target]) ** 0.5
-        cost = tiles * (4 * bq * bkv * spec.head_dim / rate + OVERHEAD[target])
+        cost = tiles * (4 * bq * bkv * head_dim / rate + OVERHEAD[target])
         if cost < best_cost:
             best, best_cost = (bq, bkv), cost
     return best

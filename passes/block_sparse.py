@@ -22,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 import sympy
 
+from attncc import costmodel
 from attncc.bands import bands_of, block_ranges
 from attncc.errors import UnsupportedError
 from attncc.ir.boxeval import TensorRanges
@@ -52,11 +53,14 @@ def _probe(op: FusedOp, graph: Graph) -> str | None:
 
 @dataclass(frozen=True)
 class BlockSparse(Pass):
-    """Split each attention into bq x bkv tiles; banded masks get closed-form kv ranges."""
+    """Split each attention into bq x bkv tiles; banded masks get closed-form kv ranges. Tiles left at 0
+    (``block-sparse{target=cpu,n=4096}``) are chosen by the cost model for ``target`` at ``n`` x ``n``."""
 
     name: ClassVar[str] = "block-sparse"
-    bq: int = 64
-    bkv: int = 64
+    bq: int = 0
+    bkv: int = 0
+    target: str = "cpu"
+    n: int = 4096
 
     def run(self, graph: Graph) -> Graph:
         ops: list[Op] = []
@@ -66,16 +70,30 @@ class BlockSparse(Pass):
             ops.append(op)
         return Graph(graph.name, tuple(ops))
 
+    def tiles(self, op: FusedOp, graph: Graph) -> tuple[int, int]:
+        """(bq, bkv): the options, or the cost model's choice when they are left at 0."""
+        if self.bq > 0 and self.bkv > 0:
+            return self.bq, self.bkv
+        values = {
+            t.tensor: np.asarray(t.values) for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.values
+        }
+        runtime = bool({str(a.base) for a in op.mask.atoms(sympy.Indexed)} - set(values))
+        heads, head_dim = int(op.q.shape[1]), int(op.q.shape[3])
+        chosen = costmodel.choose_tiles(op.mask, self.target, heads, head_dim, self.n, values, runtime)
+        log.debug("block-sparse: %s tiles %s chosen by the %s cost model at %d", op.result, chosen, self.target, self.n)
+        return chosen
+
     def _tile(self, op: FusedOp, graph: Graph) -> TiledOp:
         fields = {f.name: getattr(op, f.name) for f in dataclasses.fields(op)}
-        base = TiledOp(**fields, bq=self.bq, bkv=self.bkv)
+        bq, bkv = self.tiles(op, graph)
+        base = TiledOp(**fields, bq=bq, bkv=bkv)
         constants = frozenset(t.tensor for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.values)
         runtime = {str(a.base) for a in op.mask.atoms(sympy.Indexed)} - constants
         if op.mask is sympy.true:
             return base
         bands = None if runtime else bands_of(op.mask, constants)
         if bands is not None:
-            ranges = [block_ranges(b, self.bq, self.bkv) for b in bands]
+            ranges = [block_ranges(b, bq, bkv) for b in bands]
             return dataclasses.replace(
                 base,
                 layout="banded",

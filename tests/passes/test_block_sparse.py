@@ -67,10 +67,13 @@ def test_closed_form_ranges_in_the_ir() -> None:
 
 
 def test_cost_model_prefers_big_tiles_for_dense_work_and_smaller_ones_for_narrow_windows() -> None:
-    dense = ac.AttentionSpec(num_heads=8, head_dim=128)
-    assert choose_tiles(dense, boolean(dense.mask), "triton") == (128, 128)
+    """The block-sparse pass picks the tiles (its options name the target and length) and the IR shows them."""
+    dense = ac.compile(ac.AttentionSpec(num_heads=8, head_dim=128), target="triton")
+    assert "block-sparse{target=triton,n=4096}" in dense.pipeline and "bq = 128, bkv = 128" in dense.ir
     narrow = ac.AttentionSpec(num_heads=8, head_dim=64, mask=ac.sliding_window(31))
     # 128x128 tiles would compute 4x the FLOPs the 32-key window needs; the model picks 64x64
-    assert choose_tiles(narrow, boolean(narrow.mask), "triton") == (64, 64)
-    assert choose_tiles(narrow, boolean(narrow.mask), "reference") == (64, 64)
+    assert ac.compile(narrow, target="triton").block_size == (64, 64)
+    assert ac.compile(narrow, target="reference").block_size == (64, 64)
+    assert choose_tiles(boolean(narrow.mask), "triton", 8, 64) == (64, 64)
+    assert ac.compile(narrow, target="triton", tiles=(32, 32)).pipeline.endswith("block-sparse{bq=32,bkv=32}")
     assert ac.compile(narrow, target="reference", tiles=(16, 32)).block_size == (16, 32)
