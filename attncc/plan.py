@@ -41,7 +41,7 @@ from attncc.blockmap import FULL, BlockMap
 from attncc.errors import LoweringError
 from attncc.ir.core import Graph
 from attncc.ir.exprs import expr_str, score
-from attncc.ir.ops import FusedOp, HeadShardOp, InputOp, RopeOp, TensorOp, TiledOp
+from attncc.ir.ops import AttentionOp, HeadShardOp, InputOp, RopeOp, TensorOp, TiledOp
 
 log = logging.getLogger("attncc.plan")
 
@@ -162,20 +162,20 @@ class KernelPlan:
         return "\n".join(lines)
 
 
-def fused_op(graph: Graph) -> FusedOp:
+def fused_op(graph: Graph) -> AttentionOp:
     """The graph's one fused (or tiled) attention op; a clear error when the fuse pass did not run."""
-    fused = graph.ops_of(FusedOp)
+    fused = graph.ops_of(AttentionOp)
     if len(fused) != 1:
         raise LoweringError(
             f"lowering needs exactly one attn.fused op, @{graph.name} has {len(fused)}; "
             "run the 'fuse' pass (it logs why it refused)"
         )
     op = fused[0]
-    assert isinstance(op, FusedOp)
+    assert isinstance(op, AttentionOp)
     return op
 
 
-def _has_rope(graph: Graph, op: FusedOp) -> bool:
+def _has_rope(graph: Graph, op: AttentionOp) -> bool:
     """True when q and k reach the fused op through attn.rope ops on the inputs (the kernels then
     rotate in their prologue); a rope on only one of them, or not on an input, is refused."""
     found = []
@@ -193,7 +193,7 @@ def _has_rope(graph: Graph, op: FusedOp) -> bool:
     return bool(found)
 
 
-def table_derivatives(op: FusedOp, tensor: str) -> list[tuple[sympy.Indexed, sympy.Basic]]:
+def table_derivatives(op: AttentionOp, tensor: str) -> list[tuple[sympy.Indexed, sympy.Basic]]:
     """Each read of ``tensor`` in the score mod, with d score_mod / d (the entry it reads): a kernel adds
     dL/d(score_mod) times that derivative to the entry's gradient.
 

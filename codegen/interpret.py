@@ -17,7 +17,7 @@ from attncc.codegen.emit_torch import emit
 from attncc.errors import UnsupportedError
 from attncc.ir.core import Graph, Op
 from attncc.ir.ops import (
-    FusedOp,
+    AttentionOp,
     InputOp,
     MaskOp,
     PVOp,
@@ -92,7 +92,7 @@ def _step(op: Op, env: dict[str, torch.Tensor], T: dict[str, torch.Tensor]) -> t
         return _softmax(get("scores"))
     if isinstance(op, PVOp):
         return get("probs") @ _expand_heads(get("v"), op.groups)
-    if isinstance(op, FusedOp):
+    if isinstance(op, AttentionOp):
         s = get("q") @ _expand_heads(get("k"), op.groups).transpose(-1, -2) * op.scale
         s = _masked(_apply(s, op.score_mod, T), op.mask, T)
         return _softmax(s) @ _expand_heads(get("v"), op.groups)

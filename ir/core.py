@@ -16,6 +16,7 @@ from typing import ClassVar
 import sympy
 
 from attncc.errors import VerifyError
+from attncc.ir.attrs import Attr
 
 Shape = tuple[sympy.Expr, ...]
 
@@ -40,7 +41,7 @@ class Op:
 
     name: ClassVar[str] = ""
     operands: ClassVar[tuple[str, ...]] = ()
-    attrs: ClassVar[dict[str, str]] = {}
+    attrs: ClassVar[dict[str, Attr]] = {}
 
     result: Value | None
 

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import sympy
 
+from attncc.ir.attrs import BANDS, EXPR, FLOAT, FLOATS, INT, INTS, STR, Attr
 from attncc.ir.core import Op, Shape, Value
 from attncc.ir.exprs import MASK_SYMBOLS, SCORE_SYMBOLS, is_boolean, score, unknown_symbols
 
@@ -40,7 +41,7 @@ class InputOp(Op):
     """%q = attn.input {arg = "q"} : [B, 8, Sq, 64]   -- a q/k/v tensor argument"""
 
     name: ClassVar[str] = "attn.input"
-    attrs: ClassVar[dict[str, str]] = {"arg": "str"}
+    attrs: ClassVar[dict[str, Attr]] = {"arg": STR}
     arg: str
 
     def verify(self) -> None:
@@ -59,7 +60,7 @@ class TensorOp(Op):
     """
 
     name: ClassVar[str] = "attn.tensor"
-    attrs: ClassVar[dict[str, str]] = {"tensor": "str", "ndim": "int", "dtype": "str", "values": "floats"}
+    attrs: ClassVar[dict[str, Attr]] = {"tensor": STR, "ndim": INT, "dtype": STR, "values": FLOATS}
     tensor: str
     ndim: int
     dtype: str
@@ -104,7 +105,7 @@ class QKOp(Op):
 
     name: ClassVar[str] = "attn.qk"
     operands: ClassVar[tuple[str, ...]] = ("q", "k")
-    attrs: ClassVar[dict[str, str]] = {"groups": "int"}
+    attrs: ClassVar[dict[str, Attr]] = {"groups": INT}
     q: Value
     k: Value
     groups: int = 1
@@ -124,7 +125,7 @@ class ScaleOp(Op):
 
     name: ClassVar[str] = "attn.scale"
     operands: ClassVar[tuple[str, ...]] = ("scores",)
-    attrs: ClassVar[dict[str, str]] = {"factor": "float"}
+    attrs: ClassVar[dict[str, Attr]] = {"factor": FLOAT}
     scores: Value
     factor: float
 
@@ -138,7 +139,7 @@ class ScoreModOp(Op):
 
     name: ClassVar[str] = "attn.score_mod"
     operands: ClassVar[tuple[str, ...]] = ("scores",)
-    attrs: ClassVar[dict[str, str]] = {"expr": "expr"}
+    attrs: ClassVar[dict[str, Attr]] = {"expr": EXPR}
     scores: Value
     expr: sympy.Expr
 
@@ -157,7 +158,7 @@ class MaskOp(Op):
 
     name: ClassVar[str] = "attn.mask"
     operands: ClassVar[tuple[str, ...]] = ("scores",)
-    attrs: ClassVar[dict[str, str]] = {"pred": "bool", "form": "str"}
+    attrs: ClassVar[dict[str, Attr]] = {"pred": EXPR, "form": STR}
     scores: Value
     pred: sympy.Basic
     form: str = ""
@@ -191,7 +192,7 @@ class PVOp(Op):
 
     name: ClassVar[str] = "attn.pv"
     operands: ClassVar[tuple[str, ...]] = ("probs", "v")
-    attrs: ClassVar[dict[str, str]] = {"groups": "int"}
+    attrs: ClassVar[dict[str, Attr]] = {"groups": INT}
     probs: Value
     v: Value
     groups: int = 1
@@ -204,21 +205,12 @@ class PVOp(Op):
 
 
 @dataclass(frozen=True, slots=True)
-class FusedOp(Op):
-    """%o = attn.fused %q, %k, %v {groups, scale, score_mod, mask, form} : [B, Hq, Sq, D]
+class AttentionOp(Op):
+    """What ``attn.fused`` and ``attn.tiled`` share: one attention, softmax(mask(score_mod(q.k * scale))) . v.
+    Not an op of the text form itself; passes and the lowering match on it to take either."""
 
-    One attention: softmax(mask(score_mod(q.k * scale))) . v, as a single op.
-    """
-
-    name: ClassVar[str] = "attn.fused"
     operands: ClassVar[tuple[str, ...]] = ("q", "k", "v")
-    attrs: ClassVar[dict[str, str]] = {
-        "groups": "int",
-        "scale": "float",
-        "score_mod": "expr",
-        "mask": "bool",
-        "form": "str",
-    }
+    attrs: ClassVar[dict[str, Attr]] = {"groups": INT, "scale": FLOAT, "score_mod": EXPR, "mask": EXPR, "form": STR}
     q: Value
     k: Value
     v: Value
@@ -241,11 +233,21 @@ class FusedOp(Op):
         _check_expr(self, "score_mod", self.score_mod, SCORE_SYMBOLS)
 
 
+@dataclass(frozen=True, slots=True)
+class FusedOp(AttentionOp):
+    """%o = attn.fused %q, %k, %v {groups, scale, score_mod, mask, form} : [B, Hq, Sq, D]
+
+    One attention as a single op (the ``fuse`` pass makes it from the decomposed chain).
+    """
+
+    name: ClassVar[str] = "attn.fused"
+
+
 Bands = tuple[tuple[sympy.Expr, sympy.Expr], ...]
 
 
 @dataclass(frozen=True, slots=True)
-class TiledOp(FusedOp):
+class TiledOp(AttentionOp):
     """%o = attn.tiled %q, %k, %v {..., bq = 64, bkv = 64, layout = "banded", bands = ["0 .. q"],
     kv_blocks = ["0 .. qb"], full_blocks = ["0 .. qb - 1"]}
 
@@ -256,14 +258,14 @@ class TiledOp(FusedOp):
     """
 
     name: ClassVar[str] = "attn.tiled"
-    attrs: ClassVar[dict[str, str]] = {
-        **FusedOp.attrs,
-        "bq": "int",
-        "bkv": "int",
-        "layout": "str",
-        "bands": "bands",
-        "kv_blocks": "bands",
-        "full_blocks": "bands",
+    attrs: ClassVar[dict[str, Attr]] = {
+        **AttentionOp.attrs,
+        "bq": INT,
+        "bkv": INT,
+        "layout": STR,
+        "bands": BANDS,
+        "kv_blocks": BANDS,
+        "full_blocks": BANDS,
     }
     bq: int = 64
     bkv: int = 64
@@ -273,7 +275,7 @@ class TiledOp(FusedOp):
     full_blocks: Bands = ()
 
     def verify(self) -> None:
-        FusedOp.verify(self)
+        AttentionOp.verify(self)
         if self.bq < 1 or self.bkv < 1:
             raise self.fail(f"tile sizes must be >= 1, got {self.bq}x{self.bkv}")
         if self.layout not in ("banded", "static", "runtime", "dense"):
@@ -290,7 +292,7 @@ class HeadShardOp(Op):
 
     name: ClassVar[str] = "attn.head_shard"
     operands: ClassVar[tuple[str, ...]] = ("attn",)
-    attrs: ClassVar[dict[str, str]] = {"world": "int", "owner": "ints"}
+    attrs: ClassVar[dict[str, Attr]] = {"world": INT, "owner": INTS}
     attn: Value
     world: int
     owner: tuple[int, ...]

@@ -32,9 +32,8 @@ from __future__ import annotations
 import json
 import re
 
-import sympy
-
 from attncc.errors import ParseError
+from attncc.ir.attrs import Attr
 from attncc.ir.core import Graph, Op, Value
 from attncc.ir.exprs import expr_str, parse_expr
 from attncc.ir.ops import OPS, TensorOp
@@ -48,19 +47,6 @@ _OP_LINE = re.compile(
 _HEADER = re.compile(r"^attn\.graph\s+@(?P<name>[\w.-]+)\s*\{\s*$")
 
 
-def _attr_text(kind: str, value: object) -> str:
-    if kind in ("expr", "bool"):
-        assert isinstance(value, sympy.Basic)
-        return json.dumps(expr_str(value))
-    if kind == "float":
-        return repr(float(value))  # type: ignore[arg-type]
-    if kind == "floats":
-        return "[" + ", ".join(repr(float(x)) for x in value) + "]"  # type: ignore[attr-defined]
-    if kind == "bands":
-        return json.dumps([f"{expr_str(lo)} .. {expr_str(hi)}" for lo, hi in value])  # type: ignore[attr-defined]
-    return json.dumps(list(value) if isinstance(value, tuple) else value)
-
-
 def print_op(op: Op) -> str:
     """One op as a line of text (without indentation)."""
     parts = []
@@ -70,7 +56,7 @@ def print_op(op: Op) -> str:
     if op.operands:
         parts.append(", ".join(str(v) for _, v in op.operand_values()))
     if op.attrs:
-        body = ", ".join(f"{k} = {_attr_text(op.attrs[k], v)}" for k, v in op.attr_values())
+        body = ", ".join(f"{k} = {op.attrs[k].print(v)}" for k, v in op.attr_values())
         parts.append("{" + body + "}")
     text = " ".join(parts)
     if op.result is not None and op.result.shape:
@@ -120,24 +106,11 @@ def _parse_attrs(text: str, where: str) -> dict[str, object]:
     return attrs
 
 
-def _convert(kind: str, raw: object, tensors: list[str], where: str) -> object:
+def _convert(kind: Attr, raw: object, tensors: list[str], where: str) -> object:
     try:
-        if kind in ("expr", "bool"):
-            return parse_expr(str(raw), tensors)
-        if kind == "float":
-            return float(raw)  # type: ignore[arg-type]
-        if kind == "int":
-            return int(raw)  # type: ignore[call-overload]
-        if kind == "ints":
-            return tuple(int(x) for x in raw)  # type: ignore[attr-defined]
-        if kind == "floats":
-            return tuple(float(x) for x in raw)  # type: ignore[attr-defined]
-        if kind == "bands":
-            pairs = [str(item).split(" .. ") for item in raw]  # type: ignore[attr-defined]
-            return tuple((parse_expr(lo, tensors), parse_expr(hi, tensors)) for lo, hi in pairs)
-        return str(raw)
+        return kind.parse(raw, tensors)
     except (TypeError, ValueError) as exc:
-        raise ParseError(f"{where}: value {raw!r} is not a valid {kind}") from exc
+        raise ParseError(f"{where}: value {raw!r} is not a valid {kind.kind}") from exc
 
 
 def _parse_op(line: str, lineno: int, values: dict[str, Value], tensors: list[str]) -> Op:

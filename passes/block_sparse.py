@@ -28,13 +28,13 @@ from attncc.errors import UnsupportedError
 from attncc.ir.boxeval import TensorRanges
 from attncc.ir.core import Graph, Op
 from attncc.ir.exprs import Skv, Sq
-from attncc.ir.ops import FusedOp, TensorOp, TiledOp
+from attncc.ir.ops import AttentionOp, FusedOp, TensorOp, TiledOp
 from attncc.passes.base import Pass
 
 log = logging.getLogger("attncc.passes.block_sparse")
 
 
-def _probe(op: FusedOp, graph: Graph) -> str | None:
+def _probe(op: AttentionOp, graph: Graph) -> str | None:
     """Why the mask cannot be analysed (None when it can): try it on a tiny tile grid."""
     from attncc import tiling  # runtime module; imported here to keep the pass import light
 
@@ -65,12 +65,12 @@ class BlockSparse(Pass):
     def run(self, graph: Graph) -> Graph:
         ops: list[Op] = []
         for op in graph.ops:
-            if isinstance(op, FusedOp) and not isinstance(op, TiledOp):
+            if isinstance(op, FusedOp):
                 op = self._tile(op, graph)
             ops.append(op)
         return Graph(graph.name, tuple(ops))
 
-    def tiles(self, op: FusedOp, graph: Graph) -> tuple[int, int]:
+    def tiles(self, op: AttentionOp, graph: Graph) -> tuple[int, int]:
         """(bq, bkv): the options, or the cost model's choice when they are left at 0."""
         if self.bq > 0 and self.bkv > 0:
             return self.bq, self.bkv
@@ -83,7 +83,7 @@ class BlockSparse(Pass):
         log.debug("block-sparse: %s tiles %s chosen by the %s cost model at %d", op.result, chosen, self.target, self.n)
         return chosen
 
-    def _tile(self, op: FusedOp, graph: Graph) -> TiledOp:
+    def _tile(self, op: AttentionOp, graph: Graph) -> TiledOp:
         fields = {f.name: getattr(op, f.name) for f in dataclasses.fields(op)}
         bq, bkv = self.tiles(op, graph)
         base = TiledOp(**fields, bq=bq, bkv=bkv)

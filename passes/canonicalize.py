@@ -22,7 +22,7 @@ import sympy
 
 from attncc.ir.core import Graph, Op, Value
 from attncc.ir.exprs import score
-from attncc.ir.ops import FusedOp, MaskOp, ScaleOp, ScoreModOp
+from attncc.ir.ops import AttentionOp, MaskOp, ScaleOp, ScoreModOp
 from attncc.passes import normalize
 from attncc.passes.base import Pass
 from attncc.passes.recognize import form_of
@@ -66,7 +66,7 @@ class Canonicalize(Pass):
                     renamed[op.result] = op.scores  # type: ignore[index]
                     continue
                 op = dataclasses.replace(op, pred=pred, form=form_of(pred))
-            elif isinstance(op, FusedOp):
+            elif isinstance(op, AttentionOp):
                 expr, factor = simplify_score_mod(op.score_mod)
                 mask = normalize.boolean(op.mask)
                 op = dataclasses.replace(op, score_mod=expr, scale=op.scale * factor, mask=mask, form=form_of(mask))

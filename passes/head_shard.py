@@ -28,7 +28,7 @@ from attncc import costmodel, tiling
 from attncc.blockmap import BlockMap
 from attncc.errors import SpecError
 from attncc.ir.core import Graph, Op, Value
-from attncc.ir.ops import FusedOp, HeadShardOp, ReturnOp, TensorOp, TiledOp
+from attncc.ir.ops import AttentionOp, HeadShardOp, ReturnOp, TensorOp, TiledOp
 from attncc.passes.base import Pass
 
 
@@ -65,8 +65,8 @@ class HeadShard(Pass):
     target: str = "cpu"  # whose partial-tile cost weighs the map
 
     def run(self, graph: Graph) -> Graph:
-        (op,) = (o for o in graph.ops if isinstance(o, FusedOp))
-        assert isinstance(op, FusedOp) and op.result is not None
+        (op,) = (o for o in graph.ops if isinstance(o, AttentionOp))
+        assert isinstance(op, AttentionOp) and op.result is not None
         heads, kv_heads = (int(op.q.shape[1]), int(op.k.shape[1]))
         kv_len = self.kv_len or self.q_len
         tiles = (op.bq, op.bkv) if isinstance(op, TiledOp) else (64, 64)

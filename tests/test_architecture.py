@@ -20,7 +20,7 @@ def _names(text: str) -> set[str]:
 
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", _names("errors config diskcache ir.dispatch")),
-    ("ir", _names("ir ir.core ir.exprs ir.ops ir.text ir.boxeval ir.intervals")),
+    ("ir", _names("ir ir.core ir.exprs ir.attrs ir.ops ir.text ir.boxeval ir.intervals")),
     # what users write: the DSL, specs, tracing, and spec -> decomposed IR
     ("declarations", _names("dsl torchfuncs trace masks mods neighborhood spec rope linear lower validate")),
     ("analysis", _names("bands tiling blockmap costmodel picture passes.normalize")),
