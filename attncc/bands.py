@@ -63,7 +63,8 @@ def _constant_ok(expr: sympy.Expr) -> bool:
     return plain.free_symbols <= {Sq, Skv}
 
 
-def _relation(rel: sympy.Basic, tables: frozenset[str]) -> Band | None:
+def relation_band(rel: sympy.Basic, tables: frozenset[str] = frozenset()) -> Band | None:
+    """The band of one normalized relation ``e <= 0`` (kv bounded by an affine function of q), or None."""
     if not isinstance(rel, sympy.LessThan):
         return None
     e = sympy.expand(rel.lhs - rel.rhs)  # e <= 0
@@ -99,7 +100,7 @@ def _dnf(expr: sympy.Basic, tables: frozenset[str]) -> list[Band] | None:
                 return None
             acc = [x & y for x, y in itertools.product(acc, part)]
         return acc
-    band = _relation(expr, tables)
+    band = relation_band(expr, tables)
     return None if band is None else [band]
 
 

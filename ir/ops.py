@@ -1,4 +1,23 @@
-"""The attention ops. Each docstring shows the op's text form.
+"""The attention ops: the whole IR on one page. Each op's docstring repeats its line.
+
+Every op, operands, typed attributes (:mod:`attncc.ir.attrs`: int, float, str, ints, floats, expr, bands)
+and result::
+
+    %x  = attn.input {arg: str}                                          : [B, H, S, D]   q, k or v
+    %t  = attn.tensor {tensor: str, ndim: int, dtype: str, values: floats}               runtime tensor / table
+    %x1 = attn.rope %x                                                   : shape of %x
+    %s  = attn.qk %q, %k {groups: int}                                   : [B, Hq, Sq, Skv]
+    %s1 = attn.scale %s {factor: float}                                  : shape of %s
+    %s2 = attn.score_mod %s {expr: expr}                                 : shape of %s
+    %s3 = attn.mask %s {pred: expr, form: str}                           : shape of %s
+    %p  = attn.softmax %s                                                : shape of %s
+    %o  = attn.pv %p, %v {groups: int}                                   : [B, Hq, Sq, D]
+    %o  = attn.fused %q, %k, %v {groups: int, scale: float, score_mod: expr, mask: expr, form: str}
+                                                                         : [B, Hq, Sq, D]
+    %o  = attn.tiled %q, %k, %v {<attn.fused's>, bq: int, bkv: int, layout: str,
+                                 bands: bands, kv_blocks: bands, full_blocks: bands}  : [B, Hq, Sq, D]
+    %o1 = attn.head_shard %o {world: int, owner: ints}                   : shape of %o
+          attn.return %o
 
 Decomposed form (what front ends produce)::
 
@@ -9,7 +28,8 @@ Decomposed form (what front ends produce)::
     %p  = attn.softmax %s3
     %o  = attn.pv %p, %v {groups = 4}
 
-Fused form (after the ``fuse`` pass): one ``attn.fused`` op carrying scale, score_mod and mask.
+Fused form (after the ``fuse`` pass): one ``attn.fused`` op carrying scale, score_mod and mask; the
+``block-sparse`` pass turns it into ``attn.tiled`` (its own op; both share :class:`AttentionOp`).
 """
 
 from __future__ import annotations

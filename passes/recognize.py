@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import sympy
 
-from attncc.ir.exprs import Skv, Sq, kv, q
+from attncc.bands import relation_band
+from attncc.ir.exprs import Skv, Sq, q
 
 
 def _band(rel: sympy.Basic) -> tuple[str, sympy.Expr] | None:
-    """``kv - q <= c`` -> ("hi", c); ``q - kv <= c`` -> ("lo", c) (after normalization)."""
-    if not isinstance(rel, sympy.LessThan):
+    """``kv - q <= c`` -> ("hi", c); ``q - kv <= c`` -> ("lo", c); ``kv <= c - 1`` -> ("sink", c): the band
+    :func:`attncc.bands.relation_band` finds (no tables), named."""
+    band = relation_band(rel)
+    if band is None:
         return None
-    e = sympy.expand(rel.lhs - rel.rhs)
-    rest = e - (e.coeff(q) * q + e.coeff(kv) * kv)
-    if rest.free_symbols - {Sq, Skv}:
-        return None
-    if e.coeff(kv) == 1 and e.coeff(q) == -1:
-        return "hi", -rest
-    if e.coeff(kv) == -1 and e.coeff(q) == 1:
-        return "lo", -rest
-    if e.coeff(kv) == 1 and e.coeff(q) == 0 and rest.is_number:
-        return "sink", -rest + 1
+    (lo,), (hi,) = band.lows, band.highs
+    if hi == Skv - 1 and lo.coeff(q) == 1:
+        return "lo", q - lo
+    if lo == 0 and hi.coeff(q) == 1:
+        return "hi", hi - q
+    if lo == 0 and hi.coeff(q) == 0 and hi.is_number:
+        return "sink", hi + 1
     return None
 
 

@@ -101,3 +101,17 @@ def test_verifier_rejects_bad_graphs() -> None:
         Graph("g", (*g.ops[:3], fused.replace(mask=sympy.Le(X.q, sympy.Symbol("zz"))), *g.ops[4:])).verify()
     with pytest.raises(VerifyError, match="has shape"):
         Graph("g", (*g.ops[:3], fused.replace(result=Value("o", (X.B,))), *g.ops[4:])).verify()
+
+
+def test_the_ops_docstring_lists_every_op_with_its_attributes() -> None:
+    """ir/ops.py's one-page grammar names every registered op and each of its attributes with its kind."""
+    from attncc.ir import ops
+
+    grammar = (ops.__doc__ or "").split("Decomposed form")[0]
+    for name, cls in ops.OPS.items():
+        line = next((ln for ln in grammar.splitlines() if f"{name} " in ln or ln.rstrip().endswith(name)), None)
+        assert line is not None, f"{name} is missing from the grammar in ir/ops.py's docstring"
+        own = {k: a for k, a in cls.attrs.items() if name != "attn.tiled" or k not in ops.AttentionOp.attrs}
+        block = grammar[grammar.index(line) :].split("\n    %")[0]
+        for attr, kind in own.items():
+            assert f"{attr}: {kind.kind}" in block, f"{name}: attribute {attr}: {kind.kind} is not in the grammar"
