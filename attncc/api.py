@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
-from attncc import config, dump, rope, tiling
-from attncc.blockmap import BlockMap
+from attncc import config, dump, rope
+from attncc.analysis import tiling
+from attncc.analysis.blockmap import BlockMap
+from attncc.analysis.costmodel import representative_length
 from attncc.codegen import fallback, reference, toolchain
 from attncc.codegen.target import Call, Executable, with_rope
 from attncc.codegen.target import build as build_target
-from attncc.costmodel import representative_length
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir import exprs as X
 from attncc.ir.core import Graph

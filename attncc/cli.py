@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import attncc as ac
-from attncc import costmodel, picture
+from attncc.analysis import costmodel, picture
 
 
 def _load(target: str) -> tuple[Any, Any]:

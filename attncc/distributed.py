@@ -43,9 +43,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from attncc import costmodel
+from attncc.analysis import costmodel
+from attncc.analysis.blockmap import EMPTY, FULL, PARTIAL
 from attncc.api import compile as compile_spec
-from attncc.blockmap import EMPTY, FULL, PARTIAL
 from attncc.errors import SpecError
 from attncc.sharding import ShardPlan
 from attncc.spec import KV_POS, Q_POS, AttentionSpec, at_positions, for_heads

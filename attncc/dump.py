@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from attncc import costmodel, picture
+from attncc.analysis import costmodel, picture
 from attncc.errors import AttnccError
 
 log = logging.getLogger("attncc.dump")

@@ -35,9 +35,9 @@ import numpy as np
 import sympy
 import torch
 
-from attncc import tiling
-from attncc.bands import Band, block_ranges
-from attncc.blockmap import FULL, BlockMap
+from attncc.analysis import tiling
+from attncc.analysis.bands import Band, block_ranges
+from attncc.analysis.blockmap import FULL, BlockMap
 from attncc.errors import LoweringError
 from attncc.ir.core import Graph
 from attncc.ir.exprs import expr_str, score

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attncc import costmodel
+from attncc.analysis import costmodel
 from attncc.api import compile as compile_spec
 from attncc.errors import SpecError
 from attncc.passes.head_shard import group_owner

@@ -7,7 +7,7 @@ after:
                                 kv_blocks = ["0 .. qb"], full_blocks = ["0 .. qb - 1"]}
 
 The tile status itself (empty / partial / full) is proven at map-build time for concrete
-lengths (:mod:`attncc.tiling`): symbolically for banded masks, by interval analysis otherwise,
+lengths (:mod:`attncc.analysis.tiling`): symbolically for banded masks, by interval analysis otherwise,
 never by evaluating the mask on the whole Q x KV grid. A mask the analysis cannot handle
 is tiled densely (every tile partial) and the reason logged.
 """
@@ -22,8 +22,8 @@ from typing import ClassVar
 import numpy as np
 import sympy
 
-from attncc import costmodel
-from attncc.bands import bands_of, block_ranges
+from attncc.analysis import costmodel
+from attncc.analysis.bands import bands_of, block_ranges
 from attncc.errors import UnsupportedError
 from attncc.ir.boxeval import TensorRanges
 from attncc.ir.core import Graph, Op
@@ -36,7 +36,7 @@ log = logging.getLogger("attncc.passes.block_sparse")
 
 def _probe(op: AttentionOp, graph: Graph) -> str | None:
     """Why the mask cannot be analysed (None when it can): try it on a tiny tile grid."""
-    from attncc import tiling  # runtime module; imported here to keep the pass import light
+    from attncc.analysis import tiling  # runtime module; imported here to keep the pass import light
 
     tables = {t.tensor: np.zeros(4) for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.ndim == 1}
     tables.update(

@@ -9,10 +9,10 @@ after (world = 2):
     attn.return %o1
 
 Each head's cost comes from the block map at ``q_len`` x ``kv_len`` (full tiles, and partial tiles
-weighted by the target's :data:`attncc.costmodel.PARTIAL_COST`), so heads with different windows or per-head masks
-are balanced by the work they really do, not by their number. A GQA group (a kv head and its query
-heads) stays on one rank. Every rank gets the same number of groups (PyTorch's tensor parallelism splits
-heads evenly). A mask that reads runtime tensors is costed as dense here; ``ac.shard_heads(...,
+weighted by the target's :data:`attncc.analysis.costmodel.PARTIAL_COST`), so heads with different
+windows or per-head masks are balanced by the work they really do, not by their number. A GQA group (a kv
+head and its query heads) stays on one rank. Every rank gets the same number of groups (PyTorch's tensor
+parallelism splits heads evenly). A mask that reads runtime tensors is costed as dense here; ``ac.shard_heads(...,
 **runtime)`` balances with the tensors' values.
 """
 
@@ -24,8 +24,8 @@ from typing import ClassVar
 import numpy as np
 import sympy
 
-from attncc import costmodel, tiling
-from attncc.blockmap import BlockMap
+from attncc.analysis import costmodel, tiling
+from attncc.analysis.blockmap import BlockMap
 from attncc.errors import SpecError
 from attncc.ir.core import Graph, Op, Value
 from attncc.ir.ops import AttentionOp, HeadShardOp, ReturnOp, TensorOp, TiledOp

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import sympy
 
-from attncc.bands import relation_band
+from attncc.analysis.bands import relation_band
 from attncc.ir.exprs import Skv, Sq, q
 
 
 def _band(rel: sympy.Basic) -> tuple[str, sympy.Expr] | None:
     """``kv - q <= c`` -> ("hi", c); ``q - kv <= c`` -> ("lo", c); ``kv <= c - 1`` -> ("sink", c): the band
-    :func:`attncc.bands.relation_band` finds (no tables), named."""
+    :func:`attncc.analysis.bands.relation_band` finds (no tables), named."""
     band = relation_band(rel)
     if band is None:
         return None

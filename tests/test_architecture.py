@@ -23,7 +23,11 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("ir", _names("ir ir.core ir.exprs ir.attrs ir.ops ir.text ir.boxeval ir.intervals")),
     # what users write: the DSL, specs, tracing, and spec -> decomposed IR
     ("declarations", _names("dsl torchfuncs trace masks mods neighborhood spec rope linear lower validate")),
-    ("analysis", _names("bands tiling blockmap costmodel picture passes.normalize")),
+    (
+        "analysis",
+        _names("analysis analysis.bands analysis.tiling analysis.blockmap analysis.costmodel analysis.picture")
+        | {"passes.normalize"},
+    ),
     (
         "passes",
         _names(

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attncc as ac
-from attncc.blockmap import EMPTY, FULL
+from attncc.analysis.blockmap import EMPTY, FULL
 from attncc.passes.normalize import boolean
 from tests.numerics.brute import constant_tables, dense_mask, tile_states
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import attncc as ac
+from attncc.analysis.costmodel import choose_tiles
 from attncc.codegen.interpret import interpret
-from attncc.costmodel import choose_tiles
 from attncc.ir.ops import TiledOp
 from attncc.ir.text import parse_ir, print_ir
 from attncc.lower import spec_to_ir

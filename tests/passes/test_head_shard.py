@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attncc as ac
-from attncc import costmodel
+from attncc.analysis import costmodel
 from attncc.ir.text import parse_ir, print_ir
 
 

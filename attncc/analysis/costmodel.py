@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import sympy
 
-from attncc.blockmap import FULL, PARTIAL, BlockMap
+from attncc.analysis.blockmap import FULL, PARTIAL, BlockMap
 from attncc.errors import UnsupportedError
 from attncc.ir import exprs as X
 from attncc.spec import AttentionSpec
@@ -53,7 +53,7 @@ def choose_tiles(
     """The cheapest candidate tile for ``target`` under the model above, for ``mask`` (normalized) at ``n`` x
     ``n``; ``constants``: per-head tables' values; ``runtime``: the mask reads runtime tensors (costed dense).
     The block-sparse pass calls this when its pipeline options leave the tiles open."""
-    from attncc import tiling
+    from attncc.analysis import tiling
 
     candidates = CANDIDATES.get(target, CANDIDATES["cpu"])
     if len(candidates) == 1:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from attncc.blockmap import BlockMap
+from attncc.analysis.blockmap import BlockMap
 
 COLORS = np.array([[240, 240, 240], [255, 160, 20], [30, 100, 200]], dtype=np.uint8)
 MAX_SIDE = 1024

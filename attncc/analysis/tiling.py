@@ -1,6 +1,6 @@
 """Build concrete block maps from a mask: closed-form bands, or classified tiles.
 
-* Banded masks (see :mod:`attncc.bands`): each band's bounds are evaluated once per query row
+* Banded masks (see :mod:`attncc.analysis.bands`): each band's bounds are evaluated once per query row
   and reduced per q-block, O(Sq) time and O(number of q-blocks) memory; no (q, kv) pair is ever
   evaluated, so a 1M-token causal map takes milliseconds.
 * Other masks: every tile is classified at once by three-valued interval analysis
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import sympy
 
-from attncc.bands import Band, bands_of
-from attncc.blockmap import EMPTY, FULL, PARTIAL, BlockMap
+from attncc.analysis.bands import Band, bands_of
+from attncc.analysis.blockmap import EMPTY, FULL, PARTIAL, BlockMap
 from attncc.ir import exprs as X
 from attncc.ir.boxeval import Box, Env, TensorRanges, evaluate, interval
 
