@@ -32,9 +32,9 @@ from attncc.errors import SpecError, UnsupportedError
 from attncc.ir import exprs as X
 from attncc.ir.core import Graph
 from attncc.linear import LinearAttentionSpec
-from attncc.lower import spec_to_ir
+from attncc.lower import linear_to_ir, spec_to_ir
 from attncc.passes.base import PassRecord, parse_pipeline, run_pipeline
-from attncc.plan import TileLists, lower
+from attncc.plan import TileLists, lower, lower_linear
 from attncc.spec import AttentionSpec
 from attncc.validate import CallShape, check_qkv, check_requires, check_tensors
 
@@ -335,7 +335,15 @@ class LinearKernel:
             raise SpecError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
         self.spec = spec
         self.target = target
+        result = run_pipeline(linear_to_ir(spec), parse_pipeline("canonicalize"))
+        self.graph, self.records = result.graph, result.records
+        self.plan = lower_linear(self.graph)  # what the targets build from
         self._triton: Any = None
+
+    @property
+    def ir(self) -> str:
+        """Textual IR after the pass pipeline (one ``attn.linear`` op)."""
+        return self.records[-1].ir
 
     def __repr__(self) -> str:
         return f"LinearKernel(@{self.spec.name}, target={self.target!r})"
@@ -344,14 +352,14 @@ class LinearKernel:
         if self._triton is None:
             from attncc.codegen.triton_linear import LinearTritonKernel
 
-            self._triton = LinearTritonKernel(self.spec)
+            self._triton = LinearTritonKernel(self.plan)
         return self._triton
 
     @property
     def source(self) -> str:
         if self.target == "triton":
             return str(self.triton_kernel().source)
-        return f"# dense reference: phi(x) = {self.spec.phi}\n"
+        return f"# dense reference: phi(x) = {self.plan.phi}\n"
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         check_qkv(self.spec, q, k, v)  # type: ignore[arg-type]
@@ -367,4 +375,4 @@ class LinearKernel:
             log.info("linear attention: running the reference for this call: %s", reason)
         elif self.target == "cpu":
             log.info("linear attention: the cpu target has no linear-attention kernel; running the reference")
-        return reference.linear(self.spec, q, k, v)
+        return reference.linear(self.plan, q, k, v)

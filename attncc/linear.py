@@ -24,9 +24,10 @@ import sympy
 
 from attncc.dsl import Expr, lift
 from attncc.errors import SpecError
+from attncc.ir import exprs
 from attncc.ir.exprs import expr_str
 
-X = sympy.Symbol("x", real=True)
+X = exprs.x
 x = Expr(X)
 FEATURE_MAPS: dict[str, sympy.Expr] = {
     "elu1": sympy.Piecewise((X + 1, X > 0), (sympy.exp(X), True)),

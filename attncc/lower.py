@@ -24,6 +24,7 @@ from attncc.ir import exprs as X
 from attncc.ir.core import Graph, Op, Value
 from attncc.ir.ops import (
     InputOp,
+    LinearOp,
     MaskOp,
     PVOp,
     QKOp,
@@ -34,7 +35,26 @@ from attncc.ir.ops import (
     SoftmaxOp,
     TensorOp,
 )
+from attncc.linear import LinearAttentionSpec
 from attncc.spec import AttentionSpec
+
+
+def linear_to_ir(spec: LinearAttentionSpec) -> Graph:
+    """The graph of a feature-map linear attention: inputs, one ``attn.linear`` op, return (Sq = Skv is
+    checked at call time).
+
+    >>> import attncc as ac
+    >>> from attncc.ir.text import print_op
+    >>> graph = linear_to_ir(ac.linear_attention(num_heads=2, head_dim=8, feature_map="identity"))
+    >>> print(print_op(graph.ops[3]))  # doctest: +ELLIPSIS
+    %o = attn.linear %q, %k, %v {groups = 1, phi = "x", causal = 1, normalize = 1, ...} : [B, 2, Sq, 8]
+    """
+    hq, hkv, d = (sympy.Integer(n) for n in (spec.num_heads, int(spec.num_kv_heads or 0), spec.head_dim))
+    q, k, v = Value("q", (X.B, hq, X.Sq, d)), Value("k", (X.B, hkv, X.Skv, d)), Value("v", (X.B, hkv, X.Skv, d))
+    out = Value("o", (X.B, hq, X.Sq, d))
+    linear = LinearOp(out, q, k, v, spec.groups, spec.phi, int(spec.causal), int(spec.normalize), spec.eps, spec.chunk)
+    ops: list[Op] = [InputOp(q, "q"), InputOp(k, "k"), InputOp(v, "v"), linear, ReturnOp(None, out)]
+    return Graph(spec.name, tuple(ops))
 
 
 def spec_to_ir(spec: AttentionSpec) -> Graph:

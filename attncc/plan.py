@@ -41,7 +41,7 @@ from attncc.analysis.blockmap import FULL, BlockMap
 from attncc.errors import LoweringError
 from attncc.ir.core import Graph
 from attncc.ir.exprs import expr_str, score
-from attncc.ir.ops import AttentionOp, HeadShardOp, InputOp, RopeOp, TensorOp, TiledOp
+from attncc.ir.ops import AttentionOp, HeadShardOp, InputOp, LinearOp, RopeOp, TensorOp, TiledOp
 
 log = logging.getLogger("attncc.plan")
 
@@ -326,3 +326,50 @@ RopeTables = tuple[torch.Tensor, torch.Tensor] | None  # rope_cos, rope_sin as [
 def rope_tables(tables: tuple[torch.Tensor, torch.Tensor] | None) -> RopeTables:
     """The rope tables as the kernels read them: float32, contiguous."""
     return None if tables is None else (tables[0].float().contiguous(), tables[1].float().contiguous())
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """What the targets build a feature-map linear attention from (``lower_linear`` of its graph)."""
+
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    groups: int
+    phi: sympy.Expr
+    causal: bool
+    normalize: bool
+    eps: float
+    chunk: int
+
+    def __str__(self) -> str:
+        return "\n".join([
+            f"linear plan @{self.name}",
+            f"  heads       {self.num_heads} query / {self.num_kv_heads} kv (groups {self.groups}), "
+            f"head_dim {self.head_dim}",
+            f"  phi(x)      {expr_str(self.phi)}",
+            f"  form        {'causal (chunks of ' + str(self.chunk) + ')' if self.causal else 'non-causal'}, "
+            f"{'normalized (eps ' + repr(self.eps) + ')' if self.normalize else 'not normalized'}",
+        ])  # fmt: skip
+
+
+def lower_linear(graph: Graph) -> LinearPlan:
+    """The plan of a linear-attention graph (its one ``attn.linear`` op).
+
+    >>> import attncc as ac
+    >>> from attncc.lower import linear_to_ir
+    >>> print(lower_linear(linear_to_ir(ac.linear_attention(num_heads=4, num_kv_heads=2, head_dim=16))))
+    linear plan @linear_attention
+      heads       4 query / 2 kv (groups 2), head_dim 16
+      phi(x)      Piecewise((x + 1, x > 0), (exp(x), True))
+      form        causal (chunks of 32), normalized (eps 1e-06)
+    """
+    ops = graph.ops_of(LinearOp)
+    if len(ops) != 1:
+        raise LoweringError(f"lowering a linear attention needs one attn.linear op, @{graph.name} has {len(ops)}")
+    op = ops[0]
+    assert isinstance(op, LinearOp)
+    heads, kv_heads, head_dim = (int(d) for d in (op.q.shape[1], op.k.shape[1], op.q.shape[3]))
+    return LinearPlan(graph.name, heads, kv_heads, head_dim, op.groups, op.phi, bool(op.causal), bool(op.normalize),
+                      op.eps, op.chunk)  # fmt: skip

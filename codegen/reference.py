@@ -19,8 +19,7 @@ import torch
 from attncc.codegen import helpers
 from attncc.codegen.emit_torch import emit
 from attncc.codegen.target import Call, with_rope
-from attncc.linear import LinearAttentionSpec
-from attncc.plan import KernelPlan
+from attncc.plan import KernelPlan, LinearPlan
 
 TEMPLATE = """\
 # attncc reference kernel for @{name}
@@ -136,8 +135,8 @@ def phi_fn(expr: sympy.Expr) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: torch.as_tensor(fn(t)).to(t.dtype) + torch.zeros_like(t)
 
 
-def linear(spec: LinearAttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense linear attention (the oracle of the triton target); fp32 compute for fp16/bf16."""
+def linear(spec: LinearPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense linear attention of a plan (the oracle of the triton target); fp32 compute for fp16/bf16."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     phi = phi_fn(spec.phi)
     g = spec.groups

@@ -18,7 +18,8 @@ import torch
 from attncc.codegen.emit_triton import emit
 from attncc.codegen.triton import interpreting, load
 from attncc.ir.exprs import expr_str
-from attncc.linear import LinearAttentionSpec, X
+from attncc.linear import X
+from attncc.plan import LinearPlan
 
 TEMPLATE = '''\
 # attncc triton linear-attention kernels for @{name}
@@ -182,7 +183,7 @@ def lin_bwd_dkdv(Q, K, V, O, DO, DEN, DK, DV, SEQ, H, HKV, GROUPS,
 '''
 
 
-def render(spec: LinearAttentionSpec) -> str:
+def render(spec: LinearPlan) -> str:
     dphi = sympy.diff(spec.phi, X)
     return TEMPLATE.format(
         name=spec.name,
@@ -197,7 +198,9 @@ def render(spec: LinearAttentionSpec) -> str:
 
 
 class LinearTritonKernel:
-    def __init__(self, spec: LinearAttentionSpec) -> None:
+    """The generated linear-attention kernels of a :class:`attncc.plan.LinearPlan`."""
+
+    def __init__(self, spec: LinearPlan) -> None:
         self.spec = spec
         self.source = render(spec)
         self.module, self.path, self.generated_now = load(self.source, spec.name)

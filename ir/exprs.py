@@ -32,12 +32,13 @@ H = sympy.Symbol("H", integer=True, positive=True)
 Sq = sympy.Symbol("Sq", integer=True, positive=True)
 Skv = sympy.Symbol("Skv", integer=True, positive=True)
 qb = sympy.Symbol("qb", integer=True, nonnegative=True)  # q-block index, in tiled ops
+x = sympy.Symbol("x", real=True)  # a feature map's argument (linear attention)
 
 INDEX_SYMBOLS: frozenset[sympy.Symbol] = frozenset({b, h, q, kv})
 SIZE_SYMBOLS: frozenset[sympy.Symbol] = frozenset({B, H, Sq, Skv})
 MASK_SYMBOLS: frozenset[sympy.Symbol] = INDEX_SYMBOLS | SIZE_SYMBOLS
 SCORE_SYMBOLS: frozenset[sympy.Symbol] = MASK_SYMBOLS | {score}
-_BY_NAME = {str(s): s for s in SCORE_SYMBOLS | {qb}}
+_BY_NAME = {str(s): s for s in SCORE_SYMBOLS | {qb, x}}
 
 
 def tensor_base(name: str) -> sympy.IndexedBase:

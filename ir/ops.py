@@ -16,6 +16,8 @@ and result::
                                                                          : [B, Hq, Sq, D]
     %o  = attn.tiled %q, %k, %v {<attn.fused's>, bq: int, bkv: int, layout: str,
                                  bands: bands, kv_blocks: bands, full_blocks: bands}  : [B, Hq, Sq, D]
+    %o  = attn.linear %q, %k, %v {groups: int, phi: expr, causal: int, normalize: int, eps: float,
+                                  chunk: int}                            : [B, Hq, S, D]   phi in x
     %o1 = attn.head_shard %o {world: int, owner: ints}                   : shape of %o
           attn.return %o
 
@@ -41,7 +43,7 @@ import sympy
 
 from attncc.ir.attrs import BANDS, EXPR, FLOAT, FLOATS, INT, INTS, STR, Attr
 from attncc.ir.core import Op, Shape, Value
-from attncc.ir.exprs import MASK_SYMBOLS, SCORE_SYMBOLS, is_boolean, score, unknown_symbols
+from attncc.ir.exprs import MASK_SYMBOLS, SCORE_SYMBOLS, is_boolean, score, unknown_symbols, x
 
 
 def _check_expr(op: Op, label: str, expr: sympy.Basic, allowed: frozenset[sympy.Symbol]) -> None:
@@ -307,6 +309,48 @@ class TiledOp(AttentionOp):
 
 
 @dataclass(frozen=True, slots=True)
+class LinearOp(Op):
+    """%o = attn.linear %q, %k, %v {groups, phi, causal, normalize, eps, chunk} : [B, Hq, S, D]
+
+    Feature-map linear attention: o_i = sum_j (phi(q_i) . phi(k_j)) v_j over j <= i when causal, divided by
+    sum_j phi(q_i) . phi(k_j) + eps when normalize; phi is an elementwise expression in ``x``; kernels walk
+    the sequence in chunks of ``chunk`` rows.
+    """
+
+    name: ClassVar[str] = "attn.linear"
+    operands: ClassVar[tuple[str, ...]] = ("q", "k", "v")
+    attrs: ClassVar[dict[str, Attr]] = {
+        "groups": INT,
+        "phi": EXPR,
+        "causal": INT,
+        "normalize": INT,
+        "eps": FLOAT,
+        "chunk": INT,
+    }
+    q: Value
+    k: Value
+    v: Value
+    groups: int
+    phi: sympy.Expr
+    causal: int = 1
+    normalize: int = 1
+    eps: float = 1e-6
+    chunk: int = 32
+
+    def result_shape(self) -> Shape:
+        return (*self.q.shape[:3], self.v.shape[3])
+
+    def verify(self) -> None:
+        _check_groups(self, self.groups, self.q.shape[1], self.k.shape[1])
+        if is_boolean(self.phi) or self.phi.free_symbols - {x}:
+            raise self.fail(f"feature map {self.phi} must be a number-valued expression of x alone")
+        if self.causal not in (0, 1) or self.normalize not in (0, 1):
+            raise self.fail(f"causal and normalize are 0 or 1, got {self.causal} and {self.normalize}")
+        if self.chunk < 16 or self.chunk & (self.chunk - 1):
+            raise self.fail(f"chunk must be a power of two >= 16, got {self.chunk}")
+
+
+@dataclass(frozen=True, slots=True)
 class HeadShardOp(Op):
     """%o2 = attn.head_shard %o {world = 2, owner = [0, 0, 1, 1]}   -- head h computed on rank owner[h]"""
 
@@ -353,6 +397,7 @@ OPS: dict[str, type[Op]] = {
         PVOp,
         FusedOp,
         TiledOp,
+        LinearOp,
         HeadShardOp,
         ReturnOp,
     )

@@ -67,3 +67,18 @@ def test_linear_attention_errors() -> None:
     kern = ac.compile(ac.linear_attention(num_heads=2, head_dim=8), target="reference")
     with pytest.raises(SpecError, match=r"linear attention needs equal q and kv lengths"):
         kern(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))
+
+
+def test_linear_attention_goes_through_the_ir_and_a_plan() -> None:
+    """spec -> IR (one attn.linear op, printable and parseable) -> canonicalize -> LinearPlan -> targets."""
+    from attncc.ir.text import parse_ir, print_ir
+
+    spec = ac.linear_attention(num_heads=4, num_kv_heads=2, head_dim=16, feature_map=ac.x * ac.x, causal=False)
+    kern = ac.compile(spec, target="reference")
+    assert 'phi = "x**2", causal = 0' in kern.ir and print_ir(parse_ir(kern.ir)) == kern.ir
+    assert (kern.plan.groups, kern.plan.causal, str(kern.plan.phi)) == (2, False, "x**2")
+    q, k, v = torch.randn(1, 4, 20, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    fq, fk = q.double() ** 2, (k.double() ** 2).repeat_interleave(2, 1)
+    a = fq @ fk.transpose(-1, -2)  # independent float64 oracle of the non-causal normalized form
+    want = (a @ v.double().repeat_interleave(2, 1)) / (a.sum(-1, keepdim=True) + spec.eps)
+    torch.testing.assert_close(kern(q, k, v).double(), want, atol=1e-5, rtol=1e-5)
