@@ -422,6 +422,12 @@ class SequenceParallelAttention(torch.nn.Module):
     def __init__(self, spec: AttentionSpec, layout: SequenceLayout, target: str = "auto", group: ProcessGroup = None,
                  **compile_options: Any) -> None:  # fmt: skip
         super().__init__()
+        if spec.rope:
+            raise SpecError(
+                "sequence-parallel attention cannot apply RoPE in the kernel: the kernel rotates rows by their "
+                "local index, and a rank's rows sit at global positions; rotate q and k before splitting them "
+                "(with the global positions' tables), or split by heads (ac.distributed.ShardedAttention)"
+            )
         rank, world = _rank_world(group)
         if world != layout.world_size:
             raise SpecError(f"the layout is for {layout.world_size} ranks but the process group has {world}")

@@ -88,6 +88,12 @@ CASES: dict[str, Case] = {
         lambda t: oracle.alibi_fn(4),
         shape=(2, 4, 2, 200, 200),
     ),
+    "seq_cross_bottom_right_gqa": Case(
+        "sequence",
+        lambda: ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, mask=ac.causal("bottom_right")),
+        lambda sq, skv: oracle.causal_bottom_right(sq, skv),
+        shape=(1, 4, 2, 120, 200),
+    ),
     "seq_document_learned_bias": Case(
         "sequence",
         lambda: ac.AttentionSpec(

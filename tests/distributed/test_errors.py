@@ -26,6 +26,13 @@ def test_head_subsets_must_be_whole_groups() -> None:
         ac.shard_heads(spec, 8, 64)
 
 
+def test_rope_in_the_kernel_is_refused_for_sequence_splits() -> None:
+    spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.causal(), rope=True)
+    layout = ac.distributed.sequence_layout(spec, 2, 64)
+    with pytest.raises(ac.SpecError, match="rotate q and k before splitting"):
+        ac.distributed.SequenceParallelAttention(spec, layout)
+
+
 def test_sequences_too_short_for_the_chunks_are_refused() -> None:
     spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.causal())
     with pytest.raises(ac.SpecError, match="too short for 16 chunks"):
