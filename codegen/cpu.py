@@ -19,7 +19,7 @@ import torch
 
 from attncc.codegen import cpu_template, fallback
 from attncc.codegen.emit_cpp import emit
-from attncc.codegen.target import Call
+from attncc.codegen.target import Call, Lazy
 from attncc.errors import LoweringError, SpecError
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp
@@ -423,24 +423,16 @@ class CpuKernel:
         return torch.get_num_threads() * sum(tensors[n].numel() for n in learn)
 
 
-class CpuExecutable:
+class CpuExecutable(Lazy):
     """The cpu target's executable: the compiled library (built or loaded on first use) and the partial-tile
     masks of static maps, per call shape."""
 
     def __init__(self, plan: KernelPlan) -> None:
-        self.plan = plan
-        self._kernel: CpuKernel | None = None
+        super().__init__(plan)
         self._keeps: dict[tuple[int, int, int], torch.Tensor] = {}
 
-    @property
-    def kernel(self) -> CpuKernel:
-        if self._kernel is None:
-            self._kernel = CpuKernel(self.plan)
-        return self._kernel
-
-    @property
-    def source(self) -> str:
-        return self.kernel.source
+    def make(self) -> CpuKernel:
+        return CpuKernel(self.plan)
 
     def unsupported(self, call: Call) -> str | None:
         reason = fallback.reason("cpu", call.q, call.tensors, self.plan.grad_tables)

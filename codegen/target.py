@@ -69,6 +69,28 @@ class Executable(Protocol):
         ...
 
 
+class Lazy:
+    """Base of executables whose generated kernel is rendered, compiled or loaded on first use
+    (``make()`` builds it from ``plan``)."""
+
+    def __init__(self, plan: KernelPlan) -> None:
+        self.plan = plan
+        self._kernel: Any = None
+
+    def make(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def kernel(self) -> Any:
+        if self._kernel is None:
+            self._kernel = self.make()
+        return self._kernel
+
+    @property
+    def source(self) -> str:
+        return str(self.kernel.source)
+
+
 def with_rope(tensors: dict[str, Any], tables: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
     """Runtime tensors plus the rope tables under their call names (as the generated code reads them)."""
     return tensors if tables is None else {**tensors, **dict(zip(rope.NAMES, tables, strict=True))}

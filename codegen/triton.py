@@ -21,7 +21,7 @@ import torch
 from attncc import config, diskcache
 from attncc.codegen import fallback
 from attncc.codegen.emit_triton import emit
-from attncc.codegen.target import Call, with_rope
+from attncc.codegen.target import Call, Lazy, with_rope
 from attncc.codegen.triton_template import TEMPLATE
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.exprs import expr_str, score
@@ -335,22 +335,11 @@ class TritonKernel:
         return (dq, dk, dv), {n: g.to(want[n].dtype) for n, g in table_grads.items() if n in want}
 
 
-class TritonExecutable:
+class TritonExecutable(Lazy):
     """The triton target's executable: the generated kernels, rendered and loaded on first use."""
 
-    def __init__(self, plan: KernelPlan) -> None:
-        self.plan = plan
-        self._kernel: TritonKernel | None = None
-
-    @property
-    def kernel(self) -> TritonKernel:
-        if self._kernel is None:
-            self._kernel = TritonKernel(self.plan)
-        return self._kernel
-
-    @property
-    def source(self) -> str:
-        return self.kernel.source
+    def make(self) -> TritonKernel:
+        return TritonKernel(self.plan)
 
     def unsupported(self, call: Call) -> str | None:
         return fallback.reason("triton", call.q, call.tensors)
