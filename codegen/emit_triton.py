@@ -14,13 +14,11 @@ bounds-check and flag bad reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import sympy
 
+from attncc.codegen.printer import Printer
 from attncc.errors import UnsupportedError
-from attncc.ir.dispatch import handler_for
-from attncc.ir.exprs import exact_division, expr_str
+from attncc.ir.exprs import exact_division
 
 NAMES = {
     "q": "offs_m[:, None]",
@@ -37,133 +35,105 @@ NAMES = {
 }
 
 
-def _num(e: sympy.Basic) -> str:
-    if e is sympy.oo:
-        return 'float("inf")'
-    if e is sympy.S.NegativeInfinity:
-        return '(-float("inf"))'
-    if isinstance(e, sympy.Integer):
-        return str(int(e))
-    return repr(float(e))
+class TritonPrinter(Printer):
+    """Triton over a tile (``tl``), Python/sympy integer semantics through the template's helpers."""
+
+    language = "Triton"
+
+    def symbol(self, e: sympy.Symbol) -> str:
+        if str(e) not in NAMES:
+            raise UnsupportedError(f"symbol {e} has no meaning inside a Triton tile")
+        return NAMES[str(e)]
+
+    def number(self, e: sympy.Basic) -> str:
+        if e is sympy.oo:
+            return 'float("inf")'
+        if e is sympy.S.NegativeInfinity:
+            return '(-float("inf"))'
+        if isinstance(e, sympy.Integer):
+            return str(int(e))
+        return repr(float(e))
+
+    def where(self, cond: str, a: str, b: str) -> str:
+        return f"tl.where({cond}, {a}, {b})"
+
+    def mul(self, e: sympy.Mul) -> str:
+        num, den = e.as_numer_denom()
+        if den != 1 and den.is_number:
+            return f"(({self.emit(num)}) / {float(den)!r})"
+        if e.as_coeff_Mul()[0] == -1:
+            return f"-({self.emit(-e)})"
+        return self.factors(e)
+
+    def floor(self, e: sympy.floor) -> str:
+        if (division := exact_division(e.args[0])) is not None:
+            num, den = division
+            return f"_fdiv({self.emit(num)}, {den})"
+        return f"tl.floor({self.emit(e.args[0])})"
+
+    def ceiling(self, e: sympy.ceiling) -> str:
+        if (division := exact_division(e.args[0])) is not None:
+            num, den = division
+            return f"(-_fdiv(-({self.emit(num)}), {den}))"
+        return f"tl.ceil({self.emit(e.args[0])})"
+
+    def pow(self, e: sympy.Pow) -> str:
+        base, exp = self.emit(e.base), self.emit(e.exp)
+        if e.exp == sympy.Rational(1, 2):
+            return f"tl.sqrt(({base}) * 1.0)"
+        if e.base == 2:
+            return f"tl.exp2(({exp}) * 1.0)"
+        if e.exp == -1:
+            return f"(1.0 / ({base}))"
+        if e.exp == 2:
+            return f"(({base}) * ({base}))"
+        return f"tl.exp(tl.log(({base}) * 1.0) * ({exp}))"
+
+    def mod(self, e: sympy.Mod) -> str:
+        return f"_fmod({self.emit(e.args[0])}, {self.emit(e.args[1])})"
+
+    def minmax(self, e: sympy.Min | sympy.Max) -> str:
+        fn = "tl.minimum" if isinstance(e, sympy.Min) else "tl.maximum"
+        out = self.emit(e.args[0])
+        for a in e.args[1:]:
+            out = f"{fn}({out}, {self.emit(a)})"
+        return out
+
+    def abs(self, e: sympy.Abs) -> str:
+        return f"tl.abs({self.emit(e.args[0])})"
+
+    def indexed(self, e: sympy.Indexed) -> str:
+        return f"_ld_{e.base}(T_{e.base}, TD_{e.base}, ERR, {', '.join(self.emit(i) for i in e.indices)})"
+
+    def logical(self, e: sympy.Basic) -> str:
+        op = {sympy.And: "&", sympy.Or: "|", sympy.Xor: "^"}[type(e)]
+        return "(" + f" {op} ".join(self.emit(a) for a in e.args) + ")"
+
+    def logical_not(self, e: sympy.Not) -> str:
+        return f"(~{self.emit(e.args[0])})"
+
+    def true(self, e: sympy.Basic) -> str:
+        return "(offs_m[:, None] >= 0)"
+
+    def false(self, e: sympy.Basic) -> str:
+        return "(offs_m[:, None] < 0)"
+
+    def heaviside(self, e: sympy.Heaviside) -> str:
+        x = self.emit(e.args[0])
+        return f"tl.where(({x}) > 0, 1.0, tl.where(({x}) < 0, 0.0, 0.5))"
+
+    def unary(self, e: sympy.Function) -> str:
+        x = self.emit(e.args[0])
+        if isinstance(e, sympy.tanh):
+            return f"_tanh({x})"
+        if isinstance(e, sympy.sign):
+            return f"tl.where(({x}) > 0, 1.0, tl.where(({x}) < 0, -1.0, 0.0))"
+        return f"tl.{type(e).__name__}(({x}) * 1.0)"  # exp, log, sin, cos
 
 
-def _add(e: sympy.Add) -> str:
-    terms = sorted(e.args, key=lambda t: (t.is_number, sympy.default_sort_key(t)))
-    out = emit(terms[0])
-    for t in terms[1:]:
-        coeff = t.as_coeff_Mul()[0]
-        out += f" - {emit(-t)}" if coeff.is_number and coeff < 0 else f" + {emit(t)}"
-    return out
-
-
-def _mul(e: sympy.Mul) -> str:
-    num, den = e.as_numer_denom()
-    if den != 1 and den.is_number:
-        return f"(({emit(num)}) / {float(den)!r})"
-    if e.as_coeff_Mul()[0] == -1:
-        return f"-({emit(-e)})"
-    return "*".join(f"({emit(a)})" if isinstance(a, sympy.Add) else emit(a) for a in e.args)
-
-
-def _floor(e: sympy.floor) -> str:
-    if (division := exact_division(e.args[0])) is not None:
-        num, den = division
-        return f"_fdiv({emit(num)}, {den})"
-    return f"tl.floor({emit(e.args[0])})"
-
-
-def _ceiling(e: sympy.ceiling) -> str:
-    if (division := exact_division(e.args[0])) is not None:
-        num, den = division
-        return f"(-_fdiv(-({emit(num)}), {den}))"
-    return f"tl.ceil({emit(e.args[0])})"
-
-
-def _pow(e: sympy.Pow) -> str:
-    if e.exp == sympy.Rational(1, 2):
-        return f"tl.sqrt(({emit(e.base)}) * 1.0)"
-    if e.base == 2:
-        return f"tl.exp2(({emit(e.exp)}) * 1.0)"
-    if e.exp == -1:
-        return f"(1.0 / ({emit(e.base)}))"
-    if e.exp == 2:
-        return f"(({emit(e.base)}) * ({emit(e.base)}))"
-    return f"tl.exp(tl.log(({emit(e.base)}) * 1.0) * ({emit(e.exp)}))"
-
-
-def _minmax(e: sympy.Min | sympy.Max) -> str:
-    fn = "tl.minimum" if isinstance(e, sympy.Min) else "tl.maximum"
-    out = emit(e.args[0])
-    for a in e.args[1:]:
-        out = f"{fn}({out}, {emit(a)})"
-    return out
-
-
-def _piecewise(e: sympy.Piecewise) -> str:
-    out = None
-    for value, cond in reversed(e.args):
-        out = emit(value) if out is None and cond == sympy.true else f"tl.where({emit(cond)}, {emit(value)}, {out})"
-    if out is None:
-        raise UnsupportedError(f"Piecewise {expr_str(e)} has no default branch")
-    return out
-
-
-def _indexed(e: sympy.Indexed) -> str:
-    return f"_ld_{e.base}(T_{e.base}, TD_{e.base}, ERR, {', '.join(emit(i) for i in e.indices)})"
-
-
-def _rel(op: str) -> Callable[[sympy.Basic], str]:
-    return lambda e: f"({emit(e.lhs)} {op} {emit(e.rhs)})"
-
-
-def _join(op: str) -> Callable[[sympy.Basic], str]:
-    return lambda e: "(" + f" {op} ".join(emit(a) for a in e.args) + ")"
-
-
-_TABLE: dict[type, Callable[..., str]] = {
-    sympy.Add: _add,
-    sympy.Mul: _mul,
-    sympy.Pow: _pow,
-    sympy.floor: _floor,
-    sympy.ceiling: _ceiling,
-    sympy.Mod: lambda e: f"_fmod({emit(e.args[0])}, {emit(e.args[1])})",
-    sympy.Min: _minmax,
-    sympy.Max: _minmax,
-    sympy.Abs: lambda e: f"tl.abs({emit(e.args[0])})",
-    sympy.Piecewise: _piecewise,
-    sympy.Indexed: _indexed,
-    sympy.ITE: lambda e: f"tl.where({emit(e.args[0])}, {emit(e.args[1])}, {emit(e.args[2])})",
-    sympy.LessThan: _rel("<="),
-    sympy.StrictLessThan: _rel("<"),
-    sympy.GreaterThan: _rel(">="),
-    sympy.StrictGreaterThan: _rel(">"),
-    sympy.Eq: _rel("=="),
-    sympy.Ne: _rel("!="),
-    sympy.And: _join("&"),
-    sympy.Or: _join("|"),
-    sympy.Xor: _join("^"),
-    sympy.Not: lambda e: f"(~{emit(e.args[0])})",
-    sympy.logic.boolalg.BooleanTrue: lambda e: "(offs_m[:, None] >= 0)",
-    sympy.logic.boolalg.BooleanFalse: lambda e: "(offs_m[:, None] < 0)",
-    sympy.tanh: lambda e: f"_tanh({emit(e.args[0])})",
-    sympy.exp: lambda e: f"tl.exp(({emit(e.args[0])}) * 1.0)",
-    sympy.log: lambda e: f"tl.log(({emit(e.args[0])}) * 1.0)",
-    sympy.sign: lambda e: f"tl.where(({emit(e.args[0])}) > 0, 1.0, tl.where(({emit(e.args[0])}) < 0, -1.0, 0.0))",
-    sympy.Heaviside: lambda e: f"tl.where(({emit(e.args[0])}) > 0, 1.0, tl.where(({emit(e.args[0])}) < 0, 0.0, 0.5))",
-    sympy.sin: lambda e: f"tl.sin(({emit(e.args[0])}) * 1.0)",
-    sympy.cos: lambda e: f"tl.cos(({emit(e.args[0])}) * 1.0)",
-}
+_PRINTER = TritonPrinter()
 
 
 def emit(expr: sympy.Basic) -> str:
     """Triton text that evaluates ``expr`` on a tile (see the module docstring for the names)."""
-    if isinstance(expr, sympy.Symbol):
-        if str(expr) not in NAMES:
-            raise UnsupportedError(f"symbol {expr} has no meaning inside a Triton tile")
-        return NAMES[str(expr)]
-    if expr.is_number and not isinstance(expr, sympy.logic.boolalg.BooleanAtom):
-        return _num(expr)
-    emitter = handler_for(_TABLE, expr)
-    if emitter is None:
-        raise UnsupportedError(f"no Triton emitter for {type(expr).__name__} in `{expr_str(expr)}`")
-    return emitter(expr)
+    return _PRINTER.emit(expr)

@@ -37,7 +37,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("plan", {"plan"}),
     (
         "targets",
-        {f"codegen.{m}" for m in _names("emit_cpp emit_torch emit_triton helpers fallback toolchain interpret target")}
+        {
+            f"codegen.{m}"
+            for m in _names("printer emit_cpp emit_torch emit_triton helpers fallback toolchain interpret target")
+        }
         | {f"codegen.{m}" for m in _names("reference cpu cpu_template triton triton_template triton_linear")}
         | {"codegen"},
     ),
