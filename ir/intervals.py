@@ -14,12 +14,15 @@ Interval(lo=-6.0, hi=12.0, exact=True)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import sympy
 
-from attncc.ir.dispatch import handler_for
+from attncc.errors import UnsupportedError
+from attncc.ir.boxeval import Box, interval
 
 INF = math.inf
 
@@ -48,91 +51,86 @@ BOOL = Interval(0, 1, False)
 Env = Mapping[sympy.Basic, Interval]
 
 
-def _mul(a: Interval, b: Interval) -> Interval:
-    prods = []
-    for x in (a.lo, a.hi):
-        for y in (b.lo, b.hi):
-            prods.append(0.0 if (x == 0 or y == 0) else x * y)
-    constant = a.lo == a.hi or b.lo == b.hi
-    return Interval(min(prods), max(prods), a.exact and b.exact and constant)
-
-
-def _add(items: list[Interval]) -> Interval:
-    lo = sum(i.lo for i in items)
-    hi = sum(i.hi for i in items)
-    if math.isnan(lo) or math.isnan(hi):
-        return TOP
-    return Interval(lo, hi, all(i.exact for i in items))
-
-
-def _floor(a: Interval) -> Interval:
-    return Interval(_fl(a.lo), _fl(a.hi), a.exact)
-
-
-def _fl(x: float) -> float:
-    return x if math.isinf(x) else float(math.floor(x))
-
-
-def _ce(x: float) -> float:
-    return x if math.isinf(x) else float(math.ceil(x))
-
-
-def _mod(a: Interval, m: Interval) -> Interval:
-    if m.lo != m.hi or m.lo <= 0 or math.isinf(m.lo):
-        return TOP if m.lo <= 0 else Interval(0, m.hi, False)
-    n = m.lo
-    if not math.isinf(a.lo) and not math.isinf(a.hi) and _fl(a.lo / n) == _fl(a.hi / n):
-        return Interval(a.lo - n * _fl(a.lo / n), a.hi - n * _fl(a.lo / n), a.exact)
-    return Interval(0, n - 1 if float(n).is_integer() else n, False)
-
-
-def _pow(base: Interval, exp: sympy.Expr, env: Env, tables: TableRanges) -> Interval:
-    e = bounds(exp, env, tables)
-    if base.lo == base.hi and base.lo > 0:  # c ** x, monotone in x
-        c = base.lo
-        vals = [c**x if not math.isinf(x) else (INF if (x > 0) == (c > 1) else 0.0) for x in (e.lo, e.hi)]
-        return Interval(min(vals), max(vals), e.exact)
-    if e.lo == e.hi and float(e.lo).is_integer():
-        n = int(e.lo)
-        if n >= 0 and base.lo >= 0:
-            return Interval(base.lo**n, base.hi**n, base.exact)
-        if n >= 0 and n % 2 == 0:
-            hi = max(base.lo**n, base.hi**n)
-            lo = 0.0 if base.lo <= 0 <= base.hi else min(base.lo**n, base.hi**n)
-            return Interval(lo, hi, False)
-        if n < 0 and base.lo > 0:
-            return Interval(base.hi**n, base.lo**n, base.exact)
-    return TOP
-
-
 TableRanges = Mapping[str, Interval]
-_MONOTONE: dict[type, Callable[[float], float]] = {
-    sympy.tanh: math.tanh,
-    sympy.exp: lambda x: math.exp(x) if x < 700 else INF,
-    sympy.sign: lambda x: float((x > 0) - (x < 0)),
-    sympy.log: lambda x: math.log(x) if x > 0 else -INF,  # only for x >= 0 (see _h_log)
-}
+
+
+class _Fixed:
+    """A tensor known only by the range of its values (what :class:`boxeval.TensorRanges` answers)."""
+
+    def __init__(self, r: Interval) -> None:
+        self.box = Box(np.asarray(r.lo, dtype=np.float64), np.asarray(r.hi, dtype=np.float64))
+
+    def query(self, boxes: list[Box]) -> Box:
+        return self.box
+
+
+def _value(expr: sympy.Basic, env: Env, tables: TableRanges) -> tuple[float, float]:
+    """[lo, hi] of ``expr`` by the one interval evaluator (:func:`attncc.ir.boxeval.interval`); unknown
+    symbols and tensors are unbounded, and what the evaluator has no rule for is unbounded too."""
+    boxes = {s: Box(np.asarray(i.lo, dtype=np.float64), np.asarray(i.hi, dtype=np.float64)) for s, i in env.items()}
+    ranges: dict[str, Any] = {}
+    for acc in expr.atoms(sympy.Indexed):
+        ranges[str(acc.base)] = _Fixed(tables.get(str(acc.base), TOP))
+    labels = {acc.base.label for acc in expr.atoms(sympy.Indexed)}
+    for sym in expr.free_symbols - set(env) - labels:
+        boxes[sym] = Box(np.asarray(-INF), np.asarray(INF))
+    try:
+        box = interval(expr, boxes, ranges)
+    except UnsupportedError:
+        return -INF, INF
+    lo, hi = float(np.min(box.lo)), float(np.max(box.hi))
+    return (-INF, INF) if math.isnan(lo) or math.isnan(hi) else (lo, hi)
 
 
 def bounds(expr: sympy.Basic, env: Env, tables: TableRanges | None = None) -> Interval:
     """A sound interval for ``expr``; booleans are evaluated as 0/1."""
     tables = tables or {}
-    if isinstance(expr, sympy.Integer | sympy.Rational | sympy.Float):
-        v = float(expr)
-        return Interval(v, v)
-    if expr in env:
-        return env[expr]
-    if isinstance(expr, sympy.Symbol):
+    if isinstance(expr, sympy.logic.boolalg.Boolean) and not isinstance(expr, sympy.Symbol):
+        return BOOL
+    lo, hi = _value(expr, env, tables)
+    if lo == -INF and hi == INF:
         return TOP
-    if isinstance(expr, sympy.Indexed):
-        return tables.get(str(expr.base), TOP)
-    handler = handler_for(_HANDLERS, expr)
-    if handler is None:
-        return TOP
-    result = handler(expr, env, tables)
-    if result.exact and _repeats(expr):
-        return result.inexact()
-    return result
+    return Interval(lo, hi, _exact(expr, env, tables) and not _repeats(expr))
+
+
+def _constant(expr: sympy.Basic, env: Env, tables: TableRanges) -> bool:
+    lo, hi = _value(expr, env, tables)
+    return lo == hi
+
+
+def _exact(e: sympy.Basic, env: Env, t: TableRanges) -> bool:
+    """Whether both ends of ``e``'s interval are attained: each part exact and combined monotonically (a
+    product with at most one varying factor, a modulo that does not wrap, one piecewise branch, ...)."""
+    if isinstance(e, sympy.Integer | sympy.Rational | sympy.Float):
+        return True
+    if e in env:
+        return env[e].exact
+    if isinstance(e, sympy.Indexed):
+        return t.get(str(e.base), TOP).exact
+    parts = lambda: all(_exact(a, env, t) for a in e.args)
+    if isinstance(e, sympy.Add | sympy.Min | sympy.Max | sympy.floor | sympy.ceiling | sympy.Abs):
+        return parts()
+    if isinstance(e, sympy.tanh | sympy.exp | sympy.sign):
+        return parts()
+    if isinstance(e, sympy.log):
+        return _value(e.args[0], env, t)[0] >= 0 and parts()
+    if isinstance(e, sympy.Mul):
+        return parts() and sum(not _constant(a, env, t) for a in e.args) <= 1
+    if isinstance(e, sympy.Mod):
+        (alo, ahi), (mlo, mhi) = _value(e.args[0], env, t), _value(e.args[1], env, t)
+        wraps = not (mlo == mhi and 0 < mlo < INF and alo > -INF and ahi < INF)
+        return not wraps and math.floor(alo / mlo) == math.floor(ahi / mlo) and _exact(e.args[0], env, t)
+    if isinstance(e, sympy.Pow):
+        blo, bhi = _value(e.base, env, t)
+        if blo == bhi and blo > 0:
+            return _exact(e.exp, env, t)
+        if e.exp.is_Integer:
+            n = int(e.exp)
+            return ((n >= 0 and blo >= 0) or (n < 0 and blo > 0)) and _exact(e.base, env, t)
+        return False
+    if isinstance(e, sympy.Piecewise):
+        return len(e.args) == 1 and _exact(e.args[0][0], env, t)
+    return False  # symbols without a range, sin, cos, anything else: claim only soundness
 
 
 def _repeats(expr: sympy.Basic) -> bool:
@@ -143,90 +141,3 @@ def _repeats(expr: sympy.Basic) -> bool:
                 return True
             seen.add(node)
     return False
-
-
-def _h_add(e: sympy.Add, env: Env, t: TableRanges) -> Interval:
-    return _add([bounds(a, env, t) for a in e.args])
-
-
-def _h_mul(e: sympy.Mul, env: Env, t: TableRanges) -> Interval:
-    acc = Interval(1, 1)
-    for a in e.args:
-        acc = _mul(acc, bounds(a, env, t))
-    return acc
-
-
-def _h_floor(e: sympy.floor, env: Env, t: TableRanges) -> Interval:
-    return _floor(bounds(e.args[0], env, t))
-
-
-def _h_ceiling(e: sympy.ceiling, env: Env, t: TableRanges) -> Interval:
-    a = bounds(e.args[0], env, t)
-    return Interval(_ce(a.lo), _ce(a.hi), a.exact)
-
-
-def _h_mod(e: sympy.Mod, env: Env, t: TableRanges) -> Interval:
-    return _mod(bounds(e.args[0], env, t), bounds(e.args[1], env, t))
-
-
-def _h_minmax(e: sympy.Min | sympy.Max, env: Env, t: TableRanges) -> Interval:
-    parts = [bounds(a, env, t) for a in e.args]
-    pick = min if isinstance(e, sympy.Min) else max
-    return Interval(pick(p.lo for p in parts), pick(p.hi for p in parts), all(p.exact for p in parts))
-
-
-def _h_abs(e: sympy.Abs, env: Env, t: TableRanges) -> Interval:
-    a = bounds(e.args[0], env, t)
-    if a.lo >= 0:
-        return a
-    if a.hi <= 0:
-        return Interval(-a.hi, -a.lo, a.exact)
-    return Interval(0, max(-a.lo, a.hi), a.exact)
-
-
-def _h_pow(e: sympy.Pow, env: Env, t: TableRanges) -> Interval:
-    return _pow(bounds(e.base, env, t), e.exp, env, t)
-
-
-def _h_piecewise(e: sympy.Piecewise, env: Env, t: TableRanges) -> Interval:
-    parts = [bounds(expr, env, t) for expr, _cond in e.args]
-    acc = parts[0]
-    for p in parts[1:]:
-        acc = acc.union(p)
-    return acc.inexact() if len(parts) > 1 else acc
-
-
-def _h_monotone(e: sympy.Function, env: Env, t: TableRanges) -> Interval:
-    a = bounds(e.args[0], env, t)
-    f = _MONOTONE[type(e)]
-    return Interval(f(a.lo), f(a.hi), a.exact)
-
-
-def _h_log(e: sympy.log, env: Env, t: TableRanges) -> Interval:
-    a = bounds(e.args[0], env, t)
-    return TOP if a.lo < 0 else _h_monotone(e, env, t)  # NaN below 0 lies in no interval: claim nothing
-
-
-def _h_bool(e: sympy.Basic, env: Env, t: TableRanges) -> Interval:
-    return BOOL
-
-
-_HANDLERS: dict[type, Callable[..., Interval]] = {
-    sympy.Add: _h_add,
-    sympy.Mul: _h_mul,
-    sympy.floor: _h_floor,
-    sympy.ceiling: _h_ceiling,
-    sympy.Mod: _h_mod,
-    sympy.Min: _h_minmax,
-    sympy.Max: _h_minmax,
-    sympy.Abs: _h_abs,
-    sympy.Pow: _h_pow,
-    sympy.Piecewise: _h_piecewise,
-    sympy.tanh: _h_monotone,
-    sympy.exp: _h_monotone,
-    sympy.sign: _h_monotone,
-    sympy.log: _h_log,
-    sympy.sin: lambda e, env, t: Interval(-1, 1, False),
-    sympy.cos: lambda e, env, t: Interval(-1, 1, False),
-    sympy.logic.boolalg.Boolean: _h_bool,
-}
