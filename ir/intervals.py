@@ -1,4 +1,4 @@
-"""Sound interval arithmetic over attncc expressions.
+"""Call-time interval bounds with exactness, over the one interval evaluator (:mod:`attncc.ir.boxeval`).
 
 ``bounds(expr, env)`` returns an :class:`Interval` that contains every value ``expr`` takes when
 each symbol ranges over its interval in ``env`` (and each runtime tensor over its value range in
