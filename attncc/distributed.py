@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import sympy
 import torch
 import torch.distributed as dist
 
@@ -47,6 +48,7 @@ from attncc.analysis import costmodel
 from attncc.analysis.blockmap import EMPTY, FULL, PARTIAL
 from attncc.api import compile as compile_spec
 from attncc.errors import SpecError
+from attncc.ir import exprs as X
 from attncc.sharding import ShardPlan
 from attncc.spec import KV_POS, Q_POS, AttentionSpec, at_positions, for_heads
 
@@ -221,6 +223,7 @@ class SequenceLayout:
     owner: tuple[int, ...]  # rank of chunk c (query chunk c and key/value chunk c)
     needs: tuple[tuple[int, ...], ...]  # kv chunks query chunk c sees
     costs: tuple[float, ...]
+    batch: int | None = None  # the batch size the layout is valid for, when the mask depends on b
 
     @property
     def num_chunks(self) -> int:
@@ -289,10 +292,13 @@ def sequence_layout(
     kv_len: int | None = None,
     chunks_per_rank: int = 2,
     target: str = "cpu",
+    batch: int | None = None,
     **runtime: torch.Tensor,
 ) -> SequenceLayout:
     """Cut ``q_len`` queries and ``kv_len`` keys into ``world_size * chunks_per_rank`` chunks and place them
-    (see the module docstring). Runtime tensors the mask reads are passed by name, as for a call.
+    (see the module docstring). Runtime tensors the mask reads are passed by name, as for a call; a mask that
+    depends on the batch index needs ``batch`` (the layout then covers every batch entry, and a call with
+    another batch size is refused).
 
     >>> import attncc as ac
     >>> spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.causal())
@@ -313,7 +319,14 @@ def sequence_layout(
             f"{q_len} queries / {kv_len} keys are too short for {n} chunks ({world_size} ranks x "
             f"{chunks_per_rank}); use fewer ranks or chunks_per_rank, or split by heads (ac.shard_heads)"
         )
-    bm = compile_spec(spec, target="reference").block_map(q_len, kv_len, **runtime)
+    per_batch = any(X.b in i.free_symbols for a in spec.mask.atoms(sympy.Indexed) for i in a.indices)
+    per_batch = per_batch or X.b in spec.mask.free_symbols
+    if per_batch and batch is None:
+        raise SpecError(
+            f"the mask `{X.expr_str(spec.mask)}` depends on the batch index, so the key/value chunks a rank needs "
+            "differ per batch entry; pass batch=B to sequence_layout"
+        )
+    bm = compile_spec(spec, target="reference").block_map(q_len, kv_len, batch or 1, **runtime)
     bq, bkv = bm.block_size
     states = bm.states()
     work = ((states == FULL) + costmodel.partial_cost(target) * (states == PARTIAL)).sum((0, 1))  # [nq, nkv]
@@ -332,8 +345,9 @@ def sequence_layout(
         costs.append(sum(float(work[i].sum()) * (min(hi, (i + 1) * bq) - max(lo, i * bq)) / bq for i in tiles))
     contiguous = tuple(c // chunks_per_rank for c in range(n))
     balanced = costmodel.balance(costs, world_size)
-    lay = SequenceLayout(world_size, q_len, kv_len, cq, ckv, contiguous, tuple(needs), tuple(costs))
-    other = SequenceLayout(world_size, q_len, kv_len, cq, ckv, balanced, tuple(needs), tuple(costs))
+    fixed = batch if per_batch else None
+    lay = SequenceLayout(world_size, q_len, kv_len, cq, ckv, contiguous, tuple(needs), tuple(costs), fixed)
+    other = SequenceLayout(world_size, q_len, kv_len, cq, ckv, balanced, tuple(needs), tuple(costs), fixed)
     if other.imbalance < lay.imbalance / 1.02:  # contiguous keeps neighbours together; leave it only when it pays
         lay = other
     log.info("attncc: %s", lay)
@@ -440,6 +454,11 @@ class SequenceParallelAttention(torch.nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False,
                 **runtime: torch.Tensor) -> Any:  # fmt: skip
         rows = len(self.layout.kv_positions(self.rank))
+        if self.layout.batch is not None and q.shape[0] != self.layout.batch:
+            raise SpecError(
+                f"the layout was made for batch {self.layout.batch} (the mask depends on the batch index) but q has "
+                f"batch {q.shape[0]}; make the layout with batch={q.shape[0]}"
+            )
         if q.dim() != 4 or q.shape[2] != len(self.q_pos) or k.shape[2] != rows or v.shape[2] != rows:
             raise SpecError(
                 f"rank {self.rank}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not hold this "

@@ -33,6 +33,18 @@ def test_rope_in_the_kernel_is_refused_for_sequence_splits() -> None:
         ac.distributed.SequenceParallelAttention(spec, layout)
 
 
+def test_a_mask_that_depends_on_the_batch_needs_the_batch_size() -> None:
+    """Per-batch documents: the chunks a rank needs differ per batch entry; without batch= that is refused,
+    with it the needs cover every entry."""
+    doc_of = ac.tensor("doc")
+    spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=doc_of[ac.b, ac.q] == doc_of[ac.b, ac.kv])
+    doc = torch.stack([torch.arange(256) // 128, torch.zeros(256, dtype=torch.long)])  # entry 1: one document
+    with pytest.raises(ac.SpecError, match="pass batch=B"):
+        ac.distributed.sequence_layout(spec, 2, 256, doc=doc)
+    lay = ac.distributed.sequence_layout(spec, 2, 256, batch=2, doc=doc)
+    assert lay.batch == 2 and lay.kv_chunks_needed(1) == [0, 1, 2, 3]  # entry 1 sees everything (entry 0: 2, 3)
+
+
 def test_sequences_too_short_for_the_chunks_are_refused() -> None:
     spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.causal())
     with pytest.raises(ac.SpecError, match="too short for 16 chunks"):
