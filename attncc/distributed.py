@@ -33,6 +33,7 @@ True
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -224,6 +225,7 @@ class SequenceLayout:
     needs: tuple[tuple[int, ...], ...]  # kv chunks query chunk c sees
     costs: tuple[float, ...]
     batch: int | None = None  # the batch size the layout is valid for, when the mask depends on b
+    fingerprint: str = ""  # of the runtime tensors the mask read when the layout was made
 
     @property
     def num_chunks(self) -> int:
@@ -345,13 +347,25 @@ def sequence_layout(
         costs.append(sum(float(work[i].sum()) * (min(hi, (i + 1) * bq) - max(lo, i * bq)) / bq for i in tiles))
     contiguous = tuple(c // chunks_per_rank for c in range(n))
     balanced = costmodel.balance(costs, world_size)
-    fixed = batch if per_batch else None
-    lay = SequenceLayout(world_size, q_len, kv_len, cq, ckv, contiguous, tuple(needs), tuple(costs), fixed)
-    other = SequenceLayout(world_size, q_len, kv_len, cq, ckv, balanced, tuple(needs), tuple(costs), fixed)
+    fixed, seen_with = (batch if per_batch else None), mask_fingerprint(spec, runtime)
+    lay = SequenceLayout(world_size, q_len, kv_len, cq, ckv, contiguous, tuple(needs), tuple(costs), fixed, seen_with)
+    other = SequenceLayout(world_size, q_len, kv_len, cq, ckv, balanced, tuple(needs), tuple(costs), fixed, seen_with)
     if other.imbalance < lay.imbalance / 1.02:  # contiguous keeps neighbours together; leave it only when it pays
         lay = other
     log.info("attncc: %s", lay)
     return lay
+
+
+def mask_fingerprint(spec: AttentionSpec, runtime: dict[str, torch.Tensor]) -> str:
+    """A digest of the runtime tensors ``spec``'s mask reads (shapes and values): a sequence layout holds
+    for the tensors it was made with only."""
+    digest = hashlib.sha256()
+    for name in sorted(X.tensor_refs(spec.mask)):
+        t = runtime.get(name)
+        if t is not None:
+            digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class _FetchKV(torch.autograd.Function):
@@ -454,6 +468,12 @@ class SequenceParallelAttention(torch.nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False,
                 **runtime: torch.Tensor) -> Any:  # fmt: skip
         rows = len(self.layout.kv_positions(self.rank))
+        if mask_fingerprint(self.spec, runtime) != self.layout.fingerprint:
+            raise SpecError(
+                "the runtime tensors the mask reads differ from those the layout was made with, so the key/value "
+                "chunks each rank needs may differ; make the layout with these tensors "
+                "(ac.distributed.sequence_layout(..., **runtime))"
+            )
         if self.layout.batch is not None and q.shape[0] != self.layout.batch:
             raise SpecError(
                 f"the layout was made for batch {self.layout.batch} (the mask depends on the batch index) but q has "

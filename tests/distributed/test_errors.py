@@ -43,6 +43,9 @@ def test_a_mask_that_depends_on_the_batch_needs_the_batch_size() -> None:
         ac.distributed.sequence_layout(spec, 2, 256, doc=doc)
     lay = ac.distributed.sequence_layout(spec, 2, 256, batch=2, doc=doc)
     assert lay.batch == 2 and lay.kv_chunks_needed(1) == [0, 1, 2, 3]  # entry 1 sees everything (entry 0: 2, 3)
+    # the layout holds for the tensors it was made with: others are told apart
+    assert lay.fingerprint == ac.distributed.mask_fingerprint(spec, {"doc": doc.clone()})
+    assert lay.fingerprint != ac.distributed.mask_fingerprint(spec, {"doc": doc.flip(0)})
 
 
 def test_sequences_too_short_for_the_chunks_are_refused() -> None:
