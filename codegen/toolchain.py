@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -145,6 +146,14 @@ def build(source: str, name: str, force: bool = False) -> tuple[Path, bool]:
         return _compile(source, folder, name, key, record), True
 
 
+def _kill_group(job: subprocess.Popen[str]) -> None:
+    """Stop a compiler job and the processes it started (the driver alone would leave cc1plus writing into the
+    build folder while it is removed), then reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+        os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive advisory lock on ``path`` (created), held for the block, so concurrent processes that miss
@@ -188,7 +197,8 @@ def _compile(source: str, folder: Path, name: str, key: str, record: Path) -> Pa
     src = folder / f"{name}-{key}.cpp"  # kept beside the library for people to read
     diskcache.write_atomic(src, source)
     units = [*split_units(source), f'extern "C" const char {KEY_SYMBOL}[] = "{key}";\n']
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:  # private: no writer shares it
+    # private: no writer shares it; a failed build's leftovers never mask the compiler's message
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".build-", ignore_cleanup_errors=True) as tmp:
         out = Path(tmp) / "lib.so"
         start = time.perf_counter()
         files = [Path(tmp) / f"unit{i}.cpp" for i in range(len(units))]
@@ -196,15 +206,19 @@ def _compile(source: str, folder: Path, name: str, key: str, record: Path) -> Pa
             path.write_text(text)
         objects = [Path(tmp) / f"unit{i}.o" for i in range(len(files))]
         jobs = [
-            subprocess.Popen([compiler(), *flags(), "-c", str(path), "-o", str(obj)], stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [compiler(), *flags(), "-c", str(path), "-o", str(obj)],
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,  # its own process group: killing it stops cc1plus and as too
+            )
             for path, obj in zip(files, objects)
         ]  # the units compile in parallel
         for job in jobs:
             _, err = job.communicate()
             if job.returncode != 0:
                 for other in jobs:
-                    other.kill()
-                    other.wait()
+                    _kill_group(other)
                 raise LoweringError(
                     f"the C++ compiler failed on the generated kernel {src} (exit {job.returncode}):\n"
                     f"{err.strip()[-4000:]}"
