@@ -464,10 +464,11 @@ class SequenceParallelAttention(torch.nn.Module):
         need = layout.kv_chunks_needed(rank)
         self.q_pos = layout.q_positions(rank)
         self.kv_pos = torch.tensor([p for c in need for p in layout._span(c, layout.chunk_kv, layout.kv_len)])
+        self.kv_rows = len(layout.kv_positions(rank))  # rows of k_local / v_local (fixed by the layout)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False,
                 **runtime: torch.Tensor) -> Any:  # fmt: skip
-        rows = len(self.layout.kv_positions(self.rank))
+        rows = self.kv_rows
         if mask_fingerprint(self.spec, runtime) != self.layout.fingerprint:
             raise SpecError(
                 "the runtime tensors the mask reads differ from those the layout was made with, so the key/value "
