@@ -1,4 +1,5 @@
-"""Lower an AttentionSpec to the decomposed IR graph that the pass pipeline starts from.
+"""Lower an AttentionSpec to the decomposed IR graph that the pass pipeline starts from, and read a
+spec back from a fused graph (:func:`spec_of`: how front ends that emit IR get their kernel).
 
 >>> import attncc as ac
 >>> from attncc.ir import print_ir
@@ -20,9 +21,12 @@ from __future__ import annotations
 
 import sympy
 
+from attncc.dsl import Expr, Meta
+from attncc.errors import UnsupportedError
 from attncc.ir import exprs as X
 from attncc.ir.core import Graph, Op, Value
 from attncc.ir.ops import (
+    FusedOp,
     InputOp,
     LinearOp,
     MaskOp,
@@ -91,3 +95,35 @@ def spec_to_ir(spec: AttentionSpec) -> Graph:
     out = Value("o", (X.B, hq, X.Sq, d))
     ops += [SoftmaxOp(probs, cur), PVOp(out, probs, v, spec.groups), ReturnOp(None, out)]
     return Graph(spec.name, tuple(ops))
+
+
+def spec_of(graph: Graph, name: str) -> AttentionSpec:
+    """The spec of a graph whose attention the ``fuse`` pass fused into one ``attn.fused`` op: the
+    inverse of :func:`spec_to_ir` (front ends emit decomposed IR; this reads what the pass recognized).
+
+    >>> import attncc as ac
+    >>> from attncc.passes import parse_pipeline, run_pipeline
+    >>> spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, mask=ac.sliding_window(8))
+    >>> fused = run_pipeline(spec_to_ir(spec), parse_pipeline("canonicalize,fuse")).graph
+    >>> back = spec_of(fused, spec.name)
+    >>> back.num_kv_heads, back.scale, back.mask
+    (2, 0.25, (kv <= q) & (q <= kv + 8))
+    """
+    fused = [op for op in graph.ops if isinstance(op, FusedOp)]
+    if len(fused) != 1:
+        raise UnsupportedError(f"@{graph.name} has {len(fused)} fused attention ops after the fuse pass, not one")
+    op = fused[0]
+    dtypes = tuple((t.tensor, t.dtype) for t in graph.ops if isinstance(t, TensorOp))
+    tables = tuple((t.tensor, t.values) for t in graph.ops if isinstance(t, TensorOp) and t.values)
+    meta = Meta(tables=tables, dtypes=tuple(d for d in dtypes if d[0] not in dict(tables)))
+    hq, hkv, d = (int(n) for n in (op.q.shape[1], op.k.shape[1], op.q.shape[3]))
+    return AttentionSpec(
+        name=name,
+        num_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=d,
+        mask=None if op.mask == sympy.true else Expr(op.mask, meta),
+        score_mod=None if op.score_mod == X.score else Expr(op.score_mod, meta),
+        scale=op.scale,
+        rope=any(isinstance(o, RopeOp) for o in graph.ops),
+    )

@@ -13,6 +13,7 @@ to get a lift.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,10 @@ from attncc.dsl import Expr, lift
 from attncc.errors import AttnccError, UnsupportedError
 from attncc.frontends.symtensor import DIMS, SymTensor, arange, broadcast, constant
 from attncc.ir import exprs as X
+from attncc.ir.core import Graph, Op, Value
+from attncc.ir.ops import InputOp, MaskOp, PVOp, QKOp, ReturnOp, RopeOp, ScaleOp, ScoreModOp, SoftmaxOp, TensorOp
+from attncc.passes.normalize import boolean
+from attncc.rope import NAMES as ROPE_NAMES
 
 log = logging.getLogger("attncc.frontends.fx")
 aten = torch.ops.aten
@@ -91,7 +96,7 @@ class Evaluator:
 
     def _node(self, node: fx.Node) -> SymTensor:
         if node.op in ("placeholder", "get_attr"):
-            raise UnsupportedError(f"{node.name} is data, not an index expression")
+            return self._whole(node)
         target, args, kwargs = node.target, node.args, node.kwargs
         name = getattr(target, "__name__", str(target))
         if target in (torch.arange, aten.arange.default, aten.arange.start, aten.arange.start_step):
@@ -122,12 +127,17 @@ class Evaluator:
             if X.is_boolean(a) and X.is_boolean(b):
                 return SymTensor(sympy.ITE(_as_bool(c), a, b), shape)
             return SymTensor(sympy.Piecewise((a, _as_bool(c)), (b, True)), shape)
-        if target in (torch.triu, torch.tril):
+        if target is torch.masked_fill or (node.op == "call_method" and name == "masked_fill"):
+            exprs, shape = broadcast(*(self.value(a) for a in args[:3]))
+            t, c, fill = exprs
+            return SymTensor(sympy.Piecewise((fill, _as_bool(c)), (t, True)), shape)
+        if target in (torch.triu, torch.tril) or (node.op == "call_method" and name in ("triu", "tril")):
             t = self.value(args[0])
             if t.ndim != 2:
                 raise UnsupportedError(f"{name} of a {t.ndim}-d tensor")
             k = int(args[1]) if len(args) > 1 else int(kwargs.get("diagonal", 0))
-            keep = sympy.Ge(DIMS[1] - DIMS[0], k) if target is torch.triu else sympy.Le(DIMS[1] - DIMS[0], k)
+            upper = target is torch.triu or target == "triu"
+            keep = sympy.Ge(DIMS[1] - DIMS[0], k) if upper else sympy.Le(DIMS[1] - DIMS[0], k)
             zero = sympy.false if X.is_boolean(t.expr) else sympy.Integer(0)
             if X.is_boolean(t.expr):
                 return SymTensor(sympy.And(keep, t.expr), t.shape)
@@ -238,6 +248,18 @@ class Evaluator:
                 raise UnsupportedError(f"indexing a symbolic tensor with {item!r}")
         return out
 
+    def _whole(self, node: fx.Node) -> SymTensor:
+        """A real tensor used as a whole (a learned bias added to the scores, a boolean mask passed
+        in): a runtime-tensor read at the element's own indices (index 0 along its size-1 dims)."""
+        value = example_value(node)
+        if not isinstance(value, torch.Tensor) or value.ndim == 0:
+            raise UnsupportedError(f"{node.name} is not a tensor with dims to index")
+        shape = shape_of(node)
+        name = f"t_{node.name}"
+        self.tensors[name] = node
+        data = X.tensor_base(name)[tuple(DIMS[i] if n != 1 else 0 for i, n in enumerate(shape))]
+        return SymTensor(sympy.Ne(data, 0) if value.dtype is torch.bool else data, shape)
+
     def _gather(self, base: fx.Node, items: tuple[Any, ...], to_bool: bool = False) -> SymTensor:
         """A real tensor indexed by symbolic index tensors: a runtime-tensor access."""
         if any(not isinstance(i, fx.Node) for i in items) or len(items) != len(shape_of(base)):
@@ -290,26 +312,6 @@ def _as_bool(e: sympy.Basic) -> sympy.Basic:
     return sympy.Ne(e, 0)
 
 
-def to_mask(value: SymTensor, shape4: tuple[int, int, int, int]) -> tuple[sympy.Basic, sympy.Expr | None]:
-    """Map a [B?, H?, Sq, Skv] symbolic mask onto b, h, q, kv; return (mask, additive bias)."""
-    t = value.aligned(4)
-    for have, want in zip(t.shape, shape4, strict=True):
-        if have not in (1, want) and -1 not in (have, want):
-            raise UnsupportedError(f"attn_mask shape {value.shape} does not broadcast to {shape4}")
-    expr = t.expr.xreplace({DIMS[0]: X.b, DIMS[1]: X.h, DIMS[2]: X.q, DIMS[3]: X.kv})
-    if X.is_boolean(expr):
-        return expr, None
-    if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2:
-        (a, cond), (c, _) = expr.args
-        if a == 0 and c.is_number and float(c) <= NEG_BIG:
-            return cond, None
-        if c == 0 and a.is_number and float(a) <= NEG_BIG:
-            return sympy.Not(cond), None
-    if expr.is_number and float(expr) == 0:
-        return sympy.true, None
-    return sympy.true, expr
-
-
 def lift_mask(graph: fx.Graph, mask_node: Any, shape4: tuple[int, int, int, int]) -> Lifted:
     """Lift the node producing an SDPA attn_mask (or None) into a mask and/or bias."""
     if mask_node is None:
@@ -319,5 +321,376 @@ def lift_mask(graph: fx.Graph, mask_node: Any, shape4: tuple[int, int, int, int]
         sym = ev.value(mask_node)
     except (UnsupportedError, AttnccError, TypeError, ValueError) as exc:
         raise UnsupportedError(f"the attention mask could not be traced back to index expressions: {exc}") from exc
-    mask, bias = to_mask(sym, shape4)
+    mask, bias = _as_mask(_indexed(sym, shape4))
     return Lifted(mask, bias, ev.tensors)
+
+
+def _kv_source(node: Any) -> tuple[Any, int]:
+    """(node, repeat factor): see through HF's repeat_kv (expand + reshape) and repeat_interleave."""
+    if not isinstance(node, fx.Node):
+        return node, 1
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method" and name == "reshape":
+        inner = node.args[0]
+        if isinstance(inner, fx.Node) and inner.op == "call_method" and inner.target == "expand":
+            src = inner.args[0]
+            if isinstance(src, fx.Node) and src.target is operator.getitem:
+                base, index = src.args
+                if isinstance(index, tuple) and len(index) == 5 and index[2] is None:
+                    rep = shape_of(inner)[2]
+                    return base, rep
+    if node.target in (torch.repeat_interleave,) or (node.op == "call_method" and name == "repeat_interleave"):
+        reps, dim = node.args[1], node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+        if isinstance(reps, int) and dim == 1:
+            return node.args[0], reps
+    return node, 1
+
+
+def _called(node: Any, *targets: Any) -> bool:
+    """``node`` calls one of ``targets`` (functions, or method names as strings)."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return False
+    return any(node.target is t or node.target == t for t in targets)
+
+
+def _without_empty_cache(node: Any) -> Any:
+    """See through ``torch.cat([empty, x], dim=-2)``: a KV cache's first step (Hugging Face's
+    DynamicCache concatenates the new keys to an empty tensor)."""
+    if not _called(node, torch.cat) or node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) not in (-2, 2):
+        return node
+    parts = list(node.args[0])
+    live = [p for p in parts if not (isinstance(p, fx.Node) and shape_of(p) == (0,))]
+    return live[0] if len(live) == 1 else node
+
+
+def _rope_of(node: Any) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(x, cos, sin) when ``node`` is ``x * cos + rotate_half(x) * sin`` (rotate-half convention,
+    ``rotate_half(x) = cat((-x[..., D/2:], x[..., :D/2]), -1)``), else None."""
+    if not _called(node, operator.add, torch.add) or len(node.args) != 2:
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        if not (_called(a, operator.mul, torch.mul) and _called(b, operator.mul, torch.mul)):
+            continue
+        for x, cos in (a.args, a.args[::-1]):
+            for rot, sin in (b.args, b.args[::-1]):
+                if _is_rotate_half(rot, x) and _rope_table(cos, x) and _rope_table(sin, x):
+                    return x, cos, sin
+    return None
+
+
+def _is_rotate_half(rot: Any, x: Any) -> bool:
+    if not (_called(rot, torch.cat) and isinstance(x, fx.Node)):
+        return False
+    dim = rot.kwargs.get("dim", rot.args[1] if len(rot.args) > 1 else 0)
+    parts = rot.args[0]
+    if dim not in (-1, 3) or len(parts) != 2 or not _called(parts[0], operator.neg, torch.neg):
+        return False
+    shape = shape_of(x)
+    if len(shape) != 4 or shape[-1] < 2 or shape[-1] % 2:
+        return False
+    half = shape[-1] // 2
+    return _is_slice(parts[0].args[0], x, half, None) and _is_slice(parts[1], x, None, half)
+
+
+def _is_slice(node: Any, x: fx.Node, start: int | None, stop: int | None) -> bool:
+    """``node`` is ``x[..., start:stop]``."""
+    if not (_called(node, operator.getitem) and node.args[0] is x):
+        return False
+    index = node.args[1]
+    if not (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice)):
+        return False
+    sl = index[1]
+    return (sl.start in (start, 0 if start is None else start)) and sl.stop == stop and sl.step in (None, 1)
+
+
+def _rope_table(node: Any, x: fx.Node) -> bool:
+    """A cos/sin table that broadcasts over heads: [S, D] or [B|1, 1, S, D], float, no gradient."""
+    value = example_value(node)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.requires_grad:
+        return False
+    shape, xs = shape_of(node), shape_of(x)
+    return (len(shape) == 2 and shape == xs[2:]) or (
+        len(shape) == 4 and shape[0] in (1, xs[0]) and shape[1] == 1 and shape[2:] == xs[2:]
+    )
+
+
+def _fused_rope(q: Any, k: Any) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+    """(q source, k source, [cos, sin]) when q and k are rotated by the same RoPE tables right
+    before attention; the kernel then applies the rotation itself."""
+    rq, rk = _rope_of(q), _rope_of(_without_empty_cache(k))
+    if rq is None or rk is None:
+        if rq is not None or rk is not None:
+            log.info("attncc: RoPE found on %s only; left to the graph", "q" if rq else "k")
+        return None
+    if rq[1:] != rk[1:] or shape_of(rq[0])[2] != shape_of(rk[0])[2]:
+        log.info("attncc: q and k are rotated with different tables or lengths; RoPE left to the graph")
+        return None
+    return rq[0], rk[0], [rq[1], rq[2]]
+
+
+# --- attention sites as decomposed IR -------------------------------------------------------------
+
+
+@dataclass
+class Site:
+    """One attention site of an FX graph as decomposed IR (:mod:`attncc.ir.ops`) plus the FX nodes that
+    feed it. Each FX step between ``q @ k^T`` and softmax becomes one IR op in the model's order
+    (``attn.scale``, ``attn.score_mod``, ``attn.mask``); whether the chain is one attention, and what
+    it fuses to, is the ``fuse`` pass's decision, not the front end's."""
+
+    node: fx.Node  # what the site's output replaces: the SDPA call or the ``@ v`` matmul
+    graph: Graph
+    inputs: dict[str, Any]  # "q", "k", "v", every runtime tensor's name and the rope tables -> FX node
+
+
+SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, "softmax")
+MATMULS = (torch.matmul, operator.matmul, torch.bmm, torch.einsum, "matmul", "bmm")
+# between softmax and ``@ v``: conversions and dropout in eval (``F.dropout(p, rate, training=False)``)
+PROBS_PASSTHROUGH = {"to", "type_as", "float", "half", "bfloat16", "contiguous"}
+LOOKBACK = 12  # FX steps walked from a softmax back to the score matmul
+
+
+def is_softmax(node: Any, last_dim: bool = True) -> bool:
+    """``node`` is a softmax (over the last dim when ``last_dim``)."""
+    if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in SOFTMAX):
+        return False
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return not last_dim or dim in (-1, 3)
+
+
+def activation_product(node: Any) -> bool:
+    """``node`` is a matmul of two activations (not of an activation and a weight)."""
+    if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in MATMULS):
+        return False
+    operands = [a for a in node.args if isinstance(a, fx.Node)]
+    live = [a for a in operands if a.op != "get_attr" and not isinstance(example_value(a), torch.nn.Parameter)]
+    return len(live) >= 2
+
+
+def _reaches_product(node: Any, budget: int) -> bool:
+    if not isinstance(node, fx.Node) or node.op in ("placeholder", "get_attr") or budget <= 0:
+        return False
+    return activation_product(node) or any(_reaches_product(a, budget - 1) for a in node.all_input_nodes)
+
+
+def score_chain(soft: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(the product of two activations a softmax reads, the FX steps in between in program order), or
+    None when the softmax reads no such product within ``LOOKBACK`` steps (it is not attention).
+    Each step must read the scores through exactly one operand (``scores + scores`` is refused)."""
+    node: Any = soft.args[0] if soft.args else None
+    steps: list[fx.Node] = []
+    for _ in range(LOOKBACK):
+        if not isinstance(node, fx.Node) or node.op in ("placeholder", "get_attr"):
+            return None
+        if activation_product(node):
+            return node, steps[::-1]
+        steps.append(node)
+        on_path = [a for a in node.all_input_nodes if _reaches_product(a, LOOKBACK)]
+        if len(on_path) != 1:
+            return None if not on_path else _refuse(f"{node.name} reads the scores through {len(on_path)} operands")
+        node = on_path[0]
+    return None
+
+
+def _refuse(why: str) -> Any:
+    raise UnsupportedError(why)
+
+
+def _probs_source(node: Any) -> tuple[Any, str]:
+    """(what ``node`` is, seen through dtype conversions and dropout, the dropout in training that
+    stands in the way or "") between softmax and ``@ v``."""
+    training = ""
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
+        name = getattr(node.target, "__name__", str(node.target))
+        if node.op == "call_method" and name in PROBS_PASSTHROUGH:
+            node = node.args[0]
+        elif node.target in (torch.nn.functional.dropout, torch.dropout):
+            args = dict(zip(("input", "p", "training"), node.args, strict=False)) | dict(node.kwargs)
+            rate = float(args.get("p", 0.5))
+            if rate != 0.0 and args.get("training", node.target is torch.nn.functional.dropout):
+                training = f"dropout (p={rate}) in training on the probabilities ({node.name})"
+            node = args["input"]
+        else:
+            break
+    return node, training
+
+
+class SiteBuilder:
+    """Emits one site's decomposed IR: q/k/v (GQA sources and RoPE seen through), the runtime tensors
+    its masks read, qk, the score steps, softmax, pv."""
+
+    def __init__(self, node: fx.Node) -> None:
+        self.node, self.evaluator = node, Evaluator(node.graph)
+        self.steps: list[Op] = []
+        self.n = 0
+
+    def start(self, q: Any, k: Any, v: Any) -> None:
+        qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
+        if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+            raise UnsupportedError(f"q/k/v are not 4-d ({qs}, {ks}, {vs})")
+        if vs[-1] != qs[-1]:
+            raise UnsupportedError(f"value head_dim {vs[-1]} differs from query head_dim {qs[-1]}")
+        k0, rk = _kv_source(k)
+        v0, rv = _kv_source(v)
+        if rk != rv:
+            k0, v0 = k, v
+        self.rope = _fused_rope(q, k0)
+        if self.rope is not None:
+            q, k0 = self.rope[0], self.rope[1]
+        self.q, self.k, self.v = q, k0, v0
+        self.heads, self.kv_heads, self.head_dim = qs[1], shape_of(k0)[1], qs[-1]
+        if self.heads % self.kv_heads:
+            raise UnsupportedError(f"{self.heads} query heads do not divide into {self.kv_heads} kv heads")
+        self.shape4 = (qs[0], qs[1], qs[2], ks[2])
+        self.scores = Value("s", (X.B, sympy.Integer(self.heads), X.Sq, X.Skv))
+
+    def _next(self) -> Value:
+        self.n += 1
+        return Value(f"s{self.n}", self.scores.shape)
+
+    @property
+    def current(self) -> Value:
+        return self.steps[-1].result if self.steps else self.scores  # type: ignore[return-value]
+
+    def scale(self, factor: float) -> None:
+        self.steps.append(ScaleOp(self._next(), self.current, factor))
+
+    def mask_or_bias(self, mask: sympy.Basic, bias: sympy.Expr | None) -> None:
+        """An additive mask/bias read off an SDPA ``attn_mask`` or a ``scores + t`` step."""
+        if bias is not None:
+            self.steps.append(ScoreModOp(self._next(), self.current, X.score + bias))
+        if mask != sympy.true:
+            self.steps.append(MaskOp(self._next(), self.current, boolean(mask), ""))
+
+    def step(self, fx_node: fx.Node, scores_in: fx.Node) -> None:
+        """One FX step of the score chain, evaluated with the scores as the symbol ``score``."""
+        self.evaluator.memo[scores_in] = SymTensor(X.score, tuple(self.shape4))
+        try:
+            value = self.evaluator.value(fx_node)
+        except (UnsupportedError, AttnccError, TypeError, ValueError) as exc:
+            raise UnsupportedError(f"the step {fx_node.name} on the scores is not lifted: {exc}") from exc
+        expr = _indexed(value, self.shape4)
+        if expr == X.score:
+            return
+        coeff, rest = expr.as_coeff_Mul()
+        if rest == X.score and coeff.is_number:
+            return self.scale(float(coeff))
+        if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2:
+            (a, cond), (c, _) = expr.args
+            if c == X.score and _masked_value(a):
+                return self.mask_or_bias(sympy.Not(cond), None)
+            if a == X.score and _masked_value(c):
+                return self.mask_or_bias(cond, None)
+        bias = sympy.expand(expr - X.score) if expr.is_Add else None
+        if bias is not None and X.score not in bias.free_symbols:
+            return self.mask_or_bias(*_as_mask(bias))
+        if X.score not in expr.free_symbols:
+            raise UnsupportedError(f"the step {fx_node.name} replaces the scores by {expr}")
+        self.steps.append(ScoreModOp(self._next(), self.current, expr))
+
+    def finish(self, name: str) -> Site:
+        hq, hkv, d = (sympy.Integer(n) for n in (self.heads, self.kv_heads, self.head_dim))
+        q, k, v = Value("q", (X.B, hq, X.Sq, d)), Value("k", (X.B, hkv, X.Skv, d)), Value("v", (X.B, hkv, X.Skv, d))
+        ops: list[Op] = [InputOp(q, "q"), InputOp(k, "k"), InputOp(v, "v")]
+        inputs: dict[str, Any] = {"q": self.q, "k": self.k, "v": self.v}
+        for tname, tnode in self.evaluator.tensors.items():
+            ops.append(TensorOp(Value(tname), tname, max(1, len(shape_of(tnode))), _kind(tnode)))
+            inputs[tname] = tnode
+        if self.rope is not None:
+            q, k = Value("q1", q.shape), Value("k1", k.shape)
+            ops += [RopeOp(q, ops[0].result), RopeOp(k, ops[1].result)]  # type: ignore[arg-type]
+            inputs.update(zip(ROPE_NAMES, self.rope[2], strict=True))
+        groups = self.heads // self.kv_heads
+        probs, out = Value("p", self.scores.shape), Value("o", (X.B, hq, X.Sq, d))
+        ops += [QKOp(self.scores, q, k, groups), *self.steps, SoftmaxOp(probs, self.current)]
+        ops += [PVOp(out, probs, v, groups), ReturnOp(None, out)]
+        return Site(self.node, Graph(name, tuple(ops)), inputs)
+
+
+def _indexed(value: SymTensor, shape4: tuple[int, int, int, int]) -> sympy.Basic:
+    """A [B?, H?, Sq, Skv] symbolic value over b, h, q, kv."""
+    t = value.aligned(4)
+    for have, want in zip(t.shape, shape4, strict=True):
+        if have not in (1, want) and -1 not in (have, want):
+            raise UnsupportedError(f"a value of shape {value.shape} does not broadcast to the scores {shape4}")
+    return t.expr.xreplace({DIMS[0]: X.b, DIMS[1]: X.h, DIMS[2]: X.q, DIMS[3]: X.kv})
+
+
+def _masked_value(e: sympy.Basic) -> bool:
+    return bool(e.is_number and float(e) <= NEG_BIG)
+
+
+def _as_mask(expr: sympy.Basic) -> tuple[sympy.Basic, sympy.Expr | None]:
+    """(mask, additive bias) of an additive ``attn_mask`` / ``scores + t`` operand over b, h, q, kv."""
+    if X.is_boolean(expr):
+        return expr, None
+    if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2:
+        (a, cond), (c, _) = expr.args
+        if a == 0 and _masked_value(c):
+            return cond, None
+        if c == 0 and _masked_value(a):
+            return sympy.Not(cond), None
+    if expr.is_number and float(expr) == 0:
+        return sympy.true, None
+    return sympy.true, expr
+
+
+def _kind(node: fx.Node) -> str:
+    dtype = getattr(example_value(node), "dtype", None)
+    return "bool" if dtype is torch.bool else ("float" if dtype is not None and dtype.is_floating_point else "int")
+
+
+def sdpa_site(node: fx.Node) -> Site:
+    """``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)`` as IR:
+    scale, the attn_mask as a mask or an additive bias, ``kv <= q`` for is_causal (top-left, as torch)."""
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
+    a = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    if float(a.get("dropout_p", 0.0) or 0.0) != 0.0:
+        raise UnsupportedError(f"dropout_p={a['dropout_p']} (attncc computes attention without dropout)")
+    site = SiteBuilder(node)
+    site.start(a["query"], a["key"], a["value"])
+    scale = a.get("scale")
+    site.scale(1.0 / math.sqrt(site.head_dim) if scale is None else float(scale))
+    if a.get("attn_mask") is not None:
+        lifted = lift_mask(node.graph, a["attn_mask"], site.shape4)
+        site.evaluator.tensors.update(lifted.tensors)
+        site.mask_or_bias(lifted.mask, lifted.bias)
+    if a.get("is_causal", False):
+        site.mask_or_bias(sympy.Le(X.kv, X.q), None)
+    return site.finish(f"site_{node.name}")
+
+
+def softmax_of(node: fx.Node) -> fx.Node | None:
+    """The last-dim softmax whose probabilities the matmul ``node`` multiplies (through dtype
+    conversions and dropout in eval), or None."""
+    if not (node.target in (torch.matmul, operator.matmul) and len(node.args) == 2):
+        return None
+    soft = _probs_source(node.args[0])[0]
+    return soft if is_softmax(soft) else None
+
+
+def decomposed_site(node: fx.Node) -> Site | None:
+    """``softmax(steps(q @ k^T)) @ v`` read from the ``@ v`` matmul ``node`` as IR, one op per step; None
+    when ``node`` is not the product of a last-dim softmax of such scores with a value tensor."""
+    soft = softmax_of(node)
+    if soft is None:
+        return None
+    if training := _probs_source(node.args[0])[1]:
+        raise UnsupportedError(f"{training}: attncc computes attention without dropout")
+    found = score_chain(soft)
+    if found is None:
+        return None
+    qk, steps = found
+    if not (qk.target in (torch.matmul, operator.matmul) and len(qk.args) == 2):
+        raise UnsupportedError(f"the scores {qk.name} are a {qk.target} product, not q @ k.transpose(-2, -1)")
+    q, kt = qk.args
+    transposed = isinstance(kt, fx.Node) and (kt.target == "transpose" or kt.target is torch.transpose)
+    if not transposed or sorted(int(d) % 4 for d in kt.args[1:3]) != [2, 3]:
+        raise UnsupportedError(f"the scores {qk.name} are not q @ k.transpose(-2, -1)")
+    site = SiteBuilder(node)
+    site.start(q, kt.args[0], node.args[1])
+    prev = qk
+    for step in steps:
+        site.step(step, prev)
+        prev = step
+    return site.finish(f"site_{node.name}")

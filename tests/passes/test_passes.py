@@ -146,3 +146,64 @@ def test_print_after_logs_the_ir(caplog: pytest.LogCaptureFixture) -> None:
     with config.override(print_after=("fuse",)), caplog.at_level(logging.INFO, logger="attncc.passes"):
         run_pipeline(spec_to_ir(_hand_written()), parse_pipeline("canonicalize,fuse"))
     assert "IR after fuse:" in caplog.text and "IR after canonicalize" not in caplog.text
+
+
+def _chain(*steps: tuple[str, object]) -> Graph:
+    """A decomposed graph whose steps between qk and softmax come in the given order (as a front end
+    emits them from a model): ("scale", c), ("mod", expr over score), ("mask", pred)."""
+    from attncc.ir.core import Value
+    from attncc.ir.ops import InputOp, PVOp, QKOp, ReturnOp, ScaleOp, SoftmaxOp
+
+    q, k, v = (Value(n, (X.B, sympy.Integer(2), X.Sq if n == "q" else X.Skv, sympy.Integer(8))) for n in "qkv")
+    cur = Value("s", (X.B, sympy.Integer(2), X.Sq, X.Skv))
+    ops: list = [InputOp(q, "q"), InputOp(k, "k"), InputOp(v, "v"), QKOp(cur, q, k, 1)]
+    for i, (kind, arg) in enumerate(steps):
+        nxt = dataclasses.replace(cur, name=f"s{i + 1}")
+        make = {"scale": ScaleOp, "mod": ScoreModOp, "mask": lambda r, s, p: MaskOp(r, s, p, "")}[kind]
+        ops.append(make(nxt, cur, arg))
+        cur = nxt
+    p, o = dataclasses.replace(cur, name="p"), Value("o", (X.B, sympy.Integer(2), X.Sq, sympy.Integer(8)))
+    ops += [SoftmaxOp(p, cur), PVOp(o, p, v, 1), ReturnOp(None, o)]
+    return Graph("chain", tuple(ops))
+
+
+CAUSAL = sympy.Le(X.kv, X.q)
+ORDERS = {
+    # scales around a softcap (Gemma 2 writes scores * scale, tanh(s / cap) * cap, then the mask)
+    "softcap_then_mask": [
+        ("scale", 0.25),
+        ("scale", 0.1),
+        ("mod", sympy.tanh(X.score)),
+        ("scale", 10.0),
+        ("mask", CAUSAL),
+    ],
+    # a mask, then a positive scale and an additive bias: both keep -inf at -inf
+    "mask_then_scale_and_bias": [("mask", CAUSAL), ("scale", 0.5), ("mod", X.score + sympy.sin(X.q - X.kv))],
+    "two_masks": [("mask", CAUSAL), ("scale", 0.3), ("mask", sympy.Le(X.q - X.kv, 4))],
+}
+
+
+@pytest.mark.parametrize("name", list(ORDERS))
+def test_fuse_folds_steps_in_any_order_that_keeps_the_mask(name: str) -> None:
+    graph = _chain(*ORDERS[name])
+    graph.verify()
+    fused = Fuse().run(graph)
+    assert len(fused.ops_of(FusedOp)) == 1, print_ir(fused)
+    q, k, v = (torch.randn(1, 2, 13, 8, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(interpret(fused, q, k, v), interpret(graph, q, k, v), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "steps,reason",
+    [
+        ([("mask", CAUSAL), ("mod", 3 * sympy.tanh(X.score / 3))], "maps a masked score (-inf) to -3"),
+        ([("mask", CAUSAL), ("scale", -1.0)], "a scale of -1.0 after the mask"),
+    ],
+    ids=["softcap_after_mask", "negative_scale_after_mask"],
+)
+def test_fuse_refuses_a_step_after_the_mask_that_unmasks(steps: list, reason: str) -> None:
+    from attncc.passes.fuse import why_not
+
+    graph = _chain(*steps)
+    assert Fuse().run(graph) == graph, "not fused: the fused op masks last, which would change the result"
+    assert reason in (why_not(graph) or "")
