@@ -9,9 +9,9 @@ of ``q @ k^T`` with v) into decomposed IR, one op per step the model wrote; the 
 whether that chain is one attention and :func:`attncc.lower.spec_of` reads its spec; the site then
 becomes a call of the ``attncc::attention`` custom op (so Inductor or eager still runs the rest of the
 graph). A site that is not lifted keeps its original op and the reason (the front end's or the fuse
-pass's) is logged and reported; every softmax of a product of two activations gets a report. Options: ``target`` (auto | cpu | triton |
-reference), ``backend`` (inductor | eager, for the rest of the graph), ``dump_dir`` (FX graph
-before and after).
+pass's) is logged and reported; every softmax of a product of two activations gets a report.
+Options: ``target`` (auto | cpu | triton | reference), ``backend`` (inductor | eager, for the rest of
+the graph), ``dump_dir`` (FX graph before and after).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 A printer maps each sympy node kind to a method (:data:`Printer.METHODS`); a language subclasses
 :class:`Printer` and overrides what differs (numbers, symbols, calls, operators), in the manner of tinygrad's
 ``cstyle`` renderers. Sums, piecewise folds, ``ITE`` and comparisons are written once here. The Python-syntax
-targets (``emit_torch`` for the reference, ``emit_triton``) print through it; the C++ printer
-(``emit_cpp``) also tracks whether each subexpression is an integer and keeps its own table.
+targets (``emit_torch`` for the reference, ``emit_triton``) and C++ (``emit_cpp``, which adds one type rule:
+whether each subexpression is an integer) print through it.
 
 >>> import sympy
 >>> from attncc.ir.exprs import q, kv
@@ -91,12 +91,16 @@ class Printer:
         out = None
         for value, cond in reversed(e.args):
             if out is None and cond == sympy.true:
-                out = self.emit(value)
+                out = self.branch(e, value)
             else:
-                out = self.where(self.emit(cond), self.emit(value), str(out))
+                out = self.where(self.emit(cond), self.branch(e, value), str(out))
         if out is None:
             raise UnsupportedError(f"Piecewise {expr_str(e)} has no default branch")
         return out
+
+    def branch(self, whole: sympy.Piecewise, value: sympy.Basic) -> str:
+        """One value of a Piecewise (a typed language converts it to the type of the whole)."""
+        return self.emit(value)
 
     def ite(self, e: sympy.ITE) -> str:
         return self.where(*(self.emit(a) for a in e.args))
