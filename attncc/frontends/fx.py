@@ -82,11 +82,16 @@ class Evaluator:
         self.graph = graph
         self.memo: dict[fx.Node, SymTensor] = {}
         self.tensors: dict[str, fx.Node] = {}
+        self.scores: set[fx.Node] = set()  # score-chain nodes: what reads them is never taken as data
+        self._on_scores: dict[fx.Node, bool] = {}
 
     def value(self, arg: Any) -> SymTensor:
         if isinstance(arg, fx.Node):
             if arg not in self.memo:
-                self.memo[arg] = self._node(arg)
+                try:
+                    self.memo[arg] = self._node(arg)
+                except UnsupportedError as exc:
+                    self.memo[arg] = self._computed(arg, exc)
             return self.memo[arg]
         if isinstance(arg, bool):
             return constant(sympy.true if arg else sympy.false)
@@ -127,6 +132,10 @@ class Evaluator:
             if X.is_boolean(a) and X.is_boolean(b):
                 return SymTensor(sympy.ITE(_as_bool(c), a, b), shape)
             return SymTensor(sympy.Piecewise((a, _as_bool(c)), (b, True)), shape)
+        if target is torch.diff:
+            return self._diff(node)
+        if target is torch.cumsum or (node.op == "call_method" and name == "cumsum"):
+            return self._cumsum(node)
         if target is torch.masked_fill or (node.op == "call_method" and name == "masked_fill"):
             exprs, shape = broadcast(*(self.value(a) for a in args[:3]))
             t, c, fill = exprs
@@ -149,7 +158,15 @@ class Evaluator:
             if name == "bool" or kwargs.get("dtype") is torch.bool or torch.bool in args[1:]:
                 return SymTensor(_as_bool(inner.expr), inner.shape)
             return inner
-        if node.op == "call_method" and name in ("unsqueeze", "expand", "view", "reshape", "new_zeros", "new_ones"):
+        if node.op == "call_method" and name in (
+            "unsqueeze",
+            "expand",
+            "view",
+            "reshape",
+            "new_zeros",
+            "new_ones",
+            "repeat",
+        ):
             return self._method(node, name)
         if target in (torch.unsqueeze,):
             return self.value(args[0]).unsqueeze(int(args[1]))
@@ -159,6 +176,52 @@ class Evaluator:
         if fn is not None:  # everything else elementwise: the tracer's table (attncc.torchfuncs)
             return self._traced(node, fn)
         raise UnsupportedError(f"`{name}` ({node.op}) in the mask's producer graph is not lifted")
+
+    def _computed(self, node: fx.Node, why: UnsupportedError) -> SymTensor:
+        """A value the evaluator cannot write as an index expression (a cumsum of data, a bias built
+        with permute/embedding...) but that does not depend on the scores: the graph still computes it,
+        and the kernel reads it as a runtime tensor at the element's own indices."""
+        value = example_value(node)
+        if self._reads_scores(node) or not isinstance(value, torch.Tensor) or value.ndim == 0:
+            raise why
+        log.info("attncc: %s is read as a runtime tensor (%s)", node.name, why)
+        return self._whole(node)
+
+    def _reads_scores(self, node: fx.Node) -> bool:
+        if node in self.scores:
+            return True
+        if node not in self._on_scores:
+            self._on_scores[node] = False  # cycles cannot occur; this only cuts repeated walks
+            self._on_scores[node] = any(self._reads_scores(a) for a in node.all_input_nodes)
+        return self._on_scores[node]
+
+    def _diff(self, node: fx.Node) -> SymTensor:
+        """``torch.diff(x, dim=d, prepend=p)`` with n = 1 and at most one prepended element."""
+        args = dict(zip(("input", "n", "dim", "prepend", "append"), node.args, strict=False)) | dict(node.kwargs)
+        x = self.value(args["input"])
+        dim = int(args.get("dim", -1)) % x.ndim
+        if int(args.get("n", 1)) != 1 or args.get("append") is not None:
+            raise UnsupportedError("diff with n != 1 or append")
+        d = DIMS[dim]
+        if args.get("prepend") is None:
+            shape = tuple(n - 1 if i == dim else n for i, n in enumerate(x.shape))
+            return SymTensor(x.expr.xreplace({d: d + 1}) - x.expr, shape)
+        p = self.value(args["prepend"]).aligned(x.ndim)
+        if p.shape[dim] != 1:
+            raise UnsupportedError(f"diff with a prepend of {p.shape[dim]} elements")
+        first = x.expr.xreplace({d: 0}) - p.expr
+        shape = tuple(n + 1 if i == dim and n != -1 else n for i, n in enumerate(x.shape))
+        shape = tuple(x.shape[i] if i == dim else n for i, n in enumerate(shape))
+        return SymTensor(sympy.Piecewise((first, sympy.Eq(d, 0)), (x.expr - x.expr.xreplace({d: d - 1}), True)), shape)
+
+    def _cumsum(self, node: fx.Node) -> SymTensor:
+        """``cumsum`` along a dim the value does not vary on: value x (index + 1)."""
+        x = self.value(node.args[0])
+        dim = int(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)) % x.ndim
+        expr = sympy.Piecewise((1, x.expr), (0, True)) if X.is_boolean(x.expr) else x.expr
+        if DIMS[dim] in expr.free_symbols:
+            raise UnsupportedError("cumsum of a value that varies along the summed dim")
+        return SymTensor(expr * (DIMS[dim] + 1), x.shape)
 
     def _traced(self, node: fx.Node, fn: Any) -> SymTensor:
         """An elementwise op evaluated by the FlexAttention tracer's table on the broadcast operands."""
@@ -196,6 +259,13 @@ class Evaluator:
         target_shape = shape_of(node)
         if name == "expand":
             return t.expand(target_shape)
+        if name == "repeat":  # out[i] = t[i mod n] along each repeated dim
+            reps = node.args[1:] if not isinstance(node.args[1], tuple | list) else tuple(node.args[1])
+            if not all(isinstance(r, int) for r in reps) or -1 in t.shape:
+                raise UnsupportedError(f"repeat{tuple(reps)} of a tensor of shape {t.shape}")
+            t = t.aligned(len(reps))
+            mapping = {DIMS[i]: sympy.Mod(DIMS[i], n) for i, (n, r) in enumerate(zip(t.shape, reps)) if n > 1 and r > 1}
+            return SymTensor(t.expr.xreplace(mapping), tuple(n * r for n, r in zip(t.shape, reps, strict=True)))
         # view / reshape that only adds or removes size-1 dims
         if [s for s in t.shape if s != 1] != [s for s in target_shape if s != 1]:
             raise UnsupportedError(f"{name} from {t.shape} to {target_shape} mixes index dims")
@@ -235,12 +305,17 @@ class Evaluator:
         if source is not None:
             return self._gather(source[0], items, source[1])
         t = self.value(base)
+        if items and all(isinstance(i, fx.Node) for i in items):
+            return self._take(t, items)
         out, dim = t, 0
         for item in items:
             if item is None:
                 out = out.unsqueeze(dim)
                 dim += 1
             elif isinstance(item, slice) and item == slice(None):
+                dim += 1
+            elif isinstance(item, slice):
+                out = _sliced(out, dim, item)
                 dim += 1
             elif item is Ellipsis:
                 dim = out.ndim - sum(1 for i in items[items.index(item) + 1 :] if i is not None)
@@ -259,6 +334,20 @@ class Evaluator:
         self.tensors[name] = node
         data = X.tensor_base(name)[tuple(DIMS[i] if n != 1 else 0 for i, n in enumerate(shape))]
         return SymTensor(sympy.Ne(data, 0) if value.dtype is torch.bool else data, shape)
+
+    def _take(self, t: SymTensor, items: tuple[Any, ...]) -> SymTensor:
+        """``t[i0, i1, ...]`` with one integer index tensor per leading dim (advanced indexing): the
+        element at the broadcast indices, so ``positions[batch, q]`` reads ``positions`` at (b, q)."""
+        dtypes = [getattr(example_value(i), "dtype", None) for i in items]
+        if len(items) > t.ndim or any(d is None or d.is_floating_point or d is torch.bool for d in dtypes):
+            raise UnsupportedError(f"indexing a symbolic tensor with {[i.name for i in items]}")
+        parts = [self.value(i) for i in items]
+        exprs, shape = broadcast(*parts)
+        rest = t.shape[len(items) :]
+        lead = len(shape)
+        mapping = {DIMS[i]: e for i, e in enumerate(exprs)}
+        mapping |= {DIMS[len(items) + j]: DIMS[lead + j] for j in range(len(rest))}
+        return SymTensor(t.expr.xreplace(mapping), (*shape, *rest))
 
     def _gather(self, base: fx.Node, items: tuple[Any, ...], to_bool: bool = False) -> SymTensor:
         """A real tensor indexed by symbolic index tensors: a runtime-tensor access."""
@@ -302,6 +391,23 @@ def _torch_function(node: fx.Node) -> Any:
     if isinstance(target, torch._ops.OpOverload):
         target = getattr(torch, target._schema.name.split("::")[-1], None)
     return target if target is not None and torchfuncs.handles(target) else None
+
+
+def _sliced(t: SymTensor, dim: int, item: slice) -> SymTensor:
+    """``t[..., start:stop:step, ...]`` along ``dim`` (integer bounds; a symbolic length only when the
+    slice keeps its end)."""
+    n = t.shape[dim]
+    if any(v is not None and not isinstance(v, int) for v in (item.start, item.stop, item.step)):
+        raise UnsupportedError(f"slicing a symbolic tensor with {item!r}")
+    if n == -1 and item.stop is not None:
+        raise UnsupportedError(f"slicing a dim of symbolic length with {item!r}")
+    start, stop, step = item.indices(n) if n != -1 else (item.start or 0, None, item.step or 1)
+    if step < 1:
+        raise UnsupportedError(f"slicing with step {step}")
+    size = -1 if stop is None else max(0, -(-(stop - start) // step))
+    d = DIMS[dim]
+    expr = t.expr.xreplace({d: start + step * d}) if size != 1 else t.expr.xreplace({d: start})
+    return SymTensor(expr, (*t.shape[:dim], size, *t.shape[dim + 1 :]))
 
 
 def _as_bool(e: sympy.Basic) -> sympy.Basic:
@@ -444,9 +550,9 @@ class Site:
 
 
 SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, "softmax")
-MATMULS = (torch.matmul, operator.matmul, torch.bmm, torch.einsum, "matmul", "bmm")
+MATMULS = (torch.matmul, operator.matmul, torch.bmm, torch.baddbmm, torch.einsum, "matmul", "bmm", "baddbmm")
 # between softmax and ``@ v``: conversions and dropout in eval (``F.dropout(p, rate, training=False)``)
-PROBS_PASSTHROUGH = {"to", "type_as", "float", "half", "bfloat16", "contiguous"}
+PROBS_PASSTHROUGH = {"to", "type", "type_as", "float", "half", "bfloat16", "contiguous"}
 LOOKBACK = 12  # FX steps walked from a softmax back to the score matmul
 
 
@@ -565,6 +671,7 @@ class SiteBuilder:
     def step(self, fx_node: fx.Node, scores_in: fx.Node) -> None:
         """One FX step of the score chain, evaluated with the scores as the symbol ``score``."""
         self.evaluator.memo[scores_in] = SymTensor(X.score, tuple(self.shape4))
+        self.evaluator.scores.add(scores_in)
         try:
             value = self.evaluator.value(fx_node)
         except (UnsupportedError, AttnccError, TypeError, ValueError) as exc:
