@@ -217,6 +217,12 @@ def _silent_sites(gm: fx.GraphModule, reported: set[str]) -> list[dict[str, Any]
                 f"{mm.name} -> {path} -> softmax -> {', '.join(after) or '(unused)'}; attncc lifts a last-dim "
                 "softmax of q @ k^T (through elementwise steps on the scores) multiplied by v"
             )
+            if len(fx_frontend.shape_of(mm)) == 3:
+                reason += (
+                    f"; here the scores are a 3-d [batch*heads, Sq, Skv] {getattr(mm.target, '__name__', mm.target)} "
+                    "and attncc lifts 4-d [batch, heads, S, D] attention: use the model's "
+                    "attn_implementation='sdpa' where it has one"
+                )
         out.append(
             {"site": f"{gm.__class__.__name__}:{node.name}", "status": "fallback", "mask": None, "reason": reason}
         )

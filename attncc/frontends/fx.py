@@ -367,6 +367,10 @@ _OPERATORS = {
     operator.sub: torch.sub,
     operator.mul: torch.mul,
     operator.truediv: torch.true_divide,
+    operator.iadd: torch.add,  # `x *= c` on a fresh intermediate (dynamo records the in-place operator)
+    operator.isub: torch.sub,
+    operator.imul: torch.mul,
+    operator.itruediv: torch.true_divide,
     operator.floordiv: torch.floor_divide,
     operator.mod: torch.remainder,
     operator.pow: torch.pow,
@@ -568,7 +572,11 @@ def activation_product(node: Any) -> bool:
     """``node`` is a matmul of two activations (not of an activation and a weight)."""
     if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in MATMULS):
         return False
-    operands = [a for a in node.args if isinstance(a, fx.Node)]
+    if node.target in (torch.baddbmm, "baddbmm"):  # input + alpha * batch1 @ batch2
+        operands = [a for a in (*node.args[1:3], node.kwargs.get("batch1"), node.kwargs.get("batch2")) if a is not None]
+        operands = [a for a in operands if isinstance(a, fx.Node)]
+    else:
+        operands = [a for a in node.args if isinstance(a, fx.Node)]
     live = [a for a in operands if a.op != "get_attr" and not isinstance(example_value(a), torch.nn.Parameter)]
     return len(live) >= 2
 
@@ -608,7 +616,8 @@ def _probs_source(node: Any) -> tuple[Any, str]:
     training = ""
     while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
         name = getattr(node.target, "__name__", str(node.target))
-        if node.op == "call_method" and name in PROBS_PASSTHROUGH:
+        same_shape = name in ("view", "reshape") and shape_of(node) == shape_of(node.args[0])
+        if node.op == "call_method" and (name in PROBS_PASSTHROUGH or same_shape):
             node = node.args[0]
         elif node.target in (torch.nn.functional.dropout, torch.dropout):
             args = dict(zip(("input", "p", "training"), node.args, strict=False)) | dict(node.kwargs)
