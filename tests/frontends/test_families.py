@@ -107,9 +107,9 @@ def _attention_sites(gm: fx.GraphModule) -> list[str]:
 
     found = []
     for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method") and node.target in SDPA:
-            found.append(node.name)
-        elif node.op in ("call_function", "call_method") and node.target in SOFTMAX and reads_product(node.args[0], 12):
+        if (node.op in ("call_function", "call_method") and node.target in SDPA) or (
+            node.op in ("call_function", "call_method") and node.target in SOFTMAX and reads_product(node.args[0], 12)
+        ):
             found.append(node.name)
     return found
 
