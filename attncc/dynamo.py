@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,33 @@ def _lift(site: fx_frontend.Site, target: str) -> dict[str, Any]:
     return _info(kern, X.expr_str(kern.spec.mask), q_len, kv_len)
 
 
+_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+             operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem}  # fmt: skip
+
+
+def mutates(node: fx.Node) -> bool:
+    """``node`` writes into one of its inputs: ``cache.index_copy_(...)``, ``x[i] = y``, ``x *= c``,
+    an op overload with a mutable schema. FX counts ``call_method`` nodes as pure, so dead-code
+    elimination would drop a static KV cache's update (whose result nobody reads)."""
+    target = node.target
+    if node.op == "call_method":
+        return isinstance(target, str) and target.endswith("_") and not target.endswith("__")
+    if node.op != "call_function":
+        return False
+    if target in _IN_PLACE:
+        return True
+    schema = getattr(target, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return True
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _kept(node: fx.Node) -> bool:
+    """What dead-code elimination after lifting must keep: side effects FX knows, and writes it does not."""
+    return node.is_impure() or mutates(node)
+
+
 def _replace(node: fx.Node, q: Any, kern: Any, kv: list[fx.Node], by_name: dict[str, fx.Node]) -> None:
     """Swap the site for an attncc::attention call reading q, k, v and the named tensors."""
     k0, v0 = kv
@@ -268,7 +296,7 @@ def lift_graph(gm: fx.GraphModule, target: str = "auto") -> list[dict[str, Any]]
             }
             log.info("attncc: %s lifted: mask %s", site, info["mask"])
         out.append(report)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_kept)
     out += _silent_sites(gm, reported)
     gm.recompile()
     return out
