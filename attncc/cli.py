@@ -1,10 +1,15 @@
 """The ``attncc`` command line.
 
     attncc show FILE.py:NAME [--q-len N] [--kv-len N] [--tiles 64x64] [--tensors VAR] [--out map.png]
+    attncc explain FILE.py:MODEL --inputs VAR [--target auto|cpu|triton|reference]
 
-``NAME`` is an AttentionSpec (or a compiled Kernel) defined in FILE.py; ``VAR`` names a dict of
+``show``: ``NAME`` is an AttentionSpec (or a compiled Kernel) defined in FILE.py; ``VAR`` names a dict of
 runtime tensors in the same file. Prints the IR after the pipeline and the block map's
 statistics, and writes the block-map picture.
+
+``explain``: ``MODEL`` is a torch.nn.Module in FILE.py and ``VAR`` its inputs there (a tuple of
+positional arguments or a dict of keyword arguments); runs ``torch.compile(model, backend="attncc")``
+once and prints :func:`attncc.dynamo.explain`'s table: every attention site, lifted or not and why.
 """
 
 from __future__ import annotations
@@ -19,17 +24,17 @@ import attncc as ac
 from attncc.analysis import costmodel, picture
 
 
-def _load(target: str) -> tuple[Any, Any]:
+def _load(target: str, command: str = "show") -> tuple[Any, Any]:
     path, _, name = target.rpartition(":")
     if not path or not name:
-        raise SystemExit(f"attncc show: expected FILE.py:NAME, got {target!r}")
-    spec_ = importlib.util.spec_from_file_location("attncc_show_module", path)
+        raise SystemExit(f"attncc {command}: expected FILE.py:NAME, got {target!r}")
+    spec_ = importlib.util.spec_from_file_location(f"attncc_{command}_module", path)
     if spec_ is None or spec_.loader is None:
-        raise SystemExit(f"attncc show: cannot import {path!r}")
+        raise SystemExit(f"attncc {command}: cannot import {path!r}")
     module = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(module)
     if not hasattr(module, name):
-        raise SystemExit(f"attncc show: {path} defines no {name!r}")
+        raise SystemExit(f"attncc {command}: {path} defines no {name!r}")
     return module, getattr(module, name)
 
 
@@ -52,6 +57,18 @@ def show(args: argparse.Namespace) -> int:
     return 0
 
 
+def explain(args: argparse.Namespace) -> int:
+    module, model = _load(args.target, "explain")
+    if not hasattr(module, args.inputs):
+        raise SystemExit(f"attncc explain: {args.target.rpartition(':')[0]} defines no {args.inputs!r}")
+    inputs = getattr(module, args.inputs)
+    positional, keywords = (inputs, {}) if isinstance(inputs, tuple | list) else ((), inputs)
+    if not isinstance(keywords, dict):
+        raise SystemExit(f"attncc explain: {args.inputs} must be a tuple of arguments or a dict of keyword arguments")
+    print(ac.dynamo.explain(model, *positional, target=args.target_name, **keywords))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attncc", description="attncc, a compiler for attention")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiles", help="BQxBKV, e.g. 64x64")
     p.add_argument("--tensors", help="name of a dict of runtime tensors in FILE.py")
     p.add_argument("--out", help="PNG path (default NAME-blockmap.png)")
+    e = sub.add_parser("explain", help="run a model through torch.compile(backend='attncc'); report every site")
+    e.add_argument("target", help="FILE.py:MODEL, a torch.nn.Module")
+    e.add_argument("--inputs", required=True, help="name of the model's inputs in FILE.py (tuple or dict)")
+    e.add_argument("--target", dest="target_name", default="auto", choices=["auto", "cpu", "triton", "reference"])
     args = parser.parse_args(argv)
-    return show(args)
+    return show(args) if args.command == "show" else explain(args)
 
 
 if __name__ == "__main__":

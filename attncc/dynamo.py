@@ -217,9 +217,71 @@ def _info(kern: Any, mask: str, q_len: int, kv_len: int) -> dict[str, Any]:
         "computed_tiles": computed,
         "num_heads": kern.spec.num_heads,
         "num_kv_heads": kern.spec.num_kv_heads,
+        "head_dim": kern.spec.head_dim,
+        "score_mod": X.expr_str(kern.spec.score_mod),
+        "scale": kern.spec.scale,
+        "lengths": (q_len, kv_len),
         "rope": kern.spec.rope,
+        "target": kern.target,
         "kernel": repr(kern),
     }
+
+
+class Explanation:
+    """What :func:`explain` found: ``reports`` (one dict per site, as :func:`reports`) and, as its
+    ``str``, a table a person reads: per site (its FX node) lifted or not and why, the recovered spec,
+    the fraction of tiles the kernel computes ("per call" when runtime tensors decide) and the target."""
+
+    def __init__(self, reports: list[dict[str, Any]]) -> None:
+        self.reports = reports
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def __str__(self) -> str:
+        lifted = sum(r["status"] == "lifted" for r in self.reports)
+        left = len(self.reports) - lifted
+        lines = [f"{len(self.reports)} attention sites, {lifted} lifted, {left} left as they were"]
+        header = ("site", "status", "heads q/kv x d", "lengths", "mask", "score mod", "tiles", "target")
+        rows = []
+        for r in self.reports:
+            if r["status"] != "lifted":
+                rows.append((r["site"].split(":")[-1], "fallback", "-", "-", "-", "-", "-", "-"))
+                continue
+            heads = f"{r['num_heads']}/{r['num_kv_heads']} x {r['head_dim']}" + (" +rope" if r["rope"] else "")
+            lengths = " x ".join("dyn" if n < 0 else str(n) for n in r["lengths"])
+            tiles = "per call" if r["computed_tiles"] is None else f"{100 * r['computed_tiles']:.1f}%"
+            rows.append(
+                (r["site"].split(":")[-1], "lifted", heads, lengths, r["mask"], r["score_mod"], tiles, r["target"])
+            )
+        widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+        for row in (header, *rows):
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        for r in self.reports:
+            if r["status"] != "lifted":
+                lines.append(f"{r['site']}: {r['reason']}")
+        return "\n".join(lines)
+
+
+def explain(model: Any, *args: Any, target: str = "auto", **kwargs: Any) -> Explanation:
+    """Compile ``model`` with this backend, run it once on ``args`` / ``kwargs`` (without gradients) and
+    say what became of every attention site.
+
+    >>> import torch, attncc as ac
+    >>> class Attn(torch.nn.Module):
+    ...     def forward(self, q, k, v):
+    ...         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> q = torch.randn(1, 2, 512, 16)
+    >>> print(ac.dynamo.explain(Attn(), q, q, q, target="reference"))  # doctest: +NORMALIZE_WHITESPACE
+    1 attention sites, 1 lifted, 0 left as they were
+    site                          status  heads q/kv x d  lengths    mask     score mod  tiles  target
+    scaled_dot_product_attention  lifted  2/2 x 16        512 x 512  kv <= q  score      56.2%  reference
+    """
+    start = len(_REPORTS)
+    compiled = torch.compile(model, backend="attncc", options={"backend": "eager", "target": target})
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    return Explanation(_REPORTS[start:])
 
 
 def _silent_sites(gm: fx.GraphModule, reported: set[str]) -> list[dict[str, Any]]:
