@@ -21,7 +21,7 @@ llama = transformers.LlamaForCausalLM(
         num_key_value_heads=2,
         max_position_embeddings=512,
         attn_implementation="sdpa",
-    )  # fmt: skip
+    )
 ).eval()
 llama_inputs = {"input_ids": torch.randint(0, 96, (1, 256)), "use_cache": False}
 
