@@ -184,7 +184,11 @@ class Kernel:
 
     def _map(self, shape: CallShape, bound: dict[str, torch.Tensor], block: tuple[int, int] | None = None) -> BlockMap:
         """The block map of a validated call (runtime tensors already bound)."""
-        values = {n: t.detach().cpu().numpy() for n, t in bound.items()}
+        read = X.tensor_refs(self.spec.mask)  # the map depends on the mask only (a bias never hides a tile)
+        half = (torch.float16, torch.bfloat16)  # numpy has no bfloat16; the values convert exactly
+        values = {
+            n: (t.float() if t.dtype in half else t).detach().cpu().numpy() for n, t in bound.items() if n in read
+        }
         return self.plan.block_map(shape.q_len, shape.kv_len, shape.batch, values, block)
 
     def dump(

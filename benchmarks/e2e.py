@@ -1,83 +1,185 @@
-"""End to end: a small Llama-style model at 4K tokens on CPU, eager vs inductor vs attncc.
+"""End to end: small models of three attention families on CPU, eager vs Inductor vs attncc, in one run.
 
-    python benchmarks/e2e.py                 # seq 4096, 4 layers, hidden 256, 8 heads (2 kv heads)
-    python benchmarks/e2e.py --seq 2048 --layers 2
+    python benchmarks/e2e.py                         # 4096 tokens; llama, mistral, falcon (about 15 min)
+    python benchmarks/e2e.py --seq 2048 --families llama --reps 2
 
-Random weights (transformers LlamaConfig, nothing downloaded), SDPA attention, batch 1, fp32,
-forward only under torch.no_grad(). Each variant: first call (compile) time, then the best of
-``--reps`` calls. Also checks attncc's logits against eager and prints the lifted sites.
+Families (random weights, transformers configs, nothing downloaded; SDPA attention, batch 1, fp32):
+Llama (causal, GQA 8/2 heads, RoPE), Mistral (sliding window ``--window``, GQA 8/2), Falcon with ALiBi
+(8 heads; multi-query keys). Hidden 256, ``--layers`` layers.
+
+Per family and variant (eager, ``torch.compile`` with Inductor, ``torch.compile(backend="attncc")`` with
+Inductor for the rest of the graph):
+
+- **forward**: first call (compile) time, then the best of ``--reps`` calls under ``no_grad``; the max
+  abs logit difference against eager.
+- **forward + backward**: a training step's loss.backward() (``labels=ids``): first call, then best of reps.
+- **generate() recompile**: ``model.forward`` compiled, ``generate`` of ``--new-tokens`` tokens from a prompt
+  of ``--prompt`` tokens (warm-up), then a prompt of a new length: its first call minus a warm repeat of it
+  is what adapting to the new length cost (Inductor's, attncc's, 0 for eager).
+
+Prints markdown tables and attncc's per-site reports (``ac.dynamo.explain``-style).
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
-import transformers
+import transformers as T
 
 import attncc as ac
 
+VOCAB = 1024
 
-def best(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
-    out = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - start)
-    return out
+
+def model_of(family: str, seq: int, layers: int, window: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=layers, attn_implementation="sdpa")
+    if family == "llama":
+        cfg = T.LlamaConfig(intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                            max_position_embeddings=seq + 64, **common)  # fmt: skip
+        return T.LlamaForCausalLM(cfg)
+    if family == "mistral":
+        cfg = T.MistralConfig(intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                              sliding_window=window, max_position_embeddings=seq + 64, **common)  # fmt: skip
+        return T.MistralForCausalLM(cfg)
+    if family == "falcon":
+        return T.FalconForCausalLM(T.FalconConfig(num_attention_heads=8, alibi=True, **common))
+    raise SystemExit(f"unknown family {family!r}: llama, mistral or falcon")
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def best(fn: Callable[[], Any], reps: int) -> float:
+    return min(timed(fn)[1] for _ in range(reps))
+
+
+def compiled(model: torch.nn.Module, variant: str) -> Any:
+    torch._dynamo.reset()
+    if variant == "eager":
+        return model
+    if variant == "inductor":
+        return torch.compile(model, backend="inductor")
+    return torch.compile(model, backend="attncc", options={"backend": "inductor"})
+
+
+def forward_rows(family: str, args: argparse.Namespace) -> list[tuple[str, ...]]:
+    model = model_of(family, args.seq, args.layers, args.window).eval()
+    ids = torch.randint(0, VOCAB, (1, args.seq), generator=torch.Generator().manual_seed(1))
+    rows = []
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        for variant in ("eager", "inductor", "attncc"):
+            ac.dynamo.clear_reports()
+            fn = compiled(model, variant)
+            out, first = timed(lambda fn=fn: fn(ids, use_cache=False).logits)
+            t = best(lambda fn=fn: fn(ids, use_cache=False), args.reps)
+            rows.append((variant, first, t, (out - ref).abs().max().item()))
+            if variant == "attncc":
+                sites = ac.dynamo.reports()
+    print_sites(family, "forward", sites)
+    return rows  # type: ignore[return-value]
+
+
+def training_rows(family: str, args: argparse.Namespace) -> list[tuple[str, ...]]:
+    rows = []
+    ids = torch.randint(0, VOCAB, (1, args.seq), generator=torch.Generator().manual_seed(2))
+    for variant in ("eager", "inductor", "attncc"):
+        model = model_of(family, args.seq, args.layers, args.window).train()
+        fn = compiled(model, variant)
+
+        def step(fn: Any = fn, model: torch.nn.Module = model) -> float:
+            model.zero_grad(set_to_none=True)
+            loss = fn(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            return float(loss)
+
+        loss, first = timed(step)
+        rows.append((variant, first, best(step, args.reps), loss))
+    return rows  # type: ignore[return-value]
+
+
+def generate_rows(family: str, args: argparse.Namespace) -> list[tuple[str, ...]]:
+    rows = []
+    prompts = [torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(n)) for n in args.prompt]
+    for variant in ("eager", "inductor", "attncc"):
+        model = model_of(family, args.seq, args.layers, args.window).eval()
+        model.generation_config.pad_token_id = 0
+        torch._dynamo.reset()
+        ac.dynamo.clear_reports()
+        if variant != "eager":
+            options = {"options": {"backend": "inductor"}} if variant == "attncc" else {}
+            model.forward = torch.compile(model.forward, backend=variant, **options)  # type: ignore[method-assign]
+
+        def gen(ids: torch.Tensor, model: torch.nn.Module = model) -> Any:
+            return model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False)
+
+        _, warm_first = timed(lambda: gen(prompts[0]))
+        _, new_first = timed(lambda: gen(prompts[1]))
+        _, new_again = timed(lambda: gen(prompts[1]))
+        recompiles = max((r.get("compiles", 0) for r in ac.dynamo.reports()), default=0)
+        rows.append((variant, warm_first, new_first, new_again, new_first - new_again, recompiles))
+    return rows  # type: ignore[return-value]
+
+
+def print_sites(family: str, what: str, sites: list[dict[str, Any]]) -> None:
+    for s in sites:
+        how = (
+            f"lifted, mask {s['mask']}, score mod {s.get('score_mod')}, rope {s.get('rope')}, "
+            f"tiles {s.get('computed_tiles')}"
+            if s["status"] == "lifted"
+            else f"fallback: {s['reason']}"
+        )
+        print(f"  {family} {what} site {s['site']}: {how}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--window", type=int, default=0, help="Mistral-style sliding window (0: Llama, causal)")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--window", type=int, default=512, help="Mistral's sliding window")
+    parser.add_argument("--families", default="llama,mistral,falcon")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--prompt", type=int, nargs=2, default=[256, 384], help="the two prompt lengths")
+    parser.add_argument("--new-tokens", type=int, default=4)
+    parser.add_argument("--parts", default="forward,training,generate")
     args = parser.parse_args()
-    common = dict(
-        vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=args.seq,
-        attn_implementation="sdpa",
-    )
-    if args.window:
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=args.window, **common))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    model = model.eval()
-    ids = torch.randint(0, 1024, (1, args.seq))
-    rows = []
-    with torch.no_grad():
-        ref = model(ids).logits
-        for name, compiled in [
-            ("eager", model),
-            ("inductor", torch.compile(model, backend="inductor")),
-            ("attncc", torch.compile(model, backend="attncc")),
-        ]:
-            torch._dynamo.reset()
-            start = time.perf_counter()
-            out = compiled(ids).logits
-            first = time.perf_counter() - start
-            err = (out - ref).abs().max().item()
-            rows.append((name, first, best(lambda c=compiled: c(ids), args.reps), err))
-    eager = rows[0][2]
+    parts = args.parts.split(",")
     print(
-        f"# seq {args.seq}, {args.layers} layers, hidden 256, heads 8/2, "
-        f"{'sliding window ' + str(args.window) if args.window else 'causal'}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"# e2e: seq {args.seq}, {args.layers} layers, hidden 256, fp32, batch 1; torch {torch.__version__}, "
+        f"transformers {T.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     )
-    print("| variant | first call s | forward ms | speedup vs eager | max abs logit diff vs eager |")
-    print("|---|---|---|---|---|")
-    for name, first, t, err in rows:
-        print(f"| {name} | {first:.2f} | {t * 1e3:.1f} | {eager / t:.2f}x | {err:.1e} |")
-    for site in ac.dynamo.reports():
-        rope = ", RoPE in the kernel prologue" if site.get("rope") else ""
-        print(f"site {site['site']}: {site['status']}, mask {site.get('mask')}{rope} {site.get('reason') or ''}")
+    for family in args.families.split(","):
+        print(f"\n## {family}")
+        if "forward" in parts:
+            rows = forward_rows(family, args)
+            eager = rows[0][2]
+            print("\n| variant | first call s | forward ms | vs eager | max abs logit diff |\n|---|---|---|---|---|")
+            for v, first, t, err in rows:
+                print(f"| {v} | {first:.2f} | {t * 1e3:.1f} | {eager / t:.2f}x | {err:.1e} |")  # type: ignore[operator]
+        if "training" in parts:
+            rows = training_rows(family, args)
+            eager = rows[0][2]
+            print("\n| variant | first step s | fwd+bwd ms | vs eager | loss |\n|---|---|---|---|---|")
+            for v, first, t, loss in rows:
+                print(f"| {v} | {first:.2f} | {t * 1e3:.1f} | {eager / t:.2f}x | {loss:.4f} |")  # type: ignore[operator]
+        if "generate" in parts:
+            rows = generate_rows(family, args)
+            p0, p1 = args.prompt
+            print(
+                f"\n| variant | generate({p0}) first s | generate({p1}) first s | generate({p1}) again s | "
+                "new-length cost s | compiles per site |\n|---|---|---|---|---|---|"
+            )
+            for v, w, nf, na, cost, rec in rows:
+                print(f"| {v} | {w:.2f} | {nf:.2f} | {na:.2f} | {cost:.2f} | {rec} |")
 
 
 if __name__ == "__main__":

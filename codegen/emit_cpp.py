@@ -42,7 +42,7 @@ class CppPrinter(Printer):
         if isinstance(e, BOOLEAN):
             return True  # relations, And/Or/Not, ITE of conditions: C++ bool
         if e.is_number:
-            return isinstance(e, sympy.Integer)
+            return isinstance(e, sympy.Integer) and abs(int(e)) < 2**63
         if isinstance(e, sympy.floor | sympy.ceiling):
             return True
         if isinstance(e, sympy.Mul):
@@ -64,7 +64,7 @@ class CppPrinter(Printer):
             return "INF"
         if e is sympy.S.NegativeInfinity:
             return "(-INF)"
-        if isinstance(e, sympy.Integer):
+        if isinstance(e, sympy.Integer) and abs(int(e)) < 2**63:  # larger ones are doubles: no int64_t holds them
             return f"INT64_C({int(e)})" if abs(int(e)) > 2**31 else str(int(e))
         return repr(float(e))
 

@@ -27,8 +27,8 @@ class TorchPrinter(Printer):
             return "math.inf"
         if e is sympy.S.NegativeInfinity:
             return "(-math.inf)"
-        if isinstance(e, sympy.Integer):
-            return str(int(e))
+        if isinstance(e, sympy.Integer):  # one no int64 holds is a float (torch would refuse the Python int)
+            return str(int(e)) if abs(int(e)) < 2**63 else repr(float(e))
         if isinstance(e, sympy.Rational):
             return f"({e.p}/{e.q})"
         return repr(float(e))

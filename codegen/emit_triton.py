@@ -50,7 +50,7 @@ class TritonPrinter(Printer):
             return 'float("inf")'
         if e is sympy.S.NegativeInfinity:
             return '(-float("inf"))'
-        if isinstance(e, sympy.Integer):
+        if isinstance(e, sympy.Integer) and abs(int(e)) < 2**63:
             return str(int(e))
         return repr(float(e))
 

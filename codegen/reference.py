@@ -50,7 +50,7 @@ def forward(q, k, v, T, return_lse=False):
     B, H, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    T = dict(T)
+    T = {{n: t.to(dtype) if t.is_floating_point() else t for n, t in T.items()}}  # bf16 tables compute in fp32
     T.update({{n: torch.tensor(vals, device=q.device, dtype=dtype if n in FLOAT_TABLES else torch.int64)
               for n, vals in TABLES.items()}})
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)

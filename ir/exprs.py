@@ -76,8 +76,8 @@ def to_sympy_number(x: int | float | bool) -> sympy.Expr | sympy.Basic:
         return sympy.true if x else sympy.false
     if isinstance(x, int):
         return sympy.Integer(x)
-    if x != x or x in (float("inf"), float("-inf")):
-        return sympy.Float(x)
+    if x != x or x in (float("inf"), float("-inf")) or abs(x) >= 2.0**53:
+        return sympy.Float(x)  # beyond 2**53 a float is not an exact integer (finfo.min must not become one)
     return sympy.Rational(repr(float(x)))
 
 

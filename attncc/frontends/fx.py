@@ -89,7 +89,7 @@ class Evaluator:
         if isinstance(arg, fx.Node):
             if arg not in self.memo:
                 try:
-                    self.memo[arg] = self._node(arg)
+                    self.memo[arg] = self._checked(arg, self._node(arg))
                 except UnsupportedError as exc:
                     self.memo[arg] = self._computed(arg, exc)
             return self.memo[arg]
@@ -176,6 +176,22 @@ class Evaluator:
         if fn is not None:  # everything else elementwise: the tracer's table (attncc.torchfuncs)
             return self._traced(node, fn)
         raise UnsupportedError(f"`{name}` ({node.op}) in the mask's producer graph is not lifted")
+
+    def _checked(self, node: fx.Node, value: SymTensor) -> SymTensor:
+        """``value`` unless the node's dtype changes what it holds in a way an expression does not say:
+        rounding to bfloat16/float16 (Falcon builds ALiBi in bfloat16) or truncating a float to an
+        integer. Those are read as runtime tensors instead (the graph computes them exactly as the model
+        does). Steps on the scores are exempt: kernels compute scores in float32 or wider, as SDPA does."""
+        out, expr = getattr(example_value(node), "dtype", None), sympy.sympify(value.expr)
+        if out is None or out is torch.bool or X.is_boolean(expr) or self._reads_scores(node):
+            return value
+        if out in (torch.bfloat16, torch.float16) and not expr.is_number:
+            raise UnsupportedError(f"{node.name} is rounded to {out}")
+        if not out.is_floating_point and not out.is_complex and expr.is_integer is not True:
+            inputs = [getattr(example_value(a), "dtype", None) for a in node.all_input_nodes]
+            if any(d is not None and d.is_floating_point for d in inputs):
+                raise UnsupportedError(f"{node.name} truncates a float to {out}")
+        return value
 
     def _computed(self, node: fx.Node, why: UnsupportedError) -> SymTensor:
         """A value the evaluator cannot write as an index expression (a cumsum of data, a bias built
@@ -686,6 +702,13 @@ class SiteBuilder:
         except (UnsupportedError, AttnccError, TypeError, ValueError) as exc:
             raise UnsupportedError(f"the step {fx_node.name} on the scores is not lifted: {exc}") from exc
         expr = _indexed(value, self.shape4)
+        if X.score not in expr.free_symbols:
+            raise UnsupportedError(f"the step {fx_node.name} replaces the scores by {expr}")
+        self._emit(expr)
+
+    def _emit(self, expr: sympy.Basic) -> None:
+        """IR ops for one step's value ``expr`` of ``score``: a scale, an additive mask or bias, a
+        masked fill (``Piecewise((-inf, c), (f(score), True))``: f, then the mask), or a score mod."""
         if expr == X.score:
             return
         coeff, rest = expr.as_coeff_Mul()
@@ -693,15 +716,13 @@ class SiteBuilder:
             return self.scale(float(coeff))
         if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2:
             (a, cond), (c, _) = expr.args
-            if c == X.score and _masked_value(a):
-                return self.mask_or_bias(sympy.Not(cond), None)
-            if a == X.score and _masked_value(c):
-                return self.mask_or_bias(cond, None)
+            for masked, keep, other in ((a, sympy.Not(cond), c), (c, cond, a)):
+                if _masked_value(masked) and X.score in other.free_symbols:
+                    self._emit(other)
+                    return self.mask_or_bias(keep, None)
         bias = sympy.expand(expr - X.score) if expr.is_Add else None
         if bias is not None and X.score not in bias.free_symbols:
             return self.mask_or_bias(*_as_mask(bias))
-        if X.score not in expr.free_symbols:
-            raise UnsupportedError(f"the step {fx_node.name} replaces the scores by {expr}")
         self.steps.append(ScoreModOp(self._next(), self.current, expr))
 
     def finish(self, name: str) -> Site:
@@ -740,12 +761,17 @@ def _as_mask(expr: sympy.Basic) -> tuple[sympy.Basic, sympy.Expr | None]:
     """(mask, additive bias) of an additive ``attn_mask`` / ``scores + t`` operand over b, h, q, kv."""
     if X.is_boolean(expr):
         return expr, None
-    if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2:
+    if isinstance(expr, sympy.Add):  # a bias plus an additive mask: each term read on its own
+        parts = [_as_mask(term) for term in expr.args]
+        mask = sympy.And(*(m for m, _ in parts))
+        biases = [b for _, b in parts if b is not None]
+        return mask, sympy.Add(*biases) if biases else None
+    if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2:  # -inf where masked, a bias (or 0) elsewhere
         (a, cond), (c, _) = expr.args
-        if a == 0 and _masked_value(c):
-            return cond, None
-        if c == 0 and _masked_value(a):
-            return sympy.Not(cond), None
+        if _masked_value(c) and not _masked_value(a):
+            return cond, None if a == 0 else a
+        if _masked_value(a) and not _masked_value(c):
+            return sympy.Not(cond), None if c == 0 else c
     if expr.is_number and float(expr) == 0:
         return sympy.true, None
     return sympy.true, expr

@@ -122,3 +122,39 @@ def test_dropout_in_training_is_not_lifted() -> None:
     torch.compile(model, backend="attncc", options={"backend": "eager"})(q, k, v)
     (site,) = ac.dynamo.reports()
     assert site["status"] == "fallback" and "dropout (p=0.1) in training" in site["reason"], site
+
+
+class DtypeTraps(torch.nn.Module):
+    """Mask and bias code whose dtypes change values: ALiBi built in bfloat16 (as Falcon does: slope x
+    position rounds above 256), and a relative bucket truncated toward zero by ``.long()`` (not floored)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = q.shape[2]
+        pos = torch.arange(n)
+        if self.kind == "bf16_alibi":
+            slopes = torch.tensor([0.5, 0.25]).bfloat16()[:, None, None]
+            bias = (slopes * pos[None, None, :]).to(q.dtype)  # [H, 1, Skv], rounded to bfloat16
+            bias = bias + torch.where(pos[None, :] <= pos[:, None], 0.0, float("-inf"))
+        else:  # trunc_bucket: (kv - q) / 3 truncated toward zero, then a per-bucket penalty
+            bucket = ((pos[None, :] - pos[:, None]) / 3.0).long()
+            bias = -0.25 * bucket.abs().to(q.dtype)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+@pytest.mark.parametrize("kind", ["bf16_alibi", "trunc_bucket"])
+def test_values_a_dtype_changes_are_read_as_the_graph_computes_them(kind: str) -> None:
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with torch.no_grad():
+        want = DtypeTraps(kind)(q.double(), k.double(), v.double())
+        torch._dynamo.reset()
+        ac.dynamo.clear_reports()
+        got = torch.compile(DtypeTraps(kind), backend="attncc", options={"backend": "eager"})(q, k, v)
+    (site,) = ac.dynamo.reports()
+    assert site["status"] == "lifted", site
+    if kind == "bf16_alibi":
+        assert site["mask"] == "kv <= q", "the causal part is still proven"
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)

@@ -141,3 +141,18 @@ def test_three_valued_rules_never_prove_a_wrong_tile(name: str) -> None:
     may_true, may_false = (np.broadcast_to(x, (4, 4, 4)) for x in boxeval.evaluate(expr, _tile_env()))
     assert np.all(may_true | ~truth.any(-1)), f"{expr}: a tile with a visible point was proven empty"
     assert np.all(may_false | truth.all(-1)), f"{expr}: a tile with a hidden point was proven full"
+
+
+def test_a_float_beyond_2_53_stays_a_float_in_every_printer() -> None:
+    """torch.finfo(float32).min is an integral float; read as an exact sympy Integer it once became
+    ``INT64_C(-340282346638528860000000000000000000000)`` in C++ (an overflowing literal: masked keys got
+    a wrong bias) and a Python int the reference's torch.where refused."""
+    from attncc.ir.exprs import to_sympy_number
+
+    big = to_sympy_number(torch.finfo(torch.float32).min)
+    assert isinstance(big, sympy.Float) and float(big) == torch.finfo(torch.float32).min
+    expr = sympy.Piecewise((big, sympy.Lt(q, kv)), (sympy.Integer(-(2**70)) + q, True))
+    for emitter in (emit_cpp.emit, emit_torch.emit, emit_triton.emit):
+        text = emitter(expr)
+        assert "340282346638528860000000000000000000000" not in text and "1180591620717411303424" not in text, text
+    assert "e+21" in emit_cpp.emit(sympy.Integer(-(2**70)) + q), "an integer no int64_t holds is a double"
