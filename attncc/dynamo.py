@@ -158,7 +158,7 @@ def _lift(site: fx_frontend.Site, target: str) -> dict[str, Any]:
     kern = ac.compile(spec, target=target)
     _replace(node, site.inputs["q"], kern, [site.inputs["k"], site.inputs["v"]], site.inputs)
     q_len, kv_len = fx_frontend.shape_of(site.inputs["q"])[2], fx_frontend.shape_of(site.inputs["k"])[2]
-    return _info(kern, X.expr_str(kern.spec.mask), q_len, kv_len)
+    return {**_info(kern, X.expr_str(kern.spec.mask), q_len, kv_len), "note": site.note}
 
 
 _IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
@@ -258,8 +258,8 @@ class Explanation:
         for row in (header, *rows):
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         for r in self.reports:
-            if r["status"] != "lifted":
-                lines.append(f"{r['site']}: {r['reason']}")
+            if r["status"] != "lifted" or r.get("note"):
+                lines.append(f"{r['site'].split(':')[-1]}: {r['reason'] or r['note']}")
         return "\n".join(lines)
 
 
@@ -276,6 +276,7 @@ def explain(model: Any, *args: Any, target: str = "auto", **kwargs: Any) -> Expl
     1 attention sites, 1 lifted, 0 left as they were
     site                          status  heads q/kv x d  lengths    mask     score mod  tiles  target
     scaled_dot_product_attention  lifted  2/2 x 16        512 x 512  kv <= q  score      56.2%  reference
+    >>> torch._dynamo.reset()  # drop the compiled frame while its globals still exist
     """
     start = len(_REPORTS)
     compiled = torch.compile(model, backend="attncc", options={"backend": "eager", "target": target})

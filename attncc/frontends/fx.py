@@ -567,6 +567,7 @@ class Site:
     node: fx.Node  # what the site's output replaces: the SDPA call or the ``@ v`` matmul
     graph: Graph
     inputs: dict[str, Any]  # "q", "k", "v", every runtime tensor's name and the rope tables -> FX node
+    note: str = ""  # what was left in the graph and why (a partial rotary embedding)
 
 
 SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, "softmax")
@@ -666,6 +667,7 @@ class SiteBuilder:
         if rk != rv:
             k0, v0 = k, v
         self.rope = _fused_rope(q, k0)
+        self.note = "" if self.rope is not None else _partial_rotary(q)
         if self.rope is not None:
             q, k0 = self.rope[0], self.rope[1]
         self.q, self.k, self.v = q, k0, v0
@@ -741,7 +743,22 @@ class SiteBuilder:
         probs, out = Value("p", self.scores.shape), Value("o", (X.B, hq, X.Sq, d))
         ops += [QKOp(self.scores, q, k, groups), *self.steps, SoftmaxOp(probs, self.current)]
         ops += [PVOp(out, probs, v, groups), ReturnOp(None, out)]
-        return Site(self.node, Graph(name, tuple(ops)), inputs)
+        return Site(self.node, Graph(name, tuple(ops)), inputs, self.note)
+
+
+def _partial_rotary(q: Any) -> str:
+    """Why RoPE stays in the graph when q is ``cat(rotate(q[..., :r]), q[..., r:])`` (GPT-NeoX, Phi): the
+    kernels' RoPE prologue rotates whole heads; "" when q is not built that way."""
+    if not (_called(q, torch.cat) and len(q.args[0]) == 2):
+        return ""
+    rotated = q.args[0][0]
+    if _rope_of(rotated) is None:
+        return ""
+    r, d = shape_of(rotated)[-1], shape_of(q)[-1]
+    return (
+        f"partial rotary embedding (rotary_dim {r} < head_dim {d}) left in the graph: the kernels' RoPE "
+        "prologue rotates whole heads; q and k arrive rotated"
+    )
 
 
 def _indexed(value: SymTensor, shape4: tuple[int, int, int, int]) -> sympy.Basic:

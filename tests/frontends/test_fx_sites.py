@@ -158,3 +158,32 @@ def test_values_a_dtype_changes_are_read_as_the_graph_computes_them(kind: str) -
     if kind == "bf16_alibi":
         assert site["mask"] == "kv <= q", "the causal part is still proven"
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+class CachedPrefill(torch.nn.Module):
+    """A second prefill chunk: ``n`` new queries at positions past .. past + n - 1 over ``past + n`` cached
+    keys; the causal mask built from cache positions (bottom-right aligned), softmax in float32."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n, total = q.shape[2], k.shape[2]
+        cache_position = torch.arange(total - n, total)
+        keep = torch.arange(total)[None, :] <= cache_position[:, None]
+        s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        s = torch.where(keep, s, torch.finfo(s.dtype).min)
+        return torch.nn.functional.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cached_prefill_is_bottom_right_causal_and_half_inputs_lift(dtype: torch.dtype) -> None:
+    q = torch.randn(2, 2, 5, 16, generator=torch.Generator().manual_seed(0))
+    k, v = (torch.randn(2, 2, 12, 16, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    with torch.no_grad():
+        want = CachedPrefill()(q.double(), k.double(), v.double())
+        torch._dynamo.reset()
+        ac.dynamo.clear_reports()
+        compiled = torch.compile(CachedPrefill(), backend="attncc", options={"backend": "eager"})
+        got = compiled(q.to(dtype), k.to(dtype), v.to(dtype))
+    (site,) = ac.dynamo.reports()
+    assert site["status"] == "lifted" and site["mask"] == "kv <= q + 7", site
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 inputs and output
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
