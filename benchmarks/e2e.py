@@ -100,7 +100,7 @@ def training_rows(family: str, args: argparse.Namespace) -> list[tuple[str, ...]
             model.zero_grad(set_to_none=True)
             loss = fn(ids, labels=ids, use_cache=False).loss
             loss.backward()
-            return float(loss)
+            return float(loss.detach())
 
         loss, first = timed(step)
         rows.append((variant, first, best(step, args.reps), loss))
