@@ -747,18 +747,38 @@ class SiteBuilder:
 
 
 def _partial_rotary(q: Any) -> str:
-    """Why RoPE stays in the graph when q is ``cat(rotate(q[..., :r]), q[..., r:])`` (GPT-NeoX, Phi): the
-    kernels' RoPE prologue rotates whole heads; "" when q is not built that way."""
-    if not (_called(q, torch.cat) and len(q.args[0]) == 2):
-        return ""
-    rotated = q.args[0][0]
-    if _rope_of(rotated) is None:
-        return ""
-    r, d = shape_of(rotated)[-1], shape_of(q)[-1]
-    return (
-        f"partial rotary embedding (rotary_dim {r} < head_dim {d}) left in the graph: the kernels' RoPE "
-        "prologue rotates whole heads; q and k arrive rotated"
-    )
+    """Why RoPE stays in the graph, or "" when q shows no rotation attncc leaves there: q is
+    ``cat(rotate(q[..., :r]), q[..., r:])`` (GPT-NeoX, Phi, GPT-J) or rotated in the interleaved layout
+    (GPT-J's ``rotate_every_two``: pairs (2i, 2i + 1)); the kernels' RoPE prologue rotates whole heads
+    in the rotate-half layout (pairs (i, i + D/2))."""
+    while _called(q, "permute", "transpose", "contiguous", "to", torch.transpose):  # GPT-J rotates [B, S, H, D]
+        q = q.args[0]
+    rotated, partial = q, ""
+    if _called(q, torch.cat) and len(q.args[0]) == 2 and isinstance(q.args[0][0], fx.Node):
+        rotated = q.args[0][0]
+        r, d = shape_of(rotated)[-1], shape_of(q)[-1]
+        partial = f"partial rotary embedding (rotary_dim {r} < head_dim {d})"
+    if _interleaved_rotation(rotated):
+        layout = "interleaved (GPT-J) rotary layout, pairs (2i, 2i+1)"
+        what = f"{partial}, {layout}" if partial else layout
+        return f"{what} left in the graph: the kernels' RoPE prologue rotates whole heads in pairs (i, i + D/2)"
+    if partial and _rope_of(rotated) is not None:
+        return f"{partial} left in the graph: the kernels' RoPE prologue rotates whole heads; q and k arrive rotated"
+    return ""
+
+
+def _interleaved_rotation(node: Any) -> bool:
+    """``x * cos + rotate_every_two(x) * sin`` where ``rotate_every_two`` stacks (-x[..., 1::2], x[..., ::2])
+    on a new last dim and flattens it (GPT-J, CodeGen)."""
+    if not (_called(node, operator.add, torch.add) and len(node.args) == 2):
+        return False
+    for product in node.args:
+        if _called(product, operator.mul, torch.mul):
+            for factor in product.args:
+                flat = _called(factor, "flatten", torch.flatten) and isinstance(factor.args[0], fx.Node)
+                if flat and _called(factor.args[0], torch.stack):
+                    return True
+    return False
 
 
 def _indexed(value: SymTensor, shape4: tuple[int, int, int, int]) -> sympy.Basic:

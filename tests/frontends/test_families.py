@@ -1,5 +1,5 @@
 """The model-family matrix (issue 16): ``torch.compile(model, backend="attncc")`` on tiny random-weight
-Hugging Face models of ten families, with the "sdpa" and "eager" attention implementations.
+Hugging Face models of eleven families, with the "sdpa" and "eager" attention implementations.
 
 Every softmax that reads a product of two activations, and every SDPA call, found by an independent walk
 of the graph dynamo hands the backend, must appear in ``ac.dynamo.reports()``: lifted, or a fallback
@@ -44,6 +44,9 @@ FAMILIES: dict[str, tuple[Callable[[str], torch.nn.Module], Callable[[], dict[st
     "gpt_neox": (lambda impl: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
         vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         rotary_pct=0.5, max_position_embeddings=64, attn_implementation=impl)), _decoder_inputs),
+    "gptj": (lambda impl: T.GPTJForCausalLM(T.GPTJConfig(
+        vocab_size=V, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=64, attn_implementation=impl)),
+        _decoder_inputs),
     "bloom": (lambda impl: T.BloomForCausalLM(T.BloomConfig(
         vocab_size=V, hidden_size=32, n_layer=2, n_head=2, attn_implementation=impl)), _decoder_inputs),
     "falcon": (lambda impl: T.FalconForCausalLM(T.FalconConfig(
@@ -76,6 +79,7 @@ LIFTED_MASKS = {
     "mistral": {"(kv <= q) & (q <= kv + 4)"},
     "gpt2": {"kv <= q"},
     "gpt_neox": {"kv <= q"},
+    "gptj": {"kv <= q"},
     "falcon": None,  # ALiBi read as a runtime bias the graph computes
     "t5": None,  # relative-position bias (+ the decoder's causal mask) as a runtime bias
     "bert": {"Ne(t_l_kwargs_attention_mask_[b, kv], 0)"},
@@ -155,5 +159,7 @@ def test_family(family: str, impl: str) -> None:
     assert all(r["status"] == "lifted" for r in reports), [r["reason"] for r in reports if r["status"] != "lifted"]
     if family == "gpt_neox":  # rotary_pct 0.5: the rotation stays in the graph, and the reports say so
         assert all("partial rotary embedding (rotary_dim 8 < head_dim 16)" in r["note"] for r in reports), reports
+    if family == "gptj":  # partial and interleaved (pairs 2i, 2i+1)
+        assert all("interleaved (GPT-J) rotary layout" in r["note"] for r in reports), reports
     if LIFTED_MASKS[family] is not None:
         assert {r["mask"] for r in reports} == LIFTED_MASKS[family], reports
