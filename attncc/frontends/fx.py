@@ -617,14 +617,12 @@ def score_chain(soft: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
             return node, steps[::-1]
         steps.append(node)
         on_path = [a for a in node.all_input_nodes if _reaches_product(a, LOOKBACK)]
-        if len(on_path) != 1:
-            return None if not on_path else _refuse(f"{node.name} reads the scores through {len(on_path)} operands")
+        if len(on_path) > 1:
+            raise UnsupportedError(f"{node.name} reads the scores through {len(on_path)} operands")
+        if not on_path:
+            return None
         node = on_path[0]
     return None
-
-
-def _refuse(why: str) -> Any:
-    raise UnsupportedError(why)
 
 
 def _probs_source(node: Any) -> tuple[Any, str]:
