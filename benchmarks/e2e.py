@@ -83,10 +83,10 @@ def compiled(model: torch.nn.Module, variant: str) -> Any:
     return torch.compile(model, backend="attncc", options={"backend": "inductor"})
 
 
-def forward_rows(family: str, args: argparse.Namespace) -> list[tuple[str, ...]]:
+def forward_rows(family: str, args: argparse.Namespace) -> list[tuple[str, float, float, float]]:
     model = model_of(family, args.seq, args.layers, args.window).eval()
     ids = torch.randint(0, VOCAB, (1, args.seq), generator=torch.Generator().manual_seed(1))
-    rows = []
+    rows: list[tuple[str, float, float, float]] = []
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
         for variant in ("eager", "inductor", "attncc"):
@@ -98,10 +98,10 @@ def forward_rows(family: str, args: argparse.Namespace) -> list[tuple[str, ...]]
             if variant == "attncc":
                 sites = ac.dynamo.reports()
     print_sites(family, "forward", sites)
-    return rows  # type: ignore[return-value]
+    return rows
 
 
-def training_rows(family: str, args: argparse.Namespace) -> list[tuple[str, ...]]:
+def training_rows(family: str, args: argparse.Namespace) -> list[tuple[str, float, float, float]]:
     rows = []
     ids = torch.randint(0, VOCAB, (1, args.seq), generator=torch.Generator().manual_seed(2))
     for variant in ("eager", "inductor", "attncc"):
@@ -116,10 +116,10 @@ def training_rows(family: str, args: argparse.Namespace) -> list[tuple[str, ...]
 
         loss, first = timed(step)
         rows.append((variant, first, best(step, args.reps), loss))
-    return rows  # type: ignore[return-value]
+    return rows
 
 
-def generate_rows(family: str, args: argparse.Namespace) -> list[tuple[str, ...]]:
+def generate_rows(family: str, args: argparse.Namespace) -> list[tuple[str, float, float, float, float, int]]:
     rows = []
     prompts = [torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(n)) for n in args.prompt]
     for variant in ("eager", "inductor", "attncc"):
@@ -139,7 +139,15 @@ def generate_rows(family: str, args: argparse.Namespace) -> list[tuple[str, ...]
         _, new_again = timed(lambda: gen(prompts[1]))
         recompiles = max((r.get("compiles", 0) for r in ac.dynamo.reports()), default=0)
         rows.append((variant, warm_first, new_first, new_again, new_first - new_again, recompiles))
-    return rows  # type: ignore[return-value]
+    return rows
+
+
+def speed_table(rows: list[tuple[str, float, float, float]], first: str, time_: str, last: str, fmt: str) -> None:
+    """Rows (variant, first call s, best s, last column) as markdown, with the speedup over eager (row 0)."""
+    eager = rows[0][2]
+    print(f"\n| variant | {first} | {time_} | vs eager | {last} |\n|---|---|---|---|---|")
+    for variant, first_s, t, value in rows:
+        print(f"| {variant} | {first_s:.2f} | {t * 1e3:.1f} | {eager / t:.2f}x | {fmt.format(value)} |")
 
 
 def print_sites(family: str, what: str, sites: list[dict[str, Any]]) -> None:
@@ -173,17 +181,9 @@ def main() -> None:
     for family in args.families.split(","):
         print(f"\n## {family}")
         if "forward" in parts:
-            rows = forward_rows(family, args)
-            eager = rows[0][2]
-            print("\n| variant | first call s | forward ms | vs eager | max abs logit diff |\n|---|---|---|---|---|")
-            for v, first, t, err in rows:
-                print(f"| {v} | {first:.2f} | {t * 1e3:.1f} | {eager / t:.2f}x | {err:.1e} |")  # type: ignore[operator]
+            speed_table(forward_rows(family, args), "first call s", "forward ms", "max abs logit diff", "{:.1e}")
         if "training" in parts:
-            rows = training_rows(family, args)
-            eager = rows[0][2]
-            print("\n| variant | first step s | fwd+bwd ms | vs eager | loss |\n|---|---|---|---|---|")
-            for v, first, t, loss in rows:
-                print(f"| {v} | {first:.2f} | {t * 1e3:.1f} | {eager / t:.2f}x | {loss:.4f} |")  # type: ignore[operator]
+            speed_table(training_rows(family, args), "first step s", "fwd+bwd ms", "loss", "{:.4f}")
         if "generate" in parts:
             rows = generate_rows(family, args)
             p0, p1 = args.prompt

@@ -83,7 +83,7 @@ class Evaluator:
         self.memo: dict[fx.Node, SymTensor] = {}
         self.tensors: dict[str, fx.Node] = {}
         self.scores: set[fx.Node] = set()  # score-chain nodes: what reads them is never taken as data
-        self._on_scores: dict[fx.Node, bool] = {}
+        self._clear: set[fx.Node] = set()  # nodes known not to depend on the scores
 
     def value(self, arg: Any) -> SymTensor:
         if isinstance(arg, fx.Node):
@@ -182,6 +182,8 @@ class Evaluator:
         rounding to bfloat16/float16 (Falcon builds ALiBi in bfloat16) or truncating a float to an
         integer. Those are read as runtime tensors instead (the graph computes them exactly as the model
         does). Steps on the scores are exempt: kernels compute scores in float32 or wider, as SDPA does."""
+        if node.op in ("placeholder", "get_attr"):  # a graph input holds its values as they are
+            return value
         out, expr = getattr(example_value(node), "dtype", None), sympy.sympify(value.expr)
         if out is None or out is torch.bool or X.is_boolean(expr) or self._reads_scores(node):
             return value
@@ -204,12 +206,22 @@ class Evaluator:
         return self._whole(node)
 
     def _reads_scores(self, node: fx.Node) -> bool:
-        if node in self.scores:
-            return True
-        if node not in self._on_scores:
-            self._on_scores[node] = False  # cycles cannot occur; this only cuts repeated walks
-            self._on_scores[node] = any(self._reads_scores(a) for a in node.all_input_nodes)
-        return self._on_scores[node]
+        """Whether ``node`` depends on a score-chain node: a walk over its ancestors (iterative: a
+        value computed from the activations has the whole model above it). Nodes a finished walk
+        visited without meeting the scores are remembered as clear."""
+        if not self.scores:
+            return False
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in self.scores:
+                return True
+            if n in seen or n in self._clear:
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        self._clear |= seen
+        return False
 
     def _diff(self, node: fx.Node) -> SymTensor:
         """``torch.diff(x, dim=d, prepend=p)`` with n = 1 and at most one prepended element."""
@@ -225,10 +237,10 @@ class Evaluator:
         p = self.value(args["prepend"]).aligned(x.ndim)
         if p.shape[dim] != 1:
             raise UnsupportedError(f"diff with a prepend of {p.shape[dim]} elements")
-        first = x.expr.xreplace({d: 0}) - p.expr
-        shape = tuple(n + 1 if i == dim and n != -1 else n for i, n in enumerate(x.shape))
-        shape = tuple(x.shape[i] if i == dim else n for i, n in enumerate(shape))
-        return SymTensor(sympy.Piecewise((first, sympy.Eq(d, 0)), (x.expr - x.expr.xreplace({d: d - 1}), True)), shape)
+        first = x.expr.xreplace({d: 0}) - p.expr  # one prepended element: the length stays x's
+        return SymTensor(
+            sympy.Piecewise((first, sympy.Eq(d, 0)), (x.expr - x.expr.xreplace({d: d - 1}), True)), x.shape
+        )
 
     def _cumsum(self, node: fx.Node) -> SymTensor:
         """``cumsum`` along a dim the value does not vary on: value x (index + 1)."""
@@ -297,30 +309,10 @@ class Evaluator:
             return SymTensor(sympy.true if value else sympy.false, shape)
         return SymTensor(sympy.Integer(value), shape)
 
-    def _data(self, node: Any) -> tuple[fx.Node, bool] | None:
-        """(graph input, converted to bool?) when ``node`` is a graph input seen through dtype/device
-        conversions (``.to``, ``.bool()``, ...); None when it is computed from indices."""
-        to_bool = False
-        while isinstance(node, fx.Node):
-            if node.op in ("placeholder", "get_attr"):
-                return node, to_bool
-            name = getattr(node.target, "__name__", str(node.target))
-            if node.op == "call_method" and name in self.PASSTHROUGH:
-                to_bool = (
-                    to_bool or name == "bool" or node.kwargs.get("dtype") is torch.bool or torch.bool in node.args[1:]
-                )
-                node = node.args[0]
-                continue
-            return None
-        return None
-
     def _getitem(self, node: fx.Node) -> SymTensor:
         base, index = node.args
         items = index if isinstance(index, tuple) else (index,)
-        source = self._data(base)
-        if source is not None:
-            return self._gather(source[0], items, source[1])
-        t = self.value(base)
+        t = self.value(base)  # a graph input is a runtime tensor read whole; index tensors then move its indices
         if items and all(isinstance(i, fx.Node) for i in items):
             return self._take(t, items)
         out, dim = t, 0
@@ -364,18 +356,6 @@ class Evaluator:
         mapping = {DIMS[i]: e for i, e in enumerate(exprs)}
         mapping |= {DIMS[len(items) + j]: DIMS[lead + j] for j in range(len(rest))}
         return SymTensor(t.expr.xreplace(mapping), (*shape, *rest))
-
-    def _gather(self, base: fx.Node, items: tuple[Any, ...], to_bool: bool = False) -> SymTensor:
-        """A real tensor indexed by symbolic index tensors: a runtime-tensor access."""
-        if any(not isinstance(i, fx.Node) for i in items) or len(items) != len(shape_of(base)):
-            raise UnsupportedError(f"{base.name} is indexed by {items!r}; only one index tensor per dim is lifted")
-        parts = [self.value(i) for i in items]
-        exprs, shape = broadcast(*parts)
-        name = f"t_{base.name}"
-        self.tensors[name] = base
-        data = X.tensor_base(name)[tuple(exprs)]
-        dtype = getattr(example_value(base), "dtype", None)
-        return SymTensor(sympy.Ne(data, 0) if (to_bool or dtype is torch.bool) else data, shape)
 
 
 _OPERATORS = {
