@@ -37,6 +37,7 @@ from attncc.errors import AttnccError, LoweringError, SpecError, UnsupportedErro
 from attncc.linear import LinearAttentionSpec, linear_attention
 from attncc.linear import x as x
 from attncc.masks import (
+    block_indices,
     block_layout,
     block_local,
     causal,
@@ -69,6 +70,7 @@ __all__ = [
     "VerifyError",
     "alibi",
     "b",
+    "block_indices",
     "block_layout",
     "block_local",
     "causal",

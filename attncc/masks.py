@@ -108,6 +108,33 @@ def block_layout(layout: TensorRef, block: int | Sequence[int] = (64, 64), per_h
     return ref[(X.h, *idx) if per_head else idx] != 0
 
 
+def block_indices(indices: TensorRef, block: int | Sequence[int] = (64, 64)) -> Expr:
+    """Visible where the key's block is listed for the query's block: ``kv // bkv`` is one of
+    ``indices[b, h, q // bq, :]``.
+
+    ``indices`` is an int tensor ``[B or 1, H or 1, ceil(Sq / bq), K]`` of kv-block numbers, ``-1`` padding
+    each row to the fixed capacity ``K`` (a size-1 batch or head dim is shared). The block map is read
+    from the list (O(its size), no dense grid); it composes with ``&``, ``|`` and every other mask.
+    Entries outside ``[-1, ceil(Skv / bkv))`` and repeated entries in a row are errors at call time.
+
+    >>> import torch, attncc as ac
+    >>> spec = ac.AttentionSpec(num_heads=1, head_dim=8, mask=ac.block_indices(ac.tensor("kv_blocks"), 16))
+    >>> lists = torch.tensor([[[[0, -1], [0, 1], [2, -1]]]])  # q-blocks 0, 1, 2 of 16 rows each
+    >>> ac.compile(spec, target="reference").block_map(48, 48, kv_blocks=lists).to_dense().int().tolist()
+    [[[1, 0, 0], [1, 1, 0], [0, 0, 1]]]
+    """
+    if not isinstance(indices, TensorRef):
+        raise SpecError(f"block_indices() takes a tensor declared with ac.tensor(name), got {indices!r}")
+    if indices.dtype not in (None, "int"):
+        raise SpecError(
+            f"block_indices(): tensor {indices.name!r} holds block numbers; declare it int, not {indices.dtype}"
+        )
+    bq, bkv = _pair(block, "block_indices(block)")
+    origin = X.tensor_base(indices.name)[0, 0, 0, 0]
+    member = X.InBlocks(origin, X.b, X.h, sympy.floor(X.q / bq), sympy.floor(X.kv / bkv))
+    return Expr(member, Meta(dtypes=((indices.name, "int"),)))
+
+
 def _pair(value: int | Sequence[int], label: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or any(not isinstance(v, int) or v < 1 for v in pair):

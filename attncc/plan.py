@@ -40,7 +40,7 @@ from attncc.analysis.bands import Band, block_ranges
 from attncc.analysis.blockmap import FULL, BlockMap
 from attncc.errors import LoweringError
 from attncc.ir.core import Graph
-from attncc.ir.exprs import expr_str, score
+from attncc.ir.exprs import InBlocks, expr_str, score
 from attncc.ir.ops import AttentionOp, HeadShardOp, InputOp, LinearOp, RopeOp, TensorOp, TiledOp
 
 log = logging.getLogger("attncc.plan")
@@ -96,6 +96,11 @@ class KernelPlan:
     def static(self) -> bool:
         """True when the tile lists depend on the lengths only (no runtime tensors)."""
         return not any(not t.values for t in self.tensors)
+
+    @property
+    def block_lists(self) -> frozenset[str]:
+        """Runtime tensors the mask reads as block-index lists (``InBlocks``)."""
+        return frozenset(a.tensor for a in self.mask.atoms(InBlocks))
 
     def expression_holes(self, emit: Callable[[sympy.Basic], str]) -> dict[str, str]:
         """The template holes every target fills alike: mask, score mod and d/d score, as text and code."""
@@ -280,34 +285,33 @@ class TileLists:
 
     @staticmethod
     def of(bm: BlockMap) -> TileLists:
-        st = bm.unique_states()
+        """The lists of ``bm``, from its computed tiles (O(tiles) for a sparse map: no grid is built)."""
+        u, r, c, cell = bm.tiles()
+        maps, nq, nkv = bm.num_maps, bm.num_q_blocks, bm.num_kv_blocks
+        full = (cell == FULL).astype(np.uint8)
 
-        def csr(grid: np.ndarray) -> tuple[np.ndarray, ...]:
-            u, r, c = np.nonzero(grid)
-            counts = np.bincount(u * grid.shape[1] + r, minlength=grid.shape[0] * grid.shape[1])
-            ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-            return ptr, c.astype(np.int32), (grid[u, r, c] == FULL).astype(np.uint8), u, r, c
+        def ptr_of(rows: np.ndarray, n: int) -> np.ndarray:
+            return np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int32)
 
-        kv_ptr, kv_idx, kv_full, u, r, c = csr(st)
-        partial = kv_full == 0
-        rank = np.full(st.shape, -1, np.int32)
-        per_map = np.bincount(u[partial], minlength=st.shape[0])
+        partial = full == 0
+        per_map = np.bincount(u[partial], minlength=maps)
         starts = np.concatenate([[0], np.cumsum(per_map)[:-1]])
-        rank[u[partial], r[partial], c[partial]] = np.arange(int(partial.sum())) - starts[u[partial]]
-        q_ptr, q_idx, q_full, tu, tr, tc = csr(np.ascontiguousarray(st.transpose(0, 2, 1)))
+        rank = np.full(u.size, -1, np.int64)
+        rank[partial] = np.arange(int(partial.sum())) - starts[u[partial]]  # tiles are ordered by map
+        order = np.lexsort((r, c, u))  # the transpose: by map, kv-block, q-block
         map_of = bm.map_of.astype(np.int32)
         counts = per_map[map_of.reshape(-1)]
         keep_base = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         return TileLists(
             map_of,
-            kv_ptr,
-            kv_idx,
-            kv_full,
-            rank[u, r, c].astype(np.int32),
-            q_ptr,
-            q_idx,
-            q_full,
-            rank[tu, tc, tr].astype(np.int32),
+            ptr_of(u * nq + r, maps * nq),
+            c.astype(np.int32),
+            full,
+            rank.astype(np.int32),
+            ptr_of(u * nkv + c, maps * nkv),
+            r[order].astype(np.int32),
+            full[order],
+            rank[order].astype(np.int32),
             keep_base,
             int(counts.sum()),
         )

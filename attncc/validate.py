@@ -119,7 +119,49 @@ def check_tensors(
         if t.device != device:
             raise SpecError(f"runtime tensor {name!r} is on {t.device}, q is on {device}")
     _check_bounds(spec, shape, out)
+    _check_block_lists(spec, shape, out)
     return out
+
+
+def _check_block_lists(spec: AttentionSpec, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:
+    """Each block-index list: int, [B|1, H|1, query blocks, K], entries in [-1, kv blocks), none repeated
+    in a row. O(list size); on a GPU it reads the list back to the host once per call."""
+    env = {X.b: Interval(0, shape.batch - 1), X.h: Interval(0, spec.num_heads - 1),
+           X.q: Interval(0, shape.q_len - 1), X.kv: Interval(0, shape.kv_len - 1)}  # fmt: skip
+    sizes = size_env(spec, shape)
+    for atom in X.in_blocks(spec.mask):
+        name = atom.tensor
+        if name not in tensors:
+            continue
+        t = tensors[name]
+        if t.dtype == torch.bool:
+            raise SpecError(f"block list {name!r} is bool; it holds kv-block numbers (int, -1 for padding)")
+        nq = int(bounds(atom.args[3].subs(sizes), env).hi) + 1
+        nkv = int(bounds(atom.args[4].subs(sizes), env).hi) + 1
+        want = f"[{shape.batch} or 1, {spec.num_heads} or 1, {nq}, K]"
+        if t.shape[0] not in (1, shape.batch) or t.shape[1] not in (1, spec.num_heads) or t.shape[2] != nq:
+            raise SpecError(
+                f"block list {name!r} has shape {tuple(t.shape)}; at q length {shape.q_len} it must be {want} "
+                f"(one row of kv-block numbers per query block)"
+            )
+        if t.numel() == 0:
+            continue
+        rows = t.detach().reshape(-1, t.shape[3]).cpu().long()
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < -1 or hi >= nkv:
+            raise SpecError(
+                f"block list {name!r} holds {lo if lo < -1 else hi}; entries must lie in [-1, {nkv}) "
+                f"({nkv} kv blocks at kv length {shape.kv_len}; -1 pads a row)"
+            )
+        ordered = rows.sort(-1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+        if bool(repeated.any()):
+            row = int(repeated.any(-1).nonzero()[0, 0])
+            where = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), tuple(t.shape[:3])))
+            raise SpecError(
+                f"block list {name!r} repeats a kv block in row {list(where)} ({rows[row].tolist()}); "
+                "list each block once (pad with -1)"
+            )
 
 
 def _check_bounds(spec: AttentionSpec, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:

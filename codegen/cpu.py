@@ -49,6 +49,18 @@ def _accessor(index: int, t: TensorOp) -> str:
     )
 
 
+def _list_reader(index: int, name: str) -> str:
+    return (
+        f"// block list {name!r}: is kv block kb listed in row [b, h, qb, :] (a size-1 batch or head dim is shared)\n"
+        f"inline bool L_{name}(const Ctx& cx, int64_t b, int64_t h, int64_t qb, int64_t kb) {{\n"
+        f"  const int64_t* n = cx.dims + {4 * index};\n"
+        f"  if (qb < 0 || qb >= n[2]) {{ __atomic_store_n(cx.error, {index + 1}, __ATOMIC_RELAXED); return false; }}\n"
+        "  const int64_t* row = (const int64_t*)cx.tensors[" + str(index) + "]\n"
+        "      + (((n[0] == 1 ? 0 : b) * n[1] + (n[1] == 1 ? 0 : h)) * n[2] + qb) * n[3];\n"
+        "  for (int64_t j = 0; j < n[3]; ++j)\n    if (row[j] == kb) return true;\n  return false;\n}"
+    )
+
+
 def render(plan: KernelPlan) -> str:
     """The spec's own C++ (mask, score mod, derivatives, tensor reads), from the plan."""
     bq, bkv = plan.tiles
@@ -57,7 +69,10 @@ def render(plan: KernelPlan) -> str:
         bq=bq,
         bkv=bkv,
         has_mod="true" if plan.score_mod != score else "false",
-        accessors="\n\n".join(_accessor(i, t) for i, t in enumerate(plan.tensors)),
+        accessors="\n\n".join(
+            [_accessor(i, t) for i, t in enumerate(plan.tensors)]
+            + [_list_reader(i, t.tensor) for i, t in enumerate(plan.tensors) if t.tensor in plan.block_lists]
+        ),
         **plan.expression_holes(emit),
         table_grads_on="true" if plan.grad_tables else "false",
         table_grads_code=_table_grads_code(plan),

@@ -123,6 +123,9 @@ class CppPrinter(Printer):
     def indexed(self, e: sympy.Indexed) -> str:
         return f"T_{e.base}(cx, {', '.join(self.emit(i) for i in e.indices)})"
 
+    def in_blocks(self, e: sympy.Basic) -> str:
+        return f"L_{e.args[0].base}(cx, {', '.join(self.emit(i) for i in e.args[1:])})"
+
     def logical(self, e: sympy.Basic) -> str:
         return "(" + f" {self.LOGICAL[type(e)]} ".join(self.emit(a) for a in e.args) + ")"
 

@@ -78,6 +78,10 @@ class TorchPrinter(Printer):
         idx = ", ".join(self.emit(i) for i in e.indices)
         return f"H_.index(T[{str(e.base)!r}], {str(e.base)!r}, ({idx},), {expr_str(e)!r})"
 
+    def in_blocks(self, e: sympy.Basic) -> str:
+        name = str(e.args[0].base)
+        return f"H_.in_blocks(T[{name!r}], {', '.join(self.emit(i) for i in e.args[1:])})"
+
     def logical(self, e: sympy.Basic) -> str:
         name = {sympy.And: "logical_and", sympy.Or: "logical_or", sympy.Xor: "logical_xor"}[type(e)]
         return self.call(name, e)

@@ -105,6 +105,10 @@ class TritonPrinter(Printer):
     def indexed(self, e: sympy.Indexed) -> str:
         return f"_ld_{e.base}(T_{e.base}, TD_{e.base}, ERR, {', '.join(self.emit(i) for i in e.indices)})"
 
+    def in_blocks(self, e: sympy.Basic) -> str:
+        name = e.args[0].base
+        return f"_in_{name}(T_{name}, TD_{name}, {', '.join(self.emit(i) for i in e.args[1:])})"
+
     def logical(self, e: sympy.Basic) -> str:
         op = {sympy.And: "&", sympy.Or: "|", sympy.Xor: "^"}[type(e)]
         return "(" + f" {op} ".join(self.emit(a) for a in e.args) + ")"

@@ -99,6 +99,20 @@ def unary(name: str, a: Val) -> Val:
     return getattr(math, name)(a) if name != "sign" else (a > 0) - (a < 0)
 
 
+def in_blocks(lists: torch.Tensor, b: Val, h: Val, qb: Val, kb: Val) -> torch.Tensor:
+    """Whether block ``kb`` is listed in ``lists[b, h, qb, :]`` (a size-1 batch or head dim is shared; the
+    lists were validated at call time): a membership grid scattered from the list, then one gather."""
+    lists = lists.long()
+    kb = torch.as_tensor(kb, device=lists.device).long()
+    width = int(kb.max()) + 2  # one column past the last block read: the padding (-1) lands there
+    grid = torch.zeros((*lists.shape[:3], width), dtype=torch.bool, device=lists.device)
+    grid.scatter_(3, torch.where(lists >= 0, lists.clamp(max=width - 1), width - 1), True)
+    grid[..., width - 1] = False
+    parts = [torch.as_tensor(i, device=lists.device).long() for i in (b, h, qb)]
+    parts = [p * 0 if lists.shape[d] == 1 else p for d, p in enumerate(parts)]
+    return grid[tuple(torch.broadcast_tensors(*parts, kb.clamp(max=width - 1)))]
+
+
 def index(table: torch.Tensor, name: str, idx: tuple[Val, ...], text: str) -> torch.Tensor:
     """``table[idx]`` with a bounds check that names the expression (no silent wraparound)."""
     if len(idx) != table.dim():

@@ -24,7 +24,7 @@ import sympy
 
 from attncc.errors import UnsupportedError
 from attncc.ir.dispatch import handler_for
-from attncc.ir.exprs import expr_str
+from attncc.ir.exprs import InBlocks, expr_str
 
 RELATIONS = {
     sympy.LessThan: "<=",
@@ -54,6 +54,7 @@ class Printer:
         sympy.Piecewise: "piecewise",
         sympy.ITE: "ite",
         sympy.Indexed: "indexed",
+        InBlocks: "in_blocks",
         **dict.fromkeys(RELATIONS, "relation"),
         sympy.And: "logical",
         sympy.Or: "logical",

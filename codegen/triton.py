@@ -59,6 +59,20 @@ def _loader(t: TensorOp) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _list_reader(name: str) -> str:
+    return (
+        f"@triton.jit\ndef _in_{name}(T, TD, b, h, qb, kb):\n"
+        f"    # block list {name!r}: is kv block kb listed in row [b, h, qb, :] (size-1 batch or head dims shared)\n"
+        "    n0 = tl.load(TD + 0)\n    n1 = tl.load(TD + 1)\n    n2 = tl.load(TD + 2)\n    n3 = tl.load(TD + 3)\n"
+        "    zero = 0 * (qb + kb)\n"
+        "    base = ((tl.where(n0 == 1, 0, b) * n1 + tl.where(n1 == 1, 0, h)) * n2 + qb) * n3 + zero\n"
+        "    hit = zero != 0\n"
+        "    for j in range(0, n3):\n"
+        "        hit = hit | (tl.load(T + base + j) == kb)\n"
+        "    return hit\n"
+    )
+
+
 def _band_code(plan: KernelPlan) -> str:
     if plan.layout != "banded":
         return "    lo = 0\n    hi = -1\n    flo = 0\n    fhi = -1"
@@ -110,7 +124,7 @@ def render(plan: KernelPlan) -> str:
         bq=plan.tiles[0],
         bkv=plan.tiles[1],
         layout=plan.layout,
-        loaders="\n".join(_loader(t) for t in plan.tensors),
+        loaders="\n".join([_loader(t) for t in plan.tensors] + [_list_reader(n) for n in sorted(plan.block_lists)]),
         tensor_params=params,
         table_params=", ERR" + params,
         **plan.expression_holes(emit),

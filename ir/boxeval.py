@@ -28,7 +28,7 @@ import numpy as np
 import sympy
 
 from attncc.errors import UnsupportedError
-from attncc.ir.exprs import expr_str, is_boolean
+from attncc.ir.exprs import InBlocks, expr_str, is_boolean
 
 Array = np.ndarray
 
@@ -345,6 +345,31 @@ def evaluate(expr: sympy.Basic, env: Env, tables: Tables | None = None) -> Tri:
             nt, nf = evaluate(a, env, t)
             acc = ((acc[0] & nf) | (acc[1] & nt), (acc[0] & nt) | (acc[1] & nf))
         return acc
+    if isinstance(expr, InBlocks):
+        return _in_blocks(expr, env, t)
     if not is_boolean(expr):
         raise UnsupportedError(f"`{expr_str(expr)}` is not a condition")
     raise UnsupportedError(f"no three-valued rule for {type(expr).__name__} in `{expr_str(expr)}`")
+
+
+def _in_blocks(e: InBlocks, env: Env, t: Tables) -> Tri:
+    """Exact where the box is one (batch, head, query block, kv block): whether the list holds it; a box
+    spanning several blocks is undecided (refinement splits it)."""
+    if e.tensor not in t:
+        raise UnsupportedError(f"block list {e.tensor!r} has no values to decide `{expr_str(e)}`")
+    lists = t[e.tensor].values
+    if lists.ndim != 4:
+        raise UnsupportedError(f"block list {e.tensor!r} must be 4-d [B|1, H|1, query blocks, K], got {lists.shape}")
+    parts = [interval(a, env, t) for a in e.args[1:]]
+    exact = np.logical_and.reduce(np.broadcast_arrays(*(p.lo == p.hi for p in parts)))
+    n_kv = int(max(lists.max(initial=-1), 0)) + 1
+    grid = np.zeros((*lists.shape[:3], n_kv + 1), bool)  # membership, one column past the largest entry
+    at = np.nonzero(lists >= 0)
+    grid[(*at[:3], lists[at].astype(np.int64))] = True
+    idx = []
+    for dim, p in enumerate(parts):
+        size = grid.shape[dim]
+        i = np.clip(np.nan_to_num(p.lo, nan=0.0, posinf=size - 1, neginf=0), 0, size - 1).astype(np.int64)
+        idx.append(np.zeros_like(i) if dim < 2 and size == 1 else i)
+    hit = grid[tuple(np.broadcast_arrays(*idx))]
+    return np.where(exact, hit, True), np.where(exact, ~hit, True)

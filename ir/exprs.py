@@ -46,6 +46,48 @@ def tensor_base(name: str) -> sympy.IndexedBase:
     return sympy.IndexedBase(name)
 
 
+class InBlocks(sympy.logic.boolalg.BooleanFunction):
+    """``InBlocks(t[0, 0, 0, 0], b, h, qb, kb)``: kv block ``kb`` is listed in the row ``t[b, h, qb, :]`` of the
+    int block-index tensor ``t`` ([B or 1, H or 1, query blocks, K]; -1 pads a row; a batch or head
+    dim of size 1 is shared by every batch or head). ``qb`` and ``kb`` are the blocks' index expressions
+    (``floor(q/64)``, or a region number on a grid). The first argument names the tensor by its origin
+    element, so every pass that finds runtime tensors by their reads finds this one, with its rank.
+
+    >>> t = tensor_base("kv_blocks")
+    >>> expr_str(InBlocks(t[0, 0, 0, 0], b, h, sympy.floor(q / 64), sympy.floor(kv / 64)))
+    'InBlocks(kv_blocks[0, 0, 0, 0], b, h, floor(q/64), floor(kv/64))'
+    """
+
+    nargs = 5
+
+    @classmethod
+    def eval(cls, *args: sympy.Basic) -> None:
+        return None
+
+    @property
+    def tensor(self) -> str:
+        return str(self.args[0].base)
+
+    @property
+    def blocks(self) -> tuple[int, int] | None:
+        """(bq, bkv) when the blocks are contiguous runs ``floor(q/bq)``, ``floor(kv/bkv)`` (else None)."""
+        out = []
+        for arg, sym in ((self.args[3], q), (self.args[4], kv)):
+            if arg == sym:
+                out.append(1)
+                continue
+            div = exact_division(arg.args[0]) if isinstance(arg, sympy.floor) else None
+            if div is None or div[0] != sym:
+                return None
+            out.append(div[1])
+        return out[0], out[1]
+
+
+def in_blocks(expr: sympy.Basic) -> list[InBlocks]:
+    """The block-list reads of ``expr``, in a stable order."""
+    return sorted(expr.atoms(InBlocks), key=sympy.default_sort_key)
+
+
 def tensor_refs(expr: sympy.Basic) -> dict[str, list[tuple[sympy.Expr, ...]]]:
     """Every runtime-tensor access in ``expr``: name -> list of index tuples."""
     refs: dict[str, list[tuple[sympy.Expr, ...]]] = {}
@@ -124,6 +166,9 @@ _FUNCS = {
         "E",
     ]
 }
+
+
+_FUNCS["InBlocks"] = InBlocks
 
 
 def parse_expr(text: str, tensors: Iterable[str] = ()) -> sympy.Basic:

@@ -27,11 +27,13 @@ from attncc.analysis.bands import bands_of, block_ranges
 from attncc.errors import UnsupportedError
 from attncc.ir.boxeval import TensorRanges
 from attncc.ir.core import Graph, Op
-from attncc.ir.exprs import Skv, Sq
+from attncc.ir.exprs import Skv, Sq, in_blocks
 from attncc.ir.ops import AttentionOp, FusedOp, TensorOp, TiledOp
 from attncc.passes.base import Pass
 
 log = logging.getLogger("attncc.passes.block_sparse")
+
+LIST_TILES = (16, 32, 64, 128)  # block sizes of a block list that become the tiles (every target builds these)
 
 
 def _probe(op: AttentionOp, graph: Graph) -> str | None:
@@ -74,6 +76,9 @@ class BlockSparse(Pass):
         """(bq, bkv): the options, or the cost model's choice when they are left at 0."""
         if self.bq > 0 and self.bkv > 0:
             return self.bq, self.bkv
+        for listed in in_blocks(op.mask):  # tiles equal to a block list's blocks: its map is read from the list
+            if listed.blocks is not None and all(n in LIST_TILES for n in listed.blocks):
+                return listed.blocks
         values = {
             t.tensor: np.asarray(t.values) for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.values
         }

@@ -7,6 +7,9 @@ Two storage forms, one interface:
 * ``listed``: a tile state grid (EMPTY / PARTIAL / FULL), from which the compressed lists
   (kv_num_blocks, kv_indices, their full-tile twins and the transposed q lists for backward)
   are derived.
+* ``sparse``: only the computed tiles, per (map, q-block) row: CSR ``ptr`` over the rows, the kv
+  block and the state of each tile (O(tiles computed)); what a block-index list
+  (:func:`attncc.block_indices`) yields, never expanded to a grid unless asked (``to_dense``).
 
 Maps are stored once per distinct (batch, head) structure (``map_of[b, h]`` names the map a
 batch and head use): a head-independent mask has one map, and heads with equal windows share.
@@ -41,6 +44,9 @@ class BlockMap:
     computed: np.ndarray | None = field(default=None, repr=False)  # banded: [U, nq, R, 2] kv-block ranges
     full: np.ndarray | None = field(default=None, repr=False)  # banded: [U, nq, R, 2]
     state: np.ndarray | None = field(default=None, repr=False)  # listed: int8 [U, nq, nkv]
+    ptr: np.ndarray | None = field(default=None, repr=False)  # sparse: int64 [U * nq + 1] row starts
+    cols: np.ndarray | None = field(default=None, repr=False)  # sparse: kv block of each computed tile
+    cell: np.ndarray | None = field(default=None, repr=False)  # sparse: int8 PARTIAL / FULL of each tile
 
     @staticmethod
     def banded(
@@ -51,6 +57,23 @@ class BlockMap:
     @staticmethod
     def listed(block: tuple[int, int], q_len: int, kv_len: int, state: np.ndarray, map_of: np.ndarray) -> BlockMap:
         return BlockMap(block, q_len, kv_len, "listed", map_of, state=state)
+
+    @staticmethod
+    def sparse(
+        block: tuple[int, int], q_len: int, kv_len: int, ptr: np.ndarray, cols: np.ndarray, cell: np.ndarray,
+        map_of: np.ndarray,
+    ) -> BlockMap:  # fmt: skip
+        return BlockMap(block, q_len, kv_len, "sparse", map_of, ptr=ptr, cols=cols, cell=cell)
+
+    def tiles(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every computed tile as (map, q-block, kv-block, state) arrays, ordered by map, q-block, kv-block."""
+        if self.kind == "sparse":
+            assert self.ptr is not None and self.cols is not None and self.cell is not None
+            rows = np.repeat(np.arange(self.ptr.size - 1), np.diff(self.ptr))
+            return rows // self.num_q_blocks, rows % self.num_q_blocks, self.cols, self.cell
+        st = self.unique_states()
+        u, r, c = np.nonzero(st)
+        return u, r, c, st[u, r, c]
 
     # ---- shape ------------------------------------------------------------------------------
     @property
@@ -69,6 +92,9 @@ class BlockMap:
     @property
     def num_maps(self) -> int:
         """Distinct maps stored."""
+        if self.kind == "sparse":
+            assert self.ptr is not None
+            return (self.ptr.size - 1) // self.num_q_blocks
         arr = self.computed if self.kind == "banded" else self.state
         assert arr is not None
         return int(arr.shape[0])
@@ -84,6 +110,9 @@ class BlockMap:
         if self.kind == "banded":
             assert self.computed is not None
             return self._count(self.computed)
+        if self.kind == "sparse":
+            assert self.cols is not None
+            return int(self.cols.size)
         assert self.state is not None
         return int((self.state != EMPTY).sum())
 
@@ -92,6 +121,9 @@ class BlockMap:
         if self.kind == "banded":
             assert self.full is not None
             return self._count(self.full)
+        if self.kind == "sparse":
+            assert self.cell is not None
+            return int((self.cell == FULL).sum())
         assert self.state is not None
         return int((self.state == FULL).sum())
 
@@ -119,6 +151,11 @@ class BlockMap:
         if self.kind == "listed":
             assert self.state is not None
             return self.state
+        if self.kind == "sparse":
+            u, r, c, cell = self.tiles()
+            grid = np.zeros((self.num_maps, self.num_q_blocks, self.num_kv_blocks), np.int8)
+            grid[u, r, c] = cell
+            return grid
         assert self.computed is not None and self.full is not None
         kb = np.arange(self.num_kv_blocks)
         out = np.zeros((*self.computed.shape[:2], self.num_kv_blocks), np.int8)

@@ -3,6 +3,8 @@
 * Banded masks (see :mod:`attncc.analysis.bands`): each band's bounds are evaluated once per query row
   and reduced per q-block, O(Sq) time and O(number of q-blocks) memory; no (q, kv) pair is ever
   evaluated, so a 1M-token causal map takes milliseconds.
+* Block-index lists (``InBlocks(...) & rest``, :func:`attncc.block_indices`): the listed tiles are the
+  only candidates; ``rest`` is classified on them alone, O(list size), and the map is kept sparse.
 * Other masks: every tile is classified at once by three-valued interval analysis
   (:mod:`attncc.ir.boxeval`), O(number of tiles). Tiles the analysis cannot decide are split in
   halves and re-analysed, a bounded number of times; what is still undecided is marked partial
@@ -43,6 +45,7 @@ class Recipe:
     per_head: bool
     per_batch: bool
     constants: dict[str, TensorRanges]
+    listed: tuple[X.InBlocks, sympy.Basic] | None = None  # mask == InBlocks(...) & rest, contiguous blocks
 
 
 _FIND = object()
@@ -61,7 +64,18 @@ def recipe(mask: sympy.Basic, constants: Mapping[str, np.ndarray] | None = None,
         _depends(mask, X.h),
         per_batch,
         {n: TensorRanges(v) for n, v in consts.items()},
+        _listed(mask),
     )
+
+
+def _listed(mask: sympy.Basic) -> tuple[X.InBlocks, sympy.Basic] | None:
+    """(the block list, the rest) when the mask is a block list of contiguous blocks AND'ed with the rest."""
+    terms = list(mask.args) if isinstance(mask, sympy.And) else [mask]
+    for term in terms:
+        if isinstance(term, X.InBlocks) and term.blocks is not None:
+            rest = sympy.And(*(t for t in terms if t is not term))
+            return term, rest
+    return None
 
 
 def build(
@@ -78,12 +92,61 @@ def build(
     bm = batch if rec.per_batch else 1
     tables = {**rec.constants, **{n: TensorRanges(np.asarray(v)) for n, v in (tensors or {}).items()}}
     sizes = {X.Sq: Box.point(q_len), X.Skv: Box.point(kv_len), X.H: Box.point(num_heads), X.B: Box.point(batch)}
+    given = tensors or {}
+    if rec.listed is not None and rec.listed[0].blocks == block and rec.listed[0].tensor in given:
+        lists = np.asarray(given[rec.listed[0].tensor])
+        return _from_list(rec, q_len, kv_len, block, num_heads, batch, lists, tables, sizes)
+    if rec.listed is not None:
+        log.info("block map of %s: tiles %s differ from the list's blocks %s; classifying every tile",
+                 rec.listed[0].tensor, block, rec.listed[0].blocks)  # fmt: skip
     if rec.bands is not None:
         comp, full = _banded(list(rec.bands), q_len, kv_len, block, hm, tables, sizes)
         both, map_of = _dedupe(np.stack([comp, full], 1).reshape(1, hm, 2, *comp.shape[1:]))
         return BlockMap.banded(block, q_len, kv_len, both[:, 0], both[:, 1], map_of)
     state, map_of = _dedupe(classify(rec.mask, q_len, kv_len, block, hm, bm, tables, sizes))
     return BlockMap.listed(block, q_len, kv_len, state, map_of)
+
+
+def _from_list(
+    rec: Recipe,
+    q_len: int,
+    kv_len: int,
+    block: tuple[int, int],
+    num_heads: int,
+    batch: int,
+    lists: np.ndarray,
+    tables: Mapping[str, TensorRanges],
+    sizes: Env,
+) -> BlockMap:
+    """The sparse map of ``InBlocks & rest``: each listed tile, classified by ``rest`` alone."""
+    assert rec.listed is not None
+    _, rest = rec.listed
+    nq, nkv = -(-q_len // block[0]), -(-kv_len // block[1])
+    hm = num_heads if lists.shape[1] > 1 or _depends(rest, X.h) else 1
+    bm = batch if lists.shape[0] > 1 or _depends(rest, X.b) else 1
+    rows = np.broadcast_to(lists[:, :, :nq], (bm, hm, nq, lists.shape[3]))
+    bb, hh, qb, slot = np.nonzero((rows >= 0) & (rows < nkv))
+    kb = rows[bb, hh, qb, slot].astype(np.int64)
+    order = np.lexsort((kb, qb, hh, bb))
+    bb, hh, qb, kb = bb[order], hh[order], qb[order], kb[order]
+    if rest is sympy.true:
+        cell = np.full(kb.size, FULL, np.int8)
+    else:
+        q0, k0 = qb * block[0], kb * block[1]
+        q1, k1 = np.minimum(q0 + block[0], q_len) - 1.0, np.minimum(k0 + block[1], kv_len) - 1.0
+        env = _tile_env(sizes, q0.astype(np.float64), q1, k0.astype(np.float64), k1, hh.astype(np.float64),
+                        bb.astype(np.float64))  # fmt: skip
+        may_t, may_f = (np.broadcast_to(a, kb.shape) for a in evaluate(rest, env, tables))
+        cell = np.where(~may_t, EMPTY, np.where(~may_f, FULL, PARTIAL)).astype(np.int8)
+        undecided = np.flatnonzero(may_t & may_f)
+        if undecided.size:
+            flat = np.ravel_multi_index((bb[undecided], hh[undecided], qb[undecided], kb[undecided]), (bm, hm, nq, nkv))
+            cell[undecided] = _refine(rest, flat, (bm, hm, nq, nkv), block, q_len, kv_len, tables, sizes)
+    kept = cell != EMPTY
+    rows_of = (bb * hm + hh)[kept] * nq + qb[kept]
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(rows_of, minlength=bm * hm * nq))]).astype(np.int64)
+    map_of = np.arange(bm * hm, dtype=np.int64).reshape(bm, hm)
+    return BlockMap.sparse(block, q_len, kv_len, ptr, kb[kept].astype(np.int32), cell[kept], map_of)
 
 
 def _dedupe(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,129 @@
+"""Data-dependent sparsity against an independent float64 oracle: block-index lists, routed blocks and
+runtime head tables, on the cpu and triton targets (triton under the interpreter), forward and backward.
+
+The oracle builds its masks here from the definitions in DESIGN.md with Python loops and its own top-k;
+nothing below uses attncc's expressions or selection code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attncc as ac
+from tests.numerics import oracle
+
+TARGETS = ["cpu", "triton"]
+
+
+def random_lists(B: int, H: int, nq: int, nkv: int, K: int, gen: torch.Generator) -> torch.Tensor:
+    """Distinct kv blocks per row, a random number of them, padded with -1 (some rows empty)."""
+    out = torch.full((B, H, nq, K), -1, dtype=torch.int64)
+    for idx in range(B * H * nq):
+        b, rem = divmod(idx, H * nq)
+        h, r = divmod(rem, nq)
+        n = int(torch.randint(0, K + 1, (1,), generator=gen))
+        out[b, h, r, :n] = torch.randperm(nkv, generator=gen)[: min(n, nkv)]
+    return out
+
+
+def listed(lists: torch.Tensor, bq: int, bkv: int) -> oracle.MaskFn:
+    def fn(b: int, h: int, i: int, j: int) -> bool:
+        row = lists[b if lists.shape[0] > 1 else 0, h if lists.shape[1] > 1 else 0, i // bq]
+        return (j // bkv) in row.tolist()
+
+    return fn
+
+
+def check(kern: ac.Kernel, keep: torch.Tensor, shapes: tuple[int, ...], groups: int = 1, **tensors: torch.Tensor):
+    """Forward o and lse and the q, k, v gradients against the oracle, float32 inputs."""
+    B, H, Sq, Skv, D = shapes
+    q = torch.randn(B, H, Sq, D, dtype=torch.float64)
+    k, v = (torch.randn(B, H // groups, Skv, D, dtype=torch.float64) for _ in range(2))
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    o, lse = kern(*leaves, return_lse=True, **tensors)
+    oracle_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    want, want_lse = oracle.attention(*oracle_in, keep, 1 / math.sqrt(D))
+    torch.testing.assert_close(o.double(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=1e-4)
+    assert not o.isnan().any()
+    grad = torch.randn_like(want)
+    (o.double() * grad).sum().backward()
+    (want * grad).sum().backward()
+    for got, ref in zip(leaves, oracle_in, strict=True):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=1e-3)
+    return o
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_indices_fwd_bwd(target: str, causal: bool) -> None:
+    B, H, Hkv, Sq, Skv, D, blk = 2, 4, 2, 45, 77, 16, 16
+    gen = torch.Generator().manual_seed(1)
+    lists = random_lists(B, H, -(-Sq // blk), -(-Skv // blk), 3, gen)
+    mask = ac.block_indices(ac.tensor("kv_blocks"), blk)
+    fn = listed(lists, blk, blk)
+    if causal:
+        mask = mask & ac.causal()
+        fn = (lambda f: lambda b, h, i, j: f(b, h, i, j) and j <= i)(fn)
+    kern = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=mask), target=target)
+    assert kern.plan.tiles == (blk, blk)
+    keep = oracle.dense(fn, B, H, Sq, Skv)
+    o = check(kern, keep, (B, H, Sq, Skv, D), groups=H // Hkv, kv_blocks=lists)
+    empty = ~keep.any(-1)
+    assert empty.any() and (o[empty] == 0).all()  # query rows with no listed block: zeros, never NaN
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_block_indices_shared_rows_and_union(target: str) -> None:
+    """A list shared by every batch and head ([1, 1, nq, K]) OR'ed with a window: the map is classified
+    tile by tile (not the list's fast path) and still exact."""
+    B, H, Sq, Skv, D, blk = 2, 2, 48, 48, 16, 16
+    lists = torch.tensor([[[[0, -1], [2, -1], [-1, -1]]]])
+    mask = ac.block_indices(ac.tensor("kv_blocks"), blk) | ac.sliding_window(2)
+    kern = ac.compile(ac.AttentionSpec(num_heads=H, head_dim=D, mask=mask), target=target)
+    fn = listed(lists, blk, blk)
+    keep = oracle.dense(lambda b, h, i, j: fn(b, h, i, j) or i - 2 <= j <= i, B, H, Sq, Skv)
+    check(kern, keep, (B, H, Sq, Skv, D), kv_blocks=lists)
+
+
+def test_block_map_read_from_the_list() -> None:
+    """The map of a list has exactly the listed tiles (causal: diagonal ones partial), stored sparse."""
+    blk, n = 64, 4096
+    nq = n // blk
+    gen = torch.Generator().manual_seed(2)
+    lists = torch.stack([torch.randperm(qb + 1, generator=gen)[:8].sort().values for qb in range(8, nq)])
+    lists = torch.cat([torch.full((8, 8), -1), lists]).view(1, 1, nq, 8)
+    lists[0, 0, :8, 0] = torch.arange(8)
+    spec = ac.AttentionSpec(num_heads=4, head_dim=64, mask=ac.block_indices(ac.tensor("kv_blocks"), blk) & ac.causal())
+    bm = ac.compile(spec, target="cpu").block_map(n, n, kv_blocks=lists)
+    assert bm.kind == "sparse" and bm.num_maps == 1
+    listed_tiles = int((lists >= 0).sum())
+    diagonal = int((lists[0, 0] == torch.arange(nq)[:, None]).sum())
+    assert (bm.num_computed_blocks, bm.num_partial_blocks) == (listed_tiles, diagonal)
+    dense = torch.zeros(nq, nq, dtype=torch.bool)
+    for qb in range(nq):
+        dense[qb, lists[0, 0, qb][lists[0, 0, qb] >= 0]] = True
+    assert torch.equal(bm.to_dense()[0], dense)
+
+
+@pytest.mark.parametrize(
+    ("lists", "message"),
+    [
+        (torch.tensor([[[[0, 0], [1, -1]]]]), "repeats a kv block in row"),
+        (torch.tensor([[[[0, 2], [1, -1]]]]), "entries must lie in \\[-1, 2\\)"),
+        (torch.tensor([[[[0, -2], [1, -1]]]]), "holds -2"),
+        (torch.tensor([[[[0, -1]]]]), "must be \\[1 or 1, 2 or 1, 2, K\\]"),
+        (torch.ones(1, 1, 2, 2, dtype=torch.bool), "is bool"),
+        (torch.ones(1, 1, 2, 2), "dtype torch.float32"),
+    ],
+)
+def test_bad_block_lists_are_named(lists: torch.Tensor, message: str) -> None:
+    kern = ac.compile(
+        ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.block_indices(ac.tensor("kv_blocks"), 16)), target="cpu"
+    )
+    x = torch.randn(1, 2, 32, 16)
+    with pytest.raises(ac.SpecError, match=message):
+        kern(x, x, x, kv_blocks=lists)
