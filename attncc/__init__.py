@@ -50,6 +50,7 @@ from attncc.masks import (
 )
 from attncc.mods import alibi, chain, relative_bias, softcap
 from attncc.neighborhood import neighborhood
+from attncc.routing import route_blocks
 from attncc.sharding import ShardPlan, shard_heads
 from attncc.spec import AttentionSpec, TensorDecl
 
@@ -94,6 +95,7 @@ __all__ = [
     "q",
     "relative_bias",
     "release_workspace",
+    "route_blocks",
     "score",
     "shard_heads",
     "sinks",

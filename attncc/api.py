@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from attncc import config, dump, rope
+from attncc import config, dump, rope, routing
 from attncc.analysis import tiling
 from attncc.analysis.blockmap import BlockMap
 from attncc.analysis.costmodel import representative_length
@@ -127,12 +127,15 @@ class Kernel:
             self.spec.rope, tensors, shape.batch, shape.q_len, shape.kv_len, self.spec.head_dim, q.device
         )
         bound = check_tensors(self.spec, shape, tensors, q.device)
+        if self.plan.selects:  # kv-block lists chosen from this call's q and k (attn.select), then attention
+            selected = self._select(q, k)
+            bound, tensors = {**bound, **selected}, {**tensors, **selected}
         if shape.batch == 0:  # empty in, empty out (as torch), still connected to q, k, v for autograd
             link = (q.sum() + k.sum() + v.sum()) * 0
             o = q.new_zeros((*q.shape[:-1], v.shape[-1])) + link
             lse = torch.zeros(q.shape[:-1], dtype=torch.float32, device=q.device) + link.float()
             return (o, lse) if return_lse else o
-        if self.spec.runtime_tensors():
+        if self.spec.runtime_tensors() or self.plan.selects:
             self._remember(shape, tensors)
         name = "triton" if self.target == "triton" or (self.auto and q.device.type == "cuda") else self.target
         call = Call(q, k, v, shape, bound, tables, functools.partial(self._lists_for, shape, bound), self._static(),
@@ -144,6 +147,11 @@ class Kernel:
             exe = self.executable("reference")
         o, lse = exe.run(call)
         return (o, lse) if return_lse else o
+
+    def _select(self, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The kv-block lists of the plan's ``attn.select`` ops for this q and k (not differentiable)."""
+        routes = dict(self.spec.selectors)
+        return {t.tensor: routing.select(routes[t.tensor], q.detach(), k.detach()) for t in self.plan.selects}
 
     def _remember(self, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:
         """Keep this call's lengths and runtime tensors for dump(); draw a pending ATTNCC_DUMP_DIR map."""
@@ -166,15 +174,32 @@ class Kernel:
         return ref(q, k, v, with_rope(tensors, tables), True)  # type: ignore[operator, no-any-return]
 
     def block_map(
-        self, q_len: int, kv_len: int, batch: int = 1, block: tuple[int, int] | None = None, **tensors: torch.Tensor
+        self,
+        q_len: int,
+        kv_len: int,
+        batch: int = 1,
+        block: tuple[int, int] | None = None,
+        q: torch.Tensor | None = None,
+        k: torch.Tensor | None = None,
+        **tensors: torch.Tensor,
     ) -> BlockMap:
         """The tile map at these lengths (runtime tensors by keyword, as for a call; rope tables,
-        which do not change the map, are accepted and ignored)."""
+        which do not change the map, are accepted and ignored). A routed mask selects its blocks from
+        ``q`` and ``k`` (give them, or its selected list by name)."""
         tensors = {n: t for n, t in tensors.items() if n not in rope.NAMES}
+        missing = [t.tensor for t in self.plan.selects if t.tensor not in tensors]
+        if missing and (q is None or k is None):
+            raise SpecError(f"the map of this routed mask depends on q and k: pass block_map(..., q=q, k=k) "
+                            f"or the selected list(s) {missing} by name")  # fmt: skip
+        if missing:
+            assert q is not None and k is not None
+            tensors.update({n: t for n, t in self._select(q, k).items() if n in missing})
+        selected = {t.tensor: tensors.pop(t.tensor) for t in self.plan.selects}
         shape = CallShape(batch, q_len, kv_len)
         check_requires(self.spec, shape)
         mask_names = set(X.tensor_refs(self.spec.mask))  # the score mod's tensors do not change the map
         bound = check_tensors(self.spec, shape, tensors, torch.device("cpu"), mask_names) if self.spec.tensors else {}
+        bound.update({n: t.cpu() for n, t in selected.items()})
         return self._map(shape, {n: t for n, t in bound.items() if n in mask_names}, block)
 
     @property

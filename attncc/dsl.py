@@ -36,11 +36,13 @@ class Meta:
     requires: (condition over B, H, Sq, Skv, message) pairs checked at call time.
     tables: constant tables by name (per-head parameters).
     dtypes: declared dtype ("int" | "float" | "bool") of runtime tensors by name.
+    selectors: kv-block lists the spec computes from q and k (:class:`attncc.routing.Route`) by name.
     """
 
     requires: tuple[tuple[sympy.Basic, str], ...] = ()
     tables: tuple[tuple[str, tuple[float, ...]], ...] = ()
     dtypes: tuple[tuple[str, str], ...] = ()
+    selectors: tuple[tuple[str, Any], ...] = ()
 
     def merge(self, other: Meta) -> Meta:
         if self is other or other == EMPTY:
@@ -51,6 +53,7 @@ class Meta:
             requires=_union(self.requires, other.requires),
             tables=_union_named(self.tables, other.tables, "per-head table"),
             dtypes=_union_named(self.dtypes, other.dtypes, "tensor"),
+            selectors=_union_named(self.selectors, other.selectors, "routed block list"),
         )
 
 

@@ -36,6 +36,7 @@ from attncc.ir.ops import (
     RopeOp,
     ScaleOp,
     ScoreModOp,
+    SelectOp,
     SoftmaxOp,
     TensorOp,
 )
@@ -68,8 +69,15 @@ def spec_to_ir(spec: AttentionSpec) -> Graph:
     k = Value("k", (X.B, hkv, X.Skv, d))
     v = Value("v", (X.B, hkv, X.Skv, d))
     ops: list[Op] = [InputOp(q, "q"), InputOp(k, "k"), InputOp(v, "v")]
+    routes = dict(spec.selectors)
     for t in spec.tensors:
-        ops.append(TensorOp(Value(t.name), t.name, t.ndim, t.dtype, t.values))
+        if t.name in routes:  # a kv-block list the graph selects from q and k
+            r = routes[t.name]
+            ops.append(SelectOp(Value(t.name), t.name, t.ndim, t.dtype, t.values, q=q, k=k, top_k=r.top_k,
+                                block=r.block, grid=r.grid, pool=r.pool, causal=int(r.causal),
+                                include_self=int(r.include_self)))  # fmt: skip
+        else:
+            ops.append(TensorOp(Value(t.name), t.name, t.ndim, t.dtype, t.values))
     if spec.rope:
         q, k = Value("q1", q.shape), Value("k1", k.shape)
         ops += [RopeOp(q, ops[0].result), RopeOp(k, ops[1].result)]  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ from attncc.analysis.blockmap import FULL, BlockMap
 from attncc.errors import LoweringError
 from attncc.ir.core import Graph
 from attncc.ir.exprs import InBlocks, expr_str, score
-from attncc.ir.ops import AttentionOp, HeadShardOp, InputOp, LinearOp, RopeOp, TensorOp, TiledOp
+from attncc.ir.ops import AttentionOp, HeadShardOp, InputOp, LinearOp, RopeOp, SelectOp, TensorOp, TiledOp
 
 log = logging.getLogger("attncc.plan")
 
@@ -96,6 +96,11 @@ class KernelPlan:
     def static(self) -> bool:
         """True when the tile lists depend on the lengths only (no runtime tensors)."""
         return not any(not t.values for t in self.tensors)
+
+    @property
+    def selects(self) -> tuple[SelectOp, ...]:
+        """The kv-block lists the call selects from q and k before the kernel runs (``attn.select``)."""
+        return tuple(t for t in self.tensors if isinstance(t, SelectOp))
 
     @property
     def block_lists(self) -> frozenset[str]:
@@ -153,6 +158,12 @@ class KernelPlan:
             role = (
                 "constant" if t.values else "learned: gradient returned" if t.tensor in self.grad_tables else "runtime"
             )
+            if isinstance(t, SelectOp):
+                how = (
+                    f"regions {list(t.block)} of grid {list(t.grid)}" if t.grid else f"{t.block[0]}x{t.block[1]} blocks"
+                )
+                extra = (", causal" if t.causal else "") + (", own block kept" if t.include_self else "")
+                role = f"selected from q, k: top {t.top_k} {how} by {t.pool}-pooled affinity{extra}"
             described.append(f"{t.tensor}: {t.dtype} {t.ndim}-d ({role})")
         lines += [
             f"  mask        {expr_str(self.mask)}",

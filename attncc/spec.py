@@ -74,6 +74,7 @@ class AttentionSpec:
     requires: tuple[tuple[sympy.Basic, str], ...] = field(default=(), init=False)
     captured: dict[str, torch.Tensor] = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
     bindings: tuple[tuple[str, int], ...] = field(default=(), init=False, repr=False)
+    selectors: tuple[tuple[str, Any], ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_int(self.num_heads, "num_heads")
@@ -106,6 +107,7 @@ class AttentionSpec:
         set_(self, "score_mod", mod)
         set_(self, "tensors", _declare(mask, mod, meta, self.num_heads))
         set_(self, "requires", meta.requires)
+        set_(self, "selectors", meta.selectors)
         captured = _merge_captured(mcap, scap)
         set_(self, "captured", captured)
         set_(self, "bindings", tuple(sorted((n, id(t)) for n, t in captured.items())))
@@ -117,7 +119,8 @@ class AttentionSpec:
 
     def runtime_tensors(self) -> list[TensorDecl]:
         """Tensors to pass at call time (constant tables and captured tensors excluded)."""
-        return [t for t in self.tensors if not t.values and t.name not in self.captured]
+        selected = dict(self.selectors)
+        return [t for t in self.tensors if not t.values and t.name not in self.captured and t.name not in selected]
 
 
 def _merge_captured(mask: dict[str, torch.Tensor], mod: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@ and result::
 
     %x  = attn.input {arg: str}                                          : [B, H, S, D]   q, k or v
     %t  = attn.tensor {tensor: str, ndim: int, dtype: str, values: floats}               runtime tensor / table
+    %t  = attn.select %q, %k {<attn.tensor's>, top_k: int, block: ints, grid: ints, pool: str, causal: int,
+                              include_self: int}                                    kv-block lists chosen from q, k
     %x1 = attn.rope %x                                                   : shape of %x
     %s  = attn.qk %q, %k {groups: int}                                   : [B, Hq, Sq, Skv]
     %s1 = attn.scale %s {factor: float}                                  : shape of %s
@@ -95,6 +97,50 @@ class TensorOp(Op):
             raise self.fail(f"tensor {self.tensor!r} must have ndim >= 1")
         if self.values and self.ndim != 1:
             raise self.fail(f"constant table {self.tensor!r} must be 1-d")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SelectOp(TensorOp):
+    """%sel = attn.select %q, %k {tensor = "sel", ndim = 4, dtype = "int", values = [], top_k = 8,
+                                   block = [64, 64], grid = [], pool = "mean", causal = 0, include_self = 1}
+
+    A runtime tensor the graph computes: per (batch, query head, query block), the ``top_k`` kv blocks of
+    highest pooled affinity ``mean(q rows of the block) . mean(k rows of the kv block)`` as an int list
+    ``[B, Hq, query blocks, top_k]`` (-1 pads), which the mask reads with ``InBlocks``. ``grid``: blocks are
+    ``block``-sized regions of a row-major token grid instead of runs of tokens; ``causal``: only kv blocks
+    up to the query block compete; ``include_self``: the query's own block is always kept (one of the
+    top_k). Not differentiable: gradients flow through the attention on the kept blocks.
+    """
+
+    name: ClassVar[str] = "attn.select"
+    operands: ClassVar[tuple[str, ...]] = ("q", "k")
+    attrs: ClassVar[dict[str, Attr]] = {
+        **TensorOp.attrs,
+        "top_k": INT,
+        "block": INTS,
+        "grid": INTS,
+        "pool": STR,
+        "causal": INT,
+        "include_self": INT,
+    }
+    q: Value
+    k: Value
+    top_k: int
+    block: tuple[int, ...]
+    grid: tuple[int, ...] = ()
+    pool: str = "mean"
+    causal: int = 0
+    include_self: int = 1
+
+    def verify(self) -> None:
+        if (self.ndim, self.dtype) != (4, "int"):
+            raise self.fail(f"{self.tensor!r} is a kv-block list: ndim 4, dtype int, got {self.ndim}, {self.dtype}")
+        if self.top_k < 1:
+            raise self.fail(f"top_k must be >= 1, got {self.top_k}")
+        if self.pool != "mean":
+            raise self.fail(f"pool must be 'mean', got {self.pool!r}")
+        if len(self.block) != max(2 if not self.grid else len(self.grid), 1) or min(self.block) < 1:
+            raise self.fail(f"block {list(self.block)} must give one positive size per axis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +434,7 @@ OPS: dict[str, type[Op]] = {
     for cls in (
         InputOp,
         TensorOp,
+        SelectOp,
         RopeOp,
         QKOp,
         ScaleOp,

@@ -8,6 +8,7 @@ nothing below uses attncc's expressions or selection code.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import attncc as ac
 from tests.numerics import oracle
 
 TARGETS = ["cpu", "triton"]
+Keep = torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def random_lists(B: int, H: int, nq: int, nkv: int, K: int, gen: torch.Generator) -> torch.Tensor:
@@ -37,11 +39,13 @@ def listed(lists: torch.Tensor, bq: int, bkv: int) -> oracle.MaskFn:
     return fn
 
 
-def check(kern: ac.Kernel, keep: torch.Tensor, shapes: tuple[int, ...], groups: int = 1, **tensors: torch.Tensor):
-    """Forward o and lse and the q, k, v gradients against the oracle, float32 inputs."""
+def check(kern: ac.Kernel, keep: Keep, shapes: tuple[int, ...], groups: int = 1, **tensors: torch.Tensor):
+    """Forward o and lse and the q, k, v gradients against the oracle, float32 inputs; ``keep`` is the
+    oracle's mask, or a function of q and k that selects it."""
     B, H, Sq, Skv, D = shapes
-    q = torch.randn(B, H, Sq, D, dtype=torch.float64)
-    k, v = (torch.randn(B, H // groups, Skv, D, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(B, H, Sq, D, dtype=torch.float64).float().double()  # values float32 holds exactly
+    k, v = (torch.randn(B, H // groups, Skv, D, dtype=torch.float64).float().double() for _ in range(2))
+    keep = keep(q, k) if callable(keep) else keep
     leaves = [t.float().requires_grad_() for t in (q, k, v)]
     o, lse = kern(*leaves, return_lse=True, **tensors)
     oracle_in = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -127,3 +131,77 @@ def test_bad_block_lists_are_named(lists: torch.Tensor, message: str) -> None:
     x = torch.randn(1, 2, 32, 16)
     with pytest.raises(ac.SpecError, match=message):
         kern(x, x, x, kv_blocks=lists)
+
+
+# ---- routed blocks: the oracle selects by itself -------------------------------------------------
+def grid_region(grid: tuple[int, int], block: tuple[int, int]) -> Callable[[int], int]:
+    per_row = -(-grid[1] // block[1])
+    return lambda t: (t // grid[1] // block[0]) * per_row + (t % grid[1]) // block[1]
+
+
+def routed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    top_k: int,
+    region_q: Callable[[int], int],
+    region_k: Callable[[int], int],
+    causal: bool,
+    include_self: bool,
+) -> torch.Tensor:
+    """The oracle's routed mask: its own pooling (Python sums per region) and its own ranking."""
+    B, H, Sq, _ = q.shape
+    Skv, groups = k.shape[2], H // k.shape[1]
+    rq, rk = [region_q(i) for i in range(Sq)], [region_k(j) for j in range(Skv)]
+
+    def pooled(x: torch.Tensor, regions: list[int]) -> list[torch.Tensor]:
+        return [x[[t for t, r in enumerate(regions) if r == n]].mean(0) for n in range(max(regions) + 1)]
+
+    keep = torch.zeros(B, H, Sq, Skv, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            pq, pk = pooled(q[b, h], rq), pooled(k[b, h // groups], rk)
+            for qb, a in enumerate(pq):
+                ranked = [(math.inf if include_self and kb == qb else float(a @ c), kb) for kb, c in enumerate(pk)]
+                ranked = sorted(x for x in ranked if not (causal and x[1] > qb))[::-1][:top_k]
+                chosen = {kb for _, kb in ranked}
+                for i in (i for i in range(Sq) if rq[i] == qb):
+                    for j in range(Skv):
+                        keep[b, h, i, j] = rk[j] in chosen and (not causal or j <= i)
+    return keep
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_route_blocks_1d(target: str, causal: bool) -> None:
+    """GQA, odd lengths, Sq != Skv, the last blocks short."""
+    B, H, Hkv, Sq, Skv, D, blk, top_k = 2, 4, 2, 61, 83, 16, 16, 2
+    spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D,
+                            mask=ac.route_blocks(top_k, blk, causal=causal))  # fmt: skip
+    kern = ac.compile(spec, target=target)
+    region = lambda t: t // blk
+    check(kern, lambda q, k: routed(q, k, top_k, region, region, causal, True), (B, H, Sq, Skv, D), groups=H // Hkv)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_route_blocks_on_a_grid(target: str) -> None:
+    """BiFormer: 2-d regions of a 6 x 10 token grid (the last region column is short), no own block forced."""
+    grid, block, top_k, D = (6, 10), (3, 4), 2, 16
+    spec = ac.AttentionSpec(num_heads=2, head_dim=D,
+                            mask=ac.route_blocks(top_k, block, grid=grid, include_self=False))  # fmt: skip
+    kern = ac.compile(spec, target=target)
+    region = grid_region(grid, block)
+    n = grid[0] * grid[1]
+    check(kern, lambda q, k: routed(q, k, top_k, region, region, False, False), (1, 2, n, n, D))
+
+
+def test_routed_map_and_ir() -> None:
+    """The selection is an attn.select op in the IR; the map it selects has top_k tiles per query block."""
+    spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.route_blocks(3, 32))
+    kern = ac.compile(spec, target="cpu")
+    assert "attn.select %q, %k" in kern.ir and "top_k = 3" in kern.ir
+    q, k = torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
+    bm = kern.block_map(256, 256, q=q, k=k)
+    assert bm.kind == "sparse" and (bm.num_computed_blocks, bm.num_full_blocks) == (2 * 8 * 3, 2 * 8 * 3)
+    assert (bm.to_dense().sum(-1) == 3).all() and bm.to_dense().diagonal(dim1=1, dim2=2).all()
+    with pytest.raises(ac.SpecError, match="depends on q and k"):
+        kern.block_map(256, 256)
