@@ -82,7 +82,7 @@ def spec_to_ir(spec: AttentionSpec) -> Graph:
         q, k = Value("q1", q.shape), Value("k1", k.shape)
         ops += [RopeOp(q, ops[0].result), RopeOp(k, ops[1].result)]  # type: ignore[arg-type]
     scores = Value("s", (X.B, hq, X.Sq, X.Skv))
-    ops.append(QKOp(scores, q, k, spec.groups))
+    ops.append(QKOp(scores, q, k, spec.groups, spec.head_table))
     n = 1
 
     def next_scores() -> Value:
@@ -101,7 +101,7 @@ def spec_to_ir(spec: AttentionSpec) -> Graph:
         ops.append(MaskOp(cur, prev, spec.mask))
     probs = Value("p", scores.shape)
     out = Value("o", (X.B, hq, X.Sq, d))
-    ops += [SoftmaxOp(probs, cur), PVOp(out, probs, v, spec.groups), ReturnOp(None, out)]
+    ops += [SoftmaxOp(probs, cur), PVOp(out, probs, v, spec.groups, spec.head_table), ReturnOp(None, out)]
     return Graph(spec.name, tuple(ops))
 
 

@@ -86,11 +86,13 @@ class KernelPlan:
     table_derivatives: tuple[tuple[str, tuple[tuple[sympy.Indexed, sympy.Expr], ...]], ...]
     rope: bool
     owner: tuple[int, ...] | None  # rank of each query head (attn.head_shard), None: all on one device
+    head_table: str  # runtime int tensor naming each query head's kv head, "" for h // groups
     recipe: tiling.Recipe = field(compare=False, repr=False)
 
     @property
     def groups(self) -> int:
-        return self.num_heads // self.num_kv_heads
+        """Query heads per kv head (0: a head table assigns uneven groups)."""
+        return 0 if self.num_heads % self.num_kv_heads else self.num_heads // self.num_kv_heads
 
     @property
     def static(self) -> bool:
@@ -267,6 +269,7 @@ def lower(graph: Graph) -> KernelPlan:
         table_derivatives=tuple((n, tuple(table_derivatives(op, n))) for n in grads),
         rope=_has_rope(graph, op),
         owner=shards[0].owner if shards else None,  # type: ignore[attr-defined]
+        head_table=op.heads,
         recipe=rec,
     )
 
@@ -326,6 +329,23 @@ class TileLists:
             keep_base,
             int(counts.sum()),
         )
+
+
+def head_index(num_heads: int, num_kv_heads: int, table: torch.Tensor | None = None) -> np.ndarray:
+    """int64 [H + Hkv + 1 + H] as the cpu and triton kernels read it: the kv head of each query head (from
+    ``table``, else ``h // groups``), then per kv head the range (CSR) of its query heads, then those heads.
+
+    >>> head_index(4, 2).tolist()
+    [0, 0, 1, 1, 0, 2, 4, 0, 1, 2, 3]
+    >>> head_index(3, 2, torch.tensor([1, 0, 1])).tolist()
+    [1, 0, 1, 0, 1, 3, 1, 0, 2]
+    """
+    if table is None:
+        kv = np.arange(num_heads) // (num_heads // num_kv_heads)
+    else:
+        kv = table.detach().cpu().long().numpy().reshape(-1)
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(kv, minlength=num_kv_heads))])
+    return np.concatenate([kv, ptr, np.argsort(kv, kind="stable")]).astype(np.int64)
 
 
 def kernel_value(t: TensorOp, tensors: dict[str, torch.Tensor], device: torch.device | None = None) -> torch.Tensor:

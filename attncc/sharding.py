@@ -99,6 +99,11 @@ def shard_heads(
     """Place ``spec``'s query heads on ``world_size`` ranks so that their proven work is balanced (see the
     module docstring), partial tiles weighted by ``target``'s measured cost. Runtime tensors the mask reads
     are passed by name, as for a call."""
+    if spec.head_table:
+        raise SpecError(
+            f"shard_heads: the spec reads kv heads through the runtime table {spec.head_table!r}; which query heads "
+            "share a kv head is known only at call time, so whole groups cannot be placed; shard without kv_head_of"
+        )
     kern = compile_spec(spec, target="reference")
     bm = kern.block_map(q_len, kv_len or q_len, **runtime)
     costs = costmodel.head_costs(bm, spec.num_heads, target)

@@ -46,6 +46,9 @@ class AttentionSpec:
     scale: score scale, default ``1/sqrt(head_dim)``.
     rope: rotate q and k by RoPE tables passed at call time (``rope_cos``, ``rope_sin``; see
     :mod:`attncc.rope`); the kernels apply the rotation in their prologue.
+    kv_head_of: a runtime int tensor ``[num_heads]`` (``ac.tensor("kv_head_of")``): query head h reads kv
+    head ``kv_head_of[h]`` (dynamic grouping, KDGQA / DGQA; groups may be uneven), passed at call time;
+    without it query head h reads kv head ``h // (num_heads // num_kv_heads)``.
 
     After construction ``mask`` and ``score_mod`` hold sympy expressions (``true`` / ``score``
     when absent), ``tensors`` the runtime tensors they index and ``requires`` the length
@@ -70,6 +73,7 @@ class AttentionSpec:
     scale: float | None = None
     name: str = "attention"
     rope: bool = False
+    kv_head_of: Any = None
     tensors: tuple[TensorDecl, ...] = field(default=(), init=False)
     requires: tuple[tuple[sympy.Basic, str], ...] = field(default=(), init=False)
     captured: dict[str, torch.Tensor] = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
@@ -81,7 +85,8 @@ class AttentionSpec:
         _check_int(self.head_dim, "head_dim")
         kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
         _check_int(kv_heads, "num_kv_heads")
-        if self.num_heads % kv_heads:
+        head_table = _head_table(self.kv_head_of, kv_heads, self.num_heads)
+        if self.num_heads % kv_heads and head_table is None:
             raise SpecError(
                 f"num_heads={self.num_heads} is not divisible by num_kv_heads={kv_heads}; "
                 "each kv head must serve the same number of query heads"
@@ -105,7 +110,12 @@ class AttentionSpec:
         set_(self, "scale", float(scale))
         set_(self, "mask", mask)
         set_(self, "score_mod", mod)
-        set_(self, "tensors", _declare(mask, mod, meta, self.num_heads))
+        decls = _declare(mask, mod, meta, self.num_heads)
+        if head_table is not None:
+            if any(t.name == head_table for t in decls):
+                raise SpecError(f"kv_head_of tensor {head_table!r} is also read by the mask or score_mod; rename one")
+            decls = tuple(sorted((*decls, TensorDecl(head_table, "int", 1)), key=lambda t: t.name))
+        set_(self, "tensors", decls)
         set_(self, "requires", meta.requires)
         set_(self, "selectors", meta.selectors)
         captured = _merge_captured(mcap, scap)
@@ -114,8 +124,14 @@ class AttentionSpec:
 
     @property
     def groups(self) -> int:
-        """Query heads per kv head."""
-        return self.num_heads // int(self.num_kv_heads or self.num_heads)
+        """Query heads per kv head (0 when a head table assigns uneven groups)."""
+        kv = int(self.num_kv_heads or self.num_heads)
+        return 0 if self.num_heads % kv else self.num_heads // kv
+
+    @property
+    def head_table(self) -> str:
+        """Name of the runtime head table (``kv_head_of``), or "" when kv head = h // groups."""
+        return "" if self.kv_head_of is None else str(self.kv_head_of.name)
 
     def runtime_tensors(self) -> list[TensorDecl]:
         """Tensors to pass at call time (constant tables and captured tensors excluded)."""
@@ -129,6 +145,19 @@ def _merge_captured(mask: dict[str, torch.Tensor], mod: dict[str, torch.Tensor])
         if mask[name] is not mod[name]:
             raise SpecError(f"mask and score_mod capture two different tensors both named {name!r}; rename one of them")
     return {**mask, **mod}
+
+
+def _head_table(table: object, kv_heads: int, num_heads: int) -> str | None:
+    """The name of a ``kv_head_of`` table (validated), or None."""
+    from attncc.dsl import TensorRef
+
+    if table is None:
+        return None
+    if not isinstance(table, TensorRef):
+        raise SpecError(f"kv_head_of must be a tensor declared with ac.tensor(name), got {table!r}")
+    if table.dtype not in (None, "int"):
+        raise SpecError(f"kv_head_of tensor {table.name!r} holds kv-head numbers; declare it int, not {table.dtype}")
+    return table.name
 
 
 def _check_int(value: object, label: str) -> None:

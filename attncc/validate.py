@@ -120,7 +120,23 @@ def check_tensors(
             raise SpecError(f"runtime tensor {name!r} is on {t.device}, q is on {device}")
     _check_bounds(spec, shape, out)
     _check_block_lists(spec, shape, out)
+    if spec.head_table in out:
+        _check_head_table(spec, out[spec.head_table])
     return out
+
+
+def _check_head_table(spec: AttentionSpec, t: torch.Tensor) -> None:
+    """kv_head_of: int [num_heads], each entry a kv head in [0, num_kv_heads)."""
+    name, hkv = spec.head_table, int(spec.num_kv_heads or spec.num_heads)
+    if t.dtype == torch.bool or tuple(t.shape) != (spec.num_heads,):
+        raise SpecError(
+            f"kv_head_of tensor {name!r} must be int [{spec.num_heads}] (one kv head per query head), "
+            f"got {t.dtype} {tuple(t.shape)}"
+        )
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= hkv:
+        bad = lo if lo < 0 else hi
+        raise SpecError(f"kv_head_of tensor {name!r} names kv head {bad}; the spec has {hkv} (0 .. {hkv - 1})")
 
 
 def _check_block_lists(spec: AttentionSpec, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:

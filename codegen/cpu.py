@@ -23,7 +23,7 @@ from attncc.codegen.target import Call, Lazy
 from attncc.errors import LoweringError, SpecError
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp
-from attncc.plan import KernelPlan, RopeTables, TileLists, kernel_value, rope_tables
+from attncc.plan import KernelPlan, RopeTables, TileLists, head_index, kernel_value, rope_tables
 
 log = logging.getLogger("attncc.codegen.cpu")
 
@@ -189,11 +189,12 @@ class CpuKernel:
         from attncc.codegen import toolchain
 
         self.source = render(plan)
-        self.groups, self.scale = plan.groups, plan.scale
+        self.scale = plan.scale
         self.bq, self.bkv = plan.tiles
         self.tensors = list(plan.tensors)
         self.grad_tables = list(plan.grad_tables)  # float tables whose gradients it returns
         self.rope = plan.rope  # the runtime rotates q and k when it is given the tables
+        self.head_table = plan.head_table  # "" or the runtime tensor naming each query head's kv head
         self.runtime_source = render_runtime(plan.tiles)
         self.lib, self.path, self.spec_compiled_now = toolchain.load(self.source, plan.name)
         self.runtime, self.runtime_path, self.runtime_compiled_now = toolchain.load(
@@ -203,7 +204,7 @@ class CpuKernel:
         self.lib.attncc_hooks.restype = ctypes.c_void_p
         self.hooks = self.lib.attncc_hooks()  # the spec's score-mod code, called by the runtime
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
-        tail: list[Any] = [_P] * 9 + [ctypes.c_int, _I, ctypes.c_float, _P, _P, _I, _P]
+        tail: list[Any] = [_P] * 9 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, _I, _P]
         self.runtime.attncc_forward.argtypes = [_P] * 5 + common + tail + [_P]
         self.runtime.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P, ctypes.c_int, _P, _P, _I, _P]
         self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
@@ -307,6 +308,7 @@ class CpuKernel:
         tables: RopeTables = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, Sq, D = q.shape
+        heads = head_index(H, k.shape[1], tensors.get(self.head_table))
         Hkv, Skv = k.shape[1], k.shape[2]
         self._tell(D)
         packed = self._packed(k)
@@ -338,7 +340,7 @@ class CpuKernel:
             _ptr(dims),
             sgemm(),
             torch.get_num_threads(),
-            self.groups,
+            _ptr(heads),
             self.scale,
             *_rope_args(tables, self.rope),
             workspace(packed) if packed else None,
@@ -372,6 +374,7 @@ class CpuKernel:
         (tasks go to threads round-robin instead of dynamically; dk, dv and the forward always are)."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
+        heads = head_index(H, Hkv, tensors.get(self.head_table))
         threads = torch.get_num_threads()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         packed = 2 * self._packed(k)
@@ -411,7 +414,7 @@ class CpuKernel:
             _ptr(dims),
             sgemm(),
             threads,
-            self.groups,
+            _ptr(heads),
             self.scale,
             *_rope_args(tables, self.rope),
             work,

@@ -552,7 +552,7 @@ extern "C" int attncc_forward(
     const int32_t* map_of, int64_t maps_b, int64_t maps_h,
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
-    const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE,
+    const void* const* tensors, const int64_t* dims, void* sgemm, int threads, const int64_t* HEADS, float SCALE,
     const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, const void* hooks) {{
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const sgemm_t sg = (sgemm_t)sgemm;
@@ -577,7 +577,7 @@ extern "C" int attncc_forward(
     #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * H * nq; ++task) {{
       const int64_t qb = task % nq, h = (task / nq) % H, b = task / (nq * H);
-      const int64_t hk = h / GROUPS, q0 = qb * BQ;
+      const int64_t hk = HEADS[h], q0 = qb * BQ;  // HEADS: kv head of each query head, then per kv head its heads
       const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
       const float* qp = q + ((b * H + h) * Sq + q0) * D;
       if (ROPE) {{  // prologue: this task's query rows, rotated into a local tile
@@ -664,7 +664,7 @@ extern "C" int attncc_backward(
     const int32_t* map_of, int64_t maps_b, int64_t maps_h,
     const int32_t* q_ptr, const int32_t* q_idx, const uint8_t* q_full,
     const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
-    const void* const* tensors, const int64_t* dims, void* sgemm, int threads, int64_t GROUPS, float SCALE,
+    const void* const* tensors, const int64_t* dims, void* sgemm, int threads, const int64_t* HEADS, float SCALE,
     const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, float* pack, int deterministic,
     float* tgrad, const int64_t* tgrad_off, int64_t tgrad_total, const void* hooks) {{
   const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
@@ -732,8 +732,8 @@ extern "C" int attncc_backward(
       const int64_t packed = ((b * Hkv + hk) * skv_pad + k0) * D;  // this block's K and V panels
       fill(dk_acc.data(), BKV * D, 0.0f);
       fill(dv_acc.data(), BKV * D, 0.0f);
-      for (int g = 0; g < GROUPS; ++g) {{
-        const int64_t h = hk * GROUPS + g;
+      for (int64_t g = HEADS[H + hk]; g < HEADS[H + hk + 1]; ++g) {{  // the query heads reading kv head hk
+        const int64_t h = HEADS[H + Hkv + 1 + g];
         const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
         const int64_t row = (int64_t)map_of[pair] * nkv + kb;
         for (int32_t t = q_ptr[row], span; t < q_ptr[row + 1]; t += span) {{

@@ -51,7 +51,11 @@ def _grids(shape: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
-def _expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+def _expand_heads(
+    x: torch.Tensor, groups: int, heads: str = "", T: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    if heads:  # a runtime head table: query head h reads kv head T[heads][h]
+        return x.index_select(1, (T or {})[heads].long())
     return x.repeat_interleave(groups, dim=1)  # fine here: the interpreter is a test oracle
 
 
@@ -81,7 +85,7 @@ def _step(op: Op, env: dict[str, torch.Tensor], T: dict[str, torch.Tensor]) -> t
         cos, sin = ((t if t.dim() == 3 else t[None])[:, None, -n:] for t in (T["rope_cos"], T["rope_sin"]))
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
     if isinstance(op, QKOp):
-        return get("q") @ _expand_heads(get("k"), op.groups).transpose(-1, -2)
+        return get("q") @ _expand_heads(get("k"), op.groups, op.heads, T).transpose(-1, -2)
     if isinstance(op, ScaleOp):
         return get("scores") * op.factor
     if isinstance(op, ScoreModOp):
@@ -91,11 +95,11 @@ def _step(op: Op, env: dict[str, torch.Tensor], T: dict[str, torch.Tensor]) -> t
     if isinstance(op, SoftmaxOp):
         return _softmax(get("scores"))
     if isinstance(op, PVOp):
-        return get("probs") @ _expand_heads(get("v"), op.groups)
+        return get("probs") @ _expand_heads(get("v"), op.groups, op.heads, T)
     if isinstance(op, AttentionOp):
-        s = get("q") @ _expand_heads(get("k"), op.groups).transpose(-1, -2) * op.scale
+        s = get("q") @ _expand_heads(get("k"), op.groups, op.heads, T).transpose(-1, -2) * op.scale
         s = _masked(_apply(s, op.score_mod, T), op.mask, T)
-        return _softmax(s) @ _expand_heads(get("v"), op.groups)
+        return _softmax(s) @ _expand_heads(get("v"), op.groups, op.heads, T)
     raise UnsupportedError(f"the interpreter has no rule for {op.name}")
 
 

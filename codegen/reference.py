@@ -33,6 +33,7 @@ from attncc.codegen import helpers as H_
 
 SCALE = {scale!r}
 GROUPS = {groups}
+HEAD_TABLE = {head_table!r}  # runtime table naming each query head's kv head ("" for h // GROUPS)
 TABLES = {tables}
 
 
@@ -54,7 +55,11 @@ def forward(q, k, v, T, return_lse=False):
     T.update({{n: torch.tensor(vals, device=q.device, dtype=dtype if n in FLOAT_TABLES else torch.int64)
               for n, vals in TABLES.items()}})
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
-{rope_code}    qf = qf.view(B, Hkv, GROUPS, Sq, D)  # kv head = h // GROUPS, never copied
+{rope_code}    groups = GROUPS
+    if HEAD_TABLE:  # dynamic grouping: each query head's kv head gathered (the dense reference may copy)
+        kf, vf = (x.index_select(1, T[HEAD_TABLE].long()) for x in (kf, vf))
+        Hkv, groups = H, 1
+    qf = qf.view(B, Hkv, groups, Sq, D)  # kv head = h // GROUPS, never copied
     s = torch.einsum("bjgqd,bjkd->bjgqk", qf, kf).reshape(B, H, Sq, Skv) * SCALE
     ib = torch.arange(B, device=q.device).view(B, 1, 1, 1)
     ih = torch.arange(H, device=q.device).view(1, H, 1, 1)
@@ -69,7 +74,7 @@ def forward(q, k, v, T, return_lse=False):
     denom = p.sum(dim=-1, keepdim=True)
     visible = denom != 0  # a NaN score makes the row (and its lse) NaN, as in torch
     p = p / torch.where(visible, denom, torch.ones_like(denom))
-    o = torch.einsum("bjgqk,bjkd->bjgqd", p.view(B, Hkv, GROUPS, Sq, Skv), vf).reshape(B, H, Sq, -1)
+    o = torch.einsum("bjgqk,bjkd->bjgqd", p.view(B, Hkv, groups, Sq, Skv), vf).reshape(B, H, Sq, -1)
     o = o.to(q.dtype)
     if not return_lse:
         return o
@@ -111,6 +116,7 @@ def render(plan: KernelPlan) -> str:
         name=plan.name,
         scale=plan.scale,
         groups=plan.groups,
+        head_table=plan.head_table,
         tables=repr(tables),
         **plan.expression_holes(emit),
         rope_code=ROPE_CODE if plan.rope else "",

@@ -26,7 +26,7 @@ from attncc.codegen.triton_template import TEMPLATE
 from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp
-from attncc.plan import KernelPlan, TileLists, kernel_value, rope_tables
+from attncc.plan import KernelPlan, TileLists, head_index, kernel_value, rope_tables
 from attncc.rope import NAMES as ROPE_NAMES
 
 log = logging.getLogger("attncc.codegen.triton")
@@ -263,7 +263,7 @@ class TritonKernel:
             nkv,
             lists.map_of.shape[0],
             lists.map_of.shape[1],
-            self.plan.groups,
+            self._heads(H, k.shape[1], tensors, q.device),
             self.plan.scale,
             BANDED=bands > 0,
             BANDS=max(bands, 1),
@@ -271,6 +271,11 @@ class TritonKernel:
         )
         self._error(err)
         return o, lse
+
+    def _heads(self, num_heads: int, num_kv_heads: int, tensors: dict[str, torch.Tensor], device: torch.device) -> Any:
+        """The head index (:func:`attncc.plan.head_index`) on the kernels' device."""
+        table = tensors.get(self.plan.head_table) if self.plan.head_table else None
+        return torch.from_numpy(head_index(num_heads, num_kv_heads, table)).to(device)
 
     def backward(
         self,
@@ -297,7 +302,8 @@ class TritonKernel:
         nq, nkv = -(-Sq // self.bq), -(-Skv // self.bkv)
         args = self._tensor_args(tensors, q.device)
         shape = (B, H, Hkv, Sq, Skv)
-        maps = (lists.map_of.shape[0], lists.map_of.shape[1], self.plan.groups, self.plan.scale)
+        heads = self._heads(H, Hkv, tensors, q.device)
+        maps = (lists.map_of.shape[0], lists.map_of.shape[1], heads, self.plan.scale)
         want = {n: t for n, t in tensors.items() if t.requires_grad and n in self.grad_tables}
         table_grads = {
             n: torch.zeros(tuple(tensors[n].shape), dtype=torch.float32, device=q.device) for n in self.grad_tables

@@ -111,14 +111,14 @@ def _kv_range(qb, band: tl.constexpr, h, SQ, SKV, NKV{table_params}):
 {autotune}@triton.jit
 def attncc_fwd(Q, K, V, O, LSE, ERR, COS, SIN, ROPE_B, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_params},
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-               B, H, SQ, SKV, NQ, NKV, MAPS_B, MAPS_H, GROUPS, SCALE,
+               B, H, SQ, SKV, NQ, NKV, MAPS_B, MAPS_H, HEADS, SCALE,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_MOD: tl.constexpr, ROPE: tl.constexpr, BANDED: tl.constexpr, BANDS: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    hk = h // GROUPS
+    hk = tl.load(HEADS + h)  # HEADS: kv head of each query head, then per kv head its query heads
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -221,7 +221,7 @@ def _table_grads(d_mod, s, offs_m, offs_n, b, h, B, H, SQ, SKV, ERR{tensor_param
 @triton.jit
 def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, COS, SIN, ROPE_B,
                     MAP_OF, Q_PTR, Q_IDX, Q_FULL{tensor_params}{grad_params},
-                    B, H, HKV, SQ, SKV, NKV, MAPS_B, MAPS_H, GROUPS, SCALE,
+                    B, H, HKV, SQ, SKV, NKV, MAPS_B, MAPS_H, HEADS, SCALE,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_MOD: tl.constexpr, ROPE: tl.constexpr, TABLE_GRADS: tl.constexpr):
     kb = tl.program_id(0)
@@ -240,8 +240,8 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, COS, SIN, ROPE_B,
         k = _rope(k, K + (bhk * SKV + offs_n[:, None]) * D, nm, COS, SIN, tb + offs_n, offs_d, D).to(k.dtype)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(0, GROUPS):
-        h = hk * GROUPS + g
+    for g in range(tl.load(HEADS + H + hk), tl.load(HEADS + H + hk + 1)):  # the query heads reading kv head hk
+        h = tl.load(HEADS + H + HKV + 1 + g)
         pair = tl.where(MAPS_B > 1, b, 0) * MAPS_H + tl.where(MAPS_H > 1, h, 0)
         row = tl.load(MAP_OF + pair) * NKV + kb
         for t in range(tl.load(Q_PTR + row), tl.load(Q_PTR + row + 1)):
@@ -272,14 +272,14 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, COS, SIN, ROPE_B,
 @triton.jit
 def attncc_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, ERR, COS, SIN, ROPE_B,
                   MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_params},
-                  B, H, HKV, SQ, SKV, NQ, MAPS_B, MAPS_H, GROUPS, SCALE,
+                  B, H, HKV, SQ, SKV, NQ, MAPS_B, MAPS_H, HEADS, SCALE,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_MOD: tl.constexpr, ROPE: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    hk = h // GROUPS
+    hk = tl.load(HEADS + h)  # HEADS: kv head of each query head, then per kv head its query heads
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D

@@ -42,6 +42,7 @@ class Op:
     name: ClassVar[str] = ""
     operands: ClassVar[tuple[str, ...]] = ()
     attrs: ClassVar[dict[str, Attr]] = {}
+    optional: ClassVar[frozenset[str]] = frozenset()  # attributes printed only when not at their default
 
     result: Value | None
 

@@ -5,16 +5,17 @@ and result::
 
     %x  = attn.input {arg: str}                                          : [B, H, S, D]   q, k or v
     %t  = attn.tensor {tensor: str, ndim: int, dtype: str, values: floats}               runtime tensor / table
-    %t  = attn.select %q, %k {<attn.tensor's>, top_k: int, block: ints, grid: ints, pool: str, causal: int,
-                              include_self: int}                                    kv-block lists chosen from q, k
+    %t  = attn.select %q, %k {tensor: str, ndim: int, dtype: str, values: floats, top_k: int, block: ints,
+                              grid: ints, pool: str, causal: int, include_self: int}   kv-block lists from q, k
     %x1 = attn.rope %x                                                   : shape of %x
-    %s  = attn.qk %q, %k {groups: int}                                   : [B, Hq, Sq, Skv]
+    %s  = attn.qk %q, %k {groups: int, heads: str}                       : [B, Hq, Sq, Skv]
     %s1 = attn.scale %s {factor: float}                                  : shape of %s
     %s2 = attn.score_mod %s {expr: expr}                                 : shape of %s
     %s3 = attn.mask %s {pred: expr, form: str}                           : shape of %s
     %p  = attn.softmax %s                                                : shape of %s
-    %o  = attn.pv %p, %v {groups: int}                                   : [B, Hq, Sq, D]
-    %o  = attn.fused %q, %k, %v {groups: int, scale: float, score_mod: expr, mask: expr, form: str}
+    %o  = attn.pv %p, %v {groups: int, heads: str}                       : [B, Hq, Sq, D]
+    %o  = attn.fused %q, %k, %v {groups: int, scale: float, score_mod: expr, mask: expr, form: str,
+                                 heads: str}
                                                                          : [B, Hq, Sq, D]
     %o  = attn.tiled %q, %k, %v {<attn.fused's>, bq: int, bkv: int, layout: str,
                                  bands: bands, kv_blocks: bands, full_blocks: bands}  : [B, Hq, Sq, D]
@@ -22,6 +23,8 @@ and result::
                                   chunk: int}                            : [B, Hq, S, D]   phi in x
     %o1 = attn.head_shard %o {world: int, owner: ints}                   : shape of %o
           attn.return %o
+
+``heads`` (printed only when set) names a runtime int table: query head h reads kv head ``heads[h]``.
 
 Decomposed form (what front ends produce)::
 
@@ -53,7 +56,11 @@ def _check_expr(op: Op, label: str, expr: sympy.Basic, allowed: frozenset[sympy.
         raise op.fail(f"{label} {expr} uses unknown symbols {unknown}")
 
 
-def _check_groups(op: Op, groups: int, hq: sympy.Expr, hkv: sympy.Expr) -> None:
+def _check_groups(op: Op, groups: int, hq: sympy.Expr, hkv: sympy.Expr, heads: str = "") -> None:
+    if heads:  # a runtime head table says which kv head each query head reads; groups is not used
+        if groups < 0:
+            raise op.fail(f"groups must be >= 0, got {groups}")
+        return
     if groups < 1:
         raise op.fail(f"groups must be >= 1, got {groups}")
     if sympy.simplify(hkv * groups - hq) != 0:
@@ -169,20 +176,26 @@ class RopeOp(Op):
 
 @dataclass(frozen=True, slots=True)
 class QKOp(Op):
-    """%s = attn.qk %q, %k {groups = 1} : [B, Hq, Sq, Skv]   -- scores q.k (kv head = h // groups)"""
+    """%s = attn.qk %q, %k {groups = 1} : [B, Hq, Sq, Skv]   -- scores q.k (kv head = h // groups)
+
+    ``heads = "t"`` (printed only when set): query head h reads kv head ``t[h]`` of the runtime int table
+    ``t`` instead (dynamic grouping); ``groups`` is then unused.
+    """
 
     name: ClassVar[str] = "attn.qk"
     operands: ClassVar[tuple[str, ...]] = ("q", "k")
-    attrs: ClassVar[dict[str, Attr]] = {"groups": INT}
+    attrs: ClassVar[dict[str, Attr]] = {"groups": INT, "heads": STR}
+    optional: ClassVar[frozenset[str]] = frozenset({"heads"})
     q: Value
     k: Value
     groups: int = 1
+    heads: str = ""
 
     def result_shape(self) -> Shape:
         return (self.q.shape[0], self.q.shape[1], self.q.shape[2], self.k.shape[2])
 
     def verify(self) -> None:
-        _check_groups(self, self.groups, self.q.shape[1], self.k.shape[1])
+        _check_groups(self, self.groups, self.q.shape[1], self.k.shape[1], self.heads)
         if self.q.shape[3] != self.k.shape[3]:
             raise self.fail(f"head_dim of q ({self.q.shape[3]}) != head_dim of k ({self.k.shape[3]})")
 
@@ -256,20 +269,22 @@ class SoftmaxOp(Op):
 
 @dataclass(frozen=True, slots=True)
 class PVOp(Op):
-    """%o = attn.pv %p, %v {groups = 1} : [B, Hq, Sq, D]"""
+    """%o = attn.pv %p, %v {groups = 1} : [B, Hq, Sq, D]   (``heads`` as for attn.qk)"""
 
     name: ClassVar[str] = "attn.pv"
     operands: ClassVar[tuple[str, ...]] = ("probs", "v")
-    attrs: ClassVar[dict[str, Attr]] = {"groups": INT}
+    attrs: ClassVar[dict[str, Attr]] = {"groups": INT, "heads": STR}
+    optional: ClassVar[frozenset[str]] = frozenset({"heads"})
     probs: Value
     v: Value
     groups: int = 1
+    heads: str = ""
 
     def result_shape(self) -> Shape:
         return (*self.probs.shape[:3], self.v.shape[3])
 
     def verify(self) -> None:
-        _check_groups(self, self.groups, self.probs.shape[1], self.v.shape[1])
+        _check_groups(self, self.groups, self.probs.shape[1], self.v.shape[1], self.heads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +293,15 @@ class AttentionOp(Op):
     Not an op of the text form itself; passes and the lowering match on it to take either."""
 
     operands: ClassVar[tuple[str, ...]] = ("q", "k", "v")
-    attrs: ClassVar[dict[str, Attr]] = {"groups": INT, "scale": FLOAT, "score_mod": EXPR, "mask": EXPR, "form": STR}
+    attrs: ClassVar[dict[str, Attr]] = {
+        "groups": INT,
+        "scale": FLOAT,
+        "score_mod": EXPR,
+        "mask": EXPR,
+        "form": STR,
+        "heads": STR,
+    }
+    optional: ClassVar[frozenset[str]] = frozenset({"heads"})
     q: Value
     k: Value
     v: Value
@@ -287,12 +310,13 @@ class AttentionOp(Op):
     score_mod: sympy.Expr = score
     mask: sympy.Basic = sympy.true
     form: str = ""
+    heads: str = ""  # runtime table: kv head of each query head (as for attn.qk); "" for h // groups
 
     def result_shape(self) -> Shape:
         return (*self.q.shape[:3], self.v.shape[3])
 
     def verify(self) -> None:
-        _check_groups(self, self.groups, self.q.shape[1], self.k.shape[1])
+        _check_groups(self, self.groups, self.q.shape[1], self.k.shape[1], self.heads)
         if not is_boolean(self.mask):
             raise self.fail(f"mask {self.mask} is not boolean")
         if is_boolean(self.score_mod):

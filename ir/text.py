@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -56,7 +57,9 @@ def print_op(op: Op) -> str:
     if op.operands:
         parts.append(", ".join(str(v) for _, v in op.operand_values()))
     if op.attrs:
-        body = ", ".join(f"{k} = {op.attrs[k].print(v)}" for k, v in op.attr_values())
+        defaults = {f.name: f.default for f in dataclasses.fields(op)}  # type: ignore[arg-type]
+        shown = [(k, v) for k, v in op.attr_values() if k not in op.optional or v != defaults[k]]
+        body = ", ".join(f"{k} = {op.attrs[k].print(v)}" for k, v in shown)
         parts.append("{" + body + "}")
     text = " ".join(parts)
     if op.result is not None and op.result.shape:

@@ -113,6 +113,8 @@ def _match(graph: Graph, pv: PVOp) -> tuple[list[Op], FusedOp]:
         value = op.scores
     if op.groups != pv.groups:
         raise Refused(f"qk groups={op.groups} but pv groups={pv.groups}")
+    if op.heads != pv.heads:
+        raise Refused(f"qk reads kv heads by {op.heads or 'h // groups'!r} but pv by {pv.heads or 'h // groups'!r}")
     scale, mod, mask, form = 1.0, score, sympy.true, ""
     for step in reversed(steps):
         if isinstance(step, MaskOp):
@@ -131,4 +133,4 @@ def _match(graph: Graph, pv: PVOp) -> tuple[list[Op], FusedOp]:
                     f"{step.expr.subs(score, -sympy.oo)}, so masked keys would still get weight; apply the mask last"
                 )
             mod = step.expr.subs(score, mod)
-    return chain, FusedOp(pv.result, op.q, op.k, pv.v, pv.groups, scale, mod, mask, form)
+    return chain, FusedOp(pv.result, op.q, op.k, pv.v, pv.groups, scale, mod, mask, form, pv.heads)

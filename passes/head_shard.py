@@ -26,7 +26,7 @@ import sympy
 
 from attncc.analysis import costmodel, tiling
 from attncc.analysis.blockmap import BlockMap
-from attncc.errors import SpecError
+from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.core import Graph, Op, Value
 from attncc.ir.ops import AttentionOp, HeadShardOp, ReturnOp, TensorOp, TiledOp
 from attncc.passes.base import Pass
@@ -67,6 +67,11 @@ class HeadShard(Pass):
     def run(self, graph: Graph) -> Graph:
         (op,) = (o for o in graph.ops if isinstance(o, AttentionOp))
         assert isinstance(op, AttentionOp) and op.result is not None
+        if op.heads:
+            raise UnsupportedError(
+                f"head-shard: {op.result} reads kv heads through the runtime table {op.heads!r}, so which query "
+                "heads share a kv head is known only at call time; shard a spec without kv_head_of"
+            )
         heads, kv_heads = (int(op.q.shape[1]), int(op.k.shape[1]))
         kv_len = self.kv_len or self.q_len
         tiles = (op.bq, op.bkv) if isinstance(op, TiledOp) else (64, 64)

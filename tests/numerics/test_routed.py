@@ -205,3 +205,54 @@ def test_routed_map_and_ir() -> None:
     assert (bm.to_dense().sum(-1) == 3).all() and bm.to_dense().diagonal(dim1=1, dim2=2).all()
     with pytest.raises(ac.SpecError, match="depends on q and k"):
         kern.block_map(256, 256)
+
+
+# ---- runtime head tables (KDGQA / DGQA) -----------------------------------------------------------
+@pytest.mark.parametrize("target", TARGETS)
+def test_kv_head_table(target: str) -> None:
+    """Uneven dynamic groups (8 query heads on 3 kv heads, one kv head unused), causal, Sq != Skv."""
+    B, H, Hkv, Sq, Skv, D = 2, 8, 3, 37, 53, 16
+    table = torch.tensor([2, 0, 2, 2, 0, 2, 0, 2])  # kv head 1 serves no query head
+    spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.causal(align="bottom_right"),
+                            kv_head_of=ac.tensor("kv_head_of"))  # fmt: skip
+    kern = ac.compile(spec, target=target)
+    assert 'heads = "kv_head_of"' in kern.ir
+    q = torch.randn(B, H, Sq, D, dtype=torch.float64).float().double()
+    k, v = (torch.randn(B, Hkv, Skv, D, dtype=torch.float64).float().double() for _ in range(2))
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    o, lse = kern(*leaves, return_lse=True, kv_head_of=table)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    kk, vv = (t.index_select(1, table) for t in ref_in[1:])  # the oracle gathers: head h reads table[h]
+    keep = oracle.dense(oracle.causal_bottom_right(Sq, Skv), B, H, Sq, Skv)
+    want, want_lse = oracle.attention(ref_in[0], kk, vv, keep, 1 / math.sqrt(D))
+    torch.testing.assert_close(o.double(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=1e-4)
+    grad = torch.randn_like(want)
+    (o.double() * grad).sum().backward()
+    (want * grad).sum().backward()
+    for got, ref in zip(leaves, ref_in, strict=True):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=1e-3)
+    assert (leaves[1].grad[:, 1] == 0).all() and (leaves[2].grad[:, 1] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (torch.tensor([0, 1, 2, 0]), "names kv head 2; the spec has 2"),
+        (torch.tensor([0, -1, 1, 0]), "names kv head -1"),
+        (torch.tensor([0, 1, 1]), "must be int \\[4\\]"),
+        (torch.tensor([0.0, 1.0, 1.0, 0.0]), "dtype torch.float32"),
+    ],
+)
+def test_bad_head_tables_are_named(table: torch.Tensor, message: str) -> None:
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=8, kv_head_of=ac.tensor("kv_head_of"))
+    kern = ac.compile(spec, target="cpu")
+    q, kv = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8)
+    with pytest.raises(ac.SpecError, match=message):
+        kern(q, kv, kv, kv_head_of=table)
+
+
+def test_head_tables_refuse_head_sharding() -> None:
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=8, kv_head_of=ac.tensor("kv_head_of"))
+    with pytest.raises(ac.SpecError, match="known only at call time"):
+        ac.shard_heads(spec, 2, 64)
