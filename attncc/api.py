@@ -127,6 +127,9 @@ class Kernel:
             self.spec.rope, tensors, shape.batch, shape.q_len, shape.kv_len, self.spec.head_dim, q.device
         )
         bound = check_tensors(self.spec, shape, tensors, q.device)
+        order = routing.token_order(self.spec)  # a grid route: its kernel runs on region-major tokens
+        if order is not None:
+            q, k, v = (x.index_select(2, order[0].to(x.device)) for x in (q, k, v))
         if self.plan.selects:  # kv-block lists chosen from this call's q and k (attn.select), then attention
             selected = self._select(q, k)
             bound, tensors = {**bound, **selected}, {**tensors, **selected}
@@ -146,6 +149,8 @@ class Kernel:
             log.info("%s target: running the reference target for this call: %s", name, reason)
             exe = self.executable("reference")
         o, lse = exe.run(call)
+        if order is not None:
+            o, lse = o.index_select(2, order[1].to(o.device)), lse.index_select(2, order[1].to(o.device))
         return (o, lse) if return_lse else o
 
     def _select(self, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -193,6 +198,8 @@ class Kernel:
                             f"or the selected list(s) {missing} by name")  # fmt: skip
         if missing:
             assert q is not None and k is not None
+            if (order := routing.token_order(self.spec)) is not None:  # the map is in region-major order
+                q, k = q.index_select(2, order[0]), k.index_select(2, order[0])
             tensors.update({n: t for n, t in self._select(q, k).items() if n in missing})
         selected = {t.tensor: tensors.pop(t.tensor) for t in self.plan.selects}
         shape = CallShape(batch, q_len, kv_len)

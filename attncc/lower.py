@@ -74,7 +74,7 @@ def spec_to_ir(spec: AttentionSpec) -> Graph:
         if t.name in routes:  # a kv-block list the graph selects from q and k
             r = routes[t.name]
             ops.append(SelectOp(Value(t.name), t.name, t.ndim, t.dtype, t.values, q=q, k=k, top_k=r.top_k,
-                                block=r.block, grid=r.grid, pool=r.pool, causal=int(r.causal),
+                                block=r.block, grid=r.grid, region=r.region, pool=r.pool, causal=int(r.causal),
                                 include_self=int(r.include_self)))  # fmt: skip
         else:
             ops.append(TensorOp(Value(t.name), t.name, t.ndim, t.dtype, t.values))

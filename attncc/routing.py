@@ -40,39 +40,57 @@ class Route:
     """How a routed mask selects its kv blocks (the attributes of its ``attn.select`` op)."""
 
     top_k: int
-    block: tuple[int, ...]  # (bq, bkv) of token runs, or one region size per grid axis
-    grid: tuple[int, ...] = ()
+    block: tuple[int, int]  # (bq, bkv): runs of tokens in the kernel's order
+    grid: tuple[int, ...] = ()  # a token grid whose ``region``-sized regions are the blocks
+    region: tuple[int, ...] = ()
     pool: str = "mean"
     causal: bool = False
     include_self: bool = True
 
     def regions(self, length: int) -> torch.Tensor:
-        """int64 [length]: the block (or grid region) of each token position."""
-        pos = torch.arange(length)
-        if not self.grid:
-            return pos // self.block[0]
-        region = torch.zeros_like(pos)
-        rest = pos
-        for axis in reversed(range(len(self.grid))):
-            coord = rest % self.grid[axis]
-            rest = rest // self.grid[axis]
-            stride = math.prod(-(-g // r) for g, r in zip(self.grid[axis + 1 :], self.block[axis + 1 :], strict=True))
-            region = region + (coord // self.block[axis]) * stride
-        return region
+        """int64 [length]: the block of each position, in the kernel's (region-major on a grid) order."""
+        return torch.arange(length) // self.block[0]
 
 
-def _block_expr(index: sympy.Expr, route: Route, axis: int) -> sympy.Expr:
-    """The block (or region) number of a query (axis 0) or key (axis 1) position, as an index expression."""
-    if not route.grid:
-        return sympy.floor(index / route.block[axis])
-    from attncc.masks import coords
+def region_major(grid: tuple[int, ...], region: tuple[int, ...]) -> torch.Tensor:
+    """int64 [prod(grid)]: the row-major token index at each region-major position (regions in row-major
+    order, tokens row-major inside each region).
 
-    out = sympy.Integer(0)
-    parts = coords(index, route.grid)
-    for a, (c, r) in enumerate(zip(parts, route.block, strict=True)):
-        stride = math.prod(-(-g // rr) for g, rr in zip(route.grid[a + 1 :], route.block[a + 1 :], strict=True))
-        out = out + sympy.floor(c / r) * stride
-    return out
+    >>> region_major((2, 4), (2, 2)).tolist()
+    [0, 1, 4, 5, 2, 3, 6, 7]
+    """
+    idx = torch.arange(math.prod(grid))
+    split: list[int] = []
+    for g, r in zip(grid, region, strict=True):
+        split += [g // r, r]
+    axes = len(grid)
+    idx = idx.reshape(split).permute(*range(0, 2 * axes, 2), *range(1, 2 * axes, 2))
+    return idx.reshape(-1)
+
+
+def token_order(spec: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(gather, scatter) index of a spec routed over a grid: the call gathers q, k and v region-major with the
+    first and puts o and lse back with the second; None when the spec keeps the tokens' order."""
+    for _, route in getattr(spec, "selectors", ()):
+        if route.grid:
+            perm = region_major(route.grid, route.region)
+            return perm, torch.argsort(perm)
+    return None
+
+
+def check_spec(mask: sympy.Basic, score_mod: sympy.Basic, rope: bool, selectors: tuple[tuple[str, Route], ...]) -> None:
+    """A grid-routed spec runs on region-major tokens: nothing else in it may read token positions."""
+    for name, route in selectors:
+        if not route.grid:
+            continue
+        others = mask.xreplace({a: sympy.true for a in mask.atoms(X.InBlocks) if a.tensor == name})
+        reads = [what for what, e in (("mask", others), ("score_mod", score_mod)) if e.has(X.q, X.kv)]
+        if reads or rope:
+            raise SpecError(
+                f"route_blocks(grid={list(route.grid)}) reorders the tokens region-major for its kernel, so the "
+                f"rest of the spec may not depend on token positions; the {' and '.join(reads) or 'rope tables'} "
+                "do. Lay the tokens out region-major yourself and use 1-d route_blocks(block=region size) instead"
+            )
 
 
 def route_blocks(
@@ -87,10 +105,12 @@ def route_blocks(
     """Keep, per (batch, query head, query block), the ``top_k`` kv blocks of highest pooled affinity.
 
     ``block``: the block size (int, or (bq, bkv)); with ``grid=(H, W)`` (or 1-3 axes) the tokens are a
-    row-major grid and the blocks are its ``block``-sized regions (BiFormer), for self attention over
-    the whole grid. ``causal=True`` ranks only kv blocks up to the query block and adds ``q >= kv``;
-    ``include_self`` keeps the query's own block (it counts as one of the ``top_k``). ``name`` names the
-    selected list (as ``kern.block_map``, dumps and the plan show it). See the module docstring.
+    row-major grid and the blocks are its ``block``-sized regions (BiFormer), for self attention over the
+    whole grid: the call gathers q, k and v region-major (each region a contiguous block, so the kernel skips
+    whole tiles; O(S * D) copies) and puts the output back in the tokens' order. ``causal=True`` ranks only kv
+    blocks up to the query block and adds ``q >= kv``; ``include_self`` keeps the query's own block (it counts
+    as one of the ``top_k``). ``name`` names the selected list (as ``kern.block_map``, dumps and the plan show
+    it). See the module docstring.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise SpecError(f"route_blocks(top_k) must be a positive int, got {top_k!r}")
@@ -101,30 +121,30 @@ def route_blocks(
         from attncc.masks import grid_of, per_axis
 
         shape = grid_of(grid, "route_blocks(grid)")
-        sizes = tuple(per_axis(shape, block, "route_blocks(block)"))
+        region = tuple(per_axis(shape, block, "route_blocks(block)"))
         if causal:
             raise SpecError("route_blocks(grid=...) is for non-causal image grids; causal=True needs 1-d blocks")
+        if any(g % r for g, r in zip(shape, region, strict=True)):
+            raise SpecError(f"route_blocks: regions {list(region)} must tile the grid {list(shape)}; pad the grid")
         n = math.prod(shape)
         requires = ((sympy.Eq(X.Sq, n) & sympy.Eq(X.Skv, n), f"route_blocks(grid={shape}) needs {n} queries and keys"),)
-        route = Route(top_k, sizes, shape, pool, causal, include_self)
+        size = math.prod(region)
+        route = Route(top_k, (size, size), shape, region, pool, causal, include_self)
     else:
         pair = (block, block) if isinstance(block, int) else tuple(block)
         if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in pair):
             raise SpecError(f"route_blocks(block) must be a positive int or (bq, bkv), got {block!r}")
         if include_self and pair[0] != pair[1]:
             raise SpecError(f"route_blocks(include_self=True) needs equal query and kv blocks, got {pair}")
-        route = Route(top_k, (int(pair[0]), int(pair[1])), (), pool, causal, include_self)
+        route = Route(top_k, (int(pair[0]), int(pair[1])), (), (), pool, causal, include_self)
     origin = X.tensor_base(name)[0, 0, 0, 0]
-    member = X.InBlocks(origin, X.b, X.h, _block_expr(X.q, route, 0), _block_expr(X.kv, route, 1))
+    member = X.InBlocks(origin, X.b, X.h, sympy.floor(X.q / route.block[0]), sympy.floor(X.kv / route.block[1]))
     expr = sympy.And(member, sympy.Le(X.kv, X.q)) if causal else member
     return Expr(expr, Meta(requires=requires, dtypes=((name, "int"),), selectors=((name, route),)))
 
 
 def num_blocks(route: Route, q_len: int, kv_len: int) -> tuple[int, int]:
     """(query blocks, kv blocks) at these lengths."""
-    if route.grid:
-        n = math.prod(-(-g // r) for g, r in zip(route.grid, route.block, strict=True))
-        return n, n
     return -(-q_len // route.block[0]), -(-kv_len // route.block[1])
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import sympy
 import torch
 
+from attncc import routing
 from attncc.dsl import EMPTY, Expr, Meta
 from attncc.errors import SpecError
 from attncc.ir import exprs as X
@@ -118,6 +119,7 @@ class AttentionSpec:
         set_(self, "tensors", decls)
         set_(self, "requires", meta.requires)
         set_(self, "selectors", meta.selectors)
+        routing.check_spec(mask, mod, self.rope, meta.selectors)
         captured = _merge_captured(mcap, scap)
         set_(self, "captured", captured)
         set_(self, "bindings", tuple(sorted((n, id(t)) for n, t in captured.items())))

@@ -6,7 +6,8 @@ and result::
     %x  = attn.input {arg: str}                                          : [B, H, S, D]   q, k or v
     %t  = attn.tensor {tensor: str, ndim: int, dtype: str, values: floats}               runtime tensor / table
     %t  = attn.select %q, %k {tensor: str, ndim: int, dtype: str, values: floats, top_k: int, block: ints,
-                              grid: ints, pool: str, causal: int, include_self: int}   kv-block lists from q, k
+                              grid: ints, region: ints, pool: str, causal: int, include_self: int}
+                                                                         kv-block lists from q, k
     %x1 = attn.rope %x                                                   : shape of %x
     %s  = attn.qk %q, %k {groups: int, heads: str}                       : [B, Hq, Sq, Skv]
     %s1 = attn.scale %s {factor: float}                                  : shape of %s
@@ -109,12 +110,14 @@ class TensorOp(Op):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SelectOp(TensorOp):
     """%sel = attn.select %q, %k {tensor = "sel", ndim = 4, dtype = "int", values = [], top_k = 8,
-                                   block = [64, 64], grid = [], pool = "mean", causal = 0, include_self = 1}
+                                   block = [64, 64], grid = [], region = [], pool = "mean", causal = 0,
+                                   include_self = 1}
 
     A runtime tensor the graph computes: per (batch, query head, query block), the ``top_k`` kv blocks of
     highest pooled affinity ``mean(q rows of the block) . mean(k rows of the kv block)`` as an int list
-    ``[B, Hq, query blocks, top_k]`` (-1 pads), which the mask reads with ``InBlocks``. ``grid``: blocks are
-    ``block``-sized regions of a row-major token grid instead of runs of tokens; ``causal``: only kv blocks
+    ``[B, Hq, query blocks, top_k]`` (-1 pads), which the mask reads with ``InBlocks``. ``grid``, ``region``:
+    the tokens are a row-major grid whose regions are the blocks; the call reorders them region-major
+    before the kernel (so each region is a run of ``block`` tokens) and back after; ``causal``: only kv blocks
     up to the query block compete; ``include_self``: the query's own block is always kept (one of the
     top_k). Not differentiable: gradients flow through the attention on the kept blocks.
     """
@@ -126,6 +129,7 @@ class SelectOp(TensorOp):
         "top_k": INT,
         "block": INTS,
         "grid": INTS,
+        "region": INTS,
         "pool": STR,
         "causal": INT,
         "include_self": INT,
@@ -135,6 +139,7 @@ class SelectOp(TensorOp):
     top_k: int
     block: tuple[int, ...]
     grid: tuple[int, ...] = ()
+    region: tuple[int, ...] = ()
     pool: str = "mean"
     causal: int = 0
     include_self: int = 1
@@ -146,8 +151,10 @@ class SelectOp(TensorOp):
             raise self.fail(f"top_k must be >= 1, got {self.top_k}")
         if self.pool != "mean":
             raise self.fail(f"pool must be 'mean', got {self.pool!r}")
-        if len(self.block) != max(2 if not self.grid else len(self.grid), 1) or min(self.block) < 1:
-            raise self.fail(f"block {list(self.block)} must give one positive size per axis")
+        if len(self.block) != 2 or min(self.block) < 1:
+            raise self.fail(f"block {list(self.block)} must be two positive sizes (bq, bkv)")
+        if len(self.region) != len(self.grid):
+            raise self.fail(f"region {list(self.region)} must give one size per grid axis {list(self.grid)}")
 
 
 @dataclass(frozen=True, slots=True)
