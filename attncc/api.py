@@ -130,7 +130,7 @@ class Kernel:
         order = routing.token_order(self.spec)  # a grid route: its kernel runs on region-major tokens
         if order is not None:
             q, k, v = (x.index_select(2, order[0].to(x.device)) for x in (q, k, v))
-        if self.plan.selects:  # kv-block lists chosen from this call's q and k (attn.select), then attention
+        if self.plan.selects and shape.batch:  # kv-block lists chosen from this call's q and k (attn.select)
             selected = self._select(q, k)
             bound, tensors = {**bound, **selected}, {**tensors, **selected}
         if shape.batch == 0:  # empty in, empty out (as torch), still connected to q, k, v for autograd

@@ -142,6 +142,8 @@ def _check_head_table(spec: AttentionSpec, t: torch.Tensor) -> None:
 def _check_block_lists(spec: AttentionSpec, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:
     """Each block-index list: int, [B|1, H|1, query blocks, K], entries in [-1, kv blocks), none repeated
     in a row. O(list size); on a GPU it reads the list back to the host once per call."""
+    if shape.batch == 0 or not X.in_blocks(spec.mask):  # an empty batch reads nothing
+        return
     env = {X.b: Interval(0, shape.batch - 1), X.h: Interval(0, spec.num_heads - 1),
            X.q: Interval(0, shape.q_len - 1), X.kv: Interval(0, shape.kv_len - 1)}  # fmt: skip
     sizes = size_env(spec, shape)

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("base", _names("errors config diskcache ir.dispatch")),
     ("ir", _names("ir ir.core ir.exprs ir.attrs ir.ops ir.text ir.boxeval ir.intervals")),
     # what users write: the DSL, specs, tracing, and spec -> decomposed IR
-    ("declarations", _names("dsl torchfuncs trace masks mods neighborhood spec rope linear lower validate")),
+    ("declarations", _names("dsl torchfuncs trace masks mods neighborhood routing spec rope linear lower validate")),
     (
         "analysis",
         _names("analysis analysis.bands analysis.tiling analysis.blockmap analysis.costmodel analysis.picture")

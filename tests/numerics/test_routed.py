@@ -257,3 +257,15 @@ def test_head_tables_refuse_head_sharding() -> None:
     spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=8, kv_head_of=ac.tensor("kv_head_of"))
     with pytest.raises(ac.SpecError, match="known only at call time"):
         ac.shard_heads(spec, 2, 64)
+
+
+def test_dump_draws_the_selected_map(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.route_blocks(2, 16, causal=True)), "cpu")
+    x = torch.randn(1, 2, 64, 16)
+    kern(x, x, x)
+    out = kern.dump(tmp_path)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["block_map"].startswith("sparse block map 4x4 tiles of 16x16") and (out / "blockmap.png").exists()
+    assert "attn.select" in (out / "00-input.ir").read_text()
