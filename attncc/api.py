@@ -131,7 +131,7 @@ class Kernel:
         if order is not None:
             q, k, v = (x.index_select(2, order[0].to(x.device)) for x in (q, k, v))
         if self.plan.selects and shape.batch:  # kv-block lists chosen from this call's q and k (attn.select)
-            selected = self._select(q, k)
+            selected = self._select(q, k, bound.get(self.spec.head_table))
             bound, tensors = {**bound, **selected}, {**tensors, **selected}
         if shape.batch == 0:  # empty in, empty out (as torch), still connected to q, k, v for autograd
             link = (q.sum() + k.sum() + v.sum()) * 0
@@ -153,10 +153,11 @@ class Kernel:
             o, lse = o.index_select(2, order[1].to(o.device)), lse.index_select(2, order[1].to(o.device))
         return (o, lse) if return_lse else o
 
-    def _select(self, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The kv-block lists of the plan's ``attn.select`` ops for this q and k (not differentiable)."""
+    def _select(self, q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The kv-block lists of the plan's ``attn.select`` ops for this q and k (not differentiable); ``heads``:
+        the call's head table, when the spec has one."""
         routes = dict(self.spec.selectors)
-        return {t.tensor: routing.select(routes[t.tensor], q.detach(), k.detach()) for t in self.plan.selects}
+        return {t.tensor: routing.select(routes[t.tensor], q.detach(), k.detach(), heads) for t in self.plan.selects}
 
     def _remember(self, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:
         """Keep this call's lengths and runtime tensors for dump(); draw a pending ATTNCC_DUMP_DIR map."""
@@ -200,7 +201,8 @@ class Kernel:
             assert q is not None and k is not None
             if (order := routing.token_order(self.spec)) is not None:  # the map is in region-major order
                 q, k = q.index_select(2, order[0]), k.index_select(2, order[0])
-            tensors.update({n: t for n, t in self._select(q, k).items() if n in missing})
+            heads = tensors.get(self.spec.head_table) if self.spec.head_table else None
+            tensors.update({n: t for n, t in self._select(q, k, heads).items() if n in missing})
         selected = {t.tensor: tensors.pop(t.tensor) for t in self.plan.selects}
         shape = CallShape(batch, q_len, kv_len)
         check_requires(self.spec, shape)

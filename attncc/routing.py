@@ -47,10 +47,6 @@ class Route:
     causal: bool = False
     include_self: bool = True
 
-    def regions(self, length: int) -> torch.Tensor:
-        """int64 [length]: the block of each position, in the kernel's (region-major on a grid) order."""
-        return torch.arange(length) // self.block[0]
-
 
 def region_major(grid: tuple[int, ...], region: tuple[int, ...]) -> torch.Tensor:
     """int64 [prod(grid)]: the row-major token index at each region-major position (regions in row-major
@@ -148,26 +144,32 @@ def num_blocks(route: Route, q_len: int, kv_len: int) -> tuple[int, int]:
     return -(-q_len // route.block[0]), -(-kv_len // route.block[1])
 
 
-def _pool(x: torch.Tensor, regions: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean of the rows of each region: [B, H, S, D] -> [B, H, n, D] (float64 on CPU: the ranking is exact)."""
-    dtype = torch.float64 if x.device.type == "cpu" else torch.float32
-    regions = regions.to(x.device)
-    total = torch.zeros(*x.shape[:2], n, x.shape[3], dtype=dtype, device=x.device)
-    total.index_add_(2, regions, x.to(dtype))
-    count = torch.bincount(regions, minlength=n).to(dtype).clamp(min=1)
-    return total / count[:, None]
+def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean of each run of ``block`` rows (the last run averages the rows it has): [B, H, S, D] -> [B, H, n, D],
+    summed in x's precision (fp32 for half inputs), returned in float64 on the CPU so the ranking is exact."""
+    B, H, S, D = x.shape
+    whole = S // block * block
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    parts = [x[:, :, :whole].reshape(B, H, whole // block, block, D).mean(3)]
+    if whole < S:
+        parts.append(x[:, :, whole:].mean(2, keepdim=True))
+    pooled = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+    return pooled.double() if x.device.type == "cpu" else pooled
 
 
 @torch.no_grad()
-def select(route: Route, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """int64 [B, Hq, query blocks, min(top_k, kv blocks)]: the kept kv blocks, best first, -1 padding."""
+def select(route: Route, q: torch.Tensor, k: torch.Tensor, kv_head_of: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [B, Hq, query blocks, min(top_k, kv blocks)]: the kept kv blocks, best first, -1 padding. Query
+    head h pairs with kv head ``h // groups``, or ``kv_head_of[h]`` (a runtime head table)."""
     B, H, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     nq, nkv = num_blocks(route, Sq, Skv)
-    pq = _pool(q, route.regions(Sq), nq)
-    pk = _pool(k, route.regions(Skv), nkv)
-    groups = H // Hkv
-    affinity = torch.einsum("bjgqd,bjkd->bjgqk", pq.view(B, Hkv, groups, nq, D), pk).reshape(B, H, nq, nkv)
+    pq, pk = _pool(q, route.block[0]), _pool(k, route.block[1])
+    if kv_head_of is not None:  # pooled keys are small: gathered per query head
+        affinity = pq @ pk.index_select(1, kv_head_of.to(pk.device).long()).transpose(-1, -2)
+    else:
+        groups = H // Hkv
+        affinity = torch.einsum("bjgqd,bjkd->bjgqk", pq.view(B, Hkv, groups, nq, D), pk).reshape(B, H, nq, nkv)
     qb = torch.arange(nq, device=q.device)[:, None]
     kb = torch.arange(nkv, device=q.device)[None, :]
     if route.causal:

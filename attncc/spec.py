@@ -248,6 +248,11 @@ def for_heads(spec: AttentionSpec, heads: Sequence[int]) -> AttentionSpec:
     >>> [(t.name, t.values) for t in local.tensors]
     [('attncc_head', (1.0, 3.0)), ('w', (2.0, 4.0))]
     """
+    if spec.head_table:
+        raise SpecError(
+            f"the spec reads kv heads through the runtime table {spec.head_table!r}; its heads cannot be split "
+            "before the call says which query heads share a kv head"
+        )
     heads = [int(h) for h in heads]
     groups = spec.groups
     if not heads or heads != sorted(set(heads)) or not all(0 <= h < spec.num_heads for h in heads):
@@ -316,6 +321,11 @@ def _rebuilt(
     extra_dtypes: dict[str, str],
     requires: tuple[tuple[sympy.Basic, str], ...],
 ) -> AttentionSpec:
+    if spec.selectors:
+        raise SpecError(
+            f"route_blocks selects from the whole q and k ({sorted(dict(spec.selectors))}); a spec restricted to "
+            "some heads or positions cannot select: select first and pass the lists with ac.block_indices"
+        )
     dtypes = {t.name: t.dtype for t in spec.tensors} | extra_dtypes
     dtypes.update({n: "int" if all(float(v).is_integer() for v in vals) else "float" for n, vals in tables.items()})
     meta = Meta(
@@ -332,6 +342,7 @@ def _rebuilt(
         scale=spec.scale,
         name=spec.name,
         rope=spec.rope,
+        kv_head_of=spec.kv_head_of if num_heads == spec.num_heads else None,
     )
     object.__setattr__(out, "captured", dict(spec.captured))
     object.__setattr__(out, "bindings", spec.bindings)

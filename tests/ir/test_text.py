@@ -50,7 +50,20 @@ def _sharded() -> Graph:
     )
 
 
-GRAPHS = {"decomposed": _decomposed, "sharded": _sharded}
+def _data_dependent() -> Graph:
+    """attn.select feeding InBlocks, a user block list, and a runtime head table (heads = ...)."""
+    spec = ac.AttentionSpec(
+        name="data_dependent",
+        num_heads=4,
+        num_kv_heads=3,
+        head_dim=16,
+        mask=(ac.route_blocks(2, 32, causal=True) & ac.block_indices(ac.tensor("kv_blocks"), 32)) | ac.sinks(4),
+        kv_head_of=ac.tensor("kv_head_of"),
+    )
+    return spec_to_ir(spec)
+
+
+GRAPHS = {"decomposed": _decomposed, "sharded": _sharded, "data_dependent": _data_dependent}
 
 
 @pytest.mark.parametrize("name", sorted(GRAPHS))

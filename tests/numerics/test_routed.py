@@ -269,3 +269,48 @@ def test_dump_draws_the_selected_map(tmp_path) -> None:  # type: ignore[no-untyp
     meta = json.loads((out / "meta.json").read_text())
     assert meta["block_map"].startswith("sparse block map 4x4 tiles of 16x16") and (out / "blockmap.png").exists()
     assert "attn.select" in (out / "00-input.ir").read_text()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_everything_composed(target: str) -> None:
+    """A routed selection AND a user list, OR sinks, under a softcap, with a runtime head table (uneven groups):
+    the map is classified tile by tile; the oracle builds each part itself."""
+    B, H, Hkv, S, D, blk = 1, 4, 3, 70, 16, 16
+    table = torch.tensor([2, 0, 0, 1])
+    gen = torch.Generator().manual_seed(3)
+    lists = random_lists(1, H, -(-S // blk), -(-S // blk), 4, gen)
+    mask = (ac.route_blocks(2, blk, causal=True) & ac.block_indices(ac.tensor("kv_blocks"), blk)) | ac.sinks(4)
+    spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=mask, score_mod=ac.softcap(5.0),
+                            kv_head_of=ac.tensor("kv_head_of"))  # fmt: skip
+    kern = ac.compile(spec, target=target)
+    q = torch.randn(B, H, S, D, dtype=torch.float64).float().double()
+    k, v = (torch.randn(B, Hkv, S, D, dtype=torch.float64).float().double() for _ in range(2))
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    o = kern(*leaves, kv_blocks=lists, kv_head_of=table)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    kk, vv = (t.index_select(1, table) for t in ref_in[1:])
+    region = lambda t: t // blk
+    chosen = routed(q, kk.detach(), 2, region, region, True, True)
+    fn = listed(lists, blk, blk)
+    keep = (chosen & oracle.dense(fn, B, H, S, S)) | oracle.dense(lambda b, h, i, j: j < 4, B, H, S, S)
+    want, _ = oracle.attention(ref_in[0], kk, vv, keep, 1 / math.sqrt(D), lambda s: 5.0 * torch.tanh(s / 5.0))
+    torch.testing.assert_close(o.double(), want, atol=2e-5, rtol=1e-4)
+    grad = torch.randn_like(want)
+    (o.double() * grad).sum().backward()
+    (want * grad).sum().backward()
+    for got, ref in zip(leaves, ref_in, strict=True):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_restricted_specs_refuse_what_they_cannot_keep() -> None:
+    """Head and sequence sharding rebuild the spec: a routed selection needs the whole q and k, and a head
+    table's groups are known only at call time; both are refused with the reason, never dropped."""
+    from attncc.spec import at_positions, for_heads
+
+    routed_spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.route_blocks(2, 16))
+    with pytest.raises(ac.SpecError, match="select first and pass the lists"):
+        at_positions(routed_spec, 64, 64)
+    table_spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=8, kv_head_of=ac.tensor("kv_head_of"))
+    with pytest.raises(ac.SpecError, match="cannot be split"):
+        for_heads(table_spec, [0, 1])
+    assert at_positions(table_spec, 64, 64).head_table == "kv_head_of"  # a sequence shard keeps the table
