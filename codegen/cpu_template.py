@@ -324,7 +324,9 @@ constexpr bool SIMD = false;
 #endif
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  // unaligned view of floats
-constexpr int MR = 6, NR = 2 * VW;
+// rows per register block: 2 * MR accumulators, the two B vectors and a broadcast fit the register file
+// (AVX2: 16 vector registers, 6 rows; AVX-512: 32, 12 rows)
+constexpr int MR = VW == 16 ? 12 : 6, NR = 2 * VW;
 
 // C[M x NR] (op)= A . B over a shared dimension of n, with A(i, j) = a[i * ai + j * aj] and B's row j
 // at b + j * ldb. MODE 0 stores, 1 accumulates, 2 rescales C's row i by alpha[i] first (online softmax).
@@ -360,6 +362,14 @@ inline void micro_m(int m, int n, const float* a, int64_t ai, int64_t aj, const 
     case 3: micro<3, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
     case 4: micro<4, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
     case 5: micro<5, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+#if defined(__AVX512F__)
+    case 6: micro<6, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 7: micro<7, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 8: micro<8, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 9: micro<9, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 10: micro<10, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 11: micro<11, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+#endif
     default: micro<MR, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
   }}
 }}
