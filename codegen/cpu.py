@@ -29,6 +29,8 @@ log = logging.getLogger("attncc.codegen.cpu")
 
 SPAN_COLUMNS = 512  # merge runs of equal tiles into GEMMs up to this wide (measured: fewer, larger sgemm calls)
 SPAN_ROWS = 128  # the backward's runs of q-blocks, up to this many rows (measured: 128 beat 256-1024, causal 4K)
+PACK_ROWS = 16  # the forward packs K for the micro-kernels when at least this many query rows read each key
+# (measured at Skv=16K, D=64: below it, e.g. one-token decoding, packing K costs more than the products gain)
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -237,10 +239,12 @@ class CpuKernel:
             return f"blas: head_dim {head_dim} or kv tile {self.bkv} is not a multiple of {width}"
         return f"micro-kernels: register blocks {width} columns wide ({self.lanes}-lane FMA vectors)"
 
-    def _packed(self, k: torch.Tensor) -> int:
-        """Floats of one copy of k packed into register-block panels (0 where the BLAS path packs nothing)."""
+    def _packed(self, k: torch.Tensor, rows: int = PACK_ROWS) -> int:
+        """Floats of one copy of k packed into register-block panels (0 where the BLAS path packs nothing).
+        ``rows``: query rows that read each key (Sq x query heads per kv head); below ``PACK_ROWS`` packing K
+        costs more than the micro-kernels save (decode), and the forward takes the BLAS path."""
         B, Hkv, Skv, D = k.shape
-        if not self.products(D).startswith("micro"):
+        if not self.products(D).startswith("micro") or rows < PACK_ROWS:
             return 0
         width = 2 * self.lanes
         return B * Hkv * -(-Skv // width) * width * D
@@ -311,7 +315,7 @@ class CpuKernel:
         heads = head_index(H, k.shape[1], tensors.get(self.head_table))
         Hkv, Skv = k.shape[1], k.shape[2]
         self._tell(D)
-        packed = self._packed(k)
+        packed = self._packed(k, Sq * H // Hkv)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)

@@ -1,0 +1,74 @@
+"""Decode and small-query shapes on the CPU: attncc's cpu target vs SDPA, side by side.
+
+    python benchmarks/decode.py                       # B=1, H=32, 8 kv heads (GQA), D=64, Sq 1 and 16, Skv 4K and 16K
+
+The new rows sit at the end of the keys (``causal(align="bottom_right")``; for Sq=1 every key is visible).
+SDPA: ``scaled_dot_product_attention(..., enable_gqa=True)`` with ``is_causal=False`` for one row, else a
+bottom-right boolean mask. Best of ``--reps`` rounds, each round calling both once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import attncc as ac
+
+
+def best(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()
+    out = dict.fromkeys(fns, math.inf)
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            out[name] = min(out[name], time.perf_counter() - start)
+    return out
+
+
+def contenders(
+    kern: ac.Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> dict[str, Callable[[], object]]:
+    return {
+        "attncc": lambda: kern(q, k, v),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--q-lens", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--kv-lens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    H, Hkv, D = args.heads, args.kv_heads, args.head_dim
+    spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.causal(align="bottom_right"))
+    kern = ac.compile(spec, target="cpu")
+    print(f"# B=1 H={H} Hkv={Hkv} D={D} fp32; torch {torch.__version__}; {platform.machine()}, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print("| Sq | Skv | attncc ms | SDPA ms | SDPA/attncc |")
+    print("|---|---|---|---|---|")
+    for skv in args.kv_lens:
+        for sq in args.q_lens:
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(1, H, sq, D, generator=g)
+            k, v = (torch.randn(1, Hkv, skv, D, generator=g) for _ in range(2))
+            mask = None if sq == 1 else torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
+            t = best(contenders(kern, q, k, v, mask), args.reps)
+            print(
+                f"| {sq} | {skv} | {t['attncc'] * 1e3:.2f} | {t['sdpa'] * 1e3:.2f} | {t['sdpa'] / t['attncc']:.2f}x |"
+            )
+
+
+if __name__ == "__main__":
+    main()
