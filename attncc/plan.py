@@ -27,6 +27,7 @@ plan @attention
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -341,11 +342,20 @@ def head_index(num_heads: int, num_kv_heads: int, table: torch.Tensor | None = N
     [1, 0, 1, 0, 1, 3, 1, 0, 2]
     """
     if table is None:
-        kv = np.arange(num_heads) // (num_heads // num_kv_heads)
-    else:
-        kv = table.detach().cpu().long().numpy().reshape(-1)
+        return _grouped_index(num_heads, num_kv_heads)
+    kv = table.detach().cpu().long().numpy().reshape(-1)
     ptr = np.concatenate([[0], np.cumsum(np.bincount(kv, minlength=num_kv_heads))])
     return np.concatenate([kv, ptr, np.argsort(kv, kind="stable")]).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _grouped_index(num_heads: int, num_kv_heads: int) -> np.ndarray:
+    """``head_index`` without a table (kv head h // groups), built once per head count; callers only read it."""
+    kv = np.arange(num_heads) // (num_heads // num_kv_heads)
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(kv, minlength=num_kv_heads))])
+    out = np.concatenate([kv, ptr, np.arange(num_heads)]).astype(np.int64)
+    out.flags.writeable = False
+    return out
 
 
 def kernel_value(t: TensorOp, tensors: dict[str, torch.Tensor], device: torch.device | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ size is an error before any kernel runs. Inexact bounds are left to the kernel's
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -139,15 +140,28 @@ def _check_head_table(spec: AttentionSpec, t: torch.Tensor) -> None:
         raise SpecError(f"kv_head_of tensor {name!r} names kv head {bad}; the spec has {hkv} (0 .. {hkv - 1})")
 
 
+@functools.lru_cache(maxsize=1024)
+def _block_lists(mask: sympy.Basic) -> tuple[X.InBlocks, ...]:
+    """The mask's block-list reads, found once per mask (a call checks them without walking the expression)."""
+    return tuple(X.in_blocks(mask))
+
+
+@functools.lru_cache(maxsize=1024)
+def _reads(expr: sympy.Basic) -> dict[str, list[tuple[sympy.Expr, ...]]]:
+    """``tensor_refs`` of an expression, once per expression (read-only: callers iterate it)."""
+    return X.tensor_refs(expr)
+
+
 def _check_block_lists(spec: AttentionSpec, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:
     """Each block-index list: int, [B|1, H|1, query blocks, K], entries in [-1, kv blocks), none repeated
     in a row. O(list size); on a GPU it reads the list back to the host once per call."""
-    if shape.batch == 0 or not X.in_blocks(spec.mask):  # an empty batch reads nothing
+    lists = _block_lists(spec.mask)
+    if shape.batch == 0 or not lists:  # an empty batch reads nothing
         return
     env = {X.b: Interval(0, shape.batch - 1), X.h: Interval(0, spec.num_heads - 1),
            X.q: Interval(0, shape.q_len - 1), X.kv: Interval(0, shape.kv_len - 1)}  # fmt: skip
     sizes = size_env(spec, shape)
-    for atom in X.in_blocks(spec.mask):
+    for atom in lists:
         name = atom.tensor
         if name not in tensors:
             continue
@@ -193,7 +207,7 @@ def _check_bounds(spec: AttentionSpec, shape: CallShape, tensors: dict[str, torc
     }
     sizes = size_env(spec, shape)
     for expr in (spec.mask, spec.score_mod):
-        for name, uses in X.tensor_refs(expr).items():
+        for name, uses in _reads(expr).items():
             if name not in tensors:
                 continue
             for idx in uses:

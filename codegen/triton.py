@@ -275,7 +275,7 @@ class TritonKernel:
     def _heads(self, num_heads: int, num_kv_heads: int, tensors: dict[str, torch.Tensor], device: torch.device) -> Any:
         """The head index (:func:`attncc.plan.head_index`) on the kernels' device."""
         table = tensors.get(self.plan.head_table) if self.plan.head_table else None
-        return torch.from_numpy(head_index(num_heads, num_kv_heads, table)).to(device)
+        return torch.from_numpy(head_index(num_heads, num_kv_heads, table).copy()).to(device)
 
     def backward(
         self,
