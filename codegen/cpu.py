@@ -214,6 +214,11 @@ class CpuKernel:
             fn.restype = ctypes.c_int
         self.runtime.attncc_vector_lanes.restype = ctypes.c_int
         self.lanes = int(self.runtime.attncc_vector_lanes())
+        self.runtime.attncc_bf16.restype = ctypes.c_int
+        self.has_bf16 = bool(self.runtime.attncc_bf16())  # AVX512_BF16 products in this build
+        fwd_bf16 = self.runtime.attncc_forward_bf16
+        fwd_bf16.argtypes = [_P] * 5 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P]
+        fwd_bf16.restype = ctypes.c_int
         self.runtime.attncc_tile_bytes.restype = self.lib.attncc_tile_bytes.restype = ctypes.c_int64
         self.tile_bytes = int(self.runtime.attncc_tile_bytes())  # one partial tile's record in the keep buffer
         if self.tile_bytes != int(self.lib.attncc_tile_bytes()):
@@ -237,7 +242,38 @@ class CpuKernel:
             return "blas: this build has no FMA vector unit (no AVX2+FMA or AVX-512)"
         if head_dim % width or self.bkv % width:
             return f"blas: head_dim {head_dim} or kv tile {self.bkv} is not a multiple of {width}"
-        return f"micro-kernels: register blocks {width} columns wide ({self.lanes}-lane FMA vectors)"
+        bf16 = "; bf16 inputs: AVX512_BF16 dot products, fp32 accumulation" if self.has_bf16 else ""
+        return f"micro-kernels: register blocks {width} columns wide ({self.lanes}-lane FMA vectors){bf16}"
+
+    def native_bf16(self, head_dim: int, rope: bool = False) -> bool:
+        """Whether bf16 inputs run the native bf16 forward (AVX512_BF16 dot products on bf16 q, k, v, fp32
+        softmax and accumulation) rather than fp32 on upcast copies: the build has the instructions, the
+        micro-kernel shapes fit and no RoPE is applied (rotated specs upcast)."""
+        return self.has_bf16 and not rope and self.products(head_dim).startswith("micro")
+
+    def forward_bf16(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: TileLists, keep: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """o (fp32) and lse of contiguous bf16 q, k, v through the native bf16 forward (see ``native_bf16``)."""
+        B, H, Sq, D = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        heads = head_index(H, Hkv, tensors.get(self.head_table))
+        width = 2 * self.lanes
+        halves = B * Hkv * D * (-(-Skv // width) * width + (Skv + 1) // 2 * 2)  # packed K and V, bf16 values
+        o = torch.empty(B, H, Sq, D, dtype=torch.float32)
+        lse = torch.empty(B, H, Sq, dtype=torch.float32)
+        _keep_alive, ptrs, dims = self.pack(tensors)
+        code = self.runtime.attncc_forward_bf16(
+            _ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), B, H, Hkv, Sq, Skv, D,
+            _ptr(lists.map_of), lists.map_of.shape[0], lists.map_of.shape[1], _ptr(lists.kv_ptr), _ptr(lists.kv_idx),
+            _ptr(lists.kv_full), _ptr(lists.kv_rank), _ptr(lists.keep_base), keep.data_ptr(), ctypes.cast(ptrs, _P),
+            _ptr(dims), torch.get_num_threads(), _ptr(heads), self.scale, workspace(-(-halves // 2)), self.hooks,
+        )  # fmt: skip
+        if code < 0:
+            raise LoweringError(f"{self.runtime_path.name} has no bf16 products for head_dim {D}")
+        self._check(code)
+        return o, lse
 
     def _packed(self, k: torch.Tensor, rows: int = PACK_ROWS) -> int:
         """Floats of one copy of k packed into register-block panels (0 where the BLAS path packs nothing).
@@ -505,10 +541,15 @@ class CpuAttention(torch.autograd.Function):
         that require grad), passed again so that autograd routes their gradients. ``recompute``: the
         call on the reference target, for differentiable gradients (``create_graph=True``)."""
         dtype = q.dtype
-        qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
         rope = rope_tables(tables)
-        o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
-        ctx.save_for_backward(qf, kf, vf, o, lse)
+        if dtype == torch.bfloat16 and kern.native_bf16(q.shape[3], rope is not None):
+            q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
+            o, lse = kern.forward_bf16(q16, k16, v16, lists, keep, tensors)
+            ctx.save_for_backward(q16, k16, v16, o, lse)  # bf16 inputs kept: the backward upcasts them then
+        else:
+            qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
+            o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
+            ctx.save_for_backward(qf, kf, vf, o, lse)
         ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype, ctx.rope = kern, lists, keep, tensors, dtype, rope
         ctx.learn, ctx.recompute, ctx.inputs = learn, recompute, (q, k, v, *learned)
         return o.to(dtype), lse
@@ -518,7 +559,7 @@ class CpuAttention(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the C++ backward is not differentiable
             q, k, v, *rest = fallback.second_order(ctx.recompute, ctx.inputs, ctx.learn, ctx.tensors, (do, dlse))
             return q, k, v, None, None, None, None, None, None, None, *rest
-        qf, kf, vf, o, lse = ctx.saved_tensors
+        qf, kf, vf, o, lse = (t.to(torch.float32).contiguous() for t in ctx.saved_tensors)
         dof = do.to(torch.float32).contiguous()
         dlsef = None if dlse is None else dlse.to(torch.float32).contiguous()
         dq, dk, dv, grads = ctx.kern.backward(

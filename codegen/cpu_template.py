@@ -28,6 +28,10 @@ per-thread partial, and the team sums the partials into dQ at the end.
 _HEAD = r"""#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include <omp.h>
 
 namespace {{
@@ -490,6 +494,129 @@ inline void pack_panels(const float* k, float* out, int64_t heads, int64_t S, in
   }}
 }}
 
+// ---- native bf16 products (AVX512_BF16: vdpbf16ps, two bf16 products summed into each fp32 lane) ----
+// Used by attncc_forward_bf16: q, k, v are read as bf16 (no fp32 copies); K is packed in pair panels, V in
+// pair rows, the probabilities P are rounded to bf16 per tile for the P V product; scores, softmax and
+// accumulation stay fp32.
+typedef uint16_t bf16_t;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+constexpr bool BF16 = true;
+
+// K [heads, S, d] -> per NR keys a panel [d / 2][NR][2] (key j's pair d, d + 1 at [d / 2][j]), zero past S;
+// the panel of keys j0.. (j0 a multiple of NR) starts at out + (h * up(S) + j0) * d, as pack_panels
+inline void pack_k_bf16(const bf16_t* k, bf16_t* out, int64_t heads, int64_t S, int64_t d, int threads) {{
+  const int64_t panels = (S + NR - 1) / NR;
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < heads * panels; ++t) {{
+    const int64_t h = t / panels, p = t % panels;
+    bf16_t* dst = out + (h * panels + p) * NR * d;
+    for (int jj = 0; jj < NR; ++jj) {{
+      const int64_t j = p * NR + jj;
+      const bf16_t* src = k + (h * S + j) * d;
+      for (int64_t x = 0; x < d; x += 2) {{
+        dst[x * NR + 2 * jj] = j < S ? src[x] : 0;
+        dst[x * NR + 2 * jj + 1] = j < S ? src[x + 1] : 0;
+      }}
+    }}
+  }}
+}}
+
+// V [heads, S, d] -> pair rows [heads][up2(S) / 2][d][2] (keys 2r, 2r + 1 of column c at [r][c]), zero past S
+inline void pack_v_bf16(const bf16_t* v, bf16_t* out, int64_t heads, int64_t S, int64_t d, int threads) {{
+  const int64_t pairs = (S + 1) / 2;
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < heads * pairs; ++t) {{
+    const int64_t h = t / pairs, r = t % pairs;
+    bf16_t* dst = out + t * d * 2;
+    const bf16_t* a = v + (h * S + 2 * r) * d;
+    const bool second = 2 * r + 1 < S;
+    for (int64_t c = 0; c < d; ++c) {{
+      dst[2 * c] = a[c];
+      dst[2 * c + 1] = second ? a[d + c] : 0;
+    }}
+  }}
+}}
+
+// fp32 -> bf16 (round to nearest even), n values, one zero appended when n is odd
+inline void to_bf16(const float* src, bf16_t* dst, int n) {{
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {{
+    const __m256bh x = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));
+    std::memcpy(dst + j, &x, 32);
+  }}
+  for (; j < n; ++j) {{
+    const __m256bh x = _mm512_cvtneps_pbh(_mm512_set1_ps(src[j]));
+    std::memcpy(dst + j, &x, 2);
+  }}
+  if (n % 2) dst[n] = 0;
+}}
+
+// C[M x NR] (op)= A . B over ``pairs`` bf16 pairs: A's row i pair r at a + i * ai + 2 * r, B's pair row r at
+// b + r * ldb (NR lanes x 2 bf16). MODE as micro(): 0 stores, 1 accumulates, 2 rescales row i by alpha[i].
+template <int M, int MODE>
+inline void micro_bf(int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t ldb, float* c, int64_t ldc,
+                     const float* alpha) {{
+  __m512 c0[M], c1[M];
+  for (int i = 0; i < M; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+  for (int r = 0; r < pairs; ++r) {{
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + r * ldb);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + r * ldb + 32);
+    for (int i = 0; i < M; ++i) {{
+      uint32_t w;
+      std::memcpy(&w, a + i * ai + 2 * r, 4);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32((int)w);
+      c0[i] = _mm512_dpbf16_ps(c0[i], x, b0);
+      c1[i] = _mm512_dpbf16_ps(c1[i], x, b1);
+    }}
+  }}
+  for (int i = 0; i < M; ++i) {{
+    float* o0 = c + i * ldc;
+    float* o1 = o0 + 16;
+    if (MODE == 0) {{ _mm512_storeu_ps(o0, c0[i]); _mm512_storeu_ps(o1, c1[i]); }}
+    if (MODE == 1) {{
+      _mm512_storeu_ps(o0, _mm512_add_ps(_mm512_loadu_ps(o0), c0[i]));
+      _mm512_storeu_ps(o1, _mm512_add_ps(_mm512_loadu_ps(o1), c1[i]));
+    }}
+    if (MODE == 2) {{
+      const __m512 s = _mm512_set1_ps(alpha[i]);
+      _mm512_storeu_ps(o0, _mm512_fmadd_ps(_mm512_loadu_ps(o0), s, c0[i]));
+      _mm512_storeu_ps(o1, _mm512_fmadd_ps(_mm512_loadu_ps(o1), s, c1[i]));
+    }}
+  }}
+}}
+
+template <int MODE>
+inline void micro_bf_m(int m, int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t ldb, float* c,
+                       int64_t ldc, const float* alpha) {{
+  switch (m) {{
+    case 1: micro_bf<1, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 2: micro_bf<2, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 3: micro_bf<3, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 4: micro_bf<4, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 5: micro_bf<5, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 6: micro_bf<6, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 7: micro_bf<7, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 8: micro_bf<8, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 9: micro_bf<9, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 10: micro_bf<10, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 11: micro_bf<11, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    default: micro_bf<MR, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+  }}
+}}
+
+// C[rows x cols] (op)= A . B over bf16 pairs, cols a multiple of NR; B's column block x starts at b + x * bc
+template <int MODE>
+inline void gemm_bf(int rows, int cols, int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t bc,
+                    int64_t ldb, float* c, int64_t ldc, const float* alpha = nullptr) {{
+  for (int i = 0; i < rows; i += MR)
+    for (int x = 0; x < cols; x += NR)
+      micro_bf_m<MODE>(min_of(MR, rows - i), pairs, a + i * ai, ai, b + x * bc, ldb, c + i * ldc + x, ldc,
+                       alpha ? alpha + i : nullptr);
+}}
+#else
+constexpr bool BF16 = false;
+#endif
+
 // RoPE, rotate-half convention, on one row of D values: x' = x * c + rotate_half(x) * s with
 // rotate_half(x) = [-x2, x1]; ``inverse`` applies the transpose (for gradients). In place is fine.
 inline void rope_row(const float* x, float* out, const float* c, const float* s, int d, bool inverse) {{
@@ -661,6 +788,107 @@ extern "C" int attncc_forward(
     }}
   }}
   return error;
+}}
+
+// ---- attncc: next translation unit ----
+// 1 when this build computes bf16 inputs natively (AVX512_BF16), else 0 (the caller upcasts to fp32)
+extern "C" int attncc_bf16() {{ return BF16 ? 1 : 0; }}
+
+// The forward on bf16 q, k, v (layouts as attncc_forward; o and lse fp32). Needs the micro-kernel shapes
+// (D and BKV multiples of NR) and a workspace of (B * Hkv * (up(Skv) * D + up2(Skv) * D)) bf16 values;
+// returns -1 where this build has no bf16 products. No RoPE (the caller upcasts for rotated specs).
+extern "C" int attncc_forward_bf16(
+    const bf16_t* q, const bf16_t* k, const bf16_t* v, float* o, float* lse,
+    int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv, int64_t D,
+    const int32_t* map_of, int64_t maps_b, int64_t maps_h,
+    const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
+    const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
+    const void* const* tensors, const int64_t* dims, int threads, const int64_t* HEADS, float SCALE,
+    bf16_t* work, const void* hooks) {{
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  if (D % NR || BKV % NR) return -1;
+  const int64_t nq = (Sq + BQ - 1) / BQ;
+  const Hooks& spec = *(const Hooks*)hooks;
+  const bool HAS_MOD = spec.mod_rows != nullptr;
+  const int64_t skv_pad = (Skv + NR - 1) / NR * NR, kv_pairs = (Skv + 1) / 2;
+  bf16_t* k_pack = work;
+  bf16_t* v_pack = work + B * Hkv * skv_pad * D;
+  pack_k_bf16(k, k_pack, B * Hkv, Skv, D, threads);
+  pack_v_bf16(v, v_pack, B * Hkv, Skv, D, threads);
+  int error = 0;
+  const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
+  const int d = (int)D;
+  #pragma omp parallel num_threads(threads)
+  {{
+    Buf s(BQ * WKV), acc(BQ * D), m(BQ), l(BQ), alpha(BQ);
+    const int pw = WKV + 2;  // bf16 P row stride (room for the odd zero)
+    std::vector<bf16_t> pb((size_t)BQ * pw);
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * H * nq; ++task) {{
+      const int64_t qb = task % nq, h = (task / nq) % H, b = task / (nq * H);
+      const int64_t hk = HEADS[h], q0 = qb * BQ;
+      const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
+      const bf16_t* qp = q + ((b * H + h) * Sq + q0) * D;
+      const bf16_t* kpp = k_pack + (b * Hkv + hk) * skv_pad * D;
+      const bf16_t* vpp = v_pack + (b * Hkv + hk) * kv_pairs * D * 2;
+      fill(acc.data(), BQ * D, 0.0f);
+      fill(m.data(), BQ, -INF);
+      fill(l.data(), BQ, 0.0f);
+      const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
+      const int64_t row = (int64_t)map_of[pair] * nq + qb;
+      const uint8_t* run_keep[SPAN];
+      for (int32_t t = kv_ptr[row], span; t < kv_ptr[row + 1]; t += span) {{
+        span = run_length(kv_idx, kv_full, t, kv_ptr[row + 1], SPAN);
+        const int64_t k0 = (int64_t)kv_idx[t] * BKV;
+        const int cols = (int)min_of<int64_t>((int64_t)BKV * span, Skv - k0);
+        const bool full = kv_full[t] != 0;
+        if (!full)
+          for (int u = 0; u < span; ++u) run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
+        gemm_bf<0>(rows, up_nr(cols), d / 2, qp, d, kpp + k0 * D, d, 2 * NR, s.data(), WKV);
+        const bool plain = full && !HAS_MOD;
+        if (!plain) tile_scores(spec, cx, SCALE, s.data(), WKV, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
+        const float sc = plain ? SCALE * LOG2E : LOG2E;
+        for (int i = 0; i < rows; ++i) {{
+          float* sr = s.data() + i * WKV;
+          float mx = max_of(m[i], row_max(sr, cols) * sc);
+          if (mx == -INF) {{
+            const float bad = first_nan(sr, cols);
+            if (bad == 0.0f) {{
+              fill(sr, cols, 0.0f);
+              alpha[i] = 1.0f;
+              to_bf16(sr, pb.data() + i * pw, cols);
+              continue;
+            }}
+            mx = bad;
+          }}
+          const float a = exp2_f(m[i] - mx);
+          float sum = 0.0f;
+          #pragma omp simd reduction(+:sum)
+          for (int j = 0; j < cols; ++j) {{ const float p = exp2_f(sr[j] * sc - mx); sr[j] = p; sum += p; }}
+          l[i] = l[i] * a + sum;
+          m[i] = mx;
+          alpha[i] = a;
+          to_bf16(sr, pb.data() + i * pw, cols);
+        }}
+        gemm_bf<2>(rows, d, (cols + 1) / 2, pb.data(), pw, vpp + (k0 / 2) * D * 2, 2, 2 * D, acc.data(), d,
+                   alpha.data());
+      }}
+      for (int i = 0; i < rows; ++i) {{
+        float* out = o + ((b * H + h) * Sq + q0 + i) * D;
+        const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
+        for (int64_t c = 0; c < D; ++c) out[c] = acc[i * D + c] * inv;
+        lse[(b * H + h) * Sq + q0 + i] = l[i] != 0.0f ? m[i] * LN2 + __builtin_logf(l[i]) : -INF;
+      }}
+    }}
+  }}
+  return error;
+#else
+  (void)q; (void)k; (void)v; (void)o; (void)lse; (void)B; (void)H; (void)Hkv; (void)Sq; (void)Skv; (void)D;
+  (void)map_of; (void)maps_b; (void)maps_h; (void)kv_ptr; (void)kv_idx; (void)kv_full; (void)kv_rank;
+  (void)keep_base; (void)keep; (void)tensors; (void)dims; (void)threads; (void)HEADS; (void)SCALE; (void)work;
+  (void)hooks;
+  return -1;
+#endif
 }}
 
 // ---- attncc: next translation unit ----

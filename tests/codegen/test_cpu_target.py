@@ -216,3 +216,38 @@ def test_every_buildable_instruction_set_matches_the_oracle_and_keeps_a_workspac
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
     for t, w in zip((q, k, v), leaves):
         torch.testing.assert_close(t.grad.double(), w.grad, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_bf16_inputs_on_every_instruction_set(isa: str) -> None:
+    """Issue 17 item 1: bf16 q, k, v run the native bf16 forward (AVX512_BF16 dot products on the bf16 values,
+    P rounded to bf16 for P V, fp32 softmax and accumulation) where the build has the instructions, else the
+    fp32 kernel on upcast copies; either way the output is as close to the float64 oracle as SDPA's own bf16
+    result, forward and backward, with a partial-tile mask, a score mod, GQA and a ragged last block."""
+    from tests.numerics import oracle
+
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=64, mask=ac.causal() & ac.sliding_window(90),
+                            score_mod=ac.softcap(8.0))  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 150, 64, generator=g).bfloat16()
+    k, v = (torch.randn(2, 2, 150, 64, generator=g).bfloat16() for _ in range(2))
+    with config.override(cpu_isa=isa):
+        kern = ac.compile(spec, target="cpu")
+        native = kern.cpu_kernel().native_bf16(64)
+        assert native == (isa in ("native", "avx512") and "avx512_bf16" in toolchain.cpu_flags())
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = kern(*leaves)
+        out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    keep = torch.tensor([[0 <= i - j <= 90 for j in range(150)] for i in range(150)]).expand(2, 4, 150, 150)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want, _ = oracle.attention(*ref_in, keep, 64**-0.5, lambda s: 8.0 * torch.tanh(s / 8.0))
+    want.square().sum().backward()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=keep[0, 0]
+    )  # bf16's own rounding, without the softcap: a scale for the error, not an answer
+    bound = 2 * float((sdpa.double() - oracle.attention(q, k, v, keep, 64**-0.5)[0]).abs().mean())
+    assert float((out.detach().double() - want.detach()).abs().mean()) <= bound
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    for t, w in zip(leaves, ref_in, strict=True):
+        torch.testing.assert_close(t.grad.double(), w.grad, atol=6e-2, rtol=3e-2)
