@@ -2,6 +2,9 @@
 
     python benchmarks/fma_peak.py
 
+Then times torch.mm in fp32 and bf16 (oneDNN uses AVX512_BF16 / AMX where the CPU has them): the
+denominators of the bf16 figures.
+
 Compiles a loop of 12 independent 8-lane (AVX2; 16 with AVX-512 via -march=native) FMA chains with
 the system compiler and runs one copy per core at once; prints GFLOP/s per core and their sum.
 """
@@ -11,7 +14,11 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from attncc.codegen import toolchain
 
@@ -56,12 +63,28 @@ def measure() -> list[float]:
         return [float(r.communicate()[0].split()[0]) for r in runs]
 
 
+def matmul_rate(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
+    """GFLOP/s of torch.mm on n x n matrices of ``dtype`` (best of ``reps``): what oneDNN/MKL reach here."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     per_core = measure()
     print(
         f"fp32 FMA peak: {sum(per_core):.1f} GFLOP/s on {len(per_core)} cores "
         f"({', '.join(f'{x:.1f}' for x in per_core)})"
     )
+    for dtype in (torch.float32, torch.bfloat16):
+        print(f"torch.mm {str(dtype).removeprefix('torch.')} at 4096^2: {matmul_rate(dtype):.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

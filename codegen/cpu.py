@@ -1,7 +1,9 @@
 """The cpu target: render the C++ template from the tiled IR, build it, call it through ctypes.
 
 Runtime tensors are passed as int64 (int and bool tensors) or float32 (float tensors);
-q, k, v run in float32 (bf16/fp16 inputs are upcast once, O(S * D), and the output cast back).
+q, k, v run in float32 (fp16 inputs, and bf16 ones where the build lacks AVX512_BF16 or RoPE is applied,
+are upcast once, O(S * D), and the output cast back); bf16 inputs otherwise run the native bf16 forward
+(``CpuKernel.native_bf16``).
 """
 
 from __future__ import annotations
