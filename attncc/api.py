@@ -366,7 +366,7 @@ def _structure(spec: AttentionSpec) -> tuple[Any, ...]:
 
 
 class LinearKernel:
-    """A compiled feature-map linear attention (targets: triton, reference; cpu runs the reference)."""
+    """A compiled feature-map linear attention (targets: cpu, triton, reference)."""
 
     def __init__(self, spec: LinearAttentionSpec, target: str = "auto") -> None:
         if target not in TARGETS:
@@ -377,6 +377,7 @@ class LinearKernel:
         self.graph, self.records = result.graph, result.records
         self.plan = lower_linear(self.graph)  # what the targets build from
         self._triton: Any = None
+        self._cpu: Any = None
 
     @property
     def ir(self) -> str:
@@ -393,10 +394,20 @@ class LinearKernel:
             self._triton = LinearTritonKernel(self.plan)
         return self._triton
 
+    def cpu_kernel(self) -> Any:
+        """The compiled C++ linear-attention kernels (built on first use, cached on disk)."""
+        if self._cpu is None:
+            from attncc.codegen.cpu_linear import LinearCpuKernel
+
+            self._cpu = LinearCpuKernel(self.plan)
+        return self._cpu
+
     @property
     def source(self) -> str:
         if self.target == "triton":
             return str(self.triton_kernel().source)
+        if self.target in ("cpu", "auto"):
+            return str(self.cpu_kernel().source)
         return f"# dense reference: phi(x) = {self.plan.phi}\n"
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -411,6 +422,12 @@ class LinearKernel:
             if reason is None:
                 return LinearAttention.apply(q, k, v, self.triton_kernel())  # type: ignore[no-any-return]
             log.info("linear attention: running the reference for this call: %s", reason)
-        elif self.target == "cpu":
-            log.info("linear attention: the cpu target has no linear-attention kernel; running the reference")
+        elif self.target in ("cpu", "auto"):
+            reason = fallback.reason("cpu", q, {})
+            if reason is None:
+                from attncc.codegen.cpu_linear import LinearCpuAttention
+
+                return LinearCpuAttention.apply(q, k, v, self.cpu_kernel())  # type: ignore[no-any-return]
+            if self.target == "cpu":
+                log.info("linear attention: running the reference for this call: %s", reason)
         return reference.linear(self.plan, q, k, v)

@@ -25,7 +25,29 @@ per-thread partial, and the team sums the partials into dQ at the end.
 """
 
 # both parts: light headers (math from compiler builtins), small helpers, the tile size
-_HEAD = r"""#include <cstdint>
+# what every generated C++ file needs: infinity, min and max (also the linear-attention kernels')
+BASICS = r"""constexpr float INF = __builtin_inff();
+template <class T> inline T min_of(T a, T b) {{ return b < a ? b : a; }}
+template <class T> inline T max_of(T a, T b) {{ return a < b ? b : a; }}
+"""
+
+# the functions the C++ expression printer (emit_cpp) calls
+EXPR_HELPERS = r"""// floor division and modulo with Python/sympy semantics
+inline int64_t fdiv(int64_t a, int64_t b) {{
+  int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}}
+inline int64_t fmod_i(int64_t a, int64_t b) {{
+  int64_t r = a % b;
+  return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r;
+}}
+inline double fmod_f(double a, double b) {{ return a - b * __builtin_floor(a / b); }}
+inline int64_t abs_i(int64_t a) {{ return a < 0 ? -a : a; }}
+inline double sign_f(double a) {{ return (a > 0) - (a < 0); }}
+"""
+
+_HEAD = (
+    r"""#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -36,10 +58,9 @@ _HEAD = r"""#include <cstdint>
 
 namespace {{
 
-constexpr float INF = __builtin_inff();
-template <class T> inline T min_of(T a, T b) {{ return b < a ? b : a; }}
-template <class T> inline T max_of(T a, T b) {{ return a < b ? b : a; }}
-inline void fill(float* x, int64_t n, float value) {{ for (int64_t i = 0; i < n; ++i) x[i] = value; }}
+"""
+    + BASICS
+    + r"""inline void fill(float* x, int64_t n, float value) {{ for (int64_t i = 0; i < n; ++i) x[i] = value; }}
 
 // an uninitialized float array on the heap, freed at the end of its scope
 struct Buf {{
@@ -57,6 +78,7 @@ struct Buf {{
 constexpr int BQ = {bq};
 constexpr int BKV = {bkv};
 """
+)
 
 # both parts: what a spec's code sees of a call, and the hooks the runtime calls
 _CTX = r"""struct Ctx {{
@@ -130,19 +152,9 @@ SPEC = (
     + _RECORD
     + _EXP2
     + r"""
-// floor division and modulo with Python/sympy semantics
-inline int64_t fdiv(int64_t a, int64_t b) {{
-  int64_t q = a / b;
-  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
-}}
-inline int64_t fmod_i(int64_t a, int64_t b) {{
-  int64_t r = a % b;
-  return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r;
-}}
-inline double fmod_f(double a, double b) {{ return a - b * __builtin_floor(a / b); }}
-inline int64_t abs_i(int64_t a) {{ return a < 0 ? -a : a; }}
-inline double sign_f(double a) {{ return (a > 0) - (a < 0); }}
-
+"""
+    + EXPR_HELPERS
+    + r"""
 {accessors}
 
 // mask: {mask_text}

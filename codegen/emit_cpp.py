@@ -138,6 +138,10 @@ class CppPrinter(Printer):
     def false(self, e: sympy.Basic) -> str:
         return "false"
 
+    def heaviside(self, e: sympy.Basic) -> str:
+        x = self.double(e.args[0])
+        return f"({x} > 0.0 ? 1.0 : ({x} < 0.0 ? 0.0 : 0.5))"
+
     def unary(self, e: sympy.Basic) -> str:
         if isinstance(e, sympy.sign):
             return f"sign_f({self.double(e.args[0])})"

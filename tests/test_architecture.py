@@ -41,14 +41,15 @@ LAYERS: list[tuple[str, set[str]]] = [
             f"codegen.{m}"
             for m in _names("printer emit_cpp emit_torch emit_triton helpers fallback toolchain interpret target")
         }
-        | {f"codegen.{m}" for m in _names("reference cpu cpu_template triton triton_template triton_linear")}
+        | {f"codegen.{m}" for m in _names("reference cpu cpu_template cpu_linear triton triton_template triton_linear")}
         | {"codegen"},
     ),
     ("api", _names("api sharding distributed dump cli dynamo frontends frontends.fx frontends.symtensor __init__")),
 ]
-# the code generators of different targets never import each other (triton_linear is the triton target's)
+# the code generators of different targets never import each other (triton_linear is the triton target's,
+# cpu_linear the cpu target's)
 TARGETS = {"codegen.cpu": "cpu", "codegen.reference": "reference", "codegen.triton": "triton",
-           "codegen.triton_linear": "triton"}  # fmt: skip
+           "codegen.triton_linear": "triton", "codegen.cpu_linear": "cpu"}  # fmt: skip
 
 
 def _modules() -> dict[str, Path]:
