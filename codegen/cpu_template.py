@@ -50,10 +50,6 @@ _HEAD = (
     r"""#include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
 #include <omp.h>
 
 namespace {{
@@ -274,6 +270,10 @@ RUNTIME = (
     r"""// attncc cpu runtime: the fixed forward and backward for {bq}x{bkv} tiles, shared by every spec
 // with these tiles; the spec's own code (mask bytes, score mod, derivatives) comes from its library
 // through Hooks
+#include <vector>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>  // the native bf16 products (the spec libraries stay light: no intrinsics headers)
+#endif
 """
     + _HEAD
     + r"""constexpr int SPAN = {span};  // consecutive tiles of equal kind merged into one GEMM (up to SPAN tiles)
