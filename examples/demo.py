@@ -30,6 +30,13 @@ def specs() -> list[tuple[ac.AttentionSpec, dict[str, torch.Tensor], int]]:
     freqs = torch.arange(256.0)[:, None] * 10000.0 ** (-torch.arange(0, 32, 2) / 32)
     angles = torch.cat((freqs, freqs), -1)  # Llama's rotary table layout, [positions, head_dim]
 
+    nq = 256 // 32
+    layout = torch.full((1, 4, nq, 3), -1)  # per-head block lists, as MoA ships a searched layout
+    for h in range(4):
+        for qb in range(nq):
+            picked = sorted({0, qb, max(qb - 1 - h, 0)})
+            layout[0, h, qb, : len(picked)] = torch.tensor(picked)
+
     def flex_mask(b, h, q_idx, kv_idx):  # a FlexAttention mask_mod, unchanged
         return (captured[q_idx] == captured[kv_idx]) & (q_idx >= kv_idx)
 
@@ -83,6 +90,28 @@ def specs() -> list[tuple[ac.AttentionSpec, dict[str, torch.Tensor], int]]:
                 name="t5_bias", num_heads=4, head_dim=32, score_mod=ac.relative_bias(ac.tensor("table"), 16)
             ),
             {"table": bias},
+            256,
+        ),
+        (
+            ac.AttentionSpec(
+                name="moa_block_lists",
+                num_heads=4,
+                head_dim=32,
+                mask=ac.block_indices(ac.tensor("layout"), 32) & ac.causal(),
+            ),
+            {"layout": layout},  # the block map is read from the lists
+            256,
+        ),
+        (
+            ac.AttentionSpec(
+                name="kdgqa_groups",
+                num_heads=4,
+                num_kv_heads=3,
+                head_dim=32,
+                mask=ac.causal(),
+                kv_head_of=ac.tensor("kv_head_of"),
+            ),
+            {"kv_head_of": torch.tensor([0, 2, 2, 1])},  # query head -> kv head, uneven groups, per call
             256,
         ),
         (

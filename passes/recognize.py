@@ -11,7 +11,7 @@ from __future__ import annotations
 import sympy
 
 from attncc.analysis.bands import relation_band
-from attncc.ir.exprs import Skv, Sq, q
+from attncc.ir.exprs import InBlocks, Skv, Sq, q
 
 
 def _band(rel: sympy.Basic) -> tuple[str, sympy.Expr] | None:
@@ -45,6 +45,8 @@ def _atom(expr: sympy.Basic) -> str | None:
         return f"document({expr.args[0].base})"
     if isinstance(expr, sympy.Ne) and isinstance(expr.args[0], sympy.Indexed) and expr.args[1] == 0:
         return f"block_layout({expr.args[0].base})"
+    if isinstance(expr, InBlocks) and expr.blocks is not None:
+        return f"block_indices({expr.tensor}, {expr.blocks})"
     return None
 
 
