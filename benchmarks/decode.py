@@ -10,27 +10,14 @@ bottom-right boolean mask. Best of ``--reps`` rounds, each round calling both on
 from __future__ import annotations
 
 import argparse
-import math
 import platform
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from cpu import interleaved  # benchmarks/cpu.py: best of rounds that call every contender once
 
 import attncc as ac
-
-
-def best(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    out = dict.fromkeys(fns, math.inf)
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            out[name] = min(out[name], time.perf_counter() - start)
-    return out
 
 
 def contenders(
@@ -64,7 +51,7 @@ def main() -> None:
             q = torch.randn(1, H, sq, D, generator=g)
             k, v = (torch.randn(1, Hkv, skv, D, generator=g) for _ in range(2))
             mask = None if sq == 1 else torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
-            t = best(contenders(kern, q, k, v, mask), args.reps)
+            t = interleaved(contenders(kern, q, k, v, mask), args.reps)
             print(
                 f"| {sq} | {skv} | {t['attncc'] * 1e3:.2f} | {t['sdpa'] * 1e3:.2f} | {t['sdpa'] / t['attncc']:.2f}x |"
             )

@@ -15,29 +15,17 @@ rounds, each round calling every contender once.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from cpu import interleaved  # benchmarks/cpu.py: best of rounds that call every contender once
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import attncc as ac
 from attncc import routing
-
-
-def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    out = dict.fromkeys(fns, math.inf)
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            out[name] = min(out[name], time.perf_counter() - start)
-    return out
 
 
 def flex_block_mask(lists: torch.Tensor, n: int, block: int) -> BlockMask:

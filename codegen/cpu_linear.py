@@ -72,6 +72,16 @@ inline void add_state(float* S, float* z, const float* f, const float* v, int64_
     }}
 }}
 
+// S = phi(K)^T V and z = sum phi(K) over the whole sequence (the non-causal state), chunk by chunk
+inline void full_state(const float* k, const float* v, float* S, float* z, float* f, int64_t seq, int64_t C,
+                       int64_t D) {{
+  for (int64_t c0 = 0; c0 < seq; c0 += C) {{
+    const int64_t n = std::min(C, seq - c0);
+    features(k + c0 * D, f, n, D);
+    add_state(S, z, f, v + c0 * D, n, D);
+  }}
+}}
+
 // dnum and dden of n rows (o = num / den when normalized)
 inline void out_grads(const float* dout, const float* o, const float* den, float* dnum, float* dden, int64_t n,
                       int64_t D, int normalize) {{
@@ -98,12 +108,7 @@ extern "C" void lin_forward(const float* q, const float* k, const float* v, floa
       const float* vp = v + kvh * S * D;
       std::fill(St.begin(), St.end(), 0.0f);
       std::fill(z.begin(), z.end(), 0.0f);
-      if (!causal)
-        for (int64_t c0 = 0; c0 < S; c0 += C) {{
-          const int64_t n = std::min(C, S - c0);
-          features(kp + c0 * D, fk.data(), n, D);
-          add_state(St.data(), z.data(), fk.data(), vp + c0 * D, n, D);
-        }}
+      if (!causal) full_state(kp, vp, St.data(), z.data(), fk.data(), S, C, D);
       for (int64_t c0 = 0; c0 < S; c0 += C) {{
         const int64_t n = std::min(C, S - c0);
         features(qp + c0 * D, fq.data(), n, D);
@@ -155,12 +160,7 @@ extern "C" void lin_backward(const float* q, const float* k, const float* v, con
       const float* vp = v + kvh * S * D;
       std::fill(St.begin(), St.end(), 0.0f);
       std::fill(z.begin(), z.end(), 0.0f);
-      if (!causal)
-        for (int64_t c0 = 0; c0 < S; c0 += C) {{
-          const int64_t n = std::min(C, S - c0);
-          features(kp + c0 * D, fk.data(), n, D);
-          add_state(St.data(), z.data(), fk.data(), vp + c0 * D, n, D);
-        }}
+      if (!causal) full_state(kp, vp, St.data(), z.data(), fk.data(), S, C, D);
       for (int64_t c0 = 0; c0 < S; c0 += C) {{
         const int64_t n = std::min(C, S - c0);
         out_grads(dout + (bh * S + c0) * D, o + (bh * S + c0) * D, den + bh * S + c0, dnum.data(), dden.data(), n, D,

@@ -490,6 +490,29 @@ inline float row_max(const float* x, int n) {{
   return r;
 }}
 
+// The online softmax's step over one run of tiles: rows of scores s (stride ld, cols wide; scaled to base 2 by
+// sc) become probabilities exp2(s * sc - m_new); m (base 2), l (sum) advance, alpha[i] = exp2(m_old - m_new)
+// rescales the row's accumulator. A row with nothing visible so far keeps zeros (alpha 1); NaN scores make the
+// row's sum, output and lse NaN.
+inline void softmax_rows(float* s, int ld, int rows, int cols, float sc, float* m, float* l, float* alpha) {{
+  for (int i = 0; i < rows; ++i) {{
+    float* sr = s + i * ld;
+    float mx = max_of(m[i], row_max(sr, cols) * sc);
+    if (mx == -INF) {{  // nothing visible so far, or only NaN scores (the max skips NaN)
+      const float bad = first_nan(sr, cols);
+      if (bad == 0.0f) {{ fill(sr, cols, 0.0f); alpha[i] = 1.0f; continue; }}
+      mx = bad;
+    }}
+    const float a = exp2_f(m[i] - mx);
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (int j = 0; j < cols; ++j) {{ const float p = exp2_f(sr[j] * sc - mx); sr[j] = p; sum += p; }}
+    l[i] = l[i] * a + sum;
+    m[i] = mx;
+    alpha[i] = a;
+  }}
+}}
+
 // pack K or V [heads, S, d] into panels of NR rows [heads][ceil(S / NR)][d][NR], zero past S, so that
 // the panel of rows j0.. (j0 a multiple of NR) starts at out + (h * up(S) + j0) * d
 inline void pack_panels(const float* k, float* out, int64_t heads, int64_t S, int64_t d, int threads) {{
@@ -766,22 +789,7 @@ extern "C" int attncc_forward(
         const bool plain = full && !HAS_MOD;
         if (!plain) tile_scores(spec, cx, SCALE, s.data(), WKV, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         const float sc = plain ? SCALE * LOG2E : LOG2E;  // scores to base 2; m[] is kept in base 2
-        for (int i = 0; i < rows; ++i) {{
-          float* sr = s.data() + i * WKV;
-          float mx = max_of(m[i], row_max(sr, cols) * sc);
-          if (mx == -INF) {{  // nothing visible so far, or only NaN scores (the max skips NaN)
-            const float bad = first_nan(sr, cols);
-            if (bad == 0.0f) {{ fill(sr, cols, 0.0f); alpha[i] = 1.0f; continue; }}
-            mx = bad;  // NaN: the row's sum, output and lse become NaN
-          }}
-          const float a = exp2_f(m[i] - mx);
-          float sum = 0.0f;
-          #pragma omp simd reduction(+:sum)
-          for (int j = 0; j < cols; ++j) {{ const float p = exp2_f(sr[j] * sc - mx); sr[j] = p; sum += p; }}
-          l[i] = l[i] * a + sum;
-          m[i] = mx;
-          alpha[i] = a;
-        }}
+        softmax_rows(s.data(), WKV, rows, cols, sc, m.data(), l.data(), alpha.data());
         if (micro && !full)
           products_kept<2>(rows, d, s.data(), WKV, 1, BKV, vp + k0 * D, d, acc.data(), d, alpha.data(), run_rng, span);
         else if (micro) gemm_micro<2>(rows, d, cols, s.data(), WKV, 1, vp + k0 * D, 1, d, acc.data(), d, alpha.data());
@@ -860,28 +868,8 @@ extern "C" int attncc_forward_bf16(
         const bool plain = full && !HAS_MOD;
         if (!plain) tile_scores(spec, cx, SCALE, s.data(), WKV, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         const float sc = plain ? SCALE * LOG2E : LOG2E;
-        for (int i = 0; i < rows; ++i) {{
-          float* sr = s.data() + i * WKV;
-          float mx = max_of(m[i], row_max(sr, cols) * sc);
-          if (mx == -INF) {{
-            const float bad = first_nan(sr, cols);
-            if (bad == 0.0f) {{
-              fill(sr, cols, 0.0f);
-              alpha[i] = 1.0f;
-              to_bf16(sr, pb.data() + i * pw, cols);
-              continue;
-            }}
-            mx = bad;
-          }}
-          const float a = exp2_f(m[i] - mx);
-          float sum = 0.0f;
-          #pragma omp simd reduction(+:sum)
-          for (int j = 0; j < cols; ++j) {{ const float p = exp2_f(sr[j] * sc - mx); sr[j] = p; sum += p; }}
-          l[i] = l[i] * a + sum;
-          m[i] = mx;
-          alpha[i] = a;
-          to_bf16(sr, pb.data() + i * pw, cols);
-        }}
+        softmax_rows(s.data(), WKV, rows, cols, sc, m.data(), l.data(), alpha.data());
+        for (int i = 0; i < rows; ++i) to_bf16(s.data() + i * WKV, pb.data() + i * pw, cols);
         gemm_bf<2>(rows, d, (cols + 1) / 2, pb.data(), pw, vpp + (k0 / 2) * D * 2, 2, 2 * D, acc.data(), d,
                    alpha.data());
       }}
