@@ -490,6 +490,25 @@ inline float row_max(const float* x, int n) {{
   return r;
 }}
 
+// A q-block task's running state before its first tile: no output, max -inf, sum 0
+inline void start_rows(float* acc, float* m, float* l, int64_t D) {{
+  fill(acc, BQ * D, 0.0f);
+  fill(m, BQ, -INF);
+  fill(l, BQ, 0.0f);
+}}
+
+// A q-block task's rows written out: o = acc / l (0 for rows that saw nothing; NaN stays NaN) and
+// lse = m ln 2 + ln l (-inf for rows that saw nothing), rows starting at flat row ``first`` of [B, H, Sq]
+inline void finish_rows(float* o, float* lse, const float* acc, const float* m, const float* l, int rows, int64_t D,
+                        int64_t first) {{
+  for (int i = 0; i < rows; ++i) {{
+    float* out = o + (first + i) * D;
+    const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
+    for (int64_t c = 0; c < D; ++c) out[c] = acc[i * D + c] * inv;
+    lse[first + i] = l[i] != 0.0f ? m[i] * LN2 + __builtin_logf(l[i]) : -INF;
+  }}
+}}
+
 // The online softmax's step over one run of tiles: rows of scores s (stride ld, cols wide; scaled to base 2 by
 // sc) become probabilities exp2(s * sc - m_new); m (base 2), l (sum) advance, alpha[i] = exp2(m_old - m_new)
 // rescales the row's accumulator. A row with nothing visible so far keeps zeros (alpha 1); NaN scores make the
@@ -762,9 +781,7 @@ extern "C" int attncc_forward(
       const float* kp = k + (b * Hkv + hk) * Skv * D;
       const float* kpp = micro ? k_pack + (b * Hkv + hk) * skv_pad * D : nullptr;
       const float* vp = v + (b * Hkv + hk) * Skv * D;
-      fill(acc.data(), BQ * D, 0.0f);
-      fill(m.data(), BQ, -INF);
-      fill(l.data(), BQ, 0.0f);
+      start_rows(acc.data(), m.data(), l.data(), D);
       const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
       const uint8_t* run_keep[SPAN];
@@ -799,12 +816,7 @@ extern "C" int attncc_forward(
           gemm_nn(sg, rows, d, cols, s.data(), WKV, vp + k0 * D, d, acc.data(), d);
         }}
       }}
-      for (int i = 0; i < rows; ++i) {{
-        float* out = o + ((b * H + h) * Sq + q0 + i) * D;
-        const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;  // NaN stays NaN
-        for (int64_t c = 0; c < D; ++c) out[c] = acc[i * D + c] * inv;
-        lse[(b * H + h) * Sq + q0 + i] = l[i] != 0.0f ? m[i] * LN2 + __builtin_logf(l[i]) : -INF;
-      }}
+      finish_rows(o, lse, acc.data(), m.data(), l.data(), rows, D, (b * H + h) * Sq + q0);
     }}
   }}
   return error;
@@ -851,9 +863,7 @@ extern "C" int attncc_forward_bf16(
       const bf16_t* qp = q + ((b * H + h) * Sq + q0) * D;
       const bf16_t* kpp = k_pack + (b * Hkv + hk) * skv_pad * D;
       const bf16_t* vpp = v_pack + (b * Hkv + hk) * kv_pairs * D * 2;
-      fill(acc.data(), BQ * D, 0.0f);
-      fill(m.data(), BQ, -INF);
-      fill(l.data(), BQ, 0.0f);
+      start_rows(acc.data(), m.data(), l.data(), D);
       const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
       const uint8_t* run_keep[SPAN];
@@ -873,12 +883,7 @@ extern "C" int attncc_forward_bf16(
         gemm_bf<2>(rows, d, (cols + 1) / 2, pb.data(), pw, vpp + (k0 / 2) * D * 2, 2, 2 * D, acc.data(), d,
                    alpha.data());
       }}
-      for (int i = 0; i < rows; ++i) {{
-        float* out = o + ((b * H + h) * Sq + q0 + i) * D;
-        const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
-        for (int64_t c = 0; c < D; ++c) out[c] = acc[i * D + c] * inv;
-        lse[(b * H + h) * Sq + q0 + i] = l[i] != 0.0f ? m[i] * LN2 + __builtin_logf(l[i]) : -INF;
-      }}
+      finish_rows(o, lse, acc.data(), m.data(), l.data(), rows, D, (b * H + h) * Sq + q0);
     }}
   }}
   return error;
