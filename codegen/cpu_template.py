@@ -667,6 +667,19 @@ inline void gemm_bf(int rows, int cols, int pairs, const bf16_t* a, int64_t ai, 
       micro_bf_m<MODE>(min_of(MR, rows - i), pairs, a + i * ai, ai, b + x * bc, ldb, c + i * ldc + x, ldc,
                        alpha ? alpha + i : nullptr);
 }}
+
+// Scores of one partial tile from bf16 pairs (as gemm_bf<0>), skipping the NR-wide column panels no row of a
+// register block keeps (their scores stay unset; the keep bytes make them -inf); rng: the rows' kept columns
+inline void scores_kept_bf(int rows, int cols, int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t bc,
+                           int64_t ldb, float* c, int64_t ldc, const int16_t* rng) {{
+  for (int i = 0; i < rows; i += MR) {{
+    const int m = min_of(MR, rows - i);
+    int lo, hi;
+    kept_cols(rng, i, m, lo, hi);
+    for (int x = lo / NR * NR; x < min_of(hi, cols); x += NR)
+      micro_bf_m<0>(m, pairs, a + i * ai, ai, b + x * bc, ldb, c + i * ldc + x, ldc, nullptr);
+  }}
+}}
 #else
 constexpr bool BF16 = false;
 #endif
@@ -872,9 +885,13 @@ extern "C" int attncc_forward_bf16(
         const int64_t k0 = (int64_t)kv_idx[t] * BKV;
         const int cols = (int)min_of<int64_t>((int64_t)BKV * span, Skv - k0);
         const bool full = kv_full[t] != 0;
-        if (!full)
-          for (int u = 0; u < span; ++u) run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
-        gemm_bf<0>(rows, up_nr(cols), d / 2, qp, d, kpp + k0 * D, d, 2 * NR, s.data(), WKV);
+        if (!full)  // partial tiles: only the column panels some row keeps
+          for (int u = 0; u < span; ++u) {{
+            run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
+            scores_kept_bf(rows, up_nr(min_of(BKV, cols - u * BKV)), d / 2, qp, d, kpp + (k0 + u * BKV) * D, d,
+                           2 * NR, s.data() + u * BKV, WKV, kept_ranges(run_keep[u]));
+          }}
+        else gemm_bf<0>(rows, up_nr(cols), d / 2, qp, d, kpp + k0 * D, d, 2 * NR, s.data(), WKV);
         const bool plain = full && !HAS_MOD;
         if (!plain) tile_scores(spec, cx, SCALE, s.data(), WKV, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         const float sc = plain ? SCALE * LOG2E : LOG2E;
