@@ -21,6 +21,7 @@ torch.Size([1, 2, 64, 16])
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,9 +70,15 @@ def token_order(spec: object) -> tuple[torch.Tensor, torch.Tensor] | None:
     first and puts o and lse back with the second; None when the spec keeps the tokens' order."""
     for _, route in getattr(spec, "selectors", ()):
         if route.grid:
-            perm = region_major(route.grid, route.region)
-            return perm, torch.argsort(perm)
+            return _orders(route.grid, route.region)
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _orders(grid: tuple[int, ...], region: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gather, scatter) of a grid, built once per grid and region (callers only index with them)."""
+    perm = region_major(grid, region)
+    return perm, torch.argsort(perm)
 
 
 def check_spec(mask: sympy.Basic, score_mod: sympy.Basic, rope: bool, selectors: tuple[tuple[str, Route], ...]) -> None:

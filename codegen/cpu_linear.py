@@ -35,6 +35,7 @@ _I = ctypes.c_int64
 
 TEMPLATE = r"""// attncc cpu linear-attention kernels for @{name}
 // feature map phi(x) = {phi_text}; d phi / dx = {dphi_text}
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -72,9 +73,13 @@ inline void add_state(float* S, float* z, const float* f, const float* v, int64_
     }}
 }}
 
-// S = phi(K)^T V and z = sum phi(K) over the whole sequence (the non-causal state), chunk by chunk
-inline void full_state(const float* k, const float* v, float* S, float* z, float* f, int64_t seq, int64_t C,
-                       int64_t D) {{
+// The state a head starts from: zero when causal (it grows chunk by chunk), else S = phi(K)^T V and
+// z = sum phi(K) over the whole sequence; f is scratch for a chunk of features
+inline void initial_state(const float* k, const float* v, float* S, float* z, float* f, int64_t seq, int64_t C,
+                          int64_t D, int causal) {{
+  std::fill(S, S + D * D, 0.0f);
+  std::fill(z, z + D, 0.0f);
+  if (causal) return;
   for (int64_t c0 = 0; c0 < seq; c0 += C) {{
     const int64_t n = std::min(C, seq - c0);
     features(k + c0 * D, f, n, D);
@@ -106,9 +111,7 @@ extern "C" void lin_forward(const float* q, const float* k, const float* v, floa
       const float* qp = q + bh * S * D;
       const float* kp = k + kvh * S * D;
       const float* vp = v + kvh * S * D;
-      std::fill(St.begin(), St.end(), 0.0f);
-      std::fill(z.begin(), z.end(), 0.0f);
-      if (!causal) full_state(kp, vp, St.data(), z.data(), fk.data(), S, C, D);
+      initial_state(kp, vp, St.data(), z.data(), fk.data(), S, C, D, causal);
       for (int64_t c0 = 0; c0 < S; c0 += C) {{
         const int64_t n = std::min(C, S - c0);
         features(qp + c0 * D, fq.data(), n, D);
@@ -158,9 +161,7 @@ extern "C" void lin_backward(const float* q, const float* k, const float* v, con
       const float* qp = q + bh * S * D;
       const float* kp = k + kvh * S * D;
       const float* vp = v + kvh * S * D;
-      std::fill(St.begin(), St.end(), 0.0f);
-      std::fill(z.begin(), z.end(), 0.0f);
-      if (!causal) full_state(kp, vp, St.data(), z.data(), fk.data(), S, C, D);
+      initial_state(kp, vp, St.data(), z.data(), fk.data(), S, C, D, causal);
       for (int64_t c0 = 0; c0 < S; c0 += C) {{
         const int64_t n = std::min(C, S - c0);
         out_grads(dout + (bh * S + c0) * D, o + (bh * S + c0) * D, den + bh * S + c0, dnum.data(), dden.data(), n, D,

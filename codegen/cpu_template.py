@@ -532,18 +532,21 @@ inline void softmax_rows(float* s, int ld, int rows, int cols, float sc, float* 
   }}
 }}
 
-// pack K or V [heads, S, d] into panels of NR rows [heads][ceil(S / NR)][d][NR], zero past S, so that
-// the panel of rows j0.. (j0 a multiple of NR) starts at out + (h * up(S) + j0) * d
-inline void pack_panels(const float* k, float* out, int64_t heads, int64_t S, int64_t d, int threads) {{
+// pack K or V [heads, S, d] into panels of NR rows [heads][ceil(S / NR)][d / P][NR][P], zero past S: row j's
+// P consecutive values x.. x + P - 1 sit together (P = 1: fp32 panels [d][NR]; P = 2: the bf16 pairs a
+// vdpbf16ps lane reads), and the panel of rows j0.. (j0 a multiple of NR) starts at out + (h * up(S) + j0) * d
+template <int P = 1, class T>
+inline void pack_panels(const T* k, T* out, int64_t heads, int64_t S, int64_t d, int threads) {{
   const int64_t panels = (S + NR - 1) / NR;
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < heads * panels; ++t) {{
     const int64_t h = t / panels, p = t % panels;
-    float* dst = out + (h * panels + p) * NR * d;
+    T* dst = out + (h * panels + p) * NR * d;
     for (int jj = 0; jj < NR; ++jj) {{
       const int64_t j = p * NR + jj;
-      const float* src = k + (h * S + j) * d;
-      for (int64_t x = 0; x < d; ++x) dst[x * NR + jj] = j < S ? src[x] : 0.0f;
+      const T* src = k + (h * S + j) * d;
+      for (int64_t x = 0; x < d; x += P)
+        for (int u = 0; u < P; ++u) dst[x * NR + jj * P + u] = j < S ? src[x + u] : T(0);
     }}
   }}
 }}
@@ -555,25 +558,6 @@ inline void pack_panels(const float* k, float* out, int64_t heads, int64_t S, in
 typedef uint16_t bf16_t;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 constexpr bool BF16 = true;
-
-// K [heads, S, d] -> per NR keys a panel [d / 2][NR][2] (key j's pair d, d + 1 at [d / 2][j]), zero past S;
-// the panel of keys j0.. (j0 a multiple of NR) starts at out + (h * up(S) + j0) * d, as pack_panels
-inline void pack_k_bf16(const bf16_t* k, bf16_t* out, int64_t heads, int64_t S, int64_t d, int threads) {{
-  const int64_t panels = (S + NR - 1) / NR;
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < heads * panels; ++t) {{
-    const int64_t h = t / panels, p = t % panels;
-    bf16_t* dst = out + (h * panels + p) * NR * d;
-    for (int jj = 0; jj < NR; ++jj) {{
-      const int64_t j = p * NR + jj;
-      const bf16_t* src = k + (h * S + j) * d;
-      for (int64_t x = 0; x < d; x += 2) {{
-        dst[x * NR + 2 * jj] = j < S ? src[x] : 0;
-        dst[x * NR + 2 * jj + 1] = j < S ? src[x + 1] : 0;
-      }}
-    }}
-  }}
-}}
 
 // V [heads, S, d] -> pair rows [heads][up2(S) / 2][d][2] (keys 2r, 2r + 1 of column c at [r][c]), zero past S
 inline void pack_v_bf16(const bf16_t* v, bf16_t* out, int64_t heads, int64_t S, int64_t d, int threads) {{
@@ -858,7 +842,7 @@ extern "C" int attncc_forward_bf16(
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR, kv_pairs = (Skv + 1) / 2;
   bf16_t* k_pack = work;
   bf16_t* v_pack = work + B * Hkv * skv_pad * D;
-  pack_k_bf16(k, k_pack, B * Hkv, Skv, D, threads);
+  pack_panels<2>(k, k_pack, B * Hkv, Skv, D, threads);  // pair panels [D / 2][NR][2]
   pack_v_bf16(v, v_pack, B * Hkv, Skv, D, threads);
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};

@@ -96,7 +96,7 @@ def build(
     if rec.listed is not None and rec.listed[0].blocks == block and rec.listed[0].tensor in given:
         lists = np.asarray(given[rec.listed[0].tensor])
         return _from_list(rec, q_len, kv_len, block, num_heads, batch, lists, tables, sizes)
-    if rec.listed is not None:
+    if rec.listed is not None and rec.listed[0].blocks != block:
         log.info("block map of %s: tiles %s differ from the list's blocks %s; classifying every tile",
                  rec.listed[0].tensor, block, rec.listed[0].blocks)  # fmt: skip
     if rec.bands is not None:

@@ -53,12 +53,19 @@ def check(kern: ac.Kernel, keep: Keep, shapes: tuple[int, ...], groups: int = 1,
     torch.testing.assert_close(o.double(), want, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=1e-4)
     assert not o.isnan().any()
-    grad = torch.randn_like(want)
-    (o.double() * grad).sum().backward()
-    (want * grad).sum().backward()
-    for got, ref in zip(leaves, oracle_in, strict=True):
-        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=1e-3)
+    gradients_match(o, leaves, want, oracle_in)
     return o
+
+
+def gradients_match(
+    out: torch.Tensor, leaves: list[torch.Tensor], want: torch.Tensor, ref_in: list[torch.Tensor]
+) -> None:
+    """The q, k, v gradients of one random cotangent through ``out`` equal the oracle's through ``want``."""
+    grad = torch.randn_like(want)
+    (out.double() * grad).sum().backward()
+    (want * grad).sum().backward()
+    for got, ref in zip(leaves, ref_in, strict=True):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -228,11 +235,7 @@ def test_kv_head_table(target: str) -> None:
     want, want_lse = oracle.attention(ref_in[0], kk, vv, keep, 1 / math.sqrt(D))
     torch.testing.assert_close(o.double(), want, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=1e-4)
-    grad = torch.randn_like(want)
-    (o.double() * grad).sum().backward()
-    (want * grad).sum().backward()
-    for got, ref in zip(leaves, ref_in, strict=True):
-        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=1e-3)
+    gradients_match(o, leaves, want, ref_in)
     assert (leaves[1].grad[:, 1] == 0).all() and (leaves[2].grad[:, 1] == 0).all()
 
 
@@ -295,11 +298,7 @@ def test_everything_composed(target: str) -> None:
     keep = (chosen & oracle.dense(fn, B, H, S, S)) | oracle.dense(lambda b, h, i, j: j < 4, B, H, S, S)
     want, _ = oracle.attention(ref_in[0], kk, vv, keep, 1 / math.sqrt(D), lambda s: 5.0 * torch.tanh(s / 5.0))
     torch.testing.assert_close(o.double(), want, atol=2e-5, rtol=1e-4)
-    grad = torch.randn_like(want)
-    (o.double() * grad).sum().backward()
-    (want * grad).sum().backward()
-    for got, ref in zip(leaves, ref_in, strict=True):
-        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=1e-3)
+    gradients_match(o, leaves, want, ref_in)
 
 
 def test_restricted_specs_refuse_what_they_cannot_keep() -> None:
