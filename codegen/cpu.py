@@ -226,6 +226,7 @@ class CpuKernel:
         if self.tile_bytes != int(self.lib.attncc_tile_bytes()):
             raise LoweringError(f"{self.path.name} and {self.runtime_path.name} disagree on the keep-record layout")
         self._told: set[int] = set()
+        self._upcast_told: set[tuple[str, int, bool]] = set()
 
     def products(self, head_dim: int) -> str:
         """How this kernel computes its block products at ``head_dim``: register-blocked micro-kernels
@@ -252,6 +253,22 @@ class CpuKernel:
         softmax and accumulation) rather than fp32 on upcast copies: the build has the instructions, the
         micro-kernel shapes fit and no RoPE is applied (rotated specs upcast)."""
         return self.has_bf16 and not rope and self.products(head_dim).startswith("micro")
+
+    def tell_upcast(self, dtype: torch.dtype, head_dim: int, rope: bool) -> None:
+        """Log once per kernel, dtype and head dim why half-precision inputs run fp32 on upcast copies."""
+        key = (str(dtype), head_dim, rope)
+        if key in self._upcast_told:
+            return
+        self._upcast_told.add(key)
+        if dtype == torch.float16:
+            why = "fp16 has no native path (F16C/AVX512_FP16 products are not built)"
+        elif not self.has_bf16:
+            why = "this build has no AVX512_BF16 products"
+        elif rope:
+            why = "RoPE specs rotate q and k in fp32"
+        else:
+            why = f"head_dim {head_dim} does not fit the micro-kernels ({self.products(head_dim)})"
+        log.info("cpu kernel %s: %s inputs run fp32 on upcast copies: %s", self.path.name, dtype, why)
 
     def forward_bf16(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: TileLists, keep: torch.Tensor,
@@ -549,6 +566,8 @@ class CpuAttention(torch.autograd.Function):
             o, lse = kern.forward_bf16(q16, k16, v16, lists, keep, tensors)
             ctx.save_for_backward(q16, k16, v16, o, lse)  # bf16 inputs kept: the backward upcasts them then
         else:
+            if dtype in (torch.bfloat16, torch.float16):
+                kern.tell_upcast(dtype, q.shape[3], rope is not None)
             qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
             o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
             ctx.save_for_backward(qf, kf, vf, o, lse)

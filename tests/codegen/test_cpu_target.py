@@ -251,3 +251,15 @@ def test_bf16_inputs_on_every_instruction_set(isa: str) -> None:
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
     for t, w in zip(leaves, ref_in, strict=True):
         torch.testing.assert_close(t.grad.double(), w.grad, atol=6e-2, rtol=3e-2)
+
+
+def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> None:
+    """fp16 (and bf16 where the native path does not apply) runs fp32 on upcast copies, logged once with the
+    reason."""
+    kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=64, mask=ac.causal()), target="cpu")
+    x = torch.randn(1, 2, 40, 64).half()
+    with caplog.at_level(logging.INFO, logger="attncc.codegen.cpu"):
+        kern(x, x, x)
+        kern(x, x, x)
+    said = [r.getMessage() for r in caplog.records if "upcast copies" in r.getMessage()]
+    assert len(said) == 1 and "fp16 has no native path" in said[0]
