@@ -35,8 +35,9 @@ class Config:
     cxx: ATTNCC_CXX (else CXX, else g++ / c++ on PATH); the C++ compiler of the cpu target.
     triton_interpret: TRITON_INTERPRET=1 (Triton's own switch): Triton kernels run on the CPU.
     cpu_isa: ATTNCC_CPU_ISA=native|avx2|avx512|portable; the instruction set the cpu target builds
-        for (default native: what ``-march=native`` finds). A lower one tests the other code paths
-        on one machine; asking for one the CPU lacks is an error when the kernel is built.
+        for (default native: what ``-march=native`` finds, AMX tiles included). A lower one tests the
+        other code paths on one machine (avx512 leaves AMX out: bf16 then runs AVX512_BF16 dot products);
+        asking for one the CPU lacks is an error when the kernel is built.
     """
 
     dump_dir: Path | None = None

@@ -2,15 +2,19 @@
 
     python benchmarks/cpu.py                       # N = 4096 and 16384, fp32 and bf16
     python benchmarks/cpu.py --sizes 4096 --dtypes float32 --masks causal
+    python benchmarks/cpu.py --sizes 4096 --masks causal --head-dims 32 64 128 --peaks   # issue 17's table
 
-B=1, H=8, D=64 (``--head-dim`` to change). Times are the best of ``--reps`` rounds after a warm-up; each round
-calls every contender once, so all see the same machine state. attncc's forward and backward run the generated C++
-(the backward is timed alone, on a retained graph); FlexAttention is compiled with torch.compile (its block mask
-built once, outside the timing); SDPA runs with the materialized boolean mask ("masked") and
-without any mask ("dense", or is_causal for causal). FLOP/s count the FLOPs of the tiles attncc
+B=1, H=8, D=64 (``--head-dims`` to change; several make one table). Times are the best of ``--reps`` rounds after
+a warm-up; each round calls every contender once, so all see the same machine state. attncc's forward and backward
+run the generated C++ (the backward is timed alone, on a retained graph); FlexAttention is compiled with
+torch.compile (its block mask built once, outside the timing); SDPA runs with the materialized boolean mask
+("masked") and without any mask ("dense", or is_causal for causal). FLOP/s count the FLOPs of the tiles attncc
 computes (4 * bq * bkv * D per tile per head); inside partial tiles the kernel skips register blocks that
 keep nothing, so for sparse masks (window, neighborhood) this is an effective rate. Cold-compile times:
-attncc with an empty cache; FlexAttention's first call (torch.compile).
+attncc with an empty cache; FlexAttention's first call (torch.compile). "SDPA/attncc" compares with SDPA
+computing the same attention: is_causal for causal, the boolean mask otherwise. ``--peaks`` measures this
+machine's fp32 FMA peak and torch's bf16 matmul rate first (benchmarks/fma_peak.py) and adds each row's
+attncc rate as a share of the peak of its dtype.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+import fma_peak  # benchmarks/fma_peak.py
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import attncc as ac
 from attncc import config
+from attncc.codegen import toolchain
 
 B, H, D = 1, 8, 64
 MASKS = ["causal", "sliding_window", "prefix_lm", "document", "neighborhood_2d"]
@@ -139,38 +145,55 @@ def main() -> None:
     parser.add_argument("--masks", nargs="+", default=MASKS)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-backward", action="store_true")
-    parser.add_argument("--head-dim", type=int, default=D)
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[D])
+    parser.add_argument("--peaks", action="store_true", help="measure the fp32 FMA and bf16 matmul peaks first")
     args = parser.parse_args()
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"# B={B} H={H} D={args.head_dim}; torch {torch.__version__}; {machine}")
+    isa = sorted(f for f in toolchain.cpu_flags() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+    print(f"# B={B} H={H}; torch {torch.__version__}; {machine}; CPU flags: {' '.join(isa)}")
+    peaks: dict[str, float] = {}
+    if args.peaks:
+        peaks = {"float32": sum(fma_peak.measure()), "bfloat16": fma_peak.matmul_rate(torch.bfloat16)}
+        print(f"# peaks: fp32 FMA {peaks['float32']:.1f} GFLOP/s; torch.mm bf16 {peaks['bfloat16']:.1f} GFLOP/s")
     print(
-        "| mask | N | dtype | tiles | computed | attncc fwd ms | attncc bwd ms | bwd/fwd | flex fwd ms | "
-        "flex/attncc | SDPA masked ms | SDPA dense ms | attncc GFLOP/s | attncc cold compile s | flex first call s |"
+        "| mask | N | D | dtype | tiles | computed | attncc fwd ms | attncc bwd ms | bwd/fwd | flex fwd ms | "
+        "flex/attncc | SDPA masked ms | SDPA dense ms | SDPA/attncc | attncc GFLOP/s | of peak | "
+        "attncc cold compile s | flex first call s |"
     )
-    print("|" + "---|" * 15)
+    print("|" + "---|" * 18)
     ratios = []
     for n in args.sizes:
-        for dt in args.dtypes:
-            for name in args.masks:
-                r = run(name, n, getattr(torch, dt), args.reps, not args.no_backward, args.head_dim)
-                fwd = float(r["attncc_fwd"])
-                bwd = float(r.get("attncc_bwd", float("nan")))
-                if "flex_error" in r:
-                    flex, ratio_text, first = f"failed ({r['flex_error']})", "-", "-"
-                else:
-                    ratio = float(r["flex_fwd"]) / fwd
-                    ratios.append(ratio)
-                    flex, ratio_text = f"{float(r['flex_fwd']) * 1e3:.1f}", f"{ratio:.2f}x"
-                    first = f"{float(r['flex_first_call']):.2f}"
-                print(
-                    f"| {name} | {n} | {dt} | {r['tiles']} | {float(r['computed']):.1%} | {fwd * 1e3:.1f} | "
-                    f"{bwd * 1e3:.1f} | {bwd / fwd:.2f} | {flex} | {ratio_text} | "
-                    f"{float(r['sdpa_masked']) * 1e3:.1f} | {float(r['sdpa_dense']) * 1e3:.1f} | "
-                    f"{float(r['gflops']):.1f} | {float(r['cold']):.2f} | {first} |",
-                    flush=True,
-                )
+        for head_dim in args.head_dims:
+            for dt in args.dtypes:
+                for name in args.masks:
+                    ratios += row(name, n, head_dim, dt, args, peaks)
     geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
     print(f"\ngeometric mean flex/attncc forward: {geo:.2f}x over {len(ratios)} rows")
+
+
+def row(name: str, n: int, head_dim: int, dt: str, args: argparse.Namespace, peaks: dict[str, float]) -> list[float]:
+    """Print one table row; returns its flex/attncc ratio ([] where FlexAttention failed)."""
+    r = run(name, n, getattr(torch, dt), args.reps, not args.no_backward, head_dim)
+    fwd = float(r["attncc_fwd"])
+    bwd = float(r.get("attncc_bwd", float("nan")))
+    ratios: list[float] = []
+    if "flex_error" in r:
+        flex, ratio_text, first = f"failed ({r['flex_error']})", "-", "-"
+    else:
+        ratio = float(r["flex_fwd"]) / fwd
+        ratios.append(ratio)
+        flex, ratio_text = f"{float(r['flex_fwd']) * 1e3:.1f}", f"{ratio:.2f}x"
+        first = f"{float(r['flex_first_call']):.2f}"
+    sdpa = float(r["sdpa_dense" if name == "causal" else "sdpa_masked"])  # the same attention
+    share = f"{float(r['gflops']) / peaks[dt]:.0%}" if dt in peaks else "-"
+    print(
+        f"| {name} | {n} | {head_dim} | {dt} | {r['tiles']} | {float(r['computed']):.1%} | "
+        f"{fwd * 1e3:.1f} | {bwd * 1e3:.1f} | {bwd / fwd:.2f} | {flex} | {ratio_text} | "
+        f"{float(r['sdpa_masked']) * 1e3:.1f} | {float(r['sdpa_dense']) * 1e3:.1f} | {sdpa / fwd:.2f}x | "
+        f"{float(r['gflops']):.1f} | {share} | {float(r['cold']):.2f} | {first} |",
+        flush=True,
+    )
+    return ratios
 
 
 if __name__ == "__main__":

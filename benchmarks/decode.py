@@ -1,6 +1,7 @@
 """Decode and small-query shapes on the CPU: attncc's cpu target vs SDPA, side by side.
 
     python benchmarks/decode.py                       # B=1, H=32, 8 kv heads (GQA), D=64, Sq 1 and 16, Skv 4K and 16K
+    python benchmarks/decode.py --heads 1 --kv-heads 1 --dtypes float32 bfloat16   # one head: split-kv jobs
 
 The new rows sit at the end of the keys (``causal(align="bottom_right")``; for Sq=1 every key is visible).
 SDPA: ``scaled_dot_product_attention(..., enable_gqa=True)`` with ``is_causal=False`` for one row, else a
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from cpu import interleaved  # benchmarks/cpu.py: best of rounds that call every contender once
 
 import attncc as ac
+from attncc.plan import TileLists
 
 
 def contenders(
@@ -37,24 +39,30 @@ def main() -> None:
     parser.add_argument("--q-lens", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--kv-lens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
     args = parser.parse_args()
     H, Hkv, D = args.heads, args.kv_heads, args.head_dim
     spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.causal(align="bottom_right"))
     kern = ac.compile(spec, target="cpu")
-    print(f"# B=1 H={H} Hkv={Hkv} D={D} fp32; torch {torch.__version__}; {platform.machine()}, "
+    print(f"# B=1 H={H} Hkv={Hkv} D={D}; torch {torch.__version__}; {platform.machine()}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    print("| Sq | Skv | attncc ms | SDPA ms | SDPA/attncc |")
-    print("|---|---|---|---|---|")
-    for skv in args.kv_lens:
-        for sq in args.q_lens:
-            g = torch.Generator().manual_seed(0)
-            q = torch.randn(1, H, sq, D, generator=g)
-            k, v = (torch.randn(1, Hkv, skv, D, generator=g) for _ in range(2))
-            mask = None if sq == 1 else torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
-            t = interleaved(contenders(kern, q, k, v, mask), args.reps)
-            print(
-                f"| {sq} | {skv} | {t['attncc'] * 1e3:.2f} | {t['sdpa'] * 1e3:.2f} | {t['sdpa'] / t['attncc']:.2f}x |"
-            )
+    print("| dtype | Sq | Skv | kv splits | attncc ms | SDPA ms | SDPA/attncc |")
+    print("|---|---|---|---|---|---|---|")
+    for dt in args.dtypes:
+        for skv in args.kv_lens:
+            for sq in args.q_lens:
+                g = torch.Generator().manual_seed(0)
+                q = torch.randn(1, H, sq, D, generator=g).to(getattr(torch, dt))
+                k, v = (torch.randn(1, Hkv, skv, D, generator=g).to(q.dtype) for _ in range(2))
+                mask = None if sq == 1 else torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
+                t = interleaved(contenders(kern, q, k, v, mask), args.reps)
+                cpu = kern.cpu_kernel()
+                lists = TileLists.of(kern.block_map(sq, skv))
+                splits = cpu.kv_splits(H * -(-sq // cpu.bq), lists, torch.get_num_threads())
+                print(
+                    f"| {dt} | {sq} | {skv} | {splits} | {t['attncc'] * 1e3:.2f} | {t['sdpa'] * 1e3:.2f} | "
+                    f"{t['sdpa'] / t['attncc']:.2f}x |"
+                )
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ class CpuKernel:
         self.hooks = self.lib.attncc_hooks()  # the spec's score-mod code, called by the runtime
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
         tail: list[Any] = [_P] * 9 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, _I, _P]
-        self.runtime.attncc_forward.argtypes = [_P] * 5 + common + tail + [_P]
+        self.runtime.attncc_forward.argtypes = [_P] * 5 + common + tail + [_P, ctypes.c_int]
         self.runtime.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P, ctypes.c_int, _P, _P, _I, _P]
         self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         for fn in (self.runtime.attncc_forward, self.runtime.attncc_backward, self.lib.attncc_masks):
@@ -218,8 +218,10 @@ class CpuKernel:
         self.lanes = int(self.runtime.attncc_vector_lanes())
         self.runtime.attncc_bf16.restype = ctypes.c_int
         self.has_bf16 = bool(self.runtime.attncc_bf16())  # AVX512_BF16 products in this build
+        self.runtime.attncc_amx.restype = ctypes.c_int
+        self.has_amx = self.has_bf16 and bool(self.runtime.attncc_amx())  # its products on AMX tiles
         fwd_bf16 = self.runtime.attncc_forward_bf16
-        fwd_bf16.argtypes = [_P] * 5 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P]
+        fwd_bf16.argtypes = [_P] * 5 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, ctypes.c_int]
         fwd_bf16.restype = ctypes.c_int
         self.runtime.attncc_tile_bytes.restype = self.lib.attncc_tile_bytes.restype = ctypes.c_int64
         self.tile_bytes = int(self.runtime.attncc_tile_bytes())  # one partial tile's record in the keep buffer
@@ -245,7 +247,14 @@ class CpuKernel:
             return "blas: this build has no FMA vector unit (no AVX2+FMA or AVX-512)"
         if head_dim % width or self.bkv % width:
             return f"blas: head_dim {head_dim} or kv tile {self.bkv} is not a multiple of {width}"
-        bf16 = "; bf16 inputs: AVX512_BF16 dot products, fp32 accumulation" if self.has_bf16 else ""
+        bf16 = (
+            f"; bf16 inputs: AMX tiles{'' if self.bq % 16 == 0 else f' (not at {self.bq}-row q tiles: dot products)'}"
+            if self.has_amx
+            else "; bf16 inputs: AVX512_BF16 dot products"
+            if self.has_bf16
+            else ""
+        )
+        bf16 += ", fp32 accumulation" if bf16 else ""
         return f"micro-kernels: register blocks {width} columns wide ({self.lanes}-lane FMA vectors){bf16}"
 
     def native_bf16(self, head_dim: int, rope: bool = False) -> bool:
@@ -279,7 +288,8 @@ class CpuKernel:
         Hkv, Skv = k.shape[1], k.shape[2]
         heads = head_index(H, Hkv, tensors.get(self.head_table))
         width = 2 * self.lanes
-        halves = B * Hkv * D * (-(-Skv // width) * width + (Skv + 1) // 2 * 2)  # packed K and V, bf16 values
+        halves = 2 * B * Hkv * D * (-(-Skv // width) * width)  # packed K and V, bf16 values
+        threads = torch.get_num_threads()
         o = torch.empty(B, H, Sq, D, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
@@ -287,7 +297,8 @@ class CpuKernel:
             _ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), B, H, Hkv, Sq, Skv, D,
             _ptr(lists.map_of), lists.map_of.shape[0], lists.map_of.shape[1], _ptr(lists.kv_ptr), _ptr(lists.kv_idx),
             _ptr(lists.kv_full), _ptr(lists.kv_rank), _ptr(lists.keep_base), keep.data_ptr(), ctypes.cast(ptrs, _P),
-            _ptr(dims), torch.get_num_threads(), _ptr(heads), self.scale, workspace(-(-halves // 2)), self.hooks,
+            _ptr(dims), threads, _ptr(heads), self.scale, workspace(-(-halves // 2)), self.hooks,
+            self.kv_splits(B * H * -(-Sq // self.bq), lists, threads),
         )  # fmt: skip
         if code < 0:
             raise LoweringError(f"{self.runtime_path.name} has no bf16 products for head_dim {D}")
@@ -404,9 +415,27 @@ class CpuKernel:
             *_rope_args(tables, self.rope),
             workspace(packed) if packed else None,
             self.hooks,
+            self.kv_splits(B * H * -(-Sq // self.bq), lists, torch.get_num_threads()),
         )
         self._check(code)
         return o, lse
+
+    def kv_splits(self, tasks: int, lists: TileLists, threads: int) -> int:
+        """Into how many kv ranges the forward splits each of its ``tasks`` q-block tasks (merging their (o, lse)
+        exactly): 1 while there are at least as many tasks as threads, else enough to give every thread a job, at
+        most one per kv tile of the longest row (and 64). One-token decoding with one head on 4 threads:
+
+        >>> import attncc as ac
+        >>> from attncc.plan import TileLists
+        >>> kern = ac.compile(ac.AttentionSpec(num_heads=1, head_dim=64), target="cpu")
+        >>> lists = TileLists.of(kern.block_map(1, 4096))
+        >>> kern.cpu_kernel().kv_splits(1, lists, threads=4), kern.cpu_kernel().kv_splits(8, lists, threads=4)
+        (4, 1)
+        """
+        if tasks >= threads:
+            return 1
+        longest = int((lists.kv_ptr[1:] - lists.kv_ptr[:-1]).max()) if len(lists.kv_ptr) > 1 else 1
+        return max(1, min(-(-threads // tasks), longest, 64))
 
     def backward(
         self,

@@ -274,11 +274,18 @@ RUNTIME = (
 #if defined(__AVX512BF16__)
 #include <immintrin.h>  // the native bf16 products (the spec libraries stay light: no intrinsics headers)
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>  // arch_prctl: Linux lends AMX tile state to processes that ask for it
+#include <unistd.h>
+#endif
 """
     + _HEAD
     + r"""constexpr int SPAN = {span};  // consecutive tiles of equal kind merged into one GEMM (up to SPAN tiles)
 constexpr int SPAN_Q = {span_q};  // the same for the backward's runs of q-blocks
 constexpr int WKV = BKV * SPAN, WQ = BQ * SPAN_Q;
+// the forwards' score rows are LDS floats apart: at a power-of-two stride (WKV) the rows of a register block or
+// an AMX tile share a few cache sets and evict each other (AMX scores at 4K: 2x slower)
+constexpr int LDS = WKV + 16;
 constexpr int SPAN_MAX = SPAN > SPAN_Q ? SPAN : SPAN_Q;
 
 typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*,
@@ -509,6 +516,68 @@ inline void finish_rows(float* o, float* lse, const float* acc, const float* m, 
   }}
 }}
 
+// Split-kv jobs (see attncc_forward) merged exactly: split j of q-block task t left o_j (rows at flat row t * BQ of
+// part_o + j * tasks * BQ * D) and lse_j over its share of the keys; o = sum_j w_j o_j / sum_j w_j with
+// w_j = exp(lse_j - max lse), lse = max lse + ln sum w (a row no split saw: zeros, -inf; NaN stays NaN)
+constexpr int MAX_SPLITS = 64;
+inline void merge_splits(float* o, float* lse, const float* part_o, const float* part_lse, int splits, int64_t tasks,
+                         int64_t nq, int64_t Sq, int64_t D) {{
+  for (int64_t task = 0; task < tasks; ++task) {{
+    const int64_t q0 = task % nq * BQ, first = task / nq * Sq + q0;  // task / nq: the (b, h) pair
+    const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
+    for (int i = 0; i < rows; ++i) {{
+      float top = -INF, w[MAX_SPLITS], sum = 0.0f;
+      bool nan = false;
+      for (int j = 0; j < splits; ++j) {{
+        const float x = part_lse[j * tasks * BQ + task * BQ + i];
+        top = max_of(top, x);
+        nan = nan || x != x;
+      }}
+      float* out = o + (first + i) * D;
+      if (nan || top == -INF) {{  // a NaN score reached a split; or no split saw a key
+        fill(out, D, nan ? __builtin_nanf("") : 0.0f);
+        lse[first + i] = nan ? __builtin_nanf("") : -INF;
+        continue;
+      }}
+      fill(out, D, 0.0f);
+      for (int j = 0; j < splits; ++j) sum += w[j] = __builtin_expf(part_lse[j * tasks * BQ + task * BQ + i] - top);
+      for (int j = 0; j < splits; ++j) {{
+        const float* src = part_o + (j * tasks * BQ + task * BQ + i) * D;
+        const float f = w[j] / sum;
+        for (int64_t c = 0; c < D; ++c) out[c] += f * src[c];
+      }}
+      lse[first + i] = top + __builtin_logf(sum);
+    }}
+  }}
+}}
+
+// The kv tiles [lo, hi) of split ``split`` of ``splits`` of one q-block row's list (an equal share of its tiles)
+inline void split_range(const int32_t* kv_ptr, int64_t row, int64_t split, int splits, int32_t& lo, int32_t& hi) {{
+  const int64_t n = kv_ptr[row + 1] - kv_ptr[row];
+  lo = kv_ptr[row] + (int32_t)(n * split / splits);
+  hi = kv_ptr[row] + (int32_t)(n * (split + 1) / splits);
+}}
+
+// The partial (o, lse) of split jobs: ``splits`` x tasks x BQ rows, merged by merge_splits (empty when unsplit)
+struct Partials {{
+  int splits;
+  int64_t tasks;
+  Buf o, lse;
+  Partials(int kv_splits, int64_t tasks_, int64_t D)
+      : splits(max_of(1, min_of(MAX_SPLITS, kv_splits))), tasks(tasks_),
+        o(splits > 1 ? splits * tasks * BQ * D : 0), lse(splits > 1 ? splits * tasks * BQ : 0) {{}}
+  // a job's rows written out: into the output when the task is not split, else into its split's partials
+  void finish(float* out, float* out_lse, const float* acc, const float* m, const float* l, int rows, int64_t D,
+              int64_t task, int64_t split, int64_t first) {{
+    if (splits > 1)
+      finish_rows(o.data() + split * tasks * BQ * D, lse.data() + split * tasks * BQ, acc, m, l, rows, D, task * BQ);
+    else finish_rows(out, out_lse, acc, m, l, rows, D, first);
+  }}
+  void merge(float* out, float* out_lse, int64_t nq, int64_t Sq, int64_t D) {{
+    if (splits > 1) merge_splits(out, out_lse, o.data(), lse.data(), splits, tasks, nq, Sq, D);
+  }}
+}};
+
 // The online softmax's step over one run of tiles: rows of scores s (stride ld, cols wide; scaled to base 2 by
 // sc) become probabilities exp2(s * sc - m_new); m (base 2), l (sum) advance, alpha[i] = exp2(m_old - m_new)
 // rescales the row's accumulator. A row with nothing visible so far keeps zeros (alpha 1); NaN scores make the
@@ -559,34 +628,86 @@ typedef uint16_t bf16_t;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 constexpr bool BF16 = true;
 
-// V [heads, S, d] -> pair rows [heads][up2(S) / 2][d][2] (keys 2r, 2r + 1 of column c at [r][c]), zero past S
+// V [heads, S, d] -> pair rows [heads][up(S) / 2][d][2] (keys 2r, 2r + 1 of column c at [r][c]; up: to a multiple
+// of NR), zero past S: a product over a tile's keys may read whole NR-key chunks (the AMX tiles read 32 keys)
 inline void pack_v_bf16(const bf16_t* v, bf16_t* out, int64_t heads, int64_t S, int64_t d, int threads) {{
-  const int64_t pairs = (S + 1) / 2;
+  const int64_t pairs = (S + NR - 1) / NR * NR / 2;
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < heads * pairs; ++t) {{
     const int64_t h = t / pairs, r = t % pairs;
     bf16_t* dst = out + t * d * 2;
     const bf16_t* a = v + (h * S + 2 * r) * d;
-    const bool second = 2 * r + 1 < S;
+    const bool first = 2 * r < S, second = 2 * r + 1 < S;
     for (int64_t c = 0; c < d; ++c) {{
-      dst[2 * c] = a[c];
+      dst[2 * c] = first ? a[c] : 0;
       dst[2 * c + 1] = second ? a[d + c] : 0;
     }}
   }}
 }}
 
-// fp32 -> bf16 (round to nearest even), n values, one zero appended when n is odd
-inline void to_bf16(const float* src, bf16_t* dst, int n) {{
+// 2^x on 16 lanes (exp2_f's polynomial): 2^n by VSCALEF, which underflows to an exact 0 (x = -inf is clamped
+// to -200 first, so r stays finite) and keeps NaN
+inline __m512 exp2_v(__m512 x) {{
+  x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);  // (max_ps returns its second operand for NaN)
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), r = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.32646796e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.67150275e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.55073395e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.40222424e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.93147004e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}}
+
+// row_max on 16-lane vectors (two chains, masked tail, one log-depth reduction); skips NaN as row_max does
+inline float row_max_v(const float* x, int n) {{
+  __m512 a = _mm512_set1_ps(-INF), b = a;
   int j = 0;
-  for (; j + 16 <= n; j += 16) {{
-    const __m256bh x = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));
-    std::memcpy(dst + j, &x, 32);
+  for (; j + 32 <= n; j += 32) {{
+    a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);  // (a NaN is skipped: max_ps returns its second operand)
+    b = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), b);
   }}
-  for (; j < n; ++j) {{
-    const __m256bh x = _mm512_cvtneps_pbh(_mm512_set1_ps(src[j]));
-    std::memcpy(dst + j, &x, 2);
+  for (; j < n; j += 16) {{
+    const __mmask16 in = j + 16 <= n ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+    a = _mm512_mask_max_ps(a, in, _mm512_maskz_loadu_ps(in, x + j), a);
   }}
-  if (n % 2) dst[n] = 0;
+  return _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+}}
+
+// softmax_rows for the bf16 forward: the probabilities go straight to bf16 rows p (stride pw), zero from cols up
+// to pad (the products read whole pairs or 32-key chunks); s keeps the scores
+inline void softmax_rows_bf16(const float* s, int ld, int rows, int cols, int pad, float sc, float* m, float* l,
+                              float* alpha, bf16_t* p, int pw) {{
+  for (int i = 0; i < rows; ++i) {{
+    const float* sr = s + i * ld;
+    bf16_t* pr = p + i * pw;
+    float mx = max_of(m[i], row_max_v(sr, cols) * sc);
+    if (mx == -INF) {{  // as softmax_rows
+      const float bad = first_nan(sr, cols);
+      if (bad == 0.0f) {{ std::memset(pr, 0, sizeof(bf16_t) * pad); alpha[i] = 1.0f; continue; }}
+      mx = bad;
+    }}
+    const float a = exp2_f(m[i] - mx);
+    const __m512 vs = _mm512_set1_ps(sc), vm = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= cols; j += 16) {{
+      const __m512 e = exp2_v(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vs, vm));
+      sum = _mm512_add_ps(sum, e);
+      const __m256bh h = _mm512_cvtneps_pbh(e);
+      std::memcpy(pr + j, &h, 32);
+    }}
+    for (; j < pad; j += 16) {{  // the ragged end, then zeros
+      const __mmask16 in = j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
+      const __m512 e = _mm512_maskz_mov_ps(in, exp2_v(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, sr + j), vs, vm)));
+      sum = _mm512_add_ps(sum, e);
+      const __m256bh h = _mm512_cvtneps_pbh(e);
+      std::memcpy(pr + j, &h, 32);
+    }}
+    l[i] = l[i] * a + _mm512_reduce_add_ps(sum);
+    m[i] = mx;
+    alpha[i] = a;
+  }}
 }}
 
 // C[M x NR] (op)= A . B over ``pairs`` bf16 pairs: A's row i pair r at a + i * ai + 2 * r, B's pair row r at
@@ -664,8 +785,114 @@ inline void scores_kept_bf(int rows, int cols, int pairs, const bf16_t* a, int64
       micro_bf_m<0>(m, pairs, a + i * ai, ai, b + x * bc, ldb, c + i * ldc + x, ldc, nullptr);
   }}
 }}
+
+// ---- AMX tiles (AMX_BF16: TDPBF16PS, a 16 x 16 fp32 tile += 16 x 32 bf16 . 32 x 16 bf16 per instruction) ----
+// The native bf16 forward's two products where the CPU has AMX: the same packed K pair panels and V pair rows
+// (a B tile is 16 pair rows of 16 lanes x 2 bf16: 64 bytes, exactly the layouts above), q rows and P rows as A
+// tiles. Tiles 0-3 hold a 32 x 32 fp32 block of the result, 4-5 the A rows, 6-7 the B columns. Rows come in
+// 16s (a ragged last q block is copied into a zeroed buffer), keys in 32s (V and P zero past the tile).
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+constexpr bool AMX = true;
+
+// Linux hands out AMX state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA = 18);
+// asked once per process; false (and the vdpbf16ps path) where the kernel refuses
+inline bool amx_granted() {{
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+}}
+
+// palette 1, every tile 16 rows x 64 bytes; per thread (the tile configuration is thread state)
+inline void amx_configure() {{
+  alignas(64) uint8_t cfg[64] = {{0}};
+  cfg[0] = 1;
+  for (int t = 0; t < 8; ++t) {{
+    cfg[16 + 2 * t] = 64;
+    cfg[48 + t] = 16;
+  }}
+  _tile_loadconfig(cfg);
+}}
+
+// S[rows16 x cols] = Q . K^T for one run of tiles: q rows at a (stride d bf16, rows16 a multiple of 16), the
+// key panels of this run at b (pack_panels<2>: panel x / 32 at b + x * d, pair row r of a panel at r * 64),
+// only the 32-key chunks [lo, hi) of each 32-row group; rng (partial tiles) narrows [lo, hi) per group
+inline void amx_scores(int rows16, int cols, int d, const bf16_t* a, const bf16_t* b, float* s, int ld,
+                       const int16_t* rng, int rows) {{
+  for (int i = 0; i < rows16; i += 32) {{
+    const bool two = i + 16 < rows16;
+    int lo = 0, hi = cols;
+    if (rng) kept_cols(rng, i, min_of(32, rows - i), lo, hi);
+    for (int x = lo / NR * NR; x < min_of(hi, cols); x += NR) {{
+      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      for (int c = 0; c < d; c += 32) {{
+        _tile_loadd(4, a + i * d + c, 2 * d);
+        _tile_loadd(6, b + x * d + c * NR, 4 * NR);
+        _tile_loadd(7, b + x * d + c * NR + 32, 4 * NR);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {{
+          _tile_loadd(5, a + (i + 16) * d + c, 2 * d);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }}
+      }}
+      _tile_stored(0, s + i * ld + x, 4 * ld);
+      _tile_stored(1, s + i * ld + x + 16, 4 * ld);
+      if (two) {{
+        _tile_stored(2, s + (i + 16) * ld + x, 4 * ld);
+        _tile_stored(3, s + (i + 16) * ld + x + 16, 4 * ld);
+      }}
+    }}
+  }}
+}}
+
+// acc[rows16 x d] = acc * alpha (rows < rows) + P . V: P rows at p (bf16, stride pw, zero past cols up to the
+// next 32), V pair rows of the run's first key at v (stride 2 * d bf16 per pair)
+inline void amx_values(int rows16, int rows, int cols, int d, const bf16_t* p, int pw, const bf16_t* v, float* acc,
+                       const float* alpha) {{
+  for (int i = 0; i < rows; ++i) {{
+    const __m512 a = _mm512_set1_ps(alpha[i]);
+    float* row = acc + i * d;
+    for (int c = 0; c < d; c += 16) _mm512_storeu_ps(row + c, _mm512_mul_ps(a, _mm512_loadu_ps(row + c)));
+  }}
+  const int chunks = (cols + 31) / 32;
+  for (int i = 0; i < rows16; i += 32) {{
+    const bool two = i + 16 < rows16;
+    for (int c = 0; c < d; c += 32) {{
+      float* o = acc + i * d + c;
+      _tile_loadd(0, o, 4 * d);
+      _tile_loadd(1, o + 16, 4 * d);
+      if (two) {{ _tile_loadd(2, o + 16 * d, 4 * d); _tile_loadd(3, o + 16 * d + 16, 4 * d); }}
+      for (int k = 0; k < chunks; ++k) {{
+        const bf16_t* vb = v + (int64_t)k * 16 * 2 * d + 2 * c;
+        _tile_loadd(4, p + i * pw + 32 * k, 2 * pw);
+        _tile_loadd(6, vb, 4 * d);
+        _tile_loadd(7, vb + 32, 4 * d);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {{
+          _tile_loadd(5, p + (i + 16) * pw + 32 * k, 2 * pw);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }}
+      }}
+      _tile_stored(0, o, 4 * d);
+      _tile_stored(1, o + 16, 4 * d);
+      if (two) {{ _tile_stored(2, o + 16 * d, 4 * d); _tile_stored(3, o + 16 * d + 16, 4 * d); }}
+    }}
+  }}
+}}
+inline void amx_release() {{ _tile_release(); }}
 #else
-constexpr bool BF16 = false;
+constexpr bool AMX = false;  // the helpers below are never called
+inline bool amx_granted() {{ return false; }}
+inline void amx_configure() {{}}
+inline void amx_release() {{}}
+inline void amx_scores(int, int, int, const bf16_t*, const bf16_t*, float*, int, const int16_t*, int) {{}}
+inline void amx_values(int, int, int, int, const bf16_t*, int, const bf16_t*, float*, const float*) {{}}
+#endif
+#else
+constexpr bool BF16 = false, AMX = false;
+inline bool amx_granted() {{ return false; }}
 #endif
 
 // RoPE, rotate-half convention, on one row of D values: x' = x * c + rotate_half(x) * s with
@@ -741,7 +968,7 @@ extern "C" int attncc_forward(
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, const int64_t* HEADS, float SCALE,
-    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, const void* hooks) {{
+    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, const void* hooks, int kv_splits) {{
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const sgemm_t sg = (sgemm_t)sgemm;
   const Hooks& spec = *(const Hooks*)hooks;
@@ -759,11 +986,17 @@ extern "C" int attncc_forward(
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
+  // kv_splits > 1 (CpuKernel.kv_splits: fewer q-block tasks than threads, as in decoding): each task's kv tiles are
+  // split into that many ranges, one job each, whose (o, lse) are merged exactly at the end (see merge_splits)
+  const int64_t tasks = B * H * nq;
+  Partials parts(kv_splits, tasks, D);
+  const int splits = parts.splits;
   #pragma omp parallel num_threads(threads)
   {{
-    Buf s(BQ * WKV), acc(BQ * D), m(BQ), l(BQ), alpha(BQ), q_rot(ROPE ? BQ * D : 0);
+    Buf s(BQ * LDS), acc(BQ * D), m(BQ), l(BQ), alpha(BQ), q_rot(ROPE ? BQ * D : 0);
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < B * H * nq; ++task) {{
+    for (int64_t job = 0; job < tasks * splits; ++job) {{
+      const int64_t task = job / splits, split = job % splits;
       const int64_t qb = task % nq, h = (task / nq) % H, b = task / (nq * H);
       const int64_t hk = HEADS[h], q0 = qb * BQ;  // HEADS: kv head of each query head, then per kv head its heads
       const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
@@ -783,8 +1016,10 @@ extern "C" int attncc_forward(
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
       const uint8_t* run_keep[SPAN];
       const int16_t* run_rng[SPAN];
-      for (int32_t t = kv_ptr[row], span; t < kv_ptr[row + 1]; t += span) {{
-        span = run_length(kv_idx, kv_full, t, kv_ptr[row + 1], SPAN);
+      int32_t t_begin, t_end;
+      split_range(kv_ptr, row, split, splits, t_begin, t_end);
+      for (int32_t t = t_begin, span; t < t_end; t += span) {{
+        span = run_length(kv_idx, kv_full, t, t_end, SPAN);
         const int64_t k0 = (int64_t)kv_idx[t] * BKV;
         const int cols = (int)min_of<int64_t>((int64_t)BKV * span, Skv - k0);
         const bool full = kv_full[t] != 0;
@@ -796,35 +1031,38 @@ extern "C" int attncc_forward(
         if (micro && !full)  // partial tiles: only the column panels some row keeps
           for (int u = 0; u < span; ++u)
             scores_kept(rows, up_nr(min_of(BKV, cols - u * BKV)), d, qp, d, kpp + (k0 + u * BKV) * D, d, NR,
-                        s.data() + u * BKV, WKV, run_rng[u]);
-        else if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), WKV);
-        else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), WKV, 0.0f);
+                        s.data() + u * BKV, LDS, run_rng[u]);
+        else if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), LDS);
+        else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), LDS, 0.0f);
         // full tiles without a score mod skip the scores pass: the scale folds into max and exp
         const bool plain = full && !HAS_MOD;
-        if (!plain) tile_scores(spec, cx, SCALE, s.data(), WKV, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
+        if (!plain) tile_scores(spec, cx, SCALE, s.data(), LDS, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         const float sc = plain ? SCALE * LOG2E : LOG2E;  // scores to base 2; m[] is kept in base 2
-        softmax_rows(s.data(), WKV, rows, cols, sc, m.data(), l.data(), alpha.data());
+        softmax_rows(s.data(), LDS, rows, cols, sc, m.data(), l.data(), alpha.data());
         if (micro && !full)
-          products_kept<2>(rows, d, s.data(), WKV, 1, BKV, vp + k0 * D, d, acc.data(), d, alpha.data(), run_rng, span);
-        else if (micro) gemm_micro<2>(rows, d, cols, s.data(), WKV, 1, vp + k0 * D, 1, d, acc.data(), d, alpha.data());
+          products_kept<2>(rows, d, s.data(), LDS, 1, BKV, vp + k0 * D, d, acc.data(), d, alpha.data(), run_rng, span);
+        else if (micro) gemm_micro<2>(rows, d, cols, s.data(), LDS, 1, vp + k0 * D, 1, d, acc.data(), d, alpha.data());
         else {{
           for (int i = 0; i < rows; ++i)
             if (alpha[i] != 1.0f) for (int64_t c = 0; c < D; ++c) acc[i * D + c] *= alpha[i];
-          gemm_nn(sg, rows, d, cols, s.data(), WKV, vp + k0 * D, d, acc.data(), d);
+          gemm_nn(sg, rows, d, cols, s.data(), LDS, vp + k0 * D, d, acc.data(), d);
         }}
       }}
-      finish_rows(o, lse, acc.data(), m.data(), l.data(), rows, D, (b * H + h) * Sq + q0);
+      parts.finish(o, lse, acc.data(), m.data(), l.data(), rows, D, task, split, (b * H + h) * Sq + q0);
     }}
   }}
+  parts.merge(o, lse, nq, Sq, D);
   return error;
 }}
 
 // ---- attncc: next translation unit ----
 // 1 when this build computes bf16 inputs natively (AVX512_BF16), else 0 (the caller upcasts to fp32)
 extern "C" int attncc_bf16() {{ return BF16 ? 1 : 0; }}
+// 1 when the bf16 forward's products run on AMX tiles (built with AMX_BF16 and granted by the OS), else 0
+extern "C" int attncc_amx() {{ return AMX && amx_granted() ? 1 : 0; }}
 
 // The forward on bf16 q, k, v (layouts as attncc_forward; o and lse fp32). Needs the micro-kernel shapes
-// (D and BKV multiples of NR) and a workspace of (B * Hkv * (up(Skv) * D + up2(Skv) * D)) bf16 values;
+// (D and BKV multiples of NR) and a workspace of (2 * B * Hkv * up(Skv) * D) bf16 values (up: to NR);
 // returns -1 where this build has no bf16 products. No RoPE (the caller upcasts for rotated specs).
 extern "C" int attncc_forward_bf16(
     const bf16_t* q, const bf16_t* k, const bf16_t* v, float* o, float* lse,
@@ -833,13 +1071,14 @@ extern "C" int attncc_forward_bf16(
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, int threads, const int64_t* HEADS, float SCALE,
-    bf16_t* work, const void* hooks) {{
+    bf16_t* work, const void* hooks, int kv_splits) {{
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   if (D % NR || BKV % NR) return -1;
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const Hooks& spec = *(const Hooks*)hooks;
   const bool HAS_MOD = spec.mod_rows != nullptr;
-  const int64_t skv_pad = (Skv + NR - 1) / NR * NR, kv_pairs = (Skv + 1) / 2;
+  const bool tiles = AMX && BQ % 16 == 0 && amx_granted();  // else the vdpbf16ps micro-kernels
+  const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
   bf16_t* k_pack = work;
   bf16_t* v_pack = work + B * Hkv * skv_pad * D;
   pack_panels<2>(k, k_pack, B * Hkv, Skv, D, threads);  // pair panels [D / 2][NR][2]
@@ -847,52 +1086,73 @@ extern "C" int attncc_forward_bf16(
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
+  const int64_t tasks = B * H * nq;
+  Partials parts(kv_splits, tasks, D);  // as in attncc_forward: split jobs when tasks are fewer than threads
+  const int splits = parts.splits;
   #pragma omp parallel num_threads(threads)
   {{
-    Buf s(BQ * WKV), acc(BQ * D), m(BQ), l(BQ), alpha(BQ);
-    const int pw = WKV + 2;  // bf16 P row stride (room for the odd zero)
-    std::vector<bf16_t> pb((size_t)BQ * pw);
+    Buf s(BQ * LDS), acc(BQ * D), m(BQ), l(BQ), alpha(BQ);
+    const int pw = WKV + 32;  // bf16 P row stride (room for zeros up to the next 32 keys)
+    std::vector<bf16_t> pb((size_t)BQ * pw), qpad(tiles ? (size_t)BQ * D : 0);
+    if (tiles) amx_configure();
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < B * H * nq; ++task) {{
+    for (int64_t job = 0; job < tasks * splits; ++job) {{
+      const int64_t task = job / splits, split = job % splits;
       const int64_t qb = task % nq, h = (task / nq) % H, b = task / (nq * H);
       const int64_t hk = HEADS[h], q0 = qb * BQ;
-      const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
+      const int rows = (int)min_of<int64_t>(BQ, Sq - q0), rows16 = (rows + 15) / 16 * 16;
       const bf16_t* qp = q + ((b * H + h) * Sq + q0) * D;
+      if (tiles && rows16 != rows) {{  // a ragged last block: tile loads read 16 rows, so pad with zeros
+        std::memcpy(qpad.data(), qp, sizeof(bf16_t) * rows * D);
+        std::memset(qpad.data() + rows * D, 0, sizeof(bf16_t) * (rows16 - rows) * D);
+        std::memset(pb.data() + rows * pw, 0, sizeof(bf16_t) * (rows16 - rows) * pw);
+        qp = qpad.data();
+      }}
       const bf16_t* kpp = k_pack + (b * Hkv + hk) * skv_pad * D;
-      const bf16_t* vpp = v_pack + (b * Hkv + hk) * kv_pairs * D * 2;
+      const bf16_t* vpp = v_pack + (b * Hkv + hk) * skv_pad * D;
       start_rows(acc.data(), m.data(), l.data(), D);
       const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
       const uint8_t* run_keep[SPAN];
-      for (int32_t t = kv_ptr[row], span; t < kv_ptr[row + 1]; t += span) {{
-        span = run_length(kv_idx, kv_full, t, kv_ptr[row + 1], SPAN);
+      int32_t t_begin, t_end;
+      split_range(kv_ptr, row, split, splits, t_begin, t_end);
+      for (int32_t t = t_begin, span; t < t_end; t += span) {{
+        span = run_length(kv_idx, kv_full, t, t_end, SPAN);
         const int64_t k0 = (int64_t)kv_idx[t] * BKV;
         const int cols = (int)min_of<int64_t>((int64_t)BKV * span, Skv - k0);
         const bool full = kv_full[t] != 0;
         if (!full)  // partial tiles: only the column panels some row keeps
           for (int u = 0; u < span; ++u) {{
             run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
-            scores_kept_bf(rows, up_nr(min_of(BKV, cols - u * BKV)), d / 2, qp, d, kpp + (k0 + u * BKV) * D, d,
-                           2 * NR, s.data() + u * BKV, WKV, kept_ranges(run_keep[u]));
+            const int tc = up_nr(min_of(BKV, cols - u * BKV));
+            if (tiles)
+              amx_scores(rows16, tc, d, qp, kpp + (k0 + u * BKV) * D, s.data() + u * BKV, LDS,
+                         kept_ranges(run_keep[u]), rows);
+            else
+              scores_kept_bf(rows, tc, d / 2, qp, d, kpp + (k0 + u * BKV) * D, d, 2 * NR, s.data() + u * BKV, LDS,
+                             kept_ranges(run_keep[u]));
           }}
-        else gemm_bf<0>(rows, up_nr(cols), d / 2, qp, d, kpp + k0 * D, d, 2 * NR, s.data(), WKV);
+        else if (tiles) amx_scores(rows16, up_nr(cols), d, qp, kpp + k0 * D, s.data(), LDS, nullptr, rows);
+        else gemm_bf<0>(rows, up_nr(cols), d / 2, qp, d, kpp + k0 * D, d, 2 * NR, s.data(), LDS);
         const bool plain = full && !HAS_MOD;
-        if (!plain) tile_scores(spec, cx, SCALE, s.data(), WKV, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
+        if (!plain) tile_scores(spec, cx, SCALE, s.data(), LDS, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         const float sc = plain ? SCALE * LOG2E : LOG2E;
-        softmax_rows(s.data(), WKV, rows, cols, sc, m.data(), l.data(), alpha.data());
-        for (int i = 0; i < rows; ++i) to_bf16(s.data() + i * WKV, pb.data() + i * pw, cols);
-        gemm_bf<2>(rows, d, (cols + 1) / 2, pb.data(), pw, vpp + (k0 / 2) * D * 2, 2, 2 * D, acc.data(), d,
-                   alpha.data());
+        softmax_rows_bf16(s.data(), LDS, rows, cols, (cols + 31) / 32 * 32, sc, m.data(), l.data(), alpha.data(),
+                          pb.data(), pw);
+        if (tiles) amx_values(rows16, rows, cols, d, pb.data(), pw, vpp + k0 * D, acc.data(), alpha.data());
+        else gemm_bf<2>(rows, d, (cols + 1) / 2, pb.data(), pw, vpp + k0 * D, 2, 2 * D, acc.data(), d, alpha.data());
       }}
-      finish_rows(o, lse, acc.data(), m.data(), l.data(), rows, D, (b * H + h) * Sq + q0);
+      parts.finish(o, lse, acc.data(), m.data(), l.data(), rows, D, task, split, (b * H + h) * Sq + q0);
     }}
+    if (tiles) amx_release();
   }}
+  parts.merge(o, lse, nq, Sq, D);
   return error;
 #else
   (void)q; (void)k; (void)v; (void)o; (void)lse; (void)B; (void)H; (void)Hkv; (void)Sq; (void)Skv; (void)D;
   (void)map_of; (void)maps_b; (void)maps_h; (void)kv_ptr; (void)kv_idx; (void)kv_full; (void)kv_rank;
   (void)keep_base; (void)keep; (void)tensors; (void)dims; (void)threads; (void)HEADS; (void)SCALE; (void)work;
-  (void)hooks;
+  (void)hooks; (void)kv_splits;
   return -1;
 #endif
 }}

@@ -43,6 +43,10 @@ FLAGS = [
     "-Wno-unknown-pragmas",
 ]
 LINK_FLAGS = ["-shared", "-fopenmp"]
+# x86 only: gcc tunes recent CPUs (Sapphire Rapids, Zen 4) to 256-bit vectors, so the softmax loops would not use
+# AVX-512's full width (measured on Sapphire Rapids: fp32 causal 4K 74.6 -> 71.7 ms, bf16 38.1 -> 34.4 ms)
+X86_FLAGS = ["-mprefer-vector-width=512"]
+NO_AMX = ["-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]
 UNIT_BREAK = "// ---- attncc: next translation unit ----\n"  # see split_units
 
 
@@ -51,6 +55,9 @@ def isa_flags(isa: str) -> list[str]:
 
     >>> isa_flags("native"), isa_flags("portable")
     ([], ['-march=x86-64'])
+
+    ``native`` builds for everything the CPU has (AMX tiles included); ``avx512`` for AVX-512 with its
+    BF16 dot products but without AMX, so the AVX512_BF16 path can be tested on an AMX machine.
     """
     if isa == "native":
         return []
@@ -63,7 +70,7 @@ def isa_flags(isa: str) -> list[str]:
     wanted = {"avx2": ("avx2", "fma"), "avx512": ("avx512f",)}[isa]
     if missing := [f for f in wanted if f not in cpu_flags()]:
         raise UnsupportedError(f"ATTNCC_CPU_ISA={isa}: this CPU lacks {missing}; choose native, avx2 or portable")
-    return ["-mno-avx512f"] if isa == "avx2" else []
+    return ["-mno-avx512f"] if isa == "avx2" else NO_AMX  # avx512: AVX-512 (and AVX512_BF16), AMX left out
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,7 +85,8 @@ def cpu_flags() -> frozenset[str]:
 
 def flags() -> list[str]:
     """FLAGS for the instruction set in force (ATTNCC_CPU_ISA): later -march/-mno flags win."""
-    return FLAGS + isa_flags(config.get().cpu_isa)
+    x86 = X86_FLAGS if os.uname().machine in ("x86_64", "AMD64") else []
+    return FLAGS + x86 + isa_flags(config.get().cpu_isa)
 
 
 def split_units(source: str) -> list[str]:

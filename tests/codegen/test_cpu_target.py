@@ -181,14 +181,22 @@ def test_release_workspace_frees_the_scratch_and_later_calls_allocate_afresh() -
 
 def _isas() -> list[str]:
     """The instruction sets this machine can build for: portable and avx2 on every x86 machine of the
-    pool, avx512 where the CPU has it (so the AVX-512 micro-kernels run wherever they can)."""
+    pool, avx512 where the CPU has it (so the AVX-512 micro-kernels run wherever they can), and native where
+    it adds AMX tiles to that (avx512 leaves them out)."""
     flags = toolchain.cpu_flags()
     found = ["portable"]
     if {"avx2", "fma"} <= flags:
         found.append("avx2")
     if "avx512f" in flags:
         found.append("avx512")
+    if {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags:
+        found.append("native")
     return found
+
+
+def _bf16_isas() -> list[str]:
+    """The builds of this machine with native bf16 products: AVX512_BF16 dot products (avx512), AMX (native)."""
+    return [isa for isa in _isas() if isa in ("avx512", "native") and "avx512_bf16" in toolchain.cpu_flags()]
 
 
 @pytest.mark.parametrize("isa", _isas())
@@ -202,7 +210,7 @@ def test_every_buildable_instruction_set_matches_the_oracle_and_keeps_a_workspac
         kern = ac.compile(spec, target="cpu", tiles=(32, 64))
         products = kern.cpu_kernel().products(64)
         assert products.startswith("blas" if isa == "portable" else "micro-kernels"), products
-        lanes = {"portable": 0, "avx2": 8, "avx512": 16}[isa]
+        lanes = {"portable": 0, "avx2": 8, "avx512": 16, "native": 16}[isa]
         assert kern.cpu_kernel().lanes == lanes
         g = torch.Generator().manual_seed(3)
         q, k, v = (torch.randn(1, 2, 100, 64, generator=g, requires_grad=True) for _ in range(3))
@@ -235,6 +243,7 @@ def test_bf16_inputs_on_every_instruction_set(isa: str) -> None:
         kern = ac.compile(spec, target="cpu")
         native = kern.cpu_kernel().native_bf16(64)
         assert native == (isa in ("native", "avx512") and "avx512_bf16" in toolchain.cpu_flags())
+        assert ("AMX tiles" in kern.cpu_kernel().products(64)) == (isa == "native" and native), isa
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = kern(*leaves)
         out.float().square().sum().backward()
@@ -253,6 +262,34 @@ def test_bf16_inputs_on_every_instruction_set(isa: str) -> None:
         torch.testing.assert_close(t.grad.double(), w.grad, atol=6e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
+@pytest.mark.parametrize("head_dim", [32, 96, 128])
+def test_native_bf16_head_dims_ragged_rows_and_empty_rows(isa: str, head_dim: int) -> None:
+    """The native bf16 forward (AMX tiles on ``native`` where the CPU has them, AVX512_BF16 dot products on
+    ``avx512``) at every head dim its products take, 32-row q tiles (two AMX row tiles), a ragged last q block
+    (13 rows: padded to 16 for the tiles), a ragged last kv tile, and query rows that see no key at all (zeros,
+    lse -inf), against the float64 oracle on the same bf16 values."""
+    from tests.numerics import oracle
+
+    S, Skv = 77, 93
+    spec = ac.AttentionSpec(num_heads=2, head_dim=head_dim, mask=ac.causal(align="bottom_right") & (ac.q >= 5))
+    g = torch.Generator().manual_seed(head_dim)
+    q = torch.randn(1, 2, S, head_dim, generator=g).bfloat16()
+    k, v = (torch.randn(1, 2, Skv, head_dim, generator=g).bfloat16() for _ in range(2))
+    with config.override(cpu_isa=isa):
+        kern = ac.compile(spec, target="cpu", tiles=(32, 64))
+        assert kern.cpu_kernel().native_bf16(head_dim), kern.cpu_kernel().products(head_dim)
+        out, lse = kern(q, k, v, return_lse=True)
+    keep = torch.tensor([[j <= i + Skv - S and i >= 5 for j in range(Skv)] for i in range(S)]).expand(1, 2, S, Skv)
+    want, want_lse = oracle.attention(q, k, v, keep, head_dim**-0.5)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out[:, :, :5].float(), torch.zeros(1, 2, 5, head_dim))
+    assert bool((lse[:, :, :5] == -torch.inf).all())
+    # P is rounded to bf16 for P V, and the output to bf16: errors of a few bf16 ulps of |o| <= 1
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse[:, :, 5:].double(), want_lse[:, :, 5:], atol=1e-3, rtol=1e-3)
+
+
 def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> None:
     """fp16 (and bf16 where the native path does not apply) runs fp32 on upcast copies, logged once with the
     reason."""
@@ -263,3 +300,40 @@ def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> No
         kern(x, x, x)
     said = [r.getMessage() for r in caplog.records if "upcast copies" in r.getMessage()]
     assert len(said) == 1 and "fp16 has no native path" in said[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("sq", [1, 3])
+def test_split_kv_decoding_merges_exactly(sq: int, dtype: torch.dtype) -> None:
+    """Issue 17 item 3: with fewer q-block tasks than threads (one head, a few new tokens) the forward splits each
+    task's kv tiles into ranges, one job per thread, and merges their (o, lse); a row that sees no key stays zeros
+    with lse -inf, and a split whose range holds no visible key leaves the others' answer unchanged. Checked against
+    the float64 oracle, with gradients (the backward reads the merged o and lse)."""
+    from attncc.plan import TileLists
+    from tests.numerics import oracle
+
+    skv = 1000
+    mask = ac.causal(align="bottom_right") & (ac.kv >= 600) & (ac.q != 1)
+    spec = ac.AttentionSpec(num_heads=1, head_dim=64, mask=mask)
+    kern = ac.compile(spec, target="cpu", tiles=(16, 64))
+    g = torch.Generator().manual_seed(sq)
+    q = torch.randn(1, 1, sq, 64, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(1, 1, skv, 64, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert kern.cpu_kernel().kv_splits(1, TileLists.of(kern.block_map(sq, skv)), 4) == 4
+        out, lse = kern(q, k, v, return_lse=True)
+        (out.square().sum() + lse[lse.isfinite()].sum()).backward()
+    finally:
+        torch.set_num_threads(threads)
+    keep = torch.tensor([[j <= i + skv - sq and j >= 600 and i != 1 for j in range(skv)] for i in range(sq)])
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want, want_lse = oracle.attention(*leaves, keep.expand(1, 1, sq, skv), 64**-0.5)
+    (want.square().sum() + want_lse[want_lse.isfinite()].sum()).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: P rounded for P V, the output rounded
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol / 10)
+    assert torch.equal(lse.isinf(), want_lse.isinf()) and bool((out[:, :, 1:2] == 0).all())  # row 1: no key
+    torch.testing.assert_close(lse[lse.isfinite()].double(), want_lse[want_lse.isfinite()], rtol=tol, atol=tol)
+    for t, w in zip((q, k, v), leaves, strict=True):
+        torch.testing.assert_close(t.grad.double(), w.grad, rtol=10 * tol, atol=tol)
