@@ -58,7 +58,7 @@ def main() -> None:
                 t = interleaved(contenders(kern, q, k, v, mask), args.reps)
                 cpu = kern.cpu_kernel()
                 lists = TileLists.of(kern.block_map(sq, skv))
-                splits = cpu.kv_splits(H * -(-sq // cpu.bq), lists, torch.get_num_threads())
+                splits = cpu.kv_splits(q, k, lists, torch.get_num_threads())
                 print(
                     f"| {dt} | {sq} | {skv} | {splits} | {t['attncc'] * 1e3:.2f} | {t['sdpa'] * 1e3:.2f} | "
                     f"{t['sdpa'] / t['attncc']:.2f}x |"

@@ -31,6 +31,7 @@ log = logging.getLogger("attncc.codegen.cpu")
 
 SPAN_COLUMNS = 512  # merge runs of equal tiles into GEMMs up to this wide (measured: fewer, larger sgemm calls)
 SPAN_ROWS = 128  # the backward's runs of q-blocks, up to this many rows (measured: 128 beat 256-1024, causal 4K)
+SPLIT_BYTES = 512 * 1024  # K and V bytes of one kv split of a GQA group's decoding jobs (fits L2 on the pool's CPUs)
 PACK_ROWS = 16  # the forward packs K for the micro-kernels when at least this many query rows read each key
 # (measured at Skv=16K, D=64: below it, e.g. one-token decoding, packing K costs more than the products gain)
 _P = ctypes.c_void_p
@@ -289,6 +290,7 @@ class CpuKernel:
         heads = head_index(H, Hkv, tensors.get(self.head_table))
         width = 2 * self.lanes
         halves = 2 * B * Hkv * D * (-(-Skv // width) * width)  # packed K and V, bf16 values
+        pack = Sq * H // Hkv >= PACK_ROWS  # else few rows read each key: K and V are read in place, unpacked
         threads = torch.get_num_threads()
         o = torch.empty(B, H, Sq, D, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
@@ -297,8 +299,8 @@ class CpuKernel:
             _ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), B, H, Hkv, Sq, Skv, D,
             _ptr(lists.map_of), lists.map_of.shape[0], lists.map_of.shape[1], _ptr(lists.kv_ptr), _ptr(lists.kv_idx),
             _ptr(lists.kv_full), _ptr(lists.kv_rank), _ptr(lists.keep_base), keep.data_ptr(), ctypes.cast(ptrs, _P),
-            _ptr(dims), threads, _ptr(heads), self.scale, workspace(-(-halves // 2)), self.hooks,
-            self.kv_splits(B * H * -(-Sq // self.bq), lists, threads),
+            _ptr(dims), threads, _ptr(heads), self.scale, workspace(-(-halves // 2)) if pack else None, self.hooks,
+            self.kv_splits(q, k, lists, threads),
         )  # fmt: skip
         if code < 0:
             raise LoweringError(f"{self.runtime_path.name} has no bf16 products for head_dim {D}")
@@ -415,27 +417,38 @@ class CpuKernel:
             *_rope_args(tables, self.rope),
             workspace(packed) if packed else None,
             self.hooks,
-            self.kv_splits(B * H * -(-Sq // self.bq), lists, torch.get_num_threads()),
+            self.kv_splits(q, k, lists, torch.get_num_threads()),
         )
         self._check(code)
         return o, lse
 
-    def kv_splits(self, tasks: int, lists: TileLists, threads: int) -> int:
-        """Into how many kv ranges the forward splits each of its ``tasks`` q-block tasks (merging their (o, lse)
-        exactly): 1 while there are at least as many tasks as threads, else enough to give every thread a job, at
-        most one per kv tile of the longest row (and 64). One-token decoding with one head on 4 threads:
+    def kv_splits(self, q: torch.Tensor, k: torch.Tensor, lists: TileLists, threads: int) -> int:
+        """Into how many kv ranges the forward splits each (batch, head, q-block) task, merging their (o, lse)
+        exactly; each split is a job of its own. Two reasons to split: fewer tasks than threads (one head decoding
+        would use one core), and GQA groups whose query heads would each stream the same K and V from memory (a
+        kv head's split of at most ``SPLIT_BYTES`` of K and V is then read once for the group, by one thread).
+        At most one split per kv tile of the longest row, and 64.
 
-        >>> import attncc as ac
+        >>> import attncc as ac, torch
         >>> from attncc.plan import TileLists
-        >>> kern = ac.compile(ac.AttentionSpec(num_heads=1, head_dim=64), target="cpu")
-        >>> lists = TileLists.of(kern.block_map(1, 4096))
-        >>> kern.cpu_kernel().kv_splits(1, lists, threads=4), kern.cpu_kernel().kv_splits(8, lists, threads=4)
-        (4, 1)
+        >>> kern = ac.compile(ac.AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=64), target="cpu")
+        >>> cpu, lists = kern.cpu_kernel(), TileLists.of(kern.block_map(1, 16384))
+        >>> q, k = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 16384, 64)
+        >>> cpu.kv_splits(q, k, lists, threads=2)  # GQA decoding: 16K keys x 64 x fp32, K and V (8 MiB) in 512 KiB
+        16
+        >>> cpu.kv_splits(q[:, :1], k[:, :1], lists, threads=4)  # one head (no group) on 4 threads
+        4
         """
-        if tasks >= threads:
+        B, H, Sq, D = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        tasks = B * H * -(-Sq // self.bq)
+        want = -(-threads // tasks) if tasks < threads else 1
+        if Hkv < H and Sq <= self.bq:  # one q-block per head: the group's heads read the same keys
+            want = max(want, -(-2 * Skv * D * k.element_size() // SPLIT_BYTES))
+        if want == 1:
             return 1
         longest = int((lists.kv_ptr[1:] - lists.kv_ptr[:-1]).max()) if len(lists.kv_ptr) > 1 else 1
-        return max(1, min(-(-threads // tasks), longest, 64))
+        return max(1, min(want, longest, 64))
 
     def backward(
         self,

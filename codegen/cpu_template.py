@@ -516,38 +516,35 @@ inline void finish_rows(float* o, float* lse, const float* acc, const float* m, 
   }}
 }}
 
-// Split-kv jobs (see attncc_forward) merged exactly: split j of q-block task t left o_j (rows at flat row t * BQ of
-// part_o + j * tasks * BQ * D) and lse_j over its share of the keys; o = sum_j w_j o_j / sum_j w_j with
-// w_j = exp(lse_j - max lse), lse = max lse + ln sum w (a row no split saw: zeros, -inf; NaN stays NaN)
+// Split-kv jobs (see attncc_forward) merged exactly: split j left o_j and lse_j over its share of the keys for each
+// of the ``rows`` flat output rows ([B, H, Sq]; o_j at part_o + (j * rows + r) * D); o = sum_j w_j o_j / sum_j w_j
+// with w_j = exp(lse_j - max lse), lse = max lse + ln sum w (a row no split saw: zeros, -inf; NaN stays NaN)
 constexpr int MAX_SPLITS = 64;
-inline void merge_splits(float* o, float* lse, const float* part_o, const float* part_lse, int splits, int64_t tasks,
-                         int64_t nq, int64_t Sq, int64_t D) {{
-  for (int64_t task = 0; task < tasks; ++task) {{
-    const int64_t q0 = task % nq * BQ, first = task / nq * Sq + q0;  // task / nq: the (b, h) pair
-    const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
-    for (int i = 0; i < rows; ++i) {{
-      float top = -INF, w[MAX_SPLITS], sum = 0.0f;
-      bool nan = false;
-      for (int j = 0; j < splits; ++j) {{
-        const float x = part_lse[j * tasks * BQ + task * BQ + i];
-        top = max_of(top, x);
-        nan = nan || x != x;
-      }}
-      float* out = o + (first + i) * D;
-      if (nan || top == -INF) {{  // a NaN score reached a split; or no split saw a key
-        fill(out, D, nan ? __builtin_nanf("") : 0.0f);
-        lse[first + i] = nan ? __builtin_nanf("") : -INF;
-        continue;
-      }}
-      fill(out, D, 0.0f);
-      for (int j = 0; j < splits; ++j) sum += w[j] = __builtin_expf(part_lse[j * tasks * BQ + task * BQ + i] - top);
-      for (int j = 0; j < splits; ++j) {{
-        const float* src = part_o + (j * tasks * BQ + task * BQ + i) * D;
-        const float f = w[j] / sum;
-        for (int64_t c = 0; c < D; ++c) out[c] += f * src[c];
-      }}
-      lse[first + i] = top + __builtin_logf(sum);
+inline void merge_splits(float* o, float* lse, const float* part_o, const float* part_lse, int splits, int64_t rows,
+                         int64_t D, int threads) {{
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r) {{
+    float top = -INF, w[MAX_SPLITS], sum = 0.0f;
+    bool nan = false;
+    for (int j = 0; j < splits; ++j) {{
+      const float x = part_lse[j * rows + r];
+      top = max_of(top, x);
+      nan = nan || x != x;
     }}
+    float* out = o + r * D;
+    if (nan || top == -INF) {{  // a NaN score reached a split; or no split saw a key
+      fill(out, D, nan ? __builtin_nanf("") : 0.0f);
+      lse[r] = nan ? __builtin_nanf("") : -INF;
+      continue;
+    }}
+    fill(out, D, 0.0f);
+    for (int j = 0; j < splits; ++j) sum += w[j] = __builtin_expf(part_lse[j * rows + r] - top);
+    for (int j = 0; j < splits; ++j) {{
+      const float* src = part_o + (j * rows + r) * D;
+      const float f = w[j] / sum;
+      for (int64_t c = 0; c < D; ++c) out[c] += f * src[c];
+    }}
+    lse[r] = top + __builtin_logf(sum);
   }}
 }}
 
@@ -558,23 +555,46 @@ inline void split_range(const int32_t* kv_ptr, int64_t row, int64_t split, int s
   hi = kv_ptr[row] + (int32_t)(n * (split + 1) / splits);
 }}
 
-// The partial (o, lse) of split jobs: ``splits`` x tasks x BQ rows, merged by merge_splits (empty when unsplit)
-struct Partials {{
+// The forward's jobs: (b, h, q-block) tasks, each split into ``splits`` kv ranges (CpuKernel.kv_splits: when tasks are
+// fewer than threads, as in decoding with few heads; or when the query heads of a GQA group would each stream the
+// same long K and V from memory) whose partial (o, lse) merge_splits combines. Split jobs run in (b, q-block, kv
+// head, split, query head of the group) order, a group's heads in one dynamic chunk: one thread reads a split's
+// keys once from memory for all the heads that share them.
+struct Jobs {{
+  int64_t B, H, Hkv, Sq, D, nq, rows;
+  const int64_t* HEADS;
   int splits;
-  int64_t tasks;
-  Buf o, lse;
-  Partials(int kv_splits, int64_t tasks_, int64_t D)
-      : splits(max_of(1, min_of(MAX_SPLITS, kv_splits))), tasks(tasks_),
-        o(splits > 1 ? splits * tasks * BQ * D : 0), lse(splits > 1 ? splits * tasks * BQ : 0) {{}}
-  // a job's rows written out: into the output when the task is not split, else into its split's partials
-  void finish(float* out, float* out_lse, const float* acc, const float* m, const float* l, int rows, int64_t D,
-              int64_t task, int64_t split, int64_t first) {{
-    if (splits > 1)
-      finish_rows(o.data() + split * tasks * BQ * D, lse.data() + split * tasks * BQ, acc, m, l, rows, D, task * BQ);
-    else finish_rows(out, out_lse, acc, m, l, rows, D, first);
+  Buf o, lse;  // splits x rows partial outputs (empty when unsplit)
+  Jobs(int64_t B_, int64_t H_, int64_t Hkv_, int64_t Sq_, int64_t D_, const int64_t* heads, int kv_splits)
+      : B(B_), H(H_), Hkv(Hkv_), Sq(Sq_), D(D_), nq((Sq_ + BQ - 1) / BQ), rows(B_ * H_ * Sq_), HEADS(heads),
+        splits(max_of(1, min_of(MAX_SPLITS, kv_splits))), o(splits > 1 ? splits * rows * D : 0),
+        lse(splits > 1 ? splits * rows : 0) {{}}
+  int64_t count() const {{ return B * H * nq * splits; }}
+  int chunk() const {{  // a GQA group's jobs on one split
+    int most = 1;
+    for (int64_t hk = 0; splits > 1 && hk < Hkv; ++hk) most = max_of(most, (int)(HEADS[H + hk + 1] - HEADS[H + hk]));
+    return most;
   }}
-  void merge(float* out, float* out_lse, int64_t nq, int64_t Sq, int64_t D) {{
-    if (splits > 1) merge_splits(out, out_lse, o.data(), lse.data(), splits, tasks, nq, Sq, D);
+  void of(int64_t job, int64_t& b, int64_t& h, int64_t& qb, int64_t& split) const {{
+    if (splits == 1) {{
+      qb = job % nq, h = (job / nq) % H, b = job / (nq * H), split = 0;
+      return;
+    }}
+    const int64_t per = H * splits, bq = job / per, *ptr = HEADS + H, *heads = HEADS + H + Hkv + 1;
+    int64_t p = job % per, hk = 0;
+    b = bq / nq, qb = bq % nq;
+    while (p >= ptr[hk + 1] * splits) ++hk;  // (a kv head no query head reads has no jobs)
+    const int64_t g = ptr[hk + 1] - ptr[hk], local = p - ptr[hk] * splits;
+    split = local / g, h = heads[ptr[hk] + local % g];
+  }}
+  // a job's rows written out: into the output when unsplit, else into its split's partials
+  void finish(float* out, float* out_lse, const float* acc, const float* m, const float* l, int n, int64_t split,
+              int64_t first) {{
+    if (splits > 1) finish_rows(o.data() + split * rows * D, lse.data() + split * rows, acc, m, l, n, D, first);
+    else finish_rows(out, out_lse, acc, m, l, n, D, first);
+  }}
+  void merge(float* out, float* out_lse, int threads) {{
+    if (splits > 1) merge_splits(out, out_lse, o.data(), lse.data(), splits, rows, D, threads);
   }}
 }};
 
@@ -786,6 +806,57 @@ inline void scores_kept_bf(int rows, int cols, int pairs, const bf16_t* a, int64
   }}
 }}
 
+// ---- few query rows per key (decoding): no packing; K and V read in place ----
+// Packing K and V costs a pass over them, more than it saves when few rows read each key (CpuKernel._packed).
+// Scores: lanes along the head dim (vdpbf16ps on a q row and a k row), each key's lanes summed; rows inner, so
+// a key is loaded once for every row of the task.
+inline void scores_rows_bf(int rows, int cols, int d, const bf16_t* q, const bf16_t* k, float* s, int ld) {{
+  for (int j = 0; j < cols; ++j) {{
+    const bf16_t* kj = k + (int64_t)j * d;
+    for (int i = 0; i < rows; ++i) {{
+      __m512 acc = _mm512_setzero_ps();
+      for (int x = 0; x < d; x += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + i * d + x), (__m512bh)_mm512_loadu_si512(kj + x));
+      s[i * ld + j] = _mm512_reduce_add_ps(acc);
+    }}
+  }}
+}}
+
+// 16 bf16 values widened to fp32 (exact)
+inline __m512 widen(const bf16_t* x) {{ return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)x)); }}
+
+// acc[rows x d] = acc * alpha + P . V with P fp32 (stride ld) and V's bf16 rows widened to fp32 as they are read;
+// per row, 64 columns at a time in registers, even and odd keys on separate accumulators (two FMA chains)
+inline void values_rows_bf(int rows, int cols, int d, const float* p, int ld, const bf16_t* v, float* acc,
+                           const float* alpha) {{
+  for (int i = 0; i < rows; ++i)
+    for (int c0 = 0; c0 < d; c0 += 64) {{
+      const int n = min_of(4, (d - c0) / 16);  // vectors of 16 columns (d is a multiple of 32)
+      float* out = acc + i * d + c0;
+      __m512 e[4], o[4];
+      for (int u = 0; u < n; ++u) {{
+        e[u] = _mm512_mul_ps(_mm512_set1_ps(alpha[i]), _mm512_loadu_ps(out + 16 * u));
+        o[u] = _mm512_setzero_ps();
+      }}
+      const float* pr = p + i * ld;
+      int j = 0;
+      for (; j + 2 <= cols; j += 2) {{
+        const bf16_t* v0 = v + (int64_t)j * d + c0;
+        const __m512 p0 = _mm512_set1_ps(pr[j]), p1 = _mm512_set1_ps(pr[j + 1]);
+        for (int u = 0; u < n; ++u) {{
+          e[u] = _mm512_fmadd_ps(p0, widen(v0 + 16 * u), e[u]);
+          o[u] = _mm512_fmadd_ps(p1, widen(v0 + d + 16 * u), o[u]);
+        }}
+      }}
+      if (j < cols) {{
+        const bf16_t* v0 = v + (int64_t)j * d + c0;
+        for (int u = 0; u < n; ++u)
+          e[u] = _mm512_fmadd_ps(_mm512_set1_ps(pr[j]), widen(v0 + 16 * u), e[u]);
+      }}
+      for (int u = 0; u < n; ++u) _mm512_storeu_ps(out + 16 * u, _mm512_add_ps(e[u], o[u]));
+    }}
+}}
+
 // ---- AMX tiles (AMX_BF16: TDPBF16PS, a 16 x 16 fp32 tile += 16 x 32 bf16 . 32 x 16 bf16 per instruction) ----
 // The native bf16 forward's two products where the CPU has AMX: the same packed K pair panels and V pair rows
 // (a B tile is 16 pair rows of 16 lanes x 2 bf16: 64 bytes, exactly the layouts above), q rows and P rows as A
@@ -988,16 +1059,15 @@ extern "C" int attncc_forward(
   const int d = (int)D;
   // kv_splits > 1 (CpuKernel.kv_splits: fewer q-block tasks than threads, as in decoding): each task's kv tiles are
   // split into that many ranges, one job each, whose (o, lse) are merged exactly at the end (see merge_splits)
-  const int64_t tasks = B * H * nq;
-  Partials parts(kv_splits, tasks, D);
-  const int splits = parts.splits;
+  Jobs jobs(B, H, Hkv, Sq, D, HEADS, kv_splits);
+  const int splits = jobs.splits, chunk = jobs.chunk();
   #pragma omp parallel num_threads(threads)
   {{
     Buf s(BQ * LDS), acc(BQ * D), m(BQ), l(BQ), alpha(BQ), q_rot(ROPE ? BQ * D : 0);
-    #pragma omp for schedule(dynamic, 1)
-    for (int64_t job = 0; job < tasks * splits; ++job) {{
-      const int64_t task = job / splits, split = job % splits;
-      const int64_t qb = task % nq, h = (task / nq) % H, b = task / (nq * H);
+    #pragma omp for schedule(dynamic, chunk)
+    for (int64_t job = 0; job < jobs.count(); ++job) {{
+      int64_t b, h, qb, split;
+      jobs.of(job, b, h, qb, split);
       const int64_t hk = HEADS[h], q0 = qb * BQ;  // HEADS: kv head of each query head, then per kv head its heads
       const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
       const float* qp = q + ((b * H + h) * Sq + q0) * D;
@@ -1048,10 +1118,10 @@ extern "C" int attncc_forward(
           gemm_nn(sg, rows, d, cols, s.data(), LDS, vp + k0 * D, d, acc.data(), d);
         }}
       }}
-      parts.finish(o, lse, acc.data(), m.data(), l.data(), rows, D, task, split, (b * H + h) * Sq + q0);
+      jobs.finish(o, lse, acc.data(), m.data(), l.data(), rows, split, (b * H + h) * Sq + q0);
     }}
   }}
-  parts.merge(o, lse, nq, Sq, D);
+  jobs.merge(o, lse, threads);
   return error;
 }}
 
@@ -1062,7 +1132,8 @@ extern "C" int attncc_bf16() {{ return BF16 ? 1 : 0; }}
 extern "C" int attncc_amx() {{ return AMX && amx_granted() ? 1 : 0; }}
 
 // The forward on bf16 q, k, v (layouts as attncc_forward; o and lse fp32). Needs the micro-kernel shapes
-// (D and BKV multiples of NR) and a workspace of (2 * B * Hkv * up(Skv) * D) bf16 values (up: to NR);
+// (D and BKV multiples of NR) and a workspace of (2 * B * Hkv * up(Skv) * D) bf16 values (up: to NR) for the packed
+// K and V, or none (work null: few rows read each key, K and V are read in place);
 // returns -1 where this build has no bf16 products. No RoPE (the caller upcasts for rotated specs).
 extern "C" int attncc_forward_bf16(
     const bf16_t* q, const bf16_t* k, const bf16_t* v, float* o, float* lse,
@@ -1077,28 +1148,30 @@ extern "C" int attncc_forward_bf16(
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const Hooks& spec = *(const Hooks*)hooks;
   const bool HAS_MOD = spec.mod_rows != nullptr;
-  const bool tiles = AMX && BQ % 16 == 0 && amx_granted();  // else the vdpbf16ps micro-kernels
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
+  const bool packed = work != nullptr;  // else few rows per key: K and V read in place (scores_rows_bf)
+  const bool tiles = packed && AMX && BQ % 16 == 0 && amx_granted();  // else the vdpbf16ps micro-kernels
   bf16_t* k_pack = work;
-  bf16_t* v_pack = work + B * Hkv * skv_pad * D;
-  pack_panels<2>(k, k_pack, B * Hkv, Skv, D, threads);  // pair panels [D / 2][NR][2]
-  pack_v_bf16(v, v_pack, B * Hkv, Skv, D, threads);
+  bf16_t* v_pack = packed ? work + B * Hkv * skv_pad * D : nullptr;
+  if (packed) {{
+    pack_panels<2>(k, k_pack, B * Hkv, Skv, D, threads);  // pair panels [D / 2][NR][2]
+    pack_v_bf16(v, v_pack, B * Hkv, Skv, D, threads);
+  }}
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
-  const int64_t tasks = B * H * nq;
-  Partials parts(kv_splits, tasks, D);  // as in attncc_forward: split jobs when tasks are fewer than threads
-  const int splits = parts.splits;
+  Jobs jobs(B, H, Hkv, Sq, D, HEADS, kv_splits);  // as in attncc_forward
+  const int splits = jobs.splits, chunk = jobs.chunk();
   #pragma omp parallel num_threads(threads)
   {{
     Buf s(BQ * LDS), acc(BQ * D), m(BQ), l(BQ), alpha(BQ);
     const int pw = WKV + 32;  // bf16 P row stride (room for zeros up to the next 32 keys)
-    std::vector<bf16_t> pb((size_t)BQ * pw), qpad(tiles ? (size_t)BQ * D : 0);
+    std::vector<bf16_t> pb(packed ? (size_t)BQ * pw : 0), qpad(tiles ? (size_t)BQ * D : 0);
     if (tiles) amx_configure();
-    #pragma omp for schedule(dynamic, 1)
-    for (int64_t job = 0; job < tasks * splits; ++job) {{
-      const int64_t task = job / splits, split = job % splits;
-      const int64_t qb = task % nq, h = (task / nq) % H, b = task / (nq * H);
+    #pragma omp for schedule(dynamic, chunk)
+    for (int64_t job = 0; job < jobs.count(); ++job) {{
+      int64_t b, h, qb, split;
+      jobs.of(job, b, h, qb, split);
       const int64_t hk = HEADS[h], q0 = qb * BQ;
       const int rows = (int)min_of<int64_t>(BQ, Sq - q0), rows16 = (rows + 15) / 16 * 16;
       const bf16_t* qp = q + ((b * H + h) * Sq + q0) * D;
@@ -1108,8 +1181,8 @@ extern "C" int attncc_forward_bf16(
         std::memset(pb.data() + rows * pw, 0, sizeof(bf16_t) * (rows16 - rows) * pw);
         qp = qpad.data();
       }}
-      const bf16_t* kpp = k_pack + (b * Hkv + hk) * skv_pad * D;
-      const bf16_t* vpp = v_pack + (b * Hkv + hk) * skv_pad * D;
+      const bf16_t* kpp = packed ? k_pack + (b * Hkv + hk) * skv_pad * D : k + (b * Hkv + hk) * Skv * D;
+      const bf16_t* vpp = packed ? v_pack + (b * Hkv + hk) * skv_pad * D : v + (b * Hkv + hk) * Skv * D;
       start_rows(acc.data(), m.data(), l.data(), D);
       const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
@@ -1121,6 +1194,15 @@ extern "C" int attncc_forward_bf16(
         const int64_t k0 = (int64_t)kv_idx[t] * BKV;
         const int cols = (int)min_of<int64_t>((int64_t)BKV * span, Skv - k0);
         const bool full = kv_full[t] != 0;
+        if (!packed) {{  // few rows: in place, every column (tile_scores masks a partial tile's)
+          for (int u = 0; !full && u < span; ++u) run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
+          scores_rows_bf(rows, cols, d, qp, kpp + k0 * D, s.data(), LDS);
+          const bool plain = full && !HAS_MOD;
+          if (!plain) tile_scores(spec, cx, SCALE, s.data(), LDS, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
+          softmax_rows(s.data(), LDS, rows, cols, plain ? SCALE * LOG2E : LOG2E, m.data(), l.data(), alpha.data());
+          values_rows_bf(rows, cols, d, s.data(), LDS, vpp + k0 * D, acc.data(), alpha.data());
+          continue;
+        }}
         if (!full)  // partial tiles: only the column panels some row keeps
           for (int u = 0; u < span; ++u) {{
             run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
@@ -1142,11 +1224,11 @@ extern "C" int attncc_forward_bf16(
         if (tiles) amx_values(rows16, rows, cols, d, pb.data(), pw, vpp + k0 * D, acc.data(), alpha.data());
         else gemm_bf<2>(rows, d, (cols + 1) / 2, pb.data(), pw, vpp + k0 * D, 2, 2 * D, acc.data(), d, alpha.data());
       }}
-      parts.finish(o, lse, acc.data(), m.data(), l.data(), rows, D, task, split, (b * H + h) * Sq + q0);
+      jobs.finish(o, lse, acc.data(), m.data(), l.data(), rows, split, (b * H + h) * Sq + q0);
     }}
     if (tiles) amx_release();
   }}
-  parts.merge(o, lse, nq, Sq, D);
+  jobs.merge(o, lse, threads);
   return error;
 #else
   (void)q; (void)k; (void)v; (void)o; (void)lse; (void)B; (void)H; (void)Hkv; (void)Sq; (void)Skv; (void)D;

@@ -322,7 +322,7 @@ def test_split_kv_decoding_merges_exactly(sq: int, dtype: torch.dtype) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        assert kern.cpu_kernel().kv_splits(1, TileLists.of(kern.block_map(sq, skv)), 4) == 4
+        assert kern.cpu_kernel().kv_splits(q, k, TileLists.of(kern.block_map(sq, skv)), 4) == 4
         out, lse = kern(q, k, v, return_lse=True)
         (out.square().sum() + lse[lse.isfinite()].sum()).backward()
     finally:
@@ -337,3 +337,30 @@ def test_split_kv_decoding_merges_exactly(sq: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(lse[lse.isfinite()].double(), want_lse[want_lse.isfinite()], rtol=tol, atol=tol)
     for t, w in zip((q, k, v), leaves, strict=True):
         torch.testing.assert_close(t.grad.double(), w.grad, rtol=10 * tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("table", [None, [0, 0, 0, 0, 2, 2]], ids=["gqa", "uneven"])
+def test_gqa_decoding_splits_the_keys_per_group(dtype: torch.dtype, table: list[int] | None) -> None:
+    """GQA decoding splits each kv head's keys into ranges that one thread reads once for all the query heads of the
+    group (jobs in kv head, split, query head order); with a runtime head table the groups are uneven and a kv head
+    nobody reads has no jobs. Output and lse against the float64 oracle on k and v gathered per query head."""
+    from attncc.plan import TileLists
+    from tests.numerics import oracle
+
+    heads = torch.tensor(table) if table else torch.arange(6) // 2
+    extra = {"kv_head_of": ac.tensor("kv_head_of")} if table else {}
+    spec = ac.AttentionSpec(num_heads=6, num_kv_heads=3, head_dim=64, mask=ac.causal(align="bottom_right"), **extra)
+    kern = ac.compile(spec, target="cpu")
+    g = torch.Generator().manual_seed(7)
+    sq, skv = 2, 3000
+    q = torch.randn(1, 6, sq, 64, generator=g).to(dtype)
+    k, v = (torch.randn(1, 3, skv, 64, generator=g).to(dtype) for _ in range(2))
+    splits = kern.cpu_kernel().kv_splits(q, k, TileLists.of(kern.block_map(sq, skv)), torch.get_num_threads())
+    assert splits > 1  # K and V of one kv head exceed a split's bytes
+    out, lse = kern(q, k, v, return_lse=True, **({"kv_head_of": heads} if table else {}))
+    keep = torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq).expand(1, 6, sq, skv)
+    want, want_lse = oracle.attention(q, k[:, heads], v[:, heads], keep, 64**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol / 10)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=tol, atol=tol)
