@@ -259,8 +259,8 @@ class CpuKernel:
         return f"micro-kernels: register blocks {width} columns wide ({self.lanes}-lane FMA vectors){bf16}"
 
     def native_bf16(self, head_dim: int, rope: bool = False) -> bool:
-        """Whether bf16 inputs run the native bf16 forward (AVX512_BF16 dot products on bf16 q, k, v, fp32
-        softmax and accumulation) rather than fp32 on upcast copies: the build has the instructions, the
+        """Whether bf16 inputs run the native bf16 forward (AMX tiles or AVX512_BF16 dot products on bf16 q, k, v;
+        fp32 softmax and accumulation) rather than fp32 on upcast copies: the build has the instructions, the
         micro-kernel shapes fit and no RoPE is applied (rotated specs upcast)."""
         return self.has_bf16 and not rope and self.products(head_dim).startswith("micro")
 
@@ -271,7 +271,7 @@ class CpuKernel:
             return
         self._upcast_told.add(key)
         if dtype == torch.float16:
-            why = "fp16 has no native path (F16C/AVX512_FP16 products are not built)"
+            why = "fp16 products are not built (fp32 products on transient copies; the backward keeps the fp16 inputs)"
         elif not self.has_bf16:
             why = "this build has no AVX512_BF16 products"
         elif rope:
@@ -612,7 +612,8 @@ class CpuAttention(torch.autograd.Function):
                 kern.tell_upcast(dtype, q.shape[3], rope is not None)
             qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
             o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
-            ctx.save_for_backward(qf, kf, vf, o, lse)
+            # the inputs as given (for half precision: half the memory of the fp32 copies, upcast again then)
+            ctx.save_for_backward(q.detach(), k.detach(), v.detach(), o, lse)
         ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype, ctx.rope = kern, lists, keep, tensors, dtype, rope
         ctx.learn, ctx.recompute, ctx.inputs = learn, recompute, (q, k, v, *learned)
         return o.to(dtype), lse
