@@ -665,10 +665,13 @@ inline void pack_v_bf16(const bf16_t* v, bf16_t* out, int64_t heads, int64_t S, 
   }}
 }}
 
-// 2^x on 16 lanes (exp2_f's polynomial): 2^n by VSCALEF, which underflows to an exact 0 (x = -inf is clamped
-// to -200 first, so r stays finite) and keeps NaN
+// 2^x on 16 lanes (exp2_f's polynomial): 2^n by VSCALEF on x clamped to -125, so no lane underflows (an
+// underflowing VSCALEF takes a microcode assist: 3.5x slower softmax on masks with many -inf scores), and lanes
+// below -125 (-inf among them) set to exactly 0; NaN stays NaN
 inline __m512 exp2_v(__m512 x) {{
-  x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);  // (max_ps returns its second operand for NaN)
+  const __m512 low = _mm512_set1_ps(-125.0f);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, low, _CMP_NLT_UQ);  // x >= -125, or NaN
+  x = _mm512_max_ps(low, x);  // (max_ps returns its second operand for NaN)
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), r = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.32646796e-3f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.67150275e-3f));
@@ -676,7 +679,7 @@ inline __m512 exp2_v(__m512 x) {{
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.40222424e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.93147004e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(live, p, n);
 }}
 
 // row_max on 16-lane vectors (two chains, masked tail, one log-depth reduction); skips NaN as row_max does
@@ -1178,7 +1181,6 @@ extern "C" int attncc_forward_bf16(
       if (tiles && rows16 != rows) {{  // a ragged last block: tile loads read 16 rows, so pad with zeros
         std::memcpy(qpad.data(), qp, sizeof(bf16_t) * rows * D);
         std::memset(qpad.data() + rows * D, 0, sizeof(bf16_t) * (rows16 - rows) * D);
-        std::memset(pb.data() + rows * pw, 0, sizeof(bf16_t) * (rows16 - rows) * pw);
         qp = qpad.data();
       }}
       const bf16_t* kpp = packed ? k_pack + (b * Hkv + hk) * skv_pad * D : k + (b * Hkv + hk) * Skv * D;
@@ -1203,26 +1205,38 @@ extern "C" int attncc_forward_bf16(
           values_rows_bf(rows, cols, d, s.data(), LDS, vpp + k0 * D, acc.data(), alpha.data());
           continue;
         }}
-        if (!full)  // partial tiles: only the column panels some row keeps
-          for (int u = 0; u < span; ++u) {{
-            run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
-            const int tc = up_nr(min_of(BKV, cols - u * BKV));
-            if (tiles)
-              amx_scores(rows16, tc, d, qp, kpp + (k0 + u * BKV) * D, s.data() + u * BKV, LDS,
-                         kept_ranges(run_keep[u]), rows);
-            else
-              scores_kept_bf(rows, tc, d / 2, qp, d, kpp + (k0 + u * BKV) * D, d, 2 * NR, s.data() + u * BKV, LDS,
-                             kept_ranges(run_keep[u]));
-          }}
-        else if (tiles) amx_scores(rows16, up_nr(cols), d, qp, kpp + k0 * D, s.data(), LDS, nullptr, rows);
-        else gemm_bf<0>(rows, up_nr(cols), d / 2, qp, d, kpp + k0 * D, d, 2 * NR, s.data(), LDS);
         const bool plain = full && !HAS_MOD;
-        if (!plain) tile_scores(spec, cx, SCALE, s.data(), LDS, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         const float sc = plain ? SCALE * LOG2E : LOG2E;
+        for (int u = 0; !full && u < span; ++u) run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
+        if (tiles) {{  // AMX: 32 rows at a time through scores, softmax and P V, so their scores and P stay in cache
+          for (int g = 0; g < rows16; g += 32) {{
+            const int n16 = min_of(32, rows16 - g), n = min_of(32, rows - g);
+            const bf16_t* qg = qp + g * D;
+            const uint8_t* group_keep[SPAN];
+            for (int u = 0; !full && u < span; ++u) {{  // partial tiles: only the column panels some row keeps
+              group_keep[u] = run_keep[u] + g * BKV;
+              amx_scores(n16, up_nr(min_of(BKV, cols - u * BKV)), d, qg, kpp + (k0 + u * BKV) * D, s.data() + u * BKV,
+                         LDS, kept_ranges(run_keep[u]) + 2 * g, n);
+            }}
+            if (full) amx_scores(n16, up_nr(cols), d, qg, kpp + k0 * D, s.data(), LDS, nullptr, n);
+            if (!plain)
+              tile_scores(spec, cx, SCALE, s.data(), LDS, n, cols, full ? nullptr : group_keep, b, h, q0 + g, k0);
+            softmax_rows_bf16(s.data(), LDS, n, cols, (cols + 31) / 32 * 32, sc, m.data() + g, l.data() + g,
+                              alpha.data() + g, pb.data(), pw);
+            if (n16 != n) std::memset(pb.data() + n * pw, 0, sizeof(bf16_t) * (n16 - n) * pw);  // the padding rows
+            amx_values(n16, n, cols, d, pb.data(), pw, vpp + k0 * D, acc.data() + g * D, alpha.data() + g);
+          }}
+          continue;
+        }}
+        if (!full)  // partial tiles: only the column panels some row keeps
+          for (int u = 0; u < span; ++u)
+            scores_kept_bf(rows, up_nr(min_of(BKV, cols - u * BKV)), d / 2, qp, d, kpp + (k0 + u * BKV) * D, d, 2 * NR,
+                           s.data() + u * BKV, LDS, kept_ranges(run_keep[u]));
+        else gemm_bf<0>(rows, up_nr(cols), d / 2, qp, d, kpp + k0 * D, d, 2 * NR, s.data(), LDS);
+        if (!plain) tile_scores(spec, cx, SCALE, s.data(), LDS, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         softmax_rows_bf16(s.data(), LDS, rows, cols, (cols + 31) / 32 * 32, sc, m.data(), l.data(), alpha.data(),
                           pb.data(), pw);
-        if (tiles) amx_values(rows16, rows, cols, d, pb.data(), pw, vpp + k0 * D, acc.data(), alpha.data());
-        else gemm_bf<2>(rows, d, (cols + 1) / 2, pb.data(), pw, vpp + k0 * D, 2, 2 * D, acc.data(), d, alpha.data());
+        gemm_bf<2>(rows, d, (cols + 1) / 2, pb.data(), pw, vpp + k0 * D, 2, 2 * D, acc.data(), d, alpha.data());
       }}
       jobs.finish(o, lse, acc.data(), m.data(), l.data(), rows, split, (b * H + h) * Sq + q0);
     }}
