@@ -271,8 +271,8 @@ RUNTIME = (
 // with these tiles; the spec's own code (mask bytes, score mod, derivatives) comes from its library
 // through Hooks
 #include <vector>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>  // the native bf16 products (the spec libraries stay light: no intrinsics headers)
+#if defined(__AVX512F__)
+#include <immintrin.h>  // the softmax's and the native bf16 products' intrinsics (the spec libraries stay light)
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <sys/syscall.h>  // arch_prctl: Linux lends AMX tile state to processes that ask for it
@@ -602,19 +602,70 @@ struct Jobs {{
 // sc) become probabilities exp2(s * sc - m_new); m (base 2), l (sum) advance, alpha[i] = exp2(m_old - m_new)
 // rescales the row's accumulator. A row with nothing visible so far keeps zeros (alpha 1); NaN scores make the
 // row's sum, output and lse NaN.
+#if defined(__AVX512F__)
+// 2^x on 16 lanes (exp2_f's polynomial): 2^n by VSCALEF on x clamped to -125, so no lane underflows (an
+// underflowing VSCALEF takes a microcode assist: 3.5x slower softmax on masks with many -inf scores), and lanes
+// below -125 (-inf among them) set to exactly 0; NaN stays NaN
+inline __m512 exp2_v(__m512 x) {{
+  const __m512 low = _mm512_set1_ps(-125.0f);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, low, _CMP_NLT_UQ);  // x >= -125, or NaN
+  x = _mm512_max_ps(low, x);  // (max_ps returns its second operand for NaN)
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), r = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.32646796e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.67150275e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.55073395e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.40222424e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.93147004e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(live, p, n);
+}}
+
+// row_max on 16-lane vectors (two chains, masked tail, one log-depth reduction); skips NaN as row_max does
+inline float row_max_v(const float* x, int n) {{
+  __m512 a = _mm512_set1_ps(-INF), b = a;
+  int j = 0;
+  for (; j + 32 <= n; j += 32) {{
+    a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);  // (a NaN is skipped: max_ps returns its second operand)
+    b = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), b);
+  }}
+  for (; j < n; j += 16) {{
+    const __mmask16 in = j + 16 <= n ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+    a = _mm512_mask_max_ps(a, in, _mm512_maskz_loadu_ps(in, x + j), a);
+  }}
+  return _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+}}
+
+#endif
+
 inline void softmax_rows(float* s, int ld, int rows, int cols, float sc, float* m, float* l, float* alpha) {{
   for (int i = 0; i < rows; ++i) {{
     float* sr = s + i * ld;
+#if defined(__AVX512F__)
+    float mx = max_of(m[i], row_max_v(sr, cols) * sc);
+#else
     float mx = max_of(m[i], row_max(sr, cols) * sc);
+#endif
     if (mx == -INF) {{  // nothing visible so far, or only NaN scores (the max skips NaN)
       const float bad = first_nan(sr, cols);
       if (bad == 0.0f) {{ fill(sr, cols, 0.0f); alpha[i] = 1.0f; continue; }}
       mx = bad;
     }}
     const float a = exp2_f(m[i] - mx);
+#if defined(__AVX512F__)
+    const __m512 vs = _mm512_set1_ps(sc), vm = _mm512_set1_ps(mx);
+    __m512 acc = _mm512_setzero_ps();
+    for (int j = 0; j < cols; j += 16) {{
+      const __mmask16 in = j + 16 <= cols ? 0xffff : (__mmask16)((1u << (cols - j)) - 1);
+      const __m512 e = exp2_v(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, sr + j), vs, vm));
+      _mm512_mask_storeu_ps(sr + j, in, e);
+      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(in, e));
+    }}
+    const float sum = _mm512_reduce_add_ps(acc);
+#else
     float sum = 0.0f;
     #pragma omp simd reduction(+:sum)
     for (int j = 0; j < cols; ++j) {{ const float p = exp2_f(sr[j] * sc - mx); sr[j] = p; sum += p; }}
+#endif
     l[i] = l[i] * a + sum;
     m[i] = mx;
     alpha[i] = a;
@@ -663,38 +714,6 @@ inline void pack_v_bf16(const bf16_t* v, bf16_t* out, int64_t heads, int64_t S, 
       dst[2 * c + 1] = second ? a[d + c] : 0;
     }}
   }}
-}}
-
-// 2^x on 16 lanes (exp2_f's polynomial): 2^n by VSCALEF on x clamped to -125, so no lane underflows (an
-// underflowing VSCALEF takes a microcode assist: 3.5x slower softmax on masks with many -inf scores), and lanes
-// below -125 (-inf among them) set to exactly 0; NaN stays NaN
-inline __m512 exp2_v(__m512 x) {{
-  const __m512 low = _mm512_set1_ps(-125.0f);
-  const __mmask16 live = _mm512_cmp_ps_mask(x, low, _CMP_NLT_UQ);  // x >= -125, or NaN
-  x = _mm512_max_ps(low, x);  // (max_ps returns its second operand for NaN)
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), r = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.32646796e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.67150275e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.55073395e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.40222424e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.93147004e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(live, p, n);
-}}
-
-// row_max on 16-lane vectors (two chains, masked tail, one log-depth reduction); skips NaN as row_max does
-inline float row_max_v(const float* x, int n) {{
-  __m512 a = _mm512_set1_ps(-INF), b = a;
-  int j = 0;
-  for (; j + 32 <= n; j += 32) {{
-    a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);  // (a NaN is skipped: max_ps returns its second operand)
-    b = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), b);
-  }}
-  for (; j < n; j += 16) {{
-    const __mmask16 in = j + 16 <= n ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
-    a = _mm512_mask_max_ps(a, in, _mm512_maskz_loadu_ps(in, x + j), a);
-  }}
-  return _mm512_reduce_max_ps(_mm512_max_ps(a, b));
 }}
 
 // softmax_rows for the bf16 forward: the probabilities go straight to bf16 rows p (stride pw), zero from cols up

@@ -291,15 +291,21 @@ def test_native_bf16_head_dims_ragged_rows_and_empty_rows(isa: str, head_dim: in
 
 
 def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> None:
-    """fp16 (and bf16 where the native path does not apply) runs fp32 on upcast copies, logged once with the
-    reason."""
+    """fp16 (and bf16 where the native path does not apply) runs fp32 on transient upcast copies, logged once with
+    the reason; for the backward the autograd node keeps the fp16 inputs, not fp32 copies."""
     kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=64, mask=ac.causal()), target="cpu")
-    x = torch.randn(1, 2, 40, 64).half()
+    x = torch.randn(1, 2, 40, 64).half().requires_grad_()
     with caplog.at_level(logging.INFO, logger="attncc.codegen.cpu"):
         kern(x, x, x)
-        kern(x, x, x)
+        out = kern(x, x, x)
     said = [r.getMessage() for r in caplog.records if "upcast copies" in r.getMessage()]
-    assert len(said) == 1 and "fp16 has no native path" in said[0]
+    assert len(said) == 1 and "fp16 products are not built" in said[0]
+    node = out.grad_fn
+    while type(node).__name__ != "CpuAttentionBackward":
+        node = node.next_functions[0][0]
+    assert [t.dtype for t in node.saved_tensors[:3]] == [torch.float16] * 3
+    out.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float16 and bool(x.grad.isfinite().all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
