@@ -111,3 +111,12 @@ __all__ = [
 
 from attncc import distributed as distributed
 from attncc import dynamo as dynamo  # the torch.compile backend; imported last, it uses the names above
+
+
+def __getattr__(name: str) -> object:
+    """``ac.onnx``: the ONNX front end, imported on first use (it loads the onnx package)."""
+    if name == "onnx":
+        from attncc.frontends import onnx
+
+        return onnx
+    raise AttributeError(f"module 'attncc' has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
     attncc show FILE.py:NAME [--q-len N] [--kv-len N] [--tiles 64x64] [--tensors VAR] [--out map.png]
     attncc explain FILE.py:MODEL --inputs VAR [--target auto|cpu|triton|reference]
+    attncc onnx MODEL.onnx
 
 ``show``: ``NAME`` is an AttentionSpec (or a compiled Kernel) defined in FILE.py; ``VAR`` names a dict of
 runtime tensors in the same file. Prints the IR after the pipeline and the block map's
@@ -10,6 +11,10 @@ statistics, and writes the block-map picture.
 ``explain``: ``MODEL`` is a torch.nn.Module in FILE.py and ``VAR`` its inputs there (a tuple of
 positional arguments or a dict of keyword arguments); runs ``torch.compile(model, backend="attncc")``
 once and prints :func:`attncc.dynamo.explain`'s table: every attention site, lifted or not and why.
+
+``onnx``: lists the model's ``Attention`` nodes (no torch.compile, nothing run): attributes, input shapes, the
+spec each lifts to (:func:`attncc.frontends.onnx.lift` on inputs of the declared shapes) and its block map's
+statistics where the shapes are static and no runtime mask input decides it; or the reason a node is left as it is.
 """
 
 from __future__ import annotations
@@ -69,6 +74,56 @@ def explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def onnx_sites(args: argparse.Namespace) -> int:
+    import numpy as np
+    import onnx
+
+    from attncc.frontends import onnx as front
+
+    model = onnx.load(args.model)
+    types = {i.name: i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.value_info]}
+    found = front.sites(model)
+    print(f"{args.model}: {len(found)} Attention node(s), opset {found[0]['opset'] if found else '-'}")
+    for site in found:
+        print(f"\n{site['node']}: attributes {site['attributes']}")
+        shapes = site["inputs"]
+        print("  inputs: " + ", ".join(f"{n} {list(s) if s else '?'}" for n, s in shapes.items()))
+        if not all(s and all(isinstance(d, int) for d in s) for s in shapes.values()):
+            print("  spec: not recovered here (input shapes are not static); ac.onnx.run lifts it per call")
+            continue
+        names = ["Q", "K", "V", "attn_mask", "past_key", "past_value", "nonpad_kv_seqlen"]
+        given = list(shapes.items())
+        arrays: dict[str, Any] = {}
+        node = model.graph.node[site["index"]]
+        for slot, name in zip(names, node.input):
+            if not name:
+                continue
+            shape = dict(given)[name]
+            kind = types.get(name, onnx.TensorProto.FLOAT)
+            dtype = {onnx.TensorProto.BOOL: np.bool_, onnx.TensorProto.INT64: np.int64}.get(kind, np.float32)
+            arrays[slot] = np.ones(shape, dtype) if dtype is np.bool_ else np.zeros(shape, dtype)
+        attrs = dict(site["attributes"])
+        mode_wanted = len(node.output) > 3 and bool(node.output[3])
+        attrs.pop("qk_matmul_output_mode", None)
+        lifted = front.lift(**arrays, **attrs, qk_output_wanted=mode_wanted)
+        if isinstance(lifted, str):
+            print(f"  left to the reference evaluator: {lifted}")
+            continue
+        spec = lifted.spec
+        print(f"  spec: {spec.num_heads} heads over {spec.num_kv_heads} kv heads, head_dim {spec.head_dim}")
+        print(f"  mask: {spec.mask}" if spec.mask is not None else "  mask: none (dense)")
+        if spec.score_mod is not None:
+            print(f"  score_mod: {spec.score_mod}")
+        runtime = sorted(lifted.tensors)
+        if runtime:
+            print(f"  runtime tensors: {', '.join(runtime)} (the block map is classified per call)")
+            continue
+        kern = ac.compile(spec, target="reference")
+        bm = kern.block_map(lifted.q.shape[2], lifted.k.shape[2])
+        print(f"  block map: {bm.summary()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attncc", description="attncc, a compiler for attention")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("target", help="FILE.py:MODEL, a torch.nn.Module")
     e.add_argument("--inputs", required=True, help="name of the model's inputs in FILE.py (tuple or dict)")
     e.add_argument("--target", dest="target_name", default="auto", choices=["auto", "cpu", "triton", "reference"])
+    o = sub.add_parser("onnx", help="list an ONNX model's Attention nodes and what each lifts to")
+    o.add_argument("model", help="path of an .onnx file")
     args = parser.parse_args(argv)
-    return show(args) if args.command == "show" else explain(args)
+    return {"show": show, "explain": explain, "onnx": onnx_sites}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,266 @@
+"""The ONNX front end: Attention nodes (opsets 23-25) run on attncc kernels, checked against onnxruntime."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import attncc as ac
+
+B, H, HKV, S, D = 2, 4, 2, 37, 16
+F32 = TensorProto.FLOAT
+_TYPES = {np.dtype(np.float32): F32, np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.bool_): TensorProto.BOOL,
+          np.dtype(np.int64): TensorProto.INT64}  # fmt: skip
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _qkv(dtype: type = np.float32, sq: int = S, skv: int = S, seed: int = 0) -> dict[str, np.ndarray]:
+    g = _rng(seed)
+    return {
+        "Q": g.standard_normal((B, H, sq, D)).astype(dtype),
+        "K": g.standard_normal((B, HKV, skv, D)).astype(dtype),
+        "V": g.standard_normal((B, HKV, skv, D)).astype(dtype),
+    }
+
+
+def attention_model(
+    feeds: dict[str, np.ndarray | None], attrs: dict[str, object], outputs: tuple[str, ...] = ("Y",), opset: int = 23
+) -> onnx.ModelProto:
+    """One Attention node whose inputs are the graph inputs named in ``feeds`` (None: an omitted optional input)."""
+    names = [n if x is not None else "" for n, x in feeds.items()]
+    while names and not names[-1]:
+        names.pop()
+    node = helper.make_node("Attention", names, list(outputs), name="attn0", **attrs)
+    inputs = [
+        helper.make_tensor_value_info(n, _TYPES[x.dtype], list(x.shape)) for n, x in feeds.items() if x is not None
+    ]
+    elem = _TYPES[next(x for x in feeds.values() if x is not None).dtype]
+    outs = [helper.make_tensor_value_info(o, elem, None) for o in outputs if o]
+    graph = helper.make_graph([node], "attention", inputs, outs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def both(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray | None], peer: str = "onnxruntime"
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """ac.onnx.run's outputs and the peer's: onnxruntime, or the onnx package's reference evaluator (the
+    specification's own implementation) where onnxruntime refuses what the specification allows."""
+    given = {n: x for n, x in feeds.items() if x is not None}
+    ours = ac.onnx.run(model, given)
+    if peer == "reference":
+        from onnx.reference import ReferenceEvaluator
+
+        return ours, list(ReferenceEvaluator(model).run(None, given))
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, given)
+    return ours, list(theirs)
+
+
+def _close(ours: list[np.ndarray], theirs: list[np.ndarray], tol: float = 2e-5) -> None:
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=tol, atol=tol)
+
+
+def _mask(shape: tuple[int, ...], seed: int = 1) -> np.ndarray:
+    keep = _rng(seed).random(shape) > 0.3
+    keep[..., 0] = True  # every row sees a key (fully masked rows are tested on their own)
+    return keep
+
+
+CASES = {
+    "causal_gqa": ({}, {"is_causal": 1}),
+    "softcap_scale": ({}, {"softcap": 2.0, "scale": 0.3}),
+    "bool_mask_2d": ({"attn_mask": _mask((S, S))}, {}),
+    "bool_mask_3d_heads": ({"attn_mask": _mask((H, S, S))}, {}),
+    "bool_mask_4d_batch": ({"attn_mask": _mask((B, 1, S, S))}, {"is_causal": 1}),
+    # shorter than the keys: the specification pads it with False (onnxruntime 1.32 refuses it: the reference)
+    "bool_mask_short": ({"attn_mask": _mask((S, S - 5))}, {}),
+    "float_mask_4d_causal_softcap": (
+        {"attn_mask": _rng(2).standard_normal((B, H, S, S)).astype(np.float32)},
+        {"is_causal": 1, "softcap": 5.0},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_node_matches_onnxruntime(case: str) -> None:
+    """Masks of every rank the operator allows (bool and additive, broadcast and short), causal, GQA, scale and
+    softcap: ``ac.onnx.run`` on an attncc kernel equals onnxruntime."""
+    extra, attrs = CASES[case]
+    feeds: dict[str, np.ndarray | None] = {**_qkv(), **extra}
+    ours, theirs = both(
+        attention_model(feeds, attrs), feeds, "reference" if case == "bool_mask_short" else "onnxruntime"
+    )
+    assert ac.onnx.reports()[-1] | {"spec": ""} == {"node": "attn0", "status": "attncc", "spec": "", "target": "cpu"}
+    _close(ours, theirs)
+
+
+def test_fully_masked_rows_are_zero_as_the_specification_says() -> None:
+    feeds: dict[str, np.ndarray | None] = _qkv()
+    keep = _mask((B, 1, S, S))
+    keep[0, 0, 3] = False  # row 3 of batch 0 sees no key
+    bias = np.where(keep, 0.0, -np.inf).astype(np.float32)
+    for mask in (keep, bias):
+        feeds["attn_mask"] = mask
+        ours, theirs = both(attention_model(feeds, {}), feeds)
+        assert ac.onnx.reports()[-1]["status"] == "attncc"
+        assert not ours[0][0, :, 3].any()
+        _close(ours, theirs)
+
+
+def test_past_key_value_decoding_and_present_outputs() -> None:
+    """One new token over a cache: causal frontier at the cache length (bottom-right), present_key / present_value
+    the concatenation; the same kernel serves every cache length."""
+    g = _rng(3)
+    for past in (20, 21):
+        feeds: dict[str, np.ndarray | None] = {
+            **_qkv(sq=1, skv=1, seed=past),
+            "attn_mask": None,
+            "past_key": g.standard_normal((B, HKV, past, D)).astype(np.float32),
+            "past_value": g.standard_normal((B, HKV, past, D)).astype(np.float32),
+        }
+        model = attention_model(feeds, {"is_causal": 1}, outputs=("Y", "present_key", "present_value"))
+        ours, theirs = both(model, feeds)
+        assert ac.onnx.reports()[-1]["status"] == "attncc"
+        _close(ours, theirs)
+    assert len({key for key in ac.onnx._KERNELS if "offset=Skv-Sq" in key}) == 1
+
+
+def test_three_dimensional_inputs_with_head_counts() -> None:
+    qkv = _qkv()
+    feeds: dict[str, np.ndarray | None] = {n: x.transpose(0, 2, 1, 3).reshape(B, S, -1) for n, x in qkv.items()}
+    model = attention_model(feeds, {"is_causal": 1, "q_num_heads": H, "kv_num_heads": HKV})
+    ours, theirs = both(model, feeds)
+    assert ac.onnx.reports()[-1]["status"] == "attncc" and ours[0].shape == (B, S, H * D)
+    _close(ours, theirs)
+
+
+@pytest.mark.parametrize("causal", [0, 1])
+def test_nonpad_kv_seqlen_opset_24(causal: int) -> None:
+    """Padded batches: keys past nonpad_kv_seqlen[b] are hidden; with is_causal the frontier is per batch."""
+    feeds: dict[str, np.ndarray | None] = {
+        **_qkv(),
+        "attn_mask": None,
+        "past_key": None,
+        "past_value": None,
+        "nonpad_kv_seqlen": np.array([30, 12], np.int64),
+    }
+    ours, theirs = both(attention_model(feeds, {"is_causal": causal}, opset=24), feeds)
+    assert ac.onnx.reports()[-1]["status"] == "attncc"
+    _close(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "attrs", [{"is_causal": 1, "left_window_size": 5}, {"left_window_size": 3, "right_window_size": 2}]
+)
+def test_sliding_windows_opset_25(attrs: dict[str, int]) -> None:
+    feeds: dict[str, np.ndarray | None] = _qkv()
+    ours, theirs = both(attention_model(feeds, attrs, opset=25), feeds)
+    assert ac.onnx.reports()[-1]["status"] == "attncc"
+    _close(ours, theirs)
+
+
+def test_float16_inputs() -> None:
+    feeds: dict[str, np.ndarray | None] = _qkv(np.float16)
+    ours, theirs = both(attention_model(feeds, {"is_causal": 1}), feeds)
+    assert ac.onnx.reports()[-1]["status"] == "attncc" and ours[0].dtype == np.float16
+    _close(ours, theirs, tol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "outputs", "reason"),
+    [
+        ({}, ("Y", "", "", "qk"), "qk_matmul_output is requested"),
+        ({"softmax_precision": TensorProto.DOUBLE}, ("Y",), "softmax_precision DOUBLE"),
+    ],
+)
+def test_what_does_not_lift_runs_in_the_reference_evaluator_and_says_why(
+    attrs: dict[str, int], outputs: tuple[str, ...], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    feeds: dict[str, np.ndarray | None] = _qkv()
+    model = attention_model(feeds, attrs, outputs=outputs)
+    with caplog.at_level(logging.INFO, logger="attncc.onnx"):
+        ours = ac.onnx.run(model, {n: x for n, x in feeds.items() if x is not None})
+    report = ac.onnx.reports()[-1]
+    assert report["status"] == "fallback" and reason in report["reason"]
+    assert any("attn0" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+    from onnx.reference import ReferenceEvaluator
+
+    want = ReferenceEvaluator(model).run(None, {n: x for n, x in feeds.items() if x is not None})
+    _close(ours, list(want))
+
+
+def transformer_block(dim: int = 32, heads: int = 4, kv_heads: int = 2, seq: int = 19) -> onnx.ModelProto:
+    """A pre-norm-free attention block as exporters write it at opset 23: projections (MatMul), the Attention node
+    on 3-D inputs with head counts, the output projection and a residual Add. Random weights, nothing downloaded."""
+    g = _rng(7)
+    hd = dim // heads
+
+    def weight(name: str, cols: int) -> onnx.TensorProto:
+        return helper.make_tensor(name, F32, [dim, cols], (g.standard_normal((dim, cols)) / dim**0.5).ravel().tolist())
+
+    inits = [weight("wq", dim), weight("wk", kv_heads * hd), weight("wv", kv_heads * hd), weight("wo", dim)]
+    attn = helper.make_node(
+        "Attention", ["q", "k", "v"], ["a"], name="block.attn", is_causal=1, q_num_heads=heads, kv_num_heads=kv_heads
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k"]),
+        helper.make_node("MatMul", ["x", "wv"], ["v"]),
+        attn,
+        helper.make_node("MatMul", ["a", "wo"], ["proj"]),
+        helper.make_node("Add", ["x", "proj"], ["y"]),
+    ]
+    outs = [helper.make_tensor_value_info(n, F32, [2, seq, dim]) for n in ("y", "a")]
+    graph = helper.make_graph(
+        nodes, "block", [helper.make_tensor_value_info("x", F32, [2, seq, dim])], outs, initializer=inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_whole_model_runs_with_its_attention_on_attncc() -> None:
+    model = transformer_block()
+    x = _rng(8).standard_normal((2, 19, 32)).astype(np.float32)
+    ours, theirs = both(model, {"x": x})
+    assert ac.onnx.reports()[-1] == {"node": "block.attn", "status": "attncc", "spec": "kv <= q", "target": "cpu"}
+    _close(ours, theirs)
+
+
+def test_a_graph_without_attention_runs_unchanged() -> None:
+    node = helper.make_node("Softmax", ["x"], ["y"], axis=-1)
+    io = [helper.make_tensor_value_info(n, F32, [3, 5]) for n in "xy"]
+    model = helper.make_model(
+        helper.make_graph([node], "g", io[:1], io[1:]), opset_imports=[helper.make_opsetid("", 23)]
+    )
+    x = _rng(9).standard_normal((3, 5)).astype(np.float32)
+    before = len(ac.onnx.reports())
+    ours, theirs = both(model, {"x": x})
+    assert len(ac.onnx.reports()) == before  # nothing was attention
+    _close(ours, theirs)
+
+
+def test_sites_and_the_cli_list_the_attention_nodes(tmp_path: Path) -> None:
+    model = transformer_block()
+    (site,) = ac.onnx.sites(model)
+    assert site["node"] == "block.attn" and site["opset"] == 23 and site["index"] == 3
+    assert site["attributes"] == {"is_causal": 1, "q_num_heads": 4, "kv_num_heads": 2}
+    assert site["inputs"] == {"q": (2, 19, 32), "k": (2, 19, 16), "v": (2, 19, 16)}
+    path = tmp_path / "block.onnx"
+    onnx.save(model, path)
+    done = subprocess.run([sys.executable, "-m", "attncc.cli", "onnx", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "block.attn" in done.stdout and "mask: kv <= q" in done.stdout and "computed (" in done.stdout
