@@ -121,6 +121,12 @@ def onnx_sites(args: argparse.Namespace) -> int:
         kern = ac.compile(spec, target="reference")
         bm = kern.block_map(lifted.q.shape[2], lifted.k.shape[2])
         print(f"  block map: {bm.summary()}")
+    decomposed = front.find_decomposed(model)
+    print(f"\n{len(decomposed)} decomposed attention subgraph(s) (MatMul -> ... -> Softmax -> MatMul)")
+    for d in decomposed:
+        names = [model.graph.node[i].name or model.graph.node[i].op_type for i in d.nodes]
+        print(f"  {' -> '.join(names)}: form {d.attributes['form']}; mask input: {d.inputs[4] or 'none'}")
+        print("    lifted per call (a mask that is exactly causal becomes ac.causal(); others a runtime mask/bias)")
     return 0
 
 

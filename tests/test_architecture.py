@@ -44,7 +44,13 @@ LAYERS: list[tuple[str, set[str]]] = [
         | {f"codegen.{m}" for m in _names("reference cpu cpu_template cpu_linear triton triton_template triton_linear")}
         | {"codegen"},
     ),
-    ("api", _names("api sharding distributed dump cli dynamo frontends frontends.fx frontends.symtensor __init__")),
+    (
+        "api",
+        _names(
+            "api sharding distributed dump cli dynamo frontends frontends.fx frontends.onnx frontends.symtensor "
+            "__init__"
+        ),
+    ),
 ]
 # the code generators of different targets never import each other (triton_linear is the triton target's,
 # cpu_linear the cpu target's)

@@ -1,8 +1,9 @@
 """ONNX front end: the ``Attention`` operator (opsets 23-25) lifted to attncc specs and run on attncc kernels.
 
-    outs = ac.onnx.run(model, feeds)      # every graph output, in order; Attention nodes on attncc kernels
-    ac.onnx.reports()                     # one dict per Attention node run: node, status, spec or reason
-    ac.onnx.sites(model)                  # what each Attention node lifts to, from the graph alone
+    outs = ac.onnx.run(model, feeds)      # every graph output, in order; attention on attncc kernels
+    ac.onnx.reports()                     # one dict per attention site run: node, status, spec or reason
+    ac.onnx.sites(model)                  # the Attention nodes, from the graph alone
+    ac.onnx.find_decomposed(model)        # the decomposed MatMul -> Softmax -> MatMul subgraphs
 
 Every other node runs in the ``onnx`` package's reference evaluator. An ``Attention`` node becomes one
 ``AttentionSpec`` from its attributes and the inputs it is given: ``is_causal`` (aligned as the specification
@@ -14,6 +15,13 @@ outputs, ``nonpad_kv_seqlen``, opset 25's ``left_window_size`` / ``right_window_
 runtime tensor of the kernel's mask (its block map is classified at call time); an additive mask is a runtime
 tensor added to the score after the softcap, as in the specification. Query rows with no visible key return 0.
 
+Decomposed attention (what torch.onnx's TorchScript exporter and hand-written models give: MatMul of q and k^T, a
+scale (Div or Mul by a scalar), a mask (Add of a bias, or Where selecting -inf), Softmax over the last axis, an
+optional NaN guard, MatMul with v) is found with networkx's subgraph matcher (:func:`find_decomposed`) and
+replaced by one node computed on attncc; its mask is read at run time: exactly causal (top-left or bottom-right)
+becomes ``ac.causal()``, so its block map is proven, anything else a runtime mask or bias. Not yet: lifting the
+mask-building subgraph itself (Range, Less, Where ...) to an expression, GQA expands, ``export``.
+
 Not lifted, with the reason logged and reported, the node then running in the reference evaluator: a requested
 ``qk_matmul_output`` (attncc never materializes the score matrix), ``softmax_precision`` wider than float32
 (attncc's softmax is float32 for every input dtype), value heads of another size than query heads, query heads
@@ -22,15 +30,20 @@ that are not a multiple of the kv heads, input dtypes other than float32 and flo
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+import networkx as nx
 import numpy as np
 import onnx
 import torch
+from networkx.algorithms import isomorphism
+from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 from onnx.reference.ops.op_attention import Attention as _ReferenceAttention
 
 import attncc as ac
@@ -101,9 +114,11 @@ def lift(
     qk_output_wanted: bool = False,
     left_window_size: int | None = None,
     right_window_size: int | None = None,
+    bottom_right: bool = False,
 ) -> Lifted | str:
     """The attncc form of one ``Attention`` call (inputs and attributes as the operator has them), or the reason
-    it is left to the reference evaluator.
+    it is left to the reference evaluator. ``bottom_right``: without a cache, align the causal / window frontier
+    at ``Skv - Sq`` (a recognized bottom-right causal mask of a decomposed graph) instead of 0.
 
     >>> import numpy as np
     >>> q = np.zeros((1, 4, 3, 8), np.float32); kv = np.zeros((1, 2, 3, 8), np.float32)
@@ -161,7 +176,7 @@ def lift(
     if nonpad_kv_seqlen is not None:
         offset: Expr | int = ac.tensor("nonpad_kv_seqlen", "int")[ac.b] - Expr(X.Sq)
         key.append("offset=nonpad")
-    elif past and past == Skv - Sq:
+    elif (past and past == Skv - Sq) or bottom_right:
         offset = Expr(X.Skv - X.Sq)  # one kernel for every decoding step
         key.append("offset=Skv-Sq")
     else:
@@ -273,9 +288,10 @@ class Attention(_ReferenceAttention):
 
 
 def run(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a whole ONNX model: each ``Attention`` node on an attncc kernel where it lifts (see :func:`lift`),
-    every other node, and any node that does not lift (reported with the reason), in the ``onnx`` reference
-    evaluator. Returns every graph output, in the graph's order.
+    """Run a whole ONNX model: each ``Attention`` node on an attncc kernel where it lifts (see :func:`lift`), each
+    decomposed attention subgraph too (see :func:`rewrite_decomposed`), every other node, and any node that does
+    not lift (reported with the reason), in the ``onnx`` reference evaluator. Returns every graph output, in the
+    graph's order.
 
     >>> import numpy as np, onnx
     >>> from onnx import TensorProto, helper
@@ -288,7 +304,8 @@ def run(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarray]) -> list[n
     >>> y.shape, reports()[-1]["status"]
     ((1, 2, 4, 8), 'attncc')
     """
-    evaluator = ReferenceEvaluator(model, new_ops=[Attention])
+    proto = onnx.load(model) if isinstance(model, str) else model
+    evaluator = ReferenceEvaluator(rewrite_decomposed(proto), new_ops=[Attention, DecomposedAttention])
     return list(evaluator.run(None, dict(feeds)))
 
 
@@ -322,3 +339,297 @@ def sites(model: onnx.ModelProto | str) -> list[dict[str, Any]]:
             }
         )
     return found
+
+
+# ---- decomposed attention: MatMul(q, k^T) -> [scale] -> [mask] -> Softmax -> [NaN guard] -> MatMul(., v) ----
+DOMAIN = "ai.attncc"
+
+
+def _chain_patterns() -> list[tuple[str, nx.DiGraph]]:
+    """The decomposed forms as small graphs of op types, optional steps expanded: a scale (Div or Mul by a scalar)
+    and a mask (Add of a bias, or Where selecting -inf) in either order, and SDPA's NaN guard
+    (Where(IsNaN(p), 0, p)) between the softmax and the values' MatMul. Roles are the pattern's node names."""
+    found = []
+    for scale in (None, "Div", "Mul"):
+        for mask in (None, "Add", "Where"):
+            orders = [("scale", "mask"), ("mask", "scale")] if scale and mask else [("scale", "mask")]
+            for order in orders:
+                for guard in (False, True):
+                    kinds = {"scale": scale, "mask": mask}
+                    roles = ["qk", *[r for r in order if kinds[r]], "softmax"]
+                    g = nx.DiGraph()
+                    g.add_node("qk", op="MatMul")
+                    for role in roles[1:-1]:
+                        g.add_node(role, op=kinds[role])
+                    g.add_node("softmax", op="Softmax")
+                    g.add_edges_from(itertools.pairwise(roles))
+                    last = "softmax"
+                    if guard:
+                        g.add_node("isnan", op="IsNaN")
+                        g.add_node("guard", op="Where")
+                        g.add_edges_from([("softmax", "isnan"), ("isnan", "guard"), ("softmax", "guard")])
+                        last = "guard"
+                    g.add_node("pv", op="MatMul")
+                    g.add_edge(last, "pv")
+                    found.append(("-".join([*roles, *(["guard"] if guard else []), "pv"]), g))
+    return sorted(found, key=lambda item: -item[1].number_of_nodes())  # the longest form first
+
+
+def _constant(proto: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The value of a tensor that is an initializer or a Constant node's output, else None."""
+    for init in proto.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+                if a.name in ("value_float", "value_int"):
+                    return np.asarray(helper.get_attribute_value(a))
+    return None
+
+
+@dataclass(frozen=True)
+class Decomposed:
+    """A decomposed attention subgraph found in a model: its nodes (graph indices), the new node's inputs and
+    attributes, or why it is left as it is."""
+
+    nodes: tuple[int, ...]
+    inputs: tuple[str, ...]
+    output: str
+    attributes: dict[str, Any]
+    reason: str | None = None
+
+
+def find_decomposed(proto: onnx.ModelProto) -> list[Decomposed]:
+    """Every Softmax that is the middle of an attention: matched with networkx's subgraph matcher against the
+    decomposed forms (:func:`_chain_patterns`) on the graph of nodes, then checked: scores are a MatMul of q and
+    k^T, the softmax runs over the last axis, the mask Where selects -inf, the guard puts 0 where the softmax is
+    NaN, and no intermediate result is read outside the subgraph."""
+    nodes = list(proto.graph.node)
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for name in n.input:
+            consumers.setdefault(name, []).append(i)
+    graph = nx.DiGraph()
+    for i, n in enumerate(nodes):
+        graph.add_node(i, op=n.op_type)
+        for name in n.input:
+            if name in producer:
+                graph.add_edge(producer[name], i)
+    outputs = {o.name for o in proto.graph.output}
+    taken: set[int] = set()
+    found: list[Decomposed] = []
+    for form, pattern in _chain_patterns():
+        matcher = isomorphism.DiGraphMatcher(graph, pattern, node_match=lambda a, b: a["op"] == b["op"])
+        for mapping in matcher.subgraph_monomorphisms_iter():
+            role = {r: i for i, r in mapping.items()}
+            if set(role.values()) & taken:
+                continue
+            match = _check(proto, nodes, role, consumers, outputs, form)
+            if match is not None:
+                taken.update(match.nodes)
+                found.append(match)
+    return found
+
+
+def _check(
+    proto: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    role: dict[str, int],
+    consumers: dict[str, list[int]],
+    outputs: set[str],
+    form: str,
+) -> Decomposed | None:
+    """The Decomposed for one pattern match, or None when the match is not the data path of an attention."""
+    n = {r: nodes[i] for r, i in role.items()}
+    order = [r for r in ("qk", "scale", "mask", "softmax", "guard", "pv") if r in n]
+    order = sorted(order, key=lambda r: role[r])  # the chain's own order (the graph is topologically sorted)
+    flow = n["qk"].output[0]  # the scores as they go down the chain
+    attrs: dict[str, Any] = {"form": form}
+    inputs = {"q": n["qk"].input[0], "kt": n["qk"].input[1], "scale": "", "mask": ""}
+    for r in order[1:]:
+        node = n[r]
+        if r == "scale":
+            if node.input[0] == flow:
+                inputs["scale"] = node.input[1]
+            elif node.op_type == "Mul" and node.input[1] == flow:
+                inputs["scale"] = node.input[0]
+            else:
+                return None
+            attrs["scale_op"] = node.op_type.lower()
+        elif r == "mask" and node.op_type == "Add":
+            if flow not in node.input:
+                return None
+            inputs["mask"] = node.input[1] if node.input[0] == flow else node.input[0]
+            attrs["mask_kind"] = "add"
+        elif r == "mask":  # Where(cond, a, b): one of a, b is the scores, the other -inf
+            cond, a, b = node.input
+            other = b if a == flow else a if b == flow else None
+            value = _constant(proto, other) if other else None
+            if value is None or value.size != 1 or not np.isneginf(value).all():
+                return None
+            inputs["mask"] = cond
+            attrs["mask_kind"] = "where_keep" if a == flow else "where_drop"
+        elif r == "softmax":
+            axis = helper.get_attribute_value(node.attribute[0]) if node.attribute else -1
+            if node.input[0] != flow or axis != -1:
+                return None
+        elif r == "guard":  # Where(IsNaN(p), 0, p)
+            zero = _constant(proto, node.input[1])
+            if node.input[0] != n["isnan"].output[0] or node.input[2] != flow or zero is None or zero.any():
+                return None
+            attrs["nan_guard"] = 1
+        elif r == "pv":
+            if node.input[0] != flow:
+                return None
+            inputs["v"] = node.input[1]
+        flow = node.output[0]
+    inner = [i for r, i in role.items() if r != "pv"]
+    for i in inner:  # nothing but the chain reads what the chain computes
+        for out in nodes[i].output:
+            if out in outputs or any(c not in role.values() for c in consumers.get(out, [])):
+                return None
+    names = (inputs["q"], inputs["kt"], inputs["v"], inputs["scale"], inputs["mask"])
+    return Decomposed(tuple(sorted(role.values())), names, n["pv"].output[0], attrs)
+
+
+def rewrite_decomposed(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` with each decomposed attention (:func:`find_decomposed`) replaced by one
+    ``ai.attncc.DecomposedAttention`` node that :func:`run` computes on attncc; the mask-building nodes stay (they
+    compute the mask the node reads). The model as given when there is none."""
+    found = find_decomposed(proto)
+    if not found:
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    drop = {i for d in found for i in d.nodes}
+    at = {max(d.nodes): d for d in found}  # the new node takes the place of the values' MatMul
+    kept: list[onnx.NodeProto] = []
+    for i, node in enumerate(proto.graph.node):
+        if i in at:
+            d = at[i]
+            name = "+".join(proto.graph.node[j].name or proto.graph.node[j].op_type for j in d.nodes)
+            kept.append(helper.make_node("DecomposedAttention", list(d.inputs), [d.output], name=name, domain=DOMAIN,
+                                         **{k: v for k, v in d.attributes.items()}))  # fmt: skip
+        elif i not in drop:
+            kept.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    if not any(o.domain == DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return out
+
+
+def _recognize(keep: np.ndarray, sq: int, skv: int) -> str | None:
+    """'top_left' or 'bottom_right' when a boolean mask (broadcast over batch and heads) is exactly a causal mask."""
+    if keep.ndim < 2 or keep.shape[-2:] != (sq, skv) or any(d != 1 for d in keep.shape[:-2]):
+        return None
+    plane = keep.reshape(sq, skv)
+    if np.array_equal(plane, np.tri(sq, skv, 0, dtype=bool)):
+        return "top_left"
+    if np.array_equal(plane, np.tri(sq, skv, skv - sq, dtype=bool)):
+        return "bottom_right"
+    return None
+
+
+class DecomposedAttention(OpRun):
+    """A decomposed attention subgraph as one node (see :func:`rewrite_decomposed`), computed on attncc: the scores'
+    MatMul inputs as given (their scale Muls stay in the graph), the scalar scale step, the mask as a causal mask
+    where its values are exactly one (recognized at run time: its sparsity is then proven), else as a runtime mask
+    or bias; rows with no visible key are NaN as the softmax makes them, or 0 under SDPA's NaN guard."""
+
+    op_domain = DOMAIN
+
+    def _run(  # type: ignore[override]
+        self,
+        q: np.ndarray,
+        kt: np.ndarray,
+        v: np.ndarray,
+        scale: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        form: str = "",
+        scale_op: str = "",
+        mask_kind: str = "",
+        nan_guard: int = 0,
+    ) -> tuple[np.ndarray]:
+        name = self.onnx_node.name
+        lifted = self._lift(q, kt, v, scale, mask, scale_op, mask_kind)
+        if isinstance(lifted, str):
+            log.info("onnx subgraph %s runs in the reference evaluator: %s", name, lifted)
+            _REPORTS.append({"node": name, "status": "fallback", "reason": lifted, "form": form})
+            return (_decomposed_reference(q, kt, v, scale, mask, scale_op, mask_kind, nan_guard),)
+        kern = _kernel(lifted)
+        tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x)) for x in (lifted.q, lifted.k, lifted.v))
+        runtime = {n: torch.from_numpy(t) for n, t in lifted.tensors.items()}
+        with torch.no_grad():
+            o, lse = kern(tq, tk, tv, return_lse=True, **runtime)
+        out = o.numpy().astype(q.dtype)
+        if not nan_guard:  # softmax over nothing but -inf is NaN
+            out[np.isneginf(lse.numpy())] = np.nan
+        _REPORTS.append({"node": name, "status": "attncc", "spec": str(lifted.spec.mask), "target": kern.target,
+                         "form": form})  # fmt: skip
+        return (out.reshape(*q.shape[:-1], v.shape[-1]),)
+
+    @staticmethod
+    def _lift(
+        q: np.ndarray, kt: np.ndarray, v: np.ndarray, scale: np.ndarray | None, mask: np.ndarray | None,
+        scale_op: str, mask_kind: str,
+    ) -> Lifted | str:  # fmt: skip
+        if not (q.ndim == kt.ndim == v.ndim == 4):
+            return f"q, k^T, v of ranks {q.ndim}, {kt.ndim}, {v.ndim} (the lifted form takes [B, H, S, D])"
+        if q.shape[0] != kt.shape[0] or kt.shape[:2] != v.shape[:2]:
+            return f"batch and head axes of q {q.shape}, k^T {kt.shape}, v {v.shape} do not line up"
+        factor = 1.0
+        if scale_op:
+            if scale is None or scale.size != 1:
+                return (
+                    f"the scores are scaled by a tensor of shape {None if scale is None else scale.shape}, not a scalar"
+                )
+            value = float(np.asarray(scale).reshape(()))
+            if not np.isfinite(value) or value == 0:
+                return f"scale factor {value}"
+            factor = 1.0 / value if scale_op == "div" else value
+        if factor <= 0:
+            return f"negative score scale {factor} (attncc's scale is positive)"
+        k = np.swapaxes(kt, -1, -2)
+        sq, skv = q.shape[2], k.shape[2]
+        keep: np.ndarray | None = None
+        if mask_kind == "add" and mask is not None:
+            if np.isin(mask, (0.0, -np.inf)).all():
+                keep = mask == 0
+            else:
+                return lift(q, k, v, attn_mask=mask.astype(np.float32), scale=factor)
+        elif mask_kind and mask is not None:
+            keep = mask.astype(bool) if mask_kind == "where_keep" else ~mask.astype(bool)
+        if keep is None:
+            return lift(q, k, v, scale=factor)
+        causal = _recognize(keep, sq, skv)
+        if causal is not None:
+            return lift(q, k, v, scale=factor, is_causal=1, bottom_right=causal == "bottom_right")
+        return lift(q, k, v, attn_mask=keep, scale=factor)
+
+
+def _decomposed_reference(
+    q: np.ndarray, kt: np.ndarray, v: np.ndarray, scale: np.ndarray | None, mask: np.ndarray | None,
+    scale_op: str, mask_kind: str, nan_guard: int,
+) -> np.ndarray:  # fmt: skip
+    """What the replaced nodes compute, in numpy, for a subgraph attncc does not lift."""
+    s = np.matmul(q, kt)
+    if scale_op == "div":
+        s = s / scale
+    elif scale_op == "mul":
+        s = s * scale
+    if mask_kind == "add":
+        s = s + mask
+    elif mask_kind:
+        keep = np.asarray(mask, bool) if mask_kind == "where_keep" else ~np.asarray(mask, bool)
+        s = np.where(keep, s, -np.inf)
+    with np.errstate(invalid="ignore"):
+        e = np.exp(s - s.max(axis=-1, keepdims=True))
+        p = e / e.sum(axis=-1, keepdims=True)
+    if nan_guard:
+        p = np.where(np.isnan(p), 0, p)
+    return np.matmul(p.astype(q.dtype), v).astype(q.dtype)

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 import attncc as ac
@@ -264,3 +265,133 @@ def test_sites_and_the_cli_list_the_attention_nodes(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "attncc.cli", "onnx", str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "block.attn" in done.stdout and "mask: kv <= q" in done.stdout and "computed (" in done.stdout
+
+
+# ---- decomposed attention, as torch.onnx's TorchScript exporter writes it ----
+class _Sdpa(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class _SdpaMask(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+class _MaskedFill(torch.nn.Module):
+    """Hand-written attention: Div by a constant, masked_fill with -inf (Where), softmax, matmul."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("keep", keep)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = (q @ k.transpose(-1, -2) / 4.0).masked_fill(~self.keep, float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+
+class _Plain(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1) @ v
+
+
+def exported(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path) -> onnx.ModelProto:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module, args, str(path), opset_version=18, dynamo=False)
+    return onnx.load(str(path))
+
+
+def _tensors(sq: int = 40, seed: int = 11) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, 3, sq, 16, generator=g) for _ in range(3))
+
+
+CAUSAL = torch.ones(40, 40, dtype=torch.bool).tril()
+DECOMPOSED = {
+    "sdpa_is_causal": (_Sdpa(), (), "qk-mask-softmax-pv", "kv <= q"),
+    "sdpa_bool_mask": (_SdpaMask(), (torch.rand(40, 40, generator=torch.Generator().manual_seed(1)) > 0.3,),
+                       "qk-mask-softmax-guard-pv", "Ne(attn_mask[0, 0, q, kv], 0)"),
+    "masked_fill_causal": (_MaskedFill(CAUSAL), (), "qk-scale-mask-softmax-pv", "kv <= q"),
+    "no_mask": (_Plain(), (), "qk-scale-softmax-pv", "True"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(DECOMPOSED))
+def test_decomposed_attention_from_torch_onnx_export(case: str, tmp_path: Path) -> None:
+    """Models exported by torch.onnx (TorchScript exporter, opset 18: MatMul, scale, mask Add/Where, Softmax,
+    MatMul): the subgraph is found with networkx's matcher, runs on attncc, and a mask whose values are exactly
+    causal becomes ``ac.causal()`` (its sparsity proven); outputs equal onnxruntime's."""
+    module, extra, form, spec = DECOMPOSED[case]
+    args = (*_tensors(), *extra)
+    model = exported(module, args, tmp_path / "m.onnx")
+    (found,) = ac.onnx.find_decomposed(model)
+    assert found.attributes["form"] == form and found.reason is None
+    feeds = {i.name: a.numpy() for i, a in zip(model.graph.input, args, strict=True)}
+    ours, theirs = both(model, feeds)
+    report = ac.onnx.reports()[-1]
+    assert (report["status"], report["form"], report["spec"]) == ("attncc", form, spec)
+    _close(ours, theirs)
+
+
+def test_decomposed_rows_with_no_key_keep_the_graph_semantics(tmp_path: Path) -> None:
+    """A row that sees no key is NaN after a plain softmax (as onnxruntime computes it) and 0 under SDPA's NaN
+    guard: attncc returns the same."""
+    keep = CAUSAL.clone()
+    keep[5] = False
+    for module, extra in ((_MaskedFill(keep), ()), (_SdpaMask(), (keep,))):
+        args = (*_tensors(), *extra)
+        model = exported(module, args, tmp_path / "m.onnx")
+        feeds = {i.name: a.numpy() for i, a in zip(model.graph.input, args, strict=True)}
+        ours, theirs = both(model, feeds)
+        assert ac.onnx.reports()[-1]["status"] == "attncc"
+        assert np.array_equal(np.isnan(ours[0]), np.isnan(theirs[0]))
+        np.testing.assert_allclose(np.nan_to_num(ours[0]), np.nan_to_num(theirs[0]), rtol=2e-5, atol=2e-5)
+
+
+def test_a_softmax_read_elsewhere_is_not_rewritten(tmp_path: Path) -> None:
+    """The probabilities are also a graph output: the subgraph stays as it is (nothing is matched) and the model
+    still runs."""
+    args = _tensors()
+    model = exported(_Plain(), args, tmp_path / "m.onnx")
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    model.graph.output.append(helper.make_tensor_value_info(softmax.output[0], F32, None))
+    assert ac.onnx.find_decomposed(model) == []
+    feeds = {i.name: a.numpy() for i, a in zip(model.graph.input, args, strict=True)}
+    ours, theirs = both(model, feeds)
+    _close(ours, theirs)
+
+
+def test_a_decomposed_subgraph_that_does_not_lift_is_computed_as_written() -> None:
+    """Scores scaled per head (a [1, H, 1, 1] tensor, not one scale): matched, not lifted, reported with the
+    reason, and computed as the graph says."""
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Mul", ["s", "per_head"], ["ss"]),
+        helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["y"]),
+    ]
+    per_head = helper.make_tensor("per_head", F32, [1, 3, 1, 1], [0.1, 0.2, 0.3])
+    io = [helper.make_tensor_value_info(n, F32, [2, 3, 40, 16]) for n in ("q", "k", "v", "y")]
+    graph = helper.make_graph(nodes, "per_head_scale", io[:3], io[3:], initializer=[per_head])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    (found,) = ac.onnx.find_decomposed(model)
+    assert found.attributes == {"form": "qk-scale-softmax-pv", "scale_op": "mul"}
+    feeds = {n: t.numpy() for n, t in zip("qkv", _tensors(), strict=True)}
+    ours, theirs = both(model, feeds)
+    report = ac.onnx.reports()[-1]
+    assert report["status"] == "fallback" and "not a scalar" in report["reason"]
+    _close(ours, theirs)
+
+
+def test_the_cli_lists_decomposed_subgraphs(tmp_path: Path) -> None:
+    exported(_Sdpa(), _tensors(), tmp_path / "sdpa.onnx")
+    done = subprocess.run(
+        [sys.executable, "-m", "attncc.cli", "onnx", str(tmp_path / "sdpa.onnx")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "0 Attention node(s)" in done.stdout and "1 decomposed attention subgraph(s)" in done.stdout
+    assert "form qk-mask-softmax-pv" in done.stdout
