@@ -47,7 +47,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     (
         "api",
         _names(
-            "api sharding distributed dump cli dynamo frontends frontends.fx frontends.onnx frontends.symtensor "
+            "api sharding distributed dump cli dynamo frontends frontends.fx frontends.onnx frontends.onnx_export "
+            "frontends.symtensor "
             "__init__"
         ),
     ),

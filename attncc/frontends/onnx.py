@@ -4,6 +4,7 @@
     ac.onnx.reports()                     # one dict per attention site run: node, status, spec or reason
     ac.onnx.sites(model)                  # the Attention nodes, from the graph alone
     ac.onnx.find_decomposed(model)        # the decomposed MatMul -> Softmax -> MatMul subgraphs
+    ac.onnx.export(spec, path, q_len, kv_len)   # a spec as an ONNX model (see attncc.frontends.onnx_export)
 
 Every other node runs in the ``onnx`` package's reference evaluator. An ``Attention`` node becomes one
 ``AttentionSpec`` from its attributes and the inputs it is given: ``is_causal`` (aligned as the specification
@@ -20,7 +21,7 @@ scale (Div or Mul by a scalar), a mask (Add of a bias, or Where selecting -inf),
 optional NaN guard, MatMul with v) is found with networkx's subgraph matcher (:func:`find_decomposed`) and
 replaced by one node computed on attncc; its mask is read at run time: exactly causal (top-left or bottom-right)
 becomes ``ac.causal()``, so its block map is proven, anything else a runtime mask or bias. Not yet: lifting the
-mask-building subgraph itself (Range, Less, Where ...) to an expression, GQA expands, ``export``.
+mask-building subgraph itself (Range, Less, Where ...) to an expression, GQA expands.
 
 Not lifted, with the reason logged and reported, the node then running in the reference evaluator: a requested
 ``qk_matmul_output`` (attncc never materializes the score matrix), ``softmax_precision`` wider than float32
@@ -49,6 +50,7 @@ from onnx.reference.ops.op_attention import Attention as _ReferenceAttention
 import attncc as ac
 from attncc.dsl import Expr
 from attncc.errors import SpecError
+from attncc.frontends.onnx_export import export as export
 from attncc.ir import exprs as X
 
 log = logging.getLogger("attncc.onnx")
