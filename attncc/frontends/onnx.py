@@ -19,8 +19,9 @@ tensor added to the score after the softcap, as in the specification. Query rows
 Decomposed attention (what torch.onnx's TorchScript exporter and hand-written models give: MatMul of q and k^T, a
 scale (Div or Mul by a scalar), a mask (Add of a bias, or Where selecting -inf), Softmax over the last axis, an
 optional NaN guard, MatMul with v) is found with networkx's subgraph matcher (:func:`find_decomposed`) and
-replaced by one node computed on attncc; its mask is read at run time: exactly causal (top-left or bottom-right)
-becomes ``ac.causal()``, so its block map is proven, anything else a runtime mask or bias. Not yet: lifting the
+replaced by one node computed on attncc; its mask is read at run time: a band (lo <= kv - q <= hi: causal of
+either alignment, sliding windows) becomes the matching causal / window expression, so its block map is proven,
+anything else a runtime mask or bias. Not yet: lifting the
 mask-building subgraph itself (Range, Less, Where ...) to an expression, GQA expands.
 
 Not lifted, with the reason logged and reported, the node then running in the reference evaluator: a requested
@@ -525,23 +526,50 @@ def rewrite_decomposed(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _recognize(keep: np.ndarray, sq: int, skv: int) -> str | None:
-    """'top_left' or 'bottom_right' when a boolean mask (broadcast over batch and heads) is exactly a causal mask."""
+def band(keep: np.ndarray, sq: int, skv: int) -> tuple[int | None, int | None] | None:
+    """(lo, hi) when a boolean mask (broadcast over batch and heads) keeps exactly the keys with
+    lo <= kv - q <= hi (None: that side does not bind): causal masks of either alignment, sliding windows. Else None.
+
+    >>> band(np.tri(4, 6, 2, dtype=bool), 4, 6)  # bottom-right causal: kv <= q + 2
+    (None, 2)
+    >>> band(np.tri(5, 5, 0, dtype=bool) & ~np.tri(5, 5, -3, dtype=bool), 5, 5)  # causal, 3 keys
+    (-2, 0)
+    """
     if keep.ndim < 2 or keep.shape[-2:] != (sq, skv) or any(d != 1 for d in keep.shape[:-2]):
         return None
     plane = keep.reshape(sq, skv)
-    if np.array_equal(plane, np.tri(sq, skv, 0, dtype=bool)):
-        return "top_left"
-    if np.array_equal(plane, np.tri(sq, skv, skv - sq, dtype=bool)):
-        return "bottom_right"
-    return None
+    rows, cols = np.nonzero(plane)
+    if rows.size == 0:
+        return None
+    d = cols - rows
+    lo, hi = int(d.min()), int(d.max())
+    offsets = np.arange(skv)[None, :] - np.arange(sq)[:, None]
+    if not np.array_equal(plane, (offsets >= lo) & (offsets <= hi)):
+        return None
+    return (None if lo <= -(sq - 1) else lo), (None if hi >= skv - 1 else hi)
+
+
+def _band_lift(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, factor: float, lo: int | None, hi: int | None
+) -> Lifted | str:
+    """lift() for a recognized band, as causal / window attributes (an unbounded side stays unbounded)."""
+    sq, skv = q.shape[2], k.shape[2]
+    if hi is not None and hi == skv - sq and sq != skv:  # bottom-right: one kernel for every length
+        left = None if lo is None else (skv - sq) - lo
+        return lift(q, k, v, scale=factor, is_causal=1, bottom_right=True, left_window_size=left)
+    if (hi is not None and hi < 0) or (lo is not None and lo > 0):
+        return "band does not contain the diagonal"
+    if hi == 0:
+        return lift(q, k, v, scale=factor, is_causal=1, left_window_size=None if lo is None else -lo)
+    return lift(q, k, v, scale=factor, left_window_size=None if lo is None else -lo, right_window_size=hi)
 
 
 class DecomposedAttention(OpRun):
     """A decomposed attention subgraph as one node (see :func:`rewrite_decomposed`), computed on attncc: the scores'
-    MatMul inputs as given (their scale Muls stay in the graph), the scalar scale step, the mask as a causal mask
-    where its values are exactly one (recognized at run time: its sparsity is then proven), else as a runtime mask
-    or bias; rows with no visible key are NaN as the softmax makes them, or 0 under SDPA's NaN guard."""
+    MatMul inputs as given (their scale Muls stay in the graph), the scalar scale step, the mask as causal / window
+    expressions where its values are exactly a band (:func:`band`, at run time: its sparsity is then proven), else
+    as a runtime mask or bias; rows with no visible key are NaN as the softmax makes them, or 0 under SDPA's NaN
+    guard."""
 
     op_domain = DOMAIN
 
@@ -608,9 +636,11 @@ class DecomposedAttention(OpRun):
             keep = mask.astype(bool) if mask_kind == "where_keep" else ~mask.astype(bool)
         if keep is None:
             return lift(q, k, v, scale=factor)
-        causal = _recognize(keep, sq, skv)
-        if causal is not None:
-            return lift(q, k, v, scale=factor, is_causal=1, bottom_right=causal == "bottom_right")
+        found = band(keep, sq, skv)
+        if found is not None:
+            lifted = _band_lift(q, k, v, factor, *found)
+            if not isinstance(lifted, str):
+                return lifted
         return lift(q, k, v, attn_mask=keep, scale=factor)
 
 

@@ -454,3 +454,25 @@ def test_export_refuses_what_it_cannot_write_yet(tmp_path: Path) -> None:
     spec = ac.AttentionSpec(num_heads=2, head_dim=8, score_mod=ac.relative_bias(ac.tensor("table"), 8))
     with pytest.raises(ac.AttnccError, match="2-D tensor"):
         ac.onnx.export(spec, tmp_path / "x.onnx", 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("name", "keep", "spec"),
+    [
+        ("sliding_window", CAUSAL & ~torch.ones(40, 40, dtype=torch.bool).tril(-8), "(kv <= q) & (kv >= q - 7)"),
+        ("two_sided", torch.ones(40, 40, dtype=torch.bool).tril(3) & ~torch.ones(40, 40, dtype=torch.bool).tril(-5),
+         "(kv >= q - 4) & (kv <= q + 3)"),
+    ],
+)  # fmt: skip
+def test_a_band_mask_of_a_decomposed_graph_becomes_a_window(
+    name: str, keep: torch.Tensor, spec: str, tmp_path: Path
+) -> None:
+    """A mask computed in the graph that keeps exactly lo <= kv - q <= hi is lifted to causal / window expressions
+    (its tiles proven), not a runtime mask; outputs equal onnxruntime's."""
+    args = (*_tensors(), keep)
+    model = exported(_SdpaMask(), args, tmp_path / f"{name}.onnx")
+    feeds = {i.name: a.numpy() for i, a in zip(model.graph.input, args, strict=True)}
+    ours, theirs = both(model, feeds)
+    report = ac.onnx.reports()[-1]
+    assert (report["status"], report["spec"]) == ("attncc", spec)
+    _close(ours, theirs)
