@@ -1,4 +1,5 @@
-"""ONNX front end: the ``Attention`` operator (opsets 23-25) lifted to attncc specs and run on attncc kernels.
+"""ONNX front end: ``Attention`` operators (opsets 23-25) and decomposed attention subgraphs lifted to attncc specs
+and run on attncc kernels; ``export`` writes a spec as ONNX.
 
     outs = ac.onnx.run(model, feeds)      # every graph output, in order; attention on attncc kernels
     ac.onnx.reports()                     # one dict per attention site run: node, status, spec or reason
@@ -21,8 +22,8 @@ scale (Div or Mul by a scalar), a mask (Add of a bias, or Where selecting -inf),
 optional NaN guard, MatMul with v) is found with networkx's subgraph matcher (:func:`find_decomposed`) and
 replaced by one node computed on attncc; its mask is read at run time: a band (lo <= kv - q <= hi: causal of
 either alignment, sliding windows) becomes the matching causal / window expression, so its block map is proven,
-anything else a runtime mask or bias. Not yet: lifting the
-mask-building subgraph itself (Range, Less, Where ...) to an expression, GQA expands.
+anything else a runtime mask or bias. Not yet: lifting the mask-building subgraph itself (Range, Less, Where ...)
+to an expression, folding GQA expands back to kv heads.
 
 Not lifted, with the reason logged and reported, the node then running in the reference evaluator: a requested
 ``qk_matmul_output`` (attncc never materializes the score matrix), ``softmax_precision`` wider than float32
