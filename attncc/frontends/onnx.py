@@ -478,7 +478,9 @@ def _check(
             inputs["mask"] = cond
             attrs["mask_kind"] = "where_keep" if a == flow else "where_drop"
         elif r == "softmax":
-            axis = helper.get_attribute_value(node.attribute[0]) if node.attribute else -1
+            opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+            default = -1 if opset >= 13 else 1  # before opset 13 Softmax defaults to axis 1 over a flattened tail
+            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), default)
             if node.input[0] != flow or axis != -1:
                 return None
         elif r == "guard":  # Where(IsNaN(p), 0, p)

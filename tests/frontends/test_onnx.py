@@ -476,3 +476,18 @@ def test_a_band_mask_of_a_decomposed_graph_becomes_a_window(
     report = ac.onnx.reports()[-1]
     assert (report["status"], report["spec"]) == ("attncc", spec)
     _close(ours, theirs)
+
+
+def test_a_softmax_over_another_axis_is_not_attention() -> None:
+    """Softmax before opset 13 without an axis runs over axis 1 (a flattened tail): not matched."""
+    nodes = [
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Softmax", ["s"], ["p"]),
+        helper.make_node("MatMul", ["p", "v"], ["y"]),
+    ]
+    io = [helper.make_tensor_value_info(n, F32, [2, 3, 8, 8]) for n in ("q", "kt", "v", "y")]
+    for opset, matched in ((12, 0), (13, 1)):
+        model = helper.make_model(
+            helper.make_graph(nodes, "g", io[:3], io[3:]), opset_imports=[helper.make_opsetid("", opset)]
+        )
+        assert len(ac.onnx.find_decomposed(model)) == matched
