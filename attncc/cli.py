@@ -92,13 +92,12 @@ def onnx_sites(args: argparse.Namespace) -> int:
             print("  spec: not recovered here (input shapes are not static); ac.onnx.run lifts it per call")
             continue
         names = ["Q", "K", "V", "attn_mask", "past_key", "past_value", "nonpad_kv_seqlen"]
-        given = list(shapes.items())
         arrays: dict[str, Any] = {}
         node = model.graph.node[site["index"]]
         for slot, name in zip(names, node.input):
             if not name:
                 continue
-            shape = dict(given)[name]
+            shape = shapes[name]
             kind = types.get(name, onnx.TensorProto.FLOAT)
             dtype = {onnx.TensorProto.BOOL: np.bool_, onnx.TensorProto.INT64: np.int64}.get(kind, np.float32)
             arrays[slot] = np.ones(shape, dtype) if dtype is np.bool_ else np.zeros(shape, dtype)
@@ -126,7 +125,10 @@ def onnx_sites(args: argparse.Namespace) -> int:
     for d in decomposed:
         names = [model.graph.node[i].name or model.graph.node[i].op_type for i in d.nodes]
         print(f"  {' -> '.join(names)}: form {d.attributes['form']}; mask input: {d.inputs[4] or 'none'}")
-        print("    lifted per call (a mask that is exactly causal becomes ac.causal(); others a runtime mask/bias)")
+        print(
+            "    lifted per call (a mask that is exactly a band becomes causal / window expressions; others a runtime"
+        )
+        print("    mask or bias)")
     return 0
 
 

@@ -284,7 +284,7 @@ RUNTIME = (
 constexpr int SPAN_Q = {span_q};  // the same for the backward's runs of q-blocks
 constexpr int WKV = BKV * SPAN, WQ = BQ * SPAN_Q;
 // the forwards' score rows are LDS floats apart: at a power-of-two stride (WKV) the rows of a register block or
-// an AMX tile share a few cache sets and evict each other (AMX scores at 4K: 2x slower)
+// an AMX tile share a few cache sets and evict each other
 constexpr int LDS = WKV + 16;
 constexpr int SPAN_MAX = SPAN > SPAN_Q ? SPAN : SPAN_Q;
 
@@ -598,10 +598,6 @@ struct Jobs {{
   }}
 }};
 
-// The online softmax's step over one run of tiles: rows of scores s (stride ld, cols wide; scaled to base 2 by
-// sc) become probabilities exp2(s * sc - m_new); m (base 2), l (sum) advance, alpha[i] = exp2(m_old - m_new)
-// rescales the row's accumulator. A row with nothing visible so far keeps zeros (alpha 1); NaN scores make the
-// row's sum, output and lse NaN.
 #if defined(__AVX512F__)
 // 2^x on 16 lanes (exp2_f's polynomial): 2^n by VSCALEF on x clamped to -125, so no lane underflows (an
 // underflowing VSCALEF takes a microcode assist: 3.5x slower softmax on masks with many -inf scores), and lanes
@@ -637,7 +633,15 @@ inline float row_max_v(const float* x, int n) {{
 
 #endif
 
-inline void softmax_rows(float* s, int ld, int rows, int cols, float sc, float* m, float* l, float* alpha) {{
+// The online softmax's step over one run of tiles: rows of scores s (stride ld, cols wide; scaled to base 2 by
+// sc) become probabilities exp2(s * sc - m_new); m (base 2), l (sum) advance, alpha[i] = exp2(m_old - m_new)
+// rescales the row's accumulator. A row with nothing visible so far keeps zeros (alpha 1); NaN scores make the
+// row's sum, output and lse NaN. Every forward shares this bookkeeping; ``out`` writes the probabilities:
+// out.exp(i, sr, sc, mx) stores 2^(sr * sc - mx) and returns their sum, out.clear(i, sr) zeros a row that has seen
+// nothing (InPlace: fp32 over the scores; ToBf16: bf16 rows for the bf16 products)
+template <class Out>
+inline void softmax_step(float* s, int ld, int rows, int cols, float sc, float* m, float* l, float* alpha,
+                         const Out& out) {{
   for (int i = 0; i < rows; ++i) {{
     float* sr = s + i * ld;
 #if defined(__AVX512F__)
@@ -647,10 +651,21 @@ inline void softmax_rows(float* s, int ld, int rows, int cols, float sc, float* 
 #endif
     if (mx == -INF) {{  // nothing visible so far, or only NaN scores (the max skips NaN)
       const float bad = first_nan(sr, cols);
-      if (bad == 0.0f) {{ fill(sr, cols, 0.0f); alpha[i] = 1.0f; continue; }}
+      if (bad == 0.0f) {{ out.clear(i, sr); alpha[i] = 1.0f; continue; }}
       mx = bad;
     }}
     const float a = exp2_f(m[i] - mx);
+    l[i] = l[i] * a + out.exp(i, sr, sc, mx);
+    m[i] = mx;
+    alpha[i] = a;
+  }}
+}}
+
+// probabilities in place of the scores (fp32 products)
+struct InPlace {{
+  int cols;
+  void clear(int, float* sr) const {{ fill(sr, cols, 0.0f); }}
+  float exp(int, float* sr, float sc, float mx) const {{
 #if defined(__AVX512F__)
     const __m512 vs = _mm512_set1_ps(sc), vm = _mm512_set1_ps(mx);
     __m512 acc = _mm512_setzero_ps();
@@ -660,16 +675,18 @@ inline void softmax_rows(float* s, int ld, int rows, int cols, float sc, float* 
       _mm512_mask_storeu_ps(sr + j, in, e);
       acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(in, e));
     }}
-    const float sum = _mm512_reduce_add_ps(acc);
+    return _mm512_reduce_add_ps(acc);
 #else
     float sum = 0.0f;
     #pragma omp simd reduction(+:sum)
     for (int j = 0; j < cols; ++j) {{ const float p = exp2_f(sr[j] * sc - mx); sr[j] = p; sum += p; }}
+    return sum;
 #endif
-    l[i] = l[i] * a + sum;
-    m[i] = mx;
-    alpha[i] = a;
   }}
+}};
+
+inline void softmax_rows(float* s, int ld, int rows, int cols, float sc, float* m, float* l, float* alpha) {{
+  softmax_step(s, ld, rows, cols, sc, m, l, alpha, InPlace{{cols}});
 }}
 
 // pack K or V [heads, S, d] into panels of NR rows [heads][ceil(S / NR)][d / P][NR][P], zero past S: row j's
@@ -718,38 +735,29 @@ inline void pack_v_bf16(const bf16_t* v, bf16_t* out, int64_t heads, int64_t S, 
 
 // softmax_rows for the bf16 forward: the probabilities go straight to bf16 rows p (stride pw), zero from cols up
 // to pad (the products read whole pairs or 32-key chunks); s keeps the scores
-inline void softmax_rows_bf16(const float* s, int ld, int rows, int cols, int pad, float sc, float* m, float* l,
-                              float* alpha, bf16_t* p, int pw) {{
-  for (int i = 0; i < rows; ++i) {{
-    const float* sr = s + i * ld;
+struct ToBf16 {{
+  int cols, pad;
+  bf16_t* p;
+  int pw;
+  void clear(int i, float*) const {{ std::memset(p + i * pw, 0, sizeof(bf16_t) * pad); }}
+  float exp(int i, float* sr, float sc, float mx) const {{
     bf16_t* pr = p + i * pw;
-    float mx = max_of(m[i], row_max_v(sr, cols) * sc);
-    if (mx == -INF) {{  // as softmax_rows
-      const float bad = first_nan(sr, cols);
-      if (bad == 0.0f) {{ std::memset(pr, 0, sizeof(bf16_t) * pad); alpha[i] = 1.0f; continue; }}
-      mx = bad;
-    }}
-    const float a = exp2_f(m[i] - mx);
     const __m512 vs = _mm512_set1_ps(sc), vm = _mm512_set1_ps(mx);
     __m512 sum = _mm512_setzero_ps();
-    int j = 0;
-    for (; j + 16 <= cols; j += 16) {{
-      const __m512 e = exp2_v(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vs, vm));
-      sum = _mm512_add_ps(sum, e);
-      const __m256bh h = _mm512_cvtneps_pbh(e);
-      std::memcpy(pr + j, &h, 32);
-    }}
-    for (; j < pad; j += 16) {{  // the ragged end, then zeros
-      const __mmask16 in = j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
+    for (int j = 0; j < pad; j += 16) {{  // whole vectors, the ragged end, then zeros
+      const __mmask16 in = j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
       const __m512 e = _mm512_maskz_mov_ps(in, exp2_v(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, sr + j), vs, vm)));
       sum = _mm512_add_ps(sum, e);
       const __m256bh h = _mm512_cvtneps_pbh(e);
       std::memcpy(pr + j, &h, 32);
     }}
-    l[i] = l[i] * a + _mm512_reduce_add_ps(sum);
-    m[i] = mx;
-    alpha[i] = a;
+    return _mm512_reduce_add_ps(sum);
   }}
+}};
+
+inline void softmax_rows_bf16(float* s, int ld, int rows, int cols, int pad, float sc, float* m, float* l,
+                              float* alpha, bf16_t* p, int pw) {{
+  softmax_step(s, ld, rows, cols, sc, m, l, alpha, ToBf16{{cols, pad, p, pw}});
 }}
 
 // C[M x NR] (op)= A . B over ``pairs`` bf16 pairs: A's row i pair r at a + i * ai + 2 * r, B's pair row r at
@@ -1079,8 +1087,8 @@ extern "C" int attncc_forward(
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
-  // kv_splits > 1 (CpuKernel.kv_splits: fewer q-block tasks than threads, as in decoding): each task's kv tiles are
-  // split into that many ranges, one job each, whose (o, lse) are merged exactly at the end (see merge_splits)
+  // kv_splits > 1 (CpuKernel.kv_splits): each task's kv tiles are split into that many ranges, one job each, whose
+  // (o, lse) are merged exactly at the end (see Jobs)
   Jobs jobs(B, H, Hkv, Sq, D, HEADS, kv_splits);
   const int splits = jobs.splits, chunk = jobs.chunk();
   #pragma omp parallel num_threads(threads)
@@ -1214,19 +1222,16 @@ extern "C" int attncc_forward_bf16(
         span = run_length(kv_idx, kv_full, t, t_end, SPAN);
         const int64_t k0 = (int64_t)kv_idx[t] * BKV;
         const int cols = (int)min_of<int64_t>((int64_t)BKV * span, Skv - k0);
-        const bool full = kv_full[t] != 0;
+        const bool full = kv_full[t] != 0, plain = full && !HAS_MOD;
+        const float sc = plain ? SCALE * LOG2E : LOG2E;
+        for (int u = 0; !full && u < span; ++u) run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
         if (!packed) {{  // few rows: in place, every column (tile_scores masks a partial tile's)
-          for (int u = 0; !full && u < span; ++u) run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
           scores_rows_bf(rows, cols, d, qp, kpp + k0 * D, s.data(), LDS);
-          const bool plain = full && !HAS_MOD;
           if (!plain) tile_scores(spec, cx, SCALE, s.data(), LDS, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
-          softmax_rows(s.data(), LDS, rows, cols, plain ? SCALE * LOG2E : LOG2E, m.data(), l.data(), alpha.data());
+          softmax_rows(s.data(), LDS, rows, cols, sc, m.data(), l.data(), alpha.data());
           values_rows_bf(rows, cols, d, s.data(), LDS, vpp + k0 * D, acc.data(), alpha.data());
           continue;
         }}
-        const bool plain = full && !HAS_MOD;
-        const float sc = plain ? SCALE * LOG2E : LOG2E;
-        for (int u = 0; !full && u < span; ++u) run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
         if (tiles) {{  // AMX: 32 rows at a time through scores, softmax and P V, so their scores and P stay in cache
           for (int g = 0; g < rows16; g += 32) {{
             const int n16 = min_of(32, rows16 - g), n = min_of(32, rows - g);

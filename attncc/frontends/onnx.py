@@ -263,22 +263,19 @@ class Attention(_ReferenceAttention):
     ) -> tuple[np.ndarray, ...]:
         node = self.onnx_node
         name = node.name or f"Attention({', '.join(node.input)})"
-        wanted = len(node.output) > 3 and node.output[3] != ""
-        lifted = lift(
-            Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, scale=scale, is_causal=is_causal,
-            q_num_heads=q_num_heads, kv_num_heads=kv_num_heads, softmax_precision=softmax_precision,
-            softcap=softcap, qk_output_wanted=wanted, left_window_size=left_window_size,
-            right_window_size=right_window_size,
-        )  # fmt: skip
+        inputs = (Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen)
+        attrs: dict[str, Any] = {
+            "scale": scale, "is_causal": is_causal, "q_num_heads": q_num_heads, "kv_num_heads": kv_num_heads,
+            "softmax_precision": softmax_precision, "softcap": softcap, "left_window_size": left_window_size,
+            "right_window_size": right_window_size,
+        }  # fmt: skip
+        lifted = lift(*inputs, **attrs, qk_output_wanted=len(node.output) > 3 and node.output[3] != "")
         if isinstance(lifted, str):
             log.info("onnx node %s runs in the reference evaluator: %s", name, lifted)
             _REPORTS.append({"node": name, "status": "fallback", "reason": lifted})
-            return cast(tuple[np.ndarray, ...], super()._run(
-                Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, scale=scale, is_causal=is_causal,
-                q_num_heads=q_num_heads, kv_num_heads=kv_num_heads, softmax_precision=softmax_precision,
-                softcap=softcap, qk_matmul_output_mode=qk_matmul_output_mode, left_window_size=left_window_size,
-                right_window_size=right_window_size,
-            ))  # fmt: skip
+            return cast(
+                tuple[np.ndarray, ...], super()._run(*inputs, **attrs, qk_matmul_output_mode=qk_matmul_output_mode)
+            )
         kern = _kernel(lifted)
         q, k, v = (torch.from_numpy(np.ascontiguousarray(x)) for x in (lifted.q, lifted.k, lifted.v))
         runtime = {name_: torch.from_numpy(t) for name_, t in lifted.tensors.items()}

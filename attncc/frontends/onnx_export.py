@@ -152,13 +152,12 @@ class _Graph:
             return out, BOOL
         if isinstance(e, sympy.Not):
             return self.node("Not", [args[0][0]]), BOOL
-        if isinstance(e, sympy.Piecewise):
-            pieces = list(e.args)
-            value, _ = pieces[-1]
-            out_kind = FLOAT if any(self.emit(v, score)[1] == FLOAT for v, _ in pieces) else INT
-            out = self.cast(self.emit(value, score), out_kind)
-            for v, c in reversed(pieces[:-1]):
-                out = self.node("Where", [self.emit(c, score)[0], self.cast(self.emit(v, score), out_kind), out])
+        if isinstance(e, sympy.Piecewise):  # args: (value, condition) pairs, values already emitted in ``args``
+            values = args[0::2]
+            out_kind = FLOAT if any(k == FLOAT for _, k in values) else INT
+            out = self.cast(values[-1], out_kind)
+            for value, (cond, _) in zip(reversed(values[:-1]), reversed(args[1:-1:2]), strict=True):
+                out = self.node("Where", [cond, self.cast(value, out_kind), out])
             return out, out_kind
         if isinstance(e, (sympy.tanh, sympy.exp, sympy.log)):
             op = {sympy.tanh: "Tanh", sympy.exp: "Exp", sympy.log: "Log"}[type(e)]
