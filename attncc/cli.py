@@ -123,12 +123,10 @@ def onnx_sites(args: argparse.Namespace) -> int:
     decomposed = front.find_decomposed(model)
     print(f"\n{len(decomposed)} decomposed attention subgraph(s) (MatMul -> ... -> Softmax -> MatMul)")
     for d in decomposed:
-        names = [model.graph.node[i].name or model.graph.node[i].op_type for i in d.nodes]
-        print(f"  {' -> '.join(names)}: form {d.attributes['form']}; mask input: {d.inputs[4] or 'none'}")
-        print(
-            "    lifted per call (a mask that is exactly a band becomes causal / window expressions; others a runtime"
-        )
-        print("    mask or bias)")
+        print(f"  {' -> '.join(d.names)}: form {d.attributes['form']}; mask input: {d.inputs[4] or 'none'}")
+        if d.inputs[4]:
+            mask = front.describe_mask(model, d)
+            print(f"    mask: {mask}")
     return 0
 
 

@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "api",
         _names(
             "api sharding distributed dump cli dynamo frontends frontends.fx frontends.onnx frontends.onnx_export "
-            "frontends.symtensor "
+            "frontends.onnx_masks frontends.symtensor "
             "__init__"
         ),
     ),

@@ -33,6 +33,7 @@ that are not a multiple of the kv heads, input dtypes other than float32 and flo
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from collections.abc import Mapping
@@ -42,6 +43,7 @@ from typing import Any, cast
 import networkx as nx
 import numpy as np
 import onnx
+import sympy
 import torch
 from networkx.algorithms import isomorphism
 from onnx import helper, numpy_helper
@@ -53,12 +55,17 @@ import attncc as ac
 from attncc.dsl import Expr
 from attncc.errors import SpecError
 from attncc.frontends.onnx_export import export as export
+from attncc.frontends.onnx_masks import MaskLift, NotLifted, lift_mask
 from attncc.ir import exprs as X
 
 log = logging.getLogger("attncc.onnx")
 
 _REPORTS: list[dict[str, Any]] = []
+_EVALUATORS: dict[str, ReferenceEvaluator] = {}  # per model (its serialized bytes' hash): rewritten once
+_MASK_OWNERS: dict[str, set[str]] = {}
+_EVALUATORS_KEPT = 8
 _KERNELS: dict[tuple[Any, ...], ac.Kernel] = {}
+_HUGE = -1e30  # a mask value at or below this is "masked" (transformers fills with finfo(dtype).min)
 _FLOAT_PRECISIONS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
@@ -119,10 +126,13 @@ def lift(
     left_window_size: int | None = None,
     right_window_size: int | None = None,
     bottom_right: bool = False,
+    mask_expr: Expr | None = None,
+    mask_tensors: Mapping[str, np.ndarray] | None = None,
 ) -> Lifted | str:
     """The attncc form of one ``Attention`` call (inputs and attributes as the operator has them), or the reason
     it is left to the reference evaluator. ``bottom_right``: without a cache, align the causal / window frontier
-    at ``Skv - Sq`` (a recognized bottom-right causal mask of a decomposed graph) instead of 0.
+    at ``Skv - Sq`` (a recognized bottom-right causal mask of a decomposed graph) instead of 0. ``mask_expr``: a
+    further mask expression (a lifted mask-building subgraph) with its runtime tensors ``mask_tensors``.
 
     >>> import numpy as np
     >>> q = np.zeros((1, 4, 3, 8), np.float32); kv = np.zeros((1, 2, 3, 8), np.float32)
@@ -195,6 +205,10 @@ def lift(
     if nonpad_kv_seqlen is not None:
         tensors["nonpad_kv_seqlen"] = np.asarray(nonpad_kv_seqlen, np.int64).reshape(-1)
         parts.append(ac.kv < ac.tensor("nonpad_kv_seqlen", "int")[ac.b])
+    if mask_expr is not None:
+        parts.append(mask_expr)
+        tensors.update(mask_tensors or {})
+        key.append(("expr", str(mask_expr), tuple(sorted((n, t.ndim) for n, t in (mask_tensors or {}).items()))))
     score_mod: Expr | None = ac.softcap(float(softcap)) if softcap else None
     if attn_mask is not None:
         mask = np.asarray(attn_mask)
@@ -216,11 +230,11 @@ def lift(
             tensors["attn_bias"] = mask.astype(np.float32)
             bias = ac.tensor("attn_bias", "float")[index]
             score_mod = (score_mod if score_mod is not None else ac.score) + bias
-    mask_expr: Expr | None = None
+    combined: Expr | None = None
     for part in parts:
-        mask_expr = part if mask_expr is None else mask_expr & part
+        combined = part if combined is None else combined & part
     spec = ac.AttentionSpec(
-        name="onnx_attention", num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=mask_expr, score_mod=score_mod,
+        name="onnx_attention", num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=combined, score_mod=score_mod,
         scale=None if scale is None else float(scale),
     )  # fmt: skip
     return Lifted(spec, tuple(key), q, k, v, tensors)
@@ -306,7 +320,18 @@ def run(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarray]) -> list[n
     ((1, 2, 4, 8), 'attncc')
     """
     proto = onnx.load(model) if isinstance(model, str) else model
-    evaluator = ReferenceEvaluator(rewrite_decomposed(proto), new_ops=[Attention, DecomposedAttention])
+    key = hashlib.sha256(proto.SerializeToString()).hexdigest()
+    evaluator = _EVALUATORS.pop(key, None)
+    if evaluator is None:
+        before = set(_MASKS)
+        evaluator = ReferenceEvaluator(rewrite_decomposed(proto), new_ops=[Attention, DecomposedAttention])
+        _MASK_OWNERS[key] = set(_MASKS) - before
+        while len(_EVALUATORS) >= _EVALUATORS_KEPT:  # forget the least recently run model and its lifted masks
+            old = next(iter(_EVALUATORS))
+            del _EVALUATORS[old]
+            for name in _MASK_OWNERS.pop(old, ()):
+                _MASKS.pop(name, None)
+    _EVALUATORS[key] = evaluator  # most recently run last
     return list(evaluator.run(None, dict(feeds)))
 
 
@@ -400,6 +425,7 @@ class Decomposed:
     inputs: tuple[str, ...]
     output: str
     attributes: dict[str, Any]
+    names: tuple[str, ...] = ()
     reason: str | None = None
 
 
@@ -407,7 +433,9 @@ def find_decomposed(proto: onnx.ModelProto) -> list[Decomposed]:
     """Every Softmax that is the middle of an attention: matched with networkx's subgraph matcher against the
     decomposed forms (:func:`_chain_patterns`) on the graph of nodes, then checked: scores are a MatMul of q and
     k^T, the softmax runs over the last axis, the mask Where selects -inf, the guard puts 0 where the softmax is
-    NaN, and no intermediate result is read outside the subgraph."""
+    NaN, and no intermediate result is read outside the subgraph. Node indices are those of
+    :func:`bypass_transparent` (``proto``'s graph without no-op Casts, Identities and inference Dropouts)."""
+    proto = bypass_transparent(proto)
     nodes = list(proto.graph.node)
     producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}
     consumers: dict[str, list[int]] = {}
@@ -436,6 +464,107 @@ def find_decomposed(proto: onnx.ModelProto) -> list[Decomposed]:
     return found
 
 
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def bypass_transparent(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` without the nodes that pass their input through unchanged: Identity, a Cast to the type its input
+    already has (types from shape inference; a Cast of unknown input type stays), Dropout at inference (one
+    output, no training_mode input). Their readers read the input instead; a graph output they write stays. The
+    model as given when there is none. Exporters put such nodes inside attention (transformers' eager attention:
+    Softmax -> Cast(float) -> Cast(float) -> MatMul)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except onnx.shape_inference.InferenceError:
+        inferred = proto
+    elem = {i.name: i.type.tensor_type.elem_type for i in [*inferred.graph.input, *inferred.graph.value_info]}
+    elem.update({i.name: i.data_type for i in proto.graph.initializer})
+    outputs = {o.name for o in proto.graph.output}
+    alias: dict[str, str] = {}
+    drop: set[int] = set()
+    for i, node in enumerate(proto.graph.node):
+        if node.output[0] in outputs or not node.input:
+            continue
+        if node.op_type == "Cast" and node.domain in ("", "ai.onnx"):
+            to = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "to")
+            passes = elem.get(node.input[0], 0) == to != 0
+        else:
+            passes = node.op_type == "Identity" or (
+                node.op_type == "Dropout" and len(node.input) < 3 and len([o for o in node.output if o]) == 1
+            )
+        if passes and node.domain in ("", "ai.onnx"):
+            alias[node.output[0]] = alias.get(node.input[0], node.input[0])
+            drop.add(i)
+    if not drop:
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    del out.graph.node[:]
+    for i, node in enumerate(proto.graph.node):
+        if i not in drop:
+            kept = onnx.NodeProto()
+            kept.CopyFrom(node)
+            kept.input[:] = [alias.get(n, n) for n in node.input]
+            out.graph.node.append(kept)
+    return out
+
+
+@dataclass(frozen=True)
+class _Operand:
+    """Where a MatMul operand of a decomposed attention comes from: ``source`` multiplied by the scalar constant
+    ``scale`` (a name, or ""), its last two axes swapped when ``transposed``, its heads repeated for GQA when
+    ``expand`` / ``reshape`` name the shapes of transformers' repeat_kv (Unsqueeze at axis 2 -> Expand ->
+    Reshape)."""
+
+    source: str
+    scale: str = ""
+    transposed: bool = False
+    expand: str = ""
+    reshape: str = ""
+
+
+def _operand(proto: onnx.ModelProto, producer: Mapping[str, onnx.NodeProto], name: str, steps: str) -> _Operand:
+    """Walk back from a MatMul input through the steps allowed (``s``: a scalar constant Mul, ``t``: a Transpose of
+    the last two axes, ``g``: a GQA repeat), each at most once, in the order the graph has them."""
+    found: dict[str, Any] = {}
+    while True:
+        node = producer.get(name)
+        if node is None or node.domain not in ("", "ai.onnx"):
+            break
+        if node.op_type == "Mul" and "s" in steps and "scale" not in found:
+            consts = [(j, _constant(proto, x)) for j, x in enumerate(node.input)]
+            scalar = [j for j, c in consts if c is not None and c.size == 1]
+            if not scalar:
+                break
+            found["scale"] = node.input[scalar[0]]
+            name = node.input[1 - scalar[0]]
+        elif node.op_type == "Transpose" and "t" in steps and "transposed" not in found:
+            perm = next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
+            if perm != [0, 1, 3, 2]:
+                break
+            found["transposed"] = True
+            name = node.input[0]
+        elif node.op_type == "Reshape" and "g" in steps and "expand" not in found:
+            if any(a.name == "allowzero" and a.i for a in node.attribute):
+                break
+            expand = producer.get(node.input[0])
+            unsq = producer.get(expand.input[0]) if expand is not None and expand.op_type == "Expand" else None
+            if expand is None or unsq is None or unsq.op_type != "Unsqueeze":
+                break
+            axes = (
+                _constant(proto, unsq.input[1]) if len(unsq.input) > 1
+                else next((np.asarray(helper.get_attribute_value(a)) for a in unsq.attribute if a.name == "axes"), None)
+            )  # fmt: skip
+            if axes is None or axes.reshape(-1).tolist() != [2]:
+                break
+            found["expand"], found["reshape"] = expand.input[1], node.input[1]
+            name = unsq.input[0]
+        else:
+            break
+    return _Operand(name, **found)
+
+
 def _check(
     proto: onnx.ModelProto,
     nodes: list[onnx.NodeProto],
@@ -450,7 +579,7 @@ def _check(
     order = sorted(order, key=lambda r: role[r])  # the chain's own order (the graph is topologically sorted)
     flow = n["qk"].output[0]  # the scores as they go down the chain
     attrs: dict[str, Any] = {"form": form}
-    inputs = {"q": n["qk"].input[0], "kt": n["qk"].input[1], "scale": "", "mask": ""}
+    inputs = {"scale": "", "mask": ""}
     for r in order[1:]:
         node = n[r]
         if r == "scale":
@@ -470,13 +599,14 @@ def _check(
             cond, a, b = node.input
             other = b if a == flow else a if b == flow else None
             value = _constant(proto, other) if other else None
-            if value is None or value.size != 1 or not np.isneginf(value).all():
+            if value is None or value.size != 1 or not (np.isneginf(value).all() or (value <= _HUGE).all()):
                 return None
+            if np.isfinite(value).all():  # masked_fill with finfo.min: a row with no key averages every value
+                attrs["fill"] = "finite"
             inputs["mask"] = cond
             attrs["mask_kind"] = "where_keep" if a == flow else "where_drop"
         elif r == "softmax":
-            opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-            default = -1 if opset >= 13 else 1  # before opset 13 Softmax defaults to axis 1 over a flattened tail
+            default = -1 if _opset(proto) >= 13 else 1  # before opset 13 Softmax defaults to axis 1, flattened
             axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), default)
             if node.input[0] != flow or axis != -1:
                 return None
@@ -485,24 +615,59 @@ def _check(
             if node.input[0] != n["isnan"].output[0] or node.input[2] != flow or zero is None or zero.any():
                 return None
             attrs["nan_guard"] = 1
-        elif r == "pv":
-            if node.input[0] != flow:
-                return None
-            inputs["v"] = node.input[1]
+        elif r == "pv" and node.input[0] != flow:
+            return None
         flow = node.output[0]
     inner = [i for r, i in role.items() if r != "pv"]
     for i in inner:  # nothing but the chain reads what the chain computes
         for out in nodes[i].output:
             if out in outputs or any(c not in role.values() for c in consumers.get(out, [])):
                 return None
-    names = (inputs["q"], inputs["kt"], inputs["v"], inputs["scale"], inputs["mask"])
-    return Decomposed(tuple(sorted(role.values())), names, n["pv"].output[0], attrs)
+    producer = {out: node for node in nodes for out in node.output if out}
+    q = _operand(proto, producer, n["qk"].input[0], "s")
+    k = _operand(proto, producer, n["qk"].input[1], "stg")
+    v = _operand(proto, producer, n["pv"].input[1], "g")
+    attrs["k_input"] = "k" if k.transposed else "k^T"  # k^T: as the MatMul reads it
+    names = (
+        q.source, k.source, v.source, inputs["scale"], inputs["mask"], q.scale, k.scale,
+        k.expand, k.reshape, v.expand, v.reshape,
+    )  # fmt: skip
+    chain = tuple(sorted(role.values()))
+    labels = tuple(nodes[i].name or nodes[i].op_type for i in chain)
+    return Decomposed(chain, names, n["pv"].output[0], attrs, labels)
+
+
+def _live(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of ``graph`` whose outputs something reads (a later node or a graph output), in order."""
+    needed = {o.name for o in graph.output}
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output if o):
+            kept.append(node)
+            needed.update(node.input)
+            for a in node.attribute:  # subgraphs (If, Loop, Scan) read outer names
+                for g in [a.g, *a.graphs]:
+                    needed.update(x for sub in g.node for x in sub.input)
+    return kept[::-1]
+
+
+def describe_mask(proto: onnx.ModelProto, found: Decomposed) -> str:
+    """What :func:`run` makes of a decomposed site's mask: the lifted keep condition, or why its values are read
+    at run time (a band among them still becomes causal / window expressions there)."""
+    lifted = _lift_mask(bypass_transparent(proto), found.inputs[4], found.attributes.get("mask_kind", ""))
+    if isinstance(lifted, str):
+        return f"read by value at run time ({lifted})"
+    inputs = ", ".join(graph for graph, _ in lifted.lifted.inputs.values())
+    return f"lifted: {lifted.keep}" + (f" (graph inputs read: {inputs})" if inputs else "")
 
 
 def rewrite_decomposed(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``proto`` with each decomposed attention (:func:`find_decomposed`) replaced by one
-    ``ai.attncc.DecomposedAttention`` node that :func:`run` computes on attncc; the mask-building nodes stay (they
-    compute the mask the node reads). The model as given when there is none."""
+    """A copy of ``proto`` (without no-op nodes, :func:`bypass_transparent`) with each decomposed attention
+    (:func:`find_decomposed`) replaced by one ``ai.attncc.DecomposedAttention`` node that :func:`run` computes on
+    attncc. The node reads q, k, v from before the scalar Muls, K's transpose and the GQA repeat that fed the
+    MatMuls (they become part of the node), so the nodes that computed only those go too; the mask-building nodes
+    stay (they compute the mask the node reads). The model as given when there is none."""
+    proto = bypass_transparent(proto)
     found = find_decomposed(proto)
     if not found:
         return proto
@@ -514,16 +679,88 @@ def rewrite_decomposed(proto: onnx.ModelProto) -> onnx.ModelProto:
     for i, node in enumerate(proto.graph.node):
         if i in at:
             d = at[i]
-            name = "+".join(proto.graph.node[j].name or proto.graph.node[j].op_type for j in d.nodes)
-            kept.append(helper.make_node("DecomposedAttention", list(d.inputs), [d.output], name=name, domain=DOMAIN,
-                                         **{k: v for k, v in d.attributes.items()}))  # fmt: skip
+            inputs, attrs = list(d.inputs), dict(d.attributes)
+            if d.inputs[4]:
+                found_mask = _lift_mask(proto, d.inputs[4], d.attributes.get("mask_kind", ""))
+                if isinstance(found_mask, str):
+                    attrs["mask_note"] = found_mask
+                else:
+                    key = f"mask{next(_MASK_IDS)}"
+                    _MASKS[key] = found_mask
+                    inputs[4] = ""
+                    inputs += [graph_name for graph_name, _ in found_mask.lifted.inputs.values()]
+                    attrs["mask_lift"] = key
+            kept.append(helper.make_node("DecomposedAttention", inputs, [d.output], name="+".join(d.names),
+                                         domain=DOMAIN, **attrs))  # fmt: skip
         elif i not in drop:
             kept.append(node)
     del out.graph.node[:]
     out.graph.node.extend(kept)
+    live = _live(out.graph)
+    del out.graph.node[:]
+    out.graph.node.extend(live)
     if not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return out
+
+
+@dataclass(frozen=True)
+class _LiftedMask:
+    """A decomposed graph's mask-building subgraph as attncc's keep condition (see ``onnx_masks``)."""
+
+    keep: Expr | None  # None: the subgraph masks nothing
+    finite: bool  # the masked scores are a finite fill (transformers' finfo.min), not -inf
+    lifted: MaskLift
+
+
+_MASKS: dict[str, _LiftedMask] = {}
+_MASK_IDS = itertools.count()
+
+
+def _lift_mask(proto: onnx.ModelProto, name: str, kind: str) -> _LiftedMask | str:
+    """The mask tensor ``name`` (read by an Add of a bias, or a Where's condition, per ``kind``) lifted to a keep
+    condition, or the reason it is read by value at run time instead."""
+    try:
+        lifted = lift_mask(proto, name)
+    except NotLifted as exc:
+        log.info("onnx mask %s is read by value: %s", name, exc)
+        return str(exc)
+    e = lifted.expr
+    found: _LiftedMask | None = None
+    if kind in ("where_keep", "where_drop"):
+        cond = e if e.is_boolean else e != 0
+        found = _LiftedMask(cond if kind == "where_keep" else ~cond, False, lifted)
+    elif e.sym.is_number and float(e.sym) == 0:
+        return _LiftedMask(None, False, lifted)
+    elif isinstance(e.sym, sympy.Piecewise) and len(e.sym.args) == 2 and e.sym.args[1].cond == sympy.true:
+        (a, cond), (c, _) = e.sym.args
+        for zero, fill, keep_when in ((a, c, True), (c, a, False)):
+            if zero == 0 and fill.is_number and (fill == -sympy.oo or (fill.is_finite and float(fill) <= _HUGE)):
+                keep = Expr(cond, e.meta)
+                found = _LiftedMask(keep if keep_when else ~keep, bool(fill.is_finite), lifted)
+                break
+    if found is None:
+        return f"the additive mask {e} is not 0 where kept and one -inf or huge negative value elsewhere"
+    assert found.keep is not None
+    keep_sym = found.keep.sym
+    if (
+        isinstance(keep_sym, sympy.Ne | sympy.Eq)
+        and isinstance(keep_sym.args[0], sympy.Indexed)
+        and keep_sym.args[1] == 0
+        and not lifted.constants
+    ):
+        return "the mask is a graph input as given: its values are read at run time"  # where a band is recognized
+    return _LiftedMask(Expr(_integral(keep_sym), found.keep.meta), found.finite, lifted)
+
+
+def _integral(e: sympy.Basic) -> sympy.Basic:
+    """Strict integer comparisons as the non-strict ones attncc writes: ``kv < q + 1`` -> ``kv <= q``."""
+    swap = {}
+    for rel in e.atoms(sympy.StrictLessThan, sympy.StrictGreaterThan):
+        lhs, rhs = rel.args
+        if (lhs - rhs).is_integer:
+            swap[rel] = sympy.Le(lhs, rhs - 1) if isinstance(rel, sympy.StrictLessThan) else sympy.Ge(lhs, rhs + 1)
+    return e.xreplace(swap) if swap else e
 
 
 def band(keep: np.ndarray, sq: int, skv: int) -> tuple[int | None, int | None] | None:
@@ -564,9 +801,51 @@ def _band_lift(
     return lift(q, k, v, scale=factor, left_window_size=None if lo is None else -lo, right_window_size=hi)
 
 
+def _onnx_reshape(shape: tuple[int, ...], target: np.ndarray) -> tuple[int, ...] | None:
+    """The shape ONNX's Reshape (allowzero 0) gives a tensor of ``shape`` for ``target``, or None if it has none."""
+    dims = [shape[i] if d == 0 and i < len(shape) else int(d) for i, d in enumerate(np.asarray(target).reshape(-1))]
+    if dims.count(-1) > 1:
+        return None
+    if -1 in dims:
+        rest = int(np.prod([d for d in dims if d != -1]))
+        if rest == 0 or int(np.prod(shape)) % rest:
+            return None
+        dims[dims.index(-1)] = int(np.prod(shape)) // rest
+    return tuple(dims) if int(np.prod(dims)) == int(np.prod(shape)) else None
+
+
+def _repeated(x: np.ndarray, expand: np.ndarray | None, reshape: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """A GQA repeat (Unsqueeze(x, 2) -> Expand(expand) -> Reshape(reshape)) as (x, n) when it repeats each of x's
+    heads n times in a row, else (the repeated tensor the graph computes, 1). No repeat: (x, 1)."""
+    if expand is None or reshape is None:
+        return x, 1
+    grown = x[:, :, None]
+    try:
+        shape = np.broadcast_shapes(grown.shape, tuple(int(d) for d in np.asarray(expand).reshape(-1)))
+    except ValueError as exc:
+        raise SpecError(f"Expand of {grown.shape} to {np.asarray(expand).tolist()}: {exc}") from exc
+    target = _onnx_reshape(shape, reshape)
+    if target is None:
+        raise SpecError(f"Reshape of {shape} to {np.asarray(reshape).tolist()}")
+    n = shape[2] if len(shape) == 5 else 0
+    if (
+        x.ndim == 4
+        and shape[:2] == x.shape[:2]
+        and shape[3:] == x.shape[2:]
+        and target == (x.shape[0], x.shape[1] * n, *x.shape[2:])
+    ):
+        return x, n
+    return np.broadcast_to(grown, shape).reshape(target), 1
+
+
+def _flagged(lifted: Lifted | str, finite: bool) -> tuple[Lifted, bool] | str:
+    return lifted if isinstance(lifted, str) else (lifted, finite)
+
+
 class DecomposedAttention(OpRun):
-    """A decomposed attention subgraph as one node (see :func:`rewrite_decomposed`), computed on attncc: the scores'
-    MatMul inputs as given (their scale Muls stay in the graph), the scalar scale step, the mask as causal / window
+    """A decomposed attention subgraph as one node (see :func:`rewrite_decomposed`), computed on attncc: q, k, v as
+    they were before the scalar Muls (folded into the scale), K's transpose and transformers' GQA repeat (folded
+    into kv heads: the kernel reads each kv head once), the scalar scale step, the mask as causal / window
     expressions where its values are exactly a band (:func:`band`, at run time: its sparsity is then proven), else
     as a runtime mask or bias; rows with no visible key are NaN as the softmax makes them, or 0 under SDPA's NaN
     guard."""
@@ -576,43 +855,73 @@ class DecomposedAttention(OpRun):
     def _run(  # type: ignore[override]
         self,
         q: np.ndarray,
-        kt: np.ndarray,
+        k: np.ndarray,
         v: np.ndarray,
         scale: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        q_scale: np.ndarray | None = None,
+        k_scale: np.ndarray | None = None,
+        k_expand: np.ndarray | None = None,
+        k_reshape: np.ndarray | None = None,
+        v_expand: np.ndarray | None = None,
+        v_reshape: np.ndarray | None = None,
+        *leaves: np.ndarray,
         form: str = "",
         scale_op: str = "",
         mask_kind: str = "",
         nan_guard: int = 0,
+        k_input: str = "k^T",
+        fill: str = "",
+        mask_lift: str = "",
+        mask_note: str = "",
     ) -> tuple[np.ndarray]:
         name = self.onnx_node.name
-        lifted = self._lift(q, kt, v, scale, mask, scale_op, mask_kind)
+        lifted_mask = _MASKS[mask_lift] if mask_lift else None
+        k, nk = _repeated(k, k_expand, k_reshape)
+        v, nv = _repeated(v, v_expand, v_reshape)
+        if nk != nv:  # one side repeated, the other not: run on the repeated heads
+            k, v = (np.repeat(x, n, axis=1) for x, n in ((k, nk), (v, nv)))
+        k4 = np.swapaxes(k, -1, -2) if k_input == "k^T" else k
+        factor = 1.0
+        for c in (q_scale, k_scale):
+            factor *= 1.0 if c is None else float(np.asarray(c).reshape(()))
+        if lifted_mask is not None:
+            lifted = self._lift_expr(q, k4, v, factor, scale, scale_op, lifted_mask, leaves)
+        else:
+            lifted = self._lift(q, k4, v, factor, scale, mask, scale_op, mask_kind)
+        if isinstance(lifted, str) and lifted_mask is not None:  # the graph's mask nodes are gone: say so
+            raise SpecError(f"onnx subgraph {name}: {lifted}")
         if isinstance(lifted, str):
             log.info("onnx subgraph %s runs in the reference evaluator: %s", name, lifted)
             _REPORTS.append({"node": name, "status": "fallback", "reason": lifted, "form": form})
-            return (_decomposed_reference(q, kt, v, scale, mask, scale_op, mask_kind, nan_guard),)
-        kern = _kernel(lifted)
-        tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x)) for x in (lifted.q, lifted.k, lifted.v))
-        runtime = {n: torch.from_numpy(t) for n, t in lifted.tensors.items()}
+            heads = nk if nk == nv else 1
+            kt = np.swapaxes(np.repeat(k4, heads, axis=1), -1, -2) * (1.0 if k_scale is None else k_scale)
+            qq = q * (1.0 if q_scale is None else q_scale)
+            out = _decomposed_reference(qq.astype(q.dtype), kt.astype(q.dtype), np.repeat(v, heads, axis=1), scale,
+                                        mask, scale_op, mask_kind, nan_guard)  # fmt: skip
+            return (out,)
+        call, finite = lifted
+        kern = _kernel(call)
+        tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x)) for x in (call.q, call.k, call.v))
+        runtime = {n: torch.from_numpy(t) for n, t in call.tensors.items()}
         with torch.no_grad():
             o, lse = kern(tq, tk, tv, return_lse=True, **runtime)
         out = o.numpy().astype(q.dtype)
-        if not nan_guard:  # softmax over nothing but -inf is NaN
-            out[np.isneginf(lse.numpy())] = np.nan
-        _REPORTS.append({"node": name, "status": "attncc", "spec": str(lifted.spec.mask), "target": kern.target,
-                         "form": form})  # fmt: skip
+        empty = np.isneginf(lse.numpy())
+        if (finite or fill == "finite") and empty.any():
+            # every score of the row is the same finite fill value: the softmax is uniform, the row v's mean
+            mean = np.repeat(v.astype(np.float64).mean(axis=2), q.shape[1] // v.shape[1], axis=1)
+            out = np.where(empty[..., None], mean[:, :, None, :].astype(q.dtype), out)
+        elif not nan_guard:  # softmax over nothing but -inf is NaN
+            out[empty] = np.nan
+        how = "lifted from the graph" if lifted_mask else f"read by value ({mask_note})" if mask_note else ""
+        _REPORTS.append({"node": name, "status": "attncc", "spec": str(call.spec.mask), "target": kern.target,
+                         "form": form, "kv_heads": call.spec.num_kv_heads, "mask": how})  # fmt: skip
         return (out.reshape(*q.shape[:-1], v.shape[-1]),)
 
     @staticmethod
-    def _lift(
-        q: np.ndarray, kt: np.ndarray, v: np.ndarray, scale: np.ndarray | None, mask: np.ndarray | None,
-        scale_op: str, mask_kind: str,
-    ) -> Lifted | str:  # fmt: skip
-        if not (q.ndim == kt.ndim == v.ndim == 4):
-            return f"q, k^T, v of ranks {q.ndim}, {kt.ndim}, {v.ndim} (the lifted form takes [B, H, S, D])"
-        if q.shape[0] != kt.shape[0] or kt.shape[:2] != v.shape[:2]:
-            return f"batch and head axes of q {q.shape}, k^T {kt.shape}, v {v.shape} do not line up"
-        factor = 1.0
+    def _scale(factor: float, scale: np.ndarray | None, scale_op: str) -> float | str:
+        """The score scale: the folded q / k factors times the scale step's, or why it is not one positive number."""
         if scale_op:
             if scale is None or scale.size != 1:
                 return (
@@ -621,27 +930,71 @@ class DecomposedAttention(OpRun):
             value = float(np.asarray(scale).reshape(()))
             if not np.isfinite(value) or value == 0:
                 return f"scale factor {value}"
-            factor = 1.0 / value if scale_op == "div" else value
-        if factor <= 0:
-            return f"negative score scale {factor} (attncc's scale is positive)"
-        k = np.swapaxes(kt, -1, -2)
+            factor *= 1.0 / value if scale_op == "div" else value
+        if not factor > 0 or not np.isfinite(factor):
+            return f"score scale {factor} (attncc's scale is positive)"
+        return factor
+
+    @classmethod
+    def _lift_expr(
+        cls, q: np.ndarray, k: np.ndarray, v: np.ndarray, factor: float, scale: np.ndarray | None, scale_op: str,
+        mask: _LiftedMask, leaves: tuple[np.ndarray, ...],
+    ) -> tuple[Lifted, bool] | str:  # fmt: skip
+        """lift() with the mask lifted from the graph: its inputs as runtime tensors (shapes as declared)."""
+        if not (q.ndim == k.ndim == v.ndim == 4):
+            return f"q, k, v of ranks {q.ndim}, {k.ndim}, {v.ndim} (the lifted form takes [B, H, S, D])"
+        got = cls._scale(factor, scale, scale_op)
+        if isinstance(got, str):
+            return got
+        B, H, sq, _ = q.shape
+        try:
+            np.broadcast_shapes(mask.lifted.shape, (B, H, sq, k.shape[2]))
+        except ValueError:
+            return f"the lifted mask of shape {mask.lifted.shape} does not broadcast to {(B, H, sq, k.shape[2])}"
+        tensors: dict[str, np.ndarray] = dict(mask.lifted.constants)
+        for (tname, (graph_name, kind)), leaf in zip(mask.lifted.inputs.items(), leaves, strict=True):
+            declared = mask.lifted.input_shapes[graph_name]
+            if tuple(leaf.shape) != declared:
+                return f"graph input {graph_name!r} has shape {tuple(leaf.shape)}; the model declares {declared}"
+            tensors[tname] = np.ascontiguousarray(leaf, np.float32 if kind == "float" else np.int64)
+        return _flagged(lift(q, k, v, scale=got, mask_expr=mask.keep, mask_tensors=tensors), mask.finite)
+
+    @classmethod
+    def _lift(
+        cls, q: np.ndarray, k: np.ndarray, v: np.ndarray, factor: float, scale: np.ndarray | None,
+        mask: np.ndarray | None, scale_op: str, mask_kind: str,
+    ) -> tuple[Lifted, bool] | str:  # fmt: skip
+        """The attncc call and whether the mask's masked value is finite (a row with no key then averages v), or
+        the reason the subgraph is computed as written."""
+        if not (q.ndim == k.ndim == v.ndim == 4):
+            return f"q, k, v of ranks {q.ndim}, {k.ndim}, {v.ndim} (the lifted form takes [B, H, S, D])"
+        if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3] or q.shape[1] % k.shape[1]:
+            return f"batch and head axes of q {q.shape}, k {k.shape}, v {v.shape} do not line up"
+        got = cls._scale(factor, scale, scale_op)
+        if isinstance(got, str):
+            return got
+        factor = got
         sq, skv = q.shape[2], k.shape[2]
         keep: np.ndarray | None = None
+        finite = False
         if mask_kind == "add" and mask is not None:
-            if np.isin(mask, (0.0, -np.inf)).all():
-                keep = mask == 0
+            masked = np.unique(mask[mask != 0])
+            if masked.size == 0 or (masked.size == 1 and masked[0] <= _HUGE):
+                keep, finite = mask == 0, bool(np.isfinite(masked).all() and masked.size)
+            elif (mask <= _HUGE).any():
+                return "an additive mask with several huge negative values (rows they fill are not plain softmaxes)"
             else:
-                return lift(q, k, v, attn_mask=mask.astype(np.float32), scale=factor)
+                return _flagged(lift(q, k, v, attn_mask=mask.astype(np.float32), scale=factor), False)
         elif mask_kind and mask is not None:
             keep = mask.astype(bool) if mask_kind == "where_keep" else ~mask.astype(bool)
         if keep is None:
-            return lift(q, k, v, scale=factor)
+            return _flagged(lift(q, k, v, scale=factor), False)
         found = band(keep, sq, skv)
         if found is not None:
             lifted = _band_lift(q, k, v, factor, *found)
             if not isinstance(lifted, str):
-                return lifted
-        return lift(q, k, v, attn_mask=keep, scale=factor)
+                return lifted, finite
+        return _flagged(lift(q, k, v, attn_mask=keep, scale=factor), finite)
 
 
 def _decomposed_reference(

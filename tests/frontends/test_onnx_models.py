@@ -1,0 +1,250 @@
+"""ONNX models as exporters write them: tiny transformers models through torch.onnx, and hand-built mask
+subgraphs. ``ac.onnx.run`` must equal onnxruntime, with each mask-building subgraph lifted to an attncc
+expression (its index part proven per tile) and GQA repeats folded back to kv heads."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import attncc as ac
+from attncc.errors import SpecError
+from attncc.frontends.onnx_masks import NotLifted, lift_mask
+
+transformers = pytest.importorskip("transformers")
+
+F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+
+
+def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return list(session.run(None, feeds))
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _export_causal_lm(config: object, path: Path, batch: int = 2, seq: int = 12) -> onnx.ModelProto:
+    """A random-weight causal LM (nothing downloaded) exported by torch.onnx's TorchScript exporter."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Logits(model), (ids, torch.ones_like(ids)), str(path), opset_version=17, dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"])  # fmt: skip
+    return onnx.load(str(path))
+
+
+def _feeds(batch: int = 2, seq: int = 12, pad: int = 3) -> dict[str, np.ndarray]:
+    """Token ids, and a left-padded second sequence (its first rows see no key but padding)."""
+    g = np.random.default_rng(5)
+    mask = np.ones((batch, seq), np.int64)
+    mask[1, :pad] = 0
+    return {"input_ids": g.integers(0, 64, (batch, seq)).astype(np.int64), "attention_mask": mask}
+
+
+def _small(kind: str, impl: str, **extra: object) -> object:
+    common = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
+    config = transformers.AutoConfig.for_model(kind, **common, **extra)
+    config._attn_implementation = impl
+    return config
+
+
+HF_CASES = {
+    "llama_sdpa": ("llama", "sdpa", {}, "(kv <= q) & Ne(attention_mask[b, kv], 0)"),
+    "llama_eager": ("llama", "eager", {}, "(kv <= q) & Ne(attention_mask[b, kv], 0)"),
+    "mistral_sliding_window": ("mistral", "sdpa", {"sliding_window": 5},
+                               "(kv <= q) & (kv >= q - 4) & Ne(attention_mask[b, kv], 0)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_tiny_transformers_models_exported_by_torch_onnx(case: str, tmp_path: Path) -> None:
+    """Llama (GQA: 4 query heads over 2 kv heads; SDPA and eager attention) and Mistral (sliding window), left
+    padded: every attention site runs on attncc with its mask lifted from the mask-building subgraph (causal /
+    window proven, the padding a runtime tensor read per key), GQA folded to 2 kv heads; the mask, repeat and
+    cast nodes are gone from the graph; logits equal onnxruntime's."""
+    kind, impl, extra, spec = HF_CASES[case]
+    model = _export_causal_lm(_small(kind, impl, **extra), tmp_path / "m.onnx")
+    feeds = _feeds()
+    ac.onnx.clear_reports()
+    (ours,) = ac.onnx.run(model, feeds)
+    (theirs,) = _ort(model, feeds)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    found = ac.onnx.reports()
+    assert len(found) == 2
+    for report in found:
+        assert (report["status"], report["spec"], report["kv_heads"]) == ("attncc", spec, 2)
+        assert report["mask"] == "lifted from the graph"
+    left = Counter(n.op_type for n in ac.onnx.rewrite_decomposed(model).graph.node)
+    assert left["DecomposedAttention"] == 2
+    assert not {"Softmax", "Expand", "LessOrEqual", "And", "Cast", "Flatten"} & set(left), left
+
+
+def _mask_model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], inits: list[onnx.TensorProto],
+                mask_kind: str = "where_keep", sq: int = 24, skv: int = 24) -> onnx.ModelProto:  # fmt: skip
+    """Attention over q, k, v [1, 2, S, 16] whose mask ``mask`` the given nodes compute: Where(mask, s, -inf)
+    (``where_keep``) or s + mask (``add``)."""
+    scale = helper.make_tensor("scale", F32, [], [0.25])
+    ninf = helper.make_tensor("ninf", F32, [], [-np.inf])
+    attention = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["s0"]),
+        helper.make_node("Mul", ["s0", "scale"], ["s1"]),
+        helper.make_node("Where", ["mask", "s1", "ninf"], ["s2"])
+        if mask_kind == "where_keep"
+        else helper.make_node("Add", ["s1", "mask"], ["s2"]),
+        helper.make_node("Softmax", ["s2"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["y"]),
+    ]
+    io = [helper.make_tensor_value_info(n, F32, [1, 2, s, 16]) for n, s in (("q", sq), ("k", skv), ("v", skv))]
+    out = helper.make_tensor_value_info("y", F32, [1, 2, sq, 16])
+    graph = helper.make_graph([*nodes, *attention], "masked", [*io, *inputs], [out], [*inits, scale, ninf])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _qkv(sq: int = 24, skv: int = 24) -> dict[str, np.ndarray]:
+    g = np.random.default_rng(3)
+    return {n: g.standard_normal((1, 2, s, 16)).astype(np.float32) for n, s in (("q", sq), ("k", skv), ("v", skv))}
+
+
+def _ints(name: str, values: list[int], dims: list[int] | None = None) -> onnx.TensorProto:
+    return helper.make_tensor(name, I64, [len(values)] if dims is None else dims, values)
+
+
+def _indices(n: int) -> list[onnx.NodeProto]:
+    """rows = Range(0, n)[:, None], cols = Range(0, n)[None, :] (what exporters write for arange)."""
+    return [
+        helper.make_node("Range", ["zero", f"n{n}", "one"], ["idx"]),
+        helper.make_node("Unsqueeze", ["idx", "ax1"], ["rows"]),
+        helper.make_node("Unsqueeze", ["idx", "ax0"], ["cols"]),
+    ]
+
+
+INDEX_INITS = [_ints("zero", [0], []), _ints("one", [1], []), _ints("n24", [24], []), _ints("ax0", [0]),
+               _ints("ax1", [1])]  # fmt: skip
+
+
+def test_a_document_mask_built_from_runtime_ids_is_lifted() -> None:
+    """mask = doc[q] == doc[kv] with doc a graph input (Unsqueeze, Equal): the expression reads doc per index."""
+    nodes = [
+        helper.make_node("Unsqueeze", ["doc", "ax1"], ["doc_rows"]),
+        helper.make_node("Unsqueeze", ["doc", "ax0"], ["doc_cols"]),
+        helper.make_node("Equal", ["doc_rows", "doc_cols"], ["mask"]),
+    ]
+    doc = helper.make_tensor_value_info("doc", I64, [24])
+    model = _mask_model(nodes, [doc], INDEX_INITS)
+    feeds = {**_qkv(), "doc": np.repeat(np.arange(4), [5, 7, 3, 9]).astype(np.int64)}
+    ac.onnx.clear_reports()
+    (ours,) = ac.onnx.run(model, feeds)
+    np.testing.assert_allclose(ours, _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    report = ac.onnx.reports()[-1]
+    assert (report["spec"], report["mask"]) == ("Eq(doc[q], doc[kv])", "lifted from the graph")
+
+
+def test_a_two_sided_window_from_abs_of_index_differences() -> None:
+    """|q - kv| <= 3 from Range, Sub, Abs, LessOrEqual: a band, proven."""
+    nodes = [
+        *_indices(24),
+        helper.make_node("Sub", ["rows", "cols"], ["d"]),
+        helper.make_node("Abs", ["d"], ["ad"]),
+        helper.make_node("LessOrEqual", ["ad", "w"], ["mask"]),
+    ]
+    model = _mask_model(nodes, [], [*INDEX_INITS, _ints("w", [3], [])])
+    lifted = lift_mask(model, "mask")
+    assert str(lifted.expr.sym) in ("(kv <= q + 3) & (kv >= q - 3)", "(kv >= q - 3) & (kv <= q + 3)")
+    feeds = _qkv()
+    np.testing.assert_allclose(ac.onnx.run(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_constant_mask_that_is_no_band_becomes_a_runtime_layout() -> None:
+    """A constant boolean mask with no index structure (random blocks of 8) is read as a tensor whose block map is
+    classified per call; outputs equal onnxruntime's."""
+    g = np.random.default_rng(2)
+    blocks = g.random((3, 3)) > 0.4
+    np.fill_diagonal(blocks, True)
+    keep = np.kron(blocks, np.ones((8, 8), bool))
+    nodes = [helper.make_node("Identity", ["layout"], ["mask"])]
+    layout = helper.make_tensor("layout", TensorProto.BOOL, [24, 24], keep.reshape(-1).tolist())
+    model = _mask_model(nodes, [], [layout])
+    lifted = lift_mask(model, "mask")
+    assert str(lifted.expr.sym) == "Ne(onnx_const0[q, kv], 0)" and lifted.constants["onnx_const0"].shape == (24, 24)
+    feeds = _qkv()
+    ac.onnx.clear_reports()
+    np.testing.assert_allclose(ac.onnx.run(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    assert ac.onnx.reports()[-1]["mask"] == "lifted from the graph"
+
+
+def test_a_gathered_padding_mask_with_a_finite_fill() -> None:
+    """transformers' vmap form: Gather of the flattened padding mask at b * S + kv, Where(keep, 0, finfo.min)
+    added to the scores; a row with no key averages v as the graph's softmax does."""
+    fmin = float(np.finfo(np.float32).min)
+    nodes = [
+        helper.make_node("Cast", ["pad"], ["padb"], to=TensorProto.BOOL),
+        helper.make_node("Flatten", ["padb"], ["flat"], axis=2),
+        helper.make_node("Gather", ["flat", "at"], ["g"], axis=0),  # [1, 1, 1, 24, 1]
+        helper.make_node("Reshape", ["g", "shape4"], ["padkv"]),
+        *_indices(24),
+        helper.make_node("LessOrEqual", ["cols", "rows"], ["causal"]),
+        helper.make_node("And", ["causal", "padkv"], ["keep"]),
+        helper.make_node("Where", ["keep", "zero_f", "min_f"], ["mask"]),
+    ]
+    inits = [*INDEX_INITS, _ints("at", list(range(24)), [1, 1, 1, 24]), _ints("shape4", [1, 1, 1, 24]),
+             helper.make_tensor("zero_f", F32, [], [0.0]), helper.make_tensor("min_f", F32, [], [fmin])]  # fmt: skip
+    pad = helper.make_tensor_value_info("pad", I64, [1, 24])
+    model = _mask_model(nodes, [pad], inits, mask_kind="add")
+    padding = np.ones((1, 24), np.int64)
+    padding[0, :5] = 0  # rows 0..4 see no key
+    feeds = {**_qkv(), "pad": padding}
+    ac.onnx.clear_reports()
+    (ours,) = ac.onnx.run(model, feeds)
+    np.testing.assert_allclose(ours, _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[0, :, 0], feeds["v"][0].mean(axis=1), rtol=1e-5)
+    assert ac.onnx.reports()[-1]["spec"] == "(kv <= q) & Ne(pad[0, kv], 0)"
+
+
+def test_a_mask_subgraph_that_does_not_lift_is_read_by_value_and_says_why() -> None:
+    """A mask from a CumSum of a graph input: not lifted (reported), its values are read at run time; outputs
+    still equal onnxruntime's."""
+    nodes = [
+        helper.make_node("CumSum", ["bits", "zero"], ["c"]),
+        helper.make_node("Unsqueeze", ["c", "ax0"], ["crow"]),
+        helper.make_node("Greater", ["crow", "zero"], ["mask"]),
+    ]
+    bits = helper.make_tensor_value_info("bits", I64, [24])
+    model = _mask_model(nodes, [bits], INDEX_INITS)
+    with pytest.raises(NotLifted, match="CumSum"):
+        lift_mask(model, "mask")
+    feeds = {**_qkv(), "bits": (np.arange(24) % 7 == 3).astype(np.int64)}
+    ac.onnx.clear_reports()
+    (ours,) = ac.onnx.run(model, feeds)
+    np.testing.assert_allclose(ours, _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)  # NaN rows agree too
+    report = ac.onnx.reports()[-1]
+    assert report["status"] == "attncc" and "CumSum" in report["mask"]
+
+
+def test_an_input_of_another_shape_than_declared_is_a_named_error() -> None:
+    nodes = [
+        helper.make_node("Unsqueeze", ["doc", "ax1"], ["doc_rows"]),
+        helper.make_node("Unsqueeze", ["doc", "ax0"], ["doc_cols"]),
+        helper.make_node("Equal", ["doc_rows", "doc_cols"], ["mask"]),
+    ]
+    model = _mask_model(nodes, [helper.make_tensor_value_info("doc", I64, [24])], INDEX_INITS)
+    with pytest.raises(SpecError, match="'doc' has shape \\(30,\\); the model declares \\(24,\\)"):
+        ac.onnx.run(model, {**_qkv(), "doc": np.zeros(30, np.int64)})
