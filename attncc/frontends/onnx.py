@@ -61,9 +61,9 @@ from attncc.ir import exprs as X
 log = logging.getLogger("attncc.onnx")
 
 _REPORTS: list[dict[str, Any]] = []
-_EVALUATORS: dict[str, ReferenceEvaluator] = {}  # per model (its serialized bytes' hash): rewritten once
+_RUNNERS: dict[str, _Reference | _Staged] = {}  # per model (its serialized bytes' hash) and runtime: rewritten once
 _MASK_OWNERS: dict[str, set[str]] = {}
-_EVALUATORS_KEPT = 8
+_RUNNERS_KEPT = 8
 _KERNELS: dict[tuple[Any, ...], ac.Kernel] = {}
 _HUGE = -1e30  # a mask value at or below this is "masked" (transformers fills with finfo(dtype).min)
 _FLOAT_PRECISIONS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -302,11 +302,13 @@ class Attention(_ReferenceAttention):
         return out, _present(lifted.k), _present(lifted.v), zero
 
 
-def run(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def run(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarray], runtime: str = "reference") -> list[np.ndarray]:
     """Run a whole ONNX model: each ``Attention`` node on an attncc kernel where it lifts (see :func:`lift`), each
     decomposed attention subgraph too (see :func:`rewrite_decomposed`), every other node, and any node that does
-    not lift (reported with the reason), in the ``onnx`` reference evaluator. Returns every graph output, in the
-    graph's order.
+    not lift (reported with the reason), in the ``onnx`` reference evaluator, or with ``runtime="onnxruntime"`` in
+    onnxruntime sessions (the graph cut at the attention sites; a site that does not lift then runs in the
+    reference evaluator). Returns every graph output, in the graph's order. The rewritten model (and its
+    onnxruntime sessions) is kept for the next call with the same model.
 
     >>> import numpy as np, onnx
     >>> from onnx import TensorProto, helper
@@ -318,21 +320,156 @@ def run(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarray]) -> list[n
     >>> (y,) = run(model, {"Q": x, "K": x, "V": x})
     >>> y.shape, reports()[-1]["status"]
     ((1, 2, 4, 8), 'attncc')
+    >>> (z,) = run(model, {"Q": x, "K": x, "V": x}, runtime="onnxruntime")
+    >>> bool(np.allclose(y, z))
+    True
     """
+    if runtime not in ("reference", "onnxruntime"):
+        raise ValueError(f"runtime={runtime!r}: attncc runs the other nodes in 'reference' or 'onnxruntime'")
     proto = onnx.load(model) if isinstance(model, str) else model
-    key = hashlib.sha256(proto.SerializeToString()).hexdigest()
-    evaluator = _EVALUATORS.pop(key, None)
-    if evaluator is None:
+    _check_feeds(proto, feeds)
+    key = hashlib.sha256(proto.SerializeToString()).hexdigest() + runtime
+    runner = _RUNNERS.pop(key, None)
+    if runner is None:
         before = set(_MASKS)
-        evaluator = ReferenceEvaluator(rewrite_decomposed(proto), new_ops=[Attention, DecomposedAttention])
+        rewritten = rewrite_decomposed(proto)
+        runner = _Staged(rewritten) if runtime == "onnxruntime" else _Reference(rewritten)
         _MASK_OWNERS[key] = set(_MASKS) - before
-        while len(_EVALUATORS) >= _EVALUATORS_KEPT:  # forget the least recently run model and its lifted masks
-            old = next(iter(_EVALUATORS))
-            del _EVALUATORS[old]
+        while len(_RUNNERS) >= _RUNNERS_KEPT:  # forget the least recently run model and its lifted masks
+            old = next(iter(_RUNNERS))
+            del _RUNNERS[old]
             for name in _MASK_OWNERS.pop(old, ()):
                 _MASKS.pop(name, None)
-    _EVALUATORS[key] = evaluator  # most recently run last
-    return list(evaluator.run(None, dict(feeds)))
+    _RUNNERS[key] = runner  # most recently run last
+    return runner.run(feeds)
+
+
+def _check_feeds(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
+    """Feeds against the graph's inputs: every input given (initializers may be overridden), no unknown name,
+    each the declared element type and static dims."""
+    inits = {i.name for i in proto.graph.initializer}
+    declared = {i.name: i for i in proto.graph.input}
+    missing = [n for n in declared if n not in feeds and n not in inits]
+    unknown = [n for n in feeds if n not in declared]
+    if missing or unknown:
+        raise SpecError(
+            f"onnx model inputs: {'missing ' + ', '.join(missing) if missing else ''}"
+            f"{'; ' if missing and unknown else ''}{'unknown ' + ', '.join(unknown) if unknown else ''} "
+            f"(the graph takes {', '.join(n for n in declared if n not in inits)})"
+        )
+    for name, value in feeds.items():
+        t = declared[name].type.tensor_type
+        x = np.asarray(value)
+        if t.elem_type and helper.tensor_dtype_to_np_dtype(t.elem_type) != x.dtype:
+            want = helper.tensor_dtype_to_np_dtype(t.elem_type)
+            raise SpecError(f"onnx model input {name!r}: dtype {x.dtype}, the graph declares {want}; cast it")
+        dims = t.shape.dim if t.HasField("shape") else None
+        if dims is None:
+            continue
+        if len(dims) != x.ndim or any(d.HasField("dim_value") and d.dim_value != n for d, n in zip(dims, x.shape)):
+            dims_ = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in dims)
+            raise SpecError(f"onnx model input {name!r}: shape {x.shape}, the graph declares {dims_}")
+
+
+class _Reference:
+    """A rewritten model in the onnx reference evaluator."""
+
+    def __init__(self, rewritten: onnx.ModelProto) -> None:
+        self.evaluator = ReferenceEvaluator(rewritten, new_ops=[Attention, DecomposedAttention])
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.evaluator.run(None, dict(feeds)))
+
+
+def _is_site(node: onnx.NodeProto) -> bool:
+    return (node.op_type == "Attention" and node.domain in ("", "ai.onnx")) or (
+        node.op_type == "DecomposedAttention" and node.domain == DOMAIN
+    )
+
+
+class _Staged:
+    """A rewritten model in stages: onnxruntime runs every node it can reach before the next attention site (one
+    session per stage, built at the first run when the types of what it reads are known), then attncc runs the
+    sites whose inputs are ready."""
+
+    def __init__(self, rewritten: onnx.ModelProto) -> None:
+        self.model = rewritten
+        self.nodes = list(rewritten.graph.node)
+        self.inits = {i.name: i for i in rewritten.graph.initializer}
+        self.outputs = [o.name for o in rewritten.graph.output]
+        self.sessions: dict[int, tuple[Any, list[str], list[str]]] = {}
+        self.sites: dict[int, ReferenceEvaluator] = {}
+
+    def _site(self, i: int) -> ReferenceEvaluator:
+        if i not in self.sites:
+            node = self.nodes[i]
+            inputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in node.input if n]
+            outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in node.output if n]
+            graph = helper.make_graph([node], "site", inputs, outputs)
+            one = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+            self.sites[i] = ReferenceEvaluator(one, new_ops=[Attention, DecomposedAttention])
+        return self.sites[i]
+
+    def _stage(self, index: int, todo: list[int], values: Mapping[str, np.ndarray]) -> tuple[Any, list[str], list[str]]:
+        """An onnxruntime session for the nodes ``todo`` (inputs: the known values they read; outputs: what
+        anything after them reads)."""
+        if index in self.sessions:
+            return self.sessions[index]
+        import onnxruntime as ort
+
+        mine = set(todo)
+        produced = {o for i in todo for o in self.nodes[i].output if o}
+        read = [n for i in todo for n in self.nodes[i].input if n and n not in produced]
+        needed_after = {n for j, node in enumerate(self.nodes) if j not in mine for n in node.input} | set(self.outputs)
+        ins = list(dict.fromkeys(n for n in read if n in values and n not in self.inits))
+        outs = [o for i in todo for o in self.nodes[i].output if o and o in needed_after]
+        inputs = [
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(values[n].dtype), values[n].shape)
+            for n in ins
+        ]
+        inits = [self.inits[n] for n in dict.fromkeys(read) if n in self.inits]
+        probe = helper.make_graph([self.nodes[i] for i in todo], "stage", inputs, [], inits)
+        typed = onnx.shape_inference.infer_shapes(helper.make_model(probe, opset_imports=list(self.model.opset_import)))
+        known = {v.name: v for v in typed.graph.value_info}
+        outputs = [known.get(o) or helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outs]
+        graph = helper.make_graph([self.nodes[i] for i in todo], f"stage{index}", inputs, outputs, inits)
+        stage_model = helper.make_model(graph, opset_imports=[o for o in self.model.opset_import if o.domain != DOMAIN])
+        stage_model.ir_version = self.model.ir_version
+        session = ort.InferenceSession(stage_model.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.sessions[index] = (session, ins, outs)
+        return self.sessions[index]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        values: dict[str, np.ndarray] = dict(feeds)
+        done: set[int] = set()
+        stage = 0
+        while len(done) < len(self.nodes):
+            ready = set(values) | set(self.inits)
+            todo: list[int] = []
+            for i, node in enumerate(self.nodes):  # topological order: a node's producers come first
+                if i in done or _is_site(node):
+                    continue
+                if all(not n or n in ready for n in node.input):
+                    todo.append(i)
+                    ready.update(o for o in node.output if o)
+            if todo:
+                session, ins, outs = self._stage(stage, todo, values)
+                values.update(zip(outs, session.run(outs, {n: values[n] for n in ins}), strict=True))
+                done.update(todo)
+                stage += 1
+            sites = [i for i, node in enumerate(self.nodes) if i not in done and _is_site(node)
+                     and all(not n or n in values or n in self.inits for n in node.input)]  # fmt: skip
+            for i in sites:
+                node = self.nodes[i]
+                given = {n: values[n] if n in values else numpy_helper.to_array(self.inits[n]) for n in node.input if n}
+                outs = [o for o in node.output if o]
+                values.update(zip(outs, cast(list[np.ndarray], self._site(i).run(outs, given)), strict=True))
+                done.add(i)
+            if not todo and not sites:
+                missing = sorted({n for i, node in enumerate(self.nodes) if i not in done for n in node.input
+                                  if n and n not in values and n not in self.inits})  # fmt: skip
+                raise SpecError(f"onnx model: no value for {missing[:5]} (missing feeds?)")
+        return [values[o] for o in self.outputs]
 
 
 def sites(model: onnx.ModelProto | str) -> list[dict[str, Any]]:

@@ -239,6 +239,9 @@ def test_a_whole_model_runs_with_its_attention_on_attncc() -> None:
     ours, theirs = both(model, {"x": x})
     assert ac.onnx.reports()[-1] == {"node": "block.attn", "status": "attncc", "spec": "kv <= q", "target": "cpu"}
     _close(ours, theirs)
+    staged = ac.onnx.run(model, {"x": x}, runtime="onnxruntime")  # projections in onnxruntime, attention attncc
+    assert ac.onnx.reports()[-1]["status"] == "attncc"
+    _close(staged, theirs)
 
 
 def test_a_graph_without_attention_runs_unchanged() -> None:
