@@ -510,32 +510,39 @@ DOMAIN = "ai.attncc"
 
 def _chain_patterns() -> list[tuple[str, nx.DiGraph]]:
     """The decomposed forms as small graphs of op types, optional steps expanded: a scale (Div or Mul by a scalar)
-    and a mask (Add of a bias, or Where selecting -inf) in either order, and SDPA's NaN guard
-    (Where(IsNaN(p), 0, p)) between the softmax and the values' MatMul. Roles are the pattern's node names."""
+    and a mask (Add of a bias, or Where selecting -inf) in either order, a softcap (Div by c, Tanh, Mul by c: Gemma
+    2's) after the scale and before the mask, and SDPA's NaN guard (Where(IsNaN(p), 0, p)) between the softmax and
+    the values' MatMul. Roles are the pattern's node names."""
     found = []
-    for scale in (None, "Div", "Mul"):
-        for mask in (None, "Add", "Where"):
-            orders = [("scale", "mask"), ("mask", "scale")] if scale and mask else [("scale", "mask")]
-            for order in orders:
-                for guard in (False, True):
-                    kinds = {"scale": scale, "mask": mask}
-                    roles = ["qk", *[r for r in order if kinds[r]], "softmax"]
-                    g = nx.DiGraph()
-                    g.add_node("qk", op="MatMul")
-                    for role in roles[1:-1]:
-                        g.add_node(role, op=kinds[role])
-                    g.add_node("softmax", op="Softmax")
-                    g.add_edges_from(itertools.pairwise(roles))
-                    last = "softmax"
-                    if guard:
-                        g.add_node("isnan", op="IsNaN")
-                        g.add_node("guard", op="Where")
-                        g.add_edges_from([("softmax", "isnan"), ("isnan", "guard"), ("softmax", "guard")])
-                        last = "guard"
-                    g.add_node("pv", op="MatMul")
-                    g.add_edge(last, "pv")
-                    found.append(("-".join([*roles, *(["guard"] if guard else []), "pv"]), g))
+    for scale, cap, mask, guard in itertools.product((None, "Div", "Mul"), (False, True), (None, "Add", "Where"),
+                                                      (False, True)):  # fmt: skip
+        scaled = [("scale", scale)] if scale else []
+        capped = [("cap_div", "Div"), ("tanh", "Tanh"), ("cap_mul", "Mul")] if cap else []
+        masked = [("mask", mask)] if mask else []
+        found.append(_chain(scaled + capped + masked, guard))
+        if scale and mask and not cap:
+            found.append(_chain(masked + scaled, guard))
     return sorted(found, key=lambda item: -item[1].number_of_nodes())  # the longest form first
+
+
+def _chain(steps: list[tuple[str, str]], guard: bool) -> tuple[str, nx.DiGraph]:
+    """One decomposed form: MatMul -> steps (role, op type) -> Softmax -> [NaN guard] -> MatMul, and its label."""
+    roles = ["qk", *[r for r, _ in steps], "softmax"]
+    g = nx.DiGraph()
+    g.add_node("qk", op="MatMul")
+    g.add_nodes_from((role, {"op": op}) for role, op in steps)
+    g.add_node("softmax", op="Softmax")
+    g.add_edges_from(itertools.pairwise(roles))
+    last = "softmax"
+    if guard:
+        g.add_node("isnan", op="IsNaN")
+        g.add_node("guard", op="Where")
+        g.add_edges_from([("softmax", "isnan"), ("isnan", "guard"), ("softmax", "guard")])
+        last = "guard"
+    g.add_node("pv", op="MatMul")
+    g.add_edge(last, "pv")
+    label = ["softcap" if r == "cap_div" else r for r in roles if r not in ("tanh", "cap_mul")]
+    return "-".join([*label, *(["guard"] if guard else []), "pv"]), g
 
 
 def _constant(proto: onnx.ModelProto, name: str) -> np.ndarray | None:
@@ -712,7 +719,7 @@ def _check(
 ) -> Decomposed | None:
     """The Decomposed for one pattern match, or None when the match is not the data path of an attention."""
     n = {r: nodes[i] for r, i in role.items()}
-    order = [r for r in ("qk", "scale", "mask", "softmax", "guard", "pv") if r in n]
+    order = [r for r in ("qk", "scale", "cap_div", "tanh", "cap_mul", "mask", "softmax", "guard", "pv") if r in n]
     order = sorted(order, key=lambda r: role[r])  # the chain's own order (the graph is topologically sorted)
     flow = n["qk"].output[0]  # the scores as they go down the chain
     attrs: dict[str, Any] = {"form": form}
@@ -727,6 +734,20 @@ def _check(
             else:
                 return None
             attrs["scale_op"] = node.op_type.lower()
+        elif r in ("cap_div", "cap_mul"):  # softcap: (s / c) -> Tanh -> (* c), c one positive constant
+            if node.input[0] != flow and not (r == "cap_mul" and node.input[1] == flow):
+                return None
+            other = node.input[1] if node.input[0] == flow else node.input[0]
+            value = _constant(proto, other)
+            if value is None or value.size != 1 or not float(value.reshape(())) > 0:
+                return None
+            cap = float(value.reshape(()))
+            if r == "cap_mul" and cap != attrs.get("softcap"):
+                return None
+            attrs["softcap"] = cap
+        elif r == "tanh":
+            if node.input[0] != flow:
+                return None
         elif r == "mask" and node.op_type == "Add":
             if flow not in node.input:
                 return None
@@ -924,18 +945,26 @@ def band(keep: np.ndarray, sq: int, skv: int) -> tuple[int | None, int | None] |
 
 
 def _band_lift(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, factor: float, lo: int | None, hi: int | None
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    factor: float,
+    lo: int | None,
+    hi: int | None,
+    softcap: float | None = None,
 ) -> Lifted | str:
     """lift() for a recognized band, as causal / window attributes (an unbounded side stays unbounded)."""
     sq, skv = q.shape[2], k.shape[2]
     if hi is not None and hi == skv - sq and sq != skv:  # bottom-right: one kernel for every length
         left = None if lo is None else (skv - sq) - lo
-        return lift(q, k, v, scale=factor, is_causal=1, bottom_right=True, left_window_size=left)
+        return lift(q, k, v, scale=factor, softcap=softcap, is_causal=1, bottom_right=True, left_window_size=left)
     if (hi is not None and hi < 0) or (lo is not None and lo > 0):
         return "band does not contain the diagonal"
     if hi == 0:
-        return lift(q, k, v, scale=factor, is_causal=1, left_window_size=None if lo is None else -lo)
-    return lift(q, k, v, scale=factor, left_window_size=None if lo is None else -lo, right_window_size=hi)
+        return lift(q, k, v, scale=factor, softcap=softcap, is_causal=1, left_window_size=None if lo is None else -lo)
+    return lift(
+        q, k, v, scale=factor, softcap=softcap, left_window_size=None if lo is None else -lo, right_window_size=hi
+    )
 
 
 def _onnx_reshape(shape: tuple[int, ...], target: np.ndarray) -> tuple[int, ...] | None:
@@ -1011,6 +1040,7 @@ class DecomposedAttention(OpRun):
         fill: str = "",
         mask_lift: str = "",
         mask_note: str = "",
+        softcap: float = 0.0,
     ) -> tuple[np.ndarray]:
         name = self.onnx_node.name
         lifted_mask = _MASKS[mask_lift] if mask_lift else None
@@ -1023,9 +1053,9 @@ class DecomposedAttention(OpRun):
         for c in (q_scale, k_scale):
             factor *= 1.0 if c is None else float(np.asarray(c).reshape(()))
         if lifted_mask is not None:
-            lifted = self._lift_expr(q, k4, v, factor, scale, scale_op, lifted_mask, leaves)
+            lifted = self._lift_expr(q, k4, v, factor, scale, scale_op, lifted_mask, leaves, softcap or None)
         else:
-            lifted = self._lift(q, k4, v, factor, scale, mask, scale_op, mask_kind)
+            lifted = self._lift(q, k4, v, factor, scale, mask, scale_op, mask_kind, softcap or None)
         if isinstance(lifted, str) and lifted_mask is not None:  # the graph's mask nodes are gone: say so
             raise SpecError(f"onnx subgraph {name}: {lifted}")
         if isinstance(lifted, str):
@@ -1035,7 +1065,7 @@ class DecomposedAttention(OpRun):
             kt = np.swapaxes(np.repeat(k4, heads, axis=1), -1, -2) * (1.0 if k_scale is None else k_scale)
             qq = q * (1.0 if q_scale is None else q_scale)
             out = _decomposed_reference(qq.astype(q.dtype), kt.astype(q.dtype), np.repeat(v, heads, axis=1), scale,
-                                        mask, scale_op, mask_kind, nan_guard)  # fmt: skip
+                                        mask, scale_op, mask_kind, nan_guard, softcap)  # fmt: skip
             return (out,)
         call, finite = lifted
         kern = _kernel(call)
@@ -1054,6 +1084,8 @@ class DecomposedAttention(OpRun):
         how = "lifted from the graph" if lifted_mask else f"read by value ({mask_note})" if mask_note else ""
         _REPORTS.append({"node": name, "status": "attncc", "spec": str(call.spec.mask), "target": kern.target,
                          "form": form, "kv_heads": call.spec.num_kv_heads, "mask": how})  # fmt: skip
+        if call.spec.score_mod is not None and str(call.spec.score_mod) != "score":
+            _REPORTS[-1]["score_mod"] = str(call.spec.score_mod)
         return (out.reshape(*q.shape[:-1], v.shape[-1]),)
 
     @staticmethod
@@ -1075,7 +1107,7 @@ class DecomposedAttention(OpRun):
     @classmethod
     def _lift_expr(
         cls, q: np.ndarray, k: np.ndarray, v: np.ndarray, factor: float, scale: np.ndarray | None, scale_op: str,
-        mask: _LiftedMask, leaves: tuple[np.ndarray, ...],
+        mask: _LiftedMask, leaves: tuple[np.ndarray, ...], softcap: float | None,
     ) -> tuple[Lifted, bool] | str:  # fmt: skip
         """lift() with the mask lifted from the graph: its inputs as runtime tensors (shapes as declared)."""
         if not (q.ndim == k.ndim == v.ndim == 4):
@@ -1094,12 +1126,14 @@ class DecomposedAttention(OpRun):
             if tuple(leaf.shape) != declared:
                 return f"graph input {graph_name!r} has shape {tuple(leaf.shape)}; the model declares {declared}"
             tensors[tname] = np.ascontiguousarray(leaf, np.float32 if kind == "float" else np.int64)
-        return _flagged(lift(q, k, v, scale=got, mask_expr=mask.keep, mask_tensors=tensors), mask.finite)
+        return _flagged(
+            lift(q, k, v, scale=got, softcap=softcap, mask_expr=mask.keep, mask_tensors=tensors), mask.finite
+        )
 
     @classmethod
     def _lift(
         cls, q: np.ndarray, k: np.ndarray, v: np.ndarray, factor: float, scale: np.ndarray | None,
-        mask: np.ndarray | None, scale_op: str, mask_kind: str,
+        mask: np.ndarray | None, scale_op: str, mask_kind: str, softcap: float | None,
     ) -> tuple[Lifted, bool] | str:  # fmt: skip
         """The attncc call and whether the mask's masked value is finite (a row with no key then averages v), or
         the reason the subgraph is computed as written."""
@@ -1121,22 +1155,22 @@ class DecomposedAttention(OpRun):
             elif (mask <= _HUGE).any():
                 return "an additive mask with several huge negative values (rows they fill are not plain softmaxes)"
             else:
-                return _flagged(lift(q, k, v, attn_mask=mask.astype(np.float32), scale=factor), False)
+                return _flagged(lift(q, k, v, attn_mask=mask.astype(np.float32), scale=factor, softcap=softcap), False)
         elif mask_kind and mask is not None:
             keep = mask.astype(bool) if mask_kind == "where_keep" else ~mask.astype(bool)
         if keep is None:
-            return _flagged(lift(q, k, v, scale=factor), False)
+            return _flagged(lift(q, k, v, scale=factor, softcap=softcap), False)
         found = band(keep, sq, skv)
         if found is not None:
-            lifted = _band_lift(q, k, v, factor, *found)
+            lifted = _band_lift(q, k, v, factor, *found, softcap=softcap)
             if not isinstance(lifted, str):
                 return lifted, finite
-        return _flagged(lift(q, k, v, attn_mask=keep, scale=factor), finite)
+        return _flagged(lift(q, k, v, attn_mask=keep, scale=factor, softcap=softcap), finite)
 
 
 def _decomposed_reference(
     q: np.ndarray, kt: np.ndarray, v: np.ndarray, scale: np.ndarray | None, mask: np.ndarray | None,
-    scale_op: str, mask_kind: str, nan_guard: int,
+    scale_op: str, mask_kind: str, nan_guard: int, softcap: float = 0.0,
 ) -> np.ndarray:  # fmt: skip
     """What the replaced nodes compute, in numpy, for a subgraph attncc does not lift."""
     s = np.matmul(q, kt)
@@ -1144,6 +1178,8 @@ def _decomposed_reference(
         s = s / scale
     elif scale_op == "mul":
         s = s * scale
+    if softcap:
+        s = np.tanh(s / np.float32(softcap)) * np.float32(softcap)
     if mask_kind == "add":
         s = s + mask
     elif mask_kind:

@@ -66,21 +66,28 @@ def _small(kind: str, impl: str, **extra: object) -> object:
     return config
 
 
+CAUSAL_PADDED = "(kv <= q) & Ne(attention_mask[b, kv], 0)"
+WINDOW_PADDED = "(kv <= q) & (kv >= q - 4) & Ne(attention_mask[b, kv], 0)"
 HF_CASES = {
-    "llama_sdpa": ("llama", "sdpa", {}, "(kv <= q) & Ne(attention_mask[b, kv], 0)"),
-    "llama_eager": ("llama", "eager", {}, "(kv <= q) & Ne(attention_mask[b, kv], 0)"),
-    "mistral_sliding_window": ("mistral", "sdpa", {"sliding_window": 5},
-                               "(kv <= q) & (kv >= q - 4) & Ne(attention_mask[b, kv], 0)"),
+    "llama_sdpa": ("llama", "sdpa", {}, [CAUSAL_PADDED] * 2, None),
+    "llama_eager": ("llama", "eager", {}, [CAUSAL_PADDED] * 2, None),
+    "mistral_sliding_window": ("mistral", "sdpa", {"sliding_window": 5}, [WINDOW_PADDED] * 2, None),
+    "gemma2_softcap_alternating_window": (
+        "gemma2", "eager", {"head_dim": 8, "sliding_window": 5, "attn_logit_softcapping": 20.0,
+                            "final_logit_softcapping": None},
+        [WINDOW_PADDED, CAUSAL_PADDED], "20*tanh(score/20)",
+    ),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(HF_CASES))
 def test_tiny_transformers_models_exported_by_torch_onnx(case: str, tmp_path: Path) -> None:
-    """Llama (GQA: 4 query heads over 2 kv heads; SDPA and eager attention) and Mistral (sliding window), left
-    padded: every attention site runs on attncc with its mask lifted from the mask-building subgraph (causal /
-    window proven, the padding a runtime tensor read per key), GQA folded to 2 kv heads; the mask, repeat and
-    cast nodes are gone from the graph; logits equal onnxruntime's."""
-    kind, impl, extra, spec = HF_CASES[case]
+    """Llama (GQA: 4 query heads over 2 kv heads; SDPA and eager attention), Mistral (sliding window) and Gemma 2
+    (softcap; sliding-window and global layers alternate), left padded: every attention site runs on attncc with
+    its mask lifted from the mask-building subgraph (causal / window proven, the padding a runtime tensor read per
+    key), GQA folded to 2 kv heads; the mask, repeat and cast nodes are gone from the graph; logits equal
+    onnxruntime's with the other nodes in the reference evaluator and in onnxruntime."""
+    kind, impl, extra, specs, score_mod = HF_CASES[case]
     model = _export_causal_lm(_small(kind, impl, **extra), tmp_path / "m.onnx")
     feeds = _feeds()
     (theirs,) = _ort(model, feeds)
@@ -89,10 +96,10 @@ def test_tiny_transformers_models_exported_by_torch_onnx(case: str, tmp_path: Pa
         (ours,) = ac.onnx.run(model, feeds, runtime=runtime)
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5, err_msg=runtime)
     found = ac.onnx.reports()
-    assert len(found) == 2
+    assert [r["spec"] for r in found] == specs
     for report in found:
-        assert (report["status"], report["spec"], report["kv_heads"]) == ("attncc", spec, 2)
-        assert report["mask"] == "lifted from the graph"
+        assert (report["status"], report["kv_heads"], report["mask"]) == ("attncc", 2, "lifted from the graph")
+        assert report.get("score_mod") == score_mod
     left = Counter(n.op_type for n in ac.onnx.rewrite_decomposed(model).graph.node)
     assert left["DecomposedAttention"] == 2
     assert not {"Softmax", "Expand", "LessOrEqual", "And", "Cast", "Flatten"} & set(left), left
