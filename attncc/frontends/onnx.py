@@ -17,13 +17,15 @@ outputs, ``nonpad_kv_seqlen``, opset 25's ``left_window_size`` / ``right_window_
 runtime tensor of the kernel's mask (its block map is classified at call time); an additive mask is a runtime
 tensor added to the score after the softcap, as in the specification. Query rows with no visible key return 0.
 
-Decomposed attention (what torch.onnx's TorchScript exporter and hand-written models give: MatMul of q and k^T, a
-scale (Div or Mul by a scalar), a mask (Add of a bias, or Where selecting -inf), Softmax over the last axis, an
-optional NaN guard, MatMul with v) is found with networkx's subgraph matcher (:func:`find_decomposed`) and
-replaced by one node computed on attncc; its mask is read at run time: a band (lo <= kv - q <= hi: causal of
-either alignment, sliding windows) becomes the matching causal / window expression, so its block map is proven,
-anything else a runtime mask or bias. Not yet: lifting the mask-building subgraph itself (Range, Less, Where ...)
-to an expression, folding GQA expands back to kv heads.
+Decomposed attention (what torch.onnx's TorchScript exporter writes for transformers models: MatMul of q and k^T,
+a scale (Div or Mul by a scalar), a softcap (Div, Tanh, Mul), a mask (Add of a bias, or Where selecting -inf or a
+huge negative fill), Softmax over the last axis, an optional NaN guard, MatMul with v) is found with networkx's
+subgraph matcher (:func:`find_decomposed`) and replaced by one node computed on attncc (:func:`rewrite_decomposed`),
+which folds the scalar Muls of q and k, K's transpose and transformers' GQA repeat (Unsqueeze -> Expand ->
+Reshape). Its mask-building subgraph is lifted to an attncc expression at rewrite time (``onnx_masks.lift_mask``:
+causal, windows, documents, Gathers of a padding mask; its index part proven per tile); one that does not lift
+is read by value at run time, where a band (lo <= kv - q <= hi) still becomes the matching causal / window
+expression, anything else a runtime mask or bias.
 
 Not lifted, with the reason logged and reported, the node then running in the reference evaluator: a requested
 ``qk_matmul_output`` (attncc never materializes the score matrix), ``softmax_precision`` wider than float32
@@ -1044,6 +1046,9 @@ class DecomposedAttention(OpRun):
     ) -> tuple[np.ndarray]:
         name = self.onnx_node.name
         lifted_mask = _MASKS[mask_lift] if mask_lift else None
+        shape = (*q.shape[:-1], v.shape[-1])
+        if q.ndim == k.ndim == v.ndim == 3:  # [batch * heads, S, D] (3-D exports): one batch of heads
+            q, k, v = q[None], k[None], v[None]
         k, nk = _repeated(k, k_expand, k_reshape)
         v, nv = _repeated(v, v_expand, v_reshape)
         if nk != nv:  # one side repeated, the other not: run on the repeated heads
@@ -1066,7 +1071,7 @@ class DecomposedAttention(OpRun):
             qq = q * (1.0 if q_scale is None else q_scale)
             out = _decomposed_reference(qq.astype(q.dtype), kt.astype(q.dtype), np.repeat(v, heads, axis=1), scale,
                                         mask, scale_op, mask_kind, nan_guard, softcap)  # fmt: skip
-            return (out,)
+            return (out.reshape(shape),)
         call, finite = lifted
         kern = _kernel(call)
         tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x)) for x in (call.q, call.k, call.v))
@@ -1086,7 +1091,7 @@ class DecomposedAttention(OpRun):
                          "form": form, "kv_heads": call.spec.num_kv_heads, "mask": how})  # fmt: skip
         if call.spec.score_mod is not None and str(call.spec.score_mod) != "score":
             _REPORTS[-1]["score_mod"] = str(call.spec.score_mod)
-        return (out.reshape(*q.shape[:-1], v.shape[-1]),)
+        return (out.reshape(shape),)
 
     @staticmethod
     def _scale(factor: float, scale: np.ndarray | None, scale_op: str) -> float | str:

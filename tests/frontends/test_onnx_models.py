@@ -264,3 +264,57 @@ def test_bad_feeds_are_named_errors() -> None:
         ac.onnx.run(model, {**_qkv(), "docs": np.zeros(24, np.int64)})
     with pytest.raises(ValueError, match="runtime='tvm'"):
         ac.onnx.run(model, {**_qkv(), "doc": np.zeros(24, np.int64)}, runtime="tvm")
+
+
+def test_three_dimensional_decomposed_attention() -> None:
+    """q, k, v as [batch * heads, S, D] (exports that fold heads into the batch) with a [S, S] causal mask built
+    from Range: lifted, each of the 4 rows a head."""
+    nodes = [
+        *_indices(24),
+        helper.make_node("LessOrEqual", ["cols", "rows"], ["mask"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s0"]),
+        helper.make_node("Div", ["s0", "four"], ["s1"]),
+        helper.make_node("Where", ["mask", "s1", "ninf"], ["s2"]),
+        helper.make_node("Softmax", ["s2"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["y"]),
+    ]
+    inits = [*INDEX_INITS, helper.make_tensor("four", F32, [], [4.0]), helper.make_tensor("ninf", F32, [], [-np.inf])]
+    io = [helper.make_tensor_value_info(n, F32, [4, 24, 16]) for n in "qkvy"]
+    model = helper.make_model(helper.make_graph(nodes, "flat", io[:3], io[3:], inits),
+                              opset_imports=[helper.make_opsetid("", 18)])  # fmt: skip
+    g = np.random.default_rng(4)
+    feeds = {n: g.standard_normal((4, 24, 16)).astype(np.float32) for n in "qkv"}
+    ac.onnx.clear_reports()
+    (ours,) = ac.onnx.run(model, feeds)
+    np.testing.assert_allclose(ours, _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    report = ac.onnx.reports()[-1]
+    assert (report["status"], report["spec"], report["mask"]) == ("attncc", "kv <= q", "lifted from the graph")
+
+
+def test_decomposed_attention_over_a_past_kv_cache() -> None:
+    """Decoding 8 new tokens after 16 cached ones: K = Concat(past_k, k), the causal mask built from query
+    positions Range(16, 24) against key positions Range(0, 24); lifted to kv <= q + 16."""
+    nodes = [
+        helper.make_node("Concat", ["past_k", "k_new"], ["k"], axis=2),
+        helper.make_node("Concat", ["past_v", "v_new"], ["v"], axis=2),
+        helper.make_node("Range", ["p16", "n24", "one"], ["qpos"]),
+        helper.make_node("Range", ["zero", "n24", "one"], ["kpos"]),
+        helper.make_node("Unsqueeze", ["qpos", "ax1"], ["rows"]),
+        helper.make_node("Unsqueeze", ["kpos", "ax0"], ["cols"]),
+        helper.make_node("LessOrEqual", ["cols", "rows"], ["mask"]),
+    ]
+    model = _mask_model(nodes, [], [*INDEX_INITS, _ints("p16", [16], [])], sq=8, skv=24)
+    graph = model.graph
+    kept = [i for i in graph.input if i.name not in ("k", "v")]
+    del graph.input[:]
+    graph.input.extend(kept)
+    for name, s in (("past_k", 16), ("k_new", 8), ("past_v", 16), ("v_new", 8)):
+        graph.input.append(helper.make_tensor_value_info(name, F32, [1, 2, s, 16]))
+    g = np.random.default_rng(6)
+    feeds = {i.name: g.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+             for i in graph.input}  # fmt: skip
+    ac.onnx.clear_reports()
+    (ours,) = ac.onnx.run(model, feeds)
+    np.testing.assert_allclose(ours, _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    assert ac.onnx.reports()[-1]["spec"] == "kv <= q + 16"
