@@ -206,9 +206,10 @@ def _mod(e: sympy.Mod, env: Env, t: Tables) -> Box:
     if not (np.all(m.lo == m.hi) and np.all(m.lo > 0)):
         raise UnsupportedError(f"Mod by a non-constant or non-positive value in `{expr_str(e)}`")
     n = m.lo
-    same = np.floor(a.lo / n) == np.floor(a.hi / n)
-    lo = np.where(same, a.lo - n * np.floor(a.lo / n), 0.0)
-    hi = np.where(same, a.hi - n * np.floor(a.lo / n), n - 1)
+    with np.errstate(invalid="ignore"):  # an unbounded side (a tensor read) gives inf - inf in the unused branch
+        same = np.floor(a.lo / n) == np.floor(a.hi / n)
+        lo = np.where(same, a.lo - n * np.floor(a.lo / n), 0.0)
+        hi = np.where(same, a.hi - n * np.floor(a.lo / n), n - 1)
     return Box(lo, hi)
 
 

@@ -52,10 +52,12 @@ class NotLifted(Exception):
 
 @dataclass(frozen=True)
 class Sym:
-    """A symbolic tensor: its shape and the expression of its element at (``_a0``, ``_a1``, ...)."""
+    """A symbolic tensor: its shape, the expression of its element at (``_a0``, ``_a1``, ...), and its element
+    kind (``b`` bool, ``i`` integer, ``f`` float: ONNX's Div truncates integers)."""
 
     shape: tuple[int, ...]
     expr: Expr
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ class MaskLift:
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     shape: tuple[int, ...] = ()  # the mask's shape, left-padded with 1s to rank 4
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # graph input -> its declared shape
+
+
+def _kind(dtype: np.dtype) -> str:
+    return "b" if dtype == np.bool_ else "f" if dtype.kind == "f" else "i"
 
 
 def _rename(e: Expr, mapping: Mapping[int, int | Expr]) -> Expr:
@@ -216,7 +222,7 @@ class _Lifter:
             return v
         if isinstance(v, View):
             return self._read(v)
-        return Sym(tuple(v.shape), self._constant(v))
+        return Sym(tuple(v.shape), self._constant(v), _kind(v.dtype))
 
     def _constant(self, a: np.ndarray) -> Expr:
         flat = a.reshape(-1)
@@ -248,7 +254,8 @@ class _Lifter:
                 tname = f"onnx_in{len(self.lifted.inputs)}_{tname}".replace("__", "_")
             self.lifted.inputs[tname] = (v.name, kind)
         read = ac.tensor(tname, kind)[tuple(index) if index else 0]
-        return Sym(v.shape, (read != 0) if v.as_bool or v.dtype == np.bool_ else read)
+        boolean = v.as_bool or v.dtype == np.bool_
+        return Sym(v.shape, (read != 0) if boolean else read, "b" if boolean else _kind(v.dtype))
 
     @staticmethod
     def _index(c: np.ndarray) -> Expr | None:
@@ -296,7 +303,7 @@ def _resized(v: Sym, shape: tuple[int, ...], what: str) -> Sym:
     new = [i for i, n in enumerate(shape) if n > 1]
     if [v.shape[i] for i in old] != [shape[i] for i in new]:
         raise NotLifted(f"{what} of a symbolic {v.shape} to {shape} mixes its axes")
-    return Sym(shape, _rename(v.expr, dict(zip(old, new, strict=True))))
+    return Sym(shape, _rename(v.expr, dict(zip(old, new, strict=True))), v.kind)
 
 
 @_op("Identity")
@@ -323,44 +330,47 @@ def _size(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Va
 @_op("Cast")
 def _cast(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
     x = args[0]
-    to = helper.tensor_dtype_to_np_dtype(int(attrs["to"]))  # type: ignore[call-overload]
+    to = np.dtype(helper.tensor_dtype_to_np_dtype(int(attrs["to"])))  # type: ignore[call-overload]
     if isinstance(x, View):
         if to == np.bool_:
             return View(x.name, x.dtype, x.coords, True)
-        if x.as_bool or (np.dtype(to).kind in "iu" and x.dtype.kind in "iub") or np.dtype(to) == x.dtype:
-            x = lf.sym(x)
-        else:
-            raise NotLifted(f"Cast of graph input {x.name!r} from {x.dtype} to {np.dtype(to)}")
+        x = lf.sym(x)  # integer ids and positions cast to float stay exact below 2**24
     assert isinstance(x, Sym)
-    if to == np.bool_:
-        return x if x.expr.is_boolean else Sym(x.shape, x.expr != 0)
-    if x.expr.is_boolean:
-        return Sym(x.shape, ac.where(x.expr, 1, 0))
-    return x
+    kind = _kind(to)
+    if kind == "b":
+        return x if x.kind == "b" else Sym(x.shape, x.expr != 0, "b")
+    if x.kind == "b":
+        return Sym(x.shape, ac.where(x.expr, 1, 0), kind)
+    if kind == "i" and x.kind == "f":  # float -> int truncates toward zero
+        return Sym(x.shape, ac.dsl.trunc(x.expr), kind)
+    return Sym(x.shape, x.expr, kind)
 
 
-@_op("Not")
-def _not(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    s = lf.sym(args[0])  # type: ignore[arg-type]
-    return Sym(s.shape, ~s.expr)
+def _unary(fn: Callable[[Expr], Expr], kind: str | None = None) -> Handler:
+    def handle(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
+        s = lf.sym(args[0])  # type: ignore[arg-type]
+        return Sym(s.shape, fn(s.expr), kind or s.kind)
+
+    return handle
 
 
-@_op("Abs")
-def _abs(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    s = lf.sym(args[0])  # type: ignore[arg-type]
-    return Sym(s.shape, abs(s.expr))
+_OPS.update({
+    "Not": _unary(lambda e: ~e, "b"),
+    "Abs": _unary(abs),
+    "Neg": _unary(lambda e: -e),
+    "Floor": _unary(ac.dsl.floor),
+    "Ceil": _unary(ac.dsl.ceil),
+})  # fmt: skip
 
 
-@_op("Neg")
-def _neg(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    s = lf.sym(args[0])  # type: ignore[arg-type]
-    return Sym(s.shape, -s.expr)
-
-
-_BINARY: dict[str, Callable[[Expr, Expr], Expr]] = {
+_ARITHMETIC: dict[str, Callable[[Expr, Expr], Expr]] = {
     "Add": lambda a, b: a + b,
     "Sub": lambda a, b: a - b,
     "Mul": lambda a, b: a * b,
+    "Max": lambda a, b: ac.maximum(a, b),
+    "Min": lambda a, b: ac.minimum(a, b),
+}
+_LOGICAL: dict[str, Callable[[Expr, Expr], Expr]] = {
     "Equal": lambda a, b: a == b,
     "Less": lambda a, b: a < b,
     "LessOrEqual": lambda a, b: a <= b,
@@ -369,37 +379,45 @@ _BINARY: dict[str, Callable[[Expr, Expr], Expr]] = {
     "And": lambda a, b: a & b,
     "Or": lambda a, b: a | b,
     "Xor": lambda a, b: a ^ b,
-    "Max": lambda a, b: ac.maximum(a, b),
-    "Min": lambda a, b: ac.minimum(a, b),
 }
 
 
-def _elementwise(lf: _Lifter, args: list[Value | None], fn: Callable[..., Expr]) -> Sym:
+def _elementwise(lf: _Lifter, args: list[Value | None], fn: Callable[..., Expr], kind: str | None = None) -> Sym:
+    """``fn`` of the arguments broadcast right-aligned; the kind given, else the first argument's (ONNX's
+    arithmetic takes one type)."""
     syms = [lf.sym(a) for a in args if a is not None]
     try:
         shape = np.broadcast_shapes(*(s.shape for s in syms))
     except ValueError as exc:
         raise NotLifted(str(exc)) from exc
-    return Sym(tuple(shape), fn(*(_aligned(s, len(shape)) for s in syms)))
+    return Sym(tuple(shape), fn(*(_aligned(s, len(shape)) for s in syms)), kind or syms[0].kind)
 
 
-def _binary(fn: Callable[[Expr, Expr], Expr]) -> Handler:
-    return lambda lf, args, attrs: _elementwise(lf, args, fn)
+def _binary(fn: Callable[[Expr, Expr], Expr], kind: str | None) -> Handler:
+    return lambda lf, args, attrs: _elementwise(lf, args, fn, kind)
 
 
-_OPS.update({name: _binary(fn) for name, fn in _BINARY.items()})
+_OPS.update({name: _binary(fn, None) for name, fn in _ARITHMETIC.items()})
+_OPS.update({name: _binary(fn, "b") for name, fn in _LOGICAL.items()})
+
+
+@_op("Div")
+def _div(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
+    out = _elementwise(lf, args, lambda a, b: a / b)
+    return Sym(out.shape, ac.dsl.trunc(out.expr), "i") if out.kind == "i" else out  # integers: toward zero
 
 
 @_op("Mod")
 def _mod(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
     if attrs.get("fmod"):
         raise NotLifted("Mod with fmod=1")
-    return _elementwise(lf, args, lambda a, b: a % b)
+    return _elementwise(lf, args, lambda a, b: a % b)  # integers, fmod=0: the divisor's sign, as Python's %
 
 
 @_op("Where")
 def _where(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    return _elementwise(lf, args, lambda c, a, b: ac.where(c, a, b))
+    out = _elementwise(lf, args, lambda c, a, b: ac.where(c, a, b))
+    return Sym(out.shape, out.expr, lf.sym(args[1]).kind)  # type: ignore[arg-type]
 
 
 @_op("Unsqueeze")
@@ -446,7 +464,7 @@ def _expand(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> 
     assert isinstance(x, View | Sym)
     shape = np.broadcast_shapes(x.shape, tuple(_ints(args[1], "Expand shape")))
     if isinstance(x, Sym):
-        return Sym(tuple(shape), _aligned(x, len(shape)))
+        return Sym(tuple(shape), _aligned(x, len(shape)), x.kind)
     return _move(x, lambda c: np.broadcast_to(c, shape), "Expand")
 
 
@@ -456,7 +474,7 @@ def _transpose(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) 
     assert isinstance(x, View | Sym)
     perm = [int(p) for p in attrs.get("perm", range(len(x.shape))[::-1])]  # type: ignore[attr-defined]
     if isinstance(x, Sym):
-        return Sym(tuple(x.shape[p] for p in perm), _rename(x.expr, {p: i for i, p in enumerate(perm)}))
+        return Sym(tuple(x.shape[p] for p in perm), _rename(x.expr, {p: i for i, p in enumerate(perm)}), x.kind)
     return _move(x, lambda c: np.transpose(c, perm), "Transpose")
 
 
@@ -490,7 +508,7 @@ def _slice(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> V
         if x.shape[i] > 1:  # axis i now reads rows[a_i] = start + step * a_i
             first, step = int(rows[0]) if rows.size else 0, int(rows[1] - rows[0]) if rows.size > 1 else 0
             mapping[i] = first + step * Expr(_AXES[i]) if rows.size > 1 else ac.dsl.lift(first)
-    return Sym(tuple(len(r) for r in picked), _rename(x.expr, mapping))
+    return Sym(tuple(len(r) for r in picked), _rename(x.expr, mapping), x.kind)
 
 
 def lift_mask(proto: onnx.ModelProto, name: str) -> MaskLift:
@@ -517,7 +535,7 @@ def lift_mask(proto: onnx.ModelProto, name: str) -> MaskLift:
     lf = _Lifter(proto)
     try:
         s = lf.sym(lf.value(name))
-    except (SpecError, ValueError, IndexError) as exc:  # a shape or index numpy refuses: read by value instead
+    except (SpecError, ValueError, IndexError, TypeError) as exc:  # what numpy or sympy refuse: read by value
         raise NotLifted(f"{type(exc).__name__}: {exc}") from exc
     if len(s.shape) > 4:
         raise NotLifted(f"a mask of rank {len(s.shape)}")

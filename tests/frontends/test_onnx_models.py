@@ -318,3 +318,31 @@ def test_decomposed_attention_over_a_past_kv_cache() -> None:
     (ours,) = ac.onnx.run(model, feeds)
     np.testing.assert_allclose(ours, _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
     assert ac.onnx.reports()[-1]["spec"] == "kv <= q + 16"
+
+
+def test_index_arithmetic_on_runtime_positions() -> None:
+    """Masks from a position-id graph input, written the way exporters do: cast to float, halved, cast back (a
+    truncation), Mod 3, Equal across rows and columns, or'ed with an integer Div (truncating) block test;
+    lifted to one expression reading ``pos`` and equal to onnxruntime."""
+    nodes = [
+        helper.make_node("Cast", ["pos"], ["pos_f"], to=F32),
+        helper.make_node("Div", ["pos_f", "two"], ["half"]),
+        helper.make_node("Cast", ["half"], ["half_i"], to=I64),
+        helper.make_node("Mod", ["half_i", "three"], ["m"]),
+        helper.make_node("Unsqueeze", ["m", "ax1"], ["m_rows"]),
+        helper.make_node("Unsqueeze", ["m", "ax0"], ["m_cols"]),
+        helper.make_node("Equal", ["m_rows", "m_cols"], ["dilated"]),
+        helper.make_node("Div", ["pos", "four"], ["blk"]),
+        helper.make_node("Unsqueeze", ["blk", "ax1"], ["b_rows"]),
+        helper.make_node("Unsqueeze", ["blk", "ax0"], ["b_cols"]),
+        helper.make_node("Equal", ["b_rows", "b_cols"], ["same_block"]),
+        helper.make_node("Or", ["dilated", "same_block"], ["mask"]),
+    ]
+    inits = [*INDEX_INITS, helper.make_tensor("two", F32, [], [2.0]), _ints("three", [3], []), _ints("four", [4], [])]
+    model = _mask_model(nodes, [helper.make_tensor_value_info("pos", I64, [24])], inits)
+    feeds = {**_qkv(), "pos": np.arange(24, dtype=np.int64) + 5}
+    lifted = lift_mask(model, "mask")
+    assert set(lifted.inputs) == {"pos"} and not lifted.constants
+    ac.onnx.clear_reports()
+    np.testing.assert_allclose(ac.onnx.run(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    assert ac.onnx.reports()[-1]["mask"] == "lifted from the graph"
