@@ -164,6 +164,26 @@ def _band(a: np.ndarray) -> Expr | None:
     return parts[0] & parts[1] if len(parts) == 2 else parts[0] if parts else ac.dsl.lift(True)
 
 
+_LAYOUT_BLOCKS = (128, 64, 32, 16, 8)
+
+
+def _layout(a: np.ndarray) -> tuple[tuple[int, int], int, np.ndarray] | None:
+    """A boolean array varying along two axes whose tiles of b x b (b from 128 down to 8, the last row and column
+    of tiles ragged) are each all true or all false: ((row axis, column axis), b, the [tiles, tiles] table)."""
+    c = _compressed(a)
+    varying = [i for i, n in enumerate(c.shape) if n > 1 and not (c == c.take([0], axis=i)).all()]
+    if len(varying) != 2:
+        return None
+    i, j = varying
+    plane = np.moveaxis(c, (i, j), (-2, -1)).reshape(-1, c.shape[i], c.shape[j])[0]
+    for size in _LAYOUT_BLOCKS:
+        table = plane[::size, ::size]
+        grown = np.repeat(np.repeat(table, size, axis=0), size, axis=1)[: plane.shape[0], : plane.shape[1]]
+        if min(plane.shape) > size and np.array_equal(grown, plane):
+            return (i, j), size, table
+    return None
+
+
 class _Lifter:
     def __init__(self, proto: onnx.ModelProto) -> None:
         self.proto = proto
@@ -233,6 +253,12 @@ class _Lifter:
         if found is not None:
             return found
         name = f"onnx_const{len(self.lifted.constants)}"
+        layout = _layout(a) if a.dtype == np.bool_ else None
+        if layout is not None:  # whole tiles visible or not: the tiles' table, read at floor(row / b), floor(col / b)
+            (i, j), size, table = layout
+            self.lifted.constants[name] = table.astype(np.int64)
+            row, col = ac.dsl.floor(Expr(_AXES[i]) / size), ac.dsl.floor(Expr(_AXES[j]) / size)
+            return ac.tensor(name, "int")[row, col] != 0
         kind = "float" if a.dtype.kind == "f" else "int"
         self.lifted.constants[name] = a.astype(np.float32 if kind == "float" else np.int64)
         index = [Expr(_AXES[i]) if n > 1 else 0 for i, n in enumerate(a.shape)]

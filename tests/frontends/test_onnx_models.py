@@ -181,9 +181,9 @@ def test_a_two_sided_window_from_abs_of_index_differences() -> None:
     np.testing.assert_allclose(ac.onnx.run(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_a_constant_mask_that_is_no_band_becomes_a_runtime_layout() -> None:
-    """A constant boolean mask with no index structure (random blocks of 8) is read as a tensor whose block map is
-    classified per call; outputs equal onnxruntime's."""
+def test_a_constant_block_mask_becomes_a_block_layout() -> None:
+    """A constant boolean mask made of whole 8 x 8 blocks (random) becomes a block layout: a 3 x 3 table read at
+    (q // 8, kv // 8), never the 24 x 24 mask; outputs equal onnxruntime's."""
     g = np.random.default_rng(2)
     blocks = g.random((3, 3)) > 0.4
     np.fill_diagonal(blocks, True)
@@ -192,7 +192,8 @@ def test_a_constant_mask_that_is_no_band_becomes_a_runtime_layout() -> None:
     layout = helper.make_tensor("layout", TensorProto.BOOL, [24, 24], keep.reshape(-1).tolist())
     model = _mask_model(nodes, [], [layout])
     lifted = lift_mask(model, "mask")
-    assert str(lifted.expr.sym) == "Ne(onnx_const0[q, kv], 0)" and lifted.constants["onnx_const0"].shape == (24, 24)
+    assert str(lifted.expr.sym) == "Ne(onnx_const0[floor(q/8), floor(kv/8)], 0)"
+    assert np.array_equal(lifted.constants["onnx_const0"], blocks)
     feeds = _qkv()
     ac.onnx.clear_reports()
     np.testing.assert_allclose(ac.onnx.run(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
@@ -346,3 +347,16 @@ def test_index_arithmetic_on_runtime_positions() -> None:
     ac.onnx.clear_reports()
     np.testing.assert_allclose(ac.onnx.run(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
     assert ac.onnx.reports()[-1]["mask"] == "lifted from the graph"
+
+
+def test_a_constant_mask_without_structure_is_a_runtime_tensor() -> None:
+    """A constant boolean mask with no band, index or block structure is read as a tensor (its block map is
+    classified per call); outputs equal onnxruntime's."""
+    keep = np.random.default_rng(8).random((24, 24)) > 0.5
+    np.fill_diagonal(keep, True)
+    layout = helper.make_tensor("layout", TensorProto.BOOL, [24, 24], keep.reshape(-1).tolist())
+    model = _mask_model([helper.make_node("Identity", ["layout"], ["mask"])], [], [layout])
+    lifted = lift_mask(model, "mask")
+    assert str(lifted.expr.sym) == "Ne(onnx_const0[q, kv], 0)"
+    feeds = _qkv()
+    np.testing.assert_allclose(ac.onnx.run(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
