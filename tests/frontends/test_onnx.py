@@ -317,6 +317,8 @@ DECOMPOSED = {
     "sdpa_is_causal": (_Sdpa(), (), "qk-mask-softmax-pv", "kv <= q"),
     "sdpa_bool_mask": (_SdpaMask(), (torch.rand(40, 40, generator=torch.Generator().manual_seed(1)) > 0.3,),
                        "qk-mask-softmax-guard-pv", "Ne(attn_mask[0, 0, q, kv], 0)"),
+    "sdpa_float_mask": (_SdpaMask(), (torch.randn(40, 40, generator=torch.Generator().manual_seed(2)),),
+                        "qk-mask-softmax-pv", "True"),  # a runtime bias: score + attn_bias[0, 0, q, kv]
     "masked_fill_causal": (_MaskedFill(CAUSAL), (), "qk-scale-mask-softmax-pv", "kv <= q"),
     "no_mask": (_Plain(), (), "qk-scale-softmax-pv", "True"),
 }  # fmt: skip
