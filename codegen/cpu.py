@@ -3,7 +3,7 @@
 Runtime tensors are passed as int64 (int and bool tensors) or float32 (float tensors);
 q, k, v run in float32 (fp16 inputs, and bf16 ones where the build lacks AVX512_BF16 or RoPE is applied,
 are upcast once, O(S * D), and the output cast back); bf16 inputs otherwise run the native bf16 forward
-(``CpuKernel.native_bf16``).
+(``CpuKernel.native_bf16``), and where the CPU has AMX the native bf16 backward (``CpuKernel.backward_bf16``).
 """
 
 from __future__ import annotations
@@ -224,6 +224,10 @@ class CpuKernel:
         fwd_bf16 = self.runtime.attncc_forward_bf16
         fwd_bf16.argtypes = [_P] * 5 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, ctypes.c_int]
         fwd_bf16.restype = ctypes.c_int
+        bwd_bf16 = self.runtime.attncc_backward_bf16
+        bwd_bf16.argtypes = [_P] * 10 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, ctypes.c_int,
+                                                             _P, _P, _I, _P]  # fmt: skip
+        bwd_bf16.restype = ctypes.c_int
         self.runtime.attncc_tile_bytes.restype = self.lib.attncc_tile_bytes.restype = ctypes.c_int64
         self.tile_bytes = int(self.runtime.attncc_tile_bytes())  # one partial tile's record in the keep buffer
         if self.tile_bytes != int(self.lib.attncc_tile_bytes()):
@@ -248,14 +252,14 @@ class CpuKernel:
             return "blas: this build has no FMA vector unit (no AVX2+FMA or AVX-512)"
         if head_dim % width or self.bkv % width:
             return f"blas: head_dim {head_dim} or kv tile {self.bkv} is not a multiple of {width}"
-        bf16 = (
-            f"; bf16 inputs: AMX tiles{'' if self.bq % 16 == 0 else f' (not at {self.bq}-row q tiles: dot products)'}"
-            if self.has_amx
-            else "; bf16 inputs: AVX512_BF16 dot products"
-            if self.has_bf16
-            else ""
-        )
-        bf16 += ", fp32 accumulation" if bf16 else ""
+        if self.has_amx:
+            forward = "" if self.bq % 16 == 0 else f" (not at {self.bq}-row q tiles: dot products)"
+            backward = "backward too" if self.bq % 32 == 0 else f"backward fp32 at {self.bq}-row q tiles"
+            bf16 = f"; bf16 inputs: AMX tiles{forward}, {backward}, fp32 accumulation"
+        elif self.has_bf16:
+            bf16 = "; bf16 inputs: AVX512_BF16 dot products, fp32 accumulation (backward fp32 on upcast copies)"
+        else:
+            bf16 = ""
         return f"micro-kernels: register blocks {width} columns wide ({self.lanes}-lane FMA vectors){bf16}"
 
     def native_bf16(self, head_dim: int, rope: bool = False) -> bool:
@@ -535,6 +539,50 @@ class CpuKernel:
                     grads[n] = total[int(at) : int(at) + size].view(tensors[n].shape)
         return dq, dk, dv, grads
 
+    def backward_bf16(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
+        lse: torch.Tensor, dlse: torch.Tensor | None, lists: TileLists, keep: torch.Tensor,
+        tensors: dict[str, torch.Tensor], want: Sequence[str] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:  # fmt: skip
+        """``backward`` for contiguous bf16 q, k, v and do (o and lse fp32 from ``forward_bf16``) with its five
+        products on AMX tiles; fp32 gradients. None where this build or the OS has no AMX or the shapes do not fit
+        the tiles (the caller then upcasts and runs ``backward``)."""
+        B, H, Sq, D = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        if not self.has_amx or self.lanes != 16:
+            return None
+        heads = head_index(H, Hkv, tensors.get(self.head_table))
+        threads = torch.get_num_threads()
+        dq = torch.empty(B, H, Sq, D, dtype=torch.float32)
+        dk = torch.empty(B, Hkv, Skv, D, dtype=torch.float32)
+        dv = torch.empty(B, Hkv, Skv, D, dtype=torch.float32)
+        up = 2 * self.lanes  # pair rows and panels pad the sequence to NR keys
+        halves = (3 * B * Hkv * -(-Skv // up) + 2 * B * H * -(-Sq // up)) * up * D  # bf16 values packed
+        scratch = threads * q.numel() + B * H * Sq
+        work = workspace(scratch + -(-halves // 2))
+        _keep_alive, ptrs, dims = self.pack(tensors)
+        sizes = [tensors[n].numel() if n in want else 0 for n in self.grad_tables]
+        offsets = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+        partials = torch.zeros(threads, sum(sizes)) if any(sizes) else None
+        code = self.runtime.attncc_backward_bf16(
+            _ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(do), _ptr(lse), None if dlse is None else _ptr(dlse), _ptr(dq),
+            _ptr(dk), _ptr(dv), B, H, Hkv, Sq, Skv, D, _ptr(lists.map_of), lists.map_of.shape[0],
+            lists.map_of.shape[1], _ptr(lists.q_ptr), _ptr(lists.q_idx), _ptr(lists.q_full), _ptr(lists.q_rank),
+            _ptr(lists.keep_base), keep.data_ptr(), ctypes.cast(ptrs, _P), _ptr(dims), threads, _ptr(heads),
+            self.scale, work, work + 4 * scratch, torch.are_deterministic_algorithms_enabled(),
+            None if partials is None else partials.data_ptr(), _ptr(offsets), sum(sizes), self.hooks,
+        )  # fmt: skip
+        if code < 0:
+            return None
+        self._check(code)
+        grads = {}
+        if partials is not None:
+            total = partials.sum(0)
+            for n, size, at in zip(self.grad_tables, sizes, offsets):
+                if size:
+                    grads[n] = total[int(at) : int(at) + size].view(tensors[n].shape)
+        return dq, dk, dv, grads
+
     def table_grad_floats(self, tensors: dict[str, torch.Tensor]) -> int:
         """Floats of per-thread partial sums the backward needs for the tables in ``tensors`` that
         require grad (the api runs the reference instead when this is too large)."""
@@ -606,7 +654,8 @@ class CpuAttention(torch.autograd.Function):
         if dtype == torch.bfloat16 and kern.native_bf16(q.shape[3], rope is not None):
             q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
             o, lse = kern.forward_bf16(q16, k16, v16, lists, keep, tensors)
-            ctx.save_for_backward(q16, k16, v16, o, lse)  # bf16 inputs kept: the backward upcasts them then
+            ctx.save_for_backward(q16, k16, v16, o, lse)  # bf16 inputs kept for the bf16 backward
+            ctx.native = True
         else:
             if dtype in (torch.bfloat16, torch.float16):
                 kern.tell_upcast(dtype, q.shape[3], rope is not None)
@@ -614,6 +663,7 @@ class CpuAttention(torch.autograd.Function):
             o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
             # the inputs as given (for half precision: half the memory of the fp32 copies, upcast again then)
             ctx.save_for_backward(q.detach(), k.detach(), v.detach(), o, lse)
+            ctx.native = False
         ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype, ctx.rope = kern, lists, keep, tensors, dtype, rope
         ctx.learn, ctx.recompute, ctx.inputs = learn, recompute, (q, k, v, *learned)
         return o.to(dtype), lse
@@ -623,11 +673,20 @@ class CpuAttention(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the C++ backward is not differentiable
             q, k, v, *rest = fallback.second_order(ctx.recompute, ctx.inputs, ctx.learn, ctx.tensors, (do, dlse))
             return q, k, v, None, None, None, None, None, None, None, *rest
-        qf, kf, vf, o, lse = (t.to(torch.float32).contiguous() for t in ctx.saved_tensors)
-        dof = do.to(torch.float32).contiguous()
         dlsef = None if dlse is None else dlse.to(torch.float32).contiguous()
-        dq, dk, dv, grads = ctx.kern.backward(
-            qf, kf, vf, o, dof, lse.contiguous(), dlsef, ctx.lists, ctx.keep, ctx.tensors, ctx.rope, ctx.learn
-        )
+        found = None
+        if ctx.native:  # bf16 saved as given: the products on AMX tiles where the machine has them
+            q16, k16, v16, o, lse = ctx.saved_tensors
+            do16 = do.to(torch.bfloat16).contiguous()
+            found = ctx.kern.backward_bf16(
+                q16, k16, v16, o, do16, lse.contiguous(), dlsef, ctx.lists, ctx.keep, ctx.tensors, ctx.learn
+            )
+        if found is None:
+            qf, kf, vf, o, lse = (t.to(torch.float32).contiguous() for t in ctx.saved_tensors)
+            dof = do.to(torch.float32).contiguous()
+            found = ctx.kern.backward(
+                qf, kf, vf, o, dof, lse.contiguous(), dlsef, ctx.lists, ctx.keep, ctx.tensors, ctx.rope, ctx.learn
+            )
+        dq, dk, dv, grads = found
         learned = [grads[n].to(ctx.tensors[n].dtype) for n in ctx.learn]
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None, None, None, *learned

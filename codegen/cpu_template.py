@@ -982,6 +982,79 @@ inline void amx_values(int rows16, int rows, int cols, int d, const bf16_t* p, i
     }}
   }}
 }}
+// C[M x N] += A[M x K] . B[K x N] (the backward's products): A bf16 rows (K contiguous, stride lda values), B
+// bf16 pair rows (pair row r holds rows 2r and 2r + 1 of B interleaved: N pairs, stride ldb values), C fp32
+// (stride ldc); M and N multiples of 16, K of 32 (A or B zero where the product has no terms)
+inline void amx_gemm(int M, int N, int K, const bf16_t* a, int64_t lda, const bf16_t* b, int64_t ldb, float* c,
+                     int64_t ldc) {{
+  for (int i = 0; i < M; i += 32) {{
+    const bool two_m = i + 16 < M;
+    for (int j = 0; j < N; j += 32) {{
+      const bool two_n = j + 16 < N;
+      float* c0 = c + i * ldc + j;
+      float* c1 = c0 + 16 * ldc;
+      _tile_loadd(0, c0, 4 * ldc);
+      if (two_n) _tile_loadd(1, c0 + 16, 4 * ldc);
+      if (two_m) _tile_loadd(2, c1, 4 * ldc);
+      if (two_m && two_n) _tile_loadd(3, c1 + 16, 4 * ldc);
+      for (int k = 0; k < K; k += 32) {{
+        const bf16_t* bk = b + (k / 2) * ldb + 2 * j;
+        _tile_loadd(4, a + i * lda + k, 2 * lda);
+        _tile_loadd(6, bk, 2 * ldb);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_n) {{ _tile_loadd(7, bk + 32, 2 * ldb); _tile_dpbf16ps(1, 4, 7); }}
+        if (two_m) {{
+          _tile_loadd(5, a + (i + 16) * lda + k, 2 * lda);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two_n) _tile_dpbf16ps(3, 5, 7);
+        }}
+      }}
+      _tile_stored(0, c0, 4 * ldc);
+      if (two_n) _tile_stored(1, c0 + 16, 4 * ldc);
+      if (two_m) _tile_stored(2, c1, 4 * ldc);
+      if (two_m && two_n) _tile_stored(3, c1 + 16, 4 * ldc);
+    }}
+  }}
+}}
+// x [heads][S][d] -> out [heads][d][s_pad] (the rows of the backward's Q^T and dO^T A tiles), zero past S
+inline void transpose_bf16(const bf16_t* x, bf16_t* out, int64_t heads, int64_t S, int64_t d, int64_t s_pad,
+                           int threads) {{
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < heads * d; ++t) {{
+    const int64_t h = t / d, c = t % d;
+    const bf16_t* src = x + h * S * d + c;
+    bf16_t* dst = out + t * s_pad;
+    for (int64_t i = 0; i < S; ++i) dst[i] = src[i * d];
+    for (int64_t i = S; i < s_pad; ++i) dst[i] = 0;
+  }}
+}}
+
+// fp32 rows of x (stride ld; real rows < rows, columns < cols) as bf16 pair rows at out (pair row r: rows 2r and
+// 2r + 1 interleaved; stride ldo values) for rows32 / 2 pair rows and n16 columns, zero past rows and cols
+inline void to_pair_rows(const float* x, int ld, int rows, int rows32, int cols, int n16, bf16_t* out, int64_t ldo) {{
+  for (int r = 0; r < rows32 / 2; ++r) {{
+    const int i0 = 2 * r, i1 = 2 * r + 1;
+    for (int j = 0; j < n16; j += 16) {{
+      const __mmask16 in = j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
+      const __m512 a = i0 < rows ? _mm512_maskz_loadu_ps(in, x + i0 * ld + j) : _mm512_setzero_ps();
+      const __m512 b = i1 < rows ? _mm512_maskz_loadu_ps(in, x + i1 * ld + j) : _mm512_setzero_ps();
+      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
+      const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(b));
+      _mm512_storeu_si512(out + r * ldo + 2 * j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }}
+  }}
+}}
+
+// fp32 rows of x (real rows < rows, columns < cols) as bf16 rows at out (stride ldo) for rows16 rows and n32
+// columns, zero past rows and cols
+inline void to_bf16_rows(const float* x, int ld, int rows, int rows16, int cols, int n32, bf16_t* out, int64_t ldo) {{
+  for (int i = 0; i < rows16; ++i)
+    for (int j = 0; j < n32; j += 16) {{
+      const __mmask16 in = i >= rows ? 0 : j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(in, x + i * ld + j));
+      std::memcpy(out + i * ldo + j, &h, 32);
+    }}
+}}
 inline void amx_release() {{ _tile_release(); }}
 #else
 constexpr bool AMX = false;  // the helpers below are never called
@@ -990,6 +1063,10 @@ inline void amx_configure() {{}}
 inline void amx_release() {{}}
 inline void amx_scores(int, int, int, const bf16_t*, const bf16_t*, float*, int, const int16_t*, int) {{}}
 inline void amx_values(int, int, int, int, const bf16_t*, int, const bf16_t*, float*, const float*) {{}}
+inline void amx_gemm(int, int, int, const bf16_t*, int64_t, const bf16_t*, int64_t, float*, int64_t) {{}}
+inline void transpose_bf16(const bf16_t*, bf16_t*, int64_t, int64_t, int64_t, int64_t, int) {{}}
+inline void to_pair_rows(const float*, int, int, int, int, int, bf16_t*, int64_t) {{}}
+inline void to_bf16_rows(const float*, int, int, int, int, int, bf16_t*, int64_t) {{}}
 #endif
 #else
 constexpr bool BF16 = false, AMX = false;
@@ -1462,6 +1539,172 @@ extern "C" int attncc_backward(
   }}
   omp_set_schedule(saved_kind, saved_chunk);
   return error;
+}}
+
+// ---- attncc: next translation unit ----
+// The backward on bf16 q, k, v and dO, its five products on AMX tiles (o and lse fp32 from the forward; dq, dk, dv
+// fp32; tiles, masks, score-mod hooks and scheduling as attncc_backward; no RoPE). Per run of q rows and kv block:
+// S = Q K^T and dP = dO V^T (q and dO rows as A tiles, K and V pair panels), P and dS in fp32 rows; then, with
+// P and dS as bf16 pair rows over the queries, dV^T += dO^T P and dK^T += Q^T dS (Q^T and dO^T transposed once per
+// head: no per-tile transposes), and dQ += dS K (dS rows as A tiles, K pair rows). dK and dV are transposed back
+// once per task. ``work``: fp32, attncc_backward's (per-thread dQ partials, then delta); ``pack``: bf16, room for
+// 3 * B * Hkv * up(Skv) * D + 2 * B * H * up(Sq) * D values (up: to NR). Returns -1 where this build or the OS
+// has no AMX, or the shapes do not fit the tiles (the caller then upcasts and runs attncc_backward).
+extern "C" int attncc_backward_bf16(
+    const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* o, const bf16_t* dout, const float* lse,
+    const float* dlse, float* dq, float* dk, float* dv,
+    int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv, int64_t D,
+    const int32_t* map_of, int64_t maps_b, int64_t maps_h,
+    const int32_t* q_ptr, const int32_t* q_idx, const uint8_t* q_full,
+    const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
+    const void* const* tensors, const int64_t* dims, int threads, const int64_t* HEADS, float SCALE,
+    float* work, bf16_t* pack, int deterministic, float* tgrad, const int64_t* tgrad_off, int64_t tgrad_total,
+    const void* hooks) {{
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (D % NR || BKV % NR || BQ % 32 || NR != 32 || !amx_granted()) return -1;
+  const int64_t nkv = (Skv + BKV - 1) / BKV;
+  const Hooks& spec = *(const Hooks*)hooks;
+  const bool HAS_MOD = spec.mod_rows != nullptr;
+  const int64_t rows_all = B * H * Sq;
+  float* dq_threads = work;
+  float* delta = work + (int64_t)threads * rows_all * D;
+  const int64_t skv_pad = (Skv + NR - 1) / NR * NR, sq_pad = (Sq + NR - 1) / NR * NR;
+  bf16_t* k_panels = pack;                               // pack_panels<2>: S = Q K^T
+  bf16_t* v_panels = k_panels + B * Hkv * skv_pad * D;   // dP = dO V^T
+  bf16_t* k_pairs = v_panels + B * Hkv * skv_pad * D;    // pair rows over keys: dQ = dS K
+  bf16_t* q_t = k_pairs + B * Hkv * skv_pad * D;         // Q^T per head [D][up(Sq)]: dK^T = Q^T dS
+  bf16_t* do_t = q_t + B * H * sq_pad * D;               // dO^T: dV^T = dO^T P
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows_all; ++r) {{  // delta = rowsum(dO * O) - dlse, as attncc_backward
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c += 16)
+      sum = _mm512_fmadd_ps(widen(dout + r * D + c), _mm512_loadu_ps(o + r * D + c), sum);
+    delta[r] = dlse ? _mm512_reduce_add_ps(sum) - dlse[r] : _mm512_reduce_add_ps(sum);
+  }}
+  pack_panels<2>(k, k_panels, B * Hkv, Skv, D, threads);
+  pack_panels<2>(v, v_panels, B * Hkv, Skv, D, threads);
+  pack_v_bf16(k, k_pairs, B * Hkv, Skv, D, threads);
+  transpose_bf16(q, q_t, B * H, Sq, D, sq_pad, threads);
+  transpose_bf16(dout, do_t, B * H, Sq, D, sq_pad, threads);
+  int error = 0;
+  const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
+  const int d = (int)D;
+  omp_sched_t saved_kind;
+  int saved_chunk;
+  omp_get_schedule(&saved_kind, &saved_chunk);
+  omp_set_schedule(deterministic ? omp_sched_static : omp_sched_dynamic, 1);
+  #pragma omp parallel num_threads(threads)
+  {{
+    constexpr int LD = BKV + 16;   // fp32 rows of S and dP (a non-power-of-two stride, as LDS)
+    constexpr int JW = BKV + 16;   // pairs per bf16 pair row of P and dS
+    constexpr int SW = BKV + 32;   // bf16 rows of dS: a tile's keys, zero up to the next 32
+    constexpr int LDT = BKV + 16;  // fp32 rows of dK^T and dV^T
+    Buf s(WQ * LD), dp(WQ * LD), dk_t(D * LDT), dv_t(D * LDT), dq_tmp(WQ * D);
+    std::vector<bf16_t> qpad((size_t)WQ * D), dopad((size_t)WQ * D), pp((size_t)WQ * JW), dsp((size_t)WQ * JW),
+        ds((size_t)WQ * SW);
+    float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * rows_all * D;
+    float* tg_mine = spec.table_grads && tgrad ? tgrad + (int64_t)omp_get_thread_num() * tgrad_total : nullptr;
+    std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
+    amx_configure();
+    #pragma omp for schedule(runtime)
+    for (int64_t task = 0; task < B * Hkv * nkv; ++task) {{
+      const int64_t kb = task % nkv, hk = (task / nkv) % Hkv, b = task / (nkv * Hkv);
+      const int64_t k0 = kb * BKV;
+      const int cols = (int)min_of<int64_t>(BKV, Skv - k0), cols16 = (cols + 15) / 16 * 16, cols32 = up_nr(cols);
+      const int64_t packed = ((b * Hkv + hk) * skv_pad + k0) * D;  // this block's panels and pair rows
+      fill(dk_t.data(), D * LDT, 0.0f);
+      fill(dv_t.data(), D * LDT, 0.0f);
+      for (int64_t g = HEADS[H + hk]; g < HEADS[H + hk + 1]; ++g) {{  // the query heads reading kv head hk
+        const int64_t h = HEADS[H + Hkv + 1 + g];
+        const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
+        const int64_t row = (int64_t)map_of[pair] * nkv + kb;
+        for (int32_t t = q_ptr[row], span; t < q_ptr[row + 1]; t += span) {{
+          span = run_length(q_idx, q_full, t, q_ptr[row + 1], SPAN_Q);
+          const int64_t q0 = (int64_t)q_idx[t] * BQ;
+          const int rows = (int)min_of<int64_t>((int64_t)BQ * span, Sq - q0);
+          const int rows16 = (rows + 15) / 16 * 16, rows32 = up_nr(rows);
+          const int64_t base = (b * H + h) * Sq + q0, head_t = (b * H + h) * D * sq_pad + q0;
+          const bf16_t* qp = q + base * D;
+          const bf16_t* dop = dout + base * D;
+          if (rows16 != rows) {{  // a ragged last block: tile loads read 16 rows, so pad with zeros
+            std::memcpy(qpad.data(), qp, sizeof(bf16_t) * rows * D);
+            std::memset(qpad.data() + rows * D, 0, sizeof(bf16_t) * (rows16 - rows) * D);
+            std::memcpy(dopad.data(), dop, sizeof(bf16_t) * rows * D);
+            std::memset(dopad.data() + rows * D, 0, sizeof(bf16_t) * (rows16 - rows) * D);
+            qp = qpad.data();
+            dop = dopad.data();
+          }}
+          const bool full = q_full[t] != 0;
+          amx_scores(rows16, cols32, d, qp, k_panels + packed, s.data(), LD, nullptr, rows);
+          amx_scores(rows16, cols32, d, dop, v_panels + packed, dp.data(), LD, nullptr, rows);
+          for (int i = 0; i < rows; ++i) {{  // P and dS, fp32, as attncc_backward
+            float* sr = s.data() + i * LD;
+            float* dr = dp.data() + i * LD;
+            const float li = lse[base + i], di = delta[base + i];
+            if (li == -INF) {{ fill(sr, cols, 0.0f); fill(dr, cols, 0.0f); continue; }}
+            const uint8_t* kr = full ? nullptr
+                : tile_record(keep, keep_base, pair, q_rank[t + i / BQ]) + (i % BQ) * BKV;
+            if (!HAS_MOD) {{  // 16 columns at a time; masked and missing columns 0
+              const __m512 sc2 = _mm512_set1_ps(SCALE * LOG2E), li2 = _mm512_set1_ps(li * LOG2E);
+              const __m512 vd = _mm512_set1_ps(di), vs = _mm512_set1_ps(SCALE);
+              for (int j = 0; j < cols; j += 16) {{
+                const __mmask16 in = j + 16 <= cols ? 0xffff : (__mmask16)((1u << (cols - j)) - 1);
+                __mmask16 on = in;
+                if (kr) on &= _mm_cmpneq_epi8_mask(_mm_maskz_loadu_epi8(in, kr + j), _mm_setzero_si128());
+                const __m512 p = _mm512_maskz_mov_ps(on, exp2_v(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), sc2, li2)));
+                const __m512 grad = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dr + j), vd)), vs);
+                _mm512_storeu_ps(sr + j, p);
+                _mm512_storeu_ps(dr + j, grad);
+              }}
+              continue;
+            }}
+            spec.backward_row(&cx, SCALE, sr, dr, kr, cols, li, di, b, h, q0 + i, k0, tg_mine, tgrad_off);
+          }}
+          to_pair_rows(s.data(), LD, rows, rows32, cols, cols16, pp.data(), 2 * JW);
+          to_pair_rows(dp.data(), LD, rows, rows32, cols, cols16, dsp.data(), 2 * JW);
+          to_bf16_rows(dp.data(), LD, rows, rows16, cols, cols32, ds.data(), SW);
+          amx_gemm(d, cols16, rows32, do_t + head_t, sq_pad, pp.data(), 2 * JW, dv_t.data(), LDT);
+          amx_gemm(d, cols16, rows32, q_t + head_t, sq_pad, dsp.data(), 2 * JW, dk_t.data(), LDT);
+          if (rows16 == rows) {{
+            amx_gemm(rows16, d, cols32, ds.data(), SW, k_pairs + packed, 2 * D, dq_mine + base * D, D);
+          }} else {{  // tile stores write 16 rows: accumulate into a scratch block, then add the real rows
+            fill(dq_tmp.data(), (int64_t)rows16 * D, 0.0f);
+            amx_gemm(rows16, d, cols32, ds.data(), SW, k_pairs + packed, 2 * D, dq_tmp.data(), D);
+            float* out = dq_mine + base * D;
+            for (int64_t x = 0; x < (int64_t)rows * D; ++x) out[x] += dq_tmp[x];
+          }}
+        }}
+      }}
+      float* dkp = dk + ((b * Hkv + hk) * Skv + k0) * D;
+      float* dvp = dv + ((b * Hkv + hk) * Skv + k0) * D;
+      for (int j = 0; j < cols; ++j)
+        for (int c = 0; c < d; ++c) {{
+          dkp[j * D + c] = dk_t[c * LDT + j];
+          dvp[j * D + c] = dv_t[c * LDT + j];
+        }}
+    }}
+    amx_release();
+    const int team = omp_get_num_threads();  // dQ = the sum of the team's partials (after the loop's barrier)
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows_all; ++r) {{
+      float* out = dq + r * D;
+      std::memcpy(out, dq_threads + r * D, sizeof(float) * D);
+      for (int u = 1; u < team; ++u) {{
+        const float* part = dq_threads + (u * rows_all + r) * D;
+        for (int64_t c = 0; c < D; ++c) out[c] += part[c];
+      }}
+    }}
+  }}
+  omp_set_schedule(saved_kind, saved_chunk);
+  return error;
+#else
+  (void)q; (void)k; (void)v; (void)o; (void)dout; (void)lse; (void)dlse; (void)dq; (void)dk; (void)dv; (void)B;
+  (void)H; (void)Hkv; (void)Sq; (void)Skv; (void)D; (void)map_of; (void)maps_b; (void)maps_h; (void)q_ptr;
+  (void)q_idx; (void)q_full; (void)q_rank; (void)keep_base; (void)keep; (void)tensors; (void)dims; (void)threads;
+  (void)HEADS; (void)SCALE; (void)work; (void)pack; (void)deterministic; (void)tgrad; (void)tgrad_off;
+  (void)tgrad_total; (void)hooks;
+  return -1;
+#endif
 }}
 """
 )

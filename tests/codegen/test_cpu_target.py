@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -288,6 +289,60 @@ def test_native_bf16_head_dims_ragged_rows_and_empty_rows(isa: str, head_dim: in
     # P is rounded to bf16 for P V, and the output to bf16: errors of a few bf16 ulps of |o| <= 1
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse[:, :, 5:].double(), want_lse[:, :, 5:], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif("native" not in _isas(), reason="no AMX on this machine")
+@pytest.mark.parametrize("head_dim", [32, 96, 128])
+def test_native_bf16_backward_on_amx_tiles(head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: where the CPU has AMX the bf16 backward's five products run on tiles (``backward_bf16`` returns
+    gradients: checked with a spy on the real method) instead of the fp32 backward on upcast copies. GQA, a ragged
+    last q block and kv tile, rows that see no key (zero gradients), a partial-tile band, the lse's own gradient,
+    against the float64 oracle on the same bf16 values; under ``use_deterministic_algorithms`` two runs agree
+    bit for bit."""
+    from attncc.codegen.cpu import CpuKernel
+    from tests.numerics import oracle
+
+    ran: list[bool] = []
+    real = CpuKernel.backward_bf16
+
+    def spy(self: CpuKernel, *args: Any, **kwargs: Any) -> Any:
+        found = real(self, *args, **kwargs)
+        ran.append(found is not None)
+        return found
+
+    monkeypatch.setattr(CpuKernel, "backward_bf16", spy)
+    S, Skv = 77, 93
+    band = ac.causal(align="bottom_right") & (ac.kv >= ac.q + (Skv - S) - 40) & (ac.q >= 5)
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=head_dim, mask=band)
+    g = torch.Generator().manual_seed(head_dim + 1)
+    q = torch.randn(2, 4, S, head_dim, generator=g).bfloat16()
+    k, v = (torch.randn(2, 2, Skv, head_dim, generator=g).bfloat16() for _ in range(2))
+    w = torch.randn(2, 4, S, head_dim, generator=g)
+    with config.override(cpu_isa="native"):
+        kern = ac.compile(spec, target="cpu", tiles=(32, 64))
+        runs = []
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            for _ in range(2):
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                out, lse = kern(*leaves, return_lse=True)
+                ((out.float() * w).sum() + lse[:, :, 5:].sum()).backward()
+                runs.append([t.grad for t in leaves])
+        finally:
+            torch.use_deterministic_algorithms(before)
+    assert ran == [True, True]
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    keep = torch.tensor([[Skv - S + i - 40 <= j <= Skv - S + i and i >= 5 for j in range(Skv)] for i in range(S)])
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want, want_lse = oracle.attention(*ref_in, keep.expand(2, 4, S, Skv), head_dim**-0.5)
+    ((want * w.double()).sum() + want_lse[:, :, 5:].sum()).backward()
+    dq = runs[0][0]
+    assert torch.equal(dq[:, :, :5].float(), torch.zeros(2, 4, 5, head_dim))  # rows with no key
+    for got, ref in zip(runs[0], (t.grad for t in ref_in), strict=True):
+        scale = float(ref.abs().max())
+        assert float((got.double() - ref).abs().max()) <= 2e-2 * scale, (float((got.double() - ref).abs().max()), scale)
 
 
 def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> None:
