@@ -486,9 +486,7 @@ class CpuKernel:
         scratch = threads * q.numel() + B * H * Sq
         work = workspace(scratch + packed)
         _keep_alive, ptrs, dims = self.pack(tensors)
-        sizes = [tensors[n].numel() if n in want else 0 for n in self.grad_tables]
-        offsets = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
-        partials = torch.zeros(threads, sum(sizes)) if any(sizes) else None
+        sizes, offsets, partials = self._table_partials(tensors, want, threads)
         code = self.runtime.attncc_backward(
             _ptr(q),
             _ptr(k),
@@ -531,13 +529,7 @@ class CpuKernel:
             self.hooks,
         )
         self._check(code)
-        grads = {}
-        if partials is not None:
-            total = partials.sum(0)
-            for n, size, at in zip(self.grad_tables, sizes, offsets):
-                if size:
-                    grads[n] = total[int(at) : int(at) + size].view(tensors[n].shape)
-        return dq, dk, dv, grads
+        return dq, dk, dv, self._table_grads(partials, sizes, offsets, tensors)
 
     def backward_bf16(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
@@ -557,13 +549,11 @@ class CpuKernel:
         dk = torch.empty(B, Hkv, Skv, D, dtype=torch.float32)
         dv = torch.empty(B, Hkv, Skv, D, dtype=torch.float32)
         up = 2 * self.lanes  # pair rows and panels pad the sequence to NR keys
-        halves = (3 * B * Hkv * -(-Skv // up) + 2 * B * H * -(-Sq // up)) * up * D  # bf16 values packed
+        halves = (3 * B * Hkv * -(-Skv // up) + 2 * B * H * (-(-Sq // up) + 1)) * up * D  # bf16 values packed
         scratch = threads * q.numel() + B * H * Sq
         work = workspace(scratch + -(-halves // 2))
         _keep_alive, ptrs, dims = self.pack(tensors)
-        sizes = [tensors[n].numel() if n in want else 0 for n in self.grad_tables]
-        offsets = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
-        partials = torch.zeros(threads, sum(sizes)) if any(sizes) else None
+        sizes, offsets, partials = self._table_partials(tensors, want, threads)
         code = self.runtime.attncc_backward_bf16(
             _ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(do), _ptr(lse), None if dlse is None else _ptr(dlse), _ptr(dq),
             _ptr(dk), _ptr(dv), B, H, Hkv, Sq, Skv, D, _ptr(lists.map_of), lists.map_of.shape[0],
@@ -575,13 +565,29 @@ class CpuKernel:
         if code < 0:
             return None
         self._check(code)
-        grads = {}
-        if partials is not None:
-            total = partials.sum(0)
-            for n, size, at in zip(self.grad_tables, sizes, offsets):
-                if size:
-                    grads[n] = total[int(at) : int(at) + size].view(tensors[n].shape)
-        return dq, dk, dv, grads
+        return dq, dk, dv, self._table_grads(partials, sizes, offsets, tensors)
+
+    def _table_partials(
+        self, tensors: dict[str, torch.Tensor], want: Sequence[str], threads: int
+    ) -> tuple[list[int], np.ndarray, torch.Tensor | None]:
+        """Per table of ``grad_tables``: its size when its gradient is wanted (else 0), its offset in a thread's
+        partials, and the zeroed per-thread partials (None when no table gradient is wanted)."""
+        sizes = [tensors[n].numel() if n in want else 0 for n in self.grad_tables]
+        offsets = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+        return sizes, offsets, torch.zeros(threads, sum(sizes)) if any(sizes) else None
+
+    def _table_grads(
+        self, partials: torch.Tensor | None, sizes: list[int], offsets: np.ndarray, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The table gradients: the threads' partials summed, each table's slice in its shape."""
+        if partials is None:
+            return {}
+        total = partials.sum(0)
+        return {
+            n: total[int(at) : int(at) + size].view(tensors[n].shape)
+            for n, size, at in zip(self.grad_tables, sizes, offsets, strict=True)
+            if size
+        }
 
     def table_grad_floats(self, tensors: dict[str, torch.Tensor]) -> int:
         """Floats of per-thread partial sums the backward needs for the tables in ``tensors`` that

@@ -1016,16 +1016,21 @@ inline void amx_gemm(int M, int N, int K, const bf16_t* a, int64_t lda, const bf
     }}
   }}
 }}
-// x [heads][S][d] -> out [heads][d][s_pad] (the rows of the backward's Q^T and dO^T A tiles), zero past S
+// x [heads][S][d] -> out [heads][d][s_pad] (the rows of the backward's Q^T and dO^T A tiles) at row stride st
+// (s_pad plus NR: a power-of-two stride puts a tile's 16 rows into one L1 set), zero past S
 inline void transpose_bf16(const bf16_t* x, bf16_t* out, int64_t heads, int64_t S, int64_t d, int64_t s_pad,
-                           int threads) {{
+                           int64_t st, int threads) {{
+  const int64_t blocks = (s_pad + 31) / 32;
   #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < heads * d; ++t) {{
-    const int64_t h = t / d, c = t % d;
-    const bf16_t* src = x + h * S * d + c;
-    bf16_t* dst = out + t * s_pad;
-    for (int64_t i = 0; i < S; ++i) dst[i] = src[i * d];
-    for (int64_t i = S; i < s_pad; ++i) dst[i] = 0;
+  for (int64_t t = 0; t < heads * blocks; ++t) {{  // 32 rows at a time: their d columns stay in L1
+    const int64_t h = t / blocks, i0 = t % blocks * 32, n = min_of<int64_t>(32, S - i0);
+    const bf16_t* src = x + (h * S + i0) * d;
+    bf16_t* dst = out + h * d * st + i0;
+    for (int64_t c = 0; c < d; ++c) {{
+      bf16_t* row = dst + c * st;
+      for (int64_t i = 0; i < n; ++i) row[i] = src[i * d + c];
+      for (int64_t i = n < 0 ? 0 : n; i < min_of<int64_t>(32, s_pad - i0); ++i) row[i] = 0;
+    }}
   }}
 }}
 
@@ -1064,7 +1069,7 @@ inline void amx_release() {{}}
 inline void amx_scores(int, int, int, const bf16_t*, const bf16_t*, float*, int, const int16_t*, int) {{}}
 inline void amx_values(int, int, int, int, const bf16_t*, int, const bf16_t*, float*, const float*) {{}}
 inline void amx_gemm(int, int, int, const bf16_t*, int64_t, const bf16_t*, int64_t, float*, int64_t) {{}}
-inline void transpose_bf16(const bf16_t*, bf16_t*, int64_t, int64_t, int64_t, int64_t, int) {{}}
+inline void transpose_bf16(const bf16_t*, bf16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int) {{}}
 inline void to_pair_rows(const float*, int, int, int, int, int, bf16_t*, int64_t) {{}}
 inline void to_bf16_rows(const float*, int, int, int, int, int, bf16_t*, int64_t) {{}}
 #endif
@@ -1568,12 +1573,12 @@ extern "C" int attncc_backward_bf16(
   const int64_t rows_all = B * H * Sq;
   float* dq_threads = work;
   float* delta = work + (int64_t)threads * rows_all * D;
-  const int64_t skv_pad = (Skv + NR - 1) / NR * NR, sq_pad = (Sq + NR - 1) / NR * NR;
+  const int64_t skv_pad = (Skv + NR - 1) / NR * NR, sq_pad = (Sq + NR - 1) / NR * NR, st = sq_pad + NR;
   bf16_t* k_panels = pack;                               // pack_panels<2>: S = Q K^T
   bf16_t* v_panels = k_panels + B * Hkv * skv_pad * D;   // dP = dO V^T
   bf16_t* k_pairs = v_panels + B * Hkv * skv_pad * D;    // pair rows over keys: dQ = dS K
-  bf16_t* q_t = k_pairs + B * Hkv * skv_pad * D;         // Q^T per head [D][up(Sq)]: dK^T = Q^T dS
-  bf16_t* do_t = q_t + B * H * sq_pad * D;               // dO^T: dV^T = dO^T P
+  bf16_t* q_t = k_pairs + B * Hkv * skv_pad * D;         // Q^T per head [D][up(Sq)] at stride st: dK^T = Q^T dS
+  bf16_t* do_t = q_t + B * H * st * D;                   // dO^T: dV^T = dO^T P
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < rows_all; ++r) {{  // delta = rowsum(dO * O) - dlse, as attncc_backward
     __m512 sum = _mm512_setzero_ps();
@@ -1584,8 +1589,8 @@ extern "C" int attncc_backward_bf16(
   pack_panels<2>(k, k_panels, B * Hkv, Skv, D, threads);
   pack_panels<2>(v, v_panels, B * Hkv, Skv, D, threads);
   pack_v_bf16(k, k_pairs, B * Hkv, Skv, D, threads);
-  transpose_bf16(q, q_t, B * H, Sq, D, sq_pad, threads);
-  transpose_bf16(dout, do_t, B * H, Sq, D, sq_pad, threads);
+  transpose_bf16(q, q_t, B * H, Sq, D, sq_pad, st, threads);
+  transpose_bf16(dout, do_t, B * H, Sq, D, sq_pad, st, threads);
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
@@ -1599,9 +1604,9 @@ extern "C" int attncc_backward_bf16(
     constexpr int JW = BKV + 16;   // pairs per bf16 pair row of P and dS
     constexpr int SW = BKV + 32;   // bf16 rows of dS: a tile's keys, zero up to the next 32
     constexpr int LDT = BKV + 16;  // fp32 rows of dK^T and dV^T
-    Buf s(WQ * LD), dp(WQ * LD), dk_t(D * LDT), dv_t(D * LDT), dq_tmp(WQ * D);
-    std::vector<bf16_t> qpad((size_t)WQ * D), dopad((size_t)WQ * D), pp((size_t)WQ * JW), dsp((size_t)WQ * JW),
-        ds((size_t)WQ * SW);
+    Buf s(32 * LD), dp(32 * LD), dk_t(D * LDT), dv_t(D * LDT), dq_tmp(WQ * D);
+    std::vector<bf16_t> qpad((size_t)WQ * D), dopad((size_t)WQ * D), pp((size_t)(WQ + 32) * JW), dsp((size_t)(WQ + 32) * JW),
+        ds((size_t)(WQ + 32) * SW);
     float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * rows_all * D;
     float* tg_mine = spec.table_grads && tgrad ? tgrad + (int64_t)omp_get_thread_num() * tgrad_total : nullptr;
     std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
@@ -1623,7 +1628,7 @@ extern "C" int attncc_backward_bf16(
           const int64_t q0 = (int64_t)q_idx[t] * BQ;
           const int rows = (int)min_of<int64_t>((int64_t)BQ * span, Sq - q0);
           const int rows16 = (rows + 15) / 16 * 16, rows32 = up_nr(rows);
-          const int64_t base = (b * H + h) * Sq + q0, head_t = (b * H + h) * D * sq_pad + q0;
+          const int64_t base = (b * H + h) * Sq + q0, head_t = (b * H + h) * D * st + q0;
           const bf16_t* qp = q + base * D;
           const bf16_t* dop = dout + base * D;
           if (rows16 != rows) {{  // a ragged last block: tile loads read 16 rows, so pad with zeros
@@ -1635,36 +1640,66 @@ extern "C" int attncc_backward_bf16(
             dop = dopad.data();
           }}
           const bool full = q_full[t] != 0;
-          amx_scores(rows16, cols32, d, qp, k_panels + packed, s.data(), LD, nullptr, rows);
-          amx_scores(rows16, cols32, d, dop, v_panels + packed, dp.data(), LD, nullptr, rows);
-          for (int i = 0; i < rows; ++i) {{  // P and dS, fp32, as attncc_backward
-            float* sr = s.data() + i * LD;
-            float* dr = dp.data() + i * LD;
-            const float li = lse[base + i], di = delta[base + i];
-            if (li == -INF) {{ fill(sr, cols, 0.0f); fill(dr, cols, 0.0f); continue; }}
-            const uint8_t* kr = full ? nullptr
-                : tile_record(keep, keep_base, pair, q_rank[t + i / BQ]) + (i % BQ) * BKV;
-            if (!HAS_MOD) {{  // 16 columns at a time; masked and missing columns 0
-              const __m512 sc2 = _mm512_set1_ps(SCALE * LOG2E), li2 = _mm512_set1_ps(li * LOG2E);
-              const __m512 vd = _mm512_set1_ps(di), vs = _mm512_set1_ps(SCALE);
-              for (int j = 0; j < cols; j += 16) {{
-                const __mmask16 in = j + 16 <= cols ? 0xffff : (__mmask16)((1u << (cols - j)) - 1);
-                __mmask16 on = in;
-                if (kr) on &= _mm_cmpneq_epi8_mask(_mm_maskz_loadu_epi8(in, kr + j), _mm_setzero_si128());
-                const __m512 p = _mm512_maskz_mov_ps(on, exp2_v(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), sc2, li2)));
-                const __m512 grad = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dr + j), vd)), vs);
-                _mm512_storeu_ps(sr + j, p);
-                _mm512_storeu_ps(dr + j, grad);
+          for (int g0 = 0; g0 < rows16; g0 += 32) {{  // 32 rows at a time, so their fp32 S and dP stay in L1
+            const int n16 = min_of(32, rows16 - g0), n = min_of(32, rows - g0);
+            amx_scores(n16, cols32, d, qp + g0 * D, k_panels + packed, s.data(), LD, nullptr, n);
+            amx_scores(n16, cols32, d, dop + g0 * D, v_panels + packed, dp.data(), LD, nullptr, n);
+            if (!HAS_MOD) {{  // P and dS straight to their bf16 layouts, two rows at a time (a pair row)
+              for (int i = 0; i < 32; i += 2) {{
+                __m512 sc[2], li2[2], vd[2];
+                const uint8_t* kr[2];
+                bool live[2];
+                for (int e = 0; e < 2; ++e) {{
+                  const int at = g0 + i + e;  // the row in the run
+                  live[e] = i + e < n && lse[base + at] != -INF;
+                  sc[e] = _mm512_set1_ps(SCALE * LOG2E);
+                  li2[e] = _mm512_set1_ps(live[e] ? lse[base + at] * LOG2E : 0.0f);
+                  vd[e] = _mm512_set1_ps(live[e] ? delta[base + at] : 0.0f);
+                  kr[e] = full || !live[e] ? nullptr
+                      : tile_record(keep, keep_base, pair, q_rank[t + at / BQ]) + (at % BQ) * BKV;
+                }}
+                for (int j = 0; j < cols32; j += 16) {{
+                  const __mmask16 in = j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
+                  __m256bh ph[2], gh[2];
+                  for (int e = 0; e < 2; ++e) {{
+                    __mmask16 on = live[e] ? in : 0;
+                    if (kr[e] && on) on &= _mm_cmpneq_epi8_mask(_mm_maskz_loadu_epi8(in, kr[e] + j), _mm_setzero_si128());
+                    const float* sr = s.data() + (i + e) * LD + j;
+                    const float* dr = dp.data() + (i + e) * LD + j;
+                    const __m512 pv = on ? _mm512_maskz_mov_ps(on, exp2_v(_mm512_fmsub_ps(_mm512_loadu_ps(sr), sc[e], li2[e])))
+                                         : _mm512_setzero_ps();
+                    const __m512 gv = _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_maskz_sub_ps(on, _mm512_loadu_ps(dr), vd[e])),
+                                                    _mm512_set1_ps(SCALE));
+                    ph[e] = _mm512_cvtneps_pbh(pv);
+                    gh[e] = _mm512_cvtneps_pbh(gv);
+                    std::memcpy(ds.data() + (g0 + i + e) * SW + j, &gh[e], 32);  // dS rows (dQ's A tiles)
+                  }}
+                  if (j >= cols16) continue;
+                  const int64_t at = (int64_t)(g0 + i) / 2 * 2 * JW + 2 * j;  // pair row (g0 + i) / 2, column j
+                  const __m512i p0 = _mm512_cvtepu16_epi32((__m256i)ph[0]), p1 = _mm512_cvtepu16_epi32((__m256i)ph[1]);
+                  const __m512i g0v = _mm512_cvtepu16_epi32((__m256i)gh[0]), g1v = _mm512_cvtepu16_epi32((__m256i)gh[1]);
+                  _mm512_storeu_si512(pp.data() + at, _mm512_or_si512(p0, _mm512_slli_epi32(p1, 16)));
+                  _mm512_storeu_si512(dsp.data() + at, _mm512_or_si512(g0v, _mm512_slli_epi32(g1v, 16)));
+                }}
               }}
               continue;
             }}
-            spec.backward_row(&cx, SCALE, sr, dr, kr, cols, li, di, b, h, q0 + i, k0, tg_mine, tgrad_off);
+            for (int i = 0; i < n; ++i) {{  // through the score mod's backward hook, fp32 rows as attncc_backward
+              float* sr = s.data() + i * LD;
+              float* dr = dp.data() + i * LD;
+              const int at = g0 + i;  // the row in the run
+              const float li = lse[base + at], di = delta[base + at];
+              if (li == -INF) {{ fill(sr, cols, 0.0f); fill(dr, cols, 0.0f); continue; }}
+              const uint8_t* kr = full ? nullptr
+                  : tile_record(keep, keep_base, pair, q_rank[t + at / BQ]) + (at % BQ) * BKV;
+              spec.backward_row(&cx, SCALE, sr, dr, kr, cols, li, di, b, h, q0 + at, k0, tg_mine, tgrad_off);
+            }}
+            to_pair_rows(s.data(), LD, n, 32, cols, cols16, pp.data() + g0 * JW, 2 * JW);
+            to_pair_rows(dp.data(), LD, n, 32, cols, cols16, dsp.data() + g0 * JW, 2 * JW);
+            to_bf16_rows(dp.data(), LD, n, n16, cols, cols32, ds.data() + g0 * SW, SW);
           }}
-          to_pair_rows(s.data(), LD, rows, rows32, cols, cols16, pp.data(), 2 * JW);
-          to_pair_rows(dp.data(), LD, rows, rows32, cols, cols16, dsp.data(), 2 * JW);
-          to_bf16_rows(dp.data(), LD, rows, rows16, cols, cols32, ds.data(), SW);
-          amx_gemm(d, cols16, rows32, do_t + head_t, sq_pad, pp.data(), 2 * JW, dv_t.data(), LDT);
-          amx_gemm(d, cols16, rows32, q_t + head_t, sq_pad, dsp.data(), 2 * JW, dk_t.data(), LDT);
+          amx_gemm(d, cols16, rows32, do_t + head_t, st, pp.data(), 2 * JW, dv_t.data(), LDT);
+          amx_gemm(d, cols16, rows32, q_t + head_t, st, dsp.data(), 2 * JW, dk_t.data(), LDT);
           if (rows16 == rows) {{
             amx_gemm(rows16, d, cols32, ds.data(), SW, k_pairs + packed, 2 * D, dq_mine + base * D, D);
           }} else {{  // tile stores write 16 rows: accumulate into a scratch block, then add the real rows

@@ -57,7 +57,7 @@ import attncc as ac
 from attncc.dsl import Expr
 from attncc.errors import SpecError
 from attncc.frontends.onnx_export import export as export
-from attncc.frontends.onnx_masks import MaskLift, NotLifted, lift_mask
+from attncc.frontends.onnx_masks import MaskLift, NotLifted, lift_mask, plane_band
 from attncc.ir import exprs as X
 
 log = logging.getLogger("attncc.onnx")
@@ -934,16 +934,7 @@ def band(keep: np.ndarray, sq: int, skv: int) -> tuple[int | None, int | None] |
     """
     if keep.ndim < 2 or keep.shape[-2:] != (sq, skv) or any(d != 1 for d in keep.shape[:-2]):
         return None
-    plane = keep.reshape(sq, skv)
-    rows, cols = np.nonzero(plane)
-    if rows.size == 0:
-        return None
-    d = cols - rows
-    lo, hi = int(d.min()), int(d.max())
-    offsets = np.arange(skv)[None, :] - np.arange(sq)[:, None]
-    if not np.array_equal(plane, (offsets >= lo) & (offsets <= hi)):
-        return None
-    return (None if lo <= -(sq - 1) else lo), (None if hi >= skv - 1 else hi)
+    return plane_band(keep.reshape(sq, skv))
 
 
 def _band_lift(

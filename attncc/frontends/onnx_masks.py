@@ -148,20 +148,27 @@ def _band(a: np.ndarray) -> Expr | None:
     if len(varying) != 2:
         return None
     i, j = varying
-    plane = np.moveaxis(a, (i, j), (-2, -1)).reshape(-1, a.shape[i], a.shape[j])[0]
+    found = plane_band(np.moveaxis(a, (i, j), (-2, -1)).reshape(-1, a.shape[i], a.shape[j])[0])
+    if found is None:
+        return None
+    lo, hi = found
+    row, col = Expr(_AXES[i]), Expr(_AXES[j])
+    parts = [p for p, bound in ((col >= row + lo, lo is not None), (col <= row + hi, hi is not None)) if bound]
+    return parts[0] & parts[1] if len(parts) == 2 else parts[0] if parts else ac.dsl.lift(True)
+
+
+def plane_band(plane: np.ndarray) -> tuple[int | None, int | None] | None:
+    """(lo, hi) when the boolean [rows, cols] array keeps exactly lo <= col - row <= hi (None: that side does not
+    bind within the array), else None (also for an empty one)."""
     rows, cols = np.nonzero(plane)
     if rows.size == 0:
         return None
     d = cols - rows
     lo, hi = int(d.min()), int(d.max())
-    offsets = np.arange(a.shape[j])[None, :] - np.arange(a.shape[i])[:, None]
+    offsets = np.arange(plane.shape[1])[None, :] - np.arange(plane.shape[0])[:, None]
     if not np.array_equal(plane, (offsets >= lo) & (offsets <= hi)):
         return None
-    row, col = Expr(_AXES[i]), Expr(_AXES[j])
-    parts = [
-        p for p, binds in ((col >= row + lo, lo > -a.shape[i] + 1), (col <= row + hi, hi < a.shape[j] - 1)) if binds
-    ]
-    return parts[0] & parts[1] if len(parts) == 2 else parts[0] if parts else ac.dsl.lift(True)
+    return (None if lo <= -(plane.shape[0] - 1) else lo), (None if hi >= plane.shape[1] - 1 else hi)
 
 
 _LAYOUT_BLOCKS = (128, 64, 32, 16, 8)
