@@ -1034,6 +1034,11 @@ inline void transpose_bf16(const bf16_t* x, bf16_t* out, int64_t heads, int64_t 
   }}
 }}
 
+// 16 bf16 of row a and 16 of row b as one pair row: lane u holds a[u] (low half) and b[u]
+inline __m512i interleave_bf16(__m256bh a, __m256bh b) {{
+  return _mm512_or_si512(_mm512_cvtepu16_epi32((__m256i)a), _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b), 16));
+}}
+
 // fp32 rows of x (stride ld; real rows < rows, columns < cols) as bf16 pair rows at out (pair row r: rows 2r and
 // 2r + 1 interleaved; stride ldo values) for rows32 / 2 pair rows and n16 columns, zero past rows and cols
 inline void to_pair_rows(const float* x, int ld, int rows, int rows32, int cols, int n16, bf16_t* out, int64_t ldo) {{
@@ -1043,9 +1048,7 @@ inline void to_pair_rows(const float* x, int ld, int rows, int rows32, int cols,
       const __mmask16 in = j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
       const __m512 a = i0 < rows ? _mm512_maskz_loadu_ps(in, x + i0 * ld + j) : _mm512_setzero_ps();
       const __m512 b = i1 < rows ? _mm512_maskz_loadu_ps(in, x + i1 * ld + j) : _mm512_setzero_ps();
-      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
-      const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(b));
-      _mm512_storeu_si512(out + r * ldo + 2 * j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      _mm512_storeu_si512(out + r * ldo + 2 * j, interleave_bf16(_mm512_cvtneps_pbh(a), _mm512_cvtneps_pbh(b)));
     }}
   }}
 }}
@@ -1553,7 +1556,7 @@ extern "C" int attncc_backward(
 // P and dS as bf16 pair rows over the queries, dV^T += dO^T P and dK^T += Q^T dS (Q^T and dO^T transposed once per
 // head: no per-tile transposes), and dQ += dS K (dS rows as A tiles, K pair rows). dK and dV are transposed back
 // once per task. ``work``: fp32, attncc_backward's (per-thread dQ partials, then delta); ``pack``: bf16, room for
-// 3 * B * Hkv * up(Skv) * D + 2 * B * H * up(Sq) * D values (up: to NR). Returns -1 where this build or the OS
+// 3 * B * Hkv * up(Skv) * D + 2 * B * H * (up(Sq) + NR) * D values (up: to NR). Returns -1 where this build or the OS
 // has no AMX, or the shapes do not fit the tiles (the caller then upcasts and runs attncc_backward).
 extern "C" int attncc_backward_bf16(
     const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* o, const bf16_t* dout, const float* lse,
@@ -1604,9 +1607,10 @@ extern "C" int attncc_backward_bf16(
     constexpr int JW = BKV + 16;   // pairs per bf16 pair row of P and dS
     constexpr int SW = BKV + 32;   // bf16 rows of dS: a tile's keys, zero up to the next 32
     constexpr int LDT = BKV + 16;  // fp32 rows of dK^T and dV^T
+    constexpr int PEND = WQ > 512 ? WQ : 512;  // q rows of P and dS pair rows held for one dV^T, dK^T product
     Buf s(32 * LD), dp(32 * LD), dk_t(D * LDT), dv_t(D * LDT), dq_tmp(WQ * D);
-    std::vector<bf16_t> qpad((size_t)WQ * D), dopad((size_t)WQ * D), pp((size_t)(WQ + 32) * JW), dsp((size_t)(WQ + 32) * JW),
-        ds((size_t)(WQ + 32) * SW);
+    std::vector<bf16_t> qpad((size_t)WQ * D), dopad((size_t)WQ * D), pp((size_t)(PEND + 32) * JW),
+        dsp((size_t)(PEND + 32) * JW), ds((size_t)(WQ + 32) * SW);
     float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * rows_all * D;
     float* tg_mine = spec.table_grads && tgrad ? tgrad + (int64_t)omp_get_thread_num() * tgrad_total : nullptr;
     std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
@@ -1623,12 +1627,27 @@ extern "C" int attncc_backward_bf16(
         const int64_t h = HEADS[H + Hkv + 1 + g];
         const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
         const int64_t row = (int64_t)map_of[pair] * nkv + kb;
+        // dV^T and dK^T over consecutive runs of this head at once (K = their rows): their P and dS pair rows
+        // gather in pp and dsp from row pend_q0 on; flushed at a gap, when full, and at the head's end
+        int64_t pend_q0 = 0;
+        int pend = 0;
+        const auto flush = [&]() {{
+          if (!pend) return;
+          const int64_t at_t = (b * H + h) * D * st + pend_q0;
+          amx_gemm(d, cols16, pend, do_t + at_t, st, pp.data(), 2 * JW, dv_t.data(), LDT);
+          amx_gemm(d, cols16, pend, q_t + at_t, st, dsp.data(), 2 * JW, dk_t.data(), LDT);
+          pend = 0;
+        }};
         for (int32_t t = q_ptr[row], span; t < q_ptr[row + 1]; t += span) {{
           span = run_length(q_idx, q_full, t, q_ptr[row + 1], SPAN_Q);
           const int64_t q0 = (int64_t)q_idx[t] * BQ;
           const int rows = (int)min_of<int64_t>((int64_t)BQ * span, Sq - q0);
           const int rows16 = (rows + 15) / 16 * 16, rows32 = up_nr(rows);
-          const int64_t base = (b * H + h) * Sq + q0, head_t = (b * H + h) * D * st + q0;
+          const int64_t base = (b * H + h) * Sq + q0;
+          if (pend && (q0 != pend_q0 + pend || pend + rows32 > PEND)) flush();
+          if (!pend) pend_q0 = q0;
+          bf16_t* ppr = pp.data() + (int64_t)pend * JW;  // this run's first pair row
+          bf16_t* dspr = dsp.data() + (int64_t)pend * JW;
           const bf16_t* qp = q + base * D;
           const bf16_t* dop = dout + base * D;
           if (rows16 != rows) {{  // a ragged last block: tile loads read 16 rows, so pad with zeros
@@ -1642,8 +1661,11 @@ extern "C" int attncc_backward_bf16(
           const bool full = q_full[t] != 0;
           for (int g0 = 0; g0 < rows16; g0 += 32) {{  // 32 rows at a time, so their fp32 S and dP stay in L1
             const int n16 = min_of(32, rows16 - g0), n = min_of(32, rows - g0);
-            amx_scores(n16, cols32, d, qp + g0 * D, k_panels + packed, s.data(), LD, nullptr, n);
-            amx_scores(n16, cols32, d, dop + g0 * D, v_panels + packed, dp.data(), LD, nullptr, n);
+            // a partial tile: only the 32-key chunks its rows keep (the others stay unset: the keep bytes mask them)
+            const int16_t* rng = full ? nullptr
+                : kept_ranges(tile_record(keep, keep_base, pair, q_rank[t + g0 / BQ])) + 2 * (g0 % BQ);
+            amx_scores(n16, cols32, d, qp + g0 * D, k_panels + packed, s.data(), LD, rng, n);
+            amx_scores(n16, cols32, d, dop + g0 * D, v_panels + packed, dp.data(), LD, rng, n);
             if (!HAS_MOD) {{  // P and dS straight to their bf16 layouts, two rows at a time (a pair row)
               for (int i = 0; i < 32; i += 2) {{
                 __m512 sc[2], li2[2], vd[2];
@@ -1663,23 +1685,22 @@ extern "C" int attncc_backward_bf16(
                   __m256bh ph[2], gh[2];
                   for (int e = 0; e < 2; ++e) {{
                     __mmask16 on = live[e] ? in : 0;
-                    if (kr[e] && on) on &= _mm_cmpneq_epi8_mask(_mm_maskz_loadu_epi8(in, kr[e] + j), _mm_setzero_si128());
+                    if (kr[e] && on)
+                      on &= _mm_cmpneq_epi8_mask(_mm_maskz_loadu_epi8(in, kr[e] + j), _mm_setzero_si128());
                     const float* sr = s.data() + (i + e) * LD + j;
                     const float* dr = dp.data() + (i + e) * LD + j;
-                    const __m512 pv = on ? _mm512_maskz_mov_ps(on, exp2_v(_mm512_fmsub_ps(_mm512_loadu_ps(sr), sc[e], li2[e])))
-                                         : _mm512_setzero_ps();
-                    const __m512 gv = _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_maskz_sub_ps(on, _mm512_loadu_ps(dr), vd[e])),
-                                                    _mm512_set1_ps(SCALE));
+                    const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr), sc[e], li2[e]);
+                    const __m512 pv = on ? _mm512_maskz_mov_ps(on, exp2_v(x)) : _mm512_setzero_ps();
+                    const __m512 dpv = _mm512_maskz_sub_ps(on, _mm512_loadu_ps(dr), vd[e]);
+                    const __m512 gv = _mm512_mul_ps(_mm512_mul_ps(pv, dpv), _mm512_set1_ps(SCALE));
                     ph[e] = _mm512_cvtneps_pbh(pv);
                     gh[e] = _mm512_cvtneps_pbh(gv);
                     std::memcpy(ds.data() + (g0 + i + e) * SW + j, &gh[e], 32);  // dS rows (dQ's A tiles)
                   }}
                   if (j >= cols16) continue;
-                  const int64_t at = (int64_t)(g0 + i) / 2 * 2 * JW + 2 * j;  // pair row (g0 + i) / 2, column j
-                  const __m512i p0 = _mm512_cvtepu16_epi32((__m256i)ph[0]), p1 = _mm512_cvtepu16_epi32((__m256i)ph[1]);
-                  const __m512i g0v = _mm512_cvtepu16_epi32((__m256i)gh[0]), g1v = _mm512_cvtepu16_epi32((__m256i)gh[1]);
-                  _mm512_storeu_si512(pp.data() + at, _mm512_or_si512(p0, _mm512_slli_epi32(p1, 16)));
-                  _mm512_storeu_si512(dsp.data() + at, _mm512_or_si512(g0v, _mm512_slli_epi32(g1v, 16)));
+                  const int64_t at = (int64_t)(g0 + i) / 2 * 2 * JW + 2 * j;  // pair row (g0 + i) / 2 of the run
+                  _mm512_storeu_si512(ppr + at, interleave_bf16(ph[0], ph[1]));
+                  _mm512_storeu_si512(dspr + at, interleave_bf16(gh[0], gh[1]));
                 }}
               }}
               continue;
@@ -1694,12 +1715,11 @@ extern "C" int attncc_backward_bf16(
                   : tile_record(keep, keep_base, pair, q_rank[t + at / BQ]) + (at % BQ) * BKV;
               spec.backward_row(&cx, SCALE, sr, dr, kr, cols, li, di, b, h, q0 + at, k0, tg_mine, tgrad_off);
             }}
-            to_pair_rows(s.data(), LD, n, 32, cols, cols16, pp.data() + g0 * JW, 2 * JW);
-            to_pair_rows(dp.data(), LD, n, 32, cols, cols16, dsp.data() + g0 * JW, 2 * JW);
+            to_pair_rows(s.data(), LD, n, 32, cols, cols16, ppr + g0 * JW, 2 * JW);
+            to_pair_rows(dp.data(), LD, n, 32, cols, cols16, dspr + g0 * JW, 2 * JW);
             to_bf16_rows(dp.data(), LD, n, n16, cols, cols32, ds.data() + g0 * SW, SW);
           }}
-          amx_gemm(d, cols16, rows32, do_t + head_t, st, pp.data(), 2 * JW, dv_t.data(), LDT);
-          amx_gemm(d, cols16, rows32, q_t + head_t, st, dsp.data(), 2 * JW, dk_t.data(), LDT);
+          pend += rows32;
           if (rows16 == rows) {{
             amx_gemm(rows16, d, cols32, ds.data(), SW, k_pairs + packed, 2 * D, dq_mine + base * D, D);
           }} else {{  // tile stores write 16 rows: accumulate into a scratch block, then add the real rows
@@ -1709,6 +1729,7 @@ extern "C" int attncc_backward_bf16(
             for (int64_t x = 0; x < (int64_t)rows * D; ++x) out[x] += dq_tmp[x];
           }}
         }}
+        flush();
       }}
       float* dkp = dk + ((b * Hkv + hk) * Skv + k0) * D;
       float* dvp = dv + ((b * Hkv + hk) * Skv + k0) * D;
