@@ -153,7 +153,7 @@ def _band(a: np.ndarray) -> Expr | None:
         return None
     lo, hi = found
     row, col = Expr(_AXES[i]), Expr(_AXES[j])
-    parts = [p for p, bound in ((col >= row + lo, lo is not None), (col <= row + hi, hi is not None)) if bound]
+    parts = ([] if lo is None else [col >= row + lo]) + ([] if hi is None else [col <= row + hi])
     return parts[0] & parts[1] if len(parts) == 2 else parts[0] if parts else ac.dsl.lift(True)
 
 
