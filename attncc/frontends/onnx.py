@@ -426,7 +426,7 @@ class _Staged:
         ins = list(dict.fromkeys(n for n in read if n in values and n not in self.inits))
         outs = [o for i in todo for o in self.nodes[i].output if o and o in needed_after]
         inputs = [
-            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(values[n].dtype), values[n].shape)
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(values[n].dtype), [None] * values[n].ndim)
             for n in ins
         ]
         inits = [self.inits[n] for n in dict.fromkeys(read) if n in self.inits]

@@ -360,3 +360,33 @@ def test_a_constant_mask_without_structure_is_a_runtime_tensor() -> None:
     assert str(lifted.expr.sym) == "Ne(onnx_const0[q, kv], 0)"
     feeds = _qkv()
     np.testing.assert_allclose(ac.onnx.run(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+class _Block(torch.nn.Module):
+    """A projection, causal SDPA over 2 heads, a projection: exported with a dynamic sequence axis."""
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        q = (x @ w).view(1, -1, 2, 16).transpose(1, 2)
+        y = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return y.transpose(1, 2).reshape(1, -1, 32) @ w
+
+
+def test_a_dynamic_sequence_axis_runs_at_every_length(tmp_path: Path) -> None:
+    """With a dynamic axis the mask subgraph cannot be lifted at rewrite time (said in the report); its values are
+    read per call (a band: causal), and both runtimes (the onnxruntime sessions built at the first call) run other
+    lengths on the cached rewrite."""
+    w = torch.randn(32, 32, generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Block(), (torch.randn(1, 20, 32), w), str(tmp_path / "b.onnx"), opset_version=18,
+                          dynamo=False, input_names=["x", "w"], dynamic_axes={"x": {1: "S"}})  # fmt: skip
+    model = onnx.load(str(tmp_path / "b.onnx"))
+    g = np.random.default_rng(9)
+    for S in (20, 33):
+        feeds = {"x": g.standard_normal((1, S, 32)).astype(np.float32), "w": w.numpy()}
+        (theirs,) = _ort(model, feeds)
+        for runtime in ("reference", "onnxruntime"):
+            (ours,) = ac.onnx.run(model, feeds, runtime=runtime)
+            np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4, err_msg=f"{S} {runtime}")
+            report = ac.onnx.reports()[-1]
+            assert report["spec"] == "kv <= q" and "no static shape" in report["mask"]
