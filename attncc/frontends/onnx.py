@@ -477,7 +477,17 @@ class _Staged:
 def sites(model: onnx.ModelProto | str) -> list[dict[str, Any]]:
     """The ``Attention`` nodes of ``model`` with their attributes and declared input shapes (from shape
     inference), without running it: ``node``, ``index`` (in the graph's node list), ``opset``, ``attributes``,
-    ``inputs`` (name -> shape or None), ``outputs``."""
+    ``inputs`` (name -> shape or None), ``outputs``. Decomposed subgraphs: :func:`find_decomposed`.
+
+    >>> from onnx import TensorProto, helper
+    >>> node = helper.make_node("Attention", ["Q", "K", "V"], ["Y"], name="attn", is_causal=1, scale=0.125)
+    >>> io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 16, 64]) for n in "QKVY"]
+    >>> model = helper.make_model(helper.make_graph([node], "g", io[:3], io[3:]),
+    ...                           opset_imports=[helper.make_opsetid("", 23)])
+    >>> (site,) = sites(model)
+    >>> site["node"], site["attributes"], site["inputs"]["K"]
+    ('attn', {'is_causal': 1, 'scale': 0.125}, (1, 2, 16, 64))
+    """
     proto = onnx.load(model) if isinstance(model, str) else model
     try:
         proto = onnx.shape_inference.infer_shapes(proto)
