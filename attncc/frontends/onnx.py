@@ -333,14 +333,20 @@ def run(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarray], runtime: 
     key = hashlib.sha256(proto.SerializeToString()).hexdigest() + runtime
     runner = _RUNNERS.pop(key, None)
     if runner is None:
-        before = set(_MASKS)
         rewritten = rewrite_decomposed(proto)
         runner = _Staged(rewritten) if runtime == "onnxruntime" else _Reference(rewritten)
-        _MASK_OWNERS[key] = set(_MASKS) - before
+        _MASK_OWNERS[key] = {
+            a.s.decode()
+            for n in rewritten.graph.node
+            if n.domain == DOMAIN
+            for a in n.attribute
+            if a.name == "mask_lift"
+        }
         while len(_RUNNERS) >= _RUNNERS_KEPT:  # forget the least recently run model and its lifted masks
             old = next(iter(_RUNNERS))
             del _RUNNERS[old]
-            for name in _MASK_OWNERS.pop(old, ()):
+            owned = set().union(*(v for k, v in _MASK_OWNERS.items() if k != old))
+            for name in _MASK_OWNERS.pop(old, set()) - owned:
                 _MASKS.pop(name, None)
     _RUNNERS[key] = runner  # most recently run last
     return runner.run(feeds)
@@ -855,7 +861,7 @@ def rewrite_decomposed(proto: onnx.ModelProto) -> onnx.ModelProto:
                 if isinstance(found_mask, str):
                     attrs["mask_note"] = found_mask
                 else:
-                    key = f"mask{next(_MASK_IDS)}"
+                    key = _mask_key(found_mask)  # by content: rewriting a model again adds nothing
                     _MASKS[key] = found_mask
                     inputs[4] = ""
                     inputs += [graph_name for graph_name, _ in found_mask.lifted.inputs.values()]
@@ -884,7 +890,15 @@ class _LiftedMask:
 
 
 _MASKS: dict[str, _LiftedMask] = {}
-_MASK_IDS = itertools.count()
+
+
+def _mask_key(mask: _LiftedMask) -> str:
+    lifted = mask.lifted
+    facts = repr((str(mask.keep), mask.finite, lifted.inputs, lifted.shape, sorted(lifted.input_shapes.items())))
+    digest = hashlib.sha256(facts.encode())
+    for name, value in sorted(lifted.constants.items()):
+        digest.update(name.encode() + value.tobytes())
+    return "mask" + digest.hexdigest()[:24]
 
 
 def _lift_mask(proto: onnx.ModelProto, name: str, kind: str) -> _LiftedMask | str:

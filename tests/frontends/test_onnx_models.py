@@ -390,3 +390,39 @@ def test_a_dynamic_sequence_axis_runs_at_every_length(tmp_path: Path) -> None:
             np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4, err_msg=f"{S} {runtime}")
             report = ac.onnx.reports()[-1]
             assert report["spec"] == "kv <= q" and "no static shape" in report["mask"]
+
+
+def test_lifted_masks_are_kept_per_cached_model_and_freed_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rewriting a model again registers no new lifted mask (keys by content); when a cached model is forgotten
+    its masks go unless another cached model uses them, and running it again rewrites it."""
+    from attncc.frontends import onnx as front
+
+    def doc_model(n: int) -> onnx.ModelProto:
+        nodes = [
+            helper.make_node("Unsqueeze", ["doc", "ax1"], ["doc_rows"]),
+            helper.make_node("Unsqueeze", ["doc", "ax0"], ["doc_cols"]),
+            helper.make_node("Equal", ["doc_rows", "doc_cols"], ["same"]),
+            *_indices(24),
+            helper.make_node("LessOrEqual", ["cols", "rows"], ["causal"]),
+            helper.make_node("And" if n else "Or", ["same", "causal"], ["mask"]),
+        ]
+        return _mask_model(nodes, [helper.make_tensor_value_info("doc", I64, [24])], INDEX_INITS)
+
+    first, second = doc_model(1), doc_model(0)
+    ac.onnx.rewrite_decomposed(first)
+    before = len(front._MASKS)
+    ac.onnx.rewrite_decomposed(first)
+    assert len(front._MASKS) == before
+    monkeypatch.setattr(front, "_RUNNERS", {})
+    monkeypatch.setattr(front, "_MASK_OWNERS", {})
+    monkeypatch.setattr(front, "_RUNNERS_KEPT", 1)
+    feeds = {**_qkv(), "doc": np.repeat(np.arange(3), 8).astype(np.int64)}
+    kept = []
+    for model in (first, second, first):
+        np.testing.assert_allclose(ac.onnx.run(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+        (owned,) = front._MASK_OWNERS.values()
+        assert len(owned) == 1 and owned <= set(front._MASKS)
+        kept.append(owned)
+    assert kept[0] == kept[2] != kept[1]
+    assert not kept[1] & set(front._MASKS)  # the second model's mask went with it
+    assert ac.onnx.reports()[-1]["spec"] == "(kv <= q) & Eq(doc[q], doc[kv])"
