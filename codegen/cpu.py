@@ -3,7 +3,7 @@
 Runtime tensors are passed as int64 (int and bool tensors) or float32 (float tensors);
 q, k, v run in float32 (fp16 inputs, and bf16 ones where the build lacks AVX512_BF16 or RoPE is applied,
 are upcast once, O(S * D), and the output cast back); bf16 inputs otherwise run the native bf16 forward
-(``CpuKernel.native_bf16``), and where the CPU has AMX the native bf16 backward (``CpuKernel.backward_bf16``).
+(``CpuKernel.native_bf16``) and the native bf16 backward (``CpuKernel.backward_bf16``).
 """
 
 from __future__ import annotations
@@ -257,7 +257,8 @@ class CpuKernel:
             backward = "backward too" if self.bq % 32 == 0 else f"backward fp32 at {self.bq}-row q tiles"
             bf16 = f"; bf16 inputs: AMX tiles{forward}, {backward}, fp32 accumulation"
         elif self.has_bf16:
-            bf16 = "; bf16 inputs: AVX512_BF16 dot products, fp32 accumulation (backward fp32 on upcast copies)"
+            backward = "backward too" if self.bq % 32 == 0 else f"backward fp32 at {self.bq}-row q tiles"
+            bf16 = f"; bf16 inputs: AVX512_BF16 dot products, {backward}, fp32 accumulation"
         else:
             bf16 = ""
         return f"micro-kernels: register blocks {width} columns wide ({self.lanes}-lane FMA vectors){bf16}"
@@ -537,11 +538,12 @@ class CpuKernel:
         tensors: dict[str, torch.Tensor], want: Sequence[str] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:  # fmt: skip
         """``backward`` for contiguous bf16 q, k, v and do (o and lse fp32 from ``forward_bf16``) with its five
-        products on AMX tiles; fp32 gradients. None where this build or the OS has no AMX or the shapes do not fit
-        the tiles (the caller then upcasts and runs ``backward``)."""
+        products on AMX tiles (where the OS grants them) or AVX512_BF16 register blocks; fp32 gradients. None where
+        this build has no bf16 products or the shapes do not fit them (the caller then upcasts and runs
+        ``backward``)."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
-        if not self.has_amx or self.lanes != 16:
+        if not self.has_bf16 or self.lanes != 16:
             return None
         heads = head_index(H, Hkv, tensors.get(self.head_table))
         threads = torch.get_num_threads()

@@ -887,6 +887,55 @@ inline void values_rows_bf(int rows, int cols, int d, const float* p, int ld, co
     }}
 }}
 
+// ---- the bf16 backward's layouts (AMX tiles and vdpbf16ps register blocks alike) ----
+// x [heads][S][d] -> out [heads][d][s_pad] (the rows of the backward's Q^T and dO^T A operands) at row stride st
+// (s_pad plus NR: a power-of-two stride puts a tile's 16 rows into one L1 set), zero past S
+inline void transpose_bf16(const bf16_t* x, bf16_t* out, int64_t heads, int64_t S, int64_t d, int64_t s_pad,
+                           int64_t st, int threads) {{
+  const int64_t blocks = (s_pad + 31) / 32;
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < heads * blocks; ++t) {{  // 32 rows at a time: their d columns stay in L1
+    const int64_t h = t / blocks, i0 = t % blocks * 32, n = min_of<int64_t>(32, S - i0);
+    const bf16_t* src = x + (h * S + i0) * d;
+    bf16_t* dst = out + h * d * st + i0;
+    for (int64_t c = 0; c < d; ++c) {{
+      bf16_t* row = dst + c * st;
+      for (int64_t i = 0; i < n; ++i) row[i] = src[i * d + c];
+      for (int64_t i = n < 0 ? 0 : n; i < min_of<int64_t>(32, s_pad - i0); ++i) row[i] = 0;
+    }}
+  }}
+}}
+
+// 16 bf16 of row a and 16 of row b as one pair row: lane u holds a[u] (low half) and b[u]
+inline __m512i interleave_bf16(__m256bh a, __m256bh b) {{
+  return _mm512_or_si512(_mm512_cvtepu16_epi32((__m256i)a), _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b), 16));
+}}
+
+// fp32 rows of x (stride ld; real rows < rows, columns < cols) as bf16 pair rows at out (pair row r: rows 2r and
+// 2r + 1 interleaved; stride ldo values) for rows32 / 2 pair rows and n16 columns, zero past rows and cols
+inline void to_pair_rows(const float* x, int ld, int rows, int rows32, int cols, int n16, bf16_t* out, int64_t ldo) {{
+  for (int r = 0; r < rows32 / 2; ++r) {{
+    const int i0 = 2 * r, i1 = 2 * r + 1;
+    for (int j = 0; j < n16; j += 16) {{
+      const __mmask16 in = j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
+      const __m512 a = i0 < rows ? _mm512_maskz_loadu_ps(in, x + i0 * ld + j) : _mm512_setzero_ps();
+      const __m512 b = i1 < rows ? _mm512_maskz_loadu_ps(in, x + i1 * ld + j) : _mm512_setzero_ps();
+      _mm512_storeu_si512(out + r * ldo + 2 * j, interleave_bf16(_mm512_cvtneps_pbh(a), _mm512_cvtneps_pbh(b)));
+    }}
+  }}
+}}
+
+// fp32 rows of x (real rows < rows, columns < cols) as bf16 rows at out (stride ldo) for rows16 rows and n32
+// columns, zero past rows and cols
+inline void to_bf16_rows(const float* x, int ld, int rows, int rows16, int cols, int n32, bf16_t* out, int64_t ldo) {{
+  for (int i = 0; i < rows16; ++i)
+    for (int j = 0; j < n32; j += 16) {{
+      const __mmask16 in = i >= rows ? 0 : j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(in, x + i * ld + j));
+      std::memcpy(out + i * ldo + j, &h, 32);
+    }}
+}}
+
 // ---- AMX tiles (AMX_BF16: TDPBF16PS, a 16 x 16 fp32 tile += 16 x 32 bf16 . 32 x 16 bf16 per instruction) ----
 // The native bf16 forward's two products where the CPU has AMX: the same packed K pair panels and V pair rows
 // (a B tile is 16 pair rows of 16 lanes x 2 bf16: 64 bytes, exactly the layouts above), q rows and P rows as A
@@ -1016,53 +1065,6 @@ inline void amx_gemm(int M, int N, int K, const bf16_t* a, int64_t lda, const bf
     }}
   }}
 }}
-// x [heads][S][d] -> out [heads][d][s_pad] (the rows of the backward's Q^T and dO^T A tiles) at row stride st
-// (s_pad plus NR: a power-of-two stride puts a tile's 16 rows into one L1 set), zero past S
-inline void transpose_bf16(const bf16_t* x, bf16_t* out, int64_t heads, int64_t S, int64_t d, int64_t s_pad,
-                           int64_t st, int threads) {{
-  const int64_t blocks = (s_pad + 31) / 32;
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < heads * blocks; ++t) {{  // 32 rows at a time: their d columns stay in L1
-    const int64_t h = t / blocks, i0 = t % blocks * 32, n = min_of<int64_t>(32, S - i0);
-    const bf16_t* src = x + (h * S + i0) * d;
-    bf16_t* dst = out + h * d * st + i0;
-    for (int64_t c = 0; c < d; ++c) {{
-      bf16_t* row = dst + c * st;
-      for (int64_t i = 0; i < n; ++i) row[i] = src[i * d + c];
-      for (int64_t i = n < 0 ? 0 : n; i < min_of<int64_t>(32, s_pad - i0); ++i) row[i] = 0;
-    }}
-  }}
-}}
-
-// 16 bf16 of row a and 16 of row b as one pair row: lane u holds a[u] (low half) and b[u]
-inline __m512i interleave_bf16(__m256bh a, __m256bh b) {{
-  return _mm512_or_si512(_mm512_cvtepu16_epi32((__m256i)a), _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b), 16));
-}}
-
-// fp32 rows of x (stride ld; real rows < rows, columns < cols) as bf16 pair rows at out (pair row r: rows 2r and
-// 2r + 1 interleaved; stride ldo values) for rows32 / 2 pair rows and n16 columns, zero past rows and cols
-inline void to_pair_rows(const float* x, int ld, int rows, int rows32, int cols, int n16, bf16_t* out, int64_t ldo) {{
-  for (int r = 0; r < rows32 / 2; ++r) {{
-    const int i0 = 2 * r, i1 = 2 * r + 1;
-    for (int j = 0; j < n16; j += 16) {{
-      const __mmask16 in = j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
-      const __m512 a = i0 < rows ? _mm512_maskz_loadu_ps(in, x + i0 * ld + j) : _mm512_setzero_ps();
-      const __m512 b = i1 < rows ? _mm512_maskz_loadu_ps(in, x + i1 * ld + j) : _mm512_setzero_ps();
-      _mm512_storeu_si512(out + r * ldo + 2 * j, interleave_bf16(_mm512_cvtneps_pbh(a), _mm512_cvtneps_pbh(b)));
-    }}
-  }}
-}}
-
-// fp32 rows of x (real rows < rows, columns < cols) as bf16 rows at out (stride ldo) for rows16 rows and n32
-// columns, zero past rows and cols
-inline void to_bf16_rows(const float* x, int ld, int rows, int rows16, int cols, int n32, bf16_t* out, int64_t ldo) {{
-  for (int i = 0; i < rows16; ++i)
-    for (int j = 0; j < n32; j += 16) {{
-      const __mmask16 in = i >= rows ? 0 : j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
-      const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(in, x + i * ld + j));
-      std::memcpy(out + i * ldo + j, &h, 32);
-    }}
-}}
 inline void amx_release() {{ _tile_release(); }}
 #else
 constexpr bool AMX = false;  // the helpers below are never called
@@ -1072,9 +1074,6 @@ inline void amx_release() {{}}
 inline void amx_scores(int, int, int, const bf16_t*, const bf16_t*, float*, int, const int16_t*, int) {{}}
 inline void amx_values(int, int, int, int, const bf16_t*, int, const bf16_t*, float*, const float*) {{}}
 inline void amx_gemm(int, int, int, const bf16_t*, int64_t, const bf16_t*, int64_t, float*, int64_t) {{}}
-inline void transpose_bf16(const bf16_t*, bf16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int) {{}}
-inline void to_pair_rows(const float*, int, int, int, int, int, bf16_t*, int64_t) {{}}
-inline void to_bf16_rows(const float*, int, int, int, int, int, bf16_t*, int64_t) {{}}
 #endif
 #else
 constexpr bool BF16 = false, AMX = false;
@@ -1550,14 +1549,15 @@ extern "C" int attncc_backward(
 }}
 
 // ---- attncc: next translation unit ----
-// The backward on bf16 q, k, v and dO, its five products on AMX tiles (o and lse fp32 from the forward; dq, dk, dv
-// fp32; tiles, masks, score-mod hooks and scheduling as attncc_backward; no RoPE). Per run of q rows and kv block:
+// The backward on bf16 q, k, v and dO, its five products on AMX tiles where the CPU has them and the OS grants them,
+// else on vdpbf16ps register blocks (o and lse fp32 from the forward; dq, dk, dv fp32; tiles, masks, score-mod
+// hooks and scheduling as attncc_backward; no RoPE). Per run of q rows and kv block:
 // S = Q K^T and dP = dO V^T (q and dO rows as A tiles, K and V pair panels), P and dS in fp32 rows; then, with
 // P and dS as bf16 pair rows over the queries, dV^T += dO^T P and dK^T += Q^T dS (Q^T and dO^T transposed once per
 // head: no per-tile transposes), and dQ += dS K (dS rows as A tiles, K pair rows). dK and dV are transposed back
 // once per task. ``work``: fp32, attncc_backward's (per-thread dQ partials, then delta); ``pack``: bf16, room for
-// 3 * B * Hkv * up(Skv) * D + 2 * B * H * (up(Sq) + NR) * D values (up: to NR). Returns -1 where this build or the OS
-// has no AMX, or the shapes do not fit the tiles (the caller then upcasts and runs attncc_backward).
+// 3 * B * Hkv * up(Skv) * D + 2 * B * H * (up(Sq) + NR) * D values (up: to NR). Returns -1 where this build has no
+// bf16 products or the shapes do not fit them (the caller then upcasts and runs attncc_backward).
 extern "C" int attncc_backward_bf16(
     const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* o, const bf16_t* dout, const float* lse,
     const float* dlse, float* dq, float* dk, float* dv,
@@ -1568,8 +1568,9 @@ extern "C" int attncc_backward_bf16(
     const void* const* tensors, const int64_t* dims, int threads, const int64_t* HEADS, float SCALE,
     float* work, bf16_t* pack, int deterministic, float* tgrad, const int64_t* tgrad_off, int64_t tgrad_total,
     const void* hooks) {{
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (D % NR || BKV % NR || BQ % 32 || NR != 32 || !amx_granted()) return -1;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  if (D % NR || BKV % NR || BQ % 32 || NR != 32) return -1;
+  const bool tiles = AMX && amx_granted();  // else vdpbf16ps register blocks (gemm_bf)
   const int64_t nkv = (Skv + BKV - 1) / BKV;
   const Hooks& spec = *(const Hooks*)hooks;
   const bool HAS_MOD = spec.mod_rows != nullptr;
@@ -1614,12 +1615,12 @@ extern "C" int attncc_backward_bf16(
     float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * rows_all * D;
     float* tg_mine = spec.table_grads && tgrad ? tgrad + (int64_t)omp_get_thread_num() * tgrad_total : nullptr;
     std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
-    amx_configure();
+    if (tiles) amx_configure();
     #pragma omp for schedule(runtime)
     for (int64_t task = 0; task < B * Hkv * nkv; ++task) {{
       const int64_t kb = task % nkv, hk = (task / nkv) % Hkv, b = task / (nkv * Hkv);
       const int64_t k0 = kb * BKV;
-      const int cols = (int)min_of<int64_t>(BKV, Skv - k0), cols16 = (cols + 15) / 16 * 16, cols32 = up_nr(cols);
+      const int cols = (int)min_of<int64_t>(BKV, Skv - k0), cols32 = up_nr(cols);
       const int64_t packed = ((b * Hkv + hk) * skv_pad + k0) * D;  // this block's panels and pair rows
       fill(dk_t.data(), D * LDT, 0.0f);
       fill(dv_t.data(), D * LDT, 0.0f);
@@ -1634,8 +1635,13 @@ extern "C" int attncc_backward_bf16(
         const auto flush = [&]() {{
           if (!pend) return;
           const int64_t at_t = (b * H + h) * D * st + pend_q0;
-          amx_gemm(d, cols16, pend, do_t + at_t, st, pp.data(), 2 * JW, dv_t.data(), LDT);
-          amx_gemm(d, cols16, pend, q_t + at_t, st, dsp.data(), 2 * JW, dk_t.data(), LDT);
+          if (tiles) {{
+            amx_gemm(d, cols32, pend, do_t + at_t, st, pp.data(), 2 * JW, dv_t.data(), LDT);
+            amx_gemm(d, cols32, pend, q_t + at_t, st, dsp.data(), 2 * JW, dk_t.data(), LDT);
+          }} else {{
+            gemm_bf<1>(d, cols32, pend / 2, do_t + at_t, st, pp.data(), 2, 2 * JW, dv_t.data(), LDT);
+            gemm_bf<1>(d, cols32, pend / 2, q_t + at_t, st, dsp.data(), 2, 2 * JW, dk_t.data(), LDT);
+          }}
           pend = 0;
         }};
         for (int32_t t = q_ptr[row], span; t < q_ptr[row + 1]; t += span) {{
@@ -1650,7 +1656,7 @@ extern "C" int attncc_backward_bf16(
           bf16_t* dspr = dsp.data() + (int64_t)pend * JW;
           const bf16_t* qp = q + base * D;
           const bf16_t* dop = dout + base * D;
-          if (rows16 != rows) {{  // a ragged last block: tile loads read 16 rows, so pad with zeros
+          if (tiles && rows16 != rows) {{  // a ragged last block: tile loads read 16 rows, so pad with zeros
             std::memcpy(qpad.data(), qp, sizeof(bf16_t) * rows * D);
             std::memset(qpad.data() + rows * D, 0, sizeof(bf16_t) * (rows16 - rows) * D);
             std::memcpy(dopad.data(), dop, sizeof(bf16_t) * rows * D);
@@ -1664,8 +1670,16 @@ extern "C" int attncc_backward_bf16(
             // a partial tile: only the 32-key chunks its rows keep (the others stay unset: the keep bytes mask them)
             const int16_t* rng = full ? nullptr
                 : kept_ranges(tile_record(keep, keep_base, pair, q_rank[t + g0 / BQ])) + 2 * (g0 % BQ);
-            amx_scores(n16, cols32, d, qp + g0 * D, k_panels + packed, s.data(), LD, rng, n);
-            amx_scores(n16, cols32, d, dop + g0 * D, v_panels + packed, dp.data(), LD, rng, n);
+            if (tiles) {{
+              amx_scores(n16, cols32, d, qp + g0 * D, k_panels + packed, s.data(), LD, rng, n);
+              amx_scores(n16, cols32, d, dop + g0 * D, v_panels + packed, dp.data(), LD, rng, n);
+            }} else if (rng) {{
+              scores_kept_bf(n, cols32, d / 2, qp + g0 * D, d, k_panels + packed, d, 2 * NR, s.data(), LD, rng);
+              scores_kept_bf(n, cols32, d / 2, dop + g0 * D, d, v_panels + packed, d, 2 * NR, dp.data(), LD, rng);
+            }} else {{
+              gemm_bf<0>(n, cols32, d / 2, qp + g0 * D, d, k_panels + packed, d, 2 * NR, s.data(), LD);
+              gemm_bf<0>(n, cols32, d / 2, dop + g0 * D, d, v_panels + packed, d, 2 * NR, dp.data(), LD);
+            }}
             if (!HAS_MOD) {{  // P and dS straight to their bf16 layouts, two rows at a time (a pair row)
               for (int i = 0; i < 32; i += 2) {{
                 __m512 sc[2], li2[2], vd[2];
@@ -1697,7 +1711,7 @@ extern "C" int attncc_backward_bf16(
                     gh[e] = _mm512_cvtneps_pbh(gv);
                     std::memcpy(ds.data() + (g0 + i + e) * SW + j, &gh[e], 32);  // dS rows (dQ's A tiles)
                   }}
-                  if (j >= cols16) continue;
+
                   const int64_t at = (int64_t)(g0 + i) / 2 * 2 * JW + 2 * j;  // pair row (g0 + i) / 2 of the run
                   _mm512_storeu_si512(ppr + at, interleave_bf16(ph[0], ph[1]));
                   _mm512_storeu_si512(dspr + at, interleave_bf16(gh[0], gh[1]));
@@ -1715,12 +1729,14 @@ extern "C" int attncc_backward_bf16(
                   : tile_record(keep, keep_base, pair, q_rank[t + at / BQ]) + (at % BQ) * BKV;
               spec.backward_row(&cx, SCALE, sr, dr, kr, cols, li, di, b, h, q0 + at, k0, tg_mine, tgrad_off);
             }}
-            to_pair_rows(s.data(), LD, n, 32, cols, cols16, ppr + g0 * JW, 2 * JW);
-            to_pair_rows(dp.data(), LD, n, 32, cols, cols16, dspr + g0 * JW, 2 * JW);
+            to_pair_rows(s.data(), LD, n, 32, cols, cols32, ppr + g0 * JW, 2 * JW);
+            to_pair_rows(dp.data(), LD, n, 32, cols, cols32, dspr + g0 * JW, 2 * JW);
             to_bf16_rows(dp.data(), LD, n, n16, cols, cols32, ds.data() + g0 * SW, SW);
           }}
           pend += rows32;
-          if (rows16 == rows) {{
+          if (!tiles) {{
+            gemm_bf<1>(rows, d, cols32 / 2, ds.data(), SW, k_pairs + packed, 2, 2 * D, dq_mine + base * D, D);
+          }} else if (rows16 == rows) {{
             amx_gemm(rows16, d, cols32, ds.data(), SW, k_pairs + packed, 2 * D, dq_mine + base * D, D);
           }} else {{  // tile stores write 16 rows: accumulate into a scratch block, then add the real rows
             fill(dq_tmp.data(), (int64_t)rows16 * D, 0.0f);
@@ -1739,7 +1755,7 @@ extern "C" int attncc_backward_bf16(
           dvp[j * D + c] = dv_t[c * LDT + j];
         }}
     }}
-    amx_release();
+    if (tiles) amx_release();
     const int team = omp_get_num_threads();  // dQ = the sum of the team's partials (after the loop's barrier)
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows_all; ++r) {{

@@ -291,11 +291,12 @@ def test_native_bf16_head_dims_ragged_rows_and_empty_rows(isa: str, head_dim: in
     torch.testing.assert_close(lse[:, :, 5:].double(), want_lse[:, :, 5:], atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.skipif("native" not in _isas(), reason="no AMX on this machine")
+@pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
 @pytest.mark.parametrize("head_dim", [32, 96, 128])
-def test_native_bf16_backward_on_amx_tiles(head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 17: where the CPU has AMX the bf16 backward's five products run on tiles (``backward_bf16`` returns
-    gradients: checked with a spy on the real method) instead of the fp32 backward on upcast copies. GQA, a ragged
+def test_native_bf16_backward(isa: str, head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: the bf16 backward's five products run natively, on AMX tiles (``native`` where the CPU has AMX)
+    or AVX512_BF16 register blocks (``avx512``): ``backward_bf16`` returns gradients (checked with a spy on the
+    real method) instead of the caller upcasting for the fp32 backward. GQA, a ragged
     last q block and kv tile, rows that see no key (zero gradients), a partial-tile band, the lse's own gradient,
     against the float64 oracle on the same bf16 values; under ``use_deterministic_algorithms`` two runs agree
     bit for bit."""
@@ -318,8 +319,10 @@ def test_native_bf16_backward_on_amx_tiles(head_dim: int, monkeypatch: pytest.Mo
     q = torch.randn(2, 4, S, head_dim, generator=g).bfloat16()
     k, v = (torch.randn(2, 2, Skv, head_dim, generator=g).bfloat16() for _ in range(2))
     w = torch.randn(2, 4, S, head_dim, generator=g)
-    with config.override(cpu_isa="native"):
+    with config.override(cpu_isa=isa):
         kern = ac.compile(spec, target="cpu", tiles=(32, 64))
+        assert ("AMX tiles" in kern.cpu_kernel().products(head_dim)) == (isa == "native")
+        assert "backward too" in kern.cpu_kernel().products(head_dim)
         runs = []
         before = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
