@@ -258,40 +258,20 @@ class Attention(_ReferenceAttention):
 
     _validate_attention25 = False
 
-    def _run(  # type: ignore[override]
-        self,
-        Q: np.ndarray,
-        K: np.ndarray,
-        V: np.ndarray,
-        attn_mask: np.ndarray | None = None,
-        past_key: np.ndarray | None = None,
-        past_value: np.ndarray | None = None,
-        nonpad_kv_seqlen: np.ndarray | None = None,
-        scale: float | None = None,
-        is_causal: int = 0,
-        q_num_heads: int | None = None,
-        kv_num_heads: int | None = None,
-        softmax_precision: int | None = None,
-        softcap: float | None = None,
-        qk_matmul_output_mode: int | None = None,
-        left_window_size: int | None = None,
-        right_window_size: int | None = None,
-    ) -> tuple[np.ndarray, ...]:
+    def _run(self, *inputs: np.ndarray | None, **attrs: Any) -> tuple[np.ndarray, ...]:  # type: ignore[override]
+        """``inputs``: Q, K, V and the optional attn_mask, past_key, past_value, nonpad_kv_seqlen (None where
+        omitted); ``attrs``: the node's attributes, by the operator's names (``lift``'s keywords, and
+        ``qk_matmul_output_mode``, which only the reference evaluator reads)."""
         node = self.onnx_node
         name = node.name or f"Attention({', '.join(node.input)})"
-        inputs = (Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen)
-        attrs: dict[str, Any] = {
-            "scale": scale, "is_causal": is_causal, "q_num_heads": q_num_heads, "kv_num_heads": kv_num_heads,
-            "softmax_precision": softmax_precision, "softcap": softcap, "left_window_size": left_window_size,
-            "right_window_size": right_window_size,
-        }  # fmt: skip
-        lifted = lift(*inputs, **attrs, qk_output_wanted=len(node.output) > 3 and node.output[3] != "")
+        wanted = len(node.output) > 3 and node.output[3] != ""
+        keywords = {k: v for k, v in attrs.items() if k != "qk_matmul_output_mode"}
+        lifted = lift(*inputs, **keywords, qk_output_wanted=wanted)  # type: ignore[arg-type]
         if isinstance(lifted, str):
             log.info("onnx node %s runs in the reference evaluator: %s", name, lifted)
             _REPORTS.append({"node": name, "status": "fallback", "reason": lifted})
-            return cast(
-                tuple[np.ndarray, ...], super()._run(*inputs, **attrs, qk_matmul_output_mode=qk_matmul_output_mode)
-            )
+            return cast(tuple[np.ndarray, ...], super()._run(*inputs, **attrs))  # type: ignore[arg-type]
+        Q = cast(np.ndarray, inputs[0])
         kern = _kernel(lifted)
         q, k, v = (torch.from_numpy(np.ascontiguousarray(x)) for x in (lifted.q, lifted.k, lifted.v))
         runtime = {name_: torch.from_numpy(t) for name_, t in lifted.tensors.items()}
