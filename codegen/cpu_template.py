@@ -416,6 +416,16 @@ inline void gemm_micro(int rows, int cols, int n, const float* a, int64_t ai, in
 // CpuKernel.products() says so (it reads the lanes from attncc_vector_lanes), and the shapes fit
 inline bool use_micro(const float* work, int64_t D) {{ return work && SIMD && D % NR == 0 && BKV % NR == 0; }}
 
+// The backwards' dQ row r: the sum of the team's per-thread partials (thread u's rows at parts + u * rows_all * D)
+inline void sum_partials(float* out, const float* parts, int64_t r, int64_t rows_all, int64_t D, int team) {{
+  std::memcpy(out, parts + r * D, sizeof(float) * D);
+  for (int u = 1; u < team; ++u) {{
+    const float* part = parts + (u * rows_all + r) * D;
+    #pragma omp simd
+    for (int64_t c = 0; c < D; ++c) out[c] += part[c];
+  }}
+}}
+
 // round n up to a multiple of NR
 inline int up_nr(int n) {{ return (n + NR - 1) / NR * NR; }}
 
@@ -1532,12 +1542,7 @@ extern "C" int attncc_backward(
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows_all; ++r) {{
       float* out = dq + r * D;
-      std::memcpy(out, dq_threads + r * D, sizeof(float) * D);
-      for (int u = 1; u < team; ++u) {{
-        const float* part = dq_threads + (u * rows_all + r) * D;
-        #pragma omp simd
-        for (int64_t c = 0; c < D; ++c) out[c] += part[c];
-      }}
+      sum_partials(out, dq_threads, r, rows_all, D, team);
       if (ROPE) {{
         const int64_t t = rope_at(rope_bt, r / (H * Sq), Skv, r % Sq + Skv - Sq, D);
         rope_row(out, out, rope_cos + t, rope_sin + t, d, true);
@@ -1758,14 +1763,7 @@ extern "C" int attncc_backward_bf16(
     if (tiles) amx_release();
     const int team = omp_get_num_threads();  // dQ = the sum of the team's partials (after the loop's barrier)
     #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows_all; ++r) {{
-      float* out = dq + r * D;
-      std::memcpy(out, dq_threads + r * D, sizeof(float) * D);
-      for (int u = 1; u < team; ++u) {{
-        const float* part = dq_threads + (u * rows_all + r) * D;
-        for (int64_t c = 0; c < D; ++c) out[c] += part[c];
-      }}
-    }}
+    for (int64_t r = 0; r < rows_all; ++r) sum_partials(dq + r * D, dq_threads, r, rows_all, D, team);
   }}
   omp_set_schedule(saved_kind, saved_chunk);
   return error;
