@@ -322,6 +322,15 @@ def _ints(v: Value | None, what: str) -> list[int]:
     return [int(x) for x in _num(v, what).reshape(-1)]
 
 
+def _data(args: list[Value | None]) -> View | Sym:
+    """The data operand of a shape or index op: a view or a symbolic value. A number array reaches here only when
+    another operand (a shape, axes, indices) depends on a graph input: not lifted."""
+    x = args[0]
+    if not isinstance(x, View | Sym):
+        raise NotLifted("a shape or index operand that depends on a graph input")
+    return x
+
+
 def _move(v: View | Sym, fn: Callable[[np.ndarray], np.ndarray], what: str) -> View | Sym:
     """Apply an index-moving function to a view's coordinates; a symbolic value moves only as a reshape that keeps
     its non-unit axes in order (the shape ``fn`` gives is read from a one-element probe's broadcast)."""
@@ -347,16 +356,14 @@ def _identity(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -
 
 @_op("Shape")
 def _shape(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    x = args[0]
-    assert isinstance(x, View | Sym)
+    x = _data(args)
     start, end = int(attrs.get("start", 0)), attrs.get("end")  # type: ignore[call-overload]
     return np.asarray(x.shape[start : None if end is None else int(end)], np.int64)  # type: ignore[call-overload]
 
 
 @_op("Size")
 def _size(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    x = args[0]
-    assert isinstance(x, View | Sym)
+    x = _data(args)
     return np.asarray(int(np.prod(x.shape)), np.int64)
 
 
@@ -455,8 +462,7 @@ def _where(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> V
 
 @_op("Unsqueeze")
 def _unsqueeze(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    x = args[0]
-    assert isinstance(x, View | Sym)
+    x = _data(args)
     axes = _ints(args[1], "Unsqueeze axes") if len(args) > 1 else [int(a) for a in attrs["axes"]]  # type: ignore[attr-defined]
     rank = len(x.shape) + len(axes)
     return _move(x, lambda c: np.expand_dims(c, tuple(a % rank for a in axes)), "Unsqueeze")
@@ -464,8 +470,7 @@ def _unsqueeze(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) 
 
 @_op("Squeeze")
 def _squeeze(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    x = args[0]
-    assert isinstance(x, View | Sym)
+    x = _data(args)
     given = args[1] if len(args) > 1 else attrs.get("axes")
     axes = None if given is None else tuple(int(a) for a in np.asarray(given).reshape(-1))
     return _move(x, lambda c: np.squeeze(c, axes), "Squeeze")
@@ -473,8 +478,7 @@ def _squeeze(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) ->
 
 @_op("Reshape")
 def _reshape(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    x = args[0]
-    assert isinstance(x, View | Sym)
+    x = _data(args)
     dims = _ints(args[1], "Reshape shape")
     if attrs.get("allowzero"):
         raise NotLifted("Reshape with allowzero=1")
@@ -484,8 +488,7 @@ def _reshape(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) ->
 
 @_op("Flatten")
 def _flatten(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    x = args[0]
-    assert isinstance(x, View | Sym)
+    x = _data(args)
     axis = int(attrs.get("axis", 1)) % (len(x.shape) + 1)  # type: ignore[call-overload]
     outer = int(np.prod(x.shape[:axis]))
     return _move(x, lambda c: c.reshape(outer, -1), "Flatten")
@@ -493,8 +496,7 @@ def _flatten(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) ->
 
 @_op("Expand")
 def _expand(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    x = args[0]
-    assert isinstance(x, View | Sym)
+    x = _data(args)
     shape = np.broadcast_shapes(x.shape, tuple(_ints(args[1], "Expand shape")))
     if isinstance(x, Sym):
         return Sym(tuple(shape), _aligned(x, len(shape)), x.kind)
@@ -503,8 +505,7 @@ def _expand(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> 
 
 @_op("Transpose")
 def _transpose(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    x = args[0]
-    assert isinstance(x, View | Sym)
+    x = _data(args)
     perm = [int(p) for p in attrs.get("perm", range(len(x.shape))[::-1])]  # type: ignore[attr-defined]
     if isinstance(x, Sym):
         return Sym(tuple(x.shape[p] for p in perm), _rename(x.expr, {p: i for i, p in enumerate(perm)}), x.kind)
@@ -525,8 +526,7 @@ def _gather(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> 
 
 @_op("Slice")
 def _slice(lf: _Lifter, args: list[Value | None], attrs: dict[str, object]) -> Value:
-    x = args[0]
-    assert isinstance(x, View | Sym)
+    x = _data(args)
     starts, ends = _ints(args[1], "Slice starts"), _ints(args[2], "Slice ends")
     axes = _ints(args[3], "Slice axes") if len(args) > 3 and args[3] is not None else list(range(len(starts)))
     steps = _ints(args[4], "Slice steps") if len(args) > 4 and args[4] is not None else [1] * len(starts)

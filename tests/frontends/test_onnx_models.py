@@ -426,3 +426,15 @@ def test_lifted_masks_are_kept_per_cached_model_and_freed_with_it(monkeypatch: p
     assert kept[0] == kept[2] != kept[1]
     assert not kept[1] & set(front._MASKS)  # the second model's mask went with it
     assert ac.onnx.reports()[-1]["spec"] == "(kv <= q) & Eq(doc[q], doc[kv])"
+
+
+def test_a_constant_reshaped_by_a_graph_input_is_not_lifted() -> None:
+    """A constant whose Reshape target is a graph input's values: a named NotLifted (the mask is then read by
+    value), not a crash of the lifter."""
+    nodes = [helper.make_node("Reshape", ["flat", "shape"], ["mask"])]
+    flat = helper.make_tensor("flat", TensorProto.BOOL, [6], [1, 0, 1, 0, 1, 1])
+    shape = helper.make_tensor_value_info("shape", I64, [2])
+    out = helper.make_tensor_value_info("mask", TensorProto.BOOL, None)
+    model = helper.make_model(helper.make_graph(nodes, "g", [shape], [out], [flat]))
+    with pytest.raises(NotLifted, match="shape or index operand that depends on a graph input"):
+        lift_mask(model, "mask")
