@@ -577,7 +577,11 @@ def find_decomposed(proto: onnx.ModelProto) -> list[Decomposed]:
     k^T, the softmax runs over the last axis, the mask Where selects -inf, the guard puts 0 where the softmax is
     NaN, and no intermediate result is read outside the subgraph. Node indices are those of
     :func:`bypass_transparent` (``proto``'s graph without no-op Casts, Identities and inference Dropouts)."""
-    proto = bypass_transparent(proto)
+    return _find(bypass_transparent(proto))
+
+
+def _find(proto: onnx.ModelProto) -> list[Decomposed]:
+    """find_decomposed on a graph already without no-op nodes."""
     nodes = list(proto.graph.node)
     producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}
     consumers: dict[str, list[int]] = {}
@@ -824,7 +828,7 @@ def rewrite_decomposed(proto: onnx.ModelProto) -> onnx.ModelProto:
     MatMuls (they become part of the node), so the nodes that computed only those go too; the mask-building nodes
     stay (they compute the mask the node reads). The model as given when there is none."""
     proto = bypass_transparent(proto)
-    found = find_decomposed(proto)
+    found = _find(proto)  # proto is bypassed above: no second shape inference
     if not found:
         return proto
     out = onnx.ModelProto()
