@@ -252,12 +252,11 @@ class CpuKernel:
             return "blas: this build has no FMA vector unit (no AVX2+FMA or AVX-512)"
         if head_dim % width or self.bkv % width:
             return f"blas: head_dim {head_dim} or kv tile {self.bkv} is not a multiple of {width}"
+        backward = "backward too" if self.bq % 32 == 0 else f"backward fp32 at {self.bq}-row q tiles"
         if self.has_amx:
             forward = "" if self.bq % 16 == 0 else f" (not at {self.bq}-row q tiles: dot products)"
-            backward = "backward too" if self.bq % 32 == 0 else f"backward fp32 at {self.bq}-row q tiles"
             bf16 = f"; bf16 inputs: AMX tiles{forward}, {backward}, fp32 accumulation"
         elif self.has_bf16:
-            backward = "backward too" if self.bq % 32 == 0 else f"backward fp32 at {self.bq}-row q tiles"
             bf16 = f"; bf16 inputs: AVX512_BF16 dot products, {backward}, fp32 accumulation"
         else:
             bf16 = ""
