@@ -310,6 +310,9 @@ def run(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarray], runtime: 
         raise ValueError(f"runtime={runtime!r}: attncc runs the other nodes in 'reference' or 'onnxruntime'")
     proto = onnx.load(model) if isinstance(model, str) else model
     _check_feeds(proto, feeds)
+    overridden = sorted({i.name for i in proto.graph.initializer} & set(feeds))
+    if overridden and runtime == "onnxruntime":  # the stage sessions hold the initializers they read
+        raise SpecError(f"feeds override initializers {', '.join(overridden)}: use runtime='reference' for that")
     key = hashlib.sha256(proto.SerializeToString()).hexdigest() + runtime
     runner = _RUNNERS.pop(key, None)
     if runner is None:

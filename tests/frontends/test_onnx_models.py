@@ -263,6 +263,10 @@ def test_bad_feeds_are_named_errors() -> None:
         ac.onnx.run(model, {**_qkv(), "doc": np.zeros(24, np.int32)})
     with pytest.raises(SpecError, match="missing doc; unknown docs"):
         ac.onnx.run(model, {**_qkv(), "docs": np.zeros(24, np.int64)})
+    model.graph.input.append(helper.make_tensor_value_info("zero", I64, []))  # an initializer feeds may override
+    with pytest.raises(SpecError, match="feeds override initializers zero: use runtime='reference'"):
+        ac.onnx.run(model, {**_qkv(), "doc": np.zeros(24, np.int64), "zero": np.zeros((), np.int64)},
+                    runtime="onnxruntime")  # fmt: skip
     with pytest.raises(ValueError, match="runtime='tvm'"):
         ac.onnx.run(model, {**_qkv(), "doc": np.zeros(24, np.int64)}, runtime="tvm")
 
