@@ -648,12 +648,26 @@ inline float row_max_v(const float* x, int n) {{
 // rescales the row's accumulator. A row with nothing visible so far keeps zeros (alpha 1); NaN scores make the
 // row's sum, output and lse NaN. Every forward shares this bookkeeping; ``out`` writes the probabilities:
 // out.exp(i, sr, sc, mx) stores 2^(sr * sc - mx) and returns their sum, out.clear(i, sr) zeros a row that has seen
-// nothing (InPlace: fp32 over the scores; ToBf16: bf16 rows for the bf16 products)
+// nothing (InPlace: fp32 over the scores; ToBf16: bf16 rows for the bf16 products).
+// An ``Out`` that keeps the scores (Out::lazy) takes one pass per row instead of two once the row's running max is
+// finite: probabilities relative to that max, the row's largest exponent found on the way (out.exp_below); the max
+// moves only when a score exceeds it by more than LAZY (the row is then redone the usual way), else alpha is 1 and
+// the accumulator is not rescaled. Probabilities up to 2^LAZY are as exact in fp32 and bf16 as those up to 1, and
+// l, o and lse are the same functions of the scores (FlashAttention-4's conditional rescaling).
+constexpr float LAZY = 8.0f;
+
 template <class Out>
 inline void softmax_step(float* s, int ld, int rows, int cols, float sc, float* m, float* l, float* alpha,
                          const Out& out) {{
   for (int i = 0; i < rows; ++i) {{
     float* sr = s + i * ld;
+    if constexpr (Out::lazy) {{
+      if (m[i] > -INF && m[i] < INF) {{  // (not for a NaN or infinite running max: those rows go the usual way)
+        float top;
+        const float sum = out.exp_below(i, sr, sc, m[i], top);
+        if (top <= LAZY) {{ l[i] += sum; alpha[i] = 1.0f; continue; }}
+      }}
+    }}
 #if defined(__AVX512F__)
     float mx = max_of(m[i], row_max_v(sr, cols) * sc);
 #else
@@ -673,6 +687,7 @@ inline void softmax_step(float* s, int ld, int rows, int cols, float sc, float* 
 
 // probabilities in place of the scores (fp32 products)
 struct InPlace {{
+  static constexpr bool lazy = false;  // the probabilities overwrite the scores: a row cannot be redone
   int cols;
   void clear(int, float* sr) const {{ fill(sr, cols, 0.0f); }}
   float exp(int, float* sr, float sc, float mx) const {{
@@ -746,10 +761,37 @@ inline void pack_v_bf16(const bf16_t* v, bf16_t* out, int64_t heads, int64_t S, 
 // softmax_rows for the bf16 forward: the probabilities go straight to bf16 rows p (stride pw), zero from cols up
 // to pad (the products read whole pairs or 32-key chunks); s keeps the scores
 struct ToBf16 {{
+  static constexpr bool lazy = true;
   int cols, pad;
   bf16_t* p;
   int pw;
   void clear(int i, float*) const {{ std::memset(p + i * pw, 0, sizeof(bf16_t) * pad); }}
+  // exp() relative to the running max mx, and top = the largest sr * sc - mx of the row (NaN skipped; -inf when none)
+  float exp_below(int i, const float* sr, float sc, float mx, float& top) const {{
+    bf16_t* pr = p + i * pw;
+    const __m512 vs = _mm512_set1_ps(sc), vm = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps(), hi = _mm512_set1_ps(-INF);
+    int j = 0;
+    for (; j + 16 <= cols; j += 16) {{
+      const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vs, vm);
+      hi = _mm512_max_ps(x, hi);  // (max_ps returns its second operand for NaN)
+      const __m512 e = exp2_v(x);
+      sum = _mm512_add_ps(sum, e);
+      const __m256bh h = _mm512_cvtneps_pbh(e);
+      std::memcpy(pr + j, &h, 32);
+    }}
+    for (; j < pad; j += 16) {{  // the ragged end, then zeros
+      const __mmask16 in = j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
+      const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, sr + j), vs, vm);
+      hi = _mm512_mask_max_ps(hi, in, x, hi);
+      const __m512 e = _mm512_maskz_mov_ps(in, exp2_v(x));
+      sum = _mm512_add_ps(sum, e);
+      const __m256bh h = _mm512_cvtneps_pbh(e);
+      std::memcpy(pr + j, &h, 32);
+    }}
+    top = _mm512_reduce_max_ps(hi);
+    return _mm512_reduce_add_ps(sum);
+  }}
   float exp(int i, float* sr, float sc, float mx) const {{
     bf16_t* pr = p + i * pw;
     const __m512 vs = _mm512_set1_ps(sc), vm = _mm512_set1_ps(mx);
@@ -1010,6 +1052,7 @@ inline void amx_scores(int rows16, int cols, int d, const bf16_t* a, const bf16_
 inline void amx_values(int rows16, int rows, int cols, int d, const bf16_t* p, int pw, const bf16_t* v, float* acc,
                        const float* alpha) {{
   for (int i = 0; i < rows; ++i) {{
+    if (alpha[i] == 1.0f) continue;  // (the lazy softmax leaves most rows' running max, and alpha, as they were)
     const __m512 a = _mm512_set1_ps(alpha[i]);
     float* row = acc + i * d;
     for (int c = 0; c < d; c += 16) _mm512_storeu_ps(row + c, _mm512_mul_ps(a, _mm512_loadu_ps(row + c)));

@@ -292,6 +292,37 @@ def test_native_bf16_head_dims_ragged_rows_and_empty_rows(isa: str, head_dim: in
 
 
 @pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
+def test_native_bf16_running_max_that_moves_and_stays(isa: str) -> None:
+    """The bf16 forward's softmax keeps a row's running max until a score exceeds it by more than 2^8 (one pass per
+    row, no rescale); a row whose scores climb across the kv tiles redoes the tile with the new max. Rows climbing
+    by 2 (base 2) per key would overflow fp32 within a tile if the max never moved; falling rows, rows rising by
+    less than the margin per tile, and random rows keep it. Against the float64 oracle on the same bf16 values."""
+    from tests.numerics import oracle
+
+    S, D = 200, 64
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 4, S, D, generator=g)
+    k = torch.randn(1, 4, S, D, generator=g)
+    q[:, :3] = 0.0
+    q[:, :3, :, 0] = 8.0  # head h's scores: (k[j, 0] * 8) / 8 = k[j, 0]
+    slopes = (2.0 / 1.4427, -2.0 / 1.4427, 0.05)  # per key, in base 2: climbing, falling, rising by 3.2 per tile
+    for h, slope in enumerate(slopes):
+        k[:, h, :, 0] = torch.arange(S) * slope
+    q, k = q.bfloat16(), k.bfloat16()
+    v = torch.randn(1, 4, S, D, generator=g).bfloat16()
+    spec = ac.AttentionSpec(num_heads=4, head_dim=D, mask=ac.causal())
+    with config.override(cpu_isa=isa):
+        kern = ac.compile(spec, target="cpu", tiles=(32, 64))
+        assert kern.cpu_kernel().native_bf16(D), kern.cpu_kernel().products(D)
+        out, lse = kern(q, k, v, return_lse=True)
+    keep = torch.ones(S, S).tril().bool().expand(1, 4, S, S)
+    want, want_lse = oracle.attention(q, k, v, keep, D**-0.5)
+    assert bool(out.isfinite().all())
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
 @pytest.mark.parametrize("head_dim", [32, 96, 128])
 def test_native_bf16_backward(isa: str, head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 17: the bf16 backward's five products run natively, on AMX tiles (``native`` where the CPU has AMX)
