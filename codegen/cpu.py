@@ -537,8 +537,9 @@ class CpuKernel:
         tensors: dict[str, torch.Tensor], want: Sequence[str] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:  # fmt: skip
         """``backward`` for contiguous bf16 q, k, v and do (o and lse fp32 from ``forward_bf16``) with its five
-        products on AMX tiles (where the OS grants them) or AVX512_BF16 register blocks; fp32 gradients. None where
-        this build has no bf16 products or the shapes do not fit them (the caller then upcasts and runs
+        products on AMX tiles (where the OS grants them) or AVX512_BF16 register blocks; bf16 gradients of q, k, v
+        (each rounded once from its fp32 sums, as the caller's cast would: no fp32 copies), table gradients fp32.
+        None where this build has no bf16 products or the shapes do not fit them (the caller then upcasts and runs
         ``backward``)."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
@@ -546,9 +547,9 @@ class CpuKernel:
             return None
         heads = head_index(H, Hkv, tensors.get(self.head_table))
         threads = torch.get_num_threads()
-        dq = torch.empty(B, H, Sq, D, dtype=torch.float32)
-        dk = torch.empty(B, Hkv, Skv, D, dtype=torch.float32)
-        dv = torch.empty(B, Hkv, Skv, D, dtype=torch.float32)
+        dq = torch.empty(B, H, Sq, D, dtype=torch.bfloat16)
+        dk = torch.empty(B, Hkv, Skv, D, dtype=torch.bfloat16)
+        dv = torch.empty(B, Hkv, Skv, D, dtype=torch.bfloat16)
         up = 2 * self.lanes  # pair rows and panels pad the sequence to NR keys
         halves = (3 * B * Hkv * -(-Skv // up) + 2 * B * H * (-(-Sq // up) + 1)) * up * D  # bf16 values packed
         scratch = threads * q.numel() + B * H * Sq

@@ -1598,7 +1598,8 @@ extern "C" int attncc_backward(
 
 // ---- attncc: next translation unit ----
 // The backward on bf16 q, k, v and dO, its five products on AMX tiles where the CPU has them and the OS grants them,
-// else on vdpbf16ps register blocks (o and lse fp32 from the forward; dq, dk, dv fp32; tiles, masks, score-mod
+// else on vdpbf16ps register blocks (o and lse fp32 from the forward; dq, dk, dv bf16, each rounded once from its fp32
+// sums, as the caller's cast would; tiles, masks, score-mod
 // hooks and scheduling as attncc_backward; no RoPE). Per run of q rows and kv block:
 // S = Q K^T and dP = dO V^T (q and dO rows as A tiles, K and V pair panels), P and dS in fp32 rows; then, with
 // P and dS as bf16 pair rows over the queries, dV^T += dO^T P and dK^T += Q^T dS (Q^T and dO^T transposed once per
@@ -1608,7 +1609,7 @@ extern "C" int attncc_backward(
 // bf16 products or the shapes do not fit them (the caller then upcasts and runs attncc_backward).
 extern "C" int attncc_backward_bf16(
     const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* o, const bf16_t* dout, const float* lse,
-    const float* dlse, float* dq, float* dk, float* dv,
+    const float* dlse, bf16_t* dq, bf16_t* dk, bf16_t* dv,
     int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv, int64_t D,
     const int32_t* map_of, int64_t maps_b, int64_t maps_h,
     const int32_t* q_ptr, const int32_t* q_idx, const uint8_t* q_full,
@@ -1658,6 +1659,7 @@ extern "C" int attncc_backward_bf16(
     constexpr int LDT = BKV + 16;  // fp32 rows of dK^T and dV^T
     constexpr int PEND = WQ > 512 ? WQ : 512;  // q rows of P and dS pair rows held for one dV^T, dK^T product
     Buf s(32 * LD), dp(32 * LD), dk_t(D * LDT), dv_t(D * LDT), dq_tmp(WQ * D);
+    std::vector<bf16_t> t16((size_t)2 * D * LDT);  // dK^T, dV^T in bf16
     std::vector<bf16_t> qpad((size_t)WQ * D), dopad((size_t)WQ * D), pp((size_t)(PEND + 32) * JW),
         dsp((size_t)(PEND + 32) * JW), ds((size_t)(WQ + 32) * SW);
     float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * rows_all * D;
@@ -1795,18 +1797,31 @@ extern "C" int attncc_backward_bf16(
         }}
         flush();
       }}
-      float* dkp = dk + ((b * Hkv + hk) * Skv + k0) * D;
-      float* dvp = dv + ((b * Hkv + hk) * Skv + k0) * D;
-      for (int j = 0; j < cols; ++j)
+      bf16_t* dkp = dk + ((b * Hkv + hk) * Skv + k0) * D;
+      bf16_t* dvp = dv + ((b * Hkv + hk) * Skv + k0) * D;
+      for (int64_t x = 0; x < D * LDT; x += 16) {{  // dK^T and dV^T rounded to bf16 ...
+        const __mmask16 in = x + 16 <= D * LDT ? 0xffff : (__mmask16)((1u << (D * LDT - x)) - 1);
+        const __m256bh kh = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(in, dk_t.data() + x));
+        const __m256bh vh = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(in, dv_t.data() + x));
+        _mm256_mask_storeu_epi16(t16.data() + x, in, (__m256i)kh);
+        _mm256_mask_storeu_epi16(t16.data() + D * LDT + x, in, (__m256i)vh);
+      }}
+      for (int j = 0; j < cols; ++j)  // ... then transposed into the key rows
         for (int c = 0; c < d; ++c) {{
-          dkp[j * D + c] = dk_t[c * LDT + j];
-          dvp[j * D + c] = dv_t[c * LDT + j];
+          dkp[j * D + c] = t16[c * LDT + j];
+          dvp[j * D + c] = t16[(D + c) * LDT + j];
         }}
     }}
     if (tiles) amx_release();
     const int team = omp_get_num_threads();  // dQ = the sum of the team's partials (after the loop's barrier)
     #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows_all; ++r) sum_partials(dq + r * D, dq_threads, r, rows_all, D, team);
+    for (int64_t r = 0; r < rows_all; ++r)
+      for (int64_t c = 0; c < D; c += 16) {{  // 16 columns of row r, summed over the team, rounded to bf16
+        __m512 x = _mm512_loadu_ps(dq_threads + r * D + c);
+        for (int u = 1; u < team; ++u) x = _mm512_add_ps(x, _mm512_loadu_ps(dq_threads + (u * rows_all + r) * D + c));
+        const __m256bh h = _mm512_cvtneps_pbh(x);
+        std::memcpy(dq + r * D + c, &h, 32);
+      }}
   }}
   omp_set_schedule(saved_kind, saved_chunk);
   return error;
