@@ -288,7 +288,8 @@ class CpuKernel:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: TileLists, keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """o (fp32) and lse of contiguous bf16 q, k, v through the native bf16 forward (see ``native_bf16``)."""
+        """o (bf16, rounded once from its fp32 sums) and lse (fp32) of contiguous bf16 q, k, v through the native bf16
+        forward (see ``native_bf16``)."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         heads = head_index(H, Hkv, tensors.get(self.head_table))
@@ -296,7 +297,7 @@ class CpuKernel:
         halves = 2 * B * Hkv * D * (-(-Skv // width) * width)  # packed K and V, bf16 values
         pack = Sq * H // Hkv >= PACK_ROWS  # else few rows read each key: K and V are read in place, unpacked
         threads = torch.get_num_threads()
-        o = torch.empty(B, H, Sq, D, dtype=torch.float32)
+        o = torch.empty(B, H, Sq, D, dtype=torch.bfloat16)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
         code = self.runtime.attncc_forward_bf16(
@@ -536,7 +537,7 @@ class CpuKernel:
         lse: torch.Tensor, dlse: torch.Tensor | None, lists: TileLists, keep: torch.Tensor,
         tensors: dict[str, torch.Tensor], want: Sequence[str] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:  # fmt: skip
-        """``backward`` for contiguous bf16 q, k, v and do (o and lse fp32 from ``forward_bf16``) with its five
+        """``backward`` for contiguous bf16 q, k, v, o and do (lse fp32; o and lse from ``forward_bf16``) with its five
         products on AMX tiles (where the OS grants them) or AVX512_BF16 register blocks; bf16 gradients of q, k, v
         (each rounded once from its fp32 sums, as the caller's cast would: no fp32 copies), table gradients fp32.
         None where this build has no bf16 products or the shapes do not fit them (the caller then upcasts and runs

@@ -514,14 +514,27 @@ inline void start_rows(float* acc, float* m, float* l, int64_t D) {{
   fill(l, BQ, 0.0f);
 }}
 
-// A q-block task's rows written out: o = acc / l (0 for rows that saw nothing; NaN stays NaN) and
+typedef uint16_t bf16_t;  // bf16 values as their bits
+
+// an output value stored as fp32, or as bf16 rounded to nearest even (as torch's cast; a NaN stays a quiet NaN)
+inline void put(float* out, float x) {{ *out = x; }}
+inline void put(bf16_t* out, float x) {{
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  *out = nan ? (bf16_t)((u >> 16) | 0x40u) : (bf16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}}
+
+// A q-block task's rows written out (fp32 or bf16 o): o = acc / l (0 for rows that saw nothing; NaN stays NaN) and
 // lse = m ln 2 + ln l (-inf for rows that saw nothing), rows starting at flat row ``first`` of [B, H, Sq]
-inline void finish_rows(float* o, float* lse, const float* acc, const float* m, const float* l, int rows, int64_t D,
+template <class T>
+inline void finish_rows(T* o, float* lse, const float* acc, const float* m, const float* l, int rows, int64_t D,
                         int64_t first) {{
   for (int i = 0; i < rows; ++i) {{
-    float* out = o + (first + i) * D;
+    T* out = o + (first + i) * D;
     const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
-    for (int64_t c = 0; c < D; ++c) out[c] = acc[i * D + c] * inv;
+    #pragma omp simd
+    for (int64_t c = 0; c < D; ++c) put(out + c, acc[i * D + c] * inv);
     lse[first + i] = l[i] != 0.0f ? m[i] * LN2 + __builtin_logf(l[i]) : -INF;
   }}
 }}
@@ -530,31 +543,37 @@ inline void finish_rows(float* o, float* lse, const float* acc, const float* m, 
 // of the ``rows`` flat output rows ([B, H, Sq]; o_j at part_o + (j * rows + r) * D); o = sum_j w_j o_j / sum_j w_j
 // with w_j = exp(lse_j - max lse), lse = max lse + ln sum w (a row no split saw: zeros, -inf; NaN stays NaN)
 constexpr int MAX_SPLITS = 64;
-inline void merge_splits(float* o, float* lse, const float* part_o, const float* part_lse, int splits, int64_t rows,
+template <class T>
+inline void merge_splits(T* o, float* lse, const float* part_o, const float* part_lse, int splits, int64_t rows,
                          int64_t D, int threads) {{
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t r = 0; r < rows; ++r) {{
-    float top = -INF, w[MAX_SPLITS], sum = 0.0f;
-    bool nan = false;
-    for (int j = 0; j < splits; ++j) {{
-      const float x = part_lse[j * rows + r];
-      top = max_of(top, x);
-      nan = nan || x != x;
+  #pragma omp parallel num_threads(threads)
+  {{
+    Buf sum_o(D);  // the row's weighted sum in fp32, then stored as T
+    float* acc = sum_o.data();
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {{
+      float top = -INF, w[MAX_SPLITS], sum = 0.0f;
+      bool nan = false;
+      for (int j = 0; j < splits; ++j) {{
+        const float x = part_lse[j * rows + r];
+        top = max_of(top, x);
+        nan = nan || x != x;
+      }}
+      if (nan || top == -INF) {{  // a NaN score reached a split; or no split saw a key
+        fill(acc, D, nan ? __builtin_nanf("") : 0.0f);
+        lse[r] = nan ? __builtin_nanf("") : -INF;
+      }} else {{
+        fill(acc, D, 0.0f);
+        for (int j = 0; j < splits; ++j) sum += w[j] = __builtin_expf(part_lse[j * rows + r] - top);
+        for (int j = 0; j < splits; ++j) {{
+          const float* src = part_o + (j * rows + r) * D;
+          const float f = w[j] / sum;
+          for (int64_t c = 0; c < D; ++c) acc[c] += f * src[c];
+        }}
+        lse[r] = top + __builtin_logf(sum);
+      }}
+      for (int64_t c = 0; c < D; ++c) put(o + r * D + c, acc[c]);
     }}
-    float* out = o + r * D;
-    if (nan || top == -INF) {{  // a NaN score reached a split; or no split saw a key
-      fill(out, D, nan ? __builtin_nanf("") : 0.0f);
-      lse[r] = nan ? __builtin_nanf("") : -INF;
-      continue;
-    }}
-    fill(out, D, 0.0f);
-    for (int j = 0; j < splits; ++j) sum += w[j] = __builtin_expf(part_lse[j * rows + r] - top);
-    for (int j = 0; j < splits; ++j) {{
-      const float* src = part_o + (j * rows + r) * D;
-      const float f = w[j] / sum;
-      for (int64_t c = 0; c < D; ++c) out[c] += f * src[c];
-    }}
-    lse[r] = top + __builtin_logf(sum);
   }}
 }}
 
@@ -598,12 +617,14 @@ struct Jobs {{
     split = local / g, h = heads[ptr[hk] + local % g];
   }}
   // a job's rows written out: into the output when unsplit, else into its split's partials
-  void finish(float* out, float* out_lse, const float* acc, const float* m, const float* l, int n, int64_t split,
+  template <class T>
+  void finish(T* out, float* out_lse, const float* acc, const float* m, const float* l, int n, int64_t split,
               int64_t first) {{
     if (splits > 1) finish_rows(o.data() + split * rows * D, lse.data() + split * rows, acc, m, l, n, D, first);
     else finish_rows(out, out_lse, acc, m, l, n, D, first);
   }}
-  void merge(float* out, float* out_lse, int threads) {{
+  template <class T>
+  void merge(T* out, float* out_lse, int threads) {{
     if (splits > 1) merge_splits(out, out_lse, o.data(), lse.data(), splits, rows, D, threads);
   }}
 }};
@@ -737,7 +758,6 @@ inline void pack_panels(const T* k, T* out, int64_t heads, int64_t S, int64_t d,
 // Used by attncc_forward_bf16: q, k, v are read as bf16 (no fp32 copies); K is packed in pair panels, V in
 // pair rows, the probabilities P are rounded to bf16 per tile for the P V product; scores, softmax and
 // accumulation stay fp32.
-typedef uint16_t bf16_t;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 constexpr bool BF16 = true;
 
@@ -1298,12 +1318,12 @@ extern "C" int attncc_bf16() {{ return BF16 ? 1 : 0; }}
 // 1 when the bf16 forward's products run on AMX tiles (built with AMX_BF16 and granted by the OS), else 0
 extern "C" int attncc_amx() {{ return AMX && amx_granted() ? 1 : 0; }}
 
-// The forward on bf16 q, k, v (layouts as attncc_forward; o and lse fp32). Needs the micro-kernel shapes
-// (D and BKV multiples of NR) and a workspace of (2 * B * Hkv * up(Skv) * D) bf16 values (up: to NR) for the packed
-// K and V, or none (work null: few rows read each key, K and V are read in place);
-// returns -1 where this build has no bf16 products. No RoPE (the caller upcasts for rotated specs).
+// The forward on bf16 q, k, v (layouts as attncc_forward; o bf16, rounded once from fp32, and lse fp32). Needs the
+// micro-kernel shapes (D and BKV multiples of NR) and a workspace of (2 * B * Hkv * up(Skv) * D) bf16 values (up: to
+// NR) for the packed K and V, or none (work null: few rows read each key, K and V are read in place); returns -1
+// where this build has no bf16 products. No RoPE (the caller upcasts for rotated specs).
 extern "C" int attncc_forward_bf16(
-    const bf16_t* q, const bf16_t* k, const bf16_t* v, float* o, float* lse,
+    const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, float* lse,
     int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv, int64_t D,
     const int32_t* map_of, int64_t maps_b, int64_t maps_h,
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
@@ -1598,7 +1618,8 @@ extern "C" int attncc_backward(
 
 // ---- attncc: next translation unit ----
 // The backward on bf16 q, k, v and dO, its five products on AMX tiles where the CPU has them and the OS grants them,
-// else on vdpbf16ps register blocks (o and lse fp32 from the forward; dq, dk, dv bf16, each rounded once from its fp32
+// else on vdpbf16ps register blocks (o bf16 and lse fp32 from the forward, delta from the bf16 o as in
+// FlashAttention; dq, dk, dv bf16, each rounded once from its fp32
 // sums, as the caller's cast would; tiles, masks, score-mod
 // hooks and scheduling as attncc_backward; no RoPE). Per run of q rows and kv block:
 // S = Q K^T and dP = dO V^T (q and dO rows as A tiles, K and V pair panels), P and dS in fp32 rows; then, with
@@ -1608,7 +1629,7 @@ extern "C" int attncc_backward(
 // 3 * B * Hkv * up(Skv) * D + 2 * B * H * (up(Sq) + NR) * D values (up: to NR). Returns -1 where this build has no
 // bf16 products or the shapes do not fit them (the caller then upcasts and runs attncc_backward).
 extern "C" int attncc_backward_bf16(
-    const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* o, const bf16_t* dout, const float* lse,
+    const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* o, const bf16_t* dout, const float* lse,
     const float* dlse, bf16_t* dq, bf16_t* dk, bf16_t* dv,
     int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv, int64_t D,
     const int32_t* map_of, int64_t maps_b, int64_t maps_h,
@@ -1636,7 +1657,7 @@ extern "C" int attncc_backward_bf16(
   for (int64_t r = 0; r < rows_all; ++r) {{  // delta = rowsum(dO * O) - dlse, as attncc_backward
     __m512 sum = _mm512_setzero_ps();
     for (int64_t c = 0; c < D; c += 16)
-      sum = _mm512_fmadd_ps(widen(dout + r * D + c), _mm512_loadu_ps(o + r * D + c), sum);
+      sum = _mm512_fmadd_ps(widen(dout + r * D + c), widen(o + r * D + c), sum);
     delta[r] = dlse ? _mm512_reduce_add_ps(sum) - dlse[r] : _mm512_reduce_add_ps(sum);
   }}
   pack_panels<2>(k, k_panels, B * Hkv, Skv, D, threads);

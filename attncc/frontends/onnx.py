@@ -579,7 +579,25 @@ def find_decomposed(proto: onnx.ModelProto) -> list[Decomposed]:
     decomposed forms (:func:`_chain_patterns`) on the graph of nodes, then checked: scores are a MatMul of q and
     k^T, the softmax runs over the last axis, the mask Where selects -inf, the guard puts 0 where the softmax is
     NaN, and no intermediate result is read outside the subgraph. Node indices are those of
-    :func:`bypass_transparent` (``proto``'s graph without no-op Casts, Identities and inference Dropouts)."""
+    :func:`bypass_transparent` (``proto``'s graph without no-op Casts, Identities and inference Dropouts).
+
+    >>> from onnx import TensorProto, helper
+    >>> nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+    ...          helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Mul", ["s", "c"], ["ss"]),
+    ...          helper.make_node("Softmax", ["ss"], ["p"], axis=-1), helper.make_node("Identity", ["p"], ["pi"]),
+    ...          helper.make_node("MatMul", ["pi", "v"], ["y"])]
+    >>> io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 8, 16]) for n in "qkvy"]
+    >>> c = helper.make_tensor("c", TensorProto.FLOAT, [], [0.25])
+    >>> model = helper.make_model(helper.make_graph(nodes, "g", io[:3], io[3:], initializer=[c]),
+    ...                           opset_imports=[helper.make_opsetid("", 18)])
+    >>> (found,) = find_decomposed(model)
+    >>> found.attributes  # K's Transpose folded: the node reads k itself
+    {'form': 'qk-scale-softmax-pv', 'scale_op': 'mul', 'k_input': 'k'}
+    >>> found.nodes, found.inputs[:4]  # (the Identity is gone: indices of the bypassed graph)
+    ((1, 2, 3, 4), ('q', 'k', 'v', 'c'))
+    >>> [n.op_type for n in rewrite_decomposed(model).graph.node]
+    ['DecomposedAttention']
+    """
     return _find(bypass_transparent(proto))
 
 
@@ -622,7 +640,16 @@ def bypass_transparent(proto: onnx.ModelProto) -> onnx.ModelProto:
     already has (types from shape inference; a Cast of unknown input type stays), Dropout at inference (one
     output, no training_mode input). Their readers read the input instead; a graph output they write stays. The
     model as given when there is none. Exporters put such nodes inside attention (transformers' eager attention:
-    Softmax -> Cast(float) -> Cast(float) -> MatMul)."""
+    Softmax -> Cast(float) -> Cast(float) -> MatMul).
+
+    >>> from onnx import TensorProto, helper
+    >>> nodes = [helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT),
+    ...          helper.make_node("Identity", ["x32"], ["xi"]), helper.make_node("Relu", ["xi"], ["y"])]
+    >>> io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in "xy"]
+    >>> model = helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:]))
+    >>> [(n.op_type, list(n.input)) for n in bypass_transparent(model).graph.node]
+    [('Relu', ['x'])]
+    """
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
     except onnx.shape_inference.InferenceError:
