@@ -1619,9 +1619,8 @@ extern "C" int attncc_backward(
 // ---- attncc: next translation unit ----
 // The backward on bf16 q, k, v and dO, its five products on AMX tiles where the CPU has them and the OS grants them,
 // else on vdpbf16ps register blocks (o bf16 and lse fp32 from the forward, delta from the bf16 o as in
-// FlashAttention; dq, dk, dv bf16, each rounded once from its fp32
-// sums, as the caller's cast would; tiles, masks, score-mod
-// hooks and scheduling as attncc_backward; no RoPE). Per run of q rows and kv block:
+// FlashAttention; dq, dk, dv bf16, each rounded once from its fp32 sums, as the caller's cast would; tiles, masks,
+// score-mod hooks and scheduling as attncc_backward; no RoPE). Per run of q rows and kv block:
 // S = Q K^T and dP = dO V^T (q and dO rows as A tiles, K and V pair panels), P and dS in fp32 rows; then, with
 // P and dS as bf16 pair rows over the queries, dV^T += dO^T P and dK^T += Q^T dS (Q^T and dO^T transposed once per
 // head: no per-tile transposes), and dQ += dS K (dS rows as A tiles, K pair rows). dK and dV are transposed back
