@@ -416,13 +416,26 @@ inline void gemm_micro(int rows, int cols, int n, const float* a, int64_t ai, in
 // CpuKernel.products() says so (it reads the lanes from attncc_vector_lanes), and the shapes fit
 inline bool use_micro(const float* work, int64_t D) {{ return work && SIMD && D % NR == 0 && BKV % NR == 0; }}
 
-// The backwards' dQ row r: the sum of the team's per-thread partials (thread u's rows at parts + u * rows_all * D)
-inline void sum_partials(float* out, const float* parts, int64_t r, int64_t rows_all, int64_t D, int team) {{
-  std::memcpy(out, parts + r * D, sizeof(float) * D);
-  for (int u = 1; u < team; ++u) {{
-    const float* part = parts + (u * rows_all + r) * D;
-    #pragma omp simd
-    for (int64_t c = 0; c < D; ++c) out[c] += part[c];
+typedef uint16_t bf16_t;  // bf16 values as their bits
+
+// an output value stored as fp32, or as bf16 rounded to nearest even (as torch's cast; a NaN stays a quiet NaN)
+inline void put(float* out, float x) {{ *out = x; }}
+inline void put(bf16_t* out, float x) {{
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  *out = nan ? (bf16_t)((u >> 16) | 0x40u) : (bf16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}}
+
+// The backwards' dQ row r (fp32 or bf16): the sum of the team's per-thread partials (thread u's rows at
+// parts + u * rows_all * D), added in thread order
+template <class T>
+inline void sum_partials(T* out, const float* parts, int64_t r, int64_t rows_all, int64_t D, int team) {{
+  #pragma omp simd
+  for (int64_t c = 0; c < D; ++c) {{
+    float x = parts[r * D + c];
+    for (int u = 1; u < team; ++u) x += parts[(u * rows_all + r) * D + c];
+    put(out + c, x);
   }}
 }}
 
@@ -512,17 +525,6 @@ inline void start_rows(float* acc, float* m, float* l, int64_t D) {{
   fill(acc, BQ * D, 0.0f);
   fill(m, BQ, -INF);
   fill(l, BQ, 0.0f);
-}}
-
-typedef uint16_t bf16_t;  // bf16 values as their bits
-
-// an output value stored as fp32, or as bf16 rounded to nearest even (as torch's cast; a NaN stays a quiet NaN)
-inline void put(float* out, float x) {{ *out = x; }}
-inline void put(bf16_t* out, float x) {{
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-  *out = nan ? (bf16_t)((u >> 16) | 0x40u) : (bf16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }}
 
 // A q-block task's rows written out (fp32 or bf16 o): o = acc / l (0 for rows that saw nothing; NaN stays NaN) and
@@ -1835,13 +1837,7 @@ extern "C" int attncc_backward_bf16(
     if (tiles) amx_release();
     const int team = omp_get_num_threads();  // dQ = the sum of the team's partials (after the loop's barrier)
     #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows_all; ++r)
-      for (int64_t c = 0; c < D; c += 16) {{  // 16 columns of row r, summed over the team, rounded to bf16
-        __m512 x = _mm512_loadu_ps(dq_threads + r * D + c);
-        for (int u = 1; u < team; ++u) x = _mm512_add_ps(x, _mm512_loadu_ps(dq_threads + (u * rows_all + r) * D + c));
-        const __m256bh h = _mm512_cvtneps_pbh(x);
-        std::memcpy(dq + r * D + c, &h, 32);
-      }}
+    for (int64_t r = 0; r < rows_all; ++r) sum_partials(dq + r * D, dq_threads, r, rows_all, D, team);
   }}
   omp_set_schedule(saved_kind, saved_chunk);
   return error;
