@@ -62,7 +62,7 @@ class Kernel:
         self._built: dict[str, Executable] = {}  # target -> its executable; shared with rebound() twins
         self._last_call: dump.Call | None = None  # lengths and runtime tensors of the last call, for dump()
         self._dumped_to: Path | None = None  # ATTNCC_DUMP_DIR folder whose map waits for a call's tensors
-        self._lists: dict[tuple[int, int, int], TileLists] = {}
+        self._lists: dict[tuple[int, ...], TileLists] = {}
         self.block_size = self.plan.tiles
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
 
@@ -107,13 +107,17 @@ class Kernel:
         """True when the block map depends on the lengths only (no runtime or captured tensors)."""
         return not self.spec.runtime_tensors() and not self.spec.captured
 
-    def _lists_for(self, shape: CallShape, bound: dict[str, torch.Tensor]) -> TileLists:
-        """Tile lists of a call; cached per shape when the mask is static."""
-        key = (shape.batch, shape.q_len, shape.kv_len)
+    def _lists_for(
+        self, shape: CallShape, bound: dict[str, torch.Tensor], block: tuple[int, int] | None = None
+    ) -> TileLists:
+        """Tile lists of a call at ``block`` (default: the plan's tiles); cached per shape and block when the mask
+        is static."""
+        block = block or self.plan.tiles
         if not self._static():
-            return TileLists.of(self._map(shape, bound))
+            return TileLists.of(self._map(shape, bound, block))
+        key = (shape.batch, shape.q_len, shape.kv_len, *block)
         if key not in self._lists:
-            self._lists[key] = TileLists.of(self._map(shape, bound))
+            self._lists[key] = TileLists.of(self._map(shape, bound, block))
         return self._lists[key]
 
     def __call__(

@@ -77,6 +77,7 @@ class KernelPlan:
     value_dim: int
     scale: float
     tiles: tuple[int, int]
+    backward_tiles: tuple[int, int]  # the tiles of the backwards that gain from others (the cpu's bf16 one)
     layout: str  # banded | static | runtime | dense
     bands: tuple[BandPlan, ...]
     mask: sympy.Basic
@@ -148,7 +149,9 @@ class KernelPlan:
             f"head_dim {self.head_dim}" + (f", value_dim {self.value_dim}" if self.value_dim != self.head_dim else "")
             + f", {heads}",
             f"  scale       {self.scale:g}",
-            f"  tiles       {self.tiles[0]} x {self.tiles[1]}, layout {self.layout}",
+            f"  tiles       {self.tiles[0]} x {self.tiles[1]}"
+            + (f" (backward {self.backward_tiles[0]} x {self.backward_tiles[1]})" if self.backward_tiles != self.tiles
+               else "") + f", layout {self.layout}",
         ]  # fmt: skip
         for i, b in enumerate(self.bands):
             lines.append(
@@ -244,12 +247,14 @@ def lower(graph: Graph) -> KernelPlan:
     constants = {t.tensor: np.asarray(t.values) for t in tensors if t.values}
     if isinstance(op, TiledOp):  # the block-sparse pass decided the layout and found the bands: not redone here
         tiles, layout = (op.bq, op.bkv), op.layout
+        backward = (op.bwd_bq, op.bwd_bkv) if op.bwd_bq else tiles
         found = tuple(band_from_range(lo, hi) for lo, hi in op.bands) if layout == "banded" else None
         rec = tiling.recipe(op.mask, constants, bands=found)
         bands = tuple(BandPlan(*x) for x in zip(found or (), op.kv_blocks, op.full_blocks, strict=True))
     else:  # a pipeline without block-sparse: the default tiles, bands found here
         rec = tiling.recipe(op.mask, constants)
         tiles, layout = (64, 64), "banded" if rec.bands else "static"
+        backward = tiles
         bands = tuple(BandPlan(b, *block_ranges(b, *tiles)) for b in rec.bands or ())
     shards = graph.ops_of(HeadShardOp)
     return KernelPlan(
@@ -260,6 +265,7 @@ def lower(graph: Graph) -> KernelPlan:
         value_dim=_int(op.v.shape[3], "value head dim", graph),
         scale=float(op.scale),
         tiles=tiles,
+        backward_tiles=backward,
         layout=layout,
         bands=bands,
         mask=op.mask,

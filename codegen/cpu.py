@@ -9,10 +9,11 @@ are upcast once, O(S * D), and the output cast back); bf16 inputs otherwise run 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,7 @@ class CpuKernel:
         self.source = render(plan)
         self.scale = plan.scale
         self.bq, self.bkv = plan.tiles
+        self.backward_tiles = plan.backward_tiles  # the native bf16 backward walks these (CpuExecutable)
         self.tensors = list(plan.tensors)
         self.grad_tables = list(plan.grad_tables)  # float tables whose gradients it returns
         self.rope = plan.rope  # the runtime rotates q and k when it is given the tables
@@ -252,7 +254,9 @@ class CpuKernel:
             return "blas: this build has no FMA vector unit (no AVX2+FMA or AVX-512)"
         if head_dim % width or self.bkv % width:
             return f"blas: head_dim {head_dim} or kv tile {self.bkv} is not a multiple of {width}"
-        backward = "backward too" if self.bq % 32 == 0 else f"backward fp32 at {self.bq}-row q tiles"
+        bwd_bq, bwd_bkv = self.backward_tiles
+        at = f" at {bwd_bq} x {bwd_bkv} tiles" if self.backward_tiles != (self.bq, self.bkv) else ""
+        backward = f"backward too{at}" if bwd_bq % 32 == 0 else f"backward fp32 at {bwd_bq}-row q tiles"
         if self.has_amx:
             forward = "" if self.bq % 16 == 0 else f" (not at {self.bq}-row q tiles: dot products)"
             bf16 = f"; bf16 inputs: AMX tiles{forward}, {backward}, fp32 accumulation"
@@ -605,10 +609,42 @@ class CpuExecutable(Lazy):
 
     def __init__(self, plan: KernelPlan) -> None:
         super().__init__(plan)
-        self._keeps: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._keeps: dict[tuple[int, ...], torch.Tensor] = {}
+        self._backward: CpuKernel | None = None
+        self._lock = threading.Lock()
 
     def make(self) -> CpuKernel:
         return CpuKernel(self.plan)
+
+    @property
+    def backward_kernel(self) -> CpuKernel:
+        """The kernel the native bf16 backward runs: built at the plan's backward tiles (on first use) when they
+        differ from the forward's, else the forward's kernel."""
+        if self.plan.backward_tiles == self.plan.tiles:
+            return self.kernel  # type: ignore[no-any-return]
+        with self._lock:
+            if self._backward is None:
+                self._backward = CpuKernel(dataclasses.replace(self.plan, tiles=self.plan.backward_tiles))
+                log.info("cpu kernel %s: the bf16 backward walks %d x %d tiles (the forward %d x %d)",
+                         self._backward.path.name, *self.plan.backward_tiles, *self.plan.tiles)  # fmt: skip
+        return self._backward
+
+    def _keep(self, kern: CpuKernel, lists: TileLists, call: Call) -> torch.Tensor:
+        """The partial tiles' records of ``lists`` (``kern``'s tiles), cached per shape and tiles when static."""
+        key = (call.shape.batch, call.shape.q_len, call.shape.kv_len, kern.bq, kern.bkv)
+        keep = self._keeps.get(key) if call.static else None
+        if keep is None:
+            sizes = (call.shape.batch, self.plan.num_heads, call.shape.q_len, call.shape.kv_len)
+            keep = kern.masks(lists, sizes, call.tensors)
+            if call.static:
+                self._keeps[key] = keep
+        return keep
+
+    def _backward_parts(self, call: Call) -> tuple[CpuKernel, TileLists, torch.Tensor]:
+        """(kernel, tile lists, partial-tile records) at the backward tiles, for the native bf16 backward."""
+        kern = self.backward_kernel
+        lists = call.lists(self.plan.backward_tiles)
+        return kern, lists, self._keep(kern, lists, call)
 
     def unsupported(self, call: Call) -> str | None:
         reason = fallback.reason("cpu", call.q, call.tensors, self.plan.grad_tables)
@@ -618,17 +654,12 @@ class CpuExecutable(Lazy):
 
     def run(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         lists = call.lists()
-        shape = (call.shape.batch, call.shape.q_len, call.shape.kv_len)
-        keep = self._keeps.get(shape) if call.static else None
-        if keep is None:
-            sizes = (call.shape.batch, self.plan.num_heads, call.shape.q_len, call.shape.kv_len)
-            keep = self.kernel.masks(lists, sizes, call.tensors)
-            if call.static:
-                self._keeps[shape] = keep
+        keep = self._keep(self.kernel, lists, call)
         learn = tuple(fallback.learned(call.tensors))
         recompute = functools.partial(call.recompute, tables=call.rope)
+        parts = functools.partial(self._backward_parts, call)
         o, lse = CpuAttention.apply(call.q, call.k, call.v, self.kernel, lists, keep, call.tensors, call.rope,
-                                    recompute, learn, *(call.tensors[n] for n in learn))  # fmt: skip
+                                    recompute, parts, learn, *(call.tensors[n] for n in learn))  # fmt: skip
         return o, lse
 
 
@@ -652,12 +683,15 @@ class CpuAttention(torch.autograd.Function):
         tensors: dict[str, torch.Tensor],
         tables: tuple[torch.Tensor, torch.Tensor] | None,
         recompute: fallback.Recompute,
+        backward_parts: Callable[[], tuple[CpuKernel, TileLists, torch.Tensor]],
         learn: tuple[str, ...],
         *learned: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``learned``: the tensors of ``tensors`` named in ``learn`` (float tables the score mod reads
         that require grad), passed again so that autograd routes their gradients. ``recompute``: the
-        call on the reference target, for differentiable gradients (``create_graph=True``)."""
+        call on the reference target, for differentiable gradients (``create_graph=True``).
+        ``backward_parts``: the kernel, tile lists and partial-tile records at the plan's backward tiles,
+        which the native bf16 backward walks (made when it first runs)."""
         dtype = q.dtype
         rope = rope_tables(tables)
         if dtype == torch.bfloat16 and kern.native_bf16(q.shape[3], rope is not None):
@@ -675,20 +709,22 @@ class CpuAttention(torch.autograd.Function):
             ctx.native = False
         ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype, ctx.rope = kern, lists, keep, tensors, dtype, rope
         ctx.learn, ctx.recompute, ctx.inputs = learn, recompute, (q, k, v, *learned)
+        ctx.backward_parts = backward_parts
         return o.to(dtype), lse
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
         if torch.is_grad_enabled():  # create_graph=True: the C++ backward is not differentiable
             q, k, v, *rest = fallback.second_order(ctx.recompute, ctx.inputs, ctx.learn, ctx.tensors, (do, dlse))
-            return q, k, v, None, None, None, None, None, None, None, *rest
+            return q, k, v, None, None, None, None, None, None, None, None, *rest
         dlsef = None if dlse is None else dlse.to(torch.float32).contiguous()
         found = None
         if ctx.native:  # bf16 saved as given: the products on AMX tiles where the machine has them
             q16, k16, v16, o, lse = ctx.saved_tensors
             do16 = do.to(torch.bfloat16).contiguous()
-            found = ctx.kern.backward_bf16(
-                q16, k16, v16, o, do16, lse.contiguous(), dlsef, ctx.lists, ctx.keep, ctx.tensors, ctx.learn
+            kern, lists, keep = ctx.backward_parts()
+            found = kern.backward_bf16(
+                q16, k16, v16, o, do16, lse.contiguous(), dlsef, lists, keep, ctx.tensors, ctx.learn
             )
         if found is None:
             qf, kf, vf, o, lse = (t.to(torch.float32).contiguous() for t in ctx.saved_tensors)
@@ -698,4 +734,5 @@ class CpuAttention(torch.autograd.Function):
             )
         dq, dk, dv, grads = found
         learned = [grads[n].to(ctx.tensors[n].dtype) for n in ctx.learn]
-        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None, None, None, *learned
+        grads_qkv = dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype)
+        return *grads_qkv, None, None, None, None, None, None, None, None, *learned

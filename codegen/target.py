@@ -36,9 +36,10 @@ class Call:
     """One validated call as every target receives it.
 
     tensors: the bound runtime tensors (captured ones included); rope: the (cos, sin) tables or None;
-    lists: this call's tile lists from the plan's block-map recipe (computed on first use, cached by the
-    kernel when the map is static); static: the map depends on the lengths only (a target may cache what
-    it derives from it per shape); recompute: the call on the reference target, for second-order gradients.
+    lists: this call's tile lists from the plan's block-map recipe, at the plan's tiles or at the ``block`` it
+    is given (``lists((32, 128))``; computed on first use, cached by the kernel when the map is static);
+    static: the map depends on the lengths only (a target may cache what it derives from it per shape);
+    recompute: the call on the reference target, for second-order gradients.
     """
 
     q: torch.Tensor
@@ -47,7 +48,7 @@ class Call:
     shape: CallShape
     tensors: dict[str, torch.Tensor]
     rope: tuple[torch.Tensor, torch.Tensor] | None
-    lists: Callable[[], TileLists]
+    lists: Callable[..., TileLists]
     static: bool
     recompute: Callable[..., Any]
 

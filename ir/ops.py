@@ -19,13 +19,16 @@ and result::
                                  heads: str}
                                                                          : [B, Hq, Sq, D]
     %o  = attn.tiled %q, %k, %v {<attn.fused's>, bq: int, bkv: int, layout: str,
-                                 bands: bands, kv_blocks: bands, full_blocks: bands}  : [B, Hq, Sq, D]
+                                 bands: bands, kv_blocks: bands, full_blocks: bands,
+                                 bwd_bq: int, bwd_bkv: int}                 : [B, Hq, Sq, D]
     %o  = attn.linear %q, %k, %v {groups: int, phi: expr, causal: int, normalize: int, eps: float,
                                   chunk: int}                            : [B, Hq, S, D]   phi in x
     %o1 = attn.head_shard %o {world: int, owner: ints}                   : shape of %o
           attn.return %o
 
 ``heads`` (printed only when set) names a runtime int table: query head h reads kv head ``heads[h]``.
+``bwd_bq``, ``bwd_bkv`` (printed only when set) are the tiles of the backwards that walk other tiles than the
+forward (the cpu target's native bf16 backward).
 
 Decomposed form (what front ends produce)::
 
@@ -354,6 +357,8 @@ class TiledOp(AttentionOp):
     "banded" (closed-form kv ranges per q-block, given by ``bands`` in keys and ``kv_blocks`` /
     ``full_blocks`` in blocks, before clipping to the lengths), "static" (a tile list built once
     per length), "runtime" (built per call from runtime tensors) or "dense" (every tile, all partial).
+    ``bwd_bq`` x ``bwd_bkv``: other tiles for the backwards that gain from them (printed only when set;
+    0 x 0: the forward's); the map at those tiles is built from the same recipe.
     """
 
     name: ClassVar[str] = "attn.tiled"
@@ -365,18 +370,25 @@ class TiledOp(AttentionOp):
         "bands": BANDS,
         "kv_blocks": BANDS,
         "full_blocks": BANDS,
+        "bwd_bq": INT,
+        "bwd_bkv": INT,
     }
+    optional: ClassVar[frozenset[str]] = frozenset({"heads", "bwd_bq", "bwd_bkv"})
     bq: int = 64
     bkv: int = 64
     layout: str = "dense"
     bands: Bands = ()
     kv_blocks: Bands = ()
     full_blocks: Bands = ()
+    bwd_bq: int = 0
+    bwd_bkv: int = 0
 
     def verify(self) -> None:
         AttentionOp.verify(self)
         if self.bq < 1 or self.bkv < 1:
             raise self.fail(f"tile sizes must be >= 1, got {self.bq}x{self.bkv}")
+        if (self.bwd_bq, self.bwd_bkv) != (0, 0) and (self.bwd_bq < 1 or self.bwd_bkv < 1):
+            raise self.fail(f"backward tiles must be >= 1 (or both 0: the forward's), got {self.bwd_bq}x{self.bwd_bkv}")
         if self.layout not in ("banded", "static", "runtime", "dense"):
             raise self.fail(f"layout must be banded, static, runtime or dense, got {self.layout!r}")
         if (self.layout == "banded") != bool(self.bands):

@@ -56,13 +56,17 @@ def _probe(op: AttentionOp, graph: Graph) -> str | None:
 @dataclass(frozen=True)
 class BlockSparse(Pass):
     """Split each attention into bq x bkv tiles; banded masks get closed-form kv ranges. Tiles left at 0
-    (``block-sparse{target=cpu,n=4096}``) are chosen by the cost model for ``target`` at ``n`` x ``n``."""
+    (``block-sparse{target=cpu,n=4096}``) are chosen by the cost model for ``target`` at ``n`` x ``n``, and
+    so are the backward tiles (``costmodel.backward_tiles``) unless ``bwd_bq``, ``bwd_bkv`` name them.
+    Given tiles (``block-sparse{bq=64,bkv=64}``) serve the backward too, and so do the tiles of a block list."""
 
     name: ClassVar[str] = "block-sparse"
     bq: int = 0
     bkv: int = 0
     target: str = "cpu"
     n: int = 4096
+    bwd_bq: int = 0
+    bwd_bkv: int = 0
 
     def run(self, graph: Graph) -> Graph:
         ops: list[Op] = []
@@ -88,10 +92,22 @@ class BlockSparse(Pass):
         log.debug("block-sparse: %s tiles %s chosen by the %s cost model at %d", op.result, chosen, self.target, self.n)
         return chosen
 
+    def backward_tiles(self, op: AttentionOp, tiles: tuple[int, int]) -> tuple[int, int]:
+        """(bwd_bq, bwd_bkv) of the tiled op: the options, else the cost model's when it chose the forward's too
+        (and no block list fixes the tiles); (0, 0) when they are the forward's."""
+        if self.bwd_bq > 0 and self.bwd_bkv > 0:
+            chosen = (self.bwd_bq, self.bwd_bkv)
+        elif (self.bq > 0 and self.bkv > 0) or in_blocks(op.mask):
+            chosen = tiles
+        else:
+            chosen = costmodel.backward_tiles(self.target, tiles)
+        return (0, 0) if chosen == tiles else chosen
+
     def _tile(self, op: AttentionOp, graph: Graph) -> TiledOp:
         fields = {f.name: getattr(op, f.name) for f in dataclasses.fields(op)}
         bq, bkv = self.tiles(op, graph)
-        base = TiledOp(**fields, bq=bq, bkv=bkv)
+        bwd_bq, bwd_bkv = self.backward_tiles(op, (bq, bkv))
+        base = TiledOp(**fields, bq=bq, bkv=bkv, bwd_bq=bwd_bq, bwd_bkv=bwd_bkv)
         constants = frozenset(t.tensor for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.values)
         runtime = {str(a.base) for a in op.mask.atoms(sympy.Indexed)} - constants
         if op.mask is sympy.true:

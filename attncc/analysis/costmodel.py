@@ -29,6 +29,12 @@ CANDIDATES = {
 }
 SATURATE = {"triton": 128 * 64, "cpu": 64 * 64, "reference": 64 * 64}
 OVERHEAD = {"triton": 2.0e4, "cpu": 5.0e4, "reference": 0.0}  # in FLOP-equivalents per tile
+# Tiles of the backwards that gain from other tiles than the forward's. cpu: the native bf16 backward (AMX tiles or
+# AVX512_BF16), whose dQ += dS K product has only bkv of depth per kv block: 128-key tiles halve its accumulator
+# traffic. Measured 2026-12-02/03 at 4K, H=8 (AMX machine): 32 x 128 was the fastest or within 3% of it on causal,
+# sliding window, prefix-LM, document and 2-D neighborhood at head dims 64 and 128, up to 1.2x faster than the
+# forward's tiles (``benchmarks/cpu.py`` shows the end result); the forward and the fp32 backward keep theirs.
+BACKWARD_TILES = {"cpu": (32, 128)}
 
 
 def representative_length(spec: AttentionSpec) -> int:
@@ -73,6 +79,15 @@ def choose_tiles(
         if cost < best_cost:
             best, best_cost = (bq, bkv), cost
     return best
+
+
+def backward_tiles(target: str, tiles: tuple[int, int]) -> tuple[int, int]:
+    """The tiles ``target``'s backwards walk when the forward walks ``tiles`` (see :data:`BACKWARD_TILES`).
+
+    >>> backward_tiles("cpu", (64, 64)), backward_tiles("triton", (128, 64))
+    ((32, 128), (128, 64))
+    """
+    return BACKWARD_TILES.get(target, tiles)
 
 
 # ---- head placement (the head-shard pass and ac.shard_heads) ----------------------------------------------

@@ -379,6 +379,65 @@ def test_native_bf16_backward(isa: str, head_dim: int, monkeypatch: pytest.Monke
         assert float((got.double() - ref).abs().max()) <= 2e-2 * scale, (float((got.double() - ref).abs().max()), scale)
 
 
+@pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
+@pytest.mark.parametrize("masked", ["band", "document"])
+def test_native_bf16_backward_walks_its_own_tiles(isa: str, masked: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cost model gives the native bf16 backward 32 x 128 tiles (``plan.backward_tiles``) while the forward
+    keeps its own: the backward runs a second kernel at those tiles, on tile lists and partial-tile records built
+    at them (a static map's cached per shape and tiles, so a second call reuses both without mixing them up with
+    the forward's; a runtime map's per call), against the float64 oracle on the same bf16 values."""
+    from attncc.codegen.cpu import CpuKernel
+    from tests.numerics import oracle
+
+    tiles_run: list[tuple[int, int, float]] = []
+    real = CpuKernel.backward_bf16
+
+    def spy(self: CpuKernel, *args: Any, **kwargs: Any) -> Any:
+        found = real(self, *args, **kwargs)
+        lists = args[7]  # CSR rows per (map, q-block) and per (map, kv-block): their ratio is nq / nkv
+        blocks = (len(lists.kv_ptr) - 1) / (len(lists.q_ptr) - 1)
+        tiles_run.append((self.bq, self.bkv, blocks) if found is not None else (0, 0, 0))
+        return found
+
+    monkeypatch.setattr(CpuKernel, "backward_bf16", spy)
+    S, D = 300, 64
+    doc = torch.tensor([0] * 70 + [1] * 150 + [2] * 80)
+    if masked == "band":
+        mask, extra, keep = (
+            ac.causal() & (ac.kv >= ac.q - 100),
+            {},
+            [[0 <= i - j <= 100 for j in range(S)] for i in range(S)],
+        )
+    else:
+        mask, extra = ac.causal() & ac.document(ac.tensor("doc")), {"doc": doc}
+        keep = [[j <= i and bool(doc[i] == doc[j]) for j in range(S)] for i in range(S)]
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=D, mask=mask)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, S, D, generator=g).bfloat16()
+    k, v = (torch.randn(1, 2, S, D, generator=g).bfloat16() for _ in range(2))
+    w = torch.randn(1, 4, S, D, generator=g)
+    with config.override(cpu_isa=isa):
+        kern = ac.compile(spec, target="cpu")
+        assert kern.plan.backward_tiles == (32, 128) != kern.plan.tiles
+        assert "backward too at 32 x 128 tiles" in kern.cpu_kernel().products(D)
+        grads = []
+        for _ in range(2):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            (kern(*leaves, **extra).float() * w).sum().backward()
+            grads.append([t.grad for t in leaves])
+    assert tiles_run == [(32, 128, 10 / 3)] * 2  # 300 rows: 10 q-blocks of 32, 3 kv-blocks of 128
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want, _ = oracle.attention(*ref_in, torch.tensor(keep).expand(1, 4, S, S), D**-0.5)
+    (want * w.double()).sum().backward()
+    for run in grads:
+        for got, ref in zip(run, (t.grad for t in ref_in), strict=True):
+            scale = float(ref.abs().max())
+            assert float((got.double() - ref).abs().max()) <= 2e-2 * scale, (
+                float((got.double() - ref).abs().max()),
+                scale,
+            )
+
+
 def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> None:
     """fp16 (and bf16 where the native path does not apply) runs fp32 on transient upcast copies, logged once with
     the reason; for the backward the autograd node keeps the fp16 inputs, not fp32 copies."""

@@ -11,6 +11,7 @@ import torch
 import attncc as ac
 from attncc.analysis.costmodel import choose_tiles
 from attncc.codegen.interpret import interpret
+from attncc.errors import VerifyError
 from attncc.ir.ops import TiledOp
 from attncc.ir.text import parse_ir, print_ir
 from attncc.lower import spec_to_ir
@@ -77,3 +78,26 @@ def test_cost_model_prefers_big_tiles_for_dense_work_and_smaller_ones_for_narrow
     assert choose_tiles(boolean(narrow.mask), "triton", 8, 64) == (64, 64)
     assert ac.compile(narrow, target="triton", tiles=(32, 32)).pipeline.endswith("block-sparse{bq=32,bkv=32}")
     assert ac.compile(narrow, target="reference", tiles=(16, 32)).block_size == (16, 32)
+
+
+def test_backward_tiles_chosen_with_the_forward_ones_and_printed_only_when_they_differ() -> None:
+    """The cpu cost model gives the backward its own tiles (``costmodel.BACKWARD_TILES``: the native bf16 backward's
+    dQ product gains depth from 128-key tiles); they show in the IR (``bwd_bq``, ``bwd_bkv``, which parse back) and
+    the plan. Given tiles, a block list's tiles and targets without backward tiles keep the forward's, and the
+    pipeline names the backward tiles when asked."""
+    spec = ac.AttentionSpec(num_heads=4, head_dim=64, mask=ac.causal())
+    chosen = ac.compile(spec, target="cpu")
+    assert chosen.plan.backward_tiles == (32, 128) != chosen.plan.tiles
+    assert "bwd_bq = 32, bwd_bkv = 128" in chosen.ir and "(backward 32 x 128)" in str(chosen.plan)
+    assert parse_ir(print_ir(chosen.graph)) == chosen.graph
+    given = ac.compile(spec, target="cpu", tiles=(64, 64))
+    assert given.plan.backward_tiles == (64, 64) and "bwd_bq" not in given.ir and "backward" not in str(given.plan)
+    assert ac.compile(spec, target="reference").plan.backward_tiles == ac.compile(spec, target="reference").plan.tiles
+    listed = ac.AttentionSpec(num_heads=4, head_dim=64, mask=ac.block_indices(ac.tensor("blocks"), 64))
+    assert ac.compile(listed, target="cpu").plan.backward_tiles == (64, 64)
+    options = "canonicalize,fuse,block-sparse{bq=64,bkv=64,bwd_bq=64,bwd_bkv=128}"
+    named = ac.compile(spec, target="cpu", pipeline=options)
+    assert (named.plan.tiles, named.plan.backward_tiles) == ((64, 64), (64, 128))
+    tiled = next(op for op in given.graph.ops if isinstance(op, TiledOp))
+    with pytest.raises(VerifyError, match="backward tiles must be >= 1"):
+        tiled.replace(bwd_bq=32).verify()
