@@ -428,14 +428,21 @@ inline void put(bf16_t* out, float x) {{
 }}
 
 // The backwards' dQ row r (fp32 or bf16): the sum of the team's per-thread partials (thread u's rows at
-// parts + u * rows_all * D), added in thread order
+// parts + u * rows_all * D), added in thread order; 64 columns at a time, threads outside, so that every
+// loop is a plain vector loop (an inner loop over threads kept the compiler to scalar code)
 template <class T>
 inline void sum_partials(T* out, const float* parts, int64_t r, int64_t rows_all, int64_t D, int team) {{
-  #pragma omp simd
-  for (int64_t c = 0; c < D; ++c) {{
-    float x = parts[r * D + c];
-    for (int u = 1; u < team; ++u) x += parts[(u * rows_all + r) * D + c];
-    put(out + c, x);
+  constexpr int64_t W = 64;
+  float x[W];
+  for (int64_t c0 = 0; c0 < D; c0 += W) {{
+    const int64_t w = min_of<int64_t>(W, D - c0);
+    const float* first = parts + r * D + c0;
+    for (int64_t c = 0; c < w; ++c) x[c] = first[c];
+    for (int u = 1; u < team; ++u) {{
+      const float* more = parts + (u * rows_all + r) * D + c0;
+      for (int64_t c = 0; c < w; ++c) x[c] += more[c];
+    }}
+    for (int64_t c = 0; c < w; ++c) put(out + c0 + c, x[c]);
   }}
 }}
 

@@ -36,6 +36,13 @@ log = logging.getLogger("attncc.passes.block_sparse")
 LIST_TILES = (16, 32, 64, 128)  # block sizes of a block list that become the tiles (every target builds these)
 
 
+def _tables(op: AttentionOp, graph: Graph) -> tuple[dict[str, np.ndarray], bool]:
+    """The constant tables' values, and whether the mask reads a runtime tensor (the cost model then costs it
+    dense)."""
+    values = {t.tensor: np.asarray(t.values) for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.values}
+    return values, bool({str(a.base) for a in op.mask.atoms(sympy.Indexed)} - set(values))
+
+
 def _probe(op: AttentionOp, graph: Graph) -> str | None:
     """Why the mask cannot be analysed (None when it can): try it on a tiny tile grid."""
     from attncc.analysis import tiling  # runtime module; imported here to keep the pass import light
@@ -83,16 +90,13 @@ class BlockSparse(Pass):
         for listed in in_blocks(op.mask):  # tiles equal to a block list's blocks: its map is read from the list
             if listed.blocks is not None and all(n in LIST_TILES for n in listed.blocks):
                 return listed.blocks
-        values = {
-            t.tensor: np.asarray(t.values) for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.values
-        }
-        runtime = bool({str(a.base) for a in op.mask.atoms(sympy.Indexed)} - set(values))
+        values, runtime = _tables(op, graph)
         heads, head_dim = int(op.q.shape[1]), int(op.q.shape[3])
         chosen = costmodel.choose_tiles(op.mask, self.target, heads, head_dim, self.n, values, runtime)
         log.debug("block-sparse: %s tiles %s chosen by the %s cost model at %d", op.result, chosen, self.target, self.n)
         return chosen
 
-    def backward_tiles(self, op: AttentionOp, tiles: tuple[int, int]) -> tuple[int, int]:
+    def backward_tiles(self, op: AttentionOp, graph: Graph, tiles: tuple[int, int]) -> tuple[int, int]:
         """(bwd_bq, bwd_bkv) of the tiled op: the options, else the cost model's when it chose the forward's too
         (and no block list fixes the tiles); (0, 0) when they are the forward's."""
         if self.bwd_bq > 0 and self.bwd_bkv > 0:
@@ -100,13 +104,14 @@ class BlockSparse(Pass):
         elif (self.bq > 0 and self.bkv > 0) or in_blocks(op.mask):
             chosen = tiles
         else:
-            chosen = costmodel.backward_tiles(self.target, tiles)
+            values, runtime = _tables(op, graph)
+            chosen = costmodel.backward_tiles(op.mask, self.target, tiles, int(op.q.shape[1]), self.n, values, runtime)
         return (0, 0) if chosen == tiles else chosen
 
     def _tile(self, op: AttentionOp, graph: Graph) -> TiledOp:
         fields = {f.name: getattr(op, f.name) for f in dataclasses.fields(op)}
         bq, bkv = self.tiles(op, graph)
-        bwd_bq, bwd_bkv = self.backward_tiles(op, (bq, bkv))
+        bwd_bq, bwd_bkv = self.backward_tiles(op, graph, (bq, bkv))
         base = TiledOp(**fields, bq=bq, bkv=bkv, bwd_bq=bwd_bq, bwd_bkv=bwd_bkv)
         constants = frozenset(t.tensor for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.values)
         runtime = {str(a.base) for a in op.mask.atoms(sympy.Indexed)} - constants

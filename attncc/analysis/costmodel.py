@@ -30,11 +30,14 @@ CANDIDATES = {
 SATURATE = {"triton": 128 * 64, "cpu": 64 * 64, "reference": 64 * 64}
 OVERHEAD = {"triton": 2.0e4, "cpu": 5.0e4, "reference": 0.0}  # in FLOP-equivalents per tile
 # Tiles of the backwards that gain from other tiles than the forward's. cpu: the native bf16 backward (AMX tiles or
-# AVX512_BF16), whose dQ += dS K product has only bkv of depth per kv block: 128-key tiles halve its accumulator
-# traffic. Measured 2026-12-02/03 at 4K, H=8 (AMX machine): 32 x 128 was the fastest or within 3% of it on causal,
-# sliding window, prefix-LM, document and 2-D neighborhood at head dims 64 and 128, up to 1.2x faster than the
-# forward's tiles (``benchmarks/cpu.py`` shows the end result); the forward and the fp32 backward keep theirs.
-BACKWARD_TILES = {"cpu": (32, 128)}
+# AVX512_BF16), whose dQ += dS K product loads and stores its fp32 dQ rows once per kv block: wider kv tiles give it
+# more depth per load (its cost per computed key falls as 1 + DQ_TRAFFIC / bkv), while their edges compute more
+# keys that the mask drops. Measured 2026-12-03 at 4K, H=8, D=64 and 128 (AMX machine): against the forward's
+# tiles, 32 x 128 was 1.0-1.13x faster on causal, sliding window, prefix-LM, document and 2-D neighborhood;
+# 32 x 256 another 1.04-1.07x on causal and 0.93-0.99x on sliding window (31% more keys computed) and document.
+# Runtime masks (costed dense) take the first candidate. The forward and the fp32 backward keep their tiles.
+BACKWARD_CANDIDATES = {"cpu": [(32, 128), (32, 256)]}
+DQ_TRAFFIC = 25.6  # keys: 1.2x at bkv = 128, 1.1x at 256 (fitted to the causal and sliding-window runs above)
 
 
 def representative_length(spec: AttentionSpec) -> int:
@@ -81,13 +84,46 @@ def choose_tiles(
     return best
 
 
-def backward_tiles(target: str, tiles: tuple[int, int]) -> tuple[int, int]:
-    """The tiles ``target``'s backwards walk when the forward walks ``tiles`` (see :data:`BACKWARD_TILES`).
+def backward_tiles(
+    mask: sympy.Basic,
+    target: str,
+    tiles: tuple[int, int],
+    num_heads: int,
+    n: int = 4096,
+    constants: dict[str, np.ndarray] | None = None,
+    runtime: bool = False,
+) -> tuple[int, int]:
+    """The tiles ``target``'s backwards walk when the forward walks ``tiles`` (``tiles`` itself for a target
+    without :data:`BACKWARD_CANDIDATES`): the candidate with the fewest computed keys weighted by
+    ``1 + DQ_TRAFFIC / bkv`` at ``n`` x ``n`` (arguments as :func:`choose_tiles`).
 
-    >>> backward_tiles("cpu", (64, 64)), backward_tiles("triton", (128, 64))
-    ((32, 128), (128, 64))
+    >>> import attncc as ac
+    >>> from attncc.passes.normalize import boolean
+    >>> def mask(m):
+    ...     return boolean(ac.AttentionSpec(num_heads=8, head_dim=64, mask=m).mask)
+    >>> backward_tiles(mask(ac.causal()), "cpu", (64, 64), 8), backward_tiles(mask(ac.causal()), "triton", (128, 64), 8)
+    ((32, 256), (128, 64))
+    >>> backward_tiles(mask(ac.sliding_window(255)), "cpu", (64, 64), 8)  # 256-key tiles: 31% more keys
+    (32, 128)
     """
-    return BACKWARD_TILES.get(target, tiles)
+    from attncc.analysis import tiling
+
+    candidates = BACKWARD_CANDIDATES.get(target)
+    if not candidates:
+        return tiles
+    if runtime:
+        return candidates[0]
+    rec = tiling.recipe(mask, constants or {})
+    best, best_cost = candidates[0], math.inf
+    for bq, bkv in candidates:
+        try:
+            bm = tiling.build(rec, n, n, (bq, bkv), num_heads, 1)
+        except UnsupportedError:
+            return candidates[0]
+        cost = bm.num_computed_blocks / bm.num_maps * bq * bkv * (1 + DQ_TRAFFIC / bkv)
+        if cost < best_cost:
+            best, best_cost = (bq, bkv), cost
+    return best
 
 
 # ---- head placement (the head-shard pass and ac.shard_heads) ----------------------------------------------

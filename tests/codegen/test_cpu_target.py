@@ -380,12 +380,13 @@ def test_native_bf16_backward(isa: str, head_dim: int, monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
-@pytest.mark.parametrize("masked", ["band", "document"])
+@pytest.mark.parametrize("masked", ["causal", "band", "document"])
 def test_native_bf16_backward_walks_its_own_tiles(isa: str, masked: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The cost model gives the native bf16 backward 32 x 128 tiles (``plan.backward_tiles``) while the forward
-    keeps its own: the backward runs a second kernel at those tiles, on tile lists and partial-tile records built
-    at them (a static map's cached per shape and tiles, so a second call reuses both without mixing them up with
-    the forward's; a runtime map's per call), against the float64 oracle on the same bf16 values."""
+    """The cost model gives the native bf16 backward 32 x 256 tiles (causal) or 32 x 128 ones (narrower masks, and
+    runtime ones; ``plan.backward_tiles``) while the forward keeps its own: the backward runs a second kernel at
+    those tiles, on tile lists and partial-tile records built at them (a static map's cached per shape and tiles,
+    so a second call reuses both without mixing them up with the forward's; a runtime map's per call), against
+    the float64 oracle on the same bf16 values."""
     from attncc.codegen.cpu import CpuKernel
     from tests.numerics import oracle
 
@@ -402,7 +403,9 @@ def test_native_bf16_backward_walks_its_own_tiles(isa: str, masked: str, monkeyp
     monkeypatch.setattr(CpuKernel, "backward_bf16", spy)
     S, D = 300, 64
     doc = torch.tensor([0] * 70 + [1] * 150 + [2] * 80)
-    if masked == "band":
+    if masked == "causal":
+        mask, extra, keep = ac.causal(), {}, [[j <= i for j in range(S)] for i in range(S)]
+    elif masked == "band":
         mask, extra, keep = (
             ac.causal() & (ac.kv >= ac.q - 100),
             {},
@@ -418,14 +421,15 @@ def test_native_bf16_backward_walks_its_own_tiles(isa: str, masked: str, monkeyp
     w = torch.randn(1, 4, S, D, generator=g)
     with config.override(cpu_isa=isa):
         kern = ac.compile(spec, target="cpu")
-        assert kern.plan.backward_tiles == (32, 128) != kern.plan.tiles
-        assert "backward too at 32 x 128 tiles" in kern.cpu_kernel().products(D)
+        bwd_bkv = kern.plan.backward_tiles[1]
+        assert kern.plan.backward_tiles == ((32, 256) if masked == "causal" else (32, 128)) != kern.plan.tiles
+        assert f"backward too at 32 x {bwd_bkv} tiles" in kern.cpu_kernel().products(D)
         grads = []
         for _ in range(2):
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             (kern(*leaves, **extra).float() * w).sum().backward()
             grads.append([t.grad for t in leaves])
-    assert tiles_run == [(32, 128, 10 / 3)] * 2  # 300 rows: 10 q-blocks of 32, 3 kv-blocks of 128
+    assert tiles_run == [(32, bwd_bkv, 10 / -(-S // bwd_bkv))] * 2  # 300 rows: 10 q-blocks of 32, 3 or 2 kv-blocks
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
     want, _ = oracle.attention(*ref_in, torch.tensor(keep).expand(1, 4, S, S), D**-0.5)
     (want * w.double()).sum().backward()

@@ -87,8 +87,12 @@ def test_backward_tiles_chosen_with_the_forward_ones_and_printed_only_when_they_
     pipeline names the backward tiles when asked."""
     spec = ac.AttentionSpec(num_heads=4, head_dim=64, mask=ac.causal())
     chosen = ac.compile(spec, target="cpu")
-    assert chosen.plan.backward_tiles == (32, 128) != chosen.plan.tiles
-    assert "bwd_bq = 32, bwd_bkv = 128" in chosen.ir and "(backward 32 x 128)" in str(chosen.plan)
+    assert chosen.plan.backward_tiles == (32, 256) != chosen.plan.tiles  # dQ's depth; the diagonal wastes little
+    assert "bwd_bq = 32, bwd_bkv = 256" in chosen.ir and "(backward 32 x 256)" in str(chosen.plan)
+    window = ac.AttentionSpec(num_heads=4, head_dim=64, mask=ac.sliding_window(255))
+    assert ac.compile(window, target="cpu").plan.backward_tiles == (32, 128)  # 256-key tiles: 31% more keys
+    runtime = ac.AttentionSpec(num_heads=4, head_dim=64, mask=ac.causal() & ac.document(ac.tensor("doc")))
+    assert ac.compile(runtime, target="cpu").plan.backward_tiles == (32, 128)  # costed dense: the first candidate
     assert parse_ir(print_ir(chosen.graph)) == chosen.graph
     given = ac.compile(spec, target="cpu", tiles=(64, 64))
     assert given.plan.backward_tiles == (64, 64) and "bwd_bq" not in given.ir and "backward" not in str(given.plan)
