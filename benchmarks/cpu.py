@@ -150,7 +150,8 @@ def main() -> None:
     args = parser.parse_args()
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
     isa = sorted(f for f in toolchain.cpu_flags() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
-    print(f"# B={B} H={H}; torch {torch.__version__}; {machine}; CPU flags: {' '.join(isa)}")
+    build = config.get().cpu_isa
+    print(f"# B={B} H={H}; torch {torch.__version__}; {machine}; CPU flags: {' '.join(isa)}; attncc build: {build}")
     peaks: dict[str, float] = {}
     if args.peaks:
         peaks = {"float32": sum(fma_peak.measure()), "bfloat16": fma_peak.matmul_rate(torch.bfloat16)}

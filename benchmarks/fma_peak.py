@@ -6,7 +6,9 @@ Then times torch.mm in fp32 and bf16 (oneDNN uses AVX512_BF16 / AMX where the CP
 denominators of the bf16 figures.
 
 Compiles a loop of 12 independent 8-lane (AVX2; 16 with AVX-512 via -march=native) FMA chains with
-the system compiler and runs one copy per core at once; prints GFLOP/s per core and their sum.
+the system compiler and runs one copy per core at once; prints GFLOP/s per core and their sum. Under
+``ATTNCC_CPU_ISA=avx2`` it is built as the cpu target's kernels then are (no AVX-512): the AVX2 peak, the
+denominator of an AVX2 build's figures.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from attncc import config
 from attncc.codegen import toolchain
 
 SOURCE = r"""
@@ -57,7 +60,17 @@ def measure() -> list[float]:
         src, exe = Path(tmp) / "peak.cpp", Path(tmp) / "peak"
         src.write_text(SOURCE)
         subprocess.run(
-            [toolchain.compiler(), "-O2", "-march=native", "-ffp-contract=fast", str(src), "-o", str(exe)], check=True
+            [
+                toolchain.compiler(),
+                "-O2",
+                "-march=native",
+                *toolchain.isa_flags(config.get().cpu_isa),
+                "-ffp-contract=fast",
+                str(src),
+                "-o",
+                str(exe),
+            ],
+            check=True,
         )
         runs = [subprocess.Popen([str(exe)], stdout=subprocess.PIPE, text=True) for _ in range(cores)]
         return [float(r.communicate()[0].split()[0]) for r in runs]
