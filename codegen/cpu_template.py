@@ -270,6 +270,7 @@ RUNTIME = (
     r"""// attncc cpu runtime: the fixed forward and backward for {bq}x{bkv} tiles, shared by every spec
 // with these tiles; the spec's own code (mask bytes, score mod, derivatives) comes from its library
 // through Hooks
+#include <algorithm>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>  // the softmax's and the native bf16 products' intrinsics (the spec libraries stay light)
@@ -1040,6 +1041,9 @@ inline void amx_configure() {{
     cfg[16 + 2 * t] = 64;
     cfg[48 + t] = 16;
   }}
+  // GCC's _tile_loadconfig declares a read of only the first 8 bytes (an "m" operand of one pointer), so the
+  // stores above may be dropped as dead (seen: a #GP from ldtilecfg on a config of zeros); this barrier keeps them
+  __asm__ __volatile__("" : : "r"(cfg) : "memory");
   _tile_loadconfig(cfg);
 }}
 
@@ -1676,6 +1680,35 @@ extern "C" int attncc_backward_bf16(
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
+  // Whole kv heads (b, hk) per thread where their tiles split evenly (largest first, to the least loaded thread):
+  // each dQ row then has one writer, so the team shares one fp32 dQ (no per-thread partials to zero and sum:
+  // O(threads * B * H * Sq * D) memory traffic less, a large part of a sparse mask's backward), and the result does
+  // not depend on the schedule. Else (few heads, or heads of unequal work) kv blocks are dealt out dynamically.
+  const int64_t groups = B * Hkv;
+  std::vector<int> owner((size_t)groups, 0);
+  bool own = false;
+  if (threads > 1 && groups >= threads) {{
+    std::vector<std::pair<int64_t, int64_t>> work_of((size_t)groups);  // (computed tiles, group)
+    for (int64_t gk = 0; gk < groups; ++gk) {{
+      int64_t tiles = 0;
+      for (int64_t g = HEADS[H + gk % Hkv]; g < HEADS[H + gk % Hkv + 1]; ++g) {{
+        const int64_t h = HEADS[H + Hkv + 1 + g];
+        const int64_t pair = (maps_b > 1 ? gk / Hkv : 0) * maps_h + (maps_h > 1 ? h : 0);
+        tiles += q_ptr[((int64_t)map_of[pair] + 1) * nkv] - q_ptr[(int64_t)map_of[pair] * nkv];
+      }}
+      work_of[(size_t)gk] = {{tiles, gk}};
+    }}
+    std::sort(work_of.begin(), work_of.end(), [](const auto& a, const auto& b) {{ return a.first > b.first; }});
+    std::vector<int64_t> load((size_t)threads, 0);
+    int64_t total = 0;
+    for (const auto& [tiles, gk] : work_of) {{
+      const int u = (int)(std::min_element(load.begin(), load.end()) - load.begin());
+      owner[(size_t)gk] = u;
+      load[(size_t)u] += tiles;
+      total += tiles;
+    }}
+    own = *std::max_element(load.begin(), load.end()) * threads <= total + total / 20;  // within 5% of even
+  }}
   omp_sched_t saved_kind;
   int saved_chunk;
   omp_get_schedule(&saved_kind, &saved_chunk);
@@ -1691,12 +1724,22 @@ extern "C" int attncc_backward_bf16(
     std::vector<bf16_t> t16((size_t)2 * D * LDT);  // dK^T, dV^T in bf16
     std::vector<bf16_t> qpad((size_t)WQ * D), dopad((size_t)WQ * D), pp((size_t)(PEND + 32) * JW),
         dsp((size_t)(PEND + 32) * JW), ds((size_t)(WQ + 32) * SW);
-    float* dq_mine = dq_threads + (int64_t)omp_get_thread_num() * rows_all * D;
-    float* tg_mine = spec.table_grads && tgrad ? tgrad + (int64_t)omp_get_thread_num() * tgrad_total : nullptr;
-    std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
+    const int team = omp_get_num_threads(), me = omp_get_thread_num();
+    const bool mine_only = own && team == threads;  // (a smaller team than asked for deals kv blocks out)
+    float* dq_mine = mine_only ? dq_threads : dq_threads + (int64_t)me * rows_all * D;
+    float* tg_mine = spec.table_grads && tgrad ? tgrad + (int64_t)me * tgrad_total : nullptr;
+    const auto my_rows = [&](auto&& rows_of) {{  // the dQ rows (b, h, all of Sq) of this thread's query heads
+      for (int64_t gk = 0; gk < groups; ++gk)
+        if (owner[(size_t)gk] == me)
+          for (int64_t g = HEADS[H + gk % Hkv]; g < HEADS[H + gk % Hkv + 1]; ++g)
+            rows_of((gk / Hkv * H + HEADS[H + Hkv + 1 + g]) * Sq);
+    }};
+    if (mine_only)
+      my_rows([&](int64_t r0) {{ std::memset(dq_mine + r0 * D, 0, sizeof(float) * Sq * D); }});
+    else
+      std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
     if (tiles) amx_configure();
-    #pragma omp for schedule(runtime)
-    for (int64_t task = 0; task < B * Hkv * nkv; ++task) {{
+    const auto run_task = [&](int64_t task) {{
       const int64_t kb = task % nkv, hk = (task / nkv) % Hkv, b = task / (nkv * Hkv);
       const int64_t k0 = kb * BKV;
       const int cols = (int)min_of<int64_t>(BKV, Skv - k0), cols32 = up_nr(cols);
@@ -1840,11 +1883,24 @@ extern "C" int attncc_backward_bf16(
           dkp[j * D + c] = t16[c * LDT + j];
           dvp[j * D + c] = t16[(D + c) * LDT + j];
         }}
+    }};
+    if (mine_only) {{
+      for (int64_t gk = 0; gk < groups; ++gk)
+        if (owner[(size_t)gk] == me)
+          for (int64_t kb = 0; kb < nkv; ++kb) run_task(gk * nkv + kb);
+    }} else {{
+      #pragma omp for schedule(runtime)
+      for (int64_t task = 0; task < B * Hkv * nkv; ++task) run_task(task);
     }}
     if (tiles) amx_release();
-    const int team = omp_get_num_threads();  // dQ = the sum of the team's partials (after the loop's barrier)
-    #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows_all; ++r) sum_partials(dq + r * D, dq_threads, r, rows_all, D, team);
+    if (mine_only) {{  // this thread's rows of the shared dQ, rounded to bf16
+      my_rows([&](int64_t r0) {{
+        for (int64_t r = r0; r < r0 + Sq; ++r) sum_partials(dq + r * D, dq_threads, r, rows_all, D, 1);
+      }});
+    }} else {{  // dQ = the sum of the team's partials (after the loop's barrier)
+      #pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows_all; ++r) sum_partials(dq + r * D, dq_threads, r, rows_all, D, team);
+    }}
   }}
   omp_set_schedule(saved_kind, saved_chunk);
   return error;

@@ -442,6 +442,47 @@ def test_native_bf16_backward_walks_its_own_tiles(isa: str, masked: str, monkeyp
             )
 
 
+@pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
+@pytest.mark.parametrize("windows", [(300, 300, 300, 300), (8, 8, 8, 300)], ids=["equal_heads", "unequal_heads"])
+def test_native_bf16_backward_shares_dq_between_threads_that_own_whole_heads(
+    isa: str, windows: tuple[int, ...]
+) -> None:
+    """With two threads and kv heads of equal work, the bf16 backward gives each thread whole heads, largest first
+    (each dQ row then has one writer: one shared fp32 dQ, no per-thread partials to sum); with heads of unequal
+    work (per-head windows 8 and 300) it deals kv blocks out instead. Both against the float64 oracle; two runs
+    agree bit for bit: the owners' by construction, the dealt-out ones under ``use_deterministic_algorithms``."""
+    from tests.numerics import oracle
+
+    S, D = 260, 64
+    spec = ac.AttentionSpec(num_heads=4, head_dim=D, mask=ac.sliding_window(ac.per_head(list(windows), "w")))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, S, D, generator=g).bfloat16() for _ in range(3))
+    w = torch.randn(1, 4, S, D, generator=g)
+    threads, before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(len(set(windows)) > 1)
+    try:
+        with config.override(cpu_isa=isa):
+            kern = ac.compile(spec, target="cpu")
+            runs = []
+            for _ in range(2):
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                (kern(*leaves).float() * w).sum().backward()
+                runs.append([t.grad for t in leaves])
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(before)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    keep = torch.tensor([[[0 <= i - j <= windows[h] for j in range(S)] for i in range(S)] for h in range(4)])
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want, _ = oracle.attention(*ref_in, keep.unsqueeze(0), D**-0.5)
+    (want * w.double()).sum().backward()
+    for got, ref in zip(runs[0], (t.grad for t in ref_in), strict=True):
+        scale = float(ref.abs().max())
+        assert float((got.double() - ref).abs().max()) <= 2e-2 * scale, (float((got.double() - ref).abs().max()), scale)
+
+
 def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> None:
     """fp16 (and bf16 where the native path does not apply) runs fp32 on transient upcast copies, logged once with
     the reason; for the backward the autograd node keeps the fp16 inputs, not fp32 copies."""

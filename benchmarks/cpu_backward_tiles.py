@@ -1,0 +1,63 @@
+"""The native bf16 backward at its own tiles (``plan.backward_tiles``, chosen by the cost model) against the same
+backward at the forward's tiles, side by side in one process.
+
+    python benchmarks/cpu_backward_tiles.py                      # 4K, H=8, D=32/64/128, five masks
+    python benchmarks/cpu_backward_tiles.py --masks causal --head-dims 128
+
+Each contender is the same spec compiled twice: with the cost model's pipeline, and with
+``block-sparse{bq=..,bkv=..}`` naming the forward's tiles (given tiles serve the backward too). The backward
+is timed alone on a retained graph (``torch.autograd.grad``), best of ``--reps`` rounds that call both.
+Needs a CPU with AVX512_BF16 (the native bf16 backward); elsewhere bf16 upcasts and both columns run fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from cpu import MASKS, B, H, attncc_mask, doc_ids  # benchmarks/cpu.py
+
+import attncc as ac
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--masks", nargs="+", default=MASKS)
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    print(f"# B={B} H={H} N={args.n} bf16; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| mask | D | forward tiles | backward tiles | bwd ms at forward tiles | bwd ms at backward tiles | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.masks:
+        for d in args.head_dims:
+            spec = ac.AttentionSpec(num_heads=H, head_dim=d, mask=attncc_mask(name, args.n))
+            chosen = ac.compile(spec, target="cpu")
+            bq, bkv = chosen.plan.tiles
+            same = ac.compile(spec, target="cpu", pipeline=f"canonicalize,fuse,block-sparse{{bq={bq},bkv={bkv}}}")
+            extra = {"doc": doc_ids(args.n)} if name == "document" else {}
+            q, k, v = (torch.randn(B, H, args.n, d).bfloat16().requires_grad_() for _ in range(3))
+            graphs = []
+            for kern in (same, chosen):
+                o = kern(q, k, v, **extra)
+                do = torch.randn_like(o)
+                torch.autograd.grad(o, (q, k, v), do, retain_graph=True)  # warm-up (builds the backward kernel)
+                graphs.append((o, do, []))
+            for _ in range(args.reps):
+                for o, do, times in graphs:
+                    start = time.perf_counter()
+                    torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+                    times.append(time.perf_counter() - start)
+            at_fwd, at_bwd = (min(t) * 1e3 for _, _, t in graphs)
+            tiles = chosen.plan.backward_tiles
+            print(
+                f"| {name} | {d} | {bq}x{bkv} | {tiles[0]}x{tiles[1]} | {at_fwd:.1f} | {at_bwd:.1f} | "
+                f"{at_fwd / at_bwd:.2f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
