@@ -604,8 +604,9 @@ class CpuKernel:
 
 
 class CpuExecutable(Lazy):
-    """The cpu target's executable: the compiled library (built or loaded on first use) and the partial-tile
-    masks of static maps, per call shape."""
+    """The cpu target's executable: the compiled library (built or loaded on first use), the native bf16
+    backward's kernel at the plan's backward tiles (``backward_kernel``, built when it first runs), and the
+    partial-tile records of static maps, per call shape and tiles."""
 
     def __init__(self, plan: KernelPlan) -> None:
         super().__init__(plan)
