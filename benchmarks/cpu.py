@@ -119,6 +119,7 @@ def run(name: str, n: int, dtype: torch.dtype, reps: int, backward: bool, head_d
         fns["attncc_bwd"] = lambda: torch.autograd.grad(o, (qg, kg, vg), do, retain_graph=True)
     fmask = flex_mask(name, n)
     block = create_block_mask(fmask, 1, 1, n, n, device="cpu")
+    torch._dynamo.reset()  # each row compiles afresh: no row falls back to eager at dynamo's recompile limit
     compiled = torch.compile(flex_attention)
     start = time.perf_counter()
     try:
