@@ -1690,22 +1690,22 @@ extern "C" int attncc_backward_bf16(
   if (threads > 1 && groups >= threads) {{
     std::vector<std::pair<int64_t, int64_t>> work_of((size_t)groups);  // (computed tiles, group)
     for (int64_t gk = 0; gk < groups; ++gk) {{
-      int64_t tiles = 0;
+      int64_t computed = 0;
       for (int64_t g = HEADS[H + gk % Hkv]; g < HEADS[H + gk % Hkv + 1]; ++g) {{
         const int64_t h = HEADS[H + Hkv + 1 + g];
         const int64_t pair = (maps_b > 1 ? gk / Hkv : 0) * maps_h + (maps_h > 1 ? h : 0);
-        tiles += q_ptr[((int64_t)map_of[pair] + 1) * nkv] - q_ptr[(int64_t)map_of[pair] * nkv];
+        computed += q_ptr[((int64_t)map_of[pair] + 1) * nkv] - q_ptr[(int64_t)map_of[pair] * nkv];
       }}
-      work_of[(size_t)gk] = {{tiles, gk}};
+      work_of[(size_t)gk] = {{computed, gk}};
     }}
     std::sort(work_of.begin(), work_of.end(), [](const auto& a, const auto& b) {{ return a.first > b.first; }});
     std::vector<int64_t> load((size_t)threads, 0);
     int64_t total = 0;
-    for (const auto& [tiles, gk] : work_of) {{
+    for (const auto& [computed, gk] : work_of) {{
       const int u = (int)(std::min_element(load.begin(), load.end()) - load.begin());
       owner[(size_t)gk] = u;
-      load[(size_t)u] += tiles;
-      total += tiles;
+      load[(size_t)u] += computed;
+      total += computed;
     }}
     own = *std::max_element(load.begin(), load.end()) * threads <= total + total / 20;  // within 5% of even
   }}
