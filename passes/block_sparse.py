@@ -83,20 +83,22 @@ class BlockSparse(Pass):
             ops.append(op)
         return Graph(graph.name, tuple(ops))
 
-    def tiles(self, op: AttentionOp, graph: Graph) -> tuple[int, int]:
-        """(bq, bkv): the options, or the cost model's choice when they are left at 0."""
+    def tiles(self, op: AttentionOp, values: dict[str, np.ndarray], runtime: bool) -> tuple[int, int]:
+        """(bq, bkv): the options, or the cost model's choice when they are left at 0 (``values``, ``runtime``:
+        as ``_tables`` gives them)."""
         if self.bq > 0 and self.bkv > 0:
             return self.bq, self.bkv
         for listed in in_blocks(op.mask):  # tiles equal to a block list's blocks: its map is read from the list
             if listed.blocks is not None and all(n in LIST_TILES for n in listed.blocks):
                 return listed.blocks
-        values, runtime = _tables(op, graph)
         heads, head_dim = int(op.q.shape[1]), int(op.q.shape[3])
         chosen = costmodel.choose_tiles(op.mask, self.target, heads, head_dim, self.n, values, runtime)
         log.debug("block-sparse: %s tiles %s chosen by the %s cost model at %d", op.result, chosen, self.target, self.n)
         return chosen
 
-    def backward_tiles(self, op: AttentionOp, graph: Graph, tiles: tuple[int, int]) -> tuple[int, int]:
+    def backward_tiles(
+        self, op: AttentionOp, tiles: tuple[int, int], values: dict[str, np.ndarray], runtime: bool
+    ) -> tuple[int, int]:
         """(bwd_bq, bwd_bkv) of the tiled op: the options, else the cost model's when it chose the forward's too
         (and no block list fixes the tiles); (0, 0) when they are the forward's."""
         if self.bwd_bq > 0 and self.bwd_bkv > 0:
@@ -104,20 +106,18 @@ class BlockSparse(Pass):
         elif (self.bq > 0 and self.bkv > 0) or in_blocks(op.mask):
             chosen = tiles
         else:
-            values, runtime = _tables(op, graph)
             chosen = costmodel.backward_tiles(op.mask, self.target, tiles, int(op.q.shape[1]), self.n, values, runtime)
         return (0, 0) if chosen == tiles else chosen
 
     def _tile(self, op: AttentionOp, graph: Graph) -> TiledOp:
         fields = {f.name: getattr(op, f.name) for f in dataclasses.fields(op)}
-        bq, bkv = self.tiles(op, graph)
-        bwd_bq, bwd_bkv = self.backward_tiles(op, graph, (bq, bkv))
+        values, runtime = _tables(op, graph)
+        bq, bkv = self.tiles(op, values, runtime)
+        bwd_bq, bwd_bkv = self.backward_tiles(op, (bq, bkv), values, runtime)
         base = TiledOp(**fields, bq=bq, bkv=bkv, bwd_bq=bwd_bq, bwd_bkv=bwd_bkv)
-        constants = frozenset(t.tensor for t in graph.ops_of(TensorOp) if isinstance(t, TensorOp) and t.values)
-        runtime = {str(a.base) for a in op.mask.atoms(sympy.Indexed)} - constants
         if op.mask is sympy.true:
             return base
-        bands = None if runtime else bands_of(op.mask, constants)
+        bands = None if runtime else bands_of(op.mask, frozenset(values))
         if bands is not None:
             ranges = [block_ranges(b, bq, bkv) for b in bands]
             return dataclasses.replace(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sympy
@@ -21,6 +22,9 @@ from attncc.analysis.blockmap import FULL, PARTIAL, BlockMap
 from attncc.errors import UnsupportedError
 from attncc.ir import exprs as X
 from attncc.spec import AttentionSpec
+
+if TYPE_CHECKING:
+    from attncc.analysis import tiling
 
 CANDIDATES = {
     "triton": [(128, 64), (64, 64), (128, 128), (64, 32)],
@@ -73,8 +77,7 @@ def choose_tiles(
         tiles: float = -(-n // bq) * -(-n // bkv)  # dense: runtime tensors, or a mask the analysis cannot bound
         if rec is not None:
             try:
-                bm = tiling.build(rec, n, n, (bq, bkv), num_heads, 1)
-                tiles = bm.num_computed_blocks / bm.num_maps
+                tiles = _computed_per_map(rec, n, (bq, bkv), num_heads)
             except UnsupportedError:
                 rec = None
         rate = min(1.0, (bq * bkv) / SATURATE[target]) ** 0.5
@@ -82,6 +85,15 @@ def choose_tiles(
         if cost < best_cost:
             best, best_cost = (bq, bkv), cost
     return best
+
+
+def _computed_per_map(rec: tiling.Recipe, n: int, tiles: tuple[int, int], num_heads: int) -> float:
+    """Computed tiles per (batch, head) map of the block map at ``n`` x ``n`` (UnsupportedError where the analysis
+    cannot bound the mask)."""
+    from attncc.analysis import tiling
+
+    bm = tiling.build(rec, n, n, tiles, num_heads, 1)
+    return bm.num_computed_blocks / bm.num_maps
 
 
 def backward_tiles(
@@ -117,10 +129,10 @@ def backward_tiles(
     best, best_cost = candidates[0], math.inf
     for bq, bkv in candidates:
         try:
-            bm = tiling.build(rec, n, n, (bq, bkv), num_heads, 1)
+            computed = _computed_per_map(rec, n, (bq, bkv), num_heads)
         except UnsupportedError:
             return candidates[0]
-        cost = bm.num_computed_blocks / bm.num_maps * bq * bkv * (1 + DQ_TRAFFIC / bkv)
+        cost = computed * bq * bkv * (1 + DQ_TRAFFIC / bkv)
         if cost < best_cost:
             best, best_cost = (bq, bkv), cost
     return best
