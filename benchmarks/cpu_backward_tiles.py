@@ -6,17 +6,18 @@ backward at the forward's tiles, side by side in one process.
 
 Each contender is the same spec compiled twice: with the cost model's pipeline, and with
 ``block-sparse{bq=..,bkv=..}`` naming the forward's tiles (given tiles serve the backward too). The backward
-is timed alone on a retained graph (``torch.autograd.grad``), best of ``--reps`` rounds that call both.
+is timed alone on a retained graph (``torch.autograd.grad``), best of ``--reps`` rounds that call both
+(``cpu.interleaved``).
 Needs a CPU with AVX512_BF16 (the native bf16 backward); elsewhere bf16 upcasts and both columns run fp32.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 
 import torch
-from cpu import MASKS, B, H, attncc_mask, doc_ids  # benchmarks/cpu.py
+from cpu import MASKS, B, H, attncc_mask, doc_ids, interleaved  # benchmarks/cpu.py
 
 import attncc as ac
 
@@ -39,18 +40,12 @@ def main() -> None:
             same = ac.compile(spec, target="cpu", pipeline=f"canonicalize,fuse,block-sparse{{bq={bq},bkv={bkv}}}")
             extra = {"doc": doc_ids(args.n)} if name == "document" else {}
             q, k, v = (torch.randn(B, H, args.n, d).bfloat16().requires_grad_() for _ in range(3))
-            graphs = []
-            for kern in (same, chosen):
+            fns = {}
+            for tag, kern in (("forward tiles", same), ("backward tiles", chosen)):
                 o = kern(q, k, v, **extra)
-                do = torch.randn_like(o)
-                torch.autograd.grad(o, (q, k, v), do, retain_graph=True)  # warm-up (builds the backward kernel)
-                graphs.append((o, do, []))
-            for _ in range(args.reps):
-                for o, do, times in graphs:
-                    start = time.perf_counter()
-                    torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
-                    times.append(time.perf_counter() - start)
-            at_fwd, at_bwd = (min(t) * 1e3 for _, _, t in graphs)
+                fns[tag] = functools.partial(torch.autograd.grad, o, (q, k, v), torch.randn_like(o), retain_graph=True)
+            best = interleaved(fns, args.reps)  # (its warm-up call builds each backward kernel)
+            at_fwd, at_bwd = best["forward tiles"] * 1e3, best["backward tiles"] * 1e3
             tiles = chosen.plan.backward_tiles
             print(
                 f"| {name} | {d} | {bq}x{bkv} | {tiles[0]}x{tiles[1]} | {at_fwd:.1f} | {at_bwd:.1f} | "

@@ -40,6 +40,7 @@ OVERHEAD = {"triton": 2.0e4, "cpu": 5.0e4, "reference": 0.0}  # in FLOP-equivale
 # tiles, 32 x 128 was 1.0-1.13x faster on causal, sliding window, prefix-LM, document and 2-D neighborhood;
 # 32 x 256 another 1.04-1.07x on causal and 0.93-0.99x on sliding window (31% more keys computed) and document.
 # Runtime masks (costed dense) take the first candidate. The forward and the fp32 backward keep their tiles.
+# `benchmarks/cpu_backward_tiles.py` times the choice against the forward's tiles (BENCHMARKS.md, issue 17).
 BACKWARD_CANDIDATES = {"cpu": [(32, 128), (32, 256)]}
 DQ_TRAFFIC = 25.6  # keys: 1.2x at bkv = 128, 1.1x at 256 (fitted to the causal and sliding-window runs above)
 
