@@ -235,7 +235,7 @@ class CpuKernel:
         if self.tile_bytes != int(self.lib.attncc_tile_bytes()):
             raise LoweringError(f"{self.path.name} and {self.runtime_path.name} disagree on the keep-record layout")
         self._told: set[int] = set()
-        self._upcast_told: set[tuple[str, int, bool]] = set()
+        self._upcast_told: set[tuple[str, int] | tuple[str, int, bool]] = set()
 
     def products(self, head_dim: int) -> str:
         """How this kernel computes its block products at ``head_dim``: register-blocked micro-kernels
@@ -256,7 +256,8 @@ class CpuKernel:
             return f"blas: head_dim {head_dim} or kv tile {self.bkv} is not a multiple of {width}"
         bwd_bq, bwd_bkv = self.backward_tiles
         at = f" at {bwd_bq} x {bwd_bkv} tiles" if self.backward_tiles != (self.bq, self.bkv) else ""
-        backward = f"backward too{at}" if bwd_bq % 32 == 0 else f"backward fp32 at {bwd_bq}-row q tiles"
+        misfit = bf16_backward_misfit(head_dim, bwd_bq, bwd_bkv)
+        backward = f"backward too{at}" if misfit is None else f"backward fp32 ({misfit})"
         if self.has_amx:
             forward = "" if self.bq % 16 == 0 else f" (not at {self.bq}-row q tiles: dot products)"
             bf16 = f"; bf16 inputs: AMX tiles{forward}, {backward}, fp32 accumulation"
@@ -548,7 +549,11 @@ class CpuKernel:
         ``backward``)."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
-        if not self.has_bf16 or self.lanes != 16:
+        misfit = "this build has no AVX512_BF16 products" if not self.has_bf16 or self.lanes != 16 else None
+        if (misfit := misfit or bf16_backward_misfit(D, self.bq, self.bkv)) is not None:
+            if ("backward", D) not in self._upcast_told:
+                self._upcast_told.add(("backward", D))
+                log.info("cpu kernel %s: the bf16 backward runs fp32 on upcast copies: %s", self.path.name, misfit)
             return None
         heads = head_index(H, Hkv, tensors.get(self.head_table))
         threads = torch.get_num_threads()
@@ -601,6 +606,21 @@ class CpuKernel:
         require grad (the api runs the reference instead when this is too large)."""
         learn = [n for n in self.grad_tables if n in tensors and tensors[n].requires_grad]
         return torch.get_num_threads() * sum(tensors[n].numel() for n in learn)
+
+
+def bf16_backward_misfit(head_dim: int, bq: int, bkv: int) -> str | None:
+    """Why the native bf16 backward cannot run at ``bq`` x ``bkv`` tiles and ``head_dim`` (it takes whole 32-row
+    pair blocks and 32-key chunks), or None when it can.
+
+    >>> bf16_backward_misfit(64, 32, 256) is None
+    True
+    >>> bf16_backward_misfit(64, 48, 64)
+    'q tile 48 is not a multiple of 32'
+    """
+    for what, n in (("head_dim", head_dim), ("q tile", bq), ("kv tile", bkv)):
+        if n % 32:
+            return f"{what} {n} is not a multiple of 32"
+    return None
 
 
 class CpuExecutable(Lazy):

@@ -24,7 +24,7 @@ import sympy
 
 from attncc.analysis import costmodel
 from attncc.analysis.bands import bands_of, block_ranges
-from attncc.errors import UnsupportedError
+from attncc.errors import SpecError, UnsupportedError
 from attncc.ir.boxeval import TensorRanges
 from attncc.ir.core import Graph, Op
 from attncc.ir.exprs import Skv, Sq, in_blocks
@@ -74,6 +74,27 @@ class BlockSparse(Pass):
     n: int = 4096
     bwd_bq: int = 0
     bwd_bkv: int = 0
+
+    def __post_init__(self) -> None:
+        """Tiles come in pairs of positive sizes (or both 0: the cost model's); a lone or negative one is an error
+        rather than ignored.
+
+        >>> BlockSparse(bwd_bq=32)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        attncc.errors.SpecError: block-sparse: bwd_bq=32 without bwd_bkv; name both (e.g. ...) or neither
+        """
+        for a, b in (("bq", "bkv"), ("bwd_bq", "bwd_bkv")):
+            x, y = getattr(self, a), getattr(self, b)
+            if x < 0 or y < 0:
+                raise SpecError(f"block-sparse: {a}={x}, {b}={y}: tile sizes must be positive (or both 0 to let the "
+                                "cost model choose)")  # fmt: skip
+            if (x > 0) != (y > 0):
+                given, missing = (a, b) if x > 0 else (b, a)
+                raise SpecError(f"block-sparse: {given}={getattr(self, given)} without {missing}; name both "
+                                f"(e.g. {a}=32,{b}=128) or neither")  # fmt: skip
+        if self.n <= 0:
+            raise SpecError(f"block-sparse: n={self.n}: the cost model's sequence length must be positive")
 
     def run(self, graph: Graph) -> Graph:
         ops: list[Op] = []

@@ -483,6 +483,36 @@ def test_native_bf16_backward_shares_dq_between_threads_that_own_whole_heads(
         assert float((got.double() - ref).abs().max()) <= 2e-2 * scale, (float((got.double() - ref).abs().max()), scale)
 
 
+@pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
+def test_bf16_backward_at_tiles_it_cannot_take_says_so(isa: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Given 16-row q tiles (which the native bf16 forward takes on AMX, but not the bf16 backward, whose products
+    walk 32-row pair blocks), the backward runs fp32 on upcast copies, logged once with the reason and said by
+    ``products()``; its gradients still match the float64 oracle."""
+    from tests.numerics import oracle
+
+    S, D = 96, 64
+    spec = ac.AttentionSpec(num_heads=2, head_dim=D, mask=ac.causal())
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, S, D, generator=g).bfloat16() for _ in range(3))
+    with config.override(cpu_isa=isa), caplog.at_level(logging.INFO, logger="attncc.codegen.cpu"):
+        kern = ac.compile(spec, target="cpu", tiles=(16, 64))
+        assert "backward fp32 (q tile 16 is not a multiple of 32)" in kern.cpu_kernel().products(D)
+        grads = []
+        for _ in range(2):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            kern(*leaves).float().sum().backward()
+            grads.append([t.grad for t in leaves])
+    said = [r.getMessage() for r in caplog.records if "bf16 backward runs fp32" in r.getMessage()]
+    assert len(said) == 1 and "q tile 16 is not a multiple of 32" in said[0]
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    keep = torch.tensor([[j <= i for j in range(S)] for i in range(S)])
+    want, _ = oracle.attention(*ref_in, keep.expand(1, 2, S, S), D**-0.5)
+    want.sum().backward()
+    for got, ref in zip(grads[1], (t.grad for t in ref_in), strict=True):
+        scale = float(ref.abs().max())
+        assert float((got.double() - ref).abs().max()) <= 2e-2 * scale, (float((got.double() - ref).abs().max()), scale)
+
+
 def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> None:
     """fp16 (and bf16 where the native path does not apply) runs fp32 on transient upcast copies, logged once with
     the reason; for the backward the autograd node keeps the fp16 inputs, not fp32 copies."""

@@ -11,7 +11,7 @@ import torch
 import attncc as ac
 from attncc.analysis.costmodel import choose_tiles
 from attncc.codegen.interpret import interpret
-from attncc.errors import VerifyError
+from attncc.errors import SpecError, VerifyError
 from attncc.ir.ops import TiledOp
 from attncc.ir.text import parse_ir, print_ir
 from attncc.lower import spec_to_ir
@@ -105,3 +105,21 @@ def test_backward_tiles_chosen_with_the_forward_ones_and_printed_only_when_they_
     tiled = next(op for op in given.graph.ops if isinstance(op, TiledOp))
     with pytest.raises(VerifyError, match="backward tiles must be >= 1"):
         tiled.replace(bwd_bq=32).verify()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("bwd_bq=32", "bwd_bq=32 without bwd_bkv"),
+        ("bkv=128", "bkv=128 without bq"),
+        ("bq=-64,bkv=64", "bq=-64, bkv=64: tile sizes must be positive"),
+        ("bwd_bq=32,bwd_bkv=-1", "bwd_bq=32, bwd_bkv=-1: tile sizes must be positive"),
+        ("n=0", "n=0"),
+    ],
+)
+def test_lone_or_negative_tile_options_are_errors(options: str, message: str) -> None:
+    """A tile option without its partner, or a negative one, is a SpecError naming it, not silently replaced by the
+    cost model's choice."""
+    spec = ac.AttentionSpec(num_heads=2, head_dim=64, mask=ac.causal())
+    with pytest.raises(SpecError, match=message):
+        ac.compile(spec, target="cpu", pipeline=f"canonicalize,fuse,block-sparse{{{options}}}")
