@@ -640,21 +640,36 @@ struct Jobs {{
 }};
 
 #if defined(__AVX512F__)
-// 2^x on 16 lanes (exp2_f's polynomial): 2^n by VSCALEF on x clamped to -125, so no lane underflows (an
-// underflowing VSCALEF takes a microcode assist: 3.5x slower softmax on masks with many -inf scores), and lanes
-// below -125 (-inf among them) set to exactly 0; NaN stays NaN
+// 2^x on 16 lanes to 1.7e-7 relative (exp2_f's accuracy): r = x - floor(x) in [0, 1) by one VREDUCEPS, a
+// degree-5 polynomial (fitted for relative error, p(0) = 1) and 2^floor(x) by VSCALEF on x clamped to -125, so no
+// lane underflows (an underflowing VSCALEF takes a microcode assist: 3.5x slower softmax on masks with many -inf
+// scores), and lanes below -125 (-inf among them) set to exactly 0; NaN stays NaN
 inline __m512 exp2_v(__m512 x) {{
   const __m512 low = _mm512_set1_ps(-125.0f);
   const __mmask16 live = _mm512_cmp_ps_mask(x, low, _CMP_NLT_UQ);  // x >= -125, or NaN
   x = _mm512_max_ps(low, x);  // (max_ps returns its second operand for NaN)
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), r = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.32646796e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.67150275e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.55073395e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.40222424e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.93147004e-1f));
+  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.86712446e-3f), r, _mm512_set1_ps(9.01704188e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.57999052e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.40164459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.93151295e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(live, p, n);
+  return _mm512_maskz_scalef_ps(live, p, x);
+}}
+
+// 2^x on 16 lanes to 8.6e-5 relative, for probabilities rounded to bf16 next (whose rounding step, 2^-8, is 45x
+// coarser): r = x - floor(x) in [0, 1) by one VREDUCEPS, a cubic (fitted for relative error with p(0) = 1, so a
+// row's largest score gives exactly 1) and VSCALEF by floor(x); clamped, zeroed below -125 and NaN-preserving as
+// exp2_v. Seven instructions where exp2_v takes nine (the bf16 forward's softmax is its largest cost at D = 64).
+inline __m512 exp2_v_bf16(__m512 x) {{
+  const __m512 low = _mm512_set1_ps(-125.0f);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, low, _CMP_NLT_UQ);
+  x = _mm512_max_ps(low, x);
+  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(7.70660192e-2f), r, _mm512_set1_ps(2.27646112e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.95116520e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(live, p, x);
 }}
 
 // row_max on 16-lane vectors (two chains, masked tail, one log-depth reduction); skips NaN as row_max does
@@ -805,7 +820,7 @@ struct ToBf16 {{
     for (; j + 16 <= cols; j += 16) {{
       const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vs, vm);
       hi = _mm512_max_ps(x, hi);  // (max_ps returns its second operand for NaN)
-      const __m512 e = exp2_v(x);
+      const __m512 e = exp2_v_bf16(x);
       sum = _mm512_add_ps(sum, e);
       const __m256bh h = _mm512_cvtneps_pbh(e);
       std::memcpy(pr + j, &h, 32);
@@ -814,7 +829,7 @@ struct ToBf16 {{
       const __mmask16 in = j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
       const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, sr + j), vs, vm);
       hi = _mm512_mask_max_ps(hi, in, x, hi);
-      const __m512 e = _mm512_maskz_mov_ps(in, exp2_v(x));
+      const __m512 e = _mm512_maskz_mov_ps(in, exp2_v_bf16(x));
       sum = _mm512_add_ps(sum, e);
       const __m256bh h = _mm512_cvtneps_pbh(e);
       std::memcpy(pr + j, &h, 32);
@@ -828,7 +843,8 @@ struct ToBf16 {{
     __m512 sum = _mm512_setzero_ps();
     for (int j = 0; j < pad; j += 16) {{  // whole vectors, the ragged end, then zeros
       const __mmask16 in = j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
-      const __m512 e = _mm512_maskz_mov_ps(in, exp2_v(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, sr + j), vs, vm)));
+      const __m512 e =
+          _mm512_maskz_mov_ps(in, exp2_v_bf16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, sr + j), vs, vm)));
       sum = _mm512_add_ps(sum, e);
       const __m256bh h = _mm512_cvtneps_pbh(e);
       std::memcpy(pr + j, &h, 32);
@@ -1826,7 +1842,7 @@ extern "C" int attncc_backward_bf16(
                     const float* sr = s.data() + (i + e) * LD + j;
                     const float* dr = dp.data() + (i + e) * LD + j;
                     const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr), sc[e], li2[e]);
-                    const __m512 pv = on ? _mm512_maskz_mov_ps(on, exp2_v(x)) : _mm512_setzero_ps();
+                    const __m512 pv = on ? _mm512_maskz_mov_ps(on, exp2_v_bf16(x)) : _mm512_setzero_ps();
                     const __m512 dpv = _mm512_maskz_sub_ps(on, _mm512_loadu_ps(dr), vd[e]);
                     const __m512 gv = _mm512_mul_ps(_mm512_mul_ps(pv, dpv), _mm512_set1_ps(SCALE));
                     ph[e] = _mm512_cvtneps_pbh(pv);
