@@ -763,13 +763,58 @@ inline void softmax_rows(float* s, int ld, int rows, int cols, float sc, float* 
 // pack K or V [heads, S, d] into panels of NR rows [heads][ceil(S / NR)][d / P][NR][P], zero past S: row j's
 // P consecutive values x.. x + P - 1 sit together (P = 1: fp32 panels [d][NR]; P = 2: the bf16 pairs a
 // vdpbf16ps lane reads), and the panel of rows j0.. (j0 a multiple of NR) starts at out + (h * up(S) + j0) * d
+#if defined(__AVX512F__)
+// out[x * ldo + j] = in[j * ld + x] for 16 rows j of 16 32-bit values x; rows from ``rows`` on read as zeros
+// (unpack 32- and 64-bit pairs, then two rounds of 128-bit lane shuffles: 64 shuffles for 256 values)
+inline void transpose16_u32(const uint32_t* in, int64_t ld, int rows, uint32_t* out, int64_t ldo) {{
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_si512(in + i * ld) : _mm512_setzero_si512();
+  for (int i = 0; i < 16; i += 2) {{
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }}
+  for (int i = 0; i < 16; i += 4) {{
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }}
+  for (int i = 0; i < 16; i += 8)
+    for (int m = 0; m < 4; ++m) {{
+      t[i + m] = _mm512_shuffle_i32x4(r[i + m], r[i + 4 + m], 0x88);
+      t[i + 4 + m] = _mm512_shuffle_i32x4(r[i + m], r[i + 4 + m], 0xdd);
+    }}
+  for (int m = 0; m < 8; ++m) {{
+    r[m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0x88);
+    r[8 + m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0xdd);
+  }}
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * ldo, r[i]);
+}}
+#endif
+
+// pack K or V [heads, S, d] into panels of NR rows [heads][ceil(S / NR)][d / P][NR][P], zero past S: row j's
+// P consecutive values x.. x + P - 1 sit together (P = 1: fp32 panels [d][NR]; P = 2: the bf16 pairs a
+// vdpbf16ps lane reads), and the panel of rows j0.. (j0 a multiple of NR) starts at out + (h * up(S) + j0) * d.
+// Either way a panel is a transpose of 32-bit units (a value or a pair): on AVX-512, 16 x 16 blocks in registers
+// (the scalar loop's scattered 2- or 4-byte stores made packing K a tenth of a sliding window's forward)
 template <int P = 1, class T>
 inline void pack_panels(const T* k, T* out, int64_t heads, int64_t S, int64_t d, int threads) {{
-  const int64_t panels = (S + NR - 1) / NR;
+  static_assert(sizeof(T) * P == 4, "panels hold 32-bit units");
+  const int64_t panels = (S + NR - 1) / NR, w = d / P;  // w: 32-bit units per row
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < heads * panels; ++t) {{
     const int64_t h = t / panels, p = t % panels;
     T* dst = out + (h * panels + p) * NR * d;
+#if defined(__AVX512F__)
+    if (w % 16 == 0 && NR % 16 == 0) {{
+      const uint32_t* src = (const uint32_t*)(k + (h * S + p * NR) * d);
+      for (int jb = 0; jb < NR; jb += 16)
+        for (int64_t x = 0; x < w; x += 16)
+          transpose16_u32(src + jb * w + x, w, (int)min_of<int64_t>(16, S - p * NR - jb), (uint32_t*)dst + x * NR + jb,
+                          NR);
+      continue;
+    }}
+#endif
     for (int jj = 0; jj < NR; ++jj) {{
       const int64_t j = p * NR + jj;
       const T* src = k + (h * S + j) * d;
@@ -788,18 +833,27 @@ constexpr bool BF16 = true;
 
 // V [heads, S, d] -> pair rows [heads][up(S) / 2][d][2] (keys 2r, 2r + 1 of column c at [r][c]; up: to a multiple
 // of NR), zero past S: a product over a tile's keys may read whole NR-key chunks (the AMX tiles read 32 keys)
+// 16 bf16 of row a and 16 of row b as one pair row: lane u holds a[u] (low half) and b[u]
+inline __m512i interleave_bf16(__m256bh a, __m256bh b) {{
+  return _mm512_or_si512(_mm512_cvtepu16_epi32((__m256i)a), _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b), 16));
+}}
+
+// rows a and b (d values, a multiple of 16; nullptr: zeros) as one pair row at out: out[2c] = a[c], out[2c+1] = b[c]
+inline void pair_row(const bf16_t* a, const bf16_t* b, bf16_t* out, int64_t d) {{
+  for (int64_t c = 0; c < d; c += 16) {{
+    const __m256i x = a ? _mm256_loadu_si256((const __m256i*)(a + c)) : _mm256_setzero_si256();
+    const __m256i y = b ? _mm256_loadu_si256((const __m256i*)(b + c)) : _mm256_setzero_si256();
+    _mm512_storeu_si512(out + 2 * c, interleave_bf16((__m256bh)x, (__m256bh)y));
+  }}
+}}
+
 inline void pack_v_bf16(const bf16_t* v, bf16_t* out, int64_t heads, int64_t S, int64_t d, int threads) {{
   const int64_t pairs = (S + NR - 1) / NR * NR / 2;
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < heads * pairs; ++t) {{
     const int64_t h = t / pairs, r = t % pairs;
-    bf16_t* dst = out + t * d * 2;
     const bf16_t* a = v + (h * S + 2 * r) * d;
-    const bool first = 2 * r < S, second = 2 * r + 1 < S;
-    for (int64_t c = 0; c < d; ++c) {{
-      dst[2 * c] = first ? a[c] : 0;
-      dst[2 * c + 1] = second ? a[d + c] : 0;
-    }}
+    pair_row(2 * r < S ? a : nullptr, 2 * r + 1 < S ? a + d : nullptr, out + t * d * 2, d);
   }}
 }}
 
@@ -991,22 +1045,21 @@ inline void values_rows_bf(int rows, int cols, int d, const float* p, int ld, co
 inline void transpose_bf16(const bf16_t* x, bf16_t* out, int64_t heads, int64_t S, int64_t d, int64_t s_pad,
                            int64_t st, int threads) {{
   const int64_t blocks = (s_pad + 31) / 32;
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < heads * blocks; ++t) {{  // 32 rows at a time: their d columns stay in L1
-    const int64_t h = t / blocks, i0 = t % blocks * 32, n = min_of<int64_t>(32, S - i0);
-    const bf16_t* src = x + (h * S + i0) * d;
-    bf16_t* dst = out + h * d * st + i0;
-    for (int64_t c = 0; c < d; ++c) {{
-      bf16_t* row = dst + c * st;
-      for (int64_t i = 0; i < n; ++i) row[i] = src[i * d + c];
-      for (int64_t i = n < 0 ? 0 : n; i < min_of<int64_t>(32, s_pad - i0); ++i) row[i] = 0;
+  #pragma omp parallel num_threads(threads)
+  {{
+    std::vector<bf16_t> pairs((size_t)32 * d);  // 16 pair rows of a block's 32 rows
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < heads * blocks; ++t) {{  // 32 rows at a time: pair rows, then 16 x 16 transposes of pairs
+      const int64_t h = t / blocks, i0 = t % blocks * 32;
+      const bf16_t* src = x + (h * S + i0) * d;
+      for (int64_t r = 0; r < 16; ++r)
+        pair_row(i0 + 2 * r < S ? src + 2 * r * d : nullptr, i0 + 2 * r + 1 < S ? src + (2 * r + 1) * d : nullptr,
+                 pairs.data() + 2 * r * d, d);
+      uint32_t* dst = (uint32_t*)(out + h * d * st + i0);  // (st and i0 even: whole pairs)
+      for (int64_t c = 0; c < d; c += 16)
+        transpose16_u32((const uint32_t*)pairs.data() + c, d, 16, dst + c * (st / 2), st / 2);
     }}
   }}
-}}
-
-// 16 bf16 of row a and 16 of row b as one pair row: lane u holds a[u] (low half) and b[u]
-inline __m512i interleave_bf16(__m256bh a, __m256bh b) {{
-  return _mm512_or_si512(_mm512_cvtepu16_epi32((__m256i)a), _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b), 16));
 }}
 
 // fp32 rows of x (stride ld; real rows < rows, columns < cols) as bf16 pair rows at out (pair row r: rows 2r and
