@@ -764,9 +764,10 @@ inline void softmax_rows(float* s, int ld, int rows, int cols, float sc, float* 
 // P consecutive values x.. x + P - 1 sit together (P = 1: fp32 panels [d][NR]; P = 2: the bf16 pairs a
 // vdpbf16ps lane reads), and the panel of rows j0.. (j0 a multiple of NR) starts at out + (h * up(S) + j0) * d
 #if defined(__AVX512F__)
-// out[x * ldo + j] = in[j * ld + x] for 16 rows j of 16 32-bit values x; rows from ``rows`` on read as zeros
+// out[x * ldo + j] = in[j * ld + x] for 16 rows j of 16 32-bit values x; rows from ``rows`` on read as zeros, out
+// rows from ``out_rows`` on not written
 // (unpack 32- and 64-bit pairs, then two rounds of 128-bit lane shuffles: 64 shuffles for 256 values)
-inline void transpose16_u32(const uint32_t* in, int64_t ld, int rows, uint32_t* out, int64_t ldo) {{
+inline void transpose16_u32(const uint32_t* in, int64_t ld, int rows, uint32_t* out, int64_t ldo, int out_rows = 16) {{
   __m512i r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_si512(in + i * ld) : _mm512_setzero_si512();
   for (int i = 0; i < 16; i += 2) {{
@@ -788,7 +789,7 @@ inline void transpose16_u32(const uint32_t* in, int64_t ld, int rows, uint32_t* 
     r[m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0x88);
     r[8 + m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0xdd);
   }}
-  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * ldo, r[i]);
+  for (int i = 0; i < out_rows; ++i) _mm512_storeu_si512(out + i * ldo, r[i]);
 }}
 #endif
 
@@ -1790,7 +1791,7 @@ extern "C" int attncc_backward_bf16(
     constexpr int LDT = BKV + 16;  // fp32 rows of dK^T and dV^T
     constexpr int PEND = WQ > 512 ? WQ : 512;  // q rows of P and dS pair rows held for one dV^T, dK^T product
     Buf s(32 * LD), dp(32 * LD), dk_t(D * LDT), dv_t(D * LDT), dq_tmp(WQ * D);
-    std::vector<bf16_t> t16((size_t)2 * D * LDT);  // dK^T, dV^T in bf16
+    std::vector<uint32_t> t32((size_t)16 * LDT);  // 32 columns of dK^T or dV^T as 16 bf16 pair rows
     std::vector<bf16_t> qpad((size_t)WQ * D), dopad((size_t)WQ * D), pp((size_t)(PEND + 32) * JW),
         dsp((size_t)(PEND + 32) * JW), ds((size_t)(WQ + 32) * SW);
     const int team = omp_get_num_threads(), me = omp_get_thread_num();
@@ -1940,17 +1941,17 @@ extern "C" int attncc_backward_bf16(
       }}
       bf16_t* dkp = dk + ((b * Hkv + hk) * Skv + k0) * D;
       bf16_t* dvp = dv + ((b * Hkv + hk) * Skv + k0) * D;
-      for (int64_t x = 0; x < D * LDT; x += 16) {{  // dK^T and dV^T rounded to bf16 ...
-        const __mmask16 in = x + 16 <= D * LDT ? 0xffff : (__mmask16)((1u << (D * LDT - x)) - 1);
-        const __m256bh kh = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(in, dk_t.data() + x));
-        const __m256bh vh = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(in, dv_t.data() + x));
-        _mm256_mask_storeu_epi16(t16.data() + x, in, (__m256i)kh);
-        _mm256_mask_storeu_epi16(t16.data() + D * LDT + x, in, (__m256i)vh);
-      }}
-      for (int j = 0; j < cols; ++j)  // ... then transposed into the key rows
-        for (int c = 0; c < d; ++c) {{
-          dkp[j * D + c] = t16[c * LDT + j];
-          dvp[j * D + c] = t16[(D + c) * LDT + j];
+      for (const auto& [from, to] : {{std::pair(dk_t.data(), dkp), std::pair(dv_t.data(), dvp)}})
+        for (int c0 = 0; c0 < d; c0 += 32) {{  // dK^T, dV^T rounded to bf16 as pair rows of columns, then transposed
+          for (int r = 0; r < 16; ++r)
+            for (int j = 0; j < cols32; j += 16) {{
+              const float* x = from + (int64_t)(c0 + 2 * r) * LDT + j;
+              const __m512i two = interleave_bf16(_mm512_cvtneps_pbh(_mm512_loadu_ps(x)),
+                                                  _mm512_cvtneps_pbh(_mm512_loadu_ps(x + LDT)));
+              _mm512_storeu_si512(t32.data() + r * LDT + j, two);
+            }}
+          for (int j = 0; j < cols; j += 16)  // into the key rows j.. (whole pairs of columns: D and c0 are even)
+            transpose16_u32(t32.data() + j, LDT, 16, (uint32_t*)(to + (int64_t)j * D + c0), D / 2, min_of(16, cols - j));
         }}
     }};
     if (mine_only) {{
