@@ -224,7 +224,8 @@ class CpuKernel:
         self.runtime.attncc_amx.restype = ctypes.c_int
         self.has_amx = self.has_bf16 and bool(self.runtime.attncc_amx())  # its products on AMX tiles
         fwd_bf16 = self.runtime.attncc_forward_bf16
-        fwd_bf16.argtypes = [_P] * 5 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, ctypes.c_int]
+        fwd_bf16.argtypes = [_P] * 5 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, ctypes.c_int,
+                                                            ctypes.c_int, _P]  # fmt: skip
         fwd_bf16.restype = ctypes.c_int
         bwd_bf16 = self.runtime.attncc_backward_bf16
         bwd_bf16.argtypes = [_P] * 10 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, ctypes.c_int,
@@ -261,6 +262,8 @@ class CpuKernel:
         if self.has_amx:
             forward = "" if self.bq % 16 == 0 else f" (not at {self.bq}-row q tiles: dot products)"
             bf16 = f"; bf16 inputs: AMX tiles{forward}, {backward}, fp32 accumulation"
+            if self.bq % 16 == 0:
+                bf16 += "; fp16 inputs: AMX tiles on exact bf16 splits (Q K^T exact, P V to 2^-17), backward fp32"
         elif self.has_bf16:
             bf16 = f"; bf16 inputs: AVX512_BF16 dot products, {backward}, fp32 accumulation"
         else:
@@ -279,8 +282,12 @@ class CpuKernel:
         if key in self._upcast_told:
             return
         self._upcast_told.add(key)
-        if dtype == torch.float16:
-            why = "fp16 products are not built (fp32 products on transient copies; the backward keeps the fp16 inputs)"
+        if dtype == torch.float16 and not self.has_amx:
+            why = "fp16 products run on AMX tiles, which this build has none of (the backward keeps the fp16 inputs)"
+        elif dtype == torch.float16 and self.bq % 16 == 0 and self.native_bf16(head_dim, rope):
+            why = "the OS did not grant this thread AMX tiles"
+        elif dtype == torch.float16 and self.bq % 16:
+            why = f"{self.bq}-row q tiles are not whole AMX row tiles (16 rows)"
         elif not self.has_bf16:
             why = "this build has no AVX512_BF16 products"
         elif rope:
@@ -296,26 +303,65 @@ class CpuKernel:
         """o (bf16, rounded once from its fp32 sums) and lse (fp32) of contiguous bf16 q, k, v through the native bf16
         forward (see ``native_bf16``)."""
         B, H, Sq, D = q.shape
+        o = torch.empty(B, H, Sq, D, dtype=torch.bfloat16)
+        pack = Sq * H // k.shape[1] >= PACK_ROWS  # else few rows read each key: K and V are read in place, unpacked
+        lse = self._forward_bf16(q, k, v, o, lists, keep, tensors, pack)
+        if lse is None:
+            raise LoweringError(f"{self.runtime_path.name} has no bf16 products for head_dim {D}")
+        return o, lse
+
+    def native_fp16(self, head_dim: int, rope: bool = False) -> bool:
+        """Whether fp16 inputs run on AMX tiles as exact bf16 splits (``forward_fp16``) rather than fp32 on upcast
+        copies: the build has AMX, the micro-kernel shapes fit, q tiles are whole AMX row tiles and no RoPE."""
+        return self.has_amx and self.bq % 16 == 0 and self.native_bf16(head_dim, rope)
+
+    def forward_fp16(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: TileLists, keep: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """o (fp32 sums, for the caller's one rounding to fp16) and lse of contiguous fp16 q, k, v on AMX tiles, or
+        None where the tiles are not granted (the caller then upcasts).
+
+        Every fp16 value x is exactly x_hi + x_lo with x_hi = bf16(x) and x_lo = bf16(x - x_hi) (fp16's 11
+        significant bits fit two bf16s, its exponents fit bf16's). The runtime splits q, k and v as it packs them
+        (F16C conversion, no copies here). Q K^T is one bf16 product of rows four times as deep,
+        [q_hi | q_hi | q_lo | q_lo] . [k_hi | k_lo | k_hi | k_lo]: every product of fp16 values exact, summed in
+        fp32, as the fp32 path sums them (score errors are amplified by exp, so none are left out there). P V takes
+        three products, p_hi v_hi + p_hi v_lo + p_lo v_hi, with P split as it is rounded: relative error about
+        2^-17 of the terms, 16x below fp16's rounding of the output (FlashAttention's fp16 P, rounded to fp16, is
+        2^-11). The softmax is fp32, as in the fp32 forward. Measured against float64: the same mean error as the
+        fp32 path after the rounding to fp16, and 1.4-1.6x its speed (BENCHMARKS.md).
+        """
+        B, H, Sq, D = q.shape
+        o = torch.empty(B, H, Sq, D, dtype=torch.float32)
+        lse = self._forward_bf16(q, k, v, o, lists, keep, tensors, True, fp16=True)
+        return None if lse is None else (o, lse)
+
+    def _forward_bf16(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lists: TileLists,
+        keep: torch.Tensor, tensors: dict[str, torch.Tensor], pack: bool, fp16: bool = False,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Run attncc_forward_bf16 into o (bf16; fp32 for fp16 inputs, split as ``forward_fp16`` says); lse, or None
+        where the runtime declines (no bf16 products, or fp16 inputs without AMX tiles)."""
+        B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         heads = head_index(H, Hkv, tensors.get(self.head_table))
         width = 2 * self.lanes
-        halves = 2 * B * Hkv * D * (-(-Skv // width) * width)  # packed K and V, bf16 values
-        pack = Sq * H // Hkv >= PACK_ROWS  # else few rows read each key: K and V are read in place, unpacked
+        halves = (6 if fp16 else 2) * D * B * Hkv * (-(-Skv // width) * width)  # packed K (4 D wide split) and V
         threads = torch.get_num_threads()
-        o = torch.empty(B, H, Sq, D, dtype=torch.bfloat16)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
         code = self.runtime.attncc_forward_bf16(
-            _ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), B, H, Hkv, Sq, Skv, D,
+            _ptr(q), _ptr(k), _ptr(v), None if fp16 else _ptr(o), _ptr(lse), B, H, Hkv, Sq, Skv, D,
             _ptr(lists.map_of), lists.map_of.shape[0], lists.map_of.shape[1], _ptr(lists.kv_ptr), _ptr(lists.kv_idx),
             _ptr(lists.kv_full), _ptr(lists.kv_rank), _ptr(lists.keep_base), keep.data_ptr(), ctypes.cast(ptrs, _P),
             _ptr(dims), threads, _ptr(heads), self.scale, workspace(-(-halves // 2)) if pack else None, self.hooks,
-            self.kv_splits(q, k, lists, threads),
+            self.kv_splits(q, k, lists, threads), int(fp16), _ptr(o) if fp16 else None,
         )  # fmt: skip
         if code < 0:
-            raise LoweringError(f"{self.runtime_path.name} has no bf16 products for head_dim {D}")
+            return None
         self._check(code)
-        return o, lse
+        return lse
 
     def _packed(self, k: torch.Tensor, rows: int = PACK_ROWS) -> int:
         """Floats of one copy of k packed into register-block panels (0 where the BLAS path packs nothing).
@@ -721,10 +767,16 @@ class CpuAttention(torch.autograd.Function):
             ctx.save_for_backward(q16, k16, v16, o, lse)  # bf16 inputs kept for the bf16 backward
             ctx.native = True
         else:
-            if dtype in (torch.bfloat16, torch.float16):
-                kern.tell_upcast(dtype, q.shape[3], rope is not None)
-            qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
-            o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
+            found = None
+            if dtype == torch.float16 and kern.native_fp16(q.shape[3], rope is not None):
+                q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
+                found = kern.forward_fp16(q16, k16, v16, lists, keep, tensors)
+            if found is None:
+                if dtype in (torch.bfloat16, torch.float16):
+                    kern.tell_upcast(dtype, q.shape[3], rope is not None)
+                qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
+                found = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
+            o, lse = found
             # the inputs as given (for half precision: half the memory of the fp32 copies, upcast again then)
             ctx.save_for_backward(q.detach(), k.detach(), v.detach(), o, lse)
             ctx.native = False

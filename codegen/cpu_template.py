@@ -858,59 +858,134 @@ inline void pack_v_bf16(const bf16_t* v, bf16_t* out, int64_t heads, int64_t S, 
   }}
 }}
 
+// The fp16 forward's exact splits: an fp16 value x is x_hi + x_lo, x_hi = bf16(x), x_lo = bf16(x - x_hi) (fp16 has
+// 11 significant bits, two bf16s hold 16; its exponents fit bf16's). d fp16 values at x (F16C conversion) -> hi, lo
+inline void split_fp16(const uint16_t* x, int64_t d, bf16_t* hi, bf16_t* lo) {{
+  for (int64_t c = 0; c < d; c += 16) {{
+    const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(x + c)));
+    const __m256bh h = _mm512_cvtneps_pbh(f), l = _mm512_cvtneps_pbh(_mm512_sub_ps(f, _mm512_cvtpbh_ps(h)));
+    std::memcpy(hi + c, &h, 32);
+    std::memcpy(lo + c, &l, 32);
+  }}
+}}
+
+// q rows for the split product: [hi | hi | lo | lo] (4d bf16; nullptr x: zeros); k rows: [hi | lo | hi | lo]
+inline void split_row_q(const uint16_t* x, int64_t d, bf16_t* out) {{
+  if (!x) {{ std::memset(out, 0, sizeof(bf16_t) * 4 * d); return; }}
+  split_fp16(x, d, out, out + 2 * d);
+  std::memcpy(out + d, out, sizeof(bf16_t) * d);
+  std::memcpy(out + 3 * d, out + 2 * d, sizeof(bf16_t) * d);
+}}
+inline void split_row_k(const uint16_t* x, int64_t d, bf16_t* out) {{
+  if (!x) {{ std::memset(out, 0, sizeof(bf16_t) * 4 * d); return; }}
+  split_fp16(x, d, out, out + d);
+  std::memcpy(out + 2 * d, out, sizeof(bf16_t) * 2 * d);
+}}
+
+// fp16 K [heads, S, d] -> pack_panels<2>'s pair panels of its split rows [hi | lo | hi | lo] (4d wide)
+inline void pack_panels_fp16(const uint16_t* k, bf16_t* out, int64_t heads, int64_t S, int64_t d, int threads) {{
+  const int64_t panels = (S + NR - 1) / NR, w = 2 * d;  // 32-bit units (pairs) per split row
+  #pragma omp parallel num_threads(threads)
+  {{
+    std::vector<bf16_t> rows((size_t)NR * 4 * d);
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < heads * panels; ++t) {{
+      const int64_t h = t / panels, p = t % panels;
+      for (int jj = 0; jj < NR; ++jj) {{
+        const int64_t j = p * NR + jj;
+        split_row_k(j < S ? k + (h * S + j) * d : nullptr, d, rows.data() + jj * 4 * d);
+      }}
+      uint32_t* dst = (uint32_t*)(out + (h * panels + p) * NR * 4 * d);
+      for (int jb = 0; jb < NR; jb += 16)
+        for (int64_t x = 0; x < w; x += 16)
+          transpose16_u32((const uint32_t*)rows.data() + jb * w + x, w, 16, dst + x * NR + jb, NR);
+    }}
+  }}
+}}
+
+// fp16 V [heads, S, d] -> pack_v_bf16's pair rows of its hi and lo parts
+inline void pack_v_fp16(const uint16_t* v, bf16_t* hi, bf16_t* lo, int64_t heads, int64_t S, int64_t d, int threads) {{
+  const int64_t pairs = (S + NR - 1) / NR * NR / 2;
+  #pragma omp parallel num_threads(threads)
+  {{
+    std::vector<bf16_t> part((size_t)4 * d);  // hi, lo of key 2r; hi, lo of key 2r + 1
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < heads * pairs; ++t) {{
+      const int64_t h = t / pairs, r = t % pairs;
+      const uint16_t* a = v + (h * S + 2 * r) * d;
+      const bool first = 2 * r < S, second = 2 * r + 1 < S;
+      if (first) split_fp16(a, d, part.data(), part.data() + d);
+      if (second) split_fp16(a + d, d, part.data() + 2 * d, part.data() + 3 * d);
+      pair_row(first ? part.data() : nullptr, second ? part.data() + 2 * d : nullptr, hi + t * d * 2, d);
+      pair_row(first ? part.data() + d : nullptr, second ? part.data() + 3 * d : nullptr, lo + t * d * 2, d);
+    }}
+  }}
+}}
+
 // softmax_rows for the bf16 forward: the probabilities go straight to bf16 rows p (stride pw), zero from cols up
-// to pad (the products read whole pairs or 32-key chunks); s keeps the scores
+// to pad (the products read whole pairs or 32-key chunks); s keeps the scores. SPLIT (the fp16 forward): each
+// probability, to fp32 accuracy (exp2_v), as p + lo, two bf16 rows: lo = bf16(x - p) (x and p + lo agree to 2^-17)
+template <bool SPLIT>
 struct ToBf16 {{
   static constexpr bool lazy = true;
   int cols, pad;
   bf16_t* p;
   int pw;
-  void clear(int i, float*) const {{ std::memset(p + i * pw, 0, sizeof(bf16_t) * pad); }}
+  bf16_t* lo;  // (SPLIT only)
+  void clear(int i, float*) const {{
+    std::memset(p + i * pw, 0, sizeof(bf16_t) * pad);
+    if (SPLIT) std::memset(lo + i * pw, 0, sizeof(bf16_t) * pad);
+  }}
+  static __m512 exp2(__m512 x) {{ return SPLIT ? exp2_v(x) : exp2_v_bf16(x); }}
+  void put(int i, int j, __m512 e) const {{
+    const __m256bh h = _mm512_cvtneps_pbh(e);
+    std::memcpy(p + i * pw + j, &h, 32);
+    if (SPLIT) {{
+      const __m256bh r = _mm512_cvtneps_pbh(_mm512_sub_ps(e, _mm512_cvtpbh_ps(h)));
+      std::memcpy(lo + i * pw + j, &r, 32);
+    }}
+  }}
   // exp() relative to the running max mx, and top = the largest sr * sc - mx of the row (NaN skipped; -inf when none)
   float exp_below(int i, const float* sr, float sc, float mx, float& top) const {{
-    bf16_t* pr = p + i * pw;
     const __m512 vs = _mm512_set1_ps(sc), vm = _mm512_set1_ps(mx);
     __m512 sum = _mm512_setzero_ps(), hi = _mm512_set1_ps(-INF);
     int j = 0;
     for (; j + 16 <= cols; j += 16) {{
       const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vs, vm);
       hi = _mm512_max_ps(x, hi);  // (max_ps returns its second operand for NaN)
-      const __m512 e = exp2_v_bf16(x);
+      const __m512 e = exp2(x);
       sum = _mm512_add_ps(sum, e);
-      const __m256bh h = _mm512_cvtneps_pbh(e);
-      std::memcpy(pr + j, &h, 32);
+      put(i, j, e);
     }}
     for (; j < pad; j += 16) {{  // the ragged end, then zeros
       const __mmask16 in = j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
       const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, sr + j), vs, vm);
       hi = _mm512_mask_max_ps(hi, in, x, hi);
-      const __m512 e = _mm512_maskz_mov_ps(in, exp2_v_bf16(x));
+      const __m512 e = _mm512_maskz_mov_ps(in, exp2(x));
       sum = _mm512_add_ps(sum, e);
-      const __m256bh h = _mm512_cvtneps_pbh(e);
-      std::memcpy(pr + j, &h, 32);
+      put(i, j, e);
     }}
     top = _mm512_reduce_max_ps(hi);
     return _mm512_reduce_add_ps(sum);
   }}
   float exp(int i, float* sr, float sc, float mx) const {{
-    bf16_t* pr = p + i * pw;
     const __m512 vs = _mm512_set1_ps(sc), vm = _mm512_set1_ps(mx);
     __m512 sum = _mm512_setzero_ps();
     for (int j = 0; j < pad; j += 16) {{  // whole vectors, the ragged end, then zeros
       const __mmask16 in = j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
-      const __m512 e =
-          _mm512_maskz_mov_ps(in, exp2_v_bf16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, sr + j), vs, vm)));
+      const __m512 e = _mm512_maskz_mov_ps(in, exp2(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, sr + j), vs, vm)));
       sum = _mm512_add_ps(sum, e);
-      const __m256bh h = _mm512_cvtneps_pbh(e);
-      std::memcpy(pr + j, &h, 32);
+      put(i, j, e);
     }}
     return _mm512_reduce_add_ps(sum);
   }}
 }};
 
+// (plo: the SPLIT rows, or nullptr)
 inline void softmax_rows_bf16(float* s, int ld, int rows, int cols, int pad, float sc, float* m, float* l,
-                              float* alpha, bf16_t* p, int pw) {{
-  softmax_step(s, ld, rows, cols, sc, m, l, alpha, ToBf16{{cols, pad, p, pw}});
+                              float* alpha, bf16_t* p, int pw, bf16_t* plo = nullptr) {{
+  if (plo) softmax_step(s, ld, rows, cols, sc, m, l, alpha, ToBf16<true>{{cols, pad, p, pw, plo}});
+  else softmax_step(s, ld, rows, cols, sc, m, l, alpha, ToBf16<false>{{cols, pad, p, pw, nullptr}});
 }}
 
 // C[M x NR] (op)= A . B over ``pairs`` bf16 pairs: A's row i pair r at a + i * ai + 2 * r, B's pair row r at
@@ -1151,9 +1226,11 @@ inline void amx_scores(int rows16, int cols, int d, const bf16_t* a, const bf16_
 }}
 
 // acc[rows16 x d] = acc * alpha (rows < rows) + P . V: P rows at p (bf16, stride pw, zero past cols up to the
-// next 32), V pair rows of the run's first key at v (stride 2 * d bf16 per pair)
+// next 32), V pair rows of the run's first key at v (stride 2 * d bf16 per pair). With plo and vlo (the fp16
+// forward's splits P = p + plo to 2^-17, V = v + vlo exactly): + p . vlo + plo . v too (plo . vlo, below 2^-17 of
+// the terms, is left out), all three into the same accumulator tiles
 inline void amx_values(int rows16, int rows, int cols, int d, const bf16_t* p, int pw, const bf16_t* v, float* acc,
-                       const float* alpha) {{
+                       const float* alpha, const bf16_t* plo = nullptr, const bf16_t* vlo = nullptr) {{
   for (int i = 0; i < rows; ++i) {{
     if (alpha[i] == 1.0f) continue;  // (the lazy softmax leaves most rows' running max, and alpha, as they were)
     const __m512 a = _mm512_set1_ps(alpha[i]);
@@ -1168,18 +1245,25 @@ inline void amx_values(int rows16, int rows, int cols, int d, const bf16_t* p, i
       _tile_loadd(0, o, 4 * d);
       _tile_loadd(1, o + 16, 4 * d);
       if (two) {{ _tile_loadd(2, o + 16 * d, 4 * d); _tile_loadd(3, o + 16 * d + 16, 4 * d); }}
-      for (int k = 0; k < chunks; ++k) {{
-        const bf16_t* vb = v + (int64_t)k * 16 * 2 * d + 2 * c;
-        _tile_loadd(4, p + i * pw + 32 * k, 2 * pw);
-        _tile_loadd(6, vb, 4 * d);
-        _tile_loadd(7, vb + 32, 4 * d);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (two) {{
-          _tile_loadd(5, p + (i + 16) * pw + 32 * k, 2 * pw);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+      const auto product = [&](const bf16_t* pa, const bf16_t* vb0) {{
+        for (int k = 0; k < chunks; ++k) {{
+          const bf16_t* vb = vb0 + (int64_t)k * 16 * 2 * d + 2 * c;
+          _tile_loadd(4, pa + i * pw + 32 * k, 2 * pw);
+          _tile_loadd(6, vb, 4 * d);
+          _tile_loadd(7, vb + 32, 4 * d);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {{
+            _tile_loadd(5, pa + (i + 16) * pw + 32 * k, 2 * pw);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }}
         }}
+      }};
+      product(p, v);
+      if (plo) {{
+        product(p, vlo);
+        product(plo, v);
       }}
       _tile_stored(0, o, 4 * d);
       _tile_stored(1, o + 16, 4 * d);
@@ -1228,7 +1312,8 @@ inline bool amx_granted() {{ return false; }}
 inline void amx_configure() {{}}
 inline void amx_release() {{}}
 inline void amx_scores(int, int, int, const bf16_t*, const bf16_t*, float*, int, const int16_t*, int) {{}}
-inline void amx_values(int, int, int, int, const bf16_t*, int, const bf16_t*, float*, const float*) {{}}
+inline void amx_values(int, int, int, int, const bf16_t*, int, const bf16_t*, float*, const float*,
+                       const bf16_t* = nullptr, const bf16_t* = nullptr) {{}}
 inline void amx_gemm(int, int, int, const bf16_t*, int64_t, const bf16_t*, int64_t, float*, int64_t) {{}}
 #endif
 #else
@@ -1412,7 +1497,7 @@ extern "C" int attncc_forward_bf16(
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, int threads, const int64_t* HEADS, float SCALE,
-    bf16_t* work, const void* hooks, int kv_splits) {{
+    bf16_t* work, const void* hooks, int kv_splits, int fp16, float* o32) {{
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   if (D % NR || BKV % NR) return -1;
   const int64_t nq = (Sq + BQ - 1) / BQ;
@@ -1421,22 +1506,33 @@ extern "C" int attncc_forward_bf16(
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
   const bool packed = work != nullptr;  // else few rows per key: K and V read in place (scores_rows_bf)
   const bool tiles = packed && AMX && BQ % 16 == 0 && amx_granted();  // else the vdpbf16ps micro-kernels
+  // hilo (fp16 q, k, v: split_fp16): q and k rows become DK = 4D wide, [q_hi | q_hi | q_lo | q_lo] and
+  // [k_hi | k_lo | k_hi | k_lo], so one product of them is Q K^T exactly (then rounded as fp32 sums are); V = v_hi +
+  // v_lo, and P is split as it is rounded: P V takes three products into the same accumulator tiles (amx_values)
+  const bool hilo = fp16 != 0;
+  if (hilo && !tiles) return -1;  // (only the AMX products take the split terms)
+  const int64_t DK = hilo ? 4 * D : D;
   bf16_t* k_pack = work;
-  bf16_t* v_pack = packed ? work + B * Hkv * skv_pad * D : nullptr;
-  if (packed) {{
+  bf16_t* v_pack = packed ? work + B * Hkv * skv_pad * DK : nullptr;
+  bf16_t* vlo_pack = hilo ? v_pack + B * Hkv * skv_pad * D : nullptr;
+  if (hilo) {{
+    pack_panels_fp16(k, k_pack, B * Hkv, Skv, D, threads);
+    pack_v_fp16(v, v_pack, vlo_pack, B * Hkv, Skv, D, threads);
+  }} else if (packed) {{
     pack_panels<2>(k, k_pack, B * Hkv, Skv, D, threads);  // pair panels [D / 2][NR][2]
     pack_v_bf16(v, v_pack, B * Hkv, Skv, D, threads);
   }}
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
-  const int d = (int)D;
+  const int d = (int)D, dk = (int)DK;  // (dk: the scores' depth)
   Jobs jobs(B, H, Hkv, Sq, D, HEADS, kv_splits);  // as in attncc_forward
   const int splits = jobs.splits, chunk = jobs.chunk();
   #pragma omp parallel num_threads(threads)
   {{
     Buf s(BQ * LDS), acc(BQ * D), m(BQ), l(BQ), alpha(BQ);
     const int pw = WKV + 32;  // bf16 P row stride (room for zeros up to the next 32 keys)
-    std::vector<bf16_t> pb(packed ? (size_t)BQ * pw : 0), qpad(tiles ? (size_t)BQ * D : 0);
+    std::vector<bf16_t> pb(packed ? (size_t)BQ * pw : 0), qpad(tiles ? (size_t)BQ * DK : 0),
+        plo(hilo ? (size_t)BQ * pw : 0);
     if (tiles) amx_configure();
     #pragma omp for schedule(dynamic, chunk)
     for (int64_t job = 0; job < jobs.count(); ++job) {{
@@ -1445,13 +1541,17 @@ extern "C" int attncc_forward_bf16(
       const int64_t hk = HEADS[h], q0 = qb * BQ;
       const int rows = (int)min_of<int64_t>(BQ, Sq - q0), rows16 = (rows + 15) / 16 * 16;
       const bf16_t* qp = q + ((b * H + h) * Sq + q0) * D;
-      if (tiles && rows16 != rows) {{  // a ragged last block: tile loads read 16 rows, so pad with zeros
+      if (hilo) {{  // the block's split rows, zero past rows
+        for (int i = 0; i < rows16; ++i) split_row_q(i < rows ? qp + i * D : nullptr, D, qpad.data() + i * DK);
+        qp = qpad.data();
+      }} else if (tiles && rows16 != rows) {{  // a ragged last block: tile loads read 16 rows, so pad with zeros
         std::memcpy(qpad.data(), qp, sizeof(bf16_t) * rows * D);
         std::memset(qpad.data() + rows * D, 0, sizeof(bf16_t) * (rows16 - rows) * D);
         qp = qpad.data();
       }}
-      const bf16_t* kpp = packed ? k_pack + (b * Hkv + hk) * skv_pad * D : k + (b * Hkv + hk) * Skv * D;
+      const bf16_t* kpp = packed ? k_pack + (b * Hkv + hk) * skv_pad * DK : k + (b * Hkv + hk) * Skv * DK;
       const bf16_t* vpp = packed ? v_pack + (b * Hkv + hk) * skv_pad * D : v + (b * Hkv + hk) * Skv * D;
+      const bf16_t* vlp = hilo ? vlo_pack + (b * Hkv + hk) * skv_pad * D : nullptr;
       start_rows(acc.data(), m.data(), l.data(), D);
       const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
@@ -1466,7 +1566,7 @@ extern "C" int attncc_forward_bf16(
         const float sc = plain ? SCALE * LOG2E : LOG2E;
         for (int u = 0; !full && u < span; ++u) run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
         if (!packed) {{  // few rows: in place, every column (tile_scores masks a partial tile's)
-          scores_rows_bf(rows, cols, d, qp, kpp + k0 * D, s.data(), LDS);
+          scores_rows_bf(rows, cols, d, qp, kpp + k0 * D, s.data(), LDS);  // (unsplit: dk == d)
           if (!plain) tile_scores(spec, cx, SCALE, s.data(), LDS, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
           softmax_rows(s.data(), LDS, rows, cols, sc, m.data(), l.data(), alpha.data());
           values_rows_bf(rows, cols, d, s.data(), LDS, vpp + k0 * D, acc.data(), alpha.data());
@@ -1475,20 +1575,24 @@ extern "C" int attncc_forward_bf16(
         if (tiles) {{  // AMX: 32 rows at a time through scores, softmax and P V, so their scores and P stay in cache
           for (int g = 0; g < rows16; g += 32) {{
             const int n16 = min_of(32, rows16 - g), n = min_of(32, rows - g);
-            const bf16_t* qg = qp + g * D;
+            const bf16_t* qg = qp + g * DK;
             const uint8_t* group_keep[SPAN];
             for (int u = 0; !full && u < span; ++u) {{  // partial tiles: only the column panels some row keeps
               group_keep[u] = run_keep[u] + g * BKV;
-              amx_scores(n16, up_nr(min_of(BKV, cols - u * BKV)), d, qg, kpp + (k0 + u * BKV) * D, s.data() + u * BKV,
-                         LDS, kept_ranges(run_keep[u]) + 2 * g, n);
+              amx_scores(n16, up_nr(min_of(BKV, cols - u * BKV)), dk, qg, kpp + (k0 + u * BKV) * DK,
+                         s.data() + u * BKV, LDS, kept_ranges(run_keep[u]) + 2 * g, n);
             }}
-            if (full) amx_scores(n16, up_nr(cols), d, qg, kpp + k0 * D, s.data(), LDS, nullptr, n);
+            if (full) amx_scores(n16, up_nr(cols), dk, qg, kpp + k0 * DK, s.data(), LDS, nullptr, n);
             if (!plain)
               tile_scores(spec, cx, SCALE, s.data(), LDS, n, cols, full ? nullptr : group_keep, b, h, q0 + g, k0);
             softmax_rows_bf16(s.data(), LDS, n, cols, (cols + 31) / 32 * 32, sc, m.data() + g, l.data() + g,
-                              alpha.data() + g, pb.data(), pw);
-            if (n16 != n) std::memset(pb.data() + n * pw, 0, sizeof(bf16_t) * (n16 - n) * pw);  // the padding rows
-            amx_values(n16, n, cols, d, pb.data(), pw, vpp + k0 * D, acc.data() + g * D, alpha.data() + g);
+                              alpha.data() + g, pb.data(), pw, hilo ? plo.data() : nullptr);
+            if (n16 != n) {{  // the padding rows
+              std::memset(pb.data() + n * pw, 0, sizeof(bf16_t) * (n16 - n) * pw);
+              if (hilo) std::memset(plo.data() + n * pw, 0, sizeof(bf16_t) * (n16 - n) * pw);
+            }}
+            amx_values(n16, n, cols, d, pb.data(), pw, vpp + k0 * D, acc.data() + g * D, alpha.data() + g,
+                       hilo ? plo.data() : nullptr, hilo ? vlp + k0 * D : nullptr);
           }}
           continue;
         }}
@@ -1502,17 +1606,19 @@ extern "C" int attncc_forward_bf16(
                           pb.data(), pw);
         gemm_bf<2>(rows, d, (cols + 1) / 2, pb.data(), pw, vpp + k0 * D, 2, 2 * D, acc.data(), d, alpha.data());
       }}
-      jobs.finish(o, lse, acc.data(), m.data(), l.data(), rows, split, (b * H + h) * Sq + q0);
+      if (o32) jobs.finish(o32, lse, acc.data(), m.data(), l.data(), rows, split, (b * H + h) * Sq + q0);
+      else jobs.finish(o, lse, acc.data(), m.data(), l.data(), rows, split, (b * H + h) * Sq + q0);
     }}
     if (tiles) amx_release();
   }}
-  jobs.merge(o, lse, threads);
+  if (o32) jobs.merge(o32, lse, threads);
+  else jobs.merge(o, lse, threads);
   return error;
 #else
   (void)q; (void)k; (void)v; (void)o; (void)lse; (void)B; (void)H; (void)Hkv; (void)Sq; (void)Skv; (void)D;
   (void)map_of; (void)maps_b; (void)maps_h; (void)kv_ptr; (void)kv_idx; (void)kv_full; (void)kv_rank;
   (void)keep_base; (void)keep; (void)tensors; (void)dims; (void)threads; (void)HEADS; (void)SCALE; (void)work;
-  (void)hooks; (void)kv_splits;
+  (void)hooks; (void)kv_splits; (void)fp16; (void)o32;
   return -1;
 #endif
 }}
@@ -1950,8 +2056,10 @@ extern "C" int attncc_backward_bf16(
                                                   _mm512_cvtneps_pbh(_mm512_loadu_ps(x + LDT)));
               _mm512_storeu_si512(t32.data() + r * LDT + j, two);
             }}
-          for (int j = 0; j < cols; j += 16)  // into the key rows j.. (whole pairs of columns: D and c0 are even)
-            transpose16_u32(t32.data() + j, LDT, 16, (uint32_t*)(to + (int64_t)j * D + c0), D / 2, min_of(16, cols - j));
+          for (int j = 0; j < cols; j += 16) {{  // into key rows j.. (whole pairs of columns: D and c0 are even)
+            uint32_t* rows = (uint32_t*)(to + (int64_t)j * D + c0);
+            transpose16_u32(t32.data() + j, LDT, 16, rows, D / 2, min_of(16, cols - j));
+          }}
         }}
     }};
     if (mine_only) {{

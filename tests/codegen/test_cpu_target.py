@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -514,21 +515,112 @@ def test_bf16_backward_at_tiles_it_cannot_take_says_so(isa: str, caplog: pytest.
 
 
 def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> None:
-    """fp16 (and bf16 where the native path does not apply) runs fp32 on transient upcast copies, logged once with
-    the reason; for the backward the autograd node keeps the fp16 inputs, not fp32 copies."""
-    kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=64, mask=ac.causal()), target="cpu")
-    x = torch.randn(1, 2, 40, 64).half().requires_grad_()
-    with caplog.at_level(logging.INFO, logger="attncc.codegen.cpu"):
-        kern(x, x, x)
-        out = kern(x, x, x)
+    """fp16 on a build without AMX tiles (and bf16 where the native path does not apply) runs fp32 on transient upcast
+    copies, logged once with the reason; for the backward the autograd node keeps the fp16 inputs, not fp32 copies."""
+    with config.override(cpu_isa="avx2"):  # (every machine of the pool has it; it has no AMX)
+        kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=64, mask=ac.causal()), target="cpu")
+        x = torch.randn(1, 2, 40, 64).half().requires_grad_()
+        with caplog.at_level(logging.INFO, logger="attncc.codegen.cpu"):
+            kern(x, x, x)
+            out = kern(x, x, x)
     said = [r.getMessage() for r in caplog.records if "upcast copies" in r.getMessage()]
-    assert len(said) == 1 and "fp16 products are not built" in said[0]
+    assert len(said) == 1 and "fp16 products run on AMX tiles, which this build has none of" in said[0], said
     node = out.grad_fn
     while type(node).__name__ != "CpuAttentionBackward":
         node = node.next_functions[0][0]
     assert [t.dtype for t in node.saved_tensors[:3]] == [torch.float16] * 3
     out.float().sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.float16 and bool(x.grad.isfinite().all())
+
+
+_AMX = "native" in _isas()
+
+
+@pytest.mark.skipif(not _AMX, reason="no AMX tiles on this machine")
+@pytest.mark.parametrize("masked", ["causal", "document", "decode"])
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_native_fp16_forward_on_amx_splits_is_as_accurate_as_fp32(
+    masked: str, head_dim: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fp16 q, k, v run on AMX tiles as exact bf16 splits (hi + lo: Q K^T exact, P V to 2^-17 of its terms) without
+    upcast copies: against the float64 oracle each output is within half an fp16 ulp plus 2^-16 max|v|, and the mean
+    error is the fp32 path's; GQA, a ragged last q block, a runtime document mask, and decoding (one query row, the
+    kv range split across threads); gradients through the fp32 backward."""
+    from attncc.codegen.cpu import CpuKernel
+    from attncc.plan import TileLists
+    from tests.numerics import oracle
+
+    taken: list[bool] = []
+    real = CpuKernel.forward_fp16
+
+    def spy(self: CpuKernel, *args: Any, **kwargs: Any) -> Any:
+        found = real(self, *args, **kwargs)
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(CpuKernel, "forward_fp16", spy)
+    S, Skv, D = (1, 700, head_dim) if masked == "decode" else (300, 300, head_dim)
+    B, H, Hkv = (1, 1, 1) if masked == "decode" else (2, 4, 2)  # (decoding: one task, so its kv range splits)
+    doc = torch.tensor([0] * 70 + [1] * 150 + [2] * 80)
+    if masked == "document":
+        mask, extra = ac.document(ac.tensor("doc")), {"doc": doc}
+        keep = torch.tensor([[bool(doc[i] == doc[j]) for j in range(S)] for i in range(S)])
+    else:
+        mask, extra = ac.causal(align="bottom_right"), {}
+        keep = torch.tensor([[j <= Skv - S + i for j in range(Skv)] for i in range(S)])
+    spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=mask)
+    g = torch.Generator().manual_seed(head_dim)
+    q = (torch.randn(B, H, S, D, generator=g) * 2).half()
+    k, v = ((torch.randn(B, Hkv, Skv, D, generator=g) * 2).half() for _ in range(2))
+    w = torch.randn(B, H, S, D, generator=g)
+    kern = ac.compile(spec, target="cpu")
+    if masked == "decode" and torch.get_num_threads() > 1:
+        lists = TileLists.of(kern.block_map(S, Skv))
+        assert kern.cpu_kernel().kv_splits(q, k, lists, torch.get_num_threads()) > 1
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with caplog.at_level(logging.INFO, logger="attncc.codegen.cpu"):
+        out, lse = kern(*leaves, return_lse=True, **extra)
+    assert out.dtype == torch.float16 and taken == [True]
+    assert not [r for r in caplog.records if "upcast copies" in r.getMessage()]
+    assert "fp16 inputs: AMX tiles on exact bf16 splits" in kern.cpu_kernel().products(D)
+    via_fp32, lse32 = kern(q.float(), k.float(), v.float(), return_lse=True, **extra)
+    via_fp32 = via_fp32.half()
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want, want_lse = oracle.attention(*ref_in, keep.expand(B, H, S, Skv), D**-0.5)
+    # the scores are exact products summed in fp32, as the fp32 path's (leaving out q_lo k_lo: 10x its error here)
+    lse_err, lse_err32 = (float((x.detach().double() - want_lse.detach()).abs().max()) for x in (lse, lse32))
+    assert lse_err <= max(2 * lse_err32, 1e-5), (lse_err, lse_err32)
+    want_d = want.detach()
+    err, err32 = (out.detach().double() - want_d).abs(), (via_fp32.double() - want_d).abs()
+    top = torch.maximum(want_d.abs(), out.detach().double().abs()).clamp_min(2**-14)
+    ulp = 2.0 ** (torch.floor(torch.log2(top)) - 10)  # fp16's spacing there (the larger binade at a boundary)
+    # the rounding to fp16, plus the split P V's 2^-17 of its terms (twice over; bf16 products would be 2^-9)
+    bound = ulp / 2 + 2**-16 * float(v.abs().max())
+    assert bool((err <= bound).all()), float((err - bound).max())
+    assert float(err.mean()) <= 1.05 * float(err32.mean()) + 1e-7, (float(err.mean()), float(err32.mean()))
+    (out.float() * w).sum().backward()
+    (want * w.double()).sum().backward()
+    for got, ref in zip(leaves, ref_in, strict=True):
+        scale = float(ref.grad.abs().max())
+        assert float((got.grad.double() - ref.grad).abs().max()) <= 2e-3 * scale
+
+
+@pytest.mark.skipif(not _AMX, reason="no AMX tiles on this machine")
+def test_native_fp16_forward_keeps_the_bits_bf16_cannot_hold() -> None:
+    """The low parts matter: v = 1 + 2^-10 and scores that differ only through k's low bits. bf16 rounds both
+    away (v to 1, the two keys' scores to equal); the split products keep them, as fp32 does."""
+    D = 32
+    spec = ac.AttentionSpec(num_heads=1, head_dim=D)
+    q = torch.full((1, 1, 16, D), 8.0).half()
+    k = torch.stack([torch.full((D,), 1 + 2**-10), torch.ones(D)]).half().view(1, 1, 2, D)
+    v = torch.stack([torch.full((D,), 1 + 2**-10), -torch.ones(D)]).half().view(1, 1, 2, D)
+    out = ac.compile(spec, target="cpu")(q, k, v)
+    gap = 8.0 * D * 2**-10 * D**-0.5  # the scores' difference, all from k's low bits
+    p = 1 / (1 + math.exp(-gap))
+    want = p * (1 + 2**-10) - (1 - p)
+    got = out.double()
+    assert torch.allclose(got, torch.full_like(got, want), rtol=0, atol=2**-16), (got[0, 0, 0, 0], want)
+    assert abs(want) > 0.02  # (bf16 inputs would give 0 here)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -1,0 +1,94 @@
+"""fp16 inputs on the cpu target: the native forward (AMX tiles on exact bf16 splits, ``CpuKernel.forward_fp16``)
+against the same kernel's fp32 path on upcast copies, attncc bf16, SDPA fp16 and FlexAttention fp16, side by side in
+one process; and the accuracy of both attncc fp16 paths against float64.
+
+    python benchmarks/cpu_fp16.py                                    # 4K, H=8, D=64/128, causal and sliding window
+    python benchmarks/cpu_fp16.py --masks causal document --head-dims 32 64 128
+
+Forward only (the fp16 backward runs fp32 on the saved fp16 inputs either way). "fp32 path" is the same compiled
+kernel with its native fp16 forward switched off, so the two differ only in how the products run. Times are the
+best of ``--reps`` rounds that call every contender once (``cpu.interleaved``). Errors: max and mean |o - o64| of
+the fp16 outputs over the float64 reference on the same fp16 inputs (the first head, a one-head spec of its own).
+Needs AMX tiles (elsewhere both attncc columns run the fp32 path).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from cpu import B, H, attncc_mask, doc_ids, flex_mask, interleaved  # benchmarks/cpu.py
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import attncc as ac
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--masks", nargs="+", default=["causal", "sliding_window"])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    n = args.n
+    print(f"# B={B} H={H} N={n}; torch {torch.__version__}, {torch.get_num_threads()} threads; forward only")
+    print(
+        "| mask | D | fp16 native ms | fp16 fp32-path ms | native speedup | bf16 ms | SDPA fp16 ms | SDPA/native | "
+        "flex fp16 ms | flex/native | max err native | max err fp32 path | mean err native | mean err fp32 path |"
+    )
+    print("|" + "---|" * 14)
+    for name in args.masks:
+        for d in args.head_dims:
+            row(name, d, n, args.reps)
+
+
+def row(name: str, d: int, n: int, reps: int) -> None:
+    """Time the contenders on one mask and head dim and print the table row."""
+    g = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn(B, H, n, d, generator=g).half() for _ in range(3))
+    extra = {"doc": doc_ids(n)} if name == "document" else {}
+    native, upcast = (  # two specs (two names): two CpuKernel objects
+        ac.compile(ac.AttentionSpec(name=tag, num_heads=H, head_dim=d, mask=attncc_mask(name, n)), target="cpu")
+        for tag in ("fp16_native", "fp16_upcast")
+    )
+    upcast.cpu_kernel().native_fp16 = lambda *_: False  # type: ignore[method-assign]
+    q16, k16, v16 = (t.bfloat16() for t in (q, k, v))
+    fmask = flex_mask(name, n)
+    block = create_block_mask(fmask, 1, 1, n, n, device="cpu")
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention)
+    qi, ki = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    bool_mask = None if name == "causal" else fmask(0, 0, qi, ki)
+    fns = {
+        "native": lambda: native(q, k, v, **extra),
+        "upcast": lambda: upcast(q, k, v, **extra),
+        "bf16": lambda: native(q16, k16, v16, **extra),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, is_causal=bool_mask is None),
+        "flex": lambda: flex(q, k, v, block_mask=block),
+    }
+    ms = {key: t * 1e3 for key, t in interleaved(fns, reps, slow={"sdpa"}).items()}
+    errs = accuracy(name, n, q[:, :1], k[:, :1], v[:, :1], extra=extra)
+    print(
+        f"| {name} | {d} | {ms['native']:.1f} | {ms['upcast']:.1f} | {ms['upcast'] / ms['native']:.2f}x | "
+        f"{ms['bf16']:.1f} | {ms['sdpa']:.1f} | {ms['sdpa'] / ms['native']:.2f}x | {ms['flex']:.1f} | "
+        f"{ms['flex'] / ms['native']:.2f}x | {errs[0].max():.2e} | {errs[1].max():.2e} | "
+        f"{errs[0].mean():.2e} | {errs[1].mean():.2e} |",
+        flush=True,
+    )
+
+
+def accuracy(name: str, n: int, *qkv: torch.Tensor, extra: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """|o - o64| of one head's fp16 output, native and through the fp32 path, over the float64 reference."""
+    d = qkv[0].shape[3]
+    native, upcast = (
+        ac.compile(ac.AttentionSpec(name=tag, num_heads=1, head_dim=d, mask=attncc_mask(name, n)), target="cpu")
+        for tag in ("fp16_native_1", "fp16_upcast_1")
+    )
+    upcast.cpu_kernel().native_fp16 = lambda *_: False  # type: ignore[method-assign]
+    want = ac.compile(native.spec, target="reference")(*(t.double() for t in qkv), **extra)
+    return [(f(*qkv, **extra).double() - want).abs() for f in (native, upcast)]
+
+
+if __name__ == "__main__":
+    main()
