@@ -950,6 +950,21 @@ struct ToBf16 {{
     const __m512 vs = _mm512_set1_ps(sc), vm = _mm512_set1_ps(mx);
     __m512 sum = _mm512_setzero_ps(), hi = _mm512_set1_ps(-INF);
     int j = 0;
+    if (!SPLIT) {{  // 32 at a time: one two-source conversion (VCVTNE2PS2BF16) and one store for both vectors
+      __m512 sum1 = _mm512_setzero_ps(), hi1 = hi;
+      for (; j + 32 <= cols; j += 32) {{
+        const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vs, vm);
+        const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(sr + j + 16), vs, vm);
+        hi = _mm512_max_ps(x0, hi);
+        hi1 = _mm512_max_ps(x1, hi1);
+        const __m512 e0 = exp2(x0), e1 = exp2(x1);
+        sum = _mm512_add_ps(sum, e0);
+        sum1 = _mm512_add_ps(sum1, e1);
+        _mm512_storeu_si512(p + i * pw + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+      }}
+      sum = _mm512_add_ps(sum, sum1);
+      hi = _mm512_max_ps(hi1, hi);  // (a NaN in hi1 is dropped as max_ps drops one; NaN rows never get here: m finite)
+    }}
     for (; j + 16 <= cols; j += 16) {{
       const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vs, vm);
       hi = _mm512_max_ps(x, hi);  // (max_ps returns its second operand for NaN)
