@@ -330,7 +330,7 @@ class CpuKernel:
         three products, p_hi v_hi + p_hi v_lo + p_lo v_hi, with P split as it is rounded: relative error about
         2^-17 of the terms, 16x below fp16's rounding of the output (FlashAttention's fp16 P, rounded to fp16, is
         2^-11). The softmax is fp32, as in the fp32 forward. Measured against float64: the same mean error as the
-        fp32 path after the rounding to fp16, and 1.4-1.6x its speed (BENCHMARKS.md).
+        fp32 path after the rounding to fp16, and 1.1-1.6x its speed (BENCHMARKS.md).
         """
         B, H, Sq, D = q.shape
         o = torch.empty(B, H, Sq, D, dtype=torch.float32)
