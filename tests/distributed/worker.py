@@ -99,6 +99,7 @@ def main() -> None:
         if "tp" in names:
             results["tp"] = run_tp(rank, world)
         torch.save(results, f"{out}.{rank}")
+        dist.barrier()  # every rank done sending before any tears gloo down ("terminate called" at exit, seen once)
     finally:
         dist.destroy_process_group()
 
