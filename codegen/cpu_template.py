@@ -1994,6 +1994,9 @@ extern "C" int attncc_backward_bf16(
               gemm_bf<0>(n, cols32, d / 2, dop + g0 * D, d, v_panels + packed, d, 2 * NR, dp.data(), LD);
             }}
             if (!HAS_MOD) {{  // P and dS straight to their bf16 layouts, two rows at a time (a pair row)
+              // word u of a pair row: 2c + e holds row e's column c ([row i | row i + 1] -> interleaved)
+              const __m512i PAIRS = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23,
+                                                     7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
               for (int i = 0; i < 32; i += 2) {{
                 __m512 sc[2], li2[2], vd[2];
                 const uint8_t* kr[2];
@@ -2009,7 +2012,7 @@ extern "C" int attncc_backward_bf16(
                 }}
                 for (int j = 0; j < cols32; j += 16) {{
                   const __mmask16 in = j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
-                  __m256bh ph[2], gh[2];
+                  __m512 pv[2], gv[2];
                   for (int e = 0; e < 2; ++e) {{
                     __mmask16 on = live[e] ? in : 0;
                     if (kr[e] && on)
@@ -2017,17 +2020,19 @@ extern "C" int attncc_backward_bf16(
                     const float* sr = s.data() + (i + e) * LD + j;
                     const float* dr = dp.data() + (i + e) * LD + j;
                     const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr), sc[e], li2[e]);
-                    const __m512 pv = on ? _mm512_maskz_mov_ps(on, exp2_v_bf16(x)) : _mm512_setzero_ps();
+                    pv[e] = on ? _mm512_maskz_mov_ps(on, exp2_v_bf16(x)) : _mm512_setzero_ps();
                     const __m512 dpv = _mm512_maskz_sub_ps(on, _mm512_loadu_ps(dr), vd[e]);
-                    const __m512 gv = _mm512_mul_ps(_mm512_mul_ps(pv, dpv), _mm512_set1_ps(SCALE));
-                    ph[e] = _mm512_cvtneps_pbh(pv);
-                    gh[e] = _mm512_cvtneps_pbh(gv);
-                    std::memcpy(ds.data() + (g0 + i + e) * SW + j, &gh[e], 32);  // dS rows (dQ's A tiles)
+                    gv[e] = _mm512_mul_ps(_mm512_mul_ps(pv[e], dpv), _mm512_set1_ps(SCALE));
                   }}
-
+                  // both rows rounded by one VCVTNE2PS2BF16 each for P and dS ([row i | row i + 1]), then the
+                  // pair row by one word permutation; dS's rows (dQ's A tiles) are the two halves
+                  const __m512i p2 = (__m512i)_mm512_cvtne2ps_pbh(pv[1], pv[0]);
+                  const __m512i g2 = (__m512i)_mm512_cvtne2ps_pbh(gv[1], gv[0]);
+                  _mm256_storeu_si256((__m256i*)(ds.data() + (g0 + i) * SW + j), _mm512_castsi512_si256(g2));
+                  _mm256_storeu_si256((__m256i*)(ds.data() + (g0 + i + 1) * SW + j), _mm512_extracti64x4_epi64(g2, 1));
                   const int64_t at = (int64_t)(g0 + i) / 2 * 2 * JW + 2 * j;  // pair row (g0 + i) / 2 of the run
-                  _mm512_storeu_si512(ppr + at, interleave_bf16(ph[0], ph[1]));
-                  _mm512_storeu_si512(dspr + at, interleave_bf16(gh[0], gh[1]));
+                  _mm512_storeu_si512(ppr + at, _mm512_permutexvar_epi16(PAIRS, p2));
+                  _mm512_storeu_si512(dspr + at, _mm512_permutexvar_epi16(PAIRS, g2));
                 }}
               }}
               continue;
