@@ -760,9 +760,6 @@ inline void softmax_rows(float* s, int ld, int rows, int cols, float sc, float* 
   softmax_step(s, ld, rows, cols, sc, m, l, alpha, InPlace{{cols}});
 }}
 
-// pack K or V [heads, S, d] into panels of NR rows [heads][ceil(S / NR)][d / P][NR][P], zero past S: row j's
-// P consecutive values x.. x + P - 1 sit together (P = 1: fp32 panels [d][NR]; P = 2: the bf16 pairs a
-// vdpbf16ps lane reads), and the panel of rows j0.. (j0 a multiple of NR) starts at out + (h * up(S) + j0) * d
 #if defined(__AVX512F__)
 // out[x * ldo + j] = in[j * ld + x] for 16 rows j of 16 32-bit values x; rows from ``rows`` on read as zeros, out
 // rows from ``out_rows`` on not written
@@ -832,8 +829,6 @@ inline void pack_panels(const T* k, T* out, int64_t heads, int64_t S, int64_t d,
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 constexpr bool BF16 = true;
 
-// V [heads, S, d] -> pair rows [heads][up(S) / 2][d][2] (keys 2r, 2r + 1 of column c at [r][c]; up: to a multiple
-// of NR), zero past S: a product over a tile's keys may read whole NR-key chunks (the AMX tiles read 32 keys)
 // 16 bf16 of row a and 16 of row b as one pair row: lane u holds a[u] (low half) and b[u]
 inline __m512i interleave_bf16(__m256bh a, __m256bh b) {{
   return _mm512_or_si512(_mm512_cvtepu16_epi32((__m256i)a), _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b), 16));
@@ -848,6 +843,8 @@ inline void pair_row(const bf16_t* a, const bf16_t* b, bf16_t* out, int64_t d) {
   }}
 }}
 
+// V [heads, S, d] -> pair rows [heads][up(S) / 2][d][2] (keys 2r, 2r + 1 of column c at [r][c]; up: to a multiple
+// of NR), zero past S: a product over a tile's keys may read whole NR-key chunks (the AMX tiles read 32 keys)
 inline void pack_v_bf16(const bf16_t* v, bf16_t* out, int64_t heads, int64_t S, int64_t d, int threads) {{
   const int64_t pairs = (S + NR - 1) / NR * NR / 2;
   #pragma omp parallel for schedule(static) num_threads(threads)
@@ -963,7 +960,7 @@ struct ToBf16 {{
         _mm512_storeu_si512(p + i * pw + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
       }}
       sum = _mm512_add_ps(sum, sum1);
-      hi = _mm512_max_ps(hi1, hi);  // (a NaN in hi1 is dropped as max_ps drops one; NaN rows never get here: m finite)
+      hi = _mm512_max_ps(hi1, hi);  // (neither holds a NaN: max_ps(x, h) keeps h where x is NaN)
     }}
     for (; j + 16 <= cols; j += 16) {{
       const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vs, vm);
