@@ -48,11 +48,7 @@ def row(name: str, d: int, n: int, reps: int) -> None:
     g = torch.Generator().manual_seed(d)
     q, k, v = (torch.randn(B, H, n, d, generator=g).half() for _ in range(3))
     extra = {"doc": doc_ids(n)} if name == "document" else {}
-    native, upcast = (  # two specs (two names): two CpuKernel objects
-        ac.compile(ac.AttentionSpec(name=tag, num_heads=H, head_dim=d, mask=attncc_mask(name, n)), target="cpu")
-        for tag in ("fp16_native", "fp16_upcast")
-    )
-    upcast.cpu_kernel().native_fp16 = lambda *_: False  # type: ignore[method-assign]
+    native, upcast = kernels(name, n, H, d)
     q16, k16, v16 = (t.bfloat16() for t in (q, k, v))
     fmask = flex_mask(name, n)
     block = create_block_mask(fmask, 1, 1, n, n, device="cpu")
@@ -78,14 +74,20 @@ def row(name: str, d: int, n: int, reps: int) -> None:
     )
 
 
+def kernels(name: str, n: int, heads: int, d: int) -> tuple[ac.Kernel, ac.Kernel]:
+    """The spec compiled twice (two names: two CpuKernel objects), the second with its native fp16 forward off."""
+    specs = (
+        ac.AttentionSpec(name=f"{tag}_{heads}", num_heads=heads, head_dim=d, mask=attncc_mask(name, n))
+        for tag in ("fp16_native", "fp16_upcast")
+    )
+    native, upcast = (ac.compile(spec, target="cpu") for spec in specs)
+    upcast.cpu_kernel().native_fp16 = lambda *_: False  # type: ignore[method-assign]
+    return native, upcast
+
+
 def accuracy(name: str, n: int, *qkv: torch.Tensor, extra: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """|o - o64| of one head's fp16 output, native and through the fp32 path, over the float64 reference."""
-    d = qkv[0].shape[3]
-    native, upcast = (
-        ac.compile(ac.AttentionSpec(name=tag, num_heads=1, head_dim=d, mask=attncc_mask(name, n)), target="cpu")
-        for tag in ("fp16_native_1", "fp16_upcast_1")
-    )
-    upcast.cpu_kernel().native_fp16 = lambda *_: False  # type: ignore[method-assign]
+    native, upcast = kernels(name, n, 1, qkv[0].shape[3])
     want = ac.compile(native.spec, target="reference")(*(t.double() for t in qkv), **extra)
     return [(f(*qkv, **extra).double() - want).abs() for f in (native, upcast)]
 

@@ -236,7 +236,8 @@ class CpuKernel:
         if self.tile_bytes != int(self.lib.attncc_tile_bytes()):
             raise LoweringError(f"{self.path.name} and {self.runtime_path.name} disagree on the keep-record layout")
         self._told: set[int] = set()
-        self._upcast_told: set[tuple[str, int] | tuple[str, int, bool]] = set()
+        self._upcast_told: set[tuple[str, int, bool]] = set()
+        self._fp32_backward_told: set[int] = set()  # head dims whose bf16 backward's fallback was logged
 
     def products(self, head_dim: int) -> str:
         """How this kernel computes its block products at ``head_dim``: register-blocked micro-kernels
@@ -284,7 +285,7 @@ class CpuKernel:
         self._upcast_told.add(key)
         if dtype == torch.float16 and not self.has_amx:
             why = "fp16 products run on AMX tiles, which this build has none of (the backward keeps the fp16 inputs)"
-        elif dtype == torch.float16 and self.bq % 16 == 0 and self.native_bf16(head_dim, rope):
+        elif dtype == torch.float16 and self.native_fp16(head_dim, rope):  # (it was tried and declined)
             why = "the OS did not grant this thread AMX tiles"
         elif dtype == torch.float16 and self.bq % 16:
             why = f"{self.bq}-row q tiles are not whole AMX row tiles (16 rows)"
@@ -597,8 +598,8 @@ class CpuKernel:
         Hkv, Skv = k.shape[1], k.shape[2]
         misfit = "this build has no AVX512_BF16 products" if not self.has_bf16 or self.lanes != 16 else None
         if (misfit := misfit or bf16_backward_misfit(D, self.bq, self.bkv)) is not None:
-            if ("backward", D) not in self._upcast_told:
-                self._upcast_told.add(("backward", D))
+            if D not in self._fp32_backward_told:
+                self._fp32_backward_told.add(D)
                 log.info("cpu kernel %s: the bf16 backward runs fp32 on upcast copies: %s", self.path.name, misfit)
             return None
         heads = head_index(H, Hkv, tensors.get(self.head_table))

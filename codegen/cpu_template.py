@@ -788,6 +788,15 @@ inline void transpose16_u32(const uint32_t* in, int64_t ld, int rows, uint32_t* 
   }}
   for (int i = 0; i < out_rows; ++i) _mm512_storeu_si512(out + i * ldo, r[i]);
 }}
+
+// one panel [w][NR] of NR contiguous rows of w 32-bit units (w a multiple of 16), rows from ``rows`` on zeros
+inline void panel_u32(const uint32_t* src, int64_t w, int64_t rows, uint32_t* dst) {{
+  for (int jb = 0; jb < NR; jb += 16)
+    for (int64_t x = 0; x < w; x += 16) {{
+      const int live = (int)max_of<int64_t>(0, min_of<int64_t>(16, rows - jb));
+      transpose16_u32(src + jb * w + x, w, live, dst + x * NR + jb, NR);
+    }}
+}}
 #endif
 
 // pack K or V [heads, S, d] into panels of NR rows [heads][ceil(S / NR)][d / P][NR][P], zero past S: row j's
@@ -805,11 +814,7 @@ inline void pack_panels(const T* k, T* out, int64_t heads, int64_t S, int64_t d,
     T* dst = out + (h * panels + p) * NR * d;
 #if defined(__AVX512F__)
     if (w % 16 == 0 && NR % 16 == 0) {{
-      const uint32_t* src = (const uint32_t*)(k + (h * S + p * NR) * d);
-      for (int jb = 0; jb < NR; jb += 16)
-        for (int64_t x = 0; x < w; x += 16)
-          transpose16_u32(src + jb * w + x, w, (int)min_of<int64_t>(16, S - p * NR - jb), (uint32_t*)dst + x * NR + jb,
-                          NR);
+      panel_u32((const uint32_t*)(k + (h * S + p * NR) * d), w, S - p * NR, (uint32_t*)dst);
       continue;
     }}
 #endif
@@ -892,10 +897,7 @@ inline void pack_panels_fp16(const uint16_t* k, bf16_t* out, int64_t heads, int6
         const int64_t j = p * NR + jj;
         split_row_k(j < S ? k + (h * S + j) * d : nullptr, d, rows.data() + jj * 4 * d);
       }}
-      uint32_t* dst = (uint32_t*)(out + (h * panels + p) * NR * 4 * d);
-      for (int jb = 0; jb < NR; jb += 16)
-        for (int64_t x = 0; x < w; x += 16)
-          transpose16_u32((const uint32_t*)rows.data() + jb * w + x, w, 16, dst + x * NR + jb, NR);
+      panel_u32((const uint32_t*)rows.data(), w, NR, (uint32_t*)(out + (h * panels + p) * NR * 4 * d));
     }}
   }}
 }}

@@ -107,7 +107,7 @@ class BlockSparse(Pass):
     def tiles(self, op: AttentionOp, values: dict[str, np.ndarray], runtime: bool) -> tuple[int, int]:
         """(bq, bkv): the options, or the cost model's choice when they are left at 0 (``values``, ``runtime``:
         as ``_tables`` gives them)."""
-        if self.bq > 0 and self.bkv > 0:
+        if self.bq > 0:  # (__post_init__: tiles come in pairs)
             return self.bq, self.bkv
         for listed in in_blocks(op.mask):  # tiles equal to a block list's blocks: its map is read from the list
             if listed.blocks is not None and all(n in LIST_TILES for n in listed.blocks):
@@ -122,9 +122,9 @@ class BlockSparse(Pass):
     ) -> tuple[int, int]:
         """(bwd_bq, bwd_bkv) of the tiled op: the options, else the cost model's when it chose the forward's too
         (and no block list fixes the tiles); (0, 0) when they are the forward's."""
-        if self.bwd_bq > 0 and self.bwd_bkv > 0:
+        if self.bwd_bq > 0:
             chosen = (self.bwd_bq, self.bwd_bkv)
-        elif (self.bq > 0 and self.bkv > 0) or in_blocks(op.mask):
+        elif self.bq > 0 or in_blocks(op.mask):
             chosen = tiles
         else:
             chosen = costmodel.backward_tiles(op.mask, self.target, tiles, int(op.q.shape[1]), self.n, values, runtime)
