@@ -58,18 +58,29 @@ namespace {{
     + BASICS
     + r"""inline void fill(float* x, int64_t n, float value) {{ for (int64_t i = 0; i < n; ++i) x[i] = value; }}
 
-// an uninitialized float array on the heap, freed at the end of its scope
-struct Buf {{
-  float* p = nullptr;
-  Buf() = default;
-  explicit Buf(int64_t n) {{ resize(n); }}
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-  ~Buf() {{ std::free(p); }}
-  void resize(int64_t n) {{ std::free(p); p = n > 0 ? (float*)std::malloc(sizeof(float) * n) : nullptr; }}
-  float* data() const {{ return p; }}
-  float& operator[](int64_t i) const {{ return p[i]; }}
+// an array on the heap, uninitialized unless ``zero``, freed at the end of its scope; 64-byte aligned (a cache
+// line): malloc's 16 bytes put every row of an AMX tile load or store across two lines, and glibc's large blocks
+// (mmap) sit 16 bytes past a page, so a score buffer of 128 KiB or more ran Q K^T at half speed
+template <class T>
+struct Aligned {{
+  T* p = nullptr;
+  Aligned() = default;
+  explicit Aligned(int64_t n, bool zero = false) {{ resize(n, zero); }}
+  Aligned(const Aligned&) = delete;
+  Aligned& operator=(const Aligned&) = delete;
+  ~Aligned() {{ std::free(p); }}
+  void resize(int64_t n, bool zero = false) {{
+    std::free(p);
+    p = nullptr;
+    if (n <= 0) return;
+    const size_t bytes = ((size_t)n * sizeof(T) + 63) / 64 * 64;  // (aligned_alloc takes whole alignments)
+    p = (T*)std::aligned_alloc(64, bytes);
+    if (zero) std::memset(p, 0, bytes);
+  }}
+  T* data() const {{ return p; }}
+  T& operator[](int64_t i) const {{ return p[i]; }}
 }};
+using Buf = Aligned<float>;
 
 constexpr int BQ = {bq};
 constexpr int BKV = {bkv};
@@ -889,7 +900,7 @@ inline void pack_panels_fp16(const uint16_t* k, bf16_t* out, int64_t heads, int6
   const int64_t panels = (S + NR - 1) / NR, w = 2 * d;  // 32-bit units (pairs) per split row
   #pragma omp parallel num_threads(threads)
   {{
-    std::vector<bf16_t> rows((size_t)NR * 4 * d);
+    Aligned<bf16_t> rows(NR * 4 * d, true);
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < heads * panels; ++t) {{
       const int64_t h = t / panels, p = t % panels;
@@ -907,7 +918,7 @@ inline void pack_v_fp16(const uint16_t* v, bf16_t* hi, bf16_t* lo, int64_t heads
   const int64_t pairs = (S + NR - 1) / NR * NR / 2;
   #pragma omp parallel num_threads(threads)
   {{
-    std::vector<bf16_t> part((size_t)4 * d);  // hi, lo of key 2r; hi, lo of key 2r + 1
+    Aligned<bf16_t> part(4 * d, true);  // hi, lo of key 2r; hi, lo of key 2r + 1
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < heads * pairs; ++t) {{
       const int64_t h = t / pairs, r = t % pairs;
@@ -1137,7 +1148,7 @@ inline void transpose_bf16(const bf16_t* x, bf16_t* out, int64_t heads, int64_t 
   const int64_t blocks = (s_pad + 31) / 32;
   #pragma omp parallel num_threads(threads)
   {{
-    std::vector<bf16_t> pairs((size_t)32 * d);  // 16 pair rows of a block's 32 rows
+    Aligned<bf16_t> pairs(32 * d, true);  // 16 pair rows of a block's 32 rows
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < heads * blocks; ++t) {{  // 32 rows at a time: pair rows, then 16 x 16 transposes of pairs
       const int64_t h = t / blocks, i0 = t % blocks * 32;
@@ -1545,8 +1556,7 @@ extern "C" int attncc_forward_bf16(
   {{
     Buf s(BQ * LDS), acc(BQ * D), m(BQ), l(BQ), alpha(BQ);
     const int pw = WKV + 32;  // bf16 P row stride (room for zeros up to the next 32 keys)
-    std::vector<bf16_t> pb(packed ? (size_t)BQ * pw : 0), qpad(tiles ? (size_t)BQ * DK : 0),
-        plo(hilo ? (size_t)BQ * pw : 0);
+    Aligned<bf16_t> pb(packed ? BQ * pw : 0, true), qpad(tiles ? BQ * DK : 0, true), plo(hilo ? BQ * pw : 0, true);
     if (tiles) amx_configure();
     #pragma omp for schedule(dynamic, chunk)
     for (int64_t job = 0; job < jobs.count(); ++job) {{
@@ -1913,9 +1923,9 @@ extern "C" int attncc_backward_bf16(
     // stay in L1 across a row of C tiles) beat 512 by 3-7% and 128 by 0-5% (ABBA, bf16, D = 64 and 128)
     constexpr int PEND = WQ > 256 ? WQ : 256;
     Buf s(32 * LD), dp(32 * LD), dk_t(D * LDT), dv_t(D * LDT), dq_tmp(WQ * D);
-    std::vector<uint32_t> t32((size_t)16 * LDT);  // 32 columns of dK^T or dV^T as 16 bf16 pair rows
-    std::vector<bf16_t> qpad((size_t)WQ * D), dopad((size_t)WQ * D), pp((size_t)(PEND + 32) * JW),
-        dsp((size_t)(PEND + 32) * JW), ds((size_t)(WQ + 32) * SW);
+    Aligned<uint32_t> t32(16 * LDT, true);  // 32 columns of dK^T or dV^T as 16 bf16 pair rows
+    Aligned<bf16_t> qpad(WQ * D, true), dopad(WQ * D, true), pp((PEND + 32) * JW, true), dsp((PEND + 32) * JW, true),
+        ds((WQ + 32) * SW, true);
     const int team = omp_get_num_threads(), me = omp_get_thread_num();
     const bool mine_only = own && team == threads;  // (a smaller team than asked for deals kv blocks out)
     float* dq_mine = mine_only ? dq_threads : dq_threads + (int64_t)me * rows_all * D;
