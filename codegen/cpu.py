@@ -151,6 +151,16 @@ def workspace(floats: int) -> int:
     return buf.data_ptr()
 
 
+def whole_lines(floats: int) -> int:
+    """``floats`` rounded up to whole 64-byte cache lines, so that what a workspace holds after them starts on a
+    line (AMX tile rows that straddle two lines load and store at about half speed).
+
+    >>> whole_lines(1), whole_lines(16), whole_lines(17)
+    (16, 16, 32)
+    """
+    return -(-floats // 16) * 16
+
+
 def workspace_bytes() -> int:
     """Bytes of the calling thread's cpu-kernel workspace (0 when it has none)."""
     buf = getattr(_WORKSPACE, "buf", None)
@@ -536,7 +546,7 @@ class CpuKernel:
         threads = torch.get_num_threads()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         packed = 2 * self._packed(k)
-        scratch = threads * q.numel() + B * H * Sq
+        scratch = whole_lines(threads * q.numel() + B * H * Sq)  # (the packed panels after it start on a line)
         work = workspace(scratch + packed)
         _keep_alive, ptrs, dims = self.pack(tensors)
         sizes, offsets, partials = self._table_partials(tensors, want, threads)
@@ -609,7 +619,7 @@ class CpuKernel:
         dv = torch.empty(B, Hkv, Skv, D, dtype=torch.bfloat16)
         up = 2 * self.lanes  # pair rows and panels pad the sequence to NR keys
         halves = (3 * B * Hkv * -(-Skv // up) + 2 * B * H * (-(-Sq // up) + 1)) * up * D  # bf16 values packed
-        scratch = threads * q.numel() + B * H * Sq
+        scratch = whole_lines(threads * q.numel() + B * H * Sq)  # (the packed panels after it start on a line)
         work = workspace(scratch + -(-halves // 2))
         _keep_alive, ptrs, dims = self.pack(tensors)
         sizes, offsets, partials = self._table_partials(tensors, want, threads)
