@@ -59,8 +59,9 @@ namespace {{
     + r"""inline void fill(float* x, int64_t n, float value) {{ for (int64_t i = 0; i < n; ++i) x[i] = value; }}
 
 // an array on the heap, uninitialized unless ``zero``, freed at the end of its scope; 64-byte aligned (a cache
-// line): malloc's 16 bytes put every row of an AMX tile load or store across two lines, and glibc's large blocks
-// (mmap) sit 16 bytes past a page, so a score buffer of 128 KiB or more ran Q K^T at half speed
+// line): malloc's 16 bytes put every row of an AMX tile load or store across two lines (glibc serves blocks of
+// 128 KiB and more, the forward's scores among them, by mmap at 16 bytes past a page); the aligned buffers made the
+// bf16 backward 1.05-1.15x and the forward up to 1.09x faster (benchmarks/cpu_ab.py, BENCHMARKS.md)
 template <class T>
 struct Aligned {{
   T* p = nullptr;
