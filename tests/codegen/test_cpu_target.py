@@ -323,6 +323,21 @@ def test_native_bf16_running_max_that_moves_and_stays(isa: str) -> None:
     torch.testing.assert_close(lse.double(), want_lse, atol=1e-3, rtol=1e-3)
 
 
+def native_runs(monkeypatch: pytest.MonkeyPatch, method: str) -> list[bool]:
+    """Spies on ``CpuKernel.<method>``, a native half-precision path that returns None where it declines (the caller
+    then upcasts): the list gets, per call, whether it ran natively."""
+    ran: list[bool] = []
+    real = getattr(cpu.CpuKernel, method)
+
+    def spy(self: cpu.CpuKernel, *args: Any, **kwargs: Any) -> Any:
+        found = real(self, *args, **kwargs)
+        ran.append(found is not None)
+        return found
+
+    monkeypatch.setattr(cpu.CpuKernel, method, spy)
+    return ran
+
+
 @pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
 @pytest.mark.parametrize("head_dim", [32, 96, 128])
 def test_native_bf16_backward(isa: str, head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -332,18 +347,9 @@ def test_native_bf16_backward(isa: str, head_dim: int, monkeypatch: pytest.Monke
     last q block and kv tile, rows that see no key (zero gradients), a partial-tile band, the lse's own gradient,
     against the float64 oracle on the same bf16 values; under ``use_deterministic_algorithms`` two runs agree
     bit for bit."""
-    from attncc.codegen.cpu import CpuKernel
     from tests.numerics import oracle
 
-    ran: list[bool] = []
-    real = CpuKernel.backward_bf16
-
-    def spy(self: CpuKernel, *args: Any, **kwargs: Any) -> Any:
-        found = real(self, *args, **kwargs)
-        ran.append(found is not None)
-        return found
-
-    monkeypatch.setattr(CpuKernel, "backward_bf16", spy)
+    ran = native_runs(monkeypatch, "backward_bf16")
     S, Skv = 77, 93
     band = ac.causal(align="bottom_right") & (ac.kv >= ac.q + (Skv - S) - 40) & (ac.q >= 5)
     spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=head_dim, mask=band)
@@ -546,19 +552,10 @@ def test_native_fp16_forward_on_amx_splits_is_as_accurate_as_fp32(
     upcast copies: against the float64 oracle each output is within half an fp16 ulp plus 2^-16 max|v|, and the mean
     error is the fp32 path's; GQA, a ragged last q block, a runtime document mask, and decoding (one query row, the
     kv range split across threads); gradients through the fp32 backward."""
-    from attncc.codegen.cpu import CpuKernel
     from attncc.plan import TileLists
     from tests.numerics import oracle
 
-    taken: list[bool] = []
-    real = CpuKernel.forward_fp16
-
-    def spy(self: CpuKernel, *args: Any, **kwargs: Any) -> Any:
-        found = real(self, *args, **kwargs)
-        taken.append(found is not None)
-        return found
-
-    monkeypatch.setattr(CpuKernel, "forward_fp16", spy)
+    taken = native_runs(monkeypatch, "forward_fp16")
     S, Skv, D = (1, 700, head_dim) if masked == "decode" else (300, 300, head_dim)
     B, H, Hkv = (1, 1, 1) if masked == "decode" else (2, 4, 2)  # (decoding: one task, so its kv range splits)
     doc = torch.tensor([0] * 70 + [1] * 150 + [2] * 80)
