@@ -1387,24 +1387,31 @@ inline int run_length(const int32_t* idx, const uint8_t* full, int32_t t, int32_
   return n;
 }}
 
-// scores of a run of tiles: scaled score -> score mod -> mask from the precomputed keep bytes
-// (partial tiles only; ``keep[u]`` is tile u of the run, its BQ x BKV bytes row-major)
+// scores of a run of tiles: score mod (scaled scores; without a mod the caller folds SCALE into the softmax's
+// base-2 factor, as for full tiles) -> mask from the precomputed keep bytes (partial tiles only; ``keep[u]`` is tile
+// u of the run, its BQ x BKV bytes row-major): masked scores become -inf
 inline void tile_scores(const Hooks& spec, const Ctx& cx, float SCALE, float* s, int ld, int rows, int cols,
                         const uint8_t* const* keep, int64_t b, int64_t h, int64_t q0, int64_t k0) {{
   if (spec.mod_rows) spec.mod_rows(&cx, SCALE, s, ld, rows, cols, b, h, q0, k0);
-  for (int i = 0; i < rows; ++i) {{
-    float* row = s + i * ld;
-    if (!spec.mod_rows)
-      for (int j = 0; j < cols; ++j) row[j] *= SCALE;
-    if (keep)
-      for (int u = 0; u * BKV < cols; ++u) {{
-        const uint8_t* kr = keep[u] + i * BKV;
-        float* r = row + u * BKV;
-        const int n = min_of(BKV, cols - u * BKV);
-        #pragma omp simd
-        for (int j = 0; j < n; ++j) r[j] = kr[j] ? r[j] : -INF;
+  if (!keep) return;
+  for (int i = 0; i < rows; ++i)
+    for (int u = 0; u * BKV < cols; ++u) {{
+      const uint8_t* kr = keep[u] + i * BKV;
+      float* r = s + i * ld + u * BKV;
+      const int n = min_of(BKV, cols - u * BKV);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+      const __m512 ninf = _mm512_set1_ps(-INF);  // (whole stores: the softmax's loads of them forward from the store)
+      for (int j = 0; j < n; j += 16) {{
+        const __mmask16 in = j + 16 <= n ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+        const __m128i bytes = _mm_maskz_loadu_epi8(in, kr + j);
+        const __m512 x = _mm512_mask_mov_ps(ninf, _mm_test_epi8_mask(bytes, bytes), _mm512_maskz_loadu_ps(in, r + j));
+        _mm512_mask_storeu_ps(r + j, in, x);
       }}
-  }}
+#else
+      #pragma omp simd
+      for (int j = 0; j < n; ++j) r[j] = kr[j] ? r[j] : -INF;
+#endif
+    }}
 }}
 
 }}  // namespace
@@ -1486,9 +1493,11 @@ extern "C" int attncc_forward(
         else if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), LDS);
         else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), LDS, 0.0f);
         // full tiles without a score mod skip the scores pass: the scale folds into max and exp
+        // without a score mod the scale folds into max and exp (SCALE > 0: AttentionSpec checks); partial tiles
+        // then only mask, full ones skip the scores pass
         const bool plain = full && !HAS_MOD;
         if (!plain) tile_scores(spec, cx, SCALE, s.data(), LDS, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
-        const float sc = plain ? SCALE * LOG2E : LOG2E;  // scores to base 2; m[] is kept in base 2
+        const float sc = HAS_MOD ? LOG2E : SCALE * LOG2E;  // scores to base 2; m[] is kept in base 2
         softmax_rows(s.data(), LDS, rows, cols, sc, m.data(), l.data(), alpha.data());
         if (micro && !full)
           products_kept<2>(rows, d, s.data(), LDS, 1, BKV, vp + k0 * D, d, acc.data(), d, alpha.data(), run_rng, span);
@@ -1588,7 +1597,7 @@ extern "C" int attncc_forward_bf16(
         const int64_t k0 = (int64_t)kv_idx[t] * BKV;
         const int cols = (int)min_of<int64_t>((int64_t)BKV * span, Skv - k0);
         const bool full = kv_full[t] != 0, plain = full && !HAS_MOD;
-        const float sc = plain ? SCALE * LOG2E : LOG2E;
+        const float sc = HAS_MOD ? LOG2E : SCALE * LOG2E;  // (as in attncc_forward)
         for (int u = 0; !full && u < span; ++u) run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
         if (!packed) {{  // few rows: in place, every column (tile_scores masks a partial tile's)
           scores_rows_bf(rows, cols, d, qp, kpp + k0 * D, s.data(), LDS);  // (unsplit: dk == d)
