@@ -239,7 +239,7 @@ class CpuKernel:
         fwd_bf16.restype = ctypes.c_int
         bwd_bf16 = self.runtime.attncc_backward_bf16
         bwd_bf16.argtypes = [_P] * 10 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, ctypes.c_int,
-                                                             _P, _P, _I, _P]  # fmt: skip
+                                                             _P, _P, _I, _P, ctypes.c_int, _P, _P, _P, _P]  # fmt: skip
         bwd_bf16.restype = ctypes.c_int
         self.runtime.attncc_tile_bytes.restype = self.lib.attncc_tile_bytes.restype = ctypes.c_int64
         self.tile_bytes = int(self.runtime.attncc_tile_bytes())  # one partial tile's record in the keep buffer
@@ -274,7 +274,7 @@ class CpuKernel:
             forward = "" if self.bq % 16 == 0 else f" (not at {self.bq}-row q tiles: dot products)"
             bf16 = f"; bf16 inputs: AMX tiles{forward}, {backward}, fp32 accumulation"
             if self.bq % 16 == 0:
-                bf16 += "; fp16 inputs: AMX tiles on exact bf16 splits (Q K^T exact, P V to 2^-17), backward fp32"
+                bf16 += f"; fp16 inputs: AMX tiles on exact bf16 splits (Q K^T exact, P V to 2^-17), {backward}"
         elif self.has_bf16:
             bf16 = f"; bf16 inputs: AVX512_BF16 dot products, {backward}, fp32 accumulation"
         else:
@@ -597,28 +597,38 @@ class CpuKernel:
     def backward_bf16(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
         lse: torch.Tensor, dlse: torch.Tensor | None, lists: TileLists, keep: torch.Tensor,
-        tensors: dict[str, torch.Tensor], want: Sequence[str] = (),
+        tensors: dict[str, torch.Tensor], want: Sequence[str] = (), fp16: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:  # fmt: skip
         """``backward`` for contiguous bf16 q, k, v, o and do (lse fp32; o and lse from ``forward_bf16``) with its five
         products on AMX tiles (where the OS grants them) or AVX512_BF16 register blocks; bf16 gradients of q, k, v
         (each rounded once from its fp32 sums, as the caller's cast would: no fp32 copies), table gradients fp32.
         None where this build has no bf16 products or the shapes do not fit them (the caller then upcasts and runs
-        ``backward``)."""
+        ``backward``).
+
+        ``fp16``: q, k, v and do are fp16 and o is ``forward_fp16``'s fp32 output; the products run on AMX tiles on
+        exact bf16 splits, as that forward's do: S = Q K^T and dP = dO V^T exact (every product of fp16 values, summed
+        in fp32), P and dS split to 2^-17 as they are rounded, and dV, dK, dQ each three products (hi.hi + hi.lo +
+        lo.hi), so the gradients are as accurate as the fp32 backward's (fp32 gradients, for the caller's one rounding
+        to fp16). None also where the tiles are not granted."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         misfit = "this build has no AVX512_BF16 products" if not self.has_bf16 or self.lanes != 16 else None
         if (misfit := misfit or bf16_backward_misfit(D, self.bq, self.bkv)) is not None:
             if D not in self._fp32_backward_told:
                 self._fp32_backward_told.add(D)
-                log.info("cpu kernel %s: the bf16 backward runs fp32 on upcast copies: %s", self.path.name, misfit)
+                log.info("cpu kernel %s: the %s backward runs fp32 on upcast copies: %s", self.path.name,
+                         "fp16" if fp16 else "bf16", misfit)  # fmt: skip
             return None
         heads = head_index(H, Hkv, tensors.get(self.head_table))
         threads = torch.get_num_threads()
-        dq = torch.empty(B, H, Sq, D, dtype=torch.bfloat16)
-        dk = torch.empty(B, Hkv, Skv, D, dtype=torch.bfloat16)
-        dv = torch.empty(B, Hkv, Skv, D, dtype=torch.bfloat16)
+        grad = torch.float32 if fp16 else torch.bfloat16
+        dq = torch.empty(B, H, Sq, D, dtype=grad)
+        dk = torch.empty(B, Hkv, Skv, D, dtype=grad)
+        dv = torch.empty(B, Hkv, Skv, D, dtype=grad)
         up = 2 * self.lanes  # pair rows and panels pad the sequence to NR keys
-        halves = (3 * B * Hkv * -(-Skv // up) + 2 * B * H * (-(-Sq // up) + 1)) * up * D  # bf16 values packed
+        # bf16 values packed: K and V panels (fp16: of rows split 4D deep), K pair rows, Q^T and dO^T (fp16: hi and lo)
+        kv_rows, q_rows = B * Hkv * -(-Skv // up) * up * D, B * H * (-(-Sq // up) + 1) * up * D
+        halves = (10 * kv_rows + 4 * q_rows) if fp16 else (3 * kv_rows + 2 * q_rows)
         scratch = whole_lines(threads * q.numel() + B * H * Sq)  # (the packed panels after it start on a line)
         work = workspace(scratch + -(-halves // 2))
         _keep_alive, ptrs, dims = self.pack(tensors)
@@ -630,6 +640,7 @@ class CpuKernel:
             _ptr(lists.keep_base), keep.data_ptr(), ctypes.cast(ptrs, _P), _ptr(dims), threads, _ptr(heads),
             self.scale, work, work + 4 * scratch, torch.are_deterministic_algorithms_enabled(),
             None if partials is None else partials.data_ptr(), _ptr(offsets), sum(sizes), self.hooks,
+            int(fp16), *((_ptr(o), _ptr(dq), _ptr(dk), _ptr(dv)) if fp16 else (None,) * 4),
         )  # fmt: skip
         if code < 0:
             return None
@@ -776,21 +787,24 @@ class CpuAttention(torch.autograd.Function):
             q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
             o, lse = kern.forward_bf16(q16, k16, v16, lists, keep, tensors)
             ctx.save_for_backward(q16, k16, v16, o, lse)  # bf16 inputs kept for the bf16 backward
-            ctx.native = True
+            ctx.native = torch.bfloat16
         else:
             found = None
             if dtype == torch.float16 and kern.native_fp16(q.shape[3], rope is not None):
                 q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
                 found = kern.forward_fp16(q16, k16, v16, lists, keep, tensors)
-            if found is None:
+            if found is not None:  # fp16 inputs and the fp32 o kept for the fp16 backward, on the same splits
+                o, lse = found
+                ctx.save_for_backward(q16, k16, v16, o, lse)
+                ctx.native = torch.float16
+            else:
                 if dtype in (torch.bfloat16, torch.float16):
                     kern.tell_upcast(dtype, q.shape[3], rope is not None)
                 qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
-                found = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
-            o, lse = found
-            # the inputs as given (for half precision: half the memory of the fp32 copies, upcast again then)
-            ctx.save_for_backward(q.detach(), k.detach(), v.detach(), o, lse)
-            ctx.native = False
+                o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
+                # the inputs as given (for half precision: half the memory of the fp32 copies, upcast again then)
+                ctx.save_for_backward(q.detach(), k.detach(), v.detach(), o, lse)
+                ctx.native = None
         ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype, ctx.rope = kern, lists, keep, tensors, dtype, rope
         ctx.learn, ctx.recompute, ctx.inputs = learn, recompute, (q, k, v, *learned)
         ctx.backward_parts = backward_parts
@@ -803,12 +817,13 @@ class CpuAttention(torch.autograd.Function):
             return q, k, v, None, None, None, None, None, None, None, None, *rest
         dlsef = None if dlse is None else dlse.to(torch.float32).contiguous()
         found = None
-        if ctx.native:  # bf16 saved as given: the products on AMX tiles where the machine has them
+        if ctx.native is not None:  # bf16 or fp16 saved as given: the products on AMX tiles where the machine has them
             q16, k16, v16, o, lse = ctx.saved_tensors
-            do16 = do.to(torch.bfloat16).contiguous()
+            do16 = do.to(ctx.native).contiguous()
             kern, lists, keep = ctx.backward_parts()
+            fp16 = ctx.native == torch.float16
             found = kern.backward_bf16(
-                q16, k16, v16, o, do16, lse.contiguous(), dlsef, lists, keep, ctx.tensors, ctx.learn
+                q16, k16, v16, o, do16, lse.contiguous(), dlsef, lists, keep, ctx.tensors, ctx.learn, fp16
             )
         if found is None:
             qf, kf, vf, o, lse = (t.to(torch.float32).contiguous() for t in ctx.saved_tensors)

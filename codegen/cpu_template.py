@@ -872,12 +872,15 @@ inline void pack_v_bf16(const bf16_t* v, bf16_t* out, int64_t heads, int64_t S, 
   }}
 }}
 
-// The fp16 forward's exact splits: an fp16 value x is x_hi + x_lo, x_hi = bf16(x), x_lo = bf16(x - x_hi) (fp16 has
+// what the bf16 rounding hi of x leaves, bf16(x - hi): exact for an fp16 x, else x = hi + lo to 2^-17
+inline __m256bh low_part(__m512 x, __m256bh hi) {{ return _mm512_cvtneps_pbh(_mm512_sub_ps(x, _mm512_cvtpbh_ps(hi))); }}
+
+// The fp16 products' exact splits: an fp16 value x is x_hi + x_lo, x_hi = bf16(x), x_lo = bf16(x - x_hi) (fp16 has
 // 11 significant bits, two bf16s hold 16; its exponents fit bf16's). d fp16 values at x (F16C conversion) -> hi, lo
 inline void split_fp16(const uint16_t* x, int64_t d, bf16_t* hi, bf16_t* lo) {{
   for (int64_t c = 0; c < d; c += 16) {{
     const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(x + c)));
-    const __m256bh h = _mm512_cvtneps_pbh(f), l = _mm512_cvtneps_pbh(_mm512_sub_ps(f, _mm512_cvtpbh_ps(h)));
+    const __m256bh h = _mm512_cvtneps_pbh(f), l = low_part(f, h);
     std::memcpy(hi + c, &h, 32);
     std::memcpy(lo + c, &l, 32);
   }}
@@ -952,7 +955,7 @@ struct ToBf16 {{
     const __m256bh h = _mm512_cvtneps_pbh(e);
     std::memcpy(p + i * pw + j, &h, 32);
     if (SPLIT) {{
-      const __m256bh r = _mm512_cvtneps_pbh(_mm512_sub_ps(e, _mm512_cvtpbh_ps(h)));
+      const __m256bh r = low_part(e, h);
       std::memcpy(lo + i * pw + j, &r, 32);
     }}
   }}
@@ -1144,48 +1147,72 @@ inline void values_rows_bf(int rows, int cols, int d, const float* p, int ld, co
 // ---- the bf16 backward's layouts (AMX tiles and vdpbf16ps register blocks alike) ----
 // x [heads][S][d] -> out [heads][d][s_pad] (the rows of the backward's Q^T and dO^T A operands) at row stride st
 // (s_pad plus NR: a power-of-two stride puts a tile's 16 rows into one L1 set), zero past S
+// lo (fp16 x): out gets the transpose of x's hi parts and lo that of its lo parts (split_fp16)
 inline void transpose_bf16(const bf16_t* x, bf16_t* out, int64_t heads, int64_t S, int64_t d, int64_t s_pad,
-                           int64_t st, int threads) {{
+                           int64_t st, int threads, bf16_t* lo = nullptr) {{
   const int64_t blocks = (s_pad + 31) / 32;
   #pragma omp parallel num_threads(threads)
   {{
-    Aligned<bf16_t> pairs(32 * d, true);  // 16 pair rows of a block's 32 rows
+    Aligned<bf16_t> pairs(32 * d, true), pairs_lo(lo ? 32 * d : 0, true);  // 16 pair rows of a block's 32 rows
+    Aligned<bf16_t> split(lo ? 4 * d : 0, true);  // hi, lo of row 2r; hi, lo of row 2r + 1
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < heads * blocks; ++t) {{  // 32 rows at a time: pair rows, then 16 x 16 transposes of pairs
       const int64_t h = t / blocks, i0 = t % blocks * 32;
       const bf16_t* src = x + (h * S + i0) * d;
-      for (int64_t r = 0; r < 16; ++r)
-        pair_row(i0 + 2 * r < S ? src + 2 * r * d : nullptr, i0 + 2 * r + 1 < S ? src + (2 * r + 1) * d : nullptr,
-                 pairs.data() + 2 * r * d, d);
-      uint32_t* dst = (uint32_t*)(out + h * d * st + i0);  // (st and i0 even: whole pairs)
-      for (int64_t c = 0; c < d; c += 16)
-        transpose16_u32((const uint32_t*)pairs.data() + c, d, 16, dst + c * (st / 2), st / 2);
+      for (int64_t r = 0; r < 16; ++r) {{
+        const bf16_t* a = i0 + 2 * r < S ? src + 2 * r * d : nullptr;
+        const bf16_t* b = i0 + 2 * r + 1 < S ? src + (2 * r + 1) * d : nullptr;
+        if (!lo) {{
+          pair_row(a, b, pairs.data() + 2 * r * d, d);
+          continue;
+        }}
+        bf16_t* y = split.data();
+        if (a) split_fp16(a, d, y, y + d);
+        if (b) split_fp16(b, d, y + 2 * d, y + 3 * d);
+        pair_row(a ? y : nullptr, b ? y + 2 * d : nullptr, pairs.data() + 2 * r * d, d);
+        pair_row(a ? y + d : nullptr, b ? y + 3 * d : nullptr, pairs_lo.data() + 2 * r * d, d);
+      }}
+      for (int part = 0; part < (lo ? 2 : 1); ++part) {{
+        uint32_t* dst = (uint32_t*)((part ? lo : out) + h * d * st + i0);  // (st and i0 even: whole pairs)
+        const uint32_t* from = (const uint32_t*)(part ? pairs_lo : pairs).data();
+        for (int64_t c = 0; c < d; c += 16) transpose16_u32(from + c, d, 16, dst + c * (st / 2), st / 2);
+      }}
     }}
   }}
 }}
 
 // fp32 rows of x (stride ld; real rows < rows, columns < cols) as bf16 pair rows at out (pair row r: rows 2r and
-// 2r + 1 interleaved; stride ldo values) for rows32 / 2 pair rows and n16 columns, zero past rows and cols
-inline void to_pair_rows(const float* x, int ld, int rows, int rows32, int cols, int n16, bf16_t* out, int64_t ldo) {{
+// 2r + 1 interleaved; stride ldo values) for rows32 / 2 pair rows and n16 columns, zero past rows and cols; lo (null:
+// none) gets the pair rows of the low parts (low_part)
+inline void to_pair_rows(const float* x, int ld, int rows, int rows32, int cols, int n16, bf16_t* out, int64_t ldo,
+                         bf16_t* lo = nullptr) {{
   for (int r = 0; r < rows32 / 2; ++r) {{
     const int i0 = 2 * r, i1 = 2 * r + 1;
     for (int j = 0; j < n16; j += 16) {{
       const __mmask16 in = j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
       const __m512 a = i0 < rows ? _mm512_maskz_loadu_ps(in, x + i0 * ld + j) : _mm512_setzero_ps();
       const __m512 b = i1 < rows ? _mm512_maskz_loadu_ps(in, x + i1 * ld + j) : _mm512_setzero_ps();
-      _mm512_storeu_si512(out + r * ldo + 2 * j, interleave_bf16(_mm512_cvtneps_pbh(a), _mm512_cvtneps_pbh(b)));
+      const __m256bh ha = _mm512_cvtneps_pbh(a), hb = _mm512_cvtneps_pbh(b);
+      _mm512_storeu_si512(out + r * ldo + 2 * j, interleave_bf16(ha, hb));
+      if (lo) _mm512_storeu_si512(lo + r * ldo + 2 * j, interleave_bf16(low_part(a, ha), low_part(b, hb)));
     }}
   }}
 }}
 
 // fp32 rows of x (real rows < rows, columns < cols) as bf16 rows at out (stride ldo) for rows16 rows and n32
-// columns, zero past rows and cols
-inline void to_bf16_rows(const float* x, int ld, int rows, int rows16, int cols, int n32, bf16_t* out, int64_t ldo) {{
+// columns, zero past rows and cols; lo (null: none) gets the low parts' rows
+inline void to_bf16_rows(const float* x, int ld, int rows, int rows16, int cols, int n32, bf16_t* out, int64_t ldo,
+                         bf16_t* lo = nullptr) {{
   for (int i = 0; i < rows16; ++i)
     for (int j = 0; j < n32; j += 16) {{
       const __mmask16 in = i >= rows ? 0 : j + 16 <= cols ? 0xffff : j < cols ? (__mmask16)((1u << (cols - j)) - 1) : 0;
-      const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(in, x + i * ld + j));
+      const __m512 f = _mm512_maskz_loadu_ps(in, x + i * ld + j);
+      const __m256bh h = _mm512_cvtneps_pbh(f);
       std::memcpy(out + i * ldo + j, &h, 32);
+      if (lo) {{
+        const __m256bh l = low_part(f, h);
+        std::memcpy(lo + i * ldo + j, &l, 32);
+      }}
     }}
 }}
 
@@ -1848,8 +1875,14 @@ extern "C" int attncc_backward(
 // P and dS as bf16 pair rows over the queries, dV^T += dO^T P and dK^T += Q^T dS (Q^T and dO^T transposed once per
 // head: no per-tile transposes), and dQ += dS K (dS rows as A tiles, K pair rows). dK and dV are transposed back
 // once per task. ``work``: fp32, attncc_backward's (per-thread dQ partials, then delta); ``pack``: bf16, room for
-// 3 * B * Hkv * up(Skv) * D + 2 * B * H * (up(Sq) + NR) * D values (up: to NR). Returns -1 where this build has no
-// bf16 products or the shapes do not fit them (the caller then upcasts and runs attncc_backward).
+// 3 * B * Hkv * up(Skv) * D + 2 * B * H * (up(Sq) + NR) * D values (up: to NR; fp16: 10 * .. + 4 * ..). Returns -1
+// where this build has no bf16 products or the shapes do not fit them (the caller then upcasts and runs
+// attncc_backward).
+// fp16 != 0: q, k, v and dout are fp16, each value the exact sum of two bf16s (split_fp16), as in the fp16 forward:
+// S = Q K^T and dP = dO V^T are one product of rows four times as deep ([hi | hi | lo | lo] . [hi | lo | hi | lo]:
+// exact), P and dS (fp32, from exp2_v) are split as they are rounded (hi + lo to 2^-17), and dV^T, dK^T and dQ each
+// take three products into the same tiles (hi.hi + lo.hi + hi.lo; lo.lo is below 2^-17 of the terms). o32 is the
+// forward's fp32 o; the gradients go to dq32, dk32 and dv32 in fp32 (the caller rounds them to fp16). AMX only.
 extern "C" int attncc_backward_bf16(
     const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* o, const bf16_t* dout, const float* lse,
     const float* dlse, bf16_t* dq, bf16_t* dk, bf16_t* dv,
@@ -1859,10 +1892,13 @@ extern "C" int attncc_backward_bf16(
     const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, int threads, const int64_t* HEADS, float SCALE,
     float* work, bf16_t* pack, int deterministic, float* tgrad, const int64_t* tgrad_off, int64_t tgrad_total,
-    const void* hooks) {{
+    const void* hooks, int fp16, const float* o32, float* dq32, float* dk32, float* dv32) {{
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   if (D % NR || BKV % NR || BQ % 32 || NR != 32) return -1;
   const bool tiles = AMX && amx_granted();  // else vdpbf16ps register blocks (gemm_bf)
+  const bool hilo = fp16 != 0;
+  if (hilo && !tiles) return -1;  // (only the AMX products take the split terms)
+  const int64_t DK = hilo ? 4 * D : D;  // the depth of the S and dP products' rows
   const int64_t nkv = (Skv + BKV - 1) / BKV;
   const Hooks& spec = *(const Hooks*)hooks;
   const bool HAS_MOD = spec.mod_rows != nullptr;
@@ -1870,23 +1906,35 @@ extern "C" int attncc_backward_bf16(
   float* dq_threads = work;
   float* delta = work + (int64_t)threads * rows_all * D;
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR, sq_pad = (Sq + NR - 1) / NR * NR, st = sq_pad + NR;
-  bf16_t* k_panels = pack;                               // pack_panels<2>: S = Q K^T
-  bf16_t* v_panels = k_panels + B * Hkv * skv_pad * D;   // dP = dO V^T
-  bf16_t* k_pairs = v_panels + B * Hkv * skv_pad * D;    // pair rows over keys: dQ = dS K
-  bf16_t* q_t = k_pairs + B * Hkv * skv_pad * D;         // Q^T per head [D][up(Sq)] at stride st: dK^T = Q^T dS
-  bf16_t* do_t = q_t + B * H * st * D;                   // dO^T: dV^T = dO^T P
+  const int64_t kv_all = B * Hkv * skv_pad, q_all = B * H * st;
+  bf16_t* k_panels = pack;                      // pack_panels<2>: S = Q K^T (fp16: of the split rows, 4D deep)
+  bf16_t* v_panels = k_panels + kv_all * DK;    // dP = dO V^T
+  bf16_t* k_pairs = v_panels + kv_all * DK;     // pair rows over keys: dQ = dS K
+  bf16_t* k_pairs_lo = hilo ? k_pairs + kv_all * D : nullptr;
+  bf16_t* q_t = k_pairs + (hilo ? 2 : 1) * kv_all * D;  // Q^T per head [D][up(Sq)] at stride st: dK^T = Q^T dS
+  bf16_t* do_t = q_t + q_all * D;                       // dO^T: dV^T = dO^T P
+  bf16_t* q_t_lo = hilo ? do_t + q_all * D : nullptr;   // (fp16: the low parts' transposes)
+  bf16_t* do_t_lo = hilo ? q_t_lo + q_all * D : nullptr;
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < rows_all; ++r) {{  // delta = rowsum(dO * O) - dlse, as attncc_backward
     __m512 sum = _mm512_setzero_ps();
     for (int64_t c = 0; c < D; c += 16)
-      sum = _mm512_fmadd_ps(widen(dout + r * D + c), widen(o + r * D + c), sum);
+      sum = hilo ? _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dout + r * D + c))),
+                                   _mm512_loadu_ps(o32 + r * D + c), sum)
+                 : _mm512_fmadd_ps(widen(dout + r * D + c), widen(o + r * D + c), sum);
     delta[r] = dlse ? _mm512_reduce_add_ps(sum) - dlse[r] : _mm512_reduce_add_ps(sum);
   }}
-  pack_panels<2>(k, k_panels, B * Hkv, Skv, D, threads);
-  pack_panels<2>(v, v_panels, B * Hkv, Skv, D, threads);
-  pack_v_bf16(k, k_pairs, B * Hkv, Skv, D, threads);
-  transpose_bf16(q, q_t, B * H, Sq, D, sq_pad, st, threads);
-  transpose_bf16(dout, do_t, B * H, Sq, D, sq_pad, st, threads);
+  if (hilo) {{
+    pack_panels_fp16(k, k_panels, B * Hkv, Skv, D, threads);
+    pack_panels_fp16(v, v_panels, B * Hkv, Skv, D, threads);
+    pack_v_fp16(k, k_pairs, k_pairs_lo, B * Hkv, Skv, D, threads);
+  }} else {{
+    pack_panels<2>(k, k_panels, B * Hkv, Skv, D, threads);
+    pack_panels<2>(v, v_panels, B * Hkv, Skv, D, threads);
+    pack_v_bf16(k, k_pairs, B * Hkv, Skv, D, threads);
+  }}
+  transpose_bf16(q, q_t, B * H, Sq, D, sq_pad, st, threads, q_t_lo);
+  transpose_bf16(dout, do_t, B * H, Sq, D, sq_pad, st, threads, do_t_lo);
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
@@ -1934,8 +1982,10 @@ extern "C" int attncc_backward_bf16(
     constexpr int PEND = WQ > 256 ? WQ : 256;
     Buf s(32 * LD), dp(32 * LD), dk_t(D * LDT), dv_t(D * LDT), dq_tmp(WQ * D);
     Aligned<uint32_t> t32(16 * LDT, true);  // 32 columns of dK^T or dV^T as 16 bf16 pair rows
-    Aligned<bf16_t> qpad(WQ * D, true), dopad(WQ * D, true), pp((PEND + 32) * JW, true), dsp((PEND + 32) * JW, true),
+    Aligned<bf16_t> qpad(WQ * DK, true), dopad(WQ * DK, true), pp((PEND + 32) * JW, true), dsp((PEND + 32) * JW, true),
         ds((WQ + 32) * SW, true);
+    Aligned<bf16_t> pp_lo(hilo ? (PEND + 32) * JW : 0, true), dsp_lo(hilo ? (PEND + 32) * JW : 0, true),
+        ds_lo(hilo ? (WQ + 32) * SW : 0, true);  // (fp16: the low parts of P and dS)
     const int team = omp_get_num_threads(), me = omp_get_thread_num();
     const bool mine_only = own && team == threads;  // (a smaller team than asked for deals kv blocks out)
     float* dq_mine = mine_only ? dq_threads : dq_threads + (int64_t)me * rows_all * D;
@@ -1972,6 +2022,12 @@ extern "C" int attncc_backward_bf16(
           if (tiles) {{
             amx_gemm(d, cols32, pend, do_t + at_t, st, pp.data(), 2 * JW, dv_t.data(), LDT);
             amx_gemm(d, cols32, pend, q_t + at_t, st, dsp.data(), 2 * JW, dk_t.data(), LDT);
+            if (hilo) {{  // + lo . hi + hi . lo
+              amx_gemm(d, cols32, pend, do_t_lo + at_t, st, pp.data(), 2 * JW, dv_t.data(), LDT);
+              amx_gemm(d, cols32, pend, do_t + at_t, st, pp_lo.data(), 2 * JW, dv_t.data(), LDT);
+              amx_gemm(d, cols32, pend, q_t_lo + at_t, st, dsp.data(), 2 * JW, dk_t.data(), LDT);
+              amx_gemm(d, cols32, pend, q_t + at_t, st, dsp_lo.data(), 2 * JW, dk_t.data(), LDT);
+            }}
           }} else {{
             gemm_bf<1>(d, cols32, pend / 2, do_t + at_t, st, pp.data(), 2, 2 * JW, dv_t.data(), LDT);
             gemm_bf<1>(d, cols32, pend / 2, q_t + at_t, st, dsp.data(), 2, 2 * JW, dk_t.data(), LDT);
@@ -1988,9 +2044,18 @@ extern "C" int attncc_backward_bf16(
           if (!pend) pend_q0 = q0;
           bf16_t* ppr = pp.data() + (int64_t)pend * JW;  // this run's first pair row
           bf16_t* dspr = dsp.data() + (int64_t)pend * JW;
+          bf16_t* pplr = hilo ? pp_lo.data() + (int64_t)pend * JW : nullptr;
+          bf16_t* dsplr = hilo ? dsp_lo.data() + (int64_t)pend * JW : nullptr;
           const bf16_t* qp = q + base * D;
           const bf16_t* dop = dout + base * D;
-          if (tiles && rows16 != rows) {{  // a ragged last block: tile loads read 16 rows, so pad with zeros
+          if (hilo) {{  // the run's split rows [hi | hi | lo | lo], zero past rows
+            for (int i = 0; i < rows16; ++i) {{
+              split_row_q(i < rows ? qp + i * D : nullptr, D, qpad.data() + i * DK);
+              split_row_q(i < rows ? dop + i * D : nullptr, D, dopad.data() + i * DK);
+            }}
+            qp = qpad.data();
+            dop = dopad.data();
+          }} else if (tiles && rows16 != rows) {{  // a ragged last block: tile loads read 16 rows, so pad with zeros
             std::memcpy(qpad.data(), qp, sizeof(bf16_t) * rows * D);
             std::memset(qpad.data() + rows * D, 0, sizeof(bf16_t) * (rows16 - rows) * D);
             std::memcpy(dopad.data(), dop, sizeof(bf16_t) * rows * D);
@@ -2005,8 +2070,9 @@ extern "C" int attncc_backward_bf16(
             const int16_t* rng = full ? nullptr
                 : kept_ranges(tile_record(keep, keep_base, pair, q_rank[t + g0 / BQ])) + 2 * (g0 % BQ);
             if (tiles) {{
-              amx_scores(n16, cols32, d, qp + g0 * D, k_panels + packed, s.data(), LD, rng, n);
-              amx_scores(n16, cols32, d, dop + g0 * D, v_panels + packed, dp.data(), LD, rng, n);
+              const int64_t at_k = packed / D * DK;  // (the split panels are 4D deep)
+              amx_scores(n16, cols32, (int)DK, qp + g0 * DK, k_panels + at_k, s.data(), LD, rng, n);
+              amx_scores(n16, cols32, (int)DK, dop + g0 * DK, v_panels + at_k, dp.data(), LD, rng, n);
             }} else if (rng) {{
               scores_kept_bf(n, cols32, d / 2, qp + g0 * D, d, k_panels + packed, d, 2 * NR, s.data(), LD, rng);
               scores_kept_bf(n, cols32, d / 2, dop + g0 * D, d, v_panels + packed, d, 2 * NR, dp.data(), LD, rng);
@@ -2041,7 +2107,7 @@ extern "C" int attncc_backward_bf16(
                     const float* sr = s.data() + (i + e) * LD + j;
                     const float* dr = dp.data() + (i + e) * LD + j;
                     const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr), sc[e], li2[e]);
-                    pv[e] = on ? _mm512_maskz_mov_ps(on, exp2_v_bf16(x)) : _mm512_setzero_ps();
+                    pv[e] = on ? _mm512_maskz_mov_ps(on, hilo ? exp2_v(x) : exp2_v_bf16(x)) : _mm512_setzero_ps();
                     const __m512 dpv = _mm512_maskz_sub_ps(on, _mm512_loadu_ps(dr), vd[e]);
                     gv[e] = _mm512_mul_ps(_mm512_mul_ps(pv[e], dpv), _mm512_set1_ps(SCALE));
                   }}
@@ -2054,6 +2120,19 @@ extern "C" int attncc_backward_bf16(
                   const int64_t at = (int64_t)(g0 + i) / 2 * 2 * JW + 2 * j;  // pair row (g0 + i) / 2 of the run
                   _mm512_storeu_si512(ppr + at, _mm512_permutexvar_epi16(PAIRS, p2));
                   _mm512_storeu_si512(dspr + at, _mm512_permutexvar_epi16(PAIRS, g2));
+                  if (hilo) {{  // the low parts, laid out the same way
+                    const auto low_pair = [](const __m512* x, __m512i h) {{
+                      const __m256bh l0 = low_part(x[0], (__m256bh)_mm512_castsi512_si256(h));
+                      const __m256bh l1 = low_part(x[1], (__m256bh)_mm512_extracti64x4_epi64(h, 1));
+                      return _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)l0), (__m256i)l1, 1);
+                    }};
+                    const __m512i pl = low_pair(pv, p2), gl = low_pair(gv, g2);
+                    bf16_t* lo_rows = ds_lo.data() + (g0 + i) * SW + j;
+                    _mm256_storeu_si256((__m256i*)lo_rows, _mm512_castsi512_si256(gl));
+                    _mm256_storeu_si256((__m256i*)(lo_rows + SW), _mm512_extracti64x4_epi64(gl, 1));
+                    _mm512_storeu_si512(pplr + at, _mm512_permutexvar_epi16(PAIRS, pl));
+                    _mm512_storeu_si512(dsplr + at, _mm512_permutexvar_epi16(PAIRS, gl));
+                  }}
                 }}
               }}
               continue;
@@ -2068,27 +2147,43 @@ extern "C" int attncc_backward_bf16(
                   : tile_record(keep, keep_base, pair, q_rank[t + at / BQ]) + (at % BQ) * BKV;
               spec.backward_row(&cx, SCALE, sr, dr, kr, cols, li, di, b, h, q0 + at, k0, tg_mine, tgrad_off);
             }}
-            to_pair_rows(s.data(), LD, n, 32, cols, cols32, ppr + g0 * JW, 2 * JW);
-            to_pair_rows(dp.data(), LD, n, 32, cols, cols32, dspr + g0 * JW, 2 * JW);
-            to_bf16_rows(dp.data(), LD, n, n16, cols, cols32, ds.data() + g0 * SW, SW);
+            to_pair_rows(s.data(), LD, n, 32, cols, cols32, ppr + g0 * JW, 2 * JW, hilo ? pplr + g0 * JW : nullptr);
+            to_pair_rows(dp.data(), LD, n, 32, cols, cols32, dspr + g0 * JW, 2 * JW, hilo ? dsplr + g0 * JW : nullptr);
+            to_bf16_rows(dp.data(), LD, n, n16, cols, cols32, ds.data() + g0 * SW, SW,
+                         hilo ? ds_lo.data() + g0 * SW : nullptr);
           }}
           pend += rows32;
+          const auto dq_products = [&](float* c) {{  // dQ += dS K (fp16: + dS_hi K_lo + dS_lo K_hi)
+            amx_gemm(rows16, d, cols32, ds.data(), SW, k_pairs + packed, 2 * D, c, D);
+            if (hilo) {{
+              amx_gemm(rows16, d, cols32, ds.data(), SW, k_pairs_lo + packed, 2 * D, c, D);
+              amx_gemm(rows16, d, cols32, ds_lo.data(), SW, k_pairs + packed, 2 * D, c, D);
+            }}
+          }};
           if (!tiles) {{
             gemm_bf<1>(rows, d, cols32 / 2, ds.data(), SW, k_pairs + packed, 2, 2 * D, dq_mine + base * D, D);
           }} else if (rows16 == rows) {{
-            amx_gemm(rows16, d, cols32, ds.data(), SW, k_pairs + packed, 2 * D, dq_mine + base * D, D);
+            dq_products(dq_mine + base * D);
           }} else {{  // tile stores write 16 rows: accumulate into a scratch block, then add the real rows
             fill(dq_tmp.data(), (int64_t)rows16 * D, 0.0f);
-            amx_gemm(rows16, d, cols32, ds.data(), SW, k_pairs + packed, 2 * D, dq_tmp.data(), D);
+            dq_products(dq_tmp.data());
             float* out = dq_mine + base * D;
             for (int64_t x = 0; x < (int64_t)rows * D; ++x) out[x] += dq_tmp[x];
           }}
         }}
         flush();
       }}
-      bf16_t* dkp = dk + ((b * Hkv + hk) * Skv + k0) * D;
-      bf16_t* dvp = dv + ((b * Hkv + hk) * Skv + k0) * D;
-      for (const auto& [from, to] : {{std::pair(dk_t.data(), dkp), std::pair(dv_t.data(), dvp)}})
+      const int64_t kv_rows = ((b * Hkv + hk) * Skv + k0) * D;
+      if (hilo) {{  // fp32 dK, dV: 16 x 16 transposes of dK^T, dV^T
+        for (const auto& [from, to] : {{std::pair(dk_t.data(), dk32 + kv_rows),
+                                       std::pair(dv_t.data(), dv32 + kv_rows)}})
+          for (int c0 = 0; c0 < d; c0 += 16)
+            for (int j = 0; j < cols; j += 16)
+              transpose16_u32((const uint32_t*)from + (int64_t)c0 * LDT + j, LDT, 16,
+                              (uint32_t*)to + (int64_t)j * D + c0, D, min_of(16, cols - j));
+        return;
+      }}
+      for (const auto& [from, to] : {{std::pair(dk_t.data(), dk + kv_rows), std::pair(dv_t.data(), dv + kv_rows)}})
         for (int c0 = 0; c0 < d; c0 += 32) {{  // dK^T, dV^T rounded to bf16 as pair rows of columns, then transposed
           for (int r = 0; r < 16; ++r)
             for (int j = 0; j < cols32; j += 16) {{
@@ -2114,11 +2209,15 @@ extern "C" int attncc_backward_bf16(
     if (tiles) amx_release();
     if (mine_only) {{  // this thread's rows of the shared dQ, rounded to bf16
       my_rows([&](int64_t r0) {{
-        for (int64_t r = r0; r < r0 + Sq; ++r) sum_partials(dq + r * D, dq_threads, r, rows_all, D, 1);
+        for (int64_t r = r0; r < r0 + Sq; ++r)
+          if (hilo) sum_partials(dq32 + r * D, dq_threads, r, rows_all, D, 1);
+          else sum_partials(dq + r * D, dq_threads, r, rows_all, D, 1);
       }});
     }} else {{  // dQ = the sum of the team's partials (after the loop's barrier)
       #pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows_all; ++r) sum_partials(dq + r * D, dq_threads, r, rows_all, D, team);
+      for (int64_t r = 0; r < rows_all; ++r)
+        if (hilo) sum_partials(dq32 + r * D, dq_threads, r, rows_all, D, team);
+        else sum_partials(dq + r * D, dq_threads, r, rows_all, D, team);
     }}
   }}
   omp_set_schedule(saved_kind, saved_chunk);
@@ -2128,7 +2227,7 @@ extern "C" int attncc_backward_bf16(
   (void)H; (void)Hkv; (void)Sq; (void)Skv; (void)D; (void)map_of; (void)maps_b; (void)maps_h; (void)q_ptr;
   (void)q_idx; (void)q_full; (void)q_rank; (void)keep_base; (void)keep; (void)tensors; (void)dims; (void)threads;
   (void)HEADS; (void)SCALE; (void)work; (void)pack; (void)deterministic; (void)tgrad; (void)tgrad_off;
-  (void)tgrad_total; (void)hooks;
+  (void)tgrad_total; (void)hooks; (void)fp16; (void)o32; (void)dq32; (void)dk32; (void)dv32;
   return -1;
 #endif
 }}

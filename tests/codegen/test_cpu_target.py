@@ -551,7 +551,7 @@ def test_native_fp16_forward_on_amx_splits_is_as_accurate_as_fp32(
     """fp16 q, k, v run on AMX tiles as exact bf16 splits (hi + lo: Q K^T exact, P V to 2^-17 of its terms) without
     upcast copies: against the float64 oracle each output is within half an fp16 ulp plus 2^-16 max|v|, and the mean
     error is the fp32 path's; GQA, a ragged last q block, a runtime document mask, and decoding (one query row, the
-    kv range split across threads); gradients through the fp32 backward."""
+    kv range split across threads); gradients through the native fp16 backward."""
     from attncc.plan import TileLists
     from tests.numerics import oracle
 
@@ -600,6 +600,54 @@ def test_native_fp16_forward_on_amx_splits_is_as_accurate_as_fp32(
     for got, ref in zip(leaves, ref_in, strict=True):
         scale = float(ref.grad.abs().max())
         assert float((got.grad.double() - ref.grad).abs().max()) <= 2e-3 * scale
+
+
+@pytest.mark.skipif(not _AMX, reason="no AMX tiles on this machine")
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_native_fp16_backward_is_as_accurate_as_fp32(head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fp16 backward's five products run on AMX tiles on the same exact bf16 splits as the fp16 forward (S and dP
+    exact, P and dS split to 2^-17, dV, dK, dQ three products each): ``backward_bf16`` runs natively (spied), with no
+    fp32 copies of q, k, v, and against the float64 oracle its fp16 gradients are as accurate as the fp32 backward's
+    rounded to fp16 (the same upstream gradient, fp16 either way). GQA, ragged blocks, rows that see no key, a partial
+    band and the lse's own gradient; bit-reproducible under ``use_deterministic_algorithms``."""
+    from tests.numerics import oracle
+
+    ran = native_runs(monkeypatch, "backward_bf16")
+    S, Skv = 77, 93
+    band = ac.causal(align="bottom_right") & (ac.kv >= ac.q + (Skv - S) - 40) & (ac.q >= 5)
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=head_dim, mask=band)
+    g = torch.Generator().manual_seed(head_dim + 2)
+    q = (torch.randn(2, 4, S, head_dim, generator=g) * 2).half()
+    k, v = ((torch.randn(2, 2, Skv, head_dim, generator=g) * 2).half() for _ in range(2))
+    w = torch.randn(2, 4, S, head_dim, generator=g).half().float()  # (so that dO is the same in fp16 and fp32)
+    kern = ac.compile(spec, target="cpu", tiles=(32, 64))
+    assert "fp16 inputs: AMX tiles on exact bf16 splits (Q K^T exact, P V to 2^-17), backward too" in (
+        kern.cpu_kernel().products(head_dim)
+    )
+    grads: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for dtype, runs in ((torch.float16, 2), (torch.float32, 1)):
+            for _ in range(runs):
+                leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+                out, lse = kern(*leaves, return_lse=True)
+                ((out.float() * w).sum() + lse[:, :, 5:].sum()).backward()
+                grads.setdefault(dtype, []).append([t.grad for t in leaves])
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert ran == [True, True]
+    for a, b in zip(*grads[torch.float16], strict=True):
+        assert a.dtype == torch.float16 and torch.equal(a, b)
+    keep = torch.tensor([[Skv - S + i - 40 <= j <= Skv - S + i and i >= 5 for j in range(Skv)] for i in range(S)])
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want, want_lse = oracle.attention(*ref_in, keep.expand(2, 4, S, Skv), head_dim**-0.5)
+    ((want * w.double()).sum() + want_lse[:, :, 5:].sum()).backward()
+    assert torch.equal(grads[torch.float16][0][0][:, :, :5].float(), torch.zeros(2, 4, 5, head_dim))
+    for got, via32, ref in zip(grads[torch.float16][0], grads[torch.float32][0], (t.grad for t in ref_in), strict=True):
+        err, err32 = (got.double() - ref).abs(), (via32.half().double() - ref).abs()
+        assert float(err.mean()) <= 1.02 * float(err32.mean()), (float(err.mean()), float(err32.mean()))
+        assert float(err.max()) <= 1.1 * float(err32.max()), (float(err.max()), float(err32.max()))
 
 
 @pytest.mark.skipif(not _AMX, reason="no AMX tiles on this machine")
