@@ -1519,7 +1519,6 @@ extern "C" int attncc_forward(
                         s.data() + u * BKV, LDS, run_rng[u]);
         else if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), LDS);
         else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), LDS, 0.0f);
-        // full tiles without a score mod skip the scores pass: the scale folds into max and exp
         // without a score mod the scale folds into max and exp (SCALE > 0: AttentionSpec checks); partial tiles
         // then only mask, full ones skip the scores pass
         const bool plain = full && !HAS_MOD;

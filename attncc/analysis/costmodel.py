@@ -3,7 +3,8 @@
 cost(bq, bkv) = computed_tiles * (4 * bq * bkv * D / rate(bq, bkv) + overhead)
 
 ``rate`` grows with the tile's arithmetic intensity and saturates at the target's preferred
-tile; ``overhead`` is a fixed per-tile cost (loop, softmax rescale, index loads). Computed
+tile; ``overhead`` is a per-tile cost (loop, softmax rescale, index loads; on the cpu it grows with D,
+see OVERHEAD_PER_D). Computed
 tiles come from the real block map at a representative length (the grid size for grid masks,
 else 4096). Masks with runtime tensors are costed as dense. Users override with
 ``ac.compile(spec, tiles=(bq, bkv))``.
@@ -32,7 +33,13 @@ CANDIDATES = {
     "reference": [(64, 64)],
 }
 SATURATE = {"triton": 128 * 64, "cpu": 64 * 64, "reference": 64 * 64}
-OVERHEAD = {"triton": 2.0e4, "cpu": 5.0e4, "reference": 0.0}  # in FLOP-equivalents per tile
+OVERHEAD = {"triton": 2.0e4, "cpu": 5.0e4, "reference": 0.0}  # in FLOP-equivalents per tile, at D = 64
+# Targets whose per-tile overhead is OVERHEAD * D / 64: the cpu's runs of tiles rescale, load and store D-wide
+# accumulator rows and pack D-wide K and V panels. With a fixed overhead the model gave causal masks 64 x 64 tiles at
+# D >= 128, where 128 x 64 ran 1.05x (fp32) and 1.02x (bf16) faster at D = 128 and 1.04x and 1.09x at D = 256 (4K,
+# H = 8, AMX machine, 2026-12-03; the fp32 backward, on the forward's tiles, the same). Only causal at D >= 128 and
+# prefix-LM at D = 256 changed among cpu.py's masks.
+OVERHEAD_PER_D = {"cpu"}
 # Tiles of the backwards that gain from other tiles than the forward's. cpu: the native bf16 backward (AMX tiles or
 # AVX512_BF16), whose dQ += dS K product loads and stores its fp32 dQ rows once per kv block: wider kv tiles give it
 # more depth per load (its cost per computed key falls as 1 + DQ_TRAFFIC / bkv), while their edges compute more
@@ -82,7 +89,8 @@ def choose_tiles(
             except UnsupportedError:
                 rec = None
         rate = min(1.0, (bq * bkv) / SATURATE[target]) ** 0.5
-        cost = tiles * (4 * bq * bkv * head_dim / rate + OVERHEAD[target])
+        overhead = OVERHEAD[target] * (head_dim / 64 if target in OVERHEAD_PER_D else 1.0)
+        cost = tiles * (4 * bq * bkv * head_dim / rate + overhead)
         if cost < best_cost:
             best, best_cost = (bq, bkv), cost
     return best
