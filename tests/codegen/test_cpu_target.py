@@ -603,19 +603,23 @@ def test_native_fp16_forward_on_amx_splits_is_as_accurate_as_fp32(
 
 
 @pytest.mark.skipif(not _AMX, reason="no AMX tiles on this machine")
-@pytest.mark.parametrize("head_dim", [32, 128])
-def test_native_fp16_backward_is_as_accurate_as_fp32(head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("head_dim", "softcap"), [(32, None), (128, None), (64, 8.0)])
+def test_native_fp16_backward_is_as_accurate_as_fp32(
+    head_dim: int, softcap: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The fp16 backward's five products run on AMX tiles on the same exact bf16 splits as the fp16 forward (S and dP
     exact, P and dS split to 2^-17, dV, dK, dQ three products each): ``backward_bf16`` runs natively (spied), with no
     fp32 copies of q, k, v, and against the float64 oracle its fp16 gradients are as accurate as the fp32 backward's
     rounded to fp16 (the same upstream gradient, fp16 either way). GQA, ragged blocks, rows that see no key, a partial
-    band and the lse's own gradient; bit-reproducible under ``use_deterministic_algorithms``."""
+    band and the lse's own gradient, a score mod (softcap: the rows go through the spec's backward hook);
+    bit-reproducible under ``use_deterministic_algorithms``."""
     from tests.numerics import oracle
 
     ran = native_runs(monkeypatch, "backward_bf16")
     S, Skv = 77, 93
     band = ac.causal(align="bottom_right") & (ac.kv >= ac.q + (Skv - S) - 40) & (ac.q >= 5)
-    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=head_dim, mask=band)
+    mod = None if softcap is None else ac.softcap(softcap)
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=head_dim, mask=band, score_mod=mod)
     g = torch.Generator().manual_seed(head_dim + 2)
     q = (torch.randn(2, 4, S, head_dim, generator=g) * 2).half()
     k, v = ((torch.randn(2, 2, Skv, head_dim, generator=g) * 2).half() for _ in range(2))
@@ -641,7 +645,8 @@ def test_native_fp16_backward_is_as_accurate_as_fp32(head_dim: int, monkeypatch:
         assert a.dtype == torch.float16 and torch.equal(a, b)
     keep = torch.tensor([[Skv - S + i - 40 <= j <= Skv - S + i and i >= 5 for j in range(Skv)] for i in range(S)])
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
-    want, want_lse = oracle.attention(*ref_in, keep.expand(2, 4, S, Skv), head_dim**-0.5)
+    capped = None if softcap is None else (lambda x: softcap * torch.tanh(x / softcap))
+    want, want_lse = oracle.attention(*ref_in, keep.expand(2, 4, S, Skv), head_dim**-0.5, capped)
     ((want * w.double()).sum() + want_lse[:, :, 5:].sum()).backward()
     assert torch.equal(grads[torch.float16][0][0][:, :, :5].float(), torch.zeros(2, 4, 5, head_dim))
     for got, via32, ref in zip(grads[torch.float16][0], grads[torch.float32][0], (t.grad for t in ref_in), strict=True):
