@@ -283,6 +283,7 @@ RUNTIME = (
 // with these tiles; the spec's own code (mask bytes, score mod, derivatives) comes from its library
 // through Hooks
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>  // the softmax's and the native bf16 products' intrinsics (the spec libraries stay light)
@@ -1917,10 +1918,12 @@ extern "C" int attncc_backward_bf16(
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < rows_all; ++r) {{  // delta = rowsum(dO * O) - dlse, as attncc_backward
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t c = 0; c < D; c += 16)
-      sum = hilo ? _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dout + r * D + c))),
-                                   _mm512_loadu_ps(o32 + r * D + c), sum)
-                 : _mm512_fmadd_ps(widen(dout + r * D + c), widen(o + r * D + c), sum);
+    if (hilo)  // fp16 dO, fp32 O
+      for (int64_t c = 0; c < D; c += 16)
+        sum = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dout + r * D + c))),
+                              _mm512_loadu_ps(o32 + r * D + c), sum);
+    else
+      for (int64_t c = 0; c < D; c += 16) sum = _mm512_fmadd_ps(widen(dout + r * D + c), widen(o + r * D + c), sum);
     delta[r] = dlse ? _mm512_reduce_add_ps(sum) - dlse[r] : _mm512_reduce_add_ps(sum);
   }}
   if (hilo) {{
@@ -2000,7 +2003,9 @@ extern "C" int attncc_backward_bf16(
     else
       std::memset(dq_mine, 0, sizeof(float) * rows_all * D);
     if (tiles) amx_configure();
-    const auto run_task = [&](int64_t task) {{
+    // (split: std::bool_constant<hilo>, so that each of the bf16 and fp16 loops compiles without the other's branches)
+    const auto run_task = [&](int64_t task, auto split) {{
+      constexpr bool hilo = decltype(split)::value;
       const int64_t kb = task % nkv, hk = (task / nkv) % Hkv, b = task / (nkv * Hkv);
       const int64_t k0 = kb * BKV;
       const int cols = (int)min_of<int64_t>(BKV, Skv - k0), cols32 = up_nr(cols);
@@ -2200,10 +2205,16 @@ extern "C" int attncc_backward_bf16(
     if (mine_only) {{
       for (int64_t gk = 0; gk < groups; ++gk)
         if (owner[(size_t)gk] == me)
-          for (int64_t kb = 0; kb < nkv; ++kb) run_task(gk * nkv + kb);
+          for (int64_t kb = 0; kb < nkv; ++kb) {{
+            if (hilo) run_task(gk * nkv + kb, std::true_type{{}});
+            else run_task(gk * nkv + kb, std::false_type{{}});
+          }}
     }} else {{
       #pragma omp for schedule(runtime)
-      for (int64_t task = 0; task < B * Hkv * nkv; ++task) run_task(task);
+      for (int64_t task = 0; task < B * Hkv * nkv; ++task) {{
+        if (hilo) run_task(task, std::true_type{{}});
+        else run_task(task, std::false_type{{}});
+      }}
     }}
     if (tiles) amx_release();
     if (mine_only) {{  // this thread's rows of the shared dQ, rounded to bf16
