@@ -707,14 +707,14 @@ class CpuExecutable(Lazy):
 
     @property
     def backward_kernel(self) -> CpuKernel:
-        """The kernel the native bf16 backward runs: built at the plan's backward tiles (on first use) when they
-        differ from the forward's, else the forward's kernel."""
+        """The kernel the native bf16 and fp16 backward runs: built at the plan's backward tiles (on first use) when
+        they differ from the forward's, else the forward's kernel."""
         if self.plan.backward_tiles == self.plan.tiles:
             return self.kernel  # type: ignore[no-any-return]
         with self._lock:
             if self._backward is None:
                 self._backward = CpuKernel(dataclasses.replace(self.plan, tiles=self.plan.backward_tiles))
-                log.info("cpu kernel %s: the bf16 backward walks %d x %d tiles (the forward %d x %d)",
+                log.info("cpu kernel %s: the native bf16 and fp16 backward walks %d x %d tiles (the forward %d x %d)",
                          self._backward.path.name, *self.plan.backward_tiles, *self.plan.tiles)  # fmt: skip
         return self._backward
 
