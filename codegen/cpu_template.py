@@ -1758,8 +1758,9 @@ extern "C" int attncc_backward(
     delta[r] = dlse ? sum - dlse[r] : sum;
   }}
   if (micro) {{
-    pack_panels(k, k_pack, B * Hkv, Skv, D, threads);
-    pack_panels(v, v_pack, B * Hkv, Skv, D, threads);
+    const bool stream = (uintptr_t)pack % 64 == 0;  // (as attncc_backward_bf16's STREAM_PACKS)
+    pack_panels(k, k_pack, B * Hkv, Skv, D, threads, stream);
+    pack_panels(v, v_pack, B * Hkv, Skv, D, threads, stream);
   }}
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
