@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Callable
 
 import torch
-from cpu import B, H, attncc_mask, doc_ids  # benchmarks/cpu.py
+from cpu import B, H, attncc_mask, doc_ids, interleaved  # benchmarks/cpu.py
 
 import attncc as ac
 
@@ -56,29 +55,22 @@ def row(name: str, d: int, dtype: torch.dtype, n: int, tiles: list[str], reps: i
     q, k, v = (torch.randn(B, H, n, d, generator=g).to(dtype).requires_grad_(backward) for _ in range(3))
     extra = {"doc": doc_ids(n)} if name == "document" else {}
     names = [*tiles, "model"]
-    fns: list[tuple[str, str, Callable[[], object]]] = []
+    fns: dict[str, Callable[[], object]] = {}  # "tag what i": i tells the two compilations of a tag apart
     model = None
     for i, tag in enumerate(names + names[::-1]):  # ABBA
         spec = ac.AttentionSpec(num_heads=H, head_dim=d, mask=attncc_mask(name, n), scale=d**-0.5 * (1 - 1e-3 * i))
         given = {} if tag == "model" else {"tiles": tuple(int(x) for x in tag.split("x"))}
         kern = ac.compile(spec, target="cpu", **given)
         model = kern.plan.tiles if tag == "model" else model
-        fns.append((tag, "fwd", lambda kern=kern: kern(q, k, v, **extra)))
+        fns[f"{tag} fwd {i}"] = lambda kern=kern: kern(q, k, v, **extra)
         if backward:
             o = kern(q, k, v, **extra)
             do = torch.randn_like(o)
-            fns.append((tag, "bwd", lambda o=o, do=do: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)))
-    for _, _, fn in fns:  # warm-up: every library built and loaded
-        fn()
-    best = [math.inf] * len(fns)
-    for _ in range(reps):
-        for j, (_, _, fn) in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[j] = min(best[j], time.perf_counter() - start)
+            fns[f"{tag} bwd {i}"] = lambda o=o, do=do: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+    best = interleaved(fns, reps)  # (after a warm-up call of each: every library built and loaded)
 
     def ms(tag: str, what: str) -> str:
-        times = [t for (tg, w, _), t in zip(fns, best, strict=True) if tg == tag and w == what]
+        times = [t for key, t in best.items() if key.split()[:2] == [tag, what]]
         return f"{math.exp(sum(map(math.log, times)) / len(times)) * 1e3:.1f}"
 
     chosen = "x".join(map(str, model or ()))

@@ -247,7 +247,7 @@ class CpuKernel:
             raise LoweringError(f"{self.path.name} and {self.runtime_path.name} disagree on the keep-record layout")
         self._told: set[int] = set()
         self._upcast_told: set[tuple[str, int, bool]] = set()
-        self._fp32_backward_told: set[int] = set()  # head dims whose bf16 backward's fallback was logged
+        self._fp32_backward_told: set[tuple[bool, int]] = set()  # (fp16, head dim)s whose fallback was logged
 
     def products(self, head_dim: int) -> str:
         """How this kernel computes its block products at ``head_dim``: register-blocked micro-kernels
@@ -614,8 +614,8 @@ class CpuKernel:
         Hkv, Skv = k.shape[1], k.shape[2]
         misfit = "this build has no AVX512_BF16 products" if not self.has_bf16 or self.lanes != 16 else None
         if (misfit := misfit or bf16_backward_misfit(D, self.bq, self.bkv)) is not None:
-            if D not in self._fp32_backward_told:
-                self._fp32_backward_told.add(D)
+            if (fp16, D) not in self._fp32_backward_told:
+                self._fp32_backward_told.add((fp16, D))
                 log.info("cpu kernel %s: the %s backward runs fp32 on upcast copies: %s", self.path.name,
                          "fp16" if fp16 else "bf16", misfit)  # fmt: skip
             return None

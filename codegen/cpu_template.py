@@ -2238,19 +2238,17 @@ extern "C" int attncc_backward_bf16(
           }}
         }}
     }};
+    const auto run = [&](int64_t task) {{
+      if (hilo) run_task(task, std::true_type{{}});
+      else run_task(task, std::false_type{{}});
+    }};
     if (mine_only) {{
       for (int64_t gk = 0; gk < groups; ++gk)
         if (owner[(size_t)gk] == me)
-          for (int64_t kb = 0; kb < nkv; ++kb) {{
-            if (hilo) run_task(gk * nkv + kb, std::true_type{{}});
-            else run_task(gk * nkv + kb, std::false_type{{}});
-          }}
+          for (int64_t kb = 0; kb < nkv; ++kb) run(gk * nkv + kb);
     }} else {{
       #pragma omp for schedule(runtime)
-      for (int64_t task = 0; task < B * Hkv * nkv; ++task) {{
-        if (hilo) run_task(task, std::true_type{{}});
-        else run_task(task, std::false_type{{}});
-      }}
+      for (int64_t task = 0; task < B * Hkv * nkv; ++task) run(task);
     }}
     if (tiles) amx_release();
     if (mine_only) {{  // this thread's rows of the shared dQ, rounded to bf16
