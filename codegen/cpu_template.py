@@ -518,6 +518,65 @@ inline void products_kept(int rows, int d, const float* p, int64_t ai, int64_t a
   }}
 }}
 
+// ---- few query rows per key (decoding) in fp32: K and V read in place, no packing and no sgemm call ----
+// A task of at most FEW_ROWS rows (one-token decoding: one) would make sgemm a matrix-vector product per tile, whose
+// per-call dispatch cost more than its keys at Skv = 4K (MKL's sgemv: over half a GQA decode step's time).
+constexpr int FEW_ROWS = 8;
+
+// the sum of a vector's lanes
+inline float lane_sum(vf x) {{
+  float t = 0.0f;
+  for (int u = 0; u < VW; ++u) t += x[u];
+  return t;
+}}
+
+// S[rows x cols] = Q K^T, Q's rows (d wide, d a multiple of VW) at q, K's rows at k; each key is loaded once for
+// every row (rows inner), its products along the head dim on two chains, then summed across lanes
+inline void scores_rows(int rows, int cols, int d, const float* q, const float* k, float* s, int ld) {{
+  for (int j = 0; j < cols; ++j) {{
+    const float* kj = k + (int64_t)j * d;
+    for (int i = 0; i < rows; ++i) {{
+      const float* qi = q + (int64_t)i * d;
+      vf e{{}}, o{{}};
+      int x = 0;
+      for (; x + 2 * VW <= d; x += 2 * VW) {{
+        e += *(const vfu*)(qi + x) * *(const vfu*)(kj + x);
+        o += *(const vfu*)(qi + x + VW) * *(const vfu*)(kj + x + VW);
+      }}
+      if (x < d) e += *(const vfu*)(qi + x) * *(const vfu*)(kj + x);
+      s[i * ld + j] = lane_sum(e + o);
+    }}
+  }}
+}}
+
+// acc[rows x d] = acc * alpha + P . V, P fp32 (stride ld), V's rows at v (d a multiple of VW); per row, 4 vectors of
+// columns at a time in registers, even and odd keys on separate accumulators (two FMA chains)
+inline void values_rows(int rows, int cols, int d, const float* p, int ld, const float* v, float* acc,
+                        const float* alpha) {{
+  for (int i = 0; i < rows; ++i)
+    for (int c0 = 0; c0 < d; c0 += 4 * VW) {{
+      const int n = min_of(4, (d - c0) / VW);
+      float* out = acc + i * d + c0;
+      vf e[4], o[4];
+      for (int u = 0; u < n; ++u) {{
+        e[u] = alpha[i] * *(const vfu*)(out + VW * u);
+        o[u] = vf{{}};
+      }}
+      const float* pr = p + (int64_t)i * ld;
+      int j = 0;
+      for (; j + 2 <= cols; j += 2) {{
+        const float* v0 = v + (int64_t)j * d + c0;
+        for (int u = 0; u < n; ++u) {{
+          e[u] += pr[j] * *(const vfu*)(v0 + VW * u);
+          o[u] += pr[j + 1] * *(const vfu*)(v0 + d + VW * u);
+        }}
+      }}
+      if (j < cols)
+        for (int u = 0; u < n; ++u) e[u] += pr[j] * *(const vfu*)(v + (int64_t)j * d + c0 + VW * u);
+      for (int u = 0; u < n; ++u) *(vfu*)(out + VW * u) = e[u] + o[u];
+    }}
+}}
+
 // a NaN of x[0..n), or 0 when there is none (only asked of rows whose max is -inf: rare)
 inline float first_nan(const float* x, int n) {{
   for (int j = 0; j < n; ++j)
@@ -1515,6 +1574,7 @@ extern "C" int attncc_forward(
       jobs.of(job, b, h, qb, split);
       const int64_t hk = HEADS[h], q0 = qb * BQ;  // HEADS: kv head of each query head, then per kv head its heads
       const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
+      const bool few = !micro && SIMD && D % VW == 0 && rows <= FEW_ROWS;  // (else sgemm where not micro)
       const float* qp = q + ((b * H + h) * Sq + q0) * D;
       if (ROPE) {{  // prologue: this task's query rows, rotated into a local tile
         for (int i = 0; i < rows; ++i) {{
@@ -1548,6 +1608,7 @@ extern "C" int attncc_forward(
             scores_kept(rows, up_nr(min_of(BKV, cols - u * BKV)), d, qp, d, kpp + (k0 + u * BKV) * D, d, NR,
                         s.data() + u * BKV, LDS, run_rng[u]);
         else if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), LDS);
+        else if (few) scores_rows(rows, cols, d, qp, kp + k0 * D, s.data(), LDS);
         else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), LDS, 0.0f);
         // without a score mod the scale folds into max and exp (SCALE > 0: AttentionSpec checks); partial tiles
         // then only mask, full ones skip the scores pass
@@ -1558,6 +1619,7 @@ extern "C" int attncc_forward(
         if (micro && !full)
           products_kept<2>(rows, d, s.data(), LDS, 1, BKV, vp + k0 * D, d, acc.data(), d, alpha.data(), run_rng, span);
         else if (micro) gemm_micro<2>(rows, d, cols, s.data(), LDS, 1, vp + k0 * D, 1, d, acc.data(), d, alpha.data());
+        else if (few) values_rows(rows, cols, d, s.data(), LDS, vp + k0 * D, acc.data(), alpha.data());
         else {{
           for (int i = 0; i < rows; ++i)
             if (alpha[i] != 1.0f) for (int64_t c = 0; c < D; ++c) acc[i * D + c] *= alpha[i];
