@@ -377,7 +377,8 @@ class CpuKernel:
     def _packed(self, k: torch.Tensor, rows: int = PACK_ROWS) -> int:
         """Floats of one copy of k packed into register-block panels (0 where the BLAS path packs nothing).
         ``rows``: query rows that read each key (Sq x query heads per kv head); below ``PACK_ROWS`` packing K
-        costs more than the micro-kernels save (decode), and the forward takes the BLAS path."""
+        costs more than the micro-kernels save (decode): the forward then reads K and V in place, tasks of at most
+        8 rows in vector loops (scores_rows, values_rows), larger ones through sgemm."""
         B, Hkv, Skv, D = k.shape
         if not self.products(D).startswith("micro") or rows < PACK_ROWS:
             return 0
