@@ -520,7 +520,7 @@ inline void products_kept(int rows, int d, const float* p, int64_t ai, int64_t a
 
 // ---- few query rows per key (decoding) in fp32: K and V read in place, no packing and no sgemm call ----
 // A task of at most FEW_ROWS rows (one-token decoding: one) would make sgemm a matrix-vector product per tile, whose
-// per-call dispatch cost more than its keys at Skv = 4K (MKL's sgemv: over half a GQA decode step's time).
+// per-call dispatch costs more than its keys at Skv = 4K (MKL's sgemv: over half a GQA decode step's time).
 constexpr int FEW_ROWS = 8;
 
 // the sum of a vector's lanes
