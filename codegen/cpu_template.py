@@ -549,10 +549,12 @@ inline void scores_rows(int rows, int cols, int d, const float* q, const float* 
   }}
 }}
 
-// acc[rows x d] = acc * alpha + P . V, P fp32 (stride ld), V's rows at v (d a multiple of VW); per row, 4 vectors of
-// columns at a time in registers, even and odd keys on separate accumulators (two FMA chains)
-inline void values_rows(int rows, int cols, int d, const float* p, int ld, const float* v, float* acc,
-                        const float* alpha) {{
+// acc[rows x d] = acc * alpha + P . V, P fp32 (stride ld), V's rows at v (d a multiple of VW), VW of a row's values
+// read as one fp32 vector by load (fp32: as they are; bf16: widened); per row, 4 vectors of columns at a time in
+// registers, even and odd keys on separate accumulators (two FMA chains)
+template <class T, class Load>
+inline void values_rows(int rows, int cols, int d, const float* p, int ld, const T* v, float* acc, const float* alpha,
+                        Load load) {{
   for (int i = 0; i < rows; ++i)
     for (int c0 = 0; c0 < d; c0 += 4 * VW) {{
       const int n = min_of(4, (d - c0) / VW);
@@ -565,14 +567,14 @@ inline void values_rows(int rows, int cols, int d, const float* p, int ld, const
       const float* pr = p + (int64_t)i * ld;
       int j = 0;
       for (; j + 2 <= cols; j += 2) {{
-        const float* v0 = v + (int64_t)j * d + c0;
+        const T* v0 = v + (int64_t)j * d + c0;
         for (int u = 0; u < n; ++u) {{
-          e[u] += pr[j] * *(const vfu*)(v0 + VW * u);
-          o[u] += pr[j + 1] * *(const vfu*)(v0 + d + VW * u);
+          e[u] += pr[j] * load(v0 + VW * u);
+          o[u] += pr[j + 1] * load(v0 + d + VW * u);
         }}
       }}
       if (j < cols)
-        for (int u = 0; u < n; ++u) e[u] += pr[j] * *(const vfu*)(v + (int64_t)j * d + c0 + VW * u);
+        for (int u = 0; u < n; ++u) e[u] += pr[j] * load(v + (int64_t)j * d + c0 + VW * u);
       for (int u = 0; u < n; ++u) *(vfu*)(out + VW * u) = e[u] + o[u];
     }}
 }}
@@ -1196,36 +1198,10 @@ inline void scores_rows_bf(int rows, int cols, int d, const bf16_t* q, const bf1
 // 16 bf16 values widened to fp32 (exact)
 inline __m512 widen(const bf16_t* x) {{ return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)x)); }}
 
-// acc[rows x d] = acc * alpha + P . V with P fp32 (stride ld) and V's bf16 rows widened to fp32 as they are read;
-// per row, 64 columns at a time in registers, even and odd keys on separate accumulators (two FMA chains)
+// acc[rows x d] = acc * alpha + P . V with P fp32 (stride ld) and V's bf16 rows widened to fp32 as they are read
 inline void values_rows_bf(int rows, int cols, int d, const float* p, int ld, const bf16_t* v, float* acc,
                            const float* alpha) {{
-  for (int i = 0; i < rows; ++i)
-    for (int c0 = 0; c0 < d; c0 += 64) {{
-      const int n = min_of(4, (d - c0) / 16);  // vectors of 16 columns (d is a multiple of 32)
-      float* out = acc + i * d + c0;
-      __m512 e[4], o[4];
-      for (int u = 0; u < n; ++u) {{
-        e[u] = _mm512_mul_ps(_mm512_set1_ps(alpha[i]), _mm512_loadu_ps(out + 16 * u));
-        o[u] = _mm512_setzero_ps();
-      }}
-      const float* pr = p + i * ld;
-      int j = 0;
-      for (; j + 2 <= cols; j += 2) {{
-        const bf16_t* v0 = v + (int64_t)j * d + c0;
-        const __m512 p0 = _mm512_set1_ps(pr[j]), p1 = _mm512_set1_ps(pr[j + 1]);
-        for (int u = 0; u < n; ++u) {{
-          e[u] = _mm512_fmadd_ps(p0, widen(v0 + 16 * u), e[u]);
-          o[u] = _mm512_fmadd_ps(p1, widen(v0 + d + 16 * u), o[u]);
-        }}
-      }}
-      if (j < cols) {{
-        const bf16_t* v0 = v + (int64_t)j * d + c0;
-        for (int u = 0; u < n; ++u)
-          e[u] = _mm512_fmadd_ps(_mm512_set1_ps(pr[j]), widen(v0 + 16 * u), e[u]);
-      }}
-      for (int u = 0; u < n; ++u) _mm512_storeu_ps(out + 16 * u, _mm512_add_ps(e[u], o[u]));
-    }}
+  values_rows(rows, cols, d, p, ld, v, acc, alpha, [](const bf16_t* x) {{ return (vf)widen(x); }});
 }}
 
 // ---- the bf16 backward's layouts (AMX tiles and vdpbf16ps register blocks alike) ----
@@ -1619,7 +1595,9 @@ extern "C" int attncc_forward(
         if (micro && !full)
           products_kept<2>(rows, d, s.data(), LDS, 1, BKV, vp + k0 * D, d, acc.data(), d, alpha.data(), run_rng, span);
         else if (micro) gemm_micro<2>(rows, d, cols, s.data(), LDS, 1, vp + k0 * D, 1, d, acc.data(), d, alpha.data());
-        else if (few) values_rows(rows, cols, d, s.data(), LDS, vp + k0 * D, acc.data(), alpha.data());
+        else if (few)
+          values_rows(rows, cols, d, s.data(), LDS, vp + k0 * D, acc.data(), alpha.data(),
+                      [](const float* x) {{ return (vf)(*(const vfu*)x); }});
         else {{
           for (int i = 0; i < rows; ++i)
             if (alpha[i] != 1.0f) for (int64_t c = 0; c < D; ++c) acc[i * D + c] *= alpha[i];
