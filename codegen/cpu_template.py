@@ -1179,6 +1179,35 @@ inline void scores_kept_bf(int rows, int cols, int pairs, const bf16_t* a, int64
   }}
 }}
 
+// C[rows x cols] += A . B over bf16 pairs (as gemm_bf<1>) where A's row i is zero outside its kept range
+// [rng[2i], rng[2i + 1]) of the shared dimension (in values, not pairs): each register block of rows multiplies only
+// the pairs of its rows' union (dQ += dS K over a partial tile's kept keys)
+inline void products_kept_bf(int rows, int cols, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t bc, int64_t ldb,
+                             float* c, int64_t ldc, const int16_t* rng) {{
+  for (int i = 0; i < rows; i += MR) {{
+    const int m = min_of(MR, rows - i);
+    int lo, hi;
+    kept_cols(rng, i, m, lo, hi);
+    const int p0 = lo / 2, p1 = (hi + 1) / 2;
+    for (int x = 0; x < cols && p1 > p0; x += NR)
+      micro_bf_m<1>(m, p1 - p0, a + i * ai + 2 * p0, ai, b + p0 * ldb + x * bc, ldb, c + i * ldc + x, ldc, nullptr);
+  }}
+}}
+
+// C[rows x cols] += A . B over bf16 pairs (as gemm_bf<1>) where B is zero outside rows [lo[u], hi[u]) (values of the
+// shared dimension) in column block u (NR wide): each block multiplies only those pairs (dV^T += dO^T P and
+// dK^T += Q^T dS over the pending rows that keep some of the block's keys)
+inline void gemm_bf_cols(int rows, int cols, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t bc, int64_t ldb,
+                         float* c, int64_t ldc, const int* lo, const int* hi) {{
+  for (int i = 0; i < rows; i += MR)
+    for (int x = 0; x < cols; x += NR) {{
+      const int p0 = lo[x / NR] / 2, p1 = (hi[x / NR] + 1) / 2;
+      if (p1 > p0)
+        micro_bf_m<1>(min_of(MR, rows - i), p1 - p0, a + i * ai + 2 * p0, ai, b + p0 * ldb + x * bc, ldb,
+                      c + i * ldc + x, ldc, nullptr);
+    }}
+}}
+
 // ---- few query rows per key (decoding): no packing; K and V read in place ----
 // Packing K and V costs a pass over them, more than it saves when few rows read each key (CpuKernel._packed).
 // Scores: lanes along the head dim (vdpbf16ps on a q row and a k row), each key's lanes summed; rows inner, so
@@ -2096,6 +2125,13 @@ extern "C" int attncc_backward_bf16(
         // gather in pp and dsp from row pend_q0 on; flushed at a gap, when full, and at the head's end
         int64_t pend_q0 = 0;
         int pend = 0;
+        // vdpbf16ps products: the pending rows [reach_lo[u], reach_hi[u]) that keep some key of column block u (NR
+        // keys); dV^T and dK^T take only those (P and dS are zero in the others: a partial tile's rows keep a part)
+        int reach_lo[BKV / NR], reach_hi[BKV / NR];
+        const auto reach_none = [&]() {{
+          for (int u = 0; u < BKV / NR; ++u) {{ reach_lo[u] = PEND + 32; reach_hi[u] = 0; }}
+        }};
+        reach_none();
         const auto flush = [&]() {{
           if (!pend) return;
           const int64_t at_t = (b * H + h) * D * st + pend_q0;
@@ -2109,8 +2145,9 @@ extern "C" int attncc_backward_bf16(
               amx_gemm(d, cols32, pend, q_t + at_t, st, dsp_lo.data(), 2 * JW, dk_t.data(), LDT);
             }}
           }} else {{
-            gemm_bf<1>(d, cols32, pend / 2, do_t + at_t, st, pp.data(), 2, 2 * JW, dv_t.data(), LDT);
-            gemm_bf<1>(d, cols32, pend / 2, q_t + at_t, st, dsp.data(), 2, 2 * JW, dk_t.data(), LDT);
+            gemm_bf_cols(d, cols32, do_t + at_t, st, pp.data(), 2, 2 * JW, dv_t.data(), LDT, reach_lo, reach_hi);
+            gemm_bf_cols(d, cols32, q_t + at_t, st, dsp.data(), 2, 2 * JW, dk_t.data(), LDT, reach_lo, reach_hi);
+            reach_none();
           }}
           pend = 0;
         }};
@@ -2149,6 +2186,18 @@ extern "C" int attncc_backward_bf16(
             // a partial tile: only the 32-key chunks its rows keep (the others stay unset: the keep bytes mask them)
             const int16_t* rng = full ? nullptr
                 : kept_ranges(tile_record(keep, keep_base, pair, q_rank[t + g0 / BQ])) + 2 * (g0 % BQ);
+            if (!tiles && !rng) {{  // every row of a full tile reaches every column block
+              for (int u = 0; u < cols32 / NR; ++u) {{
+                reach_lo[u] = min_of(reach_lo[u], pend + g0);
+                reach_hi[u] = max_of(reach_hi[u], pend + g0 + n);
+              }}
+            }} else if (!tiles) {{
+              for (int i = 0; i < n; ++i)
+                for (int u = rng[2 * i] / NR; u < (rng[2 * i + 1] + NR - 1) / NR; ++u) {{
+                  reach_lo[u] = min_of(reach_lo[u], pend + g0 + i);
+                  reach_hi[u] = max_of(reach_hi[u], pend + g0 + i + 1);
+                }}
+            }}
             if (tiles) {{
               const int64_t at_k = packed / D * DK;  // (the split panels are 4D deep)
               amx_scores(n16, cols32, (int)DK, qp + g0 * DK, k_panels + at_k, s.data(), LD, rng, n);
@@ -2240,8 +2289,13 @@ extern "C" int attncc_backward_bf16(
               amx_gemm(rows16, d, cols32, ds_lo.data(), SW, k_pairs + packed, 2 * D, c, D);
             }}
           }};
-          if (!tiles) {{
+          if (!tiles && full) {{
             gemm_bf<1>(rows, d, cols32 / 2, ds.data(), SW, k_pairs + packed, 2, 2 * D, dq_mine + base * D, D);
+          }} else if (!tiles) {{  // a partial run: each register block of rows over its rows' kept keys
+            for (int g0 = 0; g0 < rows; g0 += 32)
+              products_kept_bf(min_of(32, rows - g0), d, ds.data() + g0 * SW, SW, k_pairs + packed, 2, 2 * D,
+                               dq_mine + (base + g0) * D, D,
+                               kept_ranges(tile_record(keep, keep_base, pair, q_rank[t + g0 / BQ])) + 2 * (g0 % BQ));
           }} else if (rows16 == rows) {{
             dq_products(dq_mine + base * D);
           }} else {{  // tile stores write 16 rows: accumulate into a scratch block, then add the real rows
