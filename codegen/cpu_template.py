@@ -1166,6 +1166,23 @@ inline void gemm_bf(int rows, int cols, int pairs, const bf16_t* a, int64_t ai, 
                        alpha ? alpha + i : nullptr);
 }}
 
+// gemm_bf with the column blocks outer, for the backward's S, dP (a 32-row group's A is 8 KB) and dQ: one block of
+// B (K panels, K pair rows: 8-16 KB of the kv block's 64 KB in L2) stays in L1 while every row block passes; MODE 1
+// (dQ) asks for each register block's C rows ahead (fp32 dQ rows, far from L1) (S, dP, dQ 1.02-1.03x, Zen 4)
+template <int MODE>
+inline void gemm_bf_xo(int rows, int cols, int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t bc,
+                       int64_t ldb, float* c, int64_t ldc) {{
+  for (int x = 0; x < cols; x += NR)
+    for (int i = 0; i < rows; i += MR) {{
+      if (MODE == 1)
+        for (int r = i; r < min_of(MR + i, rows); ++r) {{
+          _mm_prefetch((const char*)(c + r * ldc + x), _MM_HINT_T0);
+          _mm_prefetch((const char*)(c + r * ldc + x + 16), _MM_HINT_T0);
+        }}
+      micro_bf_m<MODE>(min_of(MR, rows - i), pairs, a + i * ai, ai, b + x * bc, ldb, c + i * ldc + x, ldc, nullptr);
+    }}
+}}
+
 // Scores of one partial tile from bf16 pairs (as gemm_bf<0>), skipping the NR-wide column panels no row of a
 // register block keeps (their scores stay unset; the keep bytes make them -inf); rng: the rows' kept columns
 inline void scores_kept_bf(int rows, int cols, int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t bc,
@@ -2182,6 +2199,14 @@ extern "C" int attncc_backward_bf16(
           }}
           const bool full = q_full[t] != 0;
           for (int g0 = 0; g0 < rows16; g0 += 32) {{  // 32 rows at a time, so their fp32 S and dP stay in L1
+            if (!tiles) {{  // the next 32 rows' q and dO (the next group or run of this head) on their way to L2:
+              // first read by S and dP's broadcasts from 12 rows at once, they came from L3 (S and dP 1.06x, Zen 4)
+              const int64_t next = min_of<int64_t>(32, (b * H + h + 1) * Sq - (base + g0 + 32));
+              for (int64_t x = 0; x < next * D; x += 32) {{
+                _mm_prefetch((const char*)(q + (base + g0 + 32) * D + x), _MM_HINT_T1);
+                _mm_prefetch((const char*)(dout + (base + g0 + 32) * D + x), _MM_HINT_T1);
+              }}
+            }}
             const int n16 = min_of(32, rows16 - g0), n = min_of(32, rows - g0);
             // a partial tile: only the 32-key chunks its rows keep (the others stay unset: the keep bytes mask them)
             const int16_t* rng = full ? nullptr
@@ -2206,8 +2231,8 @@ extern "C" int attncc_backward_bf16(
               scores_kept_bf(n, cols32, d / 2, qp + g0 * D, d, k_panels + packed, d, 2 * NR, s.data(), LD, rng);
               scores_kept_bf(n, cols32, d / 2, dop + g0 * D, d, v_panels + packed, d, 2 * NR, dp.data(), LD, rng);
             }} else {{
-              gemm_bf<0>(n, cols32, d / 2, qp + g0 * D, d, k_panels + packed, d, 2 * NR, s.data(), LD);
-              gemm_bf<0>(n, cols32, d / 2, dop + g0 * D, d, v_panels + packed, d, 2 * NR, dp.data(), LD);
+              gemm_bf_xo<0>(n, cols32, d / 2, qp + g0 * D, d, k_panels + packed, d, 2 * NR, s.data(), LD);
+              gemm_bf_xo<0>(n, cols32, d / 2, dop + g0 * D, d, v_panels + packed, d, 2 * NR, dp.data(), LD);
             }}
             if (!HAS_MOD) {{  // P and dS straight to their bf16 layouts, two rows at a time (a pair row)
               // word u of a pair row: 2c + e holds row e's column c ([row i | row i + 1] -> interleaved)
@@ -2290,7 +2315,7 @@ extern "C" int attncc_backward_bf16(
             }}
           }};
           if (!tiles && full) {{
-            gemm_bf<1>(rows, d, cols32 / 2, ds.data(), SW, k_pairs + packed, 2, 2 * D, dq_mine + base * D, D);
+            gemm_bf_xo<1>(rows, d, cols32 / 2, ds.data(), SW, k_pairs + packed, 2, 2 * D, dq_mine + base * D, D);
           }} else if (!tiles) {{  // a partial run: each register block of rows over its rows' kept keys
             for (int g0 = 0; g0 < rows; g0 += 32)
               products_kept_bf(min_of(32, rows - g0), d, ds.data() + g0 * SW, SW, k_pairs + packed, 2, 2 * D,
