@@ -692,6 +692,17 @@ def bf16_backward_misfit(head_dim: int, bq: int, bkv: int) -> str | None:
     return None
 
 
+# The fp32 backward (and bf16's, upcast, where the CPU has no AVX512_BF16) walks the plan's backward tiles where they
+# are at least this many keys wide, else the forward's. Its fp32 dQ rows are loaded and stored once per kv block, so
+# deep kv blocks save that traffic where the cost model found that they add few computed keys (causal, prefix-LM).
+# Measured against the forward's 128 x 64 tiles (Zen 4, 4K, H = 8; BENCHMARKS.md): 32 x 256 was 1.12x (AVX-512 and
+# AVX2 builds alike) on causal and 1.08x on prefix-LM at D = 128, 0.99-1.01x at D = 32 and 64; the 32 x 128 tiles
+# chosen for sliding windows, documents and 2-D neighborhoods were 0.86-1.02x, so those keep the forward's.
+FP32_BACKWARD_BKV = 256
+
+Parts = tuple[CpuKernel, TileLists, torch.Tensor]  # a backward's kernel, tile lists and partial-tile records
+
+
 class CpuExecutable(Lazy):
     """The cpu target's executable: the compiled library (built or loaded on first use), the native bf16
     backward's kernel at the plan's backward tiles (``backward_kernel``, built when it first runs), and the
@@ -708,14 +719,14 @@ class CpuExecutable(Lazy):
 
     @property
     def backward_kernel(self) -> CpuKernel:
-        """The kernel the native bf16 and fp16 backward runs: built at the plan's backward tiles (on first use) when
-        they differ from the forward's, else the forward's kernel."""
+        """The kernel the native bf16 and fp16 backward runs (and the fp32 one at 256-key backward tiles): built at the
+        plan's backward tiles (on first use) when they differ from the forward's, else the forward's kernel."""
         if self.plan.backward_tiles == self.plan.tiles:
             return self.kernel  # type: ignore[no-any-return]
         with self._lock:
             if self._backward is None:
                 self._backward = CpuKernel(dataclasses.replace(self.plan, tiles=self.plan.backward_tiles))
-                log.info("cpu kernel %s: the native bf16 and fp16 backward walks %d x %d tiles (the forward %d x %d)",
+                log.info("cpu kernel %s: the backward walks %d x %d tiles (the forward %d x %d)",
                          self._backward.path.name, *self.plan.backward_tiles, *self.plan.tiles)  # fmt: skip
         return self._backward
 
@@ -730,11 +741,20 @@ class CpuExecutable(Lazy):
                 self._keeps[key] = keep
         return keep
 
-    def _backward_parts(self, call: Call) -> tuple[CpuKernel, TileLists, torch.Tensor]:
-        """(kernel, tile lists, partial-tile records) at the backward tiles, for the native bf16 backward."""
+    def _backward_parts(self, call: Call) -> Parts:
+        """(kernel, tile lists, partial-tile records) at the backward tiles, for the native bf16 backward (and the
+        fp32 one where :data:`FP32_BACKWARD_BKV` says so)."""
         kern = self.backward_kernel
         lists = call.lists(self.plan.backward_tiles)
         return kern, lists, self._keep(kern, lists, call)
+
+    def _fp32_backward_parts(self, call: Call, lists: TileLists, keep: torch.Tensor) -> Callable[[], Parts]:
+        """What the fp32 backward walks: the backward tiles' parts where :data:`FP32_BACKWARD_BKV` says so, else the
+        forward's kernel, tile lists and records."""
+        bwd = self.plan.backward_tiles
+        if bwd != self.plan.tiles and bwd[1] >= FP32_BACKWARD_BKV:
+            return functools.partial(self._backward_parts, call)
+        return lambda: (self.kernel, lists, keep)
 
     def unsupported(self, call: Call) -> str | None:
         reason = fallback.reason("cpu", call.q, call.tensors, self.plan.grad_tables)
@@ -748,8 +768,9 @@ class CpuExecutable(Lazy):
         learn = tuple(fallback.learned(call.tensors))
         recompute = functools.partial(call.recompute, tables=call.rope)
         parts = functools.partial(self._backward_parts, call)
+        fp32_parts = self._fp32_backward_parts(call, lists, keep)
         o, lse = CpuAttention.apply(call.q, call.k, call.v, self.kernel, lists, keep, call.tensors, call.rope,
-                                    recompute, parts, learn, *(call.tensors[n] for n in learn))  # fmt: skip
+                                    recompute, parts, fp32_parts, learn, *(call.tensors[n] for n in learn))  # fmt: skip
         return o, lse
 
 
@@ -773,7 +794,8 @@ class CpuAttention(torch.autograd.Function):
         tensors: dict[str, torch.Tensor],
         tables: tuple[torch.Tensor, torch.Tensor] | None,
         recompute: fallback.Recompute,
-        backward_parts: Callable[[], tuple[CpuKernel, TileLists, torch.Tensor]],
+        backward_parts: Callable[[], Parts],
+        fp32_parts: Callable[[], Parts],
         learn: tuple[str, ...],
         *learned: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -781,7 +803,8 @@ class CpuAttention(torch.autograd.Function):
         that require grad), passed again so that autograd routes their gradients. ``recompute``: the
         call on the reference target, for differentiable gradients (``create_graph=True``).
         ``backward_parts``: the kernel, tile lists and partial-tile records at the plan's backward tiles,
-        which the native bf16 backward walks (made when it first runs)."""
+        which the native bf16 backward walks (made when it first runs); ``fp32_parts``: those the fp32 backward
+        walks (``CpuExecutable._fp32_backward_parts``)."""
         dtype = q.dtype
         rope = rope_tables(tables)
         if dtype == torch.bfloat16 and kern.native_bf16(q.shape[3], rope is not None):
@@ -808,14 +831,14 @@ class CpuAttention(torch.autograd.Function):
                 ctx.native = None
         ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype, ctx.rope = kern, lists, keep, tensors, dtype, rope
         ctx.learn, ctx.recompute, ctx.inputs = learn, recompute, (q, k, v, *learned)
-        ctx.backward_parts = backward_parts
+        ctx.backward_parts, ctx.fp32_parts = backward_parts, fp32_parts
         return o.to(dtype), lse
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
         if torch.is_grad_enabled():  # create_graph=True: the C++ backward is not differentiable
             q, k, v, *rest = fallback.second_order(ctx.recompute, ctx.inputs, ctx.learn, ctx.tensors, (do, dlse))
-            return q, k, v, None, None, None, None, None, None, None, None, *rest
+            return q, k, v, None, None, None, None, None, None, None, None, None, *rest
         dlsef = None if dlse is None else dlse.to(torch.float32).contiguous()
         found = None
         if ctx.native is not None:  # bf16 or fp16 saved as given: the products on AMX tiles where the machine has them
@@ -829,10 +852,11 @@ class CpuAttention(torch.autograd.Function):
         if found is None:
             qf, kf, vf, o, lse = (t.to(torch.float32).contiguous() for t in ctx.saved_tensors)
             dof = do.to(torch.float32).contiguous()
-            found = ctx.kern.backward(
-                qf, kf, vf, o, dof, lse.contiguous(), dlsef, ctx.lists, ctx.keep, ctx.tensors, ctx.rope, ctx.learn
+            kern, lists, keep = ctx.fp32_parts()
+            found = kern.backward(
+                qf, kf, vf, o, dof, lse.contiguous(), dlsef, lists, keep, ctx.tensors, ctx.rope, ctx.learn
             )
         dq, dk, dv, grads = found
         learned = [grads[n].to(ctx.tensors[n].dtype) for n in ctx.learn]
         grads_qkv = dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype)
-        return *grads_qkv, None, None, None, None, None, None, None, None, *learned
+        return *grads_qkv, None, None, None, None, None, None, None, None, None, *learned

@@ -449,6 +449,47 @@ def test_native_bf16_backward_walks_its_own_tiles(isa: str, masked: str, monkeyp
             )
 
 
+@pytest.mark.parametrize("masked", ["causal", "band"])
+def test_fp32_backward_walks_256_key_backward_tiles(masked: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fp32 backward walks the plan's backward tiles where they are 256 keys wide (causal: 32 x 256; its dQ rows
+    then load and store once per 256 keys), and the forward's tiles where the cost model gave the backward 128-key
+    ones (a band), which were slower in fp32 (``cpu.FP32_BACKWARD_BKV``); against the float64 oracle, with a ragged
+    last block and GQA."""
+    from attncc.codegen.cpu import CpuKernel
+    from tests.numerics import oracle
+
+    walked: list[tuple[int, int]] = []
+    real = CpuKernel.backward
+
+    def spy(self: CpuKernel, *args: Any, **kwargs: Any) -> Any:
+        walked.append((self.bq, self.bkv))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CpuKernel, "backward", spy)
+    S, D = 300, 64
+    if masked == "causal":
+        mask, keep = ac.causal(), [[j <= i for j in range(S)] for i in range(S)]
+    else:
+        mask, keep = ac.causal() & (ac.kv >= ac.q - 100), [[0 <= i - j <= 100 for j in range(S)] for i in range(S)]
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=D, mask=mask)
+    kern = ac.compile(spec, target="cpu")
+    want_tiles = (32, 256) if masked == "causal" else kern.plan.tiles
+    assert kern.plan.backward_tiles == ((32, 256) if masked == "causal" else (32, 128)) != kern.plan.tiles
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 4, S, D, generator=g)
+    k, v = (torch.randn(1, 2, S, D, generator=g) for _ in range(2))
+    w = torch.randn(1, 4, S, D, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    (kern(*leaves) * w).sum().backward()
+    assert walked == [want_tiles]
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want, _ = oracle.attention(*ref_in, torch.tensor(keep).expand(1, 4, S, S), D**-0.5)
+    (want * w.double()).sum().backward()
+    for got, ref in zip(leaves, ref_in, strict=True):
+        assert got.grad is not None and ref.grad is not None
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
 @pytest.mark.parametrize("windows", [(300, 300, 300, 300), (8, 8, 8, 300)], ids=["equal_heads", "unequal_heads"])
 def test_native_bf16_backward_shares_dq_between_threads_that_own_whole_heads(
