@@ -2101,9 +2101,13 @@ extern "C" int attncc_backward_bf16(
     constexpr int JW = BKV + 16;   // pairs per bf16 pair row of P and dS
     constexpr int SW = BKV + 32;   // bf16 rows of dS: a tile's keys, zero up to the next 32
     constexpr int LDT = BKV + 16;  // fp32 rows of dK^T and dV^T
-    // q rows of P and dS pair rows held for one dV^T, dK^T product: 256 (their products' A and B panels, 256 deep,
-    // stay in L1 across a row of C tiles) beat 512 by 3-7% and 128 by 0-5% (ABBA, bf16, D = 64 and 128)
-    constexpr int PEND = WQ > 256 ? WQ : 256;
+    // q rows of P and dS pair rows held for one dV^T, dK^T product. AMX tiles: 256 (their products' A and B panels,
+    // 256 deep, stay in L1 across a row of C tiles) beat 512 by 3-7% and 128 by 0-5% (ABBA, bf16, D = 64 and 128,
+    // Sapphire Rapids). vdpbf16ps register blocks: 512 (each block's C rows loaded and stored half as often) beat 256
+    // by 1.02-1.06x (dV^T and dK^T 1.03-1.05x in cycles per product; causal and prefix-LM, D = 64 and 128, Zen 4)
+    constexpr int PEND_TILES = WQ > 256 ? WQ : 256, PEND_DP = WQ > 512 ? WQ : 512;
+    constexpr int PEND = PEND_DP > PEND_TILES ? PEND_DP : PEND_TILES;  // (the buffers' rows)
+    const int pend_most = tiles ? PEND_TILES : PEND_DP;
     Buf s(32 * LD), dp(32 * LD), dk_t(D * LDT), dv_t(D * LDT), dq_tmp(WQ * D);
     Aligned<uint32_t> t32(16 * LDT, true);  // 32 columns of dK^T or dV^T as 16 bf16 pair rows
     Aligned<bf16_t> qpad(WQ * DK, true), dopad(WQ * DK, true), pp((PEND + 32) * JW, true), dsp((PEND + 32) * JW, true),
@@ -2174,7 +2178,7 @@ extern "C" int attncc_backward_bf16(
           const int rows = (int)min_of<int64_t>((int64_t)BQ * span, Sq - q0);
           const int rows16 = (rows + 15) / 16 * 16, rows32 = up_nr(rows);
           const int64_t base = (b * H + h) * Sq + q0;
-          if (pend && (q0 != pend_q0 + pend || pend + rows32 > PEND)) flush();
+          if (pend && (q0 != pend_q0 + pend || pend + rows32 > pend_most)) flush();
           if (!pend) pend_q0 = q0;
           bf16_t* ppr = pp.data() + (int64_t)pend * JW;  // this run's first pair row
           bf16_t* dspr = dsp.data() + (int64_t)pend * JW;

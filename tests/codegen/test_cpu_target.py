@@ -449,6 +449,32 @@ def test_native_bf16_backward_walks_its_own_tiles(isa: str, masked: str, monkeyp
             )
 
 
+@pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
+def test_native_bf16_backward_flushes_long_runs_of_rows(isa: str) -> None:
+    """The bf16 backward gathers P and dS over up to 512 query rows (256 on AMX tiles) before each dV^T, dK^T product
+    and then starts again: at 700 rows a causal kv block's rows are flushed when full and at the end, each flush over
+    only the rows that reach each 32-key column block; against the float64 oracle."""
+    from tests.numerics import oracle
+
+    S, D = 700, 32
+    spec = ac.AttentionSpec(num_heads=2, head_dim=D, mask=ac.causal())
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, S, D, generator=g).bfloat16() for _ in range(3))
+    w = torch.randn(1, 2, S, D, generator=g)
+    with config.override(cpu_isa=isa):
+        kern = ac.compile(spec, target="cpu")
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        (kern(*leaves).float() * w).sum().backward()
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    keep = torch.ones(S, S, dtype=torch.bool).tril()
+    want, _ = oracle.attention(*ref_in, keep.expand(1, 2, S, S), D**-0.5)
+    (want * w.double()).sum().backward()
+    for got, ref in zip(leaves, ref_in, strict=True):
+        assert got.grad is not None and ref.grad is not None
+        scale = float(ref.grad.abs().max())
+        assert float((got.grad.double() - ref.grad).abs().max()) <= 2e-2 * scale
+
+
 @pytest.mark.parametrize("masked", ["causal", "band"])
 def test_fp32_backward_walks_256_key_backward_tiles(masked: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fp32 backward walks the plan's backward tiles where they are 256 keys wide (causal: 32 x 256; its dQ rows
