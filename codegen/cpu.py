@@ -695,9 +695,10 @@ def bf16_backward_misfit(head_dim: int, bq: int, bkv: int) -> str | None:
 # The fp32 backward (and bf16's, upcast, where the CPU has no AVX512_BF16) walks the plan's backward tiles where they
 # are at least this many keys wide, else the forward's. Its fp32 dQ rows are loaded and stored once per kv block, so
 # deep kv blocks save that traffic where the cost model found that they add few computed keys (causal, prefix-LM).
-# Measured against the forward's 128 x 64 tiles (Zen 4, 4K, H = 8; BENCHMARKS.md): 32 x 256 was 1.12x (AVX-512 and
-# AVX2 builds alike) on causal and 1.08x on prefix-LM at D = 128, 0.99-1.01x at D = 32 and 64; the 32 x 128 tiles
-# chosen for sliding windows, documents and 2-D neighborhoods were 0.86-1.02x, so those keep the forward's.
+# Against the forward's 128 x 64 tiles (Zen 4, 4K, H = 8; `benchmarks/cpu_backward_tiles.py --dtype float32`,
+# BENCHMARKS.md): 32 x 256 was 1.05x on causal and 1.02-1.04x on prefix-LM at D = 128, 1.00-1.02x at D = 32 and 64
+# (1.12x at D = 128 in an earlier run, AVX-512 and AVX2 builds alike); the 32 x 128 tiles chosen for sliding windows,
+# documents and 2-D neighborhoods were 0.86-1.02x, so those keep the forward's.
 FP32_BACKWARD_BKV = 256
 
 Parts = tuple[CpuKernel, TileLists, torch.Tensor]  # a backward's kernel, tile lists and partial-tile records

@@ -1168,7 +1168,7 @@ inline void gemm_bf(int rows, int cols, int pairs, const bf16_t* a, int64_t ai, 
 
 // gemm_bf with the column blocks outer, for the backward's S, dP (a 32-row group's A is 8 KB) and dQ: one block of
 // B (K panels, K pair rows: 8-16 KB of the kv block's 64 KB in L2) stays in L1 while every row block passes; MODE 1
-// (dQ) asks for each register block's C rows ahead (fp32 dQ rows, far from L1) (S, dP, dQ 1.02-1.03x, Zen 4)
+// (dQ) asks for each register block's C rows ahead (fp32 dQ rows, far from L1) (the backward 1.02-1.03x, Zen 4)
 template <int MODE>
 inline void gemm_bf_xo(int rows, int cols, int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t bc,
                        int64_t ldb, float* c, int64_t ldc) {{
