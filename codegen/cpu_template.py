@@ -1211,6 +1211,31 @@ inline void products_kept_bf(int rows, int cols, const bf16_t* a, int64_t ai, co
   }}
 }}
 
+// acc[rows x d] = acc * alpha + P . V over a run of ``tiles`` partial tiles (``ext`` keys each) as gemm_bf<2>: P bf16
+// rows (stride pw) zero outside each row's kept range in each tile, V pair rows (stride 2d); each register block of
+// rows multiplies only the pairs of its rows' union in each tile (rng[u]: tile u's row ranges) and rescales once (a
+// block none of whose rows keeps a key in the run has alpha 1, its maxima unmoved: nothing to rescale)
+inline void values_kept_bf(int rows, int d, const bf16_t* p, int64_t pw, int ext, const bf16_t* v, float* acc,
+                           const float* alpha, const int16_t* const* rng, int tiles) {{
+  int lo[SPAN_MAX], hi[SPAN_MAX];
+  for (int i = 0; i < rows; i += MR) {{
+    const int m = min_of(MR, rows - i);
+    for (int u = 0; u < tiles; ++u) kept_cols(rng[u], i, m, lo[u], hi[u], ext);
+    for (int x = 0; x < d; x += NR) {{
+      bool first = true;  // MODE 2 rescales the block once, with the first tile that has kept keys
+      for (int u = 0; u < tiles; ++u) {{
+        if (hi[u] <= lo[u]) continue;
+        const int p0 = (u * ext + lo[u]) / 2, p1 = (u * ext + hi[u] + 1) / 2;  // (ext is even: tiles share no pair)
+        const bf16_t* pa = p + i * pw + 2 * p0;
+        const bf16_t* pv = v + (int64_t)p0 * 2 * d + 2 * x;
+        if (first) micro_bf_m<2>(m, p1 - p0, pa, pw, pv, 2 * d, acc + i * d + x, d, alpha + i);
+        else micro_bf_m<1>(m, p1 - p0, pa, pw, pv, 2 * d, acc + i * d + x, d, nullptr);
+        first = false;
+      }}
+    }}
+  }}
+}}
+
 // C[rows x cols] += A . B over bf16 pairs (as gemm_bf<1>) where B is zero outside rows [lo[u], hi[u]) (values of the
 // shared dimension) in column block u (NR wide): each block multiplies only those pairs (dV^T += dO^T P and
 // dK^T += Q^T dS over the pending rows that keep some of the block's keys)
@@ -1780,7 +1805,13 @@ extern "C" int attncc_forward_bf16(
         if (!plain) tile_scores(spec, cx, SCALE, s.data(), LDS, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         softmax_rows_bf16(s.data(), LDS, rows, cols, (cols + 31) / 32 * 32, sc, m.data(), l.data(), alpha.data(),
                           pb.data(), pw);
-        gemm_bf<2>(rows, d, (cols + 1) / 2, pb.data(), pw, vpp + k0 * D, 2, 2 * D, acc.data(), d, alpha.data());
+        if (full) {{
+          gemm_bf<2>(rows, d, (cols + 1) / 2, pb.data(), pw, vpp + k0 * D, 2, 2 * D, acc.data(), d, alpha.data());
+        }} else {{  // partial tiles: each register block over its rows' kept keys
+          const int16_t* rngs[SPAN];
+          for (int u = 0; u < span; ++u) rngs[u] = kept_ranges(run_keep[u]);
+          values_kept_bf(rows, d, pb.data(), pw, BKV, vpp + k0 * D, acc.data(), alpha.data(), rngs, span);
+        }}
       }}
       if (o32) jobs.finish(o32, lse, acc.data(), m.data(), l.data(), rows, split, (b * H + h) * Sq + q0);
       else jobs.finish(o, lse, acc.data(), m.data(), l.data(), rows, split, (b * H + h) * Sq + q0);
