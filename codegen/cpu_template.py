@@ -1196,40 +1196,27 @@ inline void scores_kept_bf(int rows, int cols, int pairs, const bf16_t* a, int64
   }}
 }}
 
-// C[rows x cols] += A . B over bf16 pairs (as gemm_bf<1>) where A's row i is zero outside its kept range
-// [rng[2i], rng[2i + 1]) of the shared dimension (in values, not pairs): each register block of rows multiplies only
-// the pairs of its rows' union (dQ += dS K over a partial tile's kept keys)
-inline void products_kept_bf(int rows, int cols, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t bc, int64_t ldb,
-                             float* c, int64_t ldc, const int16_t* rng) {{
-  for (int i = 0; i < rows; i += MR) {{
-    const int m = min_of(MR, rows - i);
-    int lo, hi;
-    kept_cols(rng, i, m, lo, hi);
-    const int p0 = lo / 2, p1 = (hi + 1) / 2;
-    for (int x = 0; x < cols && p1 > p0; x += NR)
-      micro_bf_m<1>(m, p1 - p0, a + i * ai + 2 * p0, ai, b + p0 * ldb + x * bc, ldb, c + i * ldc + x, ldc, nullptr);
-  }}
-}}
-
-// acc[rows x d] = acc * alpha + P . V over a run of ``tiles`` partial tiles (``ext`` keys each) as gemm_bf<2>: P bf16
-// rows (stride pw) zero outside each row's kept range in each tile, V pair rows (stride 2d); each register block of
-// rows multiplies only the pairs of its rows' union in each tile (rng[u]: tile u's row ranges) and rescales once (a
-// block none of whose rows keeps a key in the run has alpha 1, its maxima unmoved: nothing to rescale)
-inline void values_kept_bf(int rows, int d, const bf16_t* p, int64_t pw, int ext, const bf16_t* v, float* acc,
-                           const float* alpha, const int16_t* const* rng, int tiles) {{
+// C[rows x d] (MODE 1: +=, MODE 2: = C * alpha +) P . B over a run of ``tiles`` partial tiles (``ext`` keys each) as
+// gemm_bf: P bf16 rows (stride pw) zero outside each row's kept range in each tile, B pair rows (stride 2d: V, or K
+// for dQ += dS K); each register block of rows multiplies only the pairs of its rows' union in each tile (rng[u]: tile
+// u's row ranges), as products_kept. MODE 2 rescales once, with the first tile that has kept keys (a block none of
+// whose rows keeps a key in the run has alpha 1, its maxima unmoved: nothing to rescale)
+template <int MODE>
+inline void products_kept_bf(int rows, int d, const bf16_t* p, int64_t pw, int ext, const bf16_t* b, float* c,
+                             int64_t ldc, const float* alpha, const int16_t* const* rng, int tiles) {{
   int lo[SPAN_MAX], hi[SPAN_MAX];
   for (int i = 0; i < rows; i += MR) {{
     const int m = min_of(MR, rows - i);
     for (int u = 0; u < tiles; ++u) kept_cols(rng[u], i, m, lo[u], hi[u], ext);
     for (int x = 0; x < d; x += NR) {{
-      bool first = true;  // MODE 2 rescales the block once, with the first tile that has kept keys
+      bool first = true;
       for (int u = 0; u < tiles; ++u) {{
         if (hi[u] <= lo[u]) continue;
         const int p0 = (u * ext + lo[u]) / 2, p1 = (u * ext + hi[u] + 1) / 2;  // (ext is even: tiles share no pair)
         const bf16_t* pa = p + i * pw + 2 * p0;
-        const bf16_t* pv = v + (int64_t)p0 * 2 * d + 2 * x;
-        if (first) micro_bf_m<2>(m, p1 - p0, pa, pw, pv, 2 * d, acc + i * d + x, d, alpha + i);
-        else micro_bf_m<1>(m, p1 - p0, pa, pw, pv, 2 * d, acc + i * d + x, d, nullptr);
+        const bf16_t* pb = b + (int64_t)p0 * 2 * d + 2 * x;
+        if (MODE == 2 && first) micro_bf_m<2>(m, p1 - p0, pa, pw, pb, 2 * d, c + i * ldc + x, ldc, alpha + i);
+        else micro_bf_m<1>(m, p1 - p0, pa, pw, pb, 2 * d, c + i * ldc + x, ldc, nullptr);
         first = false;
       }}
     }}
@@ -1810,7 +1797,7 @@ extern "C" int attncc_forward_bf16(
         }} else {{  // partial tiles: each register block over its rows' kept keys
           const int16_t* rngs[SPAN];
           for (int u = 0; u < span; ++u) rngs[u] = kept_ranges(run_keep[u]);
-          values_kept_bf(rows, d, pb.data(), pw, BKV, vpp + k0 * D, acc.data(), alpha.data(), rngs, span);
+          products_kept_bf<2>(rows, d, pb.data(), pw, BKV, vpp + k0 * D, acc.data(), d, alpha.data(), rngs, span);
         }}
       }}
       if (o32) jobs.finish(o32, lse, acc.data(), m.data(), l.data(), rows, split, (b * H + h) * Sq + q0);
@@ -2352,10 +2339,11 @@ extern "C" int attncc_backward_bf16(
           if (!tiles && full) {{
             gemm_bf_xo<1>(rows, d, cols32 / 2, ds.data(), SW, k_pairs + packed, 2, 2 * D, dq_mine + base * D, D);
           }} else if (!tiles) {{  // a partial run: each register block of rows over its rows' kept keys
-            for (int g0 = 0; g0 < rows; g0 += 32)
-              products_kept_bf(min_of(32, rows - g0), d, ds.data() + g0 * SW, SW, k_pairs + packed, 2, 2 * D,
-                               dq_mine + (base + g0) * D, D,
-                               kept_ranges(tile_record(keep, keep_base, pair, q_rank[t + g0 / BQ])) + 2 * (g0 % BQ));
+            for (int g0 = 0; g0 < rows; g0 += 32) {{
+              const int16_t* rng = kept_ranges(tile_record(keep, keep_base, pair, q_rank[t + g0 / BQ])) + 2 * (g0 % BQ);
+              products_kept_bf<1>(min_of(32, rows - g0), d, ds.data() + g0 * SW, SW, BKV, k_pairs + packed,
+                                  dq_mine + (base + g0) * D, D, nullptr, &rng, 1);
+            }}
           }} else if (rows16 == rows) {{
             dq_products(dq_mine + base * D);
           }} else {{  // tile stores write 16 rows: accumulate into a scratch block, then add the real rows
