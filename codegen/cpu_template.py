@@ -366,8 +366,9 @@ typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  
 constexpr int MR = VW == 16 ? 12 : 6, NR = 2 * VW;
 
 // C[M x NR] (op)= A . B over a shared dimension of n, with A(i, j) = a[i * ai + j * aj] and B's row j
-// at b + j * ldb. MODE 0 stores, 1 accumulates, 2 rescales C's row i by alpha[i] first (online softmax).
-template <int M, int MODE>
+// at b + j * ldb. MODE 0 stores, 1 accumulates, 2 rescales C's row i by alpha[i] first (online softmax). V = 1:
+// only the first NR / 2 columns (one vector per row).
+template <int M, int MODE, int V = 2>
 inline void micro(int n, const float* a, int64_t ai, int64_t aj, const float* b, int64_t ldb, float* c, int64_t ldc,
                   const float* alpha) {{
   // the loops over rows unrolled by pragma, early enough that c0 and c1 become registers: left to gcc 12, they stay
@@ -377,43 +378,48 @@ inline void micro(int n, const float* a, int64_t ai, int64_t aj, const float* b,
   #pragma GCC unroll 16
   for (int i = 0; i < M; ++i) c0[i] = c1[i] = vf{{}};
   for (int j = 0; j < n; ++j) {{
-    const vf b0 = *(const vfu*)(b + j * ldb), b1 = *(const vfu*)(b + j * ldb + VW);
+    const vf b0 = *(const vfu*)(b + j * ldb), b1 = V == 2 ? *(const vfu*)(b + j * ldb + VW) : b0;
     #pragma GCC unroll 16
     for (int i = 0; i < M; ++i) {{
       const float x = a[i * ai + j * aj];
       c0[i] += x * b0;
-      c1[i] += x * b1;
+      if constexpr (V == 2) c1[i] += x * b1;
     }}
   }}
   #pragma GCC unroll 16
   for (int i = 0; i < M; ++i) {{
     vfu* out0 = (vfu*)(c + i * ldc);
     vfu* out1 = (vfu*)(c + i * ldc + VW);
-    if (MODE == 0) {{ *out0 = c0[i]; *out1 = c1[i]; }}
-    if (MODE == 1) {{ *out0 += c0[i]; *out1 += c1[i]; }}
-    if (MODE == 2) {{ *out0 = *out0 * alpha[i] + c0[i]; *out1 = *out1 * alpha[i] + c1[i]; }}
+    if (MODE == 0) *out0 = c0[i];
+    if (MODE == 1) *out0 += c0[i];
+    if (MODE == 2) *out0 = *out0 * alpha[i] + c0[i];
+    if constexpr (V == 2) {{
+      if (MODE == 0) *out1 = c1[i];
+      if (MODE == 1) *out1 += c1[i];
+      if (MODE == 2) *out1 = *out1 * alpha[i] + c1[i];
+    }}
   }}
 }}
 
-// micro<m, MODE> for a runtime m in 1..MR
-template <int MODE>
+// micro<m, MODE, V> for a runtime m in 1..MR
+template <int MODE, int V = 2>
 inline void micro_m(int m, int n, const float* a, int64_t ai, int64_t aj, const float* b, int64_t ldb, float* c,
                     int64_t ldc, const float* alpha) {{
   switch (m) {{
-    case 1: micro<1, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 2: micro<2, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 3: micro<3, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 4: micro<4, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 5: micro<5, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 1: micro<1, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 2: micro<2, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 3: micro<3, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 4: micro<4, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 5: micro<5, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
 #if defined(__AVX512F__)
-    case 6: micro<6, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 7: micro<7, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 8: micro<8, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 9: micro<9, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 10: micro<10, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
-    case 11: micro<11, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 6: micro<6, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 7: micro<7, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 8: micro<8, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 9: micro<9, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 10: micro<10, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    case 11: micro<11, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
 #endif
-    default: micro<MR, MODE>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
+    default: micro<MR, MODE, V>(n, a, ai, aj, b, ldb, c, ldc, alpha); break;
   }}
 }}
 
@@ -507,16 +513,25 @@ inline void kept_cols(const int16_t* rng, int i, int m, int& lo, int& hi, int ex
 }}
 
 // Scores S[rows x cols] = A . B of one partial tile (as gemm_micro<0>), skipping the NR-wide column panels
-// that no row of a register block keeps: those scores stay unset, and the keep bytes turn them into -inf
-// (forward) or 0 (backward) right after. rng: the rows' kept columns.
+// that no row of a register block keeps, and the half of a panel none keeps (2-D neighborhoods: a query's keys in
+// a grid row are one short run, which often lies in one half): those scores stay unset, and the keep bytes turn
+// them into -inf (forward) or 0 (backward) right after. rng: the rows' kept columns.
 inline void scores_kept(int rows, int cols, int n, const float* a, int64_t ai, const float* b, int64_t bc, int64_t ldb,
                         float* c, int64_t ldc, const int16_t* rng) {{
   for (int i = 0; i < rows; i += MR) {{
     const int m = min_of(MR, rows - i);
     int lo, hi;
     kept_cols(rng, i, m, lo, hi);
-    for (int x = lo / NR * NR; x < min_of(hi, cols); x += NR)
-      micro_m<0>(m, n, a + i * ai, ai, 1, b + x * bc, ldb, c + i * ldc + x, ldc, nullptr);
+    for (int x = lo / NR * NR; x < min_of(hi, cols); x += NR) {{
+      const float* bx = b + x * bc;
+      float* cx = c + i * ldc + x;
+      if (lo >= x + VW)  // the panel's kept keys all in its upper half, or all in its lower half: that half
+        micro_m<0, 1>(m, n, a + i * ai, ai, 1, bx + VW, ldb, cx + VW, ldc, nullptr);
+      else if (hi <= x + VW)
+        micro_m<0, 1>(m, n, a + i * ai, ai, 1, bx, ldb, cx, ldc, nullptr);
+      else
+        micro_m<0>(m, n, a + i * ai, ai, 1, bx, ldb, cx, ldc, nullptr);
+    }}
   }}
 }}
 
@@ -1135,8 +1150,9 @@ inline void softmax_rows_bf16(float* s, int ld, int rows, int cols, int pad, flo
 }}
 
 // C[M x NR] (op)= A . B over ``pairs`` bf16 pairs: A's row i pair r at a + i * ai + 2 * r, B's pair row r at
-// b + r * ldb (NR lanes x 2 bf16). MODE as micro(): 0 stores, 1 accumulates, 2 rescales row i by alpha[i].
-template <int M, int MODE>
+// b + r * ldb (NR lanes x 2 bf16). MODE as micro(): 0 stores, 1 accumulates, 2 rescales row i by alpha[i]. V = 1:
+// only the first NR / 2 columns (one vector per row; B's and C's upper halves start NR bf16s and NR / 2 floats on).
+template <int M, int MODE, int V = 2>
 inline void micro_bf(int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t ldb, float* c, int64_t ldc,
                      const float* alpha) {{
   __m512 c0[M], c1[M];
@@ -1144,49 +1160,52 @@ inline void micro_bf(int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, in
   for (int i = 0; i < M; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
   for (int r = 0; r < pairs; ++r) {{
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + r * ldb);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + r * ldb + 32);
+    const __m512bh b1 = V == 2 ? (__m512bh)_mm512_loadu_si512(b + r * ldb + 32) : b0;
     #pragma GCC unroll 16
     for (int i = 0; i < M; ++i) {{
       uint32_t w;
       std::memcpy(&w, a + i * ai + 2 * r, 4);
       const __m512bh x = (__m512bh)_mm512_set1_epi32((int)w);
       c0[i] = _mm512_dpbf16_ps(c0[i], x, b0);
-      c1[i] = _mm512_dpbf16_ps(c1[i], x, b1);
+      if constexpr (V == 2) c1[i] = _mm512_dpbf16_ps(c1[i], x, b1);
     }}
   }}
   #pragma GCC unroll 16
   for (int i = 0; i < M; ++i) {{
     float* o0 = c + i * ldc;
     float* o1 = o0 + 16;
-    if (MODE == 0) {{ _mm512_storeu_ps(o0, c0[i]); _mm512_storeu_ps(o1, c1[i]); }}
+    if (MODE == 0) {{
+      _mm512_storeu_ps(o0, c0[i]);
+      if constexpr (V == 2) _mm512_storeu_ps(o1, c1[i]);
+    }}
     if (MODE == 1) {{
       _mm512_storeu_ps(o0, _mm512_add_ps(_mm512_loadu_ps(o0), c0[i]));
-      _mm512_storeu_ps(o1, _mm512_add_ps(_mm512_loadu_ps(o1), c1[i]));
+      if constexpr (V == 2) _mm512_storeu_ps(o1, _mm512_add_ps(_mm512_loadu_ps(o1), c1[i]));
     }}
     if (MODE == 2) {{
       const __m512 s = _mm512_set1_ps(alpha[i]);
       _mm512_storeu_ps(o0, _mm512_fmadd_ps(_mm512_loadu_ps(o0), s, c0[i]));
-      _mm512_storeu_ps(o1, _mm512_fmadd_ps(_mm512_loadu_ps(o1), s, c1[i]));
+      if constexpr (V == 2) _mm512_storeu_ps(o1, _mm512_fmadd_ps(_mm512_loadu_ps(o1), s, c1[i]));
     }}
   }}
 }}
 
-template <int MODE>
+template <int MODE, int V = 2>
 inline void micro_bf_m(int m, int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t ldb, float* c,
                        int64_t ldc, const float* alpha) {{
   switch (m) {{
-    case 1: micro_bf<1, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 2: micro_bf<2, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 3: micro_bf<3, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 4: micro_bf<4, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 5: micro_bf<5, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 6: micro_bf<6, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 7: micro_bf<7, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 8: micro_bf<8, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 9: micro_bf<9, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 10: micro_bf<10, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 11: micro_bf<11, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    default: micro_bf<MR, MODE>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 1: micro_bf<1, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 2: micro_bf<2, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 3: micro_bf<3, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 4: micro_bf<4, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 5: micro_bf<5, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 6: micro_bf<6, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 7: micro_bf<7, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 8: micro_bf<8, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 9: micro_bf<9, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 10: micro_bf<10, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    case 11: micro_bf<11, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
+    default: micro_bf<MR, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
   }}
 }}
 
@@ -1218,15 +1237,24 @@ inline void gemm_bf_xo(int rows, int cols, int pairs, const bf16_t* a, int64_t a
 }}
 
 // Scores of one partial tile from bf16 pairs (as gemm_bf<0>), skipping the NR-wide column panels no row of a
-// register block keeps (their scores stay unset; the keep bytes make them -inf); rng: the rows' kept columns
+// register block keeps and the half of a panel none keeps, as scores_kept (their scores stay unset; the keep bytes
+// make them -inf); rng: the rows' kept columns
 inline void scores_kept_bf(int rows, int cols, int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t bc,
                            int64_t ldb, float* c, int64_t ldc, const int16_t* rng) {{
   for (int i = 0; i < rows; i += MR) {{
     const int m = min_of(MR, rows - i);
     int lo, hi;
     kept_cols(rng, i, m, lo, hi);
-    for (int x = lo / NR * NR; x < min_of(hi, cols); x += NR)
-      micro_bf_m<0>(m, pairs, a + i * ai, ai, b + x * bc, ldb, c + i * ldc + x, ldc, nullptr);
+    for (int x = lo / NR * NR; x < min_of(hi, cols); x += NR) {{
+      const bf16_t* bx = b + x * bc;
+      float* cx = c + i * ldc + x;
+      if (lo >= x + NR / 2)  // the panel's kept keys all in its upper half, or all in its lower half: that half
+        micro_bf_m<0, 1>(m, pairs, a + i * ai, ai, bx + NR, ldb, cx + NR / 2, ldc, nullptr);
+      else if (hi <= x + NR / 2)
+        micro_bf_m<0, 1>(m, pairs, a + i * ai, ai, bx, ldb, cx, ldc, nullptr);
+      else
+        micro_bf_m<0>(m, pairs, a + i * ai, ai, bx, ldb, cx, ldc, nullptr);
+    }}
   }}
 }}
 

@@ -292,6 +292,42 @@ def test_native_bf16_head_dims_ragged_rows_and_empty_rows(isa: str, head_dim: in
     torch.testing.assert_close(lse[:, :, 5:].double(), want_lse[:, :, 5:], atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("isa", "dtype"),
+    [*((isa, torch.bfloat16) for isa in _bf16_isas()), *((isa, torch.float32) for isa in _isas() if isa != "portable")],
+)
+def test_partial_tiles_scores_of_half_panels(isa: str, dtype: torch.dtype) -> None:
+    """Bands kv in [q - behind, q + ahead]: the kept keys of a register block of rows start and end at every offset
+    within a panel of NR keys, so that the partial tiles' scores, which take only the half of a panel where all its
+    kept keys lie (``scores_kept``, ``scores_kept_bf``), meet both halves' edges; the forward and backward (bf16:
+    native where the build has AVX512_BF16; fp32 on every vector build) against the float64 oracle on the same
+    values."""
+    from tests.numerics import oracle
+
+    S, D = 200, 64
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
+    for ahead, behind in [(1, 100), (5, 113), (2, 99), (7, 98), (3, 105), (12, 109)]:
+        spec = ac.AttentionSpec(num_heads=2, head_dim=D, mask=(ac.kv <= ac.q + ahead) & (ac.kv >= ac.q - behind))
+        g = torch.Generator().manual_seed(ahead)
+        q, k, v = (torch.randn(1, 2, S, D, generator=g).to(dtype) for _ in range(3))
+        w = torch.randn(1, 2, S, D, generator=g)
+        with config.override(cpu_isa=isa):
+            kern = ac.compile(spec, target="cpu")
+            if dtype == torch.bfloat16:
+                assert kern.cpu_kernel().native_bf16(D), kern.cpu_kernel().products(D)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = kern(*leaves)
+            (out.float() * w).sum().backward()
+        keep = torch.tensor([[-behind <= j - i <= ahead for j in range(S)] for i in range(S)]).expand(1, 2, S, S)
+        ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+        want, _ = oracle.attention(*ref_in, keep, D**-0.5)
+        (want * w.double()).sum().backward()
+        torch.testing.assert_close(out.double(), want.detach(), **tol)
+        grad_tol = {"atol": 6e-2, "rtol": 3e-2} if dtype == torch.bfloat16 else tol
+        for got, ref in zip(leaves, ref_in, strict=True):
+            torch.testing.assert_close(got.grad.double(), ref.grad, **grad_tol)
+
+
 @pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
 def test_native_bf16_running_max_that_moves_and_stays(isa: str) -> None:
     """The bf16 forward's softmax keeps a row's running max until a score exceeds it by more than 2^8 (one pass per
