@@ -299,6 +299,8 @@ def compile(
         return kern
     if pipeline is None:
         chosen = f"bq={tiles[0]},bkv={tiles[1]}" if tiles else f"target={resolved},n={representative_length(spec)}"
+        if not tiles and resolved == "cpu" and toolchain.bf16_register_blocks(cfg.cpu_isa):
+            chosen += ",register_blocks=1"  # the backward's tiles for AVX512_BF16 register blocks (no AMX)
         pipeline = DEFAULT_PIPELINE.format(tiles=chosen)
     text = pipeline
     result = run_pipeline(spec_to_ir(spec), parse_pipeline(text))

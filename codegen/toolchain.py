@@ -73,6 +73,14 @@ def isa_flags(isa: str) -> list[str]:
     return ["-mno-avx512f"] if isa == "avx2" else NO_AMX  # avx512: AVX-512 (and AVX512_BF16), AMX left out
 
 
+def bf16_register_blocks(isa: str) -> bool:
+    """Whether the cpu target's native bf16 backward, built for ``isa``, runs AVX512_BF16 register blocks (which skip
+    inside partial tiles) rather than AMX tiles: the CPU has AVX512_BF16, and AMX is absent or left out (``avx512``).
+    The cost model's backward tiles depend on it (``costmodel.backward_tiles``)."""
+    flags = cpu_flags()
+    return "avx512_bf16" in flags and (isa == "avx512" or (isa == "native" and "amx_bf16" not in flags))
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's instruction-set flags (/proc/cpuinfo), empty where unknown."""

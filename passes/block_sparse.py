@@ -74,6 +74,7 @@ class BlockSparse(Pass):
     n: int = 4096
     bwd_bq: int = 0
     bwd_bkv: int = 0
+    register_blocks: int = 0  # 1: the target's bf16 backward skips inside partial tiles (cpu without AMX)
 
     def __post_init__(self) -> None:
         """Tiles come in pairs of positive sizes (or both 0: the cost model's); a lone or negative one is an error
@@ -127,7 +128,9 @@ class BlockSparse(Pass):
         elif self.bq > 0 or in_blocks(op.mask):
             chosen = tiles
         else:
-            chosen = costmodel.backward_tiles(op.mask, self.target, tiles, int(op.q.shape[1]), self.n, values, runtime)
+            heads = int(op.q.shape[1])
+            blocks = bool(self.register_blocks)
+            chosen = costmodel.backward_tiles(op.mask, self.target, tiles, heads, self.n, values, runtime, blocks)
         return (0, 0) if chosen == tiles else chosen
 
     def _tile(self, op: AttentionOp, graph: Graph) -> TiledOp:

@@ -22,6 +22,7 @@ import sympy
 from attncc.analysis.blockmap import FULL, PARTIAL, BlockMap
 from attncc.errors import UnsupportedError
 from attncc.ir import exprs as X
+from attncc.ir.boxeval import Box, evaluate
 from attncc.spec import AttentionSpec
 
 if TYPE_CHECKING:
@@ -50,6 +51,17 @@ OVERHEAD_PER_D = {"cpu"}
 # `benchmarks/cpu_backward_tiles.py` times the choice against the forward's tiles (BENCHMARKS.md, issue 17).
 BACKWARD_CANDIDATES = {"cpu": [(32, 128), (32, 256)]}
 DQ_TRAFFIC = 25.6  # keys: 1.2x at bkv = 128, 1.1x at 256 (fitted to the causal and sliding-window runs above)
+# Where the native bf16 backward runs AVX512_BF16 register blocks instead (a CPU without AMX, or
+# ATTNCC_CPU_ISA=avx512), each block of RANGE_ROWS rows computes, in every tile, the keys of its rows' kept range,
+# rounded out to 16 (the half of a 32-key panel): a tile wide enough to span a gap in a row's keys computes the gap.
+# Measured 2026-12-03 on Zen 4 (4K, H=8, D=64 and 128): on the 2-D neighborhood (a query's keys are short runs one
+# grid row apart) the forward's 64 x 64 tiles ran the backward 1.15x faster than the model's 32 x 128 (range keys
+# 2.0M against 2.9M per map); on causal, prefix-LM, sliding-window and document masks, whose rows keep one run of
+# keys (the same range keys at every width), every candidate was within 0.97-1.04x of the others (32 x 256: 0.88x on
+# the sliding window). So there the backward keeps the forward's tiles when theirs hold RANGE_SLACK times fewer.
+RANGE_ROWS = 12
+RANGE_BLOCKS = 8  # blocks of rows sampled, spread over n (the mask evaluated at 96 x n points: ~30 ms at n = 4K)
+RANGE_SLACK = 1.1
 
 
 def representative_length(spec: AttentionSpec) -> int:
@@ -113,10 +125,13 @@ def backward_tiles(
     n: int = 4096,
     constants: dict[str, np.ndarray] | None = None,
     runtime: bool = False,
+    register_blocks: bool = False,
 ) -> tuple[int, int]:
     """The tiles ``target``'s backwards walk when the forward walks ``tiles`` (``tiles`` itself for a target
     without :data:`BACKWARD_CANDIDATES`): the candidate with the fewest computed keys weighted by
-    ``1 + DQ_TRAFFIC / bkv`` at ``n`` x ``n`` (arguments as :func:`choose_tiles`).
+    ``1 + DQ_TRAFFIC / bkv`` at ``n`` x ``n`` (arguments as :func:`choose_tiles`); ``register_blocks``: the bf16
+    backward runs register blocks that skip inside partial tiles (cpu without AMX), which keep the forward's tiles
+    where those hold :data:`RANGE_SLACK` times fewer keys in their rows' ranges.
 
     >>> import attncc as ac
     >>> from attncc.passes.normalize import boolean
@@ -126,6 +141,9 @@ def backward_tiles(
     ((32, 256), (128, 64))
     >>> backward_tiles(mask(ac.sliding_window(255)), "cpu", (64, 64), 8)  # 256-key tiles: 31% more keys
     (32, 128)
+    >>> nat = mask(ac.neighborhood((64, 64), (15, 15)))  # a query's keys: 15 runs of 15, one grid row apart
+    >>> backward_tiles(nat, "cpu", (64, 64), 8), backward_tiles(nat, "cpu", (64, 64), 8, register_blocks=True)
+    ((32, 128), (64, 64))
     """
     from attncc.analysis import tiling
 
@@ -144,7 +162,37 @@ def backward_tiles(
         cost = computed * bq * bkv * (1 + DQ_TRAFFIC / bkv)
         if cost < best_cost:
             best, best_cost = (bq, bkv), cost
+    if register_blocks and rec.bands is None:  # (a band's rows keep one run of keys: the same range at every width)
+        ours, theirs = _range_keys(rec, n, (best[1], tiles[1]), num_heads)
+        if theirs * RANGE_SLACK < ours:
+            return tiles
     return best
+
+
+def _range_keys(rec: tiling.Recipe, n: int, widths: Sequence[int], num_heads: int) -> list[float]:
+    """Keys x rows per map that register blocks of RANGE_ROWS rows compute at tiles of each of ``widths`` keys, each
+    block over the 16-rounded range of its rows' kept keys in every tile; estimated on RANGE_BLOCKS blocks spread over
+    ``n`` rows (the mask evaluated at those rows and every key, for up to 8 heads)."""
+    from attncc.analysis import tiling
+
+    hm = min(num_heads, 8) if rec.per_head else 1
+    qpos = ((np.arange(RANGE_BLOCKS) * (n // RANGE_BLOCKS))[:, None] + np.arange(RANGE_ROWS)[None, :]).reshape(-1)
+    q = qpos.astype(np.float64)[None, :, None]
+    kv = np.arange(n, dtype=np.float64)[None, None, :]
+    heads = np.arange(hm, dtype=np.float64)[:, None, None]
+    env = tiling.tile_env({X.Sq: Box.point(n), X.Skv: Box.point(n)}, q, q, kv, kv, heads, np.zeros((1, 1, 1)))
+    keep = np.broadcast_to(np.asarray(evaluate(rec.mask, env, rec.constants)[0]), (hm, qpos.size, n))
+    keys = []
+    for bkv in widths:
+        nkv = -(-n // bkv)
+        padded = np.zeros((hm, qpos.size, nkv * bkv), dtype=bool)
+        padded[..., :n] = keep
+        kept = np.any(padded.reshape(hm, RANGE_BLOCKS, RANGE_ROWS, nkv, bkv), axis=2)  # a block's keys per tile
+        first = kept.argmax(-1)
+        last = bkv - 1 - kept[..., ::-1].argmax(-1)
+        width = np.where(kept.any(-1), -(-(last + 1) // 16) * 16 - first // 16 * 16, 0)
+        keys.append(float(width.sum()) * n / RANGE_BLOCKS / hm)
+    return keys
 
 
 # ---- head placement (the head-shard pass and ac.shard_heads) ----------------------------------------------

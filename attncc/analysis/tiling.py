@@ -134,7 +134,7 @@ def _from_list(
     else:
         q0, k0 = qb * block[0], kb * block[1]
         q1, k1 = np.minimum(q0 + block[0], q_len) - 1.0, np.minimum(k0 + block[1], kv_len) - 1.0
-        env = _tile_env(sizes, q0.astype(np.float64), q1, k0.astype(np.float64), k1, hh.astype(np.float64),
+        env = tile_env(sizes, q0.astype(np.float64), q1, k0.astype(np.float64), k1, hh.astype(np.float64),
                         bb.astype(np.float64))  # fmt: skip
         may_t, may_f = (np.broadcast_to(a, kb.shape) for a in evaluate(rest, env, tables))
         cell = np.where(~may_t, EMPTY, np.where(~may_f, FULL, PARTIAL)).astype(np.int8)
@@ -385,9 +385,11 @@ def merge_ranges(ranges: np.ndarray) -> np.ndarray:
 
 
 # ---- classified -----------------------------------------------------------------------------
-def _tile_env(
+def tile_env(
     sizes: Env, lo_q: np.ndarray, hi_q: np.ndarray, lo_k: np.ndarray, hi_k: np.ndarray, hs: np.ndarray, bs: np.ndarray
 ) -> dict[sympy.Basic, Box]:
+    """The boxes of q in [lo_q, hi_q] and kv in [lo_k, hi_k] at heads ``hs`` and batch entries ``bs`` (arrays that
+    broadcast; points where lo == hi), with ``sizes``: the environment :func:`evaluate` reads a mask in."""
     return {**sizes, X.q: Box(lo_q, hi_q), X.kv: Box(lo_k, hi_k), X.h: Box.point(hs), X.b: Box.point(bs)}
 
 
@@ -407,7 +409,7 @@ def classify(
     nq, nkv = -(-q_len // bq), -(-kv_len // bkv)
     q0 = (np.arange(nq) * bq).astype(np.float64)
     k0 = (np.arange(nkv) * bkv).astype(np.float64)
-    env = _tile_env(
+    env = tile_env(
         sizes,
         q0[None, None, :, None],
         np.minimum(q0 + bq, q_len)[None, None, :, None] - 1,
@@ -446,7 +448,7 @@ def _refine(
         if owner.size > REFINE_BUDGET * n + 4096:
             break
         q_lo, q_hi, k_lo, k_hi = (b.astype(np.float64) for b in boxes)
-        env = _tile_env(sizes, q_lo, q_hi, k_lo, k_hi, hh[owner].astype(np.float64), bb[owner].astype(np.float64))
+        env = tile_env(sizes, q_lo, q_hi, k_lo, k_hi, hh[owner].astype(np.float64), bb[owner].astype(np.float64))
         may_t, may_f = (np.broadcast_to(a, owner.shape) for a in evaluate(mask, env, tables))
         has_t[owner[may_t & ~may_f]] = True
         has_f[owner[may_f & ~may_t]] = True

@@ -107,6 +107,32 @@ def test_backward_tiles_chosen_with_the_forward_ones_and_printed_only_when_they_
         tiled.replace(bwd_bq=32).verify()
 
 
+def test_backward_tiles_for_register_blocks_keep_the_forward_ones_where_rows_keep_gapped_keys() -> None:
+    """``register_blocks=1`` (the default pipeline's on a cpu whose bf16 backward runs AVX512_BF16 register blocks,
+    which compute each row block's range of kept keys in a tile): a 2-D neighborhood, whose 128-key tiles span the gap
+    between two grid rows' runs of keys, keeps the forward's 64 x 64 tiles; banded masks (one run per row) keep the
+    model's. The api adds the option exactly where ``toolchain.bf16_register_blocks`` says so."""
+    from attncc import config
+    from attncc.codegen import toolchain
+
+    blocks = "canonicalize,fuse,block-sparse{target=cpu,n=4096,register_blocks=1}"
+    tiles_only = "canonicalize,fuse,block-sparse{target=cpu,n=4096}"
+    nat = ac.AttentionSpec(num_heads=4, head_dim=64, mask=ac.neighborhood((64, 64), (15, 15)))
+    assert ac.compile(nat, target="cpu", pipeline=tiles_only).plan.backward_tiles == (32, 128)
+    kern = ac.compile(nat, target="cpu", pipeline=blocks)
+    assert kern.plan.backward_tiles == kern.plan.tiles == (64, 64)
+    for mask, want in ((ac.causal(), (32, 256)), (ac.sliding_window(255), (32, 128))):
+        spec = ac.AttentionSpec(num_heads=4, head_dim=64, mask=mask)
+        assert ac.compile(spec, target="cpu", pipeline=blocks).plan.backward_tiles == want
+    for isa in ("avx2", "avx512"):
+        if isa == "avx512" and "avx512f" not in toolchain.cpu_flags():
+            continue
+        with config.override(cpu_isa=isa):
+            pipeline = ac.compile(nat, target="cpu").pipeline
+        assert ("register_blocks=1" in pipeline) == toolchain.bf16_register_blocks(isa), (isa, pipeline)
+    assert not toolchain.bf16_register_blocks("avx2")
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
