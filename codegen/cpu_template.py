@@ -1152,24 +1152,27 @@ inline void softmax_rows_bf16(float* s, int ld, int rows, int cols, int pad, flo
 // C[M x NR] (op)= A . B over ``pairs`` bf16 pairs: A's row i pair r at a + i * ai + 2 * r, B's pair row r at
 // b + r * ldb (NR lanes x 2 bf16). MODE as micro(): 0 stores, 1 accumulates, 2 rescales row i by alpha[i]. V = 1:
 // only the first NR / 2 columns (one vector per row; B's and C's upper halves start NR bf16s and NR / 2 floats on).
+// micro_bf over the pairs [from[s], to[s]) of ``runs`` runs, one after another into the same accumulators (dV^T and
+// dK^T over the pending rows that reach a column block: a 2-D neighborhood's, one run per grid row of queries)
 template <int M, int MODE, int V = 2>
-inline void micro_bf(int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t ldb, float* c, int64_t ldc,
-                     const float* alpha) {{
+inline void micro_bf_runs(int runs, const int* from, const int* to, const bf16_t* a, int64_t ai, const bf16_t* b,
+                          int64_t ldb, float* c, int64_t ldc, const float* alpha) {{
   __m512 c0[M], c1[M];
   #pragma GCC unroll 16
   for (int i = 0; i < M; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
-  for (int r = 0; r < pairs; ++r) {{
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + r * ldb);
-    const __m512bh b1 = V == 2 ? (__m512bh)_mm512_loadu_si512(b + r * ldb + 32) : b0;
-    #pragma GCC unroll 16
-    for (int i = 0; i < M; ++i) {{
-      uint32_t w;
-      std::memcpy(&w, a + i * ai + 2 * r, 4);
-      const __m512bh x = (__m512bh)_mm512_set1_epi32((int)w);
-      c0[i] = _mm512_dpbf16_ps(c0[i], x, b0);
-      if constexpr (V == 2) c1[i] = _mm512_dpbf16_ps(c1[i], x, b1);
+  for (int run = 0; run < runs; ++run)
+    for (int r = from[run]; r < to[run]; ++r) {{
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + r * ldb);
+      const __m512bh b1 = V == 2 ? (__m512bh)_mm512_loadu_si512(b + r * ldb + 32) : b0;
+      #pragma GCC unroll 16
+      for (int i = 0; i < M; ++i) {{
+        uint32_t w;
+        std::memcpy(&w, a + i * ai + 2 * r, 4);
+        const __m512bh x = (__m512bh)_mm512_set1_epi32((int)w);
+        c0[i] = _mm512_dpbf16_ps(c0[i], x, b0);
+        if constexpr (V == 2) c1[i] = _mm512_dpbf16_ps(c1[i], x, b1);
+      }}
     }}
-  }}
   #pragma GCC unroll 16
   for (int i = 0; i < M; ++i) {{
     float* o0 = c + i * ldc;
@@ -1190,23 +1193,37 @@ inline void micro_bf(int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, in
   }}
 }}
 
+template <int M, int MODE, int V = 2>
+inline void micro_bf(int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t ldb, float* c, int64_t ldc,
+                     const float* alpha) {{
+  const int from = 0;
+  micro_bf_runs<M, MODE, V>(1, &from, &pairs, a, ai, b, ldb, c, ldc, alpha);
+}}
+
+template <int MODE, int V = 2>
+inline void micro_bf_runs_m(int m, int runs, const int* from, const int* to, const bf16_t* a, int64_t ai,
+                            const bf16_t* b, int64_t ldb, float* c, int64_t ldc, const float* alpha) {{
+  switch (m) {{
+    case 1: micro_bf_runs<1, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+    case 2: micro_bf_runs<2, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+    case 3: micro_bf_runs<3, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+    case 4: micro_bf_runs<4, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+    case 5: micro_bf_runs<5, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+    case 6: micro_bf_runs<6, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+    case 7: micro_bf_runs<7, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+    case 8: micro_bf_runs<8, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+    case 9: micro_bf_runs<9, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+    case 10: micro_bf_runs<10, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+    case 11: micro_bf_runs<11, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+    default: micro_bf_runs<MR, MODE, V>(runs, from, to, a, ai, b, ldb, c, ldc, alpha); break;
+  }}
+}}
+
 template <int MODE, int V = 2>
 inline void micro_bf_m(int m, int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t ldb, float* c,
                        int64_t ldc, const float* alpha) {{
-  switch (m) {{
-    case 1: micro_bf<1, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 2: micro_bf<2, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 3: micro_bf<3, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 4: micro_bf<4, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 5: micro_bf<5, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 6: micro_bf<6, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 7: micro_bf<7, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 8: micro_bf<8, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 9: micro_bf<9, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 10: micro_bf<10, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    case 11: micro_bf<11, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-    default: micro_bf<MR, MODE, V>(pairs, a, ai, b, ldb, c, ldc, alpha); break;
-  }}
+  const int from = 0;
+  micro_bf_runs_m<MODE, V>(m, 1, &from, &pairs, a, ai, b, ldb, c, ldc, alpha);
 }}
 
 // C[rows x cols] (op)= A . B over bf16 pairs, cols a multiple of NR; B's column block x starts at b + x * bc
@@ -1285,18 +1302,34 @@ inline void products_kept_bf(int rows, int d, const bf16_t* p, int64_t pw, int e
   }}
 }}
 
-// C[rows x cols] += A . B over bf16 pairs (as gemm_bf<1>) where B is zero outside rows [lo[u], hi[u]) (values of the
-// shared dimension) in column block u (NR wide): each block multiplies only those pairs (dV^T += dO^T P and
-// dK^T += Q^T dS over the pending rows that keep some of the block's keys)
+// C[rows x cols] += A . B over bf16 pairs (as gemm_bf<1>) where B is zero, in column block u (NR wide), outside rows
+// [lo[u][g], hi[u][g]) of each 32-row group g < groups (rows of the shared dimension): each block multiplies only the
+// pairs of those rows, as runs (adjacent groups' ranges merged). dV^T += dO^T P and dK^T += Q^T dS over the pending
+// rows that keep some of the block's keys: one run where they are consecutive, one per grid row of queries on a 2-D
+// neighborhood (its keys' queries are runs a grid row apart)
+template <int G>
 inline void gemm_bf_cols(int rows, int cols, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t bc, int64_t ldb,
-                         float* c, int64_t ldc, const int* lo, const int* hi) {{
-  for (int i = 0; i < rows; i += MR)
-    for (int x = 0; x < cols; x += NR) {{
-      const int p0 = lo[x / NR] / 2, p1 = (hi[x / NR] + 1) / 2;
-      if (p1 > p0)
-        micro_bf_m<1>(min_of(MR, rows - i), p1 - p0, a + i * ai + 2 * p0, ai, b + p0 * ldb + x * bc, ldb,
-                      c + i * ldc + x, ldc, nullptr);
+                         float* c, int64_t ldc, const int (*lo)[G], const int (*hi)[G], int groups) {{
+  int from[BKV / NR][G], to[BKV / NR][G], runs[BKV / NR];
+  for (int u = 0; u < cols / NR; ++u) {{
+    runs[u] = 0;
+    for (int g = 0; g < groups; ++g) {{
+      if (hi[u][g] <= lo[u][g]) continue;
+      const int p0 = lo[u][g] / 2, p1 = (hi[u][g] + 1) / 2, n = runs[u];
+      if (n && p0 <= to[u][n - 1]) {{
+        to[u][n - 1] = max_of(to[u][n - 1], p1);
+      }} else {{
+        from[u][n] = p0;
+        to[u][n] = p1;
+        runs[u] = n + 1;
+      }}
     }}
+  }}
+  for (int i = 0; i < rows; i += MR)
+    for (int x = 0; x < cols; x += NR)
+      if (runs[x / NR])
+        micro_bf_runs_m<1>(min_of(MR, rows - i), runs[x / NR], from[x / NR], to[x / NR], a + i * ai, ai, b + x * bc,
+                           ldb, c + i * ldc + x, ldc, nullptr);
 }}
 
 // ---- few query rows per key (decoding): no packing; K and V read in place ----
@@ -2228,9 +2261,11 @@ extern "C" int attncc_backward_bf16(
         int pend = 0;
         // vdpbf16ps products: the pending rows [reach_lo[u], reach_hi[u]) that keep some key of column block u (NR
         // keys); dV^T and dK^T take only those (P and dS are zero in the others: a partial tile's rows keep a part)
-        int reach_lo[BKV / NR], reach_hi[BKV / NR];
+        // (per 32-row group of the pending rows: a 2-D neighborhood's column block is reached by runs of rows)
+        int reach_lo[BKV / NR][PEND / 32], reach_hi[BKV / NR][PEND / 32];
         const auto reach_none = [&]() {{
-          for (int u = 0; u < BKV / NR; ++u) {{ reach_lo[u] = PEND + 32; reach_hi[u] = 0; }}
+          for (int u = 0; u < BKV / NR; ++u)
+            for (int g = 0; g < PEND / 32; ++g) {{ reach_lo[u][g] = PEND + 32; reach_hi[u][g] = 0; }}
         }};
         reach_none();
         const auto flush = [&]() {{
@@ -2246,8 +2281,9 @@ extern "C" int attncc_backward_bf16(
               amx_gemm(d, cols32, pend, q_t + at_t, st, dsp_lo.data(), 2 * JW, dk_t.data(), LDT);
             }}
           }} else {{
-            gemm_bf_cols(d, cols32, do_t + at_t, st, pp.data(), 2, 2 * JW, dv_t.data(), LDT, reach_lo, reach_hi);
-            gemm_bf_cols(d, cols32, q_t + at_t, st, dsp.data(), 2, 2 * JW, dk_t.data(), LDT, reach_lo, reach_hi);
+            const int gs = pend / 32;
+            gemm_bf_cols(d, cols32, do_t + at_t, st, pp.data(), 2, 2 * JW, dv_t.data(), LDT, reach_lo, reach_hi, gs);
+            gemm_bf_cols(d, cols32, q_t + at_t, st, dsp.data(), 2, 2 * JW, dk_t.data(), LDT, reach_lo, reach_hi, gs);
             reach_none();
           }}
           pend = 0;
@@ -2297,14 +2333,15 @@ extern "C" int attncc_backward_bf16(
                 : kept_ranges(tile_record(keep, keep_base, pair, q_rank[t + g0 / BQ])) + 2 * (g0 % BQ);
             if (!tiles && !rng) {{  // every row of a full tile reaches every column block
               for (int u = 0; u < cols32 / NR; ++u) {{
-                reach_lo[u] = min_of(reach_lo[u], pend + g0);
-                reach_hi[u] = max_of(reach_hi[u], pend + g0 + n);
+                reach_lo[u][(pend + g0) / 32] = pend + g0;
+                reach_hi[u][(pend + g0) / 32] = pend + g0 + n;
               }}
             }} else if (!tiles) {{
+              const int grp = (pend + g0) / 32;  // (pend and g0 are multiples of 32)
               for (int i = 0; i < n; ++i)
                 for (int u = rng[2 * i] / NR; u < (rng[2 * i + 1] + NR - 1) / NR; ++u) {{
-                  reach_lo[u] = min_of(reach_lo[u], pend + g0 + i);
-                  reach_hi[u] = max_of(reach_hi[u], pend + g0 + i + 1);
+                  reach_lo[u][grp] = min_of(reach_lo[u][grp], pend + g0 + i);
+                  reach_hi[u][grp] = max_of(reach_hi[u][grp], pend + g0 + i + 1);
                 }}
             }}
             if (tiles) {{

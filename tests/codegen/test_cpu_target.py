@@ -329,6 +329,33 @@ def test_partial_tiles_scores_of_half_panels(isa: str, dtype: torch.dtype) -> No
 
 
 @pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
+def test_native_bf16_backward_over_gapped_reaches(isa: str) -> None:
+    """A 2-D neighborhood on an 8 x 64 grid at 64 x 64 tiles: the queries that keep a 32-key column block of a key
+    tile are one run per grid row, 26 rows apart, so that dV^T and dK^T, which multiply only the pending rows that
+    reach a column block (``gemm_bf_cols``'s runs per 32-row group), take several runs per block; against the
+    float64 oracle on the same bf16 values."""
+    from tests.numerics import oracle
+
+    rows, cols, D = 8, 64, 64
+    S = rows * cols
+    spec = ac.AttentionSpec(num_heads=2, head_dim=D, mask=ac.neighborhood((rows, cols), (3, 7)))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, S, D, generator=g).bfloat16() for _ in range(3))
+    w = torch.randn(1, 2, S, D, generator=g)
+    with config.override(cpu_isa=isa):
+        kern = ac.compile(spec, target="cpu", tiles=(64, 64))
+        assert kern.plan.backward_tiles == (64, 64)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        (kern(*leaves).float() * w).sum().backward()
+    keep = oracle.dense(oracle.neighborhood((rows, cols), (3, 7), (1, 1), (False, False)), 1, 2, S, S)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want, _ = oracle.attention(*ref_in, keep, D**-0.5)
+    (want * w.double()).sum().backward()
+    for got, ref in zip(leaves, ref_in, strict=True):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=6e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("isa", _bf16_isas() or [pytest.param("avx512", marks=pytest.mark.skip("no AVX512_BF16"))])
 def test_native_bf16_running_max_that_moves_and_stays(isa: str) -> None:
     """The bf16 forward's softmax keeps a row's running max until a score exceeds it by more than 2^8 (one pass per
     row, no rescale); a row whose scores climb across the kv tiles redoes the tile with the new max. Rows climbing
