@@ -60,7 +60,7 @@ DQ_TRAFFIC = 25.6  # keys: 1.2x at bkv = 128, 1.1x at 256 (fitted to the causal 
 # keys (the same range keys at every width), every candidate was within 0.97-1.04x of the others (32 x 256: 0.88x on
 # the sliding window). So there the backward keeps the forward's tiles when theirs hold RANGE_SLACK times fewer.
 RANGE_ROWS = 12
-RANGE_BLOCKS = 8  # blocks of rows sampled, spread over n (the mask evaluated at 96 x n points: ~30 ms at n = 4K)
+RANGE_POINTS = 96 * 4096  # the mask evaluated at about this many points (~30 ms): 8 blocks of rows at n = 4K, 1 at 32K
 RANGE_SLACK = 1.1
 
 
@@ -171,12 +171,14 @@ def backward_tiles(
 
 def _range_keys(rec: tiling.Recipe, n: int, widths: Sequence[int], num_heads: int) -> list[float]:
     """Keys x rows per map that register blocks of RANGE_ROWS rows compute at tiles of each of ``widths`` keys, each
-    block over the 16-rounded range of its rows' kept keys in every tile; estimated on RANGE_BLOCKS blocks spread over
-    ``n`` rows (the mask evaluated at those rows and every key, for up to 8 heads)."""
+    block over the 16-rounded range of its rows' kept keys in every tile; estimated on blocks spread over ``n`` rows,
+    as many as RANGE_POINTS allows (the mask evaluated at those rows and every key, for up to 8 heads)."""
     from attncc.analysis import tiling
 
     hm = min(num_heads, 8) if rec.per_head else 1
-    qpos = ((np.arange(RANGE_BLOCKS) * (n // RANGE_BLOCKS))[:, None] + np.arange(RANGE_ROWS)[None, :]).reshape(-1)
+    blocks = min(8, max(1, RANGE_POINTS // (RANGE_ROWS * n * hm)), max(1, n // RANGE_ROWS))
+    starts = ((np.arange(blocks) + 0.5) * (n / blocks)).astype(np.int64) // RANGE_ROWS * RANGE_ROWS
+    qpos = np.minimum(starts[:, None] + np.arange(RANGE_ROWS)[None, :], n - 1).reshape(-1)
     q = qpos.astype(np.float64)[None, :, None]
     kv = np.arange(n, dtype=np.float64)[None, None, :]
     heads = np.arange(hm, dtype=np.float64)[:, None, None]
@@ -187,11 +189,11 @@ def _range_keys(rec: tiling.Recipe, n: int, widths: Sequence[int], num_heads: in
         nkv = -(-n // bkv)
         padded = np.zeros((hm, qpos.size, nkv * bkv), dtype=bool)
         padded[..., :n] = keep
-        kept = np.any(padded.reshape(hm, RANGE_BLOCKS, RANGE_ROWS, nkv, bkv), axis=2)  # a block's keys per tile
+        kept = np.any(padded.reshape(hm, blocks, RANGE_ROWS, nkv, bkv), axis=2)  # a block's keys per tile
         first = kept.argmax(-1)
         last = bkv - 1 - kept[..., ::-1].argmax(-1)
         width = np.where(kept.any(-1), -(-(last + 1) // 16) * 16 - first // 16 * 16, 0)
-        keys.append(float(width.sum()) * n / RANGE_BLOCKS / hm)
+        keys.append(float(width.sum()) * n / blocks / hm)
     return keys
 
 
