@@ -1149,11 +1149,11 @@ inline void softmax_rows_bf16(float* s, int ld, int rows, int cols, int pad, flo
   else softmax_step(s, ld, rows, cols, sc, m, l, alpha, ToBf16<false>{{cols, pad, p, pw, nullptr}});
 }}
 
-// C[M x NR] (op)= A . B over ``pairs`` bf16 pairs: A's row i pair r at a + i * ai + 2 * r, B's pair row r at
-// b + r * ldb (NR lanes x 2 bf16). MODE as micro(): 0 stores, 1 accumulates, 2 rescales row i by alpha[i]. V = 1:
-// only the first NR / 2 columns (one vector per row; B's and C's upper halves start NR bf16s and NR / 2 floats on).
-// micro_bf over the pairs [from[s], to[s]) of ``runs`` runs, one after another into the same accumulators (dV^T and
-// dK^T over the pending rows that reach a column block: a 2-D neighborhood's, one run per grid row of queries)
+// C[M x NR] (op)= A . B over the bf16 pairs [from[s], to[s]) of ``runs`` runs, one after another into the same
+// accumulators (dV^T and dK^T over the pending rows that reach a column block: on a 2-D neighborhood, one run per grid
+// row of queries): A's row i pair r at a + i * ai + 2 * r, B's pair row r at b + r * ldb (NR lanes x 2 bf16). MODE as
+// micro(): 0 stores, 1 accumulates, 2 rescales row i by alpha[i]. V = 1: only the first NR / 2 columns (one vector
+// per row; B's and C's upper halves start NR bf16s and NR / 2 floats on).
 template <int M, int MODE, int V = 2>
 inline void micro_bf_runs(int runs, const int* from, const int* to, const bf16_t* a, int64_t ai, const bf16_t* b,
                           int64_t ldb, float* c, int64_t ldc, const float* alpha) {{
@@ -1193,6 +1193,7 @@ inline void micro_bf_runs(int runs, const int* from, const int* to, const bf16_t
   }}
 }}
 
+// micro_bf_runs over the pairs [0, pairs)
 template <int M, int MODE, int V = 2>
 inline void micro_bf(int pairs, const bf16_t* a, int64_t ai, const bf16_t* b, int64_t ldb, float* c, int64_t ldc,
                      const float* alpha) {{
@@ -2259,9 +2260,9 @@ extern "C" int attncc_backward_bf16(
         // gather in pp and dsp from row pend_q0 on; flushed at a gap, when full, and at the head's end
         int64_t pend_q0 = 0;
         int pend = 0;
-        // vdpbf16ps products: the pending rows [reach_lo[u], reach_hi[u]) that keep some key of column block u (NR
-        // keys); dV^T and dK^T take only those (P and dS are zero in the others: a partial tile's rows keep a part)
-        // (per 32-row group of the pending rows: a 2-D neighborhood's column block is reached by runs of rows)
+        // vdpbf16ps products: in each 32-row group g of the pending rows, the rows [reach_lo[u][g], reach_hi[u][g])
+        // that keep some key of column block u (NR keys); dV^T and dK^T take only those (P and dS are zero in the
+        // others: a partial tile's rows keep a part; a 2-D neighborhood's column block is reached by runs of rows)
         int reach_lo[BKV / NR][PEND / 32], reach_hi[BKV / NR][PEND / 32];
         const auto reach_none = [&]() {{
           for (int u = 0; u < BKV / NR; ++u)
@@ -2331,13 +2332,13 @@ extern "C" int attncc_backward_bf16(
             // a partial tile: only the 32-key chunks its rows keep (the others stay unset: the keep bytes mask them)
             const int16_t* rng = full ? nullptr
                 : kept_ranges(tile_record(keep, keep_base, pair, q_rank[t + g0 / BQ])) + 2 * (g0 % BQ);
+            const int grp = (pend + g0) / 32;  // (pend and g0 are multiples of 32)
             if (!tiles && !rng) {{  // every row of a full tile reaches every column block
               for (int u = 0; u < cols32 / NR; ++u) {{
-                reach_lo[u][(pend + g0) / 32] = pend + g0;
-                reach_hi[u][(pend + g0) / 32] = pend + g0 + n;
+                reach_lo[u][grp] = pend + g0;
+                reach_hi[u][grp] = pend + g0 + n;
               }}
             }} else if (!tiles) {{
-              const int grp = (pend + g0) / 32;  // (pend and g0 are multiples of 32)
               for (int i = 0; i < n; ++i)
                 for (int u = rng[2 * i] / NR; u < (rng[2 * i + 1] + NR - 1) / NR; ++u) {{
                   reach_lo[u][grp] = min_of(reach_lo[u][grp], pend + g0 + i);

@@ -135,7 +135,7 @@ def _from_list(
         q0, k0 = qb * block[0], kb * block[1]
         q1, k1 = np.minimum(q0 + block[0], q_len) - 1.0, np.minimum(k0 + block[1], kv_len) - 1.0
         env = tile_env(sizes, q0.astype(np.float64), q1, k0.astype(np.float64), k1, hh.astype(np.float64),
-                        bb.astype(np.float64))  # fmt: skip
+                       bb.astype(np.float64))  # fmt: skip
         may_t, may_f = (np.broadcast_to(a, kb.shape) for a in evaluate(rest, env, tables))
         cell = np.where(~may_t, EMPTY, np.where(~may_f, FULL, PARTIAL)).astype(np.int8)
         undecided = np.flatnonzero(may_t & may_f)
