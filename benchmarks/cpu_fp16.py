@@ -1,6 +1,7 @@
-"""fp16 inputs on the cpu target: the native forward (AMX tiles on exact bf16 splits, ``CpuKernel.forward_fp16``)
-against the same kernel's fp32 path on upcast copies, attncc bf16, SDPA fp16 and FlexAttention fp16, side by side in
-one process; and the accuracy of both attncc fp16 paths against float64.
+"""fp16 inputs on the cpu target: the native path (AMX tiles on exact bf16 splits, ``CpuKernel.forward_fp16``, where
+the CPU has AMX; else the fp32 kernels reading and writing fp16 through F16C, ``CpuKernel.f16c_forward``) against the
+same kernel's fp32 path on upcast copies, attncc bf16, SDPA fp16 and FlexAttention fp16, side by side in one process;
+and the accuracy of both attncc fp16 paths against float64.
 
     python benchmarks/cpu_fp16.py                                    # 4K, H=8, D=64/128, causal and sliding window
     python benchmarks/cpu_fp16.py --masks causal document --head-dims 32 64 128
@@ -10,8 +11,8 @@ one process; and the accuracy of both attncc fp16 paths against float64.
 backward), so the two differ only in how the products run. Times are the best of ``--reps`` rounds that call every
 contender once (``cpu.interleaved``); a backward is timed alone, on a retained graph. Errors: max and mean
 |x - x64| of the fp16 outputs (``--backward``: of dq, dk and dv together) over the float64 reference on the same fp16
-inputs (the first head, a one-head spec of its own). Needs AMX tiles (elsewhere both attncc columns run the fp32
-path).
+inputs (the first head, a one-head spec of its own). Without AMX the native column is the F16C path: the same fp32
+products, so the speedup is what the upcast copies cost (and the errors agree up to o's rounding).
 """
 
 from __future__ import annotations
@@ -121,7 +122,10 @@ def kernels(name: str, n: int, heads: int, d: int) -> tuple[ac.Kernel, ac.Kernel
         for tag in ("fp16_native", "fp16_upcast")
     )
     native, upcast = (ac.compile(spec, target="cpu") for spec in specs)
-    upcast.cpu_kernel().native_fp16 = lambda *_: False  # type: ignore[method-assign]  # (so the backward is fp32 too)
+    executable = upcast.executable("cpu")
+    for kern in {executable.kernel, executable.backward_kernel}:  # (the backward's tiles may be a kernel of their own)
+        kern.native_fp16 = lambda *_: False  # (so the backward is fp32 too)
+        kern.has_f16c = False  # no F16C paths either: fp32 on upcast copies
     return native, upcast
 
 

@@ -5,7 +5,9 @@
 
 The new rows sit at the end of the keys (``causal(align="bottom_right")``; for Sq=1 every key is visible).
 SDPA: ``scaled_dot_product_attention(..., enable_gqa=True)`` with ``is_causal=False`` for one row, else a
-bottom-right boolean mask. Best of ``--reps`` rounds, each round calling both once.
+bottom-right boolean mask. Best of ``--reps`` rounds, each round calling every contender once. For fp16 and bf16
+rows, "via fp32 copies" is the same kernel called on fp32 copies of q, k and v with its output cast back: what a
+half-precision call costs where no native path takes it (``--dtypes float16``: the F16C path against it).
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from attncc.plan import TileLists
 def contenders(
     kern: ac.Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> dict[str, Callable[[], object]]:
-    return {
+    found = {
         "attncc": lambda: kern(q, k, v),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
     }
+    if q.dtype != torch.float32:
+        found["upcast"] = lambda: kern(q.float(), k.float(), v.float()).to(q.dtype)
+    return found
 
 
 def main() -> None:
@@ -46,8 +51,8 @@ def main() -> None:
     kern = ac.compile(spec, target="cpu")
     print(f"# B=1 H={H} Hkv={Hkv} D={D}; torch {torch.__version__}; {platform.machine()}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    print("| dtype | Sq | Skv | kv splits | attncc ms | SDPA ms | SDPA/attncc |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dtype | Sq | Skv | kv splits | attncc ms | SDPA ms | SDPA/attncc | via fp32 copies ms | copies/attncc |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for dt in args.dtypes:
         for skv in args.kv_lens:
             for sq in args.q_lens:
@@ -59,9 +64,10 @@ def main() -> None:
                 cpu = kern.cpu_kernel()
                 lists = TileLists.of(kern.block_map(sq, skv))
                 splits = cpu.kv_splits(q, k, lists, torch.get_num_threads())
+                up = f"{t['upcast'] * 1e3:.2f} | {t['upcast'] / t['attncc']:.2f}x" if "upcast" in t else "- | -"
                 print(
                     f"| {dt} | {sq} | {skv} | {splits} | {t['attncc'] * 1e3:.2f} | {t['sdpa'] * 1e3:.2f} | "
-                    f"{t['sdpa'] / t['attncc']:.2f}x |"
+                    f"{t['sdpa'] / t['attncc']:.2f}x | {up} |"
                 )
 
 

@@ -1,9 +1,11 @@
 """The cpu target: render the C++ template from the tiled IR, build it, call it through ctypes.
 
 Runtime tensors are passed as int64 (int and bool tensors) or float32 (float tensors);
-q, k, v run in float32 (fp16 inputs, and bf16 ones where the build lacks AVX512_BF16 or RoPE is applied,
-are upcast once, O(S * D), and the output cast back); bf16 inputs otherwise run the native bf16 forward
-(``CpuKernel.native_bf16``) and the native bf16 backward (``CpuKernel.backward_bf16``).
+q, k, v run in float32; bf16 inputs run the native bf16 forward (``CpuKernel.native_bf16``) and the native bf16
+backward (``CpuKernel.backward_bf16``) where the build has AVX512_BF16; fp16 inputs run on AMX tiles as exact bf16
+splits (``CpuKernel.native_fp16``) where the build has AMX, else the fp32 kernels read and write them as fp16,
+widened by F16C as they are loaded (``CpuKernel.f16c_forward``, ``CpuKernel.f16c_backward``); what fits none of
+these (no F16C, RoPE, a head dim off the micro-kernels) is upcast once, O(S * D), and the output cast back.
 """
 
 from __future__ import annotations
@@ -222,13 +224,16 @@ class CpuKernel:
         self.hooks = self.lib.attncc_hooks()  # the spec's score-mod code, called by the runtime
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
         tail: list[Any] = [_P] * 9 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, _I, _P]
-        self.runtime.attncc_forward.argtypes = [_P] * 5 + common + tail + [_P, ctypes.c_int]
-        self.runtime.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P, ctypes.c_int, _P, _P, _I, _P]
+        self.runtime.attncc_forward.argtypes = [_P] * 5 + common + tail + [_P, ctypes.c_int, ctypes.c_int]
+        self.runtime.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P, ctypes.c_int, _P, _P, _I, _P,
+                                                                             ctypes.c_int]  # fmt: skip
         self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         for fn in (self.runtime.attncc_forward, self.runtime.attncc_backward, self.lib.attncc_masks):
             fn.restype = ctypes.c_int
         self.runtime.attncc_vector_lanes.restype = ctypes.c_int
         self.lanes = int(self.runtime.attncc_vector_lanes())
+        self.runtime.attncc_f16c.restype = ctypes.c_int
+        self.has_f16c = bool(self.lanes and self.runtime.attncc_f16c())  # fp16 read and written by the fp32 kernels
         self.runtime.attncc_bf16.restype = ctypes.c_int
         self.has_bf16 = bool(self.runtime.attncc_bf16())  # AVX512_BF16 products in this build
         self.runtime.attncc_amx.restype = ctypes.c_int
@@ -279,6 +284,8 @@ class CpuKernel:
             bf16 = f"; bf16 inputs: AVX512_BF16 dot products, {backward}, fp32 accumulation"
         else:
             bf16 = ""
+        if self.has_f16c and not (self.has_amx and self.bq % 16 == 0):
+            bf16 += "; fp16 inputs: read and written as fp16 (F16C), fp32 products"
         return f"micro-kernels: register blocks {width} columns wide ({self.lanes}-lane FMA vectors){bf16}"
 
     def native_bf16(self, head_dim: int, rope: bool = False) -> bool:
@@ -293,8 +300,12 @@ class CpuKernel:
         if key in self._upcast_told:
             return
         self._upcast_told.add(key)
-        if dtype == torch.float16 and not self.has_amx:
-            why = "fp16 products run on AMX tiles, which this build has none of (the backward keeps the fp16 inputs)"
+        if dtype == torch.float16 and not self.has_f16c:
+            why = "this build has no F16C conversions (and no AMX tiles)"
+        elif dtype == torch.float16 and rope:
+            why = "RoPE specs rotate q and k in fp32"
+        elif dtype == torch.float16 and not self.has_amx:
+            why = f"head_dim {head_dim} does not fit the micro-kernels ({self.products(head_dim)})"
         elif dtype == torch.float16 and self.native_fp16(head_dim, rope):  # (it was tried and declined)
             why = "the OS did not grant this thread AMX tiles"
         elif dtype == torch.float16 and self.bq % 16:
@@ -320,6 +331,32 @@ class CpuKernel:
         if lse is None:
             raise LoweringError(f"{self.runtime_path.name} has no bf16 products for head_dim {D}")
         return o, lse
+
+    def f16c_forward(self, head_dim: int, rows: int, rope: bool = False) -> bool:
+        """Whether the fp32 forward takes fp16 q, k, v as they are (``forward(..., half=True)``: each task's q rows,
+        K's panels and V widened to fp32 by F16C; o comes out fp32, kept for the backward's delta, and the caller
+        rounds it once to fp16) rather than upcast copies: the build has
+        F16C and FMA vectors, no RoPE, and the head dim fits the micro-kernels, or ``rows`` (query rows per key,
+        Sq x query heads per kv head) are few enough that K and V are read in place (decoding).
+
+        >>> import attncc as ac, torch
+        >>> kern = ac.compile(ac.AttentionSpec(num_heads=4, num_kv_heads=1, head_dim=64), target="cpu")
+        >>> q, k, v = torch.randn(1, 4, 1, 64).half(), torch.randn(1, 1, 4096, 64).half(), torch.randn(1, 1, 4096, 64)
+        >>> o = kern(q, k, v.half())  # one-token decoding on an fp16 cache: read in place where F16C exists
+        >>> o.dtype, torch.allclose(o.float(), ac.compile(kern.spec, target="reference")(q, k, v.half()).float(),
+        ...                         atol=2e-3)
+        (torch.float16, True)
+        """
+        if not self.has_f16c or rope or head_dim % self.lanes:
+            return False
+        return self.products(head_dim).startswith("micro") or rows < PACK_ROWS
+
+    def f16c_backward(self, head_dim: int, rope: bool = False) -> bool:
+        """Whether the fp32 backward takes fp16 q, k, v and dO as they are (o: the forward's fp32 one;
+        ``backward(..., half=True)``: K and V
+        widened as they are packed, each kv block's K rows and each run's q and dO rows into local fp32 tiles, dq,
+        dk and dv rounded once to fp16): F16C, no RoPE, and the head dim fits the micro-kernels."""
+        return self.has_f16c and not rope and self.products(head_dim).startswith("micro")
 
     def native_fp16(self, head_dim: int, rope: bool = False) -> bool:
         """Whether fp16 inputs run on AMX tiles as exact bf16 splits (``forward_fp16``) rather than fp32 on upcast
@@ -446,13 +483,15 @@ class CpuKernel:
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
         tables: RopeTables = None,
+        half: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """o (float32) and lse of contiguous float32 q, k, v, or of fp16 ones with ``half`` (see ``f16c_forward``)."""
         B, H, Sq, D = q.shape
         heads = head_index(H, k.shape[1], tensors.get(self.head_table))
         Hkv, Skv = k.shape[1], k.shape[2]
         self._tell(D)
-        packed = self._packed(k, Sq * H // Hkv)
-        o = torch.empty_like(q)
+        packed = self._packed(k, Sq * H // Hkv) * (2 if half else 1)  # (fp16: V widened after K's panels)
+        o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
         code = self.runtime.attncc_forward(
@@ -486,6 +525,7 @@ class CpuKernel:
             workspace(packed) if packed else None,
             self.hooks,
             self.kv_splits(q, k, lists, torch.get_num_threads()),
+            int(half),
         )
         self._check(code)
         return o, lse
@@ -532,6 +572,7 @@ class CpuKernel:
         tensors: dict[str, torch.Tensor],
         tables: RopeTables = None,
         want: Sequence[str] = (),
+        half: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """dq, dk, dv of float32 contiguous inputs (o and lse from ``forward``; dlse, the gradient of
         lse, may be None), and the float32 gradients of the tables named in ``want`` (a subset of
@@ -540,12 +581,13 @@ class CpuKernel:
         partials, packed K and V) lives in the calling thread's workspace; table gradients are summed
         from per-thread partials (``table_grad_floats`` of them). Under
         ``torch.use_deterministic_algorithms(True)`` dq is bitwise reproducible for a given thread count
-        (tasks go to threads round-robin instead of dynamically; dk, dv and the forward always are)."""
+        (tasks go to threads round-robin instead of dynamically; dk, dv and the forward always are).
+        ``half``: q, k, v and do are fp16 (o float32), and so are dq, dk and dv (see ``f16c_backward``)."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         heads = head_index(H, Hkv, tensors.get(self.head_table))
         threads = torch.get_num_threads()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # (fp16 with ``half``)
         packed = 2 * self._packed(k)
         scratch = whole_lines(threads * q.numel() + B * H * Sq)  # (the packed panels after it start on a line)
         work = workspace(scratch + packed)
@@ -591,6 +633,7 @@ class CpuKernel:
             _ptr(offsets),
             sum(sizes),
             self.hooks,
+            int(half),
         )
         self._check(code)
         return dq, dk, dv, self._table_grads(partials, sizes, offsets, tensors)
@@ -815,13 +858,20 @@ class CpuAttention(torch.autograd.Function):
             ctx.native = torch.bfloat16
         else:
             found = None
-            if dtype == torch.float16 and kern.native_fp16(q.shape[3], rope is not None):
+            _, H, Sq, D = q.shape
+            rows = Sq * H // k.shape[1]  # query rows per key: decoding reads an fp16 cache in place (F16C), unsplit
+            if dtype == torch.float16 and kern.native_fp16(D, rope is not None) and rows >= PACK_ROWS:
                 q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
                 found = kern.forward_fp16(q16, k16, v16, lists, keep, tensors)
             if found is not None:  # fp16 inputs and the fp32 o kept for the fp16 backward, on the same splits
                 o, lse = found
                 ctx.save_for_backward(q16, k16, v16, o, lse)
                 ctx.native = torch.float16
+            elif dtype == torch.float16 and kern.f16c_forward(D, rows, rope is not None):
+                q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
+                o, lse = kern.forward(q16, k16, v16, lists, keep, tensors, half=True)
+                ctx.save_for_backward(q16, k16, v16, o, lse)  # q, k, v as given (fp16: no fp32 copies); o fp32
+                ctx.native = None
             else:
                 if dtype in (torch.bfloat16, torch.float16):
                     kern.tell_upcast(dtype, q.shape[3], rope is not None)
@@ -851,11 +901,14 @@ class CpuAttention(torch.autograd.Function):
                 q16, k16, v16, o, do16, lse.contiguous(), dlsef, lists, keep, ctx.tensors, ctx.learn, fp16
             )
         if found is None:
-            qf, kf, vf, o, lse = (t.to(torch.float32).contiguous() for t in ctx.saved_tensors)
-            dof = do.to(torch.float32).contiguous()
             kern, lists, keep = ctx.fp32_parts()
+            half = ctx.dtype == torch.float16 and kern.f16c_backward(do.shape[3], ctx.rope is not None)
+            wide = torch.float16 if half else torch.float32  # (fp16: read and written as fp16, fp32 products)
+            qf, kf, vf = (t.to(wide).contiguous() for t in ctx.saved_tensors[:3])
+            o, lse = (t.to(torch.float32).contiguous() for t in ctx.saved_tensors[3:])
+            dof = do.to(wide).contiguous()
             found = kern.backward(
-                qf, kf, vf, o, dof, lse.contiguous(), dlsef, lists, keep, ctx.tensors, ctx.rope, ctx.learn
+                qf, kf, vf, o, dof, lse.contiguous(), dlsef, lists, keep, ctx.tensors, ctx.rope, ctx.learn, half
             )
         dq, dk, dv, grads = found
         learned = [grads[n].to(ctx.tensors[n].dtype) for n in ctx.learn]

@@ -285,8 +285,9 @@ RUNTIME = (
 #include <algorithm>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>  // the softmax's and the native bf16 products' intrinsics (the spec libraries stay light)
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>  // the softmax's, the native bf16 products' and fp16 conversions' intrinsics (the spec
+// libraries stay light)
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <sys/syscall.h>  // arch_prctl: Linux lends AMX tile state to processes that ask for it
@@ -478,6 +479,57 @@ inline void put(bf16_t* out, float x) {{
   *out = nan ? (bf16_t)((u >> 16) | 0x40u) : (bf16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }}
 
+// fp16 values as their bits, for the fp32 kernels' fp16 inputs and outputs (attncc_forward and attncc_backward with
+// half != 0, on CPUs with F16C and no AMX): widened to fp32 as they are read (exact), rounded to nearest even as
+// they are written (as torch's cast; NaN stays NaN, overflow goes to inf)
+struct half_t {{
+  uint16_t bits;
+}};
+#if defined(__F16C__) && ((defined(__AVX2__) && defined(__FMA__)) || defined(__AVX512F__))
+constexpr bool F16C = true;
+inline void put(half_t* out, float x) {{ out->bits = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }}
+inline float widen1(const half_t* x) {{ return _cvtsh_ss(x->bits); }}
+// VW fp16 values as one fp32 vector, and back
+inline vf widen_h(const half_t* x) {{
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)x));
+#else
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)x));
+#endif
+}}
+inline void store_h(half_t* out, vf x) {{
+#if defined(__AVX512F__)
+  _mm256_storeu_si256((__m256i*)out, _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT));
+#else
+  _mm_storeu_si128((__m128i*)out, _mm256_cvtps_ph((__m256)x, _MM_FROUND_TO_NEAREST_INT));
+#endif
+}}
+// n fp16 values widened into fp32 (a row of q, dO or k, before the fp32 products read it)
+inline void widen_row(const half_t* x, float* out, int64_t n) {{
+  int64_t c = 0;
+  for (; c + VW <= n; c += VW) *(vfu*)(out + c) = widen_h(x + c);
+  for (; c < n; ++c) out[c] = widen1(x + c);
+}}
+#else
+constexpr bool F16C = false;  // (attncc_f16c says 0: the caller upcasts fp16 and never passes half)
+inline void put(half_t*, float) {{}}
+inline float widen1(const half_t*) {{ return 0.0f; }}
+inline vf widen_h(const half_t*) {{ return vf{{}}; }}
+inline void widen_row(const half_t*, float*, int64_t) {{}}
+#endif
+
+// n fp32 values x * f out as T (fp32, bf16 or fp16; fp16 VW at a time)
+template <class T>
+inline void put_row(T* out, const float* x, int64_t n, float f = 1.0f) {{
+  int64_t c = 0;
+#if defined(__F16C__) && ((defined(__AVX2__) && defined(__FMA__)) || defined(__AVX512F__))
+  if constexpr (std::is_same_v<T, half_t>)
+    for (; c + VW <= n; c += VW) store_h(out + c, *(const vfu*)(x + c) * f);
+#endif
+  #pragma omp simd
+  for (int64_t u = c; u < n; ++u) put(out + u, x[u] * f);
+}}
+
 // The backwards' dQ row r (fp32 or bf16): the sum of the team's per-thread partials (thread u's rows at
 // parts + u * rows_all * D), added in thread order; 64 columns at a time, threads outside, so that every
 // loop is a plain vector loop (an inner loop over threads kept the compiler to scalar code)
@@ -493,7 +545,7 @@ inline void sum_partials(T* out, const float* parts, int64_t r, int64_t rows_all
       const float* more = parts + (u * rows_all + r) * D + c0;
       for (int64_t c = 0; c < w; ++c) x[c] += more[c];
     }}
-    for (int64_t c = 0; c < w; ++c) put(out + c0 + c, x[c]);
+    put_row(out + c0, x, w);
   }}
 }}
 
@@ -576,20 +628,25 @@ inline float lane_sum(vf x) {{
   return t;
 }}
 
-// S[rows x cols] = Q K^T, Q's rows (d wide, d a multiple of VW) at q, K's rows at k; each key is loaded once for
-// every row (rows inner), its products along the head dim on two chains, then summed across lanes
-inline void scores_rows(int rows, int cols, int d, const float* q, const float* k, float* s, int ld) {{
+// VW values of a row as one fp32 vector: fp32 as they are, fp16 widened
+inline vf load_v(const float* x) {{ return *(const vfu*)x; }}
+inline vf load_v(const half_t* x) {{ return widen_h(x); }}
+
+// S[rows x cols] = Q K^T, Q's rows (d wide, d a multiple of VW) at q, K's rows (fp32 or fp16) at k; each key is loaded
+// once for every row (rows inner), its products along the head dim on two chains, then summed across lanes
+template <class T>
+inline void scores_rows(int rows, int cols, int d, const float* q, const T* k, float* s, int ld) {{
   for (int j = 0; j < cols; ++j) {{
-    const float* kj = k + (int64_t)j * d;
+    const T* kj = k + (int64_t)j * d;
     for (int i = 0; i < rows; ++i) {{
       const float* qi = q + (int64_t)i * d;
       vf e{{}}, o{{}};
       int x = 0;
       for (; x + 2 * VW <= d; x += 2 * VW) {{
-        e += *(const vfu*)(qi + x) * *(const vfu*)(kj + x);
-        o += *(const vfu*)(qi + x + VW) * *(const vfu*)(kj + x + VW);
+        e += *(const vfu*)(qi + x) * load_v(kj + x);
+        o += *(const vfu*)(qi + x + VW) * load_v(kj + x + VW);
       }}
-      if (x < d) e += *(const vfu*)(qi + x) * *(const vfu*)(kj + x);
+      if (x < d) e += *(const vfu*)(qi + x) * load_v(kj + x);
       s[i * ld + j] = lane_sum(e + o);
     }}
   }}
@@ -662,9 +719,7 @@ inline void finish_rows(T* o, float* lse, const float* acc, const float* m, cons
                         int64_t first) {{
   for (int i = 0; i < rows; ++i) {{
     T* out = o + (first + i) * D;
-    const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
-    #pragma omp simd
-    for (int64_t c = 0; c < D; ++c) put(out + c, acc[i * D + c] * inv);
+    put_row(out, acc + i * D, D, l[i] != 0.0f ? 1.0f / l[i] : 0.0f);
     lse[first + i] = l[i] != 0.0f ? m[i] * LN2 + __builtin_logf(l[i]) : -INF;
   }}
 }}
@@ -702,7 +757,7 @@ inline void merge_splits(T* o, float* lse, const float* part_o, const float* par
         }}
         lse[r] = top + __builtin_logf(sum);
       }}
-      for (int64_t c = 0; c < D; ++c) put(o + r * D + c, acc[c]);
+      put_row(o + r * D, acc, D);
     }}
   }}
 }}
@@ -956,6 +1011,35 @@ inline void pack_panels(const T* k, T* out, int64_t heads, int64_t S, int64_t d,
     }}
 #if defined(__AVX512F__)
     if (stream) _mm_sfence();  // (each thread's streamed panels are visible to all after the region's barrier)
+#endif
+  }}
+}}
+
+// pack_panels<1> of fp16 K or V: each panel's NR rows widened to fp32 (F16C) in a thread's buffer, then laid out as
+// pack_panels lays out fp32 rows
+inline void pack_panels_h(const half_t* k, float* out, int64_t heads, int64_t S, int64_t d, int threads,
+                          bool stream = false) {{
+  const int64_t panels = (S + NR - 1) / NR;
+  (void)stream;
+  #pragma omp parallel num_threads(threads)
+  {{
+    Buf rows(NR * d);
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < heads * panels; ++t) {{
+      const int64_t h = t / panels, p = t % panels, live = min_of<int64_t>(NR, S - p * NR);
+      for (int64_t j = 0; j < live; ++j) widen_row(k + (h * S + p * NR + j) * d, rows.data() + j * d, d);
+      float* dst = out + (h * panels + p) * NR * d;
+#if defined(__AVX512F__)
+      if (d % 16 == 0 && NR % 16 == 0) {{
+        panel_u32((const uint32_t*)rows.data(), d, live, (uint32_t*)dst, stream);
+        continue;
+      }}
+#endif
+      for (int jj = 0; jj < NR; ++jj)
+        for (int64_t x = 0; x < d; ++x) dst[x * NR + jj] = jj < live ? rows[jj * d + x] : 0.0f;
+    }}
+#if defined(__AVX512F__)
+    if (stream) _mm_sfence();
 #endif
   }}
 }}
@@ -1673,11 +1757,20 @@ extern "C" int attncc_forward(
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, const int64_t* HEADS, float SCALE,
-    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, const void* hooks, int kv_splits) {{
+    const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, const void* hooks, int kv_splits,
+    int half) {{
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const sgemm_t sg = (sgemm_t)sgemm;
   const Hooks& spec = *(const Hooks*)hooks;
   const bool HAS_MOD = spec.mod_rows != nullptr, ROPE = rope_cos != nullptr;
+  // half != 0 (attncc_f16c): q, k and v are fp16 (o stays fp32: the backward's delta reads it unrounded). Each task
+  // widens its q rows into a local tile; K is widened as it is packed, and V once into the workspace after K's
+  // panels (micro-kernels), or both are read in place and widened as they are loaded (few rows, unpacked:
+  // decoding). No RoPE.
+  const half_t* q_h = (const half_t*)q;
+  const half_t* k_h = (const half_t*)k;
+  const half_t* v_h = (const half_t*)v;
+  if (half && (!F16C || ROPE || D % VW)) return -1;
   Buf k_rot;  // prologue: K rotated once (every q-block task reads it); Q per task below
   if (ROPE) {{
     k_rot.resize(B * Hkv * Skv * D);
@@ -1687,7 +1780,15 @@ extern "C" int attncc_forward(
   const bool micro = use_micro(work, D);  // register-blocked products, else BLAS
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
   float* k_pack = work;  // the caller's workspace: B * Hkv * skv_pad * D floats where micro
-  if (micro) pack_panels(k, k_pack, B * Hkv, Skv, D, threads);
+  if (micro && half) {{
+    pack_panels_h(k_h, k_pack, B * Hkv, Skv, D, threads);
+    float* v32 = work + B * Hkv * skv_pad * D;  // (the caller's workspace holds both)
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < B * Hkv * Skv; ++r) widen_row(v_h + r * D, v32 + r * D, D);
+    v = v32;
+  }} else if (micro) {{
+    pack_panels(k, k_pack, B * Hkv, Skv, D, threads);
+  }}
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D;
@@ -1697,25 +1798,31 @@ extern "C" int attncc_forward(
   const int splits = jobs.splits, chunk = jobs.chunk();
   #pragma omp parallel num_threads(threads)
   {{
-    Buf s(BQ * LDS), acc(BQ * D), m(BQ), l(BQ), alpha(BQ), q_rot(ROPE ? BQ * D : 0);
+    Buf s(BQ * LDS), acc(BQ * D), m(BQ), l(BQ), alpha(BQ), q_rot(ROPE || half ? BQ * D : 0);
     #pragma omp for schedule(dynamic, chunk)
     for (int64_t job = 0; job < jobs.count(); ++job) {{
       int64_t b, h, qb, split;
       jobs.of(job, b, h, qb, split);
       const int64_t hk = HEADS[h], q0 = qb * BQ;  // HEADS: kv head of each query head, then per kv head its heads
       const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
-      const bool few = !micro && SIMD && D % VW == 0 && rows <= FEW_ROWS;  // (else sgemm where not micro)
-      const float* qp = q + ((b * H + h) * Sq + q0) * D;
-      if (ROPE) {{  // prologue: this task's query rows, rotated into a local tile
+      // (else sgemm where not micro; fp16 inputs take the vector loops at any rows: they come unpacked only when
+      // few rows read each key, CpuKernel.f16c_forward)
+      const bool few = !micro && SIMD && D % VW == 0 && (rows <= FEW_ROWS || half);
+      const float* qp = half ? q_rot.data() : q + ((b * H + h) * Sq + q0) * D;
+      if (half)  // prologue: this task's query rows widened into a local tile
+        for (int i = 0; i < rows; ++i) widen_row(q_h + ((b * H + h) * Sq + q0 + i) * D, q_rot.data() + i * D, D);
+      else if (ROPE) {{  // prologue: this task's query rows, rotated into a local tile
         for (int i = 0; i < rows; ++i) {{
           const int64_t t = rope_at(rope_bt, b, Skv, q0 + i + Skv - Sq, D);
           rope_row(qp + i * D, q_rot.data() + i * D, rope_cos + t, rope_sin + t, d, false);
         }}
         qp = q_rot.data();
       }}
-      const float* kp = k + (b * Hkv + hk) * Skv * D;
+      const float* kp = half ? nullptr : k + (b * Hkv + hk) * Skv * D;
       const float* kpp = micro ? k_pack + (b * Hkv + hk) * skv_pad * D : nullptr;
-      const float* vp = v + (b * Hkv + hk) * Skv * D;
+      const float* vp = half && !micro ? nullptr : v + (b * Hkv + hk) * Skv * D;  // (fp16: v widened, or v_h)
+      const half_t* kp_h = k_h + (b * Hkv + hk) * Skv * D;
+      const half_t* vp_h = v_h + (b * Hkv + hk) * Skv * D;
       start_rows(acc.data(), m.data(), l.data(), D);
       const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
@@ -1738,6 +1845,7 @@ extern "C" int attncc_forward(
             scores_kept(rows, up_nr(min_of(BKV, cols - u * BKV)), d, qp, d, kpp + (k0 + u * BKV) * D, d, NR,
                         s.data() + u * BKV, LDS, run_rng[u]);
         else if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), LDS);
+        else if (few && half) scores_rows(rows, cols, d, qp, kp_h + k0 * D, s.data(), LDS);
         else if (few) scores_rows(rows, cols, d, qp, kp + k0 * D, s.data(), LDS);
         else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), LDS, 0.0f);
         // without a score mod the scale folds into max and exp (SCALE > 0: AttentionSpec checks); partial tiles
@@ -1749,6 +1857,9 @@ extern "C" int attncc_forward(
         if (micro && !full)
           products_kept<2>(rows, d, s.data(), LDS, 1, BKV, vp + k0 * D, d, acc.data(), d, alpha.data(), run_rng, span);
         else if (micro) gemm_micro<2>(rows, d, cols, s.data(), LDS, 1, vp + k0 * D, 1, d, acc.data(), d, alpha.data());
+        else if (few && half)
+          values_rows(rows, cols, d, s.data(), LDS, vp_h + k0 * D, acc.data(), alpha.data(),
+                      [](const half_t* x) {{ return widen_h(x); }});
         else if (few)
           values_rows(rows, cols, d, s.data(), LDS, vp + k0 * D, acc.data(), alpha.data(),
                       [](const float* x) {{ return (vf)(*(const vfu*)x); }});
@@ -1916,6 +2027,8 @@ extern "C" int attncc_forward_bf16(
 // ---- attncc: next translation unit ----
 // lanes of the register-blocked products' vectors; 0 when this build has no FMA vectors (BLAS path)
 extern "C" int attncc_vector_lanes() {{ return SIMD ? VW : 0; }}
+// 1 when the fp32 forward and backward take fp16 inputs (half != 0: F16C conversions as they read and write)
+extern "C" int attncc_f16c() {{ return F16C ? 1 : 0; }}
 
 extern "C" int attncc_backward(
     const float* q, const float* k, const float* v, const float* o, const float* dout, const float* lse,
@@ -1926,11 +2039,17 @@ extern "C" int attncc_backward(
     const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, const int64_t* HEADS, float SCALE,
     const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, float* pack, int deterministic,
-    float* tgrad, const int64_t* tgrad_off, int64_t tgrad_total, const void* hooks) {{
+    float* tgrad, const int64_t* tgrad_off, int64_t tgrad_total, const void* hooks, int half) {{
   const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
   const sgemm_t sg = (sgemm_t)sgemm;
   const Hooks& spec = *(const Hooks*)hooks;
   const bool HAS_MOD = spec.mod_rows != nullptr, ROPE = rope_cos != nullptr;
+  // half != 0 (attncc_f16c; register-blocked products only, no RoPE): q, k, v, dout and dq, dk, dv are fp16 (o is
+  // the forward's fp32 o). K and V are widened as they are packed, each task's K rows (dQ's B) and each run's q and
+  // dO rows into local fp32 tiles; the gradients are rounded once from their fp32 sums
+  const half_t *q_h = (const half_t*)q, *k_h = (const half_t*)k, *v_h = (const half_t*)v;
+  const half_t* dout_h = (const half_t*)dout;
+  if (half && (!F16C || ROPE || !use_micro(pack, D))) return -1;
   Buf q_rot, k_rot;  // prologue: rotated Q and K; the epilogue rotates dQ and dK back
   if (ROPE) {{
     q_rot.resize(B * H * Sq * D);
@@ -1954,14 +2073,25 @@ extern "C" int attncc_backward(
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < rows_all; ++r) {{
     float sum = 0.0f;
-    #pragma omp simd reduction(+:sum)
-    for (int64_t c = 0; c < D; ++c) sum += dout[r * D + c] * o[r * D + c];
+    if (half) {{
+      vf acc{{}};
+      for (int64_t c = 0; c < D; c += VW) acc += widen_h(dout_h + r * D + c) * *(const vfu*)(o + r * D + c);
+      sum = lane_sum(acc);
+    }} else {{
+      #pragma omp simd reduction(+:sum)
+      for (int64_t c = 0; c < D; ++c) sum += dout[r * D + c] * o[r * D + c];
+    }}
     delta[r] = dlse ? sum - dlse[r] : sum;
   }}
   if (micro) {{
     const bool stream = (uintptr_t)pack % 64 == 0;  // (as attncc_backward_bf16's STREAM_PACKS)
-    pack_panels(k, k_pack, B * Hkv, Skv, D, threads, stream);
-    pack_panels(v, v_pack, B * Hkv, Skv, D, threads, stream);
+    if (half) {{
+      pack_panels_h(k_h, k_pack, B * Hkv, Skv, D, threads, stream);
+      pack_panels_h(v_h, v_pack, B * Hkv, Skv, D, threads, stream);
+    }} else {{
+      pack_panels(k, k_pack, B * Hkv, Skv, D, threads, stream);
+      pack_panels(v, v_pack, B * Hkv, Skv, D, threads, stream);
+    }}
   }}
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
@@ -1976,6 +2106,7 @@ extern "C" int attncc_backward(
   #pragma omp parallel num_threads(threads)
   {{
     Buf s(WQ * BKV), dp(WQ * BKV), dk_acc(BKV * D), dv_acc(BKV * D);
+    Buf q_loc(half ? WQ * D : 0), do_loc(half ? WQ * D : 0), k_loc(half ? BKV * D : 0);  // (fp16: widened rows)
     int16_t run_rng[2 * WQ];  // kept columns of the rows of a partial run
     const int16_t* rng_one = run_rng;
     const int16_t* col_rngs[SPAN_Q];
@@ -1988,8 +2119,10 @@ extern "C" int attncc_backward(
       const int64_t kb = task % nkv, hk = (task / nkv) % Hkv, b = task / (nkv * Hkv);
       const int64_t k0 = kb * BKV;
       const int cols = (int)min_of<int64_t>(BKV, Skv - k0);
-      const float* kp = k + ((b * Hkv + hk) * Skv + k0) * D;
-      const float* vp = v + ((b * Hkv + hk) * Skv + k0) * D;
+      const float* kp = half ? k_loc.data() : k + ((b * Hkv + hk) * Skv + k0) * D;
+      if (half)
+        for (int j = 0; j < cols; ++j) widen_row(k_h + ((b * Hkv + hk) * Skv + k0 + j) * D, k_loc.data() + j * D, D);
+      const float* vp = half ? nullptr : v + ((b * Hkv + hk) * Skv + k0) * D;  // (BLAS path only)
       const int64_t packed = ((b * Hkv + hk) * skv_pad + k0) * D;  // this block's K and V panels
       fill(dk_acc.data(), BKV * D, 0.0f);
       fill(dv_acc.data(), BKV * D, 0.0f);
@@ -2002,8 +2135,13 @@ extern "C" int attncc_backward(
           const int64_t q0 = (int64_t)q_idx[t] * BQ;
           const int rows = (int)min_of<int64_t>((int64_t)BQ * span, Sq - q0);
           const int64_t base = (b * H + h) * Sq + q0;
-          const float* qp = q + base * D;
-          const float* dop = dout + base * D;
+          const float* qp = half ? q_loc.data() : q + base * D;
+          const float* dop = half ? do_loc.data() : dout + base * D;
+          if (half)
+            for (int i = 0; i < rows; ++i) {{
+              widen_row(q_h + (base + i) * D, q_loc.data() + i * D, D);
+              widen_row(dout_h + (base + i) * D, do_loc.data() + i * D, D);
+            }}
           const bool full = q_full[t] != 0;
           if (micro && !full) {{  // the run's rows' kept columns and each q tile's columns' kept rows
             for (int u = 0; u < span; ++u)
@@ -2069,21 +2207,30 @@ extern "C" int attncc_backward(
           }}
         }}
       }}
-      float* dkp = dk + ((b * Hkv + hk) * Skv + k0) * D;
-      float* dvp = dv + ((b * Hkv + hk) * Skv + k0) * D;
+      float* dkp = half ? nullptr : dk + ((b * Hkv + hk) * Skv + k0) * D;  // (fp16: put_row below)
+      float* dvp = half ? nullptr : dv + ((b * Hkv + hk) * Skv + k0) * D;
       if (ROPE)
         for (int j = 0; j < cols; ++j) {{
           const int64_t t = rope_at(rope_bt, b, Skv, k0 + j, D);
           rope_row(dk_acc.data() + j * D, dkp + j * D, rope_cos + t, rope_sin + t, d, true);
         }}
+      else if (half)
+        put_row((half_t*)dk + ((b * Hkv + hk) * Skv + k0) * D, dk_acc.data(), (int64_t)cols * D);
       else
         std::memcpy(dkp, dk_acc.data(), sizeof(float) * cols * D);
-      std::memcpy(dvp, dv_acc.data(), sizeof(float) * cols * D);
+      if (half)
+        put_row((half_t*)dv + ((b * Hkv + hk) * Skv + k0) * D, dv_acc.data(), (int64_t)cols * D);
+      else
+        std::memcpy(dvp, dv_acc.data(), sizeof(float) * cols * D);
     }}
     // epilogue (after the task loop's barrier): dQ = the sum of the team's partials, rotated back
     const int team = omp_get_num_threads();
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows_all; ++r) {{
+      if (half) {{
+        sum_partials((half_t*)dq + r * D, dq_threads, r, rows_all, D, team);
+        continue;
+      }}
       float* out = dq + r * D;
       sum_partials(out, dq_threads, r, rows_all, D, team);
       if (ROPE) {{
