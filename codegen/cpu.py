@@ -3,9 +3,10 @@
 Runtime tensors are passed as int64 (int and bool tensors) or float32 (float tensors);
 q, k, v run in float32; bf16 inputs run the native bf16 forward (``CpuKernel.native_bf16``) and the native bf16
 backward (``CpuKernel.backward_bf16``) where the build has AVX512_BF16; fp16 inputs run on AMX tiles as exact bf16
-splits (``CpuKernel.native_fp16``) where the build has AMX, else the fp32 kernels read and write them as fp16,
-widened by F16C as they are loaded (``CpuKernel.f16c_forward``, ``CpuKernel.f16c_backward``); what fits none of
-these (no F16C, RoPE, a head dim off the micro-kernels) is upcast once, O(S * D), and the output cast back.
+splits (``CpuKernel.native_fp16``) where the build has AMX. Otherwise the fp32 kernels read and write fp16 and bf16
+as they are, widened as they are loaded (F16C for fp16, a shift for bf16: ``CpuKernel.narrow_forward``,
+``CpuKernel.narrow_backward``); what fits none of these (no vector unit or no F16C, RoPE, a head dim off the
+micro-kernels) is upcast once, O(S * D), and the output cast back.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ PACK_ROWS = 16  # the forward packs K for the micro-kernels when at least this m
 # (measured at Skv=16K, D=64: below it, e.g. one-token decoding, packing K costs more than the products gain)
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
+# what the fp32 kernels' ``narrow`` argument says of q, k, v (and dout, dq, dk, dv): fp32, or fp16 or bf16 to widen
+_NARROW = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _accessor(index: int, t: TensorOp) -> str:
@@ -283,7 +286,7 @@ class CpuKernel:
         elif self.has_bf16:
             bf16 = f"; bf16 inputs: AVX512_BF16 dot products, {backward}, fp32 accumulation"
         else:
-            bf16 = ""
+            bf16 = "; bf16 inputs: read and written as bf16 (widened), fp32 products"
         if self.has_f16c and not (self.has_amx and self.bq % 16 == 0):
             bf16 += "; fp16 inputs: read and written as fp16 (F16C), fp32 products"
         return f"micro-kernels: register blocks {width} columns wide ({self.lanes}-lane FMA vectors){bf16}"
@@ -300,18 +303,10 @@ class CpuKernel:
         if key in self._upcast_told:
             return
         self._upcast_told.add(key)
-        if dtype == torch.float16 and not self.has_f16c:
+        if not self.lanes:
+            why = "this build has no FMA vector unit (nor F16C, AVX512_BF16 or AMX)"
+        elif dtype == torch.float16 and not self.has_f16c:
             why = "this build has no F16C conversions (and no AMX tiles)"
-        elif dtype == torch.float16 and rope:
-            why = "RoPE specs rotate q and k in fp32"
-        elif dtype == torch.float16 and not self.has_amx:
-            why = f"head_dim {head_dim} does not fit the micro-kernels ({self.products(head_dim)})"
-        elif dtype == torch.float16 and self.native_fp16(head_dim, rope):  # (it was tried and declined)
-            why = "the OS did not grant this thread AMX tiles"
-        elif dtype == torch.float16 and self.bq % 16:
-            why = f"{self.bq}-row q tiles are not whole AMX row tiles (16 rows)"
-        elif not self.has_bf16:
-            why = "this build has no AVX512_BF16 products"
         elif rope:
             why = "RoPE specs rotate q and k in fp32"
         else:
@@ -332,31 +327,36 @@ class CpuKernel:
             raise LoweringError(f"{self.runtime_path.name} has no bf16 products for head_dim {D}")
         return o, lse
 
-    def f16c_forward(self, head_dim: int, rows: int, rope: bool = False) -> bool:
-        """Whether the fp32 forward takes fp16 q, k, v as they are (``forward(..., half=True)``: each task's q rows,
-        K's panels and V widened to fp32 by F16C; o comes out fp32, kept for the backward's delta, and the caller
-        rounds it once to fp16) rather than upcast copies: the build has
-        F16C and FMA vectors, no RoPE, and the head dim fits the micro-kernels, or ``rows`` (query rows per key,
-        Sq x query heads per kv head) are few enough that K and V are read in place (decoding).
+    def _widens(self, dtype: torch.dtype) -> bool:
+        """Whether the fp32 kernels read and write ``dtype`` as it is: fp16 with F16C, bf16 on any vector build."""
+        return (dtype == torch.float16 and self.has_f16c) or (dtype == torch.bfloat16 and self.lanes > 0)
+
+    def narrow_forward(self, dtype: torch.dtype, head_dim: int, rows: int, rope: bool = False) -> bool:
+        """Whether the fp32 forward takes fp16 or bf16 q, k, v as they are (``forward`` on them: each task's q rows,
+        K's panels and V widened to fp32, fp16 by F16C and bf16 by a shift; o comes out fp32, kept for the
+        backward's delta, and the caller rounds it once) rather than upcast copies: the build widens ``dtype``, no
+        RoPE, and the head dim fits the micro-kernels, or ``rows`` (query rows per key, Sq x query heads per kv head)
+        are few enough that K and V are read in place (decoding). bf16 comes here only where the native bf16 paths
+        do not take it (no AVX512_BF16), fp16 where no AMX tiles do.
 
         >>> import attncc as ac, torch
         >>> kern = ac.compile(ac.AttentionSpec(num_heads=4, num_kv_heads=1, head_dim=64), target="cpu")
         >>> q, k, v = torch.randn(1, 4, 1, 64).half(), torch.randn(1, 1, 4096, 64).half(), torch.randn(1, 1, 4096, 64)
         >>> o = kern(q, k, v.half())  # one-token decoding on an fp16 cache: read in place where F16C exists
-        >>> o.dtype, torch.allclose(o.float(), ac.compile(kern.spec, target="reference")(q, k, v.half()).float(),
-        ...                         atol=2e-3)
+        >>> want = ac.compile(kern.spec, target="reference")(q.double(), k.double(), v.half().double())
+        >>> o.dtype, torch.allclose(o.double(), want, atol=2e-3)
         (torch.float16, True)
         """
-        if not self.has_f16c or rope or head_dim % self.lanes:
+        if not self._widens(dtype) or rope or head_dim % self.lanes:
             return False
         return self.products(head_dim).startswith("micro") or rows < PACK_ROWS
 
-    def f16c_backward(self, head_dim: int, rope: bool = False) -> bool:
-        """Whether the fp32 backward takes fp16 q, k, v and dO as they are (o: the forward's fp32 one;
-        ``backward(..., half=True)``: K and V
-        widened as they are packed, each kv block's K rows and each run's q and dO rows into local fp32 tiles, dq,
-        dk and dv rounded once to fp16): F16C, no RoPE, and the head dim fits the micro-kernels."""
-        return self.has_f16c and not rope and self.products(head_dim).startswith("micro")
+    def narrow_backward(self, dtype: torch.dtype, head_dim: int, rope: bool = False) -> bool:
+        """Whether the fp32 backward takes fp16 or bf16 q, k, v and dO as they are (``backward`` on them; o: the
+        forward's fp32 one): K and V widened as they are packed, each kv block's K rows and each run's q and dO rows
+        into local fp32 tiles, dq, dk and dv rounded once; the build widens ``dtype``, no RoPE, and the head dim
+        fits the micro-kernels."""
+        return self._widens(dtype) and not rope and self.products(head_dim).startswith("micro")
 
     def native_fp16(self, head_dim: int, rope: bool = False) -> bool:
         """Whether fp16 inputs run on AMX tiles as exact bf16 splits (``forward_fp16``) rather than fp32 on upcast
@@ -483,14 +483,14 @@ class CpuKernel:
         keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
         tables: RopeTables = None,
-        half: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """o (float32) and lse of contiguous float32 q, k, v, or of fp16 ones with ``half`` (see ``f16c_forward``)."""
+        """o (float32) and lse of contiguous float32 q, k, v, or of fp16 or bf16 ones (see ``narrow_forward``)."""
         B, H, Sq, D = q.shape
         heads = head_index(H, k.shape[1], tensors.get(self.head_table))
         Hkv, Skv = k.shape[1], k.shape[2]
         self._tell(D)
-        packed = self._packed(k, Sq * H // Hkv) * (2 if half else 1)  # (fp16: V widened after K's panels)
+        narrow = _NARROW[q.dtype]
+        packed = self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened after K's panels)
         o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
@@ -525,7 +525,7 @@ class CpuKernel:
             workspace(packed) if packed else None,
             self.hooks,
             self.kv_splits(q, k, lists, torch.get_num_threads()),
-            int(half),
+            narrow,
         )
         self._check(code)
         return o, lse
@@ -572,7 +572,6 @@ class CpuKernel:
         tensors: dict[str, torch.Tensor],
         tables: RopeTables = None,
         want: Sequence[str] = (),
-        half: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """dq, dk, dv of float32 contiguous inputs (o and lse from ``forward``; dlse, the gradient of
         lse, may be None), and the float32 gradients of the tables named in ``want`` (a subset of
@@ -582,12 +581,12 @@ class CpuKernel:
         from per-thread partials (``table_grad_floats`` of them). Under
         ``torch.use_deterministic_algorithms(True)`` dq is bitwise reproducible for a given thread count
         (tasks go to threads round-robin instead of dynamically; dk, dv and the forward always are).
-        ``half``: q, k, v and do are fp16 (o float32), and so are dq, dk and dv (see ``f16c_backward``)."""
+        q, k, v and do may be fp16 or bf16 (o float32), and dq, dk and dv then are too (see ``narrow_backward``)."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         heads = head_index(H, Hkv, tensors.get(self.head_table))
         threads = torch.get_num_threads()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # (fp16 with ``half``)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # (q's dtype)
         packed = 2 * self._packed(k)
         scratch = whole_lines(threads * q.numel() + B * H * Sq)  # (the packed panels after it start on a line)
         work = workspace(scratch + packed)
@@ -633,7 +632,7 @@ class CpuKernel:
             _ptr(offsets),
             sum(sizes),
             self.hooks,
-            int(half),
+            _NARROW[q.dtype],
         )
         self._check(code)
         return dq, dk, dv, self._table_grads(partials, sizes, offsets, tensors)
@@ -867,10 +866,10 @@ class CpuAttention(torch.autograd.Function):
                 o, lse = found
                 ctx.save_for_backward(q16, k16, v16, o, lse)
                 ctx.native = torch.float16
-            elif dtype == torch.float16 and kern.f16c_forward(D, rows, rope is not None):
+            elif dtype in _NARROW and kern.narrow_forward(dtype, D, rows, rope is not None):
                 q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
-                o, lse = kern.forward(q16, k16, v16, lists, keep, tensors, half=True)
-                ctx.save_for_backward(q16, k16, v16, o, lse)  # q, k, v as given (fp16: no fp32 copies); o fp32
+                o, lse = kern.forward(q16, k16, v16, lists, keep, tensors)
+                ctx.save_for_backward(q16, k16, v16, o, lse)  # q, k, v as given (no fp32 copies); o fp32
                 ctx.native = None
             else:
                 if dtype in (torch.bfloat16, torch.float16):
@@ -902,13 +901,13 @@ class CpuAttention(torch.autograd.Function):
             )
         if found is None:
             kern, lists, keep = ctx.fp32_parts()
-            half = ctx.dtype == torch.float16 and kern.f16c_backward(do.shape[3], ctx.rope is not None)
-            wide = torch.float16 if half else torch.float32  # (fp16: read and written as fp16, fp32 products)
+            narrow = ctx.dtype in _NARROW and kern.narrow_backward(ctx.dtype, do.shape[3], ctx.rope is not None)
+            wide = ctx.dtype if narrow else torch.float32  # (fp16, bf16: read and written as they are, fp32 products)
             qf, kf, vf = (t.to(wide).contiguous() for t in ctx.saved_tensors[:3])
             o, lse = (t.to(torch.float32).contiguous() for t in ctx.saved_tensors[3:])
             dof = do.to(wide).contiguous()
             found = kern.backward(
-                qf, kf, vf, o, dof, lse.contiguous(), dlsef, lists, keep, ctx.tensors, ctx.rope, ctx.learn, half
+                qf, kf, vf, o, dof, lse.contiguous(), dlsef, lists, keep, ctx.tensors, ctx.rope, ctx.learn
             )
         dq, dk, dv, grads = found
         learned = [grads[n].to(ctx.tensors[n].dtype) for n in ctx.learn]

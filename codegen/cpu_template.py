@@ -285,9 +285,9 @@ RUNTIME = (
 #include <algorithm>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512F__) || defined(__F16C__)
-#include <immintrin.h>  // the softmax's, the native bf16 products' and fp16 conversions' intrinsics (the spec
-// libraries stay light)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>  // the softmax's, the native bf16 products' and the fp16 and bf16 widenings' intrinsics (the
+// spec libraries stay light)
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <sys/syscall.h>  // arch_prctl: Linux lends AMX tile state to processes that ask for it
@@ -480,8 +480,9 @@ inline void put(bf16_t* out, float x) {{
 }}
 
 // fp16 values as their bits, for the fp32 kernels' fp16 inputs and outputs (attncc_forward and attncc_backward with
-// half != 0, on CPUs with F16C and no AMX): widened to fp32 as they are read (exact), rounded to nearest even as
-// they are written (as torch's cast; NaN stays NaN, overflow goes to inf)
+// narrow = 1, on CPUs with F16C and no AMX): widened to fp32 as they are read (exact), rounded to nearest even as
+// they are written (as torch's cast; NaN stays NaN, overflow goes to inf). bf16 (narrow = 2, where the build has no
+// AVX512_BF16): widened by shifting the bits up (exact), rounded by put(bf16_t*)
 struct half_t {{
   uint16_t bits;
 }};
@@ -518,6 +519,38 @@ inline vf widen_h(const half_t*) {{ return vf{{}}; }}
 inline void widen_row(const half_t*, float*, int64_t) {{}}
 #endif
 
+inline float widen1(const bf16_t* x) {{
+  const uint32_t u = (uint32_t)*x << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}}
+// VW bf16 values as one fp32 vector (each value's bits shifted up 16: exact)
+inline vf widen_h(const bf16_t* x) {{
+#if defined(__AVX512F__)
+  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)x)), 16);
+#elif defined(__AVX2__)
+  return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)x)), 16);
+#else
+  vf r;
+  for (int u = 0; u < VW; ++u) r[u] = widen1(x + u);
+  return r;
+#endif
+}}
+inline void widen_row(const bf16_t* x, float* out, int64_t n) {{
+  int64_t c = 0;
+  for (; c + VW <= n; c += VW) *(vfu*)(out + c) = widen_h(x + c);
+  for (; c < n; ++c) out[c] = widen1(x + c);
+}}
+
+// The fp32 kernels' narrow inputs and outputs (narrow: 1 fp16, 2 bf16): n values from element ``at`` of x widened
+// into out, or put from fp32 x (rounded once)
+inline void widen_at(const void* x, int narrow, int64_t at, float* out, int64_t n) {{
+  if (narrow == 1) widen_row((const half_t*)x + at, out, n);
+  else widen_row((const bf16_t*)x + at, out, n);
+}}
+inline void put_at(void* out, int narrow, int64_t at, const float* x, int64_t n);
+
 // n fp32 values x * f out as T (fp32, bf16 or fp16; fp16 VW at a time)
 template <class T>
 inline void put_row(T* out, const float* x, int64_t n, float f = 1.0f) {{
@@ -528,6 +561,10 @@ inline void put_row(T* out, const float* x, int64_t n, float f = 1.0f) {{
 #endif
   #pragma omp simd
   for (int64_t u = c; u < n; ++u) put(out + u, x[u] * f);
+}}
+inline void put_at(void* out, int narrow, int64_t at, const float* x, int64_t n) {{
+  if (narrow == 1) put_row((half_t*)out + at, x, n);
+  else put_row((bf16_t*)out + at, x, n);
 }}
 
 // The backwards' dQ row r (fp32 or bf16): the sum of the team's per-thread partials (thread u's rows at
@@ -631,6 +668,7 @@ inline float lane_sum(vf x) {{
 // VW values of a row as one fp32 vector: fp32 as they are, fp16 widened
 inline vf load_v(const float* x) {{ return *(const vfu*)x; }}
 inline vf load_v(const half_t* x) {{ return widen_h(x); }}
+inline vf load_v(const bf16_t* x) {{ return widen_h(x); }}
 
 // S[rows x cols] = Q K^T, Q's rows (d wide, d a multiple of VW) at q, K's rows (fp32 or fp16) at k; each key is loaded
 // once for every row (rows inner), its products along the head dim on two chains, then summed across lanes
@@ -1015,9 +1053,10 @@ inline void pack_panels(const T* k, T* out, int64_t heads, int64_t S, int64_t d,
   }}
 }}
 
-// pack_panels<1> of fp16 K or V: each panel's NR rows widened to fp32 (F16C) in a thread's buffer, then laid out as
-// pack_panels lays out fp32 rows
-inline void pack_panels_h(const half_t* k, float* out, int64_t heads, int64_t S, int64_t d, int threads,
+// pack_panels<1> of fp16 or bf16 K or V: each panel's NR rows widened to fp32 in a thread's buffer, then laid out
+// as pack_panels lays out fp32 rows
+template <class T>
+inline void pack_panels_h(const T* k, float* out, int64_t heads, int64_t S, int64_t d, int threads,
                           bool stream = false) {{
   const int64_t panels = (S + NR - 1) / NR;
   (void)stream;
@@ -1758,19 +1797,18 @@ extern "C" int attncc_forward(
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, const int64_t* HEADS, float SCALE,
     const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, const void* hooks, int kv_splits,
-    int half) {{
+    int narrow) {{
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const sgemm_t sg = (sgemm_t)sgemm;
   const Hooks& spec = *(const Hooks*)hooks;
   const bool HAS_MOD = spec.mod_rows != nullptr, ROPE = rope_cos != nullptr;
-  // half != 0 (attncc_f16c): q, k and v are fp16 (o stays fp32: the backward's delta reads it unrounded). Each task
-  // widens its q rows into a local tile; K is widened as it is packed, and V once into the workspace after K's
-  // panels (micro-kernels), or both are read in place and widened as they are loaded (few rows, unpacked:
-  // decoding). No RoPE.
-  const half_t* q_h = (const half_t*)q;
-  const half_t* k_h = (const half_t*)k;
-  const half_t* v_h = (const half_t*)v;
-  if (half && (!F16C || ROPE || D % VW)) return -1;
+  // narrow != 0: q, k and v are fp16 (1: attncc_f16c) or bf16 (2) (o stays fp32: the backward's delta reads it
+  // unrounded). Each task widens its q rows into a local tile; K is widened as it is packed, and V once into the
+  // workspace after K's panels (micro-kernels), or both are read in place and widened as they are loaded (few rows,
+  // unpacked: decoding). No RoPE.
+  const void *q_n = q, *k_n = k, *v_n = v;
+  if (narrow && (!SIMD || (narrow == 1 && !F16C) || ROPE || D % VW)) return -1;
+  const bool half = narrow != 0;
   Buf k_rot;  // prologue: K rotated once (every q-block task reads it); Q per task below
   if (ROPE) {{
     k_rot.resize(B * Hkv * Skv * D);
@@ -1781,10 +1819,11 @@ extern "C" int attncc_forward(
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
   float* k_pack = work;  // the caller's workspace: B * Hkv * skv_pad * D floats where micro
   if (micro && half) {{
-    pack_panels_h(k_h, k_pack, B * Hkv, Skv, D, threads);
+    if (narrow == 1) pack_panels_h((const half_t*)k_n, k_pack, B * Hkv, Skv, D, threads);
+    else pack_panels_h((const bf16_t*)k_n, k_pack, B * Hkv, Skv, D, threads);
     float* v32 = work + B * Hkv * skv_pad * D;  // (the caller's workspace holds both)
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < B * Hkv * Skv; ++r) widen_row(v_h + r * D, v32 + r * D, D);
+    for (int64_t r = 0; r < B * Hkv * Skv; ++r) widen_at(v_n, narrow, r * D, v32 + r * D, D);
     v = v32;
   }} else if (micro) {{
     pack_panels(k, k_pack, B * Hkv, Skv, D, threads);
@@ -1810,7 +1849,7 @@ extern "C" int attncc_forward(
       const bool few = !micro && SIMD && D % VW == 0 && (rows <= FEW_ROWS || half);
       const float* qp = half ? q_rot.data() : q + ((b * H + h) * Sq + q0) * D;
       if (half)  // prologue: this task's query rows widened into a local tile
-        for (int i = 0; i < rows; ++i) widen_row(q_h + ((b * H + h) * Sq + q0 + i) * D, q_rot.data() + i * D, D);
+        widen_at(q_n, narrow, ((b * H + h) * Sq + q0) * D, q_rot.data(), rows * D);
       else if (ROPE) {{  // prologue: this task's query rows, rotated into a local tile
         for (int i = 0; i < rows; ++i) {{
           const int64_t t = rope_at(rope_bt, b, Skv, q0 + i + Skv - Sq, D);
@@ -1821,8 +1860,7 @@ extern "C" int attncc_forward(
       const float* kp = half ? nullptr : k + (b * Hkv + hk) * Skv * D;
       const float* kpp = micro ? k_pack + (b * Hkv + hk) * skv_pad * D : nullptr;
       const float* vp = half && !micro ? nullptr : v + (b * Hkv + hk) * Skv * D;  // (fp16: v widened, or v_h)
-      const half_t* kp_h = k_h + (b * Hkv + hk) * Skv * D;
-      const half_t* vp_h = v_h + (b * Hkv + hk) * Skv * D;
+      const int64_t kv_at = (b * Hkv + hk) * Skv * D;  // (fp16 and bf16 K and V read in place: few rows)
       start_rows(acc.data(), m.data(), l.data(), D);
       const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
@@ -1845,7 +1883,8 @@ extern "C" int attncc_forward(
             scores_kept(rows, up_nr(min_of(BKV, cols - u * BKV)), d, qp, d, kpp + (k0 + u * BKV) * D, d, NR,
                         s.data() + u * BKV, LDS, run_rng[u]);
         else if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), LDS);
-        else if (few && half) scores_rows(rows, cols, d, qp, kp_h + k0 * D, s.data(), LDS);
+        else if (few && narrow == 1) scores_rows(rows, cols, d, qp, (const half_t*)k_n + kv_at + k0 * D, s.data(), LDS);
+        else if (few && half) scores_rows(rows, cols, d, qp, (const bf16_t*)k_n + kv_at + k0 * D, s.data(), LDS);
         else if (few) scores_rows(rows, cols, d, qp, kp + k0 * D, s.data(), LDS);
         else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), LDS, 0.0f);
         // without a score mod the scale folds into max and exp (SCALE > 0: AttentionSpec checks); partial tiles
@@ -1857,9 +1896,12 @@ extern "C" int attncc_forward(
         if (micro && !full)
           products_kept<2>(rows, d, s.data(), LDS, 1, BKV, vp + k0 * D, d, acc.data(), d, alpha.data(), run_rng, span);
         else if (micro) gemm_micro<2>(rows, d, cols, s.data(), LDS, 1, vp + k0 * D, 1, d, acc.data(), d, alpha.data());
-        else if (few && half)
-          values_rows(rows, cols, d, s.data(), LDS, vp_h + k0 * D, acc.data(), alpha.data(),
+        else if (few && narrow == 1)
+          values_rows(rows, cols, d, s.data(), LDS, (const half_t*)v_n + kv_at + k0 * D, acc.data(), alpha.data(),
                       [](const half_t* x) {{ return widen_h(x); }});
+        else if (few && half)
+          values_rows(rows, cols, d, s.data(), LDS, (const bf16_t*)v_n + kv_at + k0 * D, acc.data(), alpha.data(),
+                      [](const bf16_t* x) {{ return widen_h(x); }});
         else if (few)
           values_rows(rows, cols, d, s.data(), LDS, vp + k0 * D, acc.data(), alpha.data(),
                       [](const float* x) {{ return (vf)(*(const vfu*)x); }});
@@ -2039,17 +2081,17 @@ extern "C" int attncc_backward(
     const int32_t* q_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, const int64_t* HEADS, float SCALE,
     const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, float* pack, int deterministic,
-    float* tgrad, const int64_t* tgrad_off, int64_t tgrad_total, const void* hooks, int half) {{
+    float* tgrad, const int64_t* tgrad_off, int64_t tgrad_total, const void* hooks, int narrow) {{
   const int64_t nq = (Sq + BQ - 1) / BQ, nkv = (Skv + BKV - 1) / BKV;
   const sgemm_t sg = (sgemm_t)sgemm;
   const Hooks& spec = *(const Hooks*)hooks;
   const bool HAS_MOD = spec.mod_rows != nullptr, ROPE = rope_cos != nullptr;
-  // half != 0 (attncc_f16c; register-blocked products only, no RoPE): q, k, v, dout and dq, dk, dv are fp16 (o is
-  // the forward's fp32 o). K and V are widened as they are packed, each task's K rows (dQ's B) and each run's q and
-  // dO rows into local fp32 tiles; the gradients are rounded once from their fp32 sums
-  const half_t *q_h = (const half_t*)q, *k_h = (const half_t*)k, *v_h = (const half_t*)v;
-  const half_t* dout_h = (const half_t*)dout;
-  if (half && (!F16C || ROPE || !use_micro(pack, D))) return -1;
+  // narrow != 0 (register-blocked products only, no RoPE): q, k, v, dout and dq, dk, dv are fp16 (1: attncc_f16c)
+  // or bf16 (2) (o is the forward's fp32 o). K and V are widened as they are packed, each task's K rows (dQ's B)
+  // and each run's q and dO rows into local fp32 tiles; the gradients are rounded once from their fp32 sums
+  const void *q_n = q, *k_n = k, *v_n = v, *dout_n = dout;
+  if (narrow && ((narrow == 1 && !F16C) || ROPE || !use_micro(pack, D))) return -1;
+  const bool half = narrow != 0;
   Buf q_rot, k_rot;  // prologue: rotated Q and K; the epilogue rotates dQ and dK back
   if (ROPE) {{
     q_rot.resize(B * H * Sq * D);
@@ -2075,7 +2117,9 @@ extern "C" int attncc_backward(
     float sum = 0.0f;
     if (half) {{
       vf acc{{}};
-      for (int64_t c = 0; c < D; c += VW) acc += widen_h(dout_h + r * D + c) * *(const vfu*)(o + r * D + c);
+      for (int64_t c = 0; c < D; c += VW)
+        acc += (narrow == 1 ? widen_h((const half_t*)dout_n + r * D + c) : widen_h((const bf16_t*)dout_n + r * D + c))
+            * *(const vfu*)(o + r * D + c);
       sum = lane_sum(acc);
     }} else {{
       #pragma omp simd reduction(+:sum)
@@ -2086,8 +2130,13 @@ extern "C" int attncc_backward(
   if (micro) {{
     const bool stream = (uintptr_t)pack % 64 == 0;  // (as attncc_backward_bf16's STREAM_PACKS)
     if (half) {{
-      pack_panels_h(k_h, k_pack, B * Hkv, Skv, D, threads, stream);
-      pack_panels_h(v_h, v_pack, B * Hkv, Skv, D, threads, stream);
+      if (narrow == 1) {{
+        pack_panels_h((const half_t*)k_n, k_pack, B * Hkv, Skv, D, threads, stream);
+        pack_panels_h((const half_t*)v_n, v_pack, B * Hkv, Skv, D, threads, stream);
+      }} else {{
+        pack_panels_h((const bf16_t*)k_n, k_pack, B * Hkv, Skv, D, threads, stream);
+        pack_panels_h((const bf16_t*)v_n, v_pack, B * Hkv, Skv, D, threads, stream);
+      }}
     }} else {{
       pack_panels(k, k_pack, B * Hkv, Skv, D, threads, stream);
       pack_panels(v, v_pack, B * Hkv, Skv, D, threads, stream);
@@ -2121,7 +2170,7 @@ extern "C" int attncc_backward(
       const int cols = (int)min_of<int64_t>(BKV, Skv - k0);
       const float* kp = half ? k_loc.data() : k + ((b * Hkv + hk) * Skv + k0) * D;
       if (half)
-        for (int j = 0; j < cols; ++j) widen_row(k_h + ((b * Hkv + hk) * Skv + k0 + j) * D, k_loc.data() + j * D, D);
+        widen_at(k_n, narrow, ((b * Hkv + hk) * Skv + k0) * D, k_loc.data(), (int64_t)cols * D);
       const float* vp = half ? nullptr : v + ((b * Hkv + hk) * Skv + k0) * D;  // (BLAS path only)
       const int64_t packed = ((b * Hkv + hk) * skv_pad + k0) * D;  // this block's K and V panels
       fill(dk_acc.data(), BKV * D, 0.0f);
@@ -2137,11 +2186,10 @@ extern "C" int attncc_backward(
           const int64_t base = (b * H + h) * Sq + q0;
           const float* qp = half ? q_loc.data() : q + base * D;
           const float* dop = half ? do_loc.data() : dout + base * D;
-          if (half)
-            for (int i = 0; i < rows; ++i) {{
-              widen_row(q_h + (base + i) * D, q_loc.data() + i * D, D);
-              widen_row(dout_h + (base + i) * D, do_loc.data() + i * D, D);
-            }}
+          if (half) {{
+            widen_at(q_n, narrow, base * D, q_loc.data(), (int64_t)rows * D);
+            widen_at(dout_n, narrow, base * D, do_loc.data(), (int64_t)rows * D);
+          }}
           const bool full = q_full[t] != 0;
           if (micro && !full) {{  // the run's rows' kept columns and each q tile's columns' kept rows
             for (int u = 0; u < span; ++u)
@@ -2215,11 +2263,11 @@ extern "C" int attncc_backward(
           rope_row(dk_acc.data() + j * D, dkp + j * D, rope_cos + t, rope_sin + t, d, true);
         }}
       else if (half)
-        put_row((half_t*)dk + ((b * Hkv + hk) * Skv + k0) * D, dk_acc.data(), (int64_t)cols * D);
+        put_at(dk, narrow, ((b * Hkv + hk) * Skv + k0) * D, dk_acc.data(), (int64_t)cols * D);
       else
         std::memcpy(dkp, dk_acc.data(), sizeof(float) * cols * D);
       if (half)
-        put_row((half_t*)dv + ((b * Hkv + hk) * Skv + k0) * D, dv_acc.data(), (int64_t)cols * D);
+        put_at(dv, narrow, ((b * Hkv + hk) * Skv + k0) * D, dv_acc.data(), (int64_t)cols * D);
       else
         std::memcpy(dvp, dv_acc.data(), sizeof(float) * cols * D);
     }}
@@ -2228,7 +2276,8 @@ extern "C" int attncc_backward(
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows_all; ++r) {{
       if (half) {{
-        sum_partials((half_t*)dq + r * D, dq_threads, r, rows_all, D, team);
+        if (narrow == 1) sum_partials((half_t*)dq + r * D, dq_threads, r, rows_all, D, team);
+        else sum_partials((bf16_t*)dq + r * D, dq_threads, r, rows_all, D, team);
         continue;
       }}
       float* out = dq + r * D;

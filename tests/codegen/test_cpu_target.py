@@ -651,7 +651,7 @@ def test_bf16_backward_at_tiles_it_cannot_take_says_so(isa: str, caplog: pytest.
 
 
 def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> None:
-    """fp16 on a build without F16C or AMX (the portable one; and bf16 where the native path does not apply) runs fp32
+    """fp16 and bf16 on a build without vector units (the portable one: no F16C, AVX512_BF16 or AMX either) run fp32
     on transient upcast copies, logged once with the reason; for the backward the autograd node keeps the fp16 inputs,
     not fp32 copies."""
     with config.override(cpu_isa="portable"):
@@ -662,7 +662,7 @@ def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> No
             kern(x, x, x)
             out = kern(x, x, x)
     said = [r.getMessage() for r in caplog.records if "upcast copies" in r.getMessage()]
-    assert len(said) == 1 and "this build has no F16C conversions" in said[0], said
+    assert len(said) == 1 and "this build has no FMA vector unit" in said[0], said
     node = out.grad_fn
     while type(node).__name__ != "CpuAttentionBackward":
         node = node.next_functions[0][0]
@@ -671,39 +671,44 @@ def test_half_inputs_that_upcast_say_why(caplog: pytest.LogCaptureFixture) -> No
     assert x.grad is not None and x.grad.dtype == torch.float16 and bool(x.grad.isfinite().all())
 
 
-def half_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[bool]]:
-    """Spies on ``CpuKernel.forward`` and ``CpuKernel.backward``: per call, whether it got fp16 (``half``)."""
+def narrow_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[bool]]:
+    """Spies on ``CpuKernel.forward`` and ``CpuKernel.backward``: per call, whether it got fp16 or bf16 q."""
     calls: dict[str, list[bool]] = {"forward": [], "backward": []}
     for name in calls:
         real = getattr(cpu.CpuKernel, name)
 
         def spy(self: cpu.CpuKernel, *args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
-            calls[_name].append(args[0].dtype == torch.float16)
+            calls[_name].append(args[0].dtype in (torch.float16, torch.bfloat16))
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(cpu.CpuKernel, name, spy)
     return calls
 
 
-_F16C = [isa for isa in _isas() if isa in ("avx2", "avx512") and "f16c" in toolchain.cpu_flags()]
+# the builds whose fp32 kernels read fp16 (F16C, no AMX) or bf16 (no AVX512_BF16) as it is
+_NARROW = [
+    *((isa, torch.float16) for isa in _isas() if isa in ("avx2", "avx512") and "f16c" in toolchain.cpu_flags()),
+    *((isa, torch.bfloat16) for isa in _isas() if isa == "avx2" or (isa == "avx512" and isa not in _bf16_isas())),
+]
 
 
-@pytest.mark.parametrize("isa", _F16C or [pytest.param("avx2", marks=pytest.mark.skip("no F16C"))])
+@pytest.mark.parametrize(("isa", "dtype"), _NARROW or [pytest.param("avx2", None, marks=pytest.mark.skip("no AVX2"))])
 @pytest.mark.parametrize("case", ["band", "document", "decode"])
-def test_fp16_on_f16c_reads_and_writes_fp16_in_the_fp32_kernels(
-    isa: str, case: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_fp16_and_bf16_read_and_written_as_they_are_by_the_fp32_kernels(
+    isa: str, dtype: torch.dtype, case: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Issue 17: without AMX, fp16 q, k, v go to the fp32 kernels as they are (F16C widens q rows, K's panels and V as
-    they are read; o and the gradients are rounded once to fp16): no upcast copies, none kept for the backward.
+    """Issue 17: fp16 without AMX (F16C) and bf16 without AVX512_BF16 go to the fp32 kernels as they are (q rows, K's
+    panels and V widened as they are read; the gradients rounded once to the inputs' dtype): no upcast copies, none
+    kept for the backward.
     The forward is the fp32 kernel's arithmetic on the same values (bit for bit where the kv ranges split alike),
     within half an fp16 ulp plus fp32's error of the float64 oracle; the gradients as accurate as the fp32
     backward's rounded to fp16. GQA, a ragged last block, rows that see no key, a runtime document mask, and
-    one-token decoding on an fp16 cache read in place (its kv range split across jobs). o is kept in fp32 for the
+    one-token decoding on a cache read in place (its kv range split across jobs). o is kept in fp32 for the
     backward's delta, as the upcast path keeps it (delta from o rounded to fp16 made the gradients' mean error
     1.5-2.3x the fp32 backward's)."""
     from tests.numerics import oracle
 
-    calls = half_calls(monkeypatch)
+    calls = narrow_calls(monkeypatch)
     S, Skv, D = {"band": (150, 170, 64), "document": (170, 170, 32), "decode": (1, 700, 64)}[case]
     B, H, Hkv = (1, 4, 1) if case == "decode" else (2, 4, 2)
     doc = torch.tensor([0] * 40 + [1] * 90 + [2] * 40)
@@ -719,40 +724,42 @@ def test_fp16_on_f16c_reads_and_writes_fp16_in_the_fp32_kernels(
         keep = torch.ones(S, Skv, dtype=torch.bool)
     spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=mask)
     g = torch.Generator().manual_seed(len(case))
-    q = (torch.randn(B, H, S, D, generator=g) * 2).half()
-    k, v = ((torch.randn(B, Hkv, Skv, D, generator=g) * 2).half() for _ in range(2))
-    w = torch.randn(B, H, S, D, generator=g).half().float()  # (so that dO is the same in fp16 and fp32)
+    q = (torch.randn(B, H, S, D, generator=g) * 2).to(dtype)
+    k, v = ((torch.randn(B, Hkv, Skv, D, generator=g) * 2).to(dtype) for _ in range(2))
+    w = torch.randn(B, H, S, D, generator=g).to(dtype).float()  # (so that dO is the same in fp16 and fp32)
     with config.override(cpu_isa=isa):
         kern = ac.compile(spec, target="cpu")
-        assert "fp16 inputs: read and written as fp16 (F16C)" in kern.cpu_kernel().products(D)
+        said = "fp16 inputs: read and written as fp16 (F16C)" if dtype == torch.float16 else "bf16 inputs: read and"
+        assert said in kern.cpu_kernel().products(D)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         with caplog.at_level(logging.INFO, logger="attncc.codegen.cpu"):
             out, lse = kern(*leaves, return_lse=True, **extra)
         node = out.grad_fn
         while type(node).__name__ != "CpuAttentionBackward":
             node = node.next_functions[0][0]
-        assert [t.dtype for t in node.saved_tensors[:3]] == [torch.float16] * 3  # q, k, v: no fp32 copies
+        assert [t.dtype for t in node.saved_tensors[:3]] == [dtype] * 3  # q, k, v: no fp32 copies
         ((out.float() * w).sum() + lse.sum()).backward()
         fp32 = [t.float().requires_grad_() for t in (q, k, v)]
         via32, lse32 = kern(*fp32, return_lse=True, **extra)
         ((via32 * w).sum() + lse32.sum()).backward()
     assert not [r for r in caplog.records if "upcast copies" in r.getMessage()]
     assert calls == {"forward": [True, False], "backward": [True, False]}, calls
-    assert out.dtype == torch.float16 and all(t.grad.dtype == torch.float16 for t in leaves)
-    if case != "decode":  # (decoding splits an fp16 cache's keys by their bytes: other splits than fp32's)
-        assert torch.equal(out, via32.half()) and torch.equal(lse, lse32)
+    assert out.dtype == dtype and all(t.grad.dtype == dtype for t in leaves)
+    if case != "decode":  # (decoding splits a half-precision cache's keys by their bytes: other splits than fp32's)
+        assert torch.equal(out, via32.to(dtype)) and torch.equal(lse, lse32)
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
     want, want_lse = oracle.attention(*ref_in, keep.expand(B, H, S, Skv), D**-0.5)
     ((want * w.double()).sum() + want_lse.sum()).backward()
     want_d = want.detach()
-    err, err32 = (out.detach().double() - want_d).abs(), (via32.detach().half().double() - want_d).abs()
+    err, err32 = (out.detach().double() - want_d).abs(), (via32.detach().to(dtype).double() - want_d).abs()
     top = torch.maximum(want_d.abs(), out.detach().double().abs()).clamp_min(2**-14)
-    ulp = 2.0 ** (torch.floor(torch.log2(top)) - 10)  # fp16's spacing there (the larger binade at a boundary)
+    bits = 10 if dtype == torch.float16 else 7
+    ulp = 2.0 ** (torch.floor(torch.log2(top)) - bits)  # the dtype's spacing there (the larger binade at a boundary)
     assert bool((err <= ulp / 2 + 1e-5 * float(v.abs().max())).all()), float((err - ulp / 2).max())
     assert float(err.mean()) <= 1.05 * float(err32.mean()) + 1e-7, (float(err.mean()), float(err32.mean()))
     torch.testing.assert_close(lse.double(), want_lse.detach(), atol=1e-5, rtol=1e-5)
     for got, wide, ref in zip(leaves, fp32, ref_in, strict=True):
-        e, e32 = (got.grad.double() - ref.grad).abs(), (wide.grad.half().double() - ref.grad).abs()
+        e, e32 = (got.grad.double() - ref.grad).abs(), (wide.grad.to(dtype).double() - ref.grad).abs()
         assert float(e.mean()) <= 1.05 * float(e32.mean()) + 1e-7, (float(e.mean()), float(e32.mean()))
         assert float(e.max()) <= 1.5 * float(e32.max()) + 1e-6, (float(e.max()), float(e32.max()))
 
