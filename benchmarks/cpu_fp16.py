@@ -1,11 +1,13 @@
 """fp16 inputs on the cpu target: the native path (AMX tiles on exact bf16 splits, ``CpuKernel.forward_fp16``, where
-the CPU has AMX; else the fp32 kernels reading and writing fp16 through F16C, ``CpuKernel.f16c_forward``) against the
-same kernel's fp32 path on upcast copies, attncc bf16, SDPA fp16 and FlexAttention fp16, side by side in one process;
-and the accuracy of both attncc fp16 paths against float64.
+the CPU has AMX; else the fp32 kernels reading and writing fp16 through F16C, ``CpuKernel.narrow_forward``) against
+the same kernel's fp32 path on upcast copies, attncc bf16, SDPA fp16 and FlexAttention fp16, side by side in one
+process; and the accuracy of both attncc fp16 paths against float64. ``--dtype bfloat16``: the same table for bf16
+inputs (native: AVX512_BF16 or AMX where the build has them, else the fp32 kernels widening bf16 as they read it).
 
     python benchmarks/cpu_fp16.py                                    # 4K, H=8, D=64/128, causal and sliding window
     python benchmarks/cpu_fp16.py --masks causal document --head-dims 32 64 128
     python benchmarks/cpu_fp16.py --backward                         # the backward's table instead
+    ATTNCC_CPU_ISA=avx2 python benchmarks/cpu_fp16.py --dtype bfloat16  # bf16 on a build without AVX512_BF16
 
 "fp32 path" is the same compiled kernel with its native fp16 paths switched off (fp32 on upcast copies, forward and
 backward), so the two differ only in how the products run. Times are the best of ``--reps`` rounds that call every
@@ -27,6 +29,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import attncc as ac
 
+DTYPE = torch.float16  # the inputs' (--dtype)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -35,13 +39,17 @@ def main() -> None:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--backward", action="store_true", help="time the backward instead (no FlexAttention column)")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     args = parser.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     n = args.n
     what = "backward" if args.backward else "forward"
     print(f"# B={B} H={H} N={n}; torch {torch.__version__}, {torch.get_num_threads()} threads; {what} only")
     print(
-        "| mask | D | fp16 native ms | fp16 fp32-path ms | native speedup | bf16 ms | SDPA fp16 ms | SDPA/native | "
-        + ("" if args.backward else "flex fp16 ms | flex/native | ")
+        f"| mask | D | {args.dtype} native ms | {args.dtype} fp32-path ms | native speedup | bf16 ms | "
+        + f"SDPA {args.dtype} ms | SDPA/native | "
+        + ("" if args.backward else f"flex {args.dtype} ms | flex/native | ")
         + "max err native | max err fp32 path | mean err native | mean err fp32 path |"
     )
     print("|" + "---|" * (12 if args.backward else 14))
@@ -53,7 +61,7 @@ def main() -> None:
 def row(name: str, d: int, n: int, reps: int) -> None:
     """Time the contenders on one mask and head dim and print the table row."""
     g = torch.Generator().manual_seed(d)
-    q, k, v = (torch.randn(B, H, n, d, generator=g).half() for _ in range(3))
+    q, k, v = (torch.randn(B, H, n, d, generator=g).to(DTYPE) for _ in range(3))
     extra = {"doc": doc_ids(n)} if name == "document" else {}
     native, upcast = kernels(name, n, H, d)
     q16, k16, v16 = (t.bfloat16() for t in (q, k, v))
@@ -84,8 +92,8 @@ def row(name: str, d: int, n: int, reps: int) -> None:
 def backward_row(name: str, d: int, n: int, reps: int) -> None:
     """Time the contenders' backwards on one mask and head dim and print the table row."""
     g = torch.Generator().manual_seed(d)
-    q, k, v = (torch.randn(B, H, n, d, generator=g).half() for _ in range(3))
-    do = torch.randn(B, H, n, d, generator=g).half()
+    q, k, v = (torch.randn(B, H, n, d, generator=g).to(DTYPE) for _ in range(3))
+    do = torch.randn(B, H, n, d, generator=g).to(DTYPE)
     extra = {"doc": doc_ids(n)} if name == "document" else {}
     native, upcast = kernels(name, n, H, d)
     qi, ki = torch.arange(n)[:, None], torch.arange(n)[None, :]
@@ -100,10 +108,10 @@ def backward_row(name: str, d: int, n: int, reps: int) -> None:
         return F.scaled_dot_product_attention(*qkv, attn_mask=bool_mask, is_causal=bool_mask is None)
 
     fns = {
-        "native": graph(lambda *t: native(*t, **extra), torch.float16),
-        "upcast": graph(lambda *t: upcast(*t, **extra), torch.float16),
+        "native": graph(lambda *t: native(*t, **extra), DTYPE),
+        "upcast": graph(lambda *t: upcast(*t, **extra), DTYPE),
         "bf16": graph(lambda *t: native(*t, **extra), torch.bfloat16),
-        "sdpa": graph(sdpa, torch.float16),
+        "sdpa": graph(sdpa, DTYPE),
     }
     ms = {key: t * 1e3 for key, t in interleaved(fns, reps, slow={"sdpa"}).items()}
     errs = grad_accuracy(name, n, q[:, :1], k[:, :1], v[:, :1], do=do[:, :1], extra=extra)
@@ -124,8 +132,8 @@ def kernels(name: str, n: int, heads: int, d: int) -> tuple[ac.Kernel, ac.Kernel
     native, upcast = (ac.compile(spec, target="cpu") for spec in specs)
     executable = upcast.executable("cpu")
     for kern in {executable.kernel, executable.backward_kernel}:  # (the backward's tiles may be a kernel of their own)
-        kern.native_fp16 = lambda *_: False  # (so the backward is fp32 too)
-        kern.has_f16c = False  # no F16C paths either: fp32 on upcast copies
+        kern.native_fp16 = kern.native_bf16 = lambda *_: False  # (so the backward is fp32 too)
+        kern._widens = lambda *_: False  # no fp16 or bf16 read by the fp32 kernels either: fp32 on upcast copies
     return native, upcast
 
 
