@@ -38,6 +38,7 @@ SPAN_ROWS = 128  # the backward's runs of q-blocks, up to this many rows (measur
 SPLIT_BYTES = 512 * 1024  # K and V bytes of one kv split of a GQA group's decoding jobs (fits L2 on the pool's CPUs)
 PACK_ROWS = 16  # the forward packs K for the micro-kernels when at least this many query rows read each key
 # (measured at Skv=16K, D=64: below it, e.g. one-token decoding, packing K costs more than the products gain)
+FEW_ROWS = 8  # (the runtime's) fp32 tasks of at most this many unpacked rows take its vector loops, larger ones sgemm
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 # what the fp32 kernels' ``narrow`` argument says of q, k, v (and dout, dq, dk, dv): fp32, or fp16 or bf16 to widen
@@ -227,7 +228,7 @@ class CpuKernel:
         self.hooks = self.lib.attncc_hooks()  # the spec's score-mod code, called by the runtime
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
         tail: list[Any] = [_P] * 9 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, _I, _P]
-        self.runtime.attncc_forward.argtypes = [_P] * 5 + common + tail + [_P, ctypes.c_int, ctypes.c_int]
+        self.runtime.attncc_forward.argtypes = [_P] * 5 + common + tail + [_P] + [ctypes.c_int] * 3
         self.runtime.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P, ctypes.c_int, _P, _P, _I, _P,
                                                                              ctypes.c_int]  # fmt: skip
         self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
@@ -243,7 +244,7 @@ class CpuKernel:
         self.has_amx = self.has_bf16 and bool(self.runtime.attncc_amx())  # its products on AMX tiles
         fwd_bf16 = self.runtime.attncc_forward_bf16
         fwd_bf16.argtypes = [_P] * 5 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, ctypes.c_int,
-                                                            ctypes.c_int, _P]  # fmt: skip
+                                                            ctypes.c_int, _P, ctypes.c_int]  # fmt: skip
         fwd_bf16.restype = ctypes.c_int
         bwd_bf16 = self.runtime.attncc_backward_bf16
         bwd_bf16.argtypes = [_P] * 10 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, ctypes.c_int,
@@ -397,6 +398,7 @@ class CpuKernel:
         width = 2 * self.lanes
         halves = (6 if fp16 else 2) * D * B * Hkv * (-(-Skv // width) * width)  # packed K (4 D wide split) and V
         threads = torch.get_num_threads()
+        grouped = not pack and self._grouped(q, k, heads, lists, False)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
         code = self.runtime.attncc_forward_bf16(
@@ -404,7 +406,7 @@ class CpuKernel:
             _ptr(lists.map_of), lists.map_of.shape[0], lists.map_of.shape[1], _ptr(lists.kv_ptr), _ptr(lists.kv_idx),
             _ptr(lists.kv_full), _ptr(lists.kv_rank), _ptr(lists.keep_base), keep.data_ptr(), ctypes.cast(ptrs, _P),
             _ptr(dims), threads, _ptr(heads), self.scale, workspace(-(-halves // 2)) if pack else None, self.hooks,
-            self.kv_splits(q, k, lists, threads), int(fp16), _ptr(o) if fp16 else None,
+            self.kv_splits(q, k, lists, threads, grouped), int(fp16), _ptr(o) if fp16 else None, int(grouped),
         )  # fmt: skip
         if code < 0:
             return None
@@ -491,6 +493,7 @@ class CpuKernel:
         self._tell(D)
         narrow = _NARROW[q.dtype]
         packed = self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened after K's panels)
+        grouped = not packed and self._grouped(q, k, heads, lists, tables is not None)
         o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
@@ -524,17 +527,33 @@ class CpuKernel:
             *_rope_args(tables, self.rope),
             workspace(packed) if packed else None,
             self.hooks,
-            self.kv_splits(q, k, lists, torch.get_num_threads()),
+            self.kv_splits(q, k, lists, torch.get_num_threads(), grouped),
             narrow,
+            int(grouped),
         )
         self._check(code)
         return o, lse
 
-    def kv_splits(self, q: torch.Tensor, k: torch.Tensor, lists: TileLists, threads: int) -> int:
+    def _grouped(self, q: torch.Tensor, k: torch.Tensor, heads: np.ndarray, lists: TileLists, rope: bool) -> bool:
+        """Whether the forward (unpacked: few rows per key) runs each kv head's query heads as one job, so that each
+        key is read once for all of them in its vector loops (GQA and MQA decoding: a group's rows, G x Sq, at most
+        ``FEW_ROWS``): the heads of each group are consecutive (their rows contiguous in q and o), the block map is
+        the same for every head, one q-block, no RoPE. fp32 q (vector loops up to ``FEW_ROWS`` rows, sgemm above)
+        only up to ``FEW_ROWS`` rows; fp16 and bf16 (vector loops at any rows) below ``PACK_ROWS``."""
+        _, H, Sq, D = q.shape
+        Hkv = k.shape[1]
+        if Hkv == H or rope or not self.lanes or D % self.lanes or Sq > self.bq or lists.map_of.shape[1] > 1:
+            return False
+        sizes = np.diff(heads[H : H + Hkv + 1])
+        most = FEW_ROWS if q.dtype == torch.float32 else PACK_ROWS - 1
+        return int(sizes.max()) * Sq <= most and bool((heads[H + Hkv + 1 :] == np.arange(H)).all())
+
+    def kv_splits(self, q: torch.Tensor, k: torch.Tensor, lists: TileLists, threads: int, grouped: bool = False) -> int:
         """Into how many kv ranges the forward splits each (batch, head, q-block) task, merging their (o, lse)
         exactly; each split is a job of its own. Two reasons to split: fewer tasks than threads (one head decoding
         would use one core), and GQA groups whose query heads would each stream the same K and V from memory (a
         kv head's split of at most ``SPLIT_BYTES`` of K and V is then read once for the group, by one thread).
+        ``grouped`` (``_grouped``): a group's heads are one task already, so only the first reason holds.
         At most one split per kv tile of the longest row, and 64.
 
         >>> import attncc as ac, torch
@@ -546,12 +565,14 @@ class CpuKernel:
         16
         >>> cpu.kv_splits(q[:, :1], k[:, :1], lists, threads=4)  # one head (no group) on 4 threads
         4
+        >>> cpu.kv_splits(q, k, lists, threads=2, grouped=True)  # a job per group: 2 jobs for 2 threads
+        1
         """
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
-        tasks = B * H * -(-Sq // self.bq)
+        tasks = B * (Hkv if grouped else H) * -(-Sq // self.bq)
         want = -(-threads // tasks) if tasks < threads else 1
-        if Hkv < H and Sq <= self.bq:  # one q-block per head: the group's heads read the same keys
+        if Hkv < H and Sq <= self.bq and not grouped:  # one q-block per head: the group's heads read the same keys
             want = max(want, -(-2 * Skv * D * k.element_size() // SPLIT_BYTES))
         if want == 1:
             return 1

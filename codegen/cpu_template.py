@@ -670,11 +670,65 @@ inline vf load_v(const float* x) {{ return *(const vfu*)x; }}
 inline vf load_v(const half_t* x) {{ return widen_h(x); }}
 inline vf load_v(const bf16_t* x) {{ return widen_h(x); }}
 
-// S[rows x cols] = Q K^T, Q's rows (d wide, d a multiple of VW) at q, K's rows (fp32 or fp16) at k; each key is loaded
-// once for every row (rows inner), its products along the head dim on two chains, then summed across lanes
+// The lane sums of VW vectors as one vector: e[u] holds key slot_key(u)'s products and lane j of the result is key j's
+// score (the tree's transposes scramble the slots; slot_key is chosen to unscramble them). log2(VW) levels, each
+// adding two shuffles of pairs of vectors: VW - 1 vector adds for VW keys, where lane_sum takes VW - 1 scalar adds per
+// key (one-token decoding's scores were bound by them)
+#if defined(__AVX512F__)
+constexpr int slot_key(int u) {{ return u % 4 * 4 + u / 4; }}
+constexpr int key_slot(int j) {{ return j % 4 * 4 + j / 4; }}  // (its inverse)
+__attribute__((always_inline)) inline vf sum_lanes(const vf* e) {{
+  __m512 a[8], b[4], c[2];
+  for (int u = 0; u < 8; ++u) {{  // [slot 2u's 8 partial sums | slot 2u + 1's]
+    const __m512 x = (__m512)e[2 * u], y = (__m512)e[2 * u + 1];
+    a[u] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+  }}
+  for (int u = 0; u < 4; ++u)  // 128-bit block k: slot 4u + k's 4
+    b[u] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * u], a[2 * u + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * u], a[2 * u + 1], 0xDD));
+  for (int u = 0; u < 2; ++u)  // block k: slot 8u + k's 2, then slot 8u + 4 + k's 2
+    c[u] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * u], b[2 * u + 1], 0x44),
+                         _mm512_shuffle_ps(b[2 * u], b[2 * u + 1], 0xEE));
+  // lane 4k + p: slot k + 4p, which holds key 4k + p
+  return (vf)_mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}}
+#elif defined(__AVX2__)
+constexpr int slot_key(int u) {{ return u % 2 * 4 + u / 2; }}
+constexpr int key_slot(int j) {{ return j % 4 * 2 + j / 4; }}  // (its inverse)
+__attribute__((always_inline)) inline vf sum_lanes(const vf* e) {{
+  __m256 a[4], b[2];
+  for (int u = 0; u < 4; ++u) {{  // [slot 2u's 4 partial sums | slot 2u + 1's]
+    const __m256 x = (__m256)e[2 * u], y = (__m256)e[2 * u + 1];
+    a[u] = _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
+  }}
+  for (int u = 0; u < 2; ++u)  // block k: slot 4u + k's 2, then slot 4u + 2 + k's 2
+    b[u] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * u], a[2 * u + 1], 0x44),
+                         _mm256_shuffle_ps(a[2 * u], a[2 * u + 1], 0xEE));
+  // lane 4k + p: slot k + 2p, which holds key 4k + p
+  return (vf)_mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
+}}
+#endif
+
+// S[rows x cols] = Q K^T, Q's rows (d wide, d a multiple of VW) at q, K's rows (fp32, fp16 or bf16) at k. VW keys at a
+// time per row: each key's products along the head dim in one vector, the VW vectors' lanes summed by sum_lanes (the
+// VW keys stay in L1 for the next rows); the last cols % VW keys one at a time, each loaded once for every row
 template <class T>
 inline void scores_rows(int rows, int cols, int d, const float* q, const T* k, float* s, int ld) {{
-  for (int j = 0; j < cols; ++j) {{
+  int j0 = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  for (; j0 + VW <= cols; j0 += VW)
+    for (int i = 0; i < rows; ++i) {{
+      const float* qi = q + (int64_t)i * d;
+      const T* kj = k + (int64_t)j0 * d;
+      vf e[VW];
+      for (int u = 0; u < VW; ++u) e[u] = vf{{}};
+      #pragma GCC unroll 16
+      for (int j = 0; j < VW; ++j)  // keys in memory order (the hardware prefetchers follow it), each into its slot
+        for (int x = 0; x < d; x += VW) e[key_slot(j)] += *(const vfu*)(qi + x) * load_v(kj + (int64_t)j * d + x);
+      *(vfu*)(s + i * ld + j0) = sum_lanes(e);
+    }}
+#endif
+  for (int j = j0; j < cols; ++j) {{
     const T* kj = k + (int64_t)j * d;
     for (int i = 0; i < rows; ++i) {{
       const float* qi = q + (int64_t)i * d;
@@ -690,33 +744,78 @@ inline void scores_rows(int rows, int cols, int d, const float* q, const T* k, f
   }}
 }}
 
+// out[0 .. N * VW) = out * a + p . V over cols keys (values_rows' inner loop at a constant N: no per-key checks); V's
+// rows at v (stride d), even and odd keys on separate accumulators (two FMA chains)
+template <int N, class T, class Load>
+inline void values_cols(int cols, int d, const float* p, const T* v, float* out, float a, Load load) {{
+  vf e[N], o[N];
+  for (int u = 0; u < N; ++u) {{
+    e[u] = a * *(const vfu*)(out + VW * u);
+    o[u] = vf{{}};
+  }}
+  int j = 0;
+  for (; j + 2 <= cols; j += 2) {{
+    const T* v0 = v + (int64_t)j * d;
+    for (int u = 0; u < N; ++u) {{
+      e[u] += p[j] * load(v0 + VW * u);
+      o[u] += p[j + 1] * load(v0 + d + VW * u);
+    }}
+  }}
+  if (j < cols)
+    for (int u = 0; u < N; ++u) e[u] += p[j] * load(v + (int64_t)j * d + VW * u);
+  for (int u = 0; u < N; ++u) *(vfu*)(out + VW * u) = e[u] + o[u];
+}}
+
+// values_cols on R rows at once (p's rows at stride ld, out's at stride d, their alphas at a): each V vector loaded
+// once for the R rows (a GQA group's heads in one task: keys read once), one FMA chain per accumulator
+constexpr int VR = VW == 16 ? 4 : 2;  // rows of values_cols_rows: R x 4 accumulators and the V vectors in registers
+template <int N, class T, class Load>
+inline void values_cols_rows(int cols, int d, const float* p, int ld, const T* v, float* out, const float* a,
+                             Load load) {{
+  vf e[VR][N];
+  for (int r = 0; r < VR; ++r)
+    for (int u = 0; u < N; ++u) e[r][u] = a[r] * *(const vfu*)(out + r * d + VW * u);
+  for (int j = 0; j < cols; ++j) {{
+    const T* vj = v + (int64_t)j * d;
+    vf x[N];
+    for (int u = 0; u < N; ++u) x[u] = load(vj + VW * u);
+    for (int r = 0; r < VR; ++r) {{
+      const float pr = p[r * ld + j];
+      for (int u = 0; u < N; ++u) e[r][u] += pr * x[u];
+    }}
+  }}
+  for (int r = 0; r < VR; ++r)
+    for (int u = 0; u < N; ++u) *(vfu*)(out + r * d + VW * u) = e[r][u];
+}}
+
 // acc[rows x d] = acc * alpha + P . V, P fp32 (stride ld), V's rows at v (d a multiple of VW), VW of a row's values
-// read as one fp32 vector by load (fp32: as they are; bf16: widened); per row, 4 vectors of columns at a time in
-// registers, even and odd keys on separate accumulators (two FMA chains)
+// read as one fp32 vector by load (fp32: as they are; fp16, bf16: widened); 4 vectors of columns at a time in
+// registers, VR rows at a time (values_cols_rows), the rest one by one (values_cols)
 template <class T, class Load>
 inline void values_rows(int rows, int cols, int d, const float* p, int ld, const T* v, float* acc, const float* alpha,
                         Load load) {{
-  for (int i = 0; i < rows; ++i)
+  int i0 = 0;
+  for (; i0 + VR <= rows; i0 += VR)
     for (int c0 = 0; c0 < d; c0 += 4 * VW) {{
-      const int n = min_of(4, (d - c0) / VW);
-      float* out = acc + i * d + c0;
-      vf e[4], o[4];
-      for (int u = 0; u < n; ++u) {{
-        e[u] = alpha[i] * *(const vfu*)(out + VW * u);
-        o[u] = vf{{}};
+      const float* pr = p + (int64_t)i0 * ld;
+      float* out = acc + i0 * d + c0;
+      switch (min_of(4, (d - c0) / VW)) {{
+        case 4: values_cols_rows<4>(cols, d, pr, ld, v + c0, out, alpha + i0, load); break;
+        case 3: values_cols_rows<3>(cols, d, pr, ld, v + c0, out, alpha + i0, load); break;
+        case 2: values_cols_rows<2>(cols, d, pr, ld, v + c0, out, alpha + i0, load); break;
+        default: values_cols_rows<1>(cols, d, pr, ld, v + c0, out, alpha + i0, load); break;
       }}
+    }}
+  for (int i = i0; i < rows; ++i)
+    for (int c0 = 0; c0 < d; c0 += 4 * VW) {{
       const float* pr = p + (int64_t)i * ld;
-      int j = 0;
-      for (; j + 2 <= cols; j += 2) {{
-        const T* v0 = v + (int64_t)j * d + c0;
-        for (int u = 0; u < n; ++u) {{
-          e[u] += pr[j] * load(v0 + VW * u);
-          o[u] += pr[j + 1] * load(v0 + d + VW * u);
-        }}
+      float* out = acc + i * d + c0;
+      switch (min_of(4, (d - c0) / VW)) {{
+        case 4: values_cols<4>(cols, d, pr, v + c0, out, alpha[i], load); break;
+        case 3: values_cols<3>(cols, d, pr, v + c0, out, alpha[i], load); break;
+        case 2: values_cols<2>(cols, d, pr, v + c0, out, alpha[i], load); break;
+        default: values_cols<1>(cols, d, pr, v + c0, out, alpha[i], load); break;
       }}
-      if (j < cols)
-        for (int u = 0; u < n; ++u) e[u] += pr[j] * load(v + (int64_t)j * d + c0 + VW * u);
-      for (int u = 0; u < n; ++u) *(vfu*)(out + VW * u) = e[u] + o[u];
     }}
 }}
 
@@ -812,22 +911,43 @@ inline void split_range(const int32_t* kv_ptr, int64_t row, int64_t split, int s
 // same long K and V from memory) whose partial (o, lse) merge_splits combines. Split jobs run in (b, q-block, kv
 // head, split, query head of the group) order, a group's heads in one dynamic chunk: one thread reads a split's
 // keys once from memory for all the heads that share them.
+// Grouped (group: every query head of a kv head in one job, (b, kv head, split) order): the group's rows (its heads'
+// Sq rows each, consecutive heads: contiguous in q and o) read each key once (few rows per key, CpuKernel._grouped).
 struct Jobs {{
   int64_t B, H, Hkv, Sq, D, nq, rows;
   const int64_t* HEADS;
   int splits;
+  bool group;
   Buf o, lse;  // splits x rows partial outputs (empty when unsplit)
-  Jobs(int64_t B_, int64_t H_, int64_t Hkv_, int64_t Sq_, int64_t D_, const int64_t* heads, int kv_splits)
+  Jobs(int64_t B_, int64_t H_, int64_t Hkv_, int64_t Sq_, int64_t D_, const int64_t* heads, int kv_splits,
+       bool group_ = false)
       : B(B_), H(H_), Hkv(Hkv_), Sq(Sq_), D(D_), nq((Sq_ + BQ - 1) / BQ), rows(B_ * H_ * Sq_), HEADS(heads),
-        splits(max_of(1, min_of(MAX_SPLITS, kv_splits))), o(splits > 1 ? splits * rows * D : 0),
+        splits(max_of(1, min_of(MAX_SPLITS, kv_splits))), group(group_), o(splits > 1 ? splits * rows * D : 0),
         lse(splits > 1 ? splits * rows : 0) {{}}
-  int64_t count() const {{ return B * H * nq * splits; }}
+  int64_t count() const {{ return B * (group ? Hkv : H) * nq * splits; }}
   int chunk() const {{  // a GQA group's jobs on one split
     int most = 1;
-    for (int64_t hk = 0; splits > 1 && hk < Hkv; ++hk) most = max_of(most, (int)(HEADS[H + hk + 1] - HEADS[H + hk]));
+    for (int64_t hk = 0; splits > 1 && !group && hk < Hkv; ++hk)
+      most = max_of(most, (int)(HEADS[H + hk + 1] - HEADS[H + hk]));
     return most;
   }}
+  // query heads of kv head hk (grouped jobs: the job's rows are theirs, from head ``h`` on)
+  int64_t heads_of(int64_t hk) const {{ return HEADS[H + hk + 1] - HEADS[H + hk]; }}
+  // whether the grouped jobs' layout holds: each kv head's query heads consecutive, all rows of a group in one task
+  static bool groups_fit(int64_t H, int64_t Hkv, int64_t Sq, const int64_t* HEADS) {{
+    for (int64_t h = 0; h < H; ++h)
+      if (HEADS[H + Hkv + 1 + h] != h) return false;
+    for (int64_t hk = 0; hk < Hkv; ++hk)
+      if ((HEADS[H + hk + 1] - HEADS[H + hk]) * Sq > BQ) return false;
+    return true;
+  }}
   void of(int64_t job, int64_t& b, int64_t& h, int64_t& qb, int64_t& split) const {{
+    if (group) {{  // (nq == 1) h: the group's first head; a kv head no query head reads has an empty job
+      split = job % splits, qb = 0;
+      const int64_t hk = (job / splits) % Hkv;
+      b = job / (splits * Hkv), h = heads_of(hk) ? HEADS[H + hk] : -1;
+      return;
+    }}
     if (splits == 1) {{
       qb = job % nq, h = (job / nq) % H, b = job / (nq * H), split = 0;
       return;
@@ -1458,10 +1578,23 @@ inline void gemm_bf_cols(int rows, int cols, const bf16_t* a, int64_t ai, const 
 
 // ---- few query rows per key (decoding): no packing; K and V read in place ----
 // Packing K and V costs a pass over them, more than it saves when few rows read each key (CpuKernel._packed).
-// Scores: lanes along the head dim (vdpbf16ps on a q row and a k row), each key's lanes summed; rows inner, so
-// a key is loaded once for every row of the task.
+// Scores: lanes along the head dim (vdpbf16ps on a q row and a k row), each key's lanes summed: 16 keys at a time per
+// row by sum_lanes (as scores_rows), the last cols % 16 one at a time, rows inner.
 inline void scores_rows_bf(int rows, int cols, int d, const bf16_t* q, const bf16_t* k, float* s, int ld) {{
-  for (int j = 0; j < cols; ++j) {{
+  int j0 = 0;
+  for (; j0 + 16 <= cols; j0 += 16)
+    for (int i = 0; i < rows; ++i) {{
+      const bf16_t* kj = k + (int64_t)j0 * d;
+      vf e[16];
+      for (int u = 0; u < 16; ++u) e[u] = vf{{}};
+      #pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j)  // keys in memory order, each into its slot (as scores_rows)
+        for (int x = 0; x < d; x += 32)
+          e[key_slot(j)] = (vf)_mm512_dpbf16_ps((__m512)e[key_slot(j)], (__m512bh)_mm512_loadu_si512(q + i * d + x),
+                                                (__m512bh)_mm512_loadu_si512(kj + (int64_t)j * d + x));
+      *(vfu*)(s + i * ld + j0) = sum_lanes(e);
+    }}
+  for (int j = j0; j < cols; ++j) {{
     const bf16_t* kj = k + (int64_t)j * d;
     for (int i = 0; i < rows; ++i) {{
       __m512 acc = _mm512_setzero_ps();
@@ -1797,7 +1930,7 @@ extern "C" int attncc_forward(
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, const int64_t* HEADS, float SCALE,
     const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, const void* hooks, int kv_splits,
-    int narrow) {{
+    int narrow, int group) {{
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const sgemm_t sg = (sgemm_t)sgemm;
   const Hooks& spec = *(const Hooks*)hooks;
@@ -1809,6 +1942,9 @@ extern "C" int attncc_forward(
   const void *q_n = q, *k_n = k, *v_n = v;
   if (narrow && (!SIMD || (narrow == 1 && !F16C) || ROPE || D % VW)) return -1;
   const bool half = narrow != 0;
+  // group != 0 (CpuKernel._grouped): a kv head's query heads in one job (Jobs), few rows per key, K and V in place
+  if (group && (work || !SIMD || D % VW || ROPE || nq > 1 || maps_h > 1 || !Jobs::groups_fit(H, Hkv, Sq, HEADS)))
+    return -1;
   Buf k_rot;  // prologue: K rotated once (every q-block task reads it); Q per task below
   if (ROPE) {{
     k_rot.resize(B * Hkv * Skv * D);
@@ -1833,7 +1969,7 @@ extern "C" int attncc_forward(
   const int d = (int)D;
   // kv_splits > 1 (CpuKernel.kv_splits): each task's kv tiles are split into that many ranges, one job each, whose
   // (o, lse) are merged exactly at the end (see Jobs)
-  Jobs jobs(B, H, Hkv, Sq, D, HEADS, kv_splits);
+  Jobs jobs(B, H, Hkv, Sq, D, HEADS, kv_splits, group != 0);
   const int splits = jobs.splits, chunk = jobs.chunk();
   #pragma omp parallel num_threads(threads)
   {{
@@ -1842,10 +1978,12 @@ extern "C" int attncc_forward(
     for (int64_t job = 0; job < jobs.count(); ++job) {{
       int64_t b, h, qb, split;
       jobs.of(job, b, h, qb, split);
+      if (h < 0) continue;  // (grouped: a kv head without query heads)
       const int64_t hk = HEADS[h], q0 = qb * BQ;  // HEADS: kv head of each query head, then per kv head its heads
-      const int rows = (int)min_of<int64_t>(BQ, Sq - q0);
-      // (else sgemm where not micro; fp16 inputs take the vector loops at any rows: they come unpacked only when
-      // few rows read each key, CpuKernel.f16c_forward)
+      const int64_t heads = group ? jobs.heads_of(hk) : 1;  // query heads in this job, from h on
+      const int rows = group ? (int)(heads * Sq) : (int)min_of<int64_t>(BQ, Sq - q0);
+      // (else sgemm where not micro; fp16 and bf16 inputs take the vector loops at any rows: they come unpacked
+      // only when few rows read each key, CpuKernel.narrow_forward)
       const bool few = !micro && SIMD && D % VW == 0 && (rows <= FEW_ROWS || half);
       const float* qp = half ? q_rot.data() : q + ((b * H + h) * Sq + q0) * D;
       if (half)  // prologue: this task's query rows widened into a local tile
@@ -1883,14 +2021,18 @@ extern "C" int attncc_forward(
             scores_kept(rows, up_nr(min_of(BKV, cols - u * BKV)), d, qp, d, kpp + (k0 + u * BKV) * D, d, NR,
                         s.data() + u * BKV, LDS, run_rng[u]);
         else if (micro) gemm_micro<0>(rows, up_nr(cols), d, qp, d, 1, kpp + k0 * D, d, NR, s.data(), LDS);
-        else if (few && narrow == 1) scores_rows(rows, cols, d, qp, (const half_t*)k_n + kv_at + k0 * D, s.data(), LDS);
+        else if (few && narrow == 1)
+          scores_rows(rows, cols, d, qp, (const half_t*)k_n + kv_at + k0 * D, s.data(), LDS);
         else if (few && half) scores_rows(rows, cols, d, qp, (const bf16_t*)k_n + kv_at + k0 * D, s.data(), LDS);
         else if (few) scores_rows(rows, cols, d, qp, kp + k0 * D, s.data(), LDS);
         else gemm_nt(sg, rows, cols, d, qp, d, kp + k0 * D, d, s.data(), LDS, 0.0f);
         // without a score mod the scale folds into max and exp (SCALE > 0: AttentionSpec checks); partial tiles
         // then only mask, full ones skip the scores pass
         const bool plain = full && !HAS_MOD;
-        if (!plain) tile_scores(spec, cx, SCALE, s.data(), LDS, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
+        if (!plain)  // (grouped: each head's Sq rows, the masks' rows the same for every head: maps_h == 1)
+          for (int64_t g = 0; g < heads; ++g)
+            tile_scores(spec, cx, SCALE, s.data() + g * Sq * LDS, LDS, rows / (int)heads, cols,
+                        full ? nullptr : run_keep, b, h + g, q0, k0);
         const float sc = HAS_MOD ? LOG2E : SCALE * LOG2E;  // scores to base 2; m[] is kept in base 2
         softmax_rows(s.data(), LDS, rows, cols, sc, m.data(), l.data(), alpha.data());
         if (micro && !full)
@@ -1935,10 +2077,12 @@ extern "C" int attncc_forward_bf16(
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, int threads, const int64_t* HEADS, float SCALE,
-    bf16_t* work, const void* hooks, int kv_splits, int fp16, float* o32) {{
+    bf16_t* work, const void* hooks, int kv_splits, int fp16, float* o32, int group) {{
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   if (D % NR || BKV % NR) return -1;
   const int64_t nq = (Sq + BQ - 1) / BQ;
+  // group (as in attncc_forward): a kv head's query heads in one job, few rows per key (unpacked)
+  if (group && (work || nq > 1 || maps_h > 1 || !Jobs::groups_fit(H, Hkv, Sq, HEADS))) return -1;
   const Hooks& spec = *(const Hooks*)hooks;
   const bool HAS_MOD = spec.mod_rows != nullptr;
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
@@ -1963,7 +2107,7 @@ extern "C" int attncc_forward_bf16(
   int error = 0;
   const Ctx cx{{B, H, Sq, Skv, tensors, dims, &error}};
   const int d = (int)D, dk = (int)DK;  // (dk: the scores' depth)
-  Jobs jobs(B, H, Hkv, Sq, D, HEADS, kv_splits);  // as in attncc_forward
+  Jobs jobs(B, H, Hkv, Sq, D, HEADS, kv_splits, group != 0);  // as in attncc_forward
   const int splits = jobs.splits, chunk = jobs.chunk();
   #pragma omp parallel num_threads(threads)
   {{
@@ -1975,8 +2119,10 @@ extern "C" int attncc_forward_bf16(
     for (int64_t job = 0; job < jobs.count(); ++job) {{
       int64_t b, h, qb, split;
       jobs.of(job, b, h, qb, split);
+      if (h < 0) continue;  // (grouped: a kv head without query heads)
       const int64_t hk = HEADS[h], q0 = qb * BQ;
-      const int rows = (int)min_of<int64_t>(BQ, Sq - q0), rows16 = (rows + 15) / 16 * 16;
+      const int64_t heads = group ? jobs.heads_of(hk) : 1;  // query heads in this job, from h on
+      const int rows = group ? (int)(heads * Sq) : (int)min_of<int64_t>(BQ, Sq - q0), rows16 = (rows + 15) / 16 * 16;
       const bf16_t* qp = q + ((b * H + h) * Sq + q0) * D;
       if (hilo) {{  // the block's split rows, zero past rows
         for (int i = 0; i < rows16; ++i) split_row_q(i < rows ? qp + i * D : nullptr, D, qpad.data() + i * DK);
@@ -2004,7 +2150,9 @@ extern "C" int attncc_forward_bf16(
         for (int u = 0; !full && u < span; ++u) run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
         if (!packed) {{  // few rows: in place, every column (tile_scores masks a partial tile's)
           scores_rows_bf(rows, cols, d, qp, kpp + k0 * D, s.data(), LDS);  // (unsplit: dk == d)
-          if (!plain) tile_scores(spec, cx, SCALE, s.data(), LDS, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
+          for (int64_t g = 0; !plain && g < heads; ++g)  // (grouped: each head's Sq rows, as in attncc_forward)
+            tile_scores(spec, cx, SCALE, s.data() + g * Sq * LDS, LDS, rows / (int)heads, cols,
+                        full ? nullptr : run_keep, b, h + g, q0, k0);
           softmax_rows(s.data(), LDS, rows, cols, sc, m.data(), l.data(), alpha.data());
           values_rows_bf(rows, cols, d, s.data(), LDS, vpp + k0 * D, acc.data(), alpha.data());
           continue;
@@ -2061,7 +2209,7 @@ extern "C" int attncc_forward_bf16(
   (void)q; (void)k; (void)v; (void)o; (void)lse; (void)B; (void)H; (void)Hkv; (void)Sq; (void)Skv; (void)D;
   (void)map_of; (void)maps_b; (void)maps_h; (void)kv_ptr; (void)kv_idx; (void)kv_full; (void)kv_rank;
   (void)keep_base; (void)keep; (void)tensors; (void)dims; (void)threads; (void)HEADS; (void)SCALE; (void)work;
-  (void)hooks; (void)kv_splits; (void)fp16; (void)o32;
+  (void)hooks; (void)kv_splits; (void)fp16; (void)o32; (void)group;
   return -1;
 #endif
 }}

@@ -967,13 +967,53 @@ def test_fp32_few_rows_read_keys_in_place(D: int, isa: str) -> None:
             torch.testing.assert_close(t.grad.double(), w.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("isa", [isa for isa in _isas() if isa != "portable"])  # (portable: sgemm, ungrouped)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_gqa_decoding_reads_each_key_once_per_group(dtype: torch.dtype, isa: str) -> None:
+    """Few rows per key (decoding): each kv head's query heads run as one job whose rows are all of theirs (G x Sq,
+    contiguous in q and o), so every key is read once for the group; the vector loops take VW keys at a time
+    (scores summed across lanes by a tree of shuffles) and the values VR rows at a time. Checked with a per-head
+    score mod (ALiBi: each head's rows get their own slope), partial tiles (a window's edge), a key count off the
+    vector width, uneven groups with a kv head nobody reads, and a head table whose groups are not consecutive
+    (which keeps a job per head). fp32, fp16 (F16C) and bf16 (AVX512_BF16 where the build has it, else widened)
+    against the float64 oracle."""
+    from attncc.plan import TileLists, head_index
+    from tests.numerics import oracle
+
+    skv, D = 300, 64
+    mask = ac.causal(align="bottom_right") & (ac.kv >= ac.q + 137)
+    cases = [(8, 2, 1, None, True), (6, 2, 2, None, True), (4, 1, 2, None, True), (4, 3, 1, [0, 0, 0, 2], True),
+             (4, 2, 1, [1, 0, 1, 0], False)]  # fmt: skip
+    g = torch.Generator().manual_seed(11)
+    for H, Hkv, sq, table, grouped in cases:
+        extra = {"kv_head_of": ac.tensor("kv_head_of")} if table else {}
+        spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=mask, score_mod=ac.alibi(), **extra)
+        heads = torch.tensor(table) if table else torch.arange(H) // (H // Hkv)
+        q = torch.randn(1, H, sq, D, generator=g).to(dtype)
+        k, v = (torch.randn(1, Hkv, skv, D, generator=g).to(dtype) for _ in range(2))
+        with config.override(cpu_isa=isa):
+            kern = ac.compile(spec, target="cpu")
+            lists = TileLists.of(kern.block_map(sq, skv))
+            index = head_index(H, Hkv, heads if table else None)
+            assert kern.cpu_kernel()._grouped(q, k, index, lists, False) == grouped, (H, Hkv, sq, table)
+            out, lse = kern(q, k, v, return_lse=True, **({"kv_head_of": heads} if table else {}))
+        keep = torch.tensor([[i + 137 <= j <= i + skv - sq for j in range(skv)] for i in range(sq)])
+        want, want_lse = oracle.attention(q, k[:, heads], v[:, heads], keep.expand(1, H, sq, skv), D**-0.5,
+                                          oracle.alibi_fn(H))  # fmt: skip
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol / 10)
+        torch.testing.assert_close(lse.double(), want_lse, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("table", [None, [0, 0, 0, 0, 2, 2]], ids=["gqa", "uneven"])
+@pytest.mark.parametrize("table", [None, [2, 0, 0, 2, 0, 0]], ids=["gqa", "uneven"])
 def test_gqa_decoding_splits_the_keys_per_group(dtype: torch.dtype, table: list[int] | None) -> None:
-    """GQA decoding splits each kv head's keys into ranges that one thread reads once for all the query heads of the
-    group (jobs in kv head, split, query head order); with a runtime head table the groups are uneven and a kv head
-    nobody reads has no jobs. Output and lse against the float64 oracle on k and v gathered per query head."""
-    from attncc.plan import TileLists
+    """GQA decoding whose groups cannot be one job each (here: a runtime head table whose groups are not consecutive
+    heads, uneven, with a kv head nobody reads) splits each kv head's keys into ranges that one thread reads once for
+    all the query heads of the group (jobs in kv head, split, query head order). Consecutive groups run as one job
+    per group instead (``_grouped``). Output and lse against the float64 oracle on k and v gathered per query
+    head."""
+    from attncc.plan import TileLists, head_index
     from tests.numerics import oracle
 
     heads = torch.tensor(table) if table else torch.arange(6) // 2
@@ -984,8 +1024,11 @@ def test_gqa_decoding_splits_the_keys_per_group(dtype: torch.dtype, table: list[
     sq, skv = 2, 3000
     q = torch.randn(1, 6, sq, 64, generator=g).to(dtype)
     k, v = (torch.randn(1, 3, skv, 64, generator=g).to(dtype) for _ in range(2))
-    splits = kern.cpu_kernel().kv_splits(q, k, TileLists.of(kern.block_map(sq, skv)), torch.get_num_threads())
-    assert splits > 1  # K and V of one kv head exceed a split's bytes
+    cpu, lists = kern.cpu_kernel(), TileLists.of(kern.block_map(sq, skv))
+    grouped = cpu._grouped(q, k, head_index(6, 3, heads if table else None), lists, False)
+    assert grouped == (table is None)
+    splits = cpu.kv_splits(q, k, lists, torch.get_num_threads(), grouped)
+    assert grouped or splits > 1  # K and V of one kv head exceed a split's bytes
     out, lse = kern(q, k, v, return_lse=True, **({"kv_head_of": heads} if table else {}))
     keep = torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq).expand(1, 6, sq, skv)
     want, want_lse = oracle.attention(q, k[:, heads], v[:, heads], keep, 64**-0.5)
