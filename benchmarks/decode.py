@@ -7,7 +7,9 @@ The new rows sit at the end of the keys (``causal(align="bottom_right")``; for S
 SDPA: ``scaled_dot_product_attention(..., enable_gqa=True)`` with ``is_causal=False`` for one row, else a
 bottom-right boolean mask. Best of ``--reps`` rounds, each round calling every contender once. For fp16 and bf16
 rows, "via fp32 copies" is the same kernel called on fp32 copies of q, k and v with its output cast back: what a
-half-precision call costs where no native path takes it (``--dtypes float16``: the F16C path against it).
+half-precision call costs where no native path takes it (``--dtypes float16``: the F16C path against it). "kv
+splits": the forward's jobs, each kv range of one query head, or of a GQA group's heads together (few rows per key:
+``CpuKernel.grouped_jobs``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 from cpu import interleaved  # benchmarks/cpu.py: best of rounds that call every contender once
 
 import attncc as ac
-from attncc.plan import TileLists
+from attncc.codegen.cpu import PACK_ROWS
+from attncc.plan import TileLists, head_index
 
 
 def contenders(
@@ -63,7 +66,10 @@ def main() -> None:
                 t = interleaved(contenders(kern, q, k, v, mask), args.reps)
                 cpu = kern.cpu_kernel()
                 lists = TileLists.of(kern.block_map(sq, skv))
-                splits = cpu.kv_splits(q, k, lists, torch.get_num_threads())
+                rows = sq * H // Hkv  # query rows per key: packed (micro-kernels) from PACK_ROWS on
+                grouped = rows < PACK_ROWS and cpu.grouped_jobs(q, k, head_index(H, Hkv), lists)
+                n = cpu.kv_splits(q, k, lists, torch.get_num_threads(), grouped)
+                splits = f"{n} per group" if grouped else f"{n} per head"
                 up = f"{t['upcast'] * 1e3:.2f} | {t['upcast'] / t['attncc']:.2f}x" if "upcast" in t else "- | -"
                 print(
                     f"| {dt} | {sq} | {skv} | {splits} | {t['attncc'] * 1e3:.2f} | {t['sdpa'] * 1e3:.2f} | "

@@ -398,7 +398,7 @@ class CpuKernel:
         width = 2 * self.lanes
         halves = (6 if fp16 else 2) * D * B * Hkv * (-(-Skv // width) * width)  # packed K (4 D wide split) and V
         threads = torch.get_num_threads()
-        grouped = not pack and self._grouped(q, k, heads, lists, False)
+        grouped = not pack and self.grouped_jobs(q, k, heads, lists, False)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
         code = self.runtime.attncc_forward_bf16(
@@ -493,7 +493,7 @@ class CpuKernel:
         self._tell(D)
         narrow = _NARROW[q.dtype]
         packed = self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened after K's panels)
-        grouped = not packed and self._grouped(q, k, heads, lists, tables is not None)
+        grouped = not packed and self.grouped_jobs(q, k, heads, lists, tables is not None)
         o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
@@ -534,12 +534,25 @@ class CpuKernel:
         self._check(code)
         return o, lse
 
-    def _grouped(self, q: torch.Tensor, k: torch.Tensor, heads: np.ndarray, lists: TileLists, rope: bool) -> bool:
+    def grouped_jobs(
+        self, q: torch.Tensor, k: torch.Tensor, heads: np.ndarray, lists: TileLists, rope: bool = False
+    ) -> bool:
         """Whether the forward (unpacked: few rows per key) runs each kv head's query heads as one job, so that each
-        key is read once for all of them in its vector loops (GQA and MQA decoding: a group's rows, G x Sq, at most
-        ``FEW_ROWS``): the heads of each group are consecutive (their rows contiguous in q and o), the block map is
-        the same for every head, one q-block, no RoPE. fp32 q (vector loops up to ``FEW_ROWS`` rows, sgemm above)
-        only up to ``FEW_ROWS`` rows; fp16 and bf16 (vector loops at any rows) below ``PACK_ROWS``."""
+        key is read once for all of them in its vector loops (GQA and MQA decoding: a group's rows, G x Sq): the
+        heads of each group are consecutive (their rows contiguous in q and o; ``heads``: ``head_index``), the
+        block map is the same for every head, one q-block, no RoPE. fp32 q only up to ``FEW_ROWS`` rows (the vector
+        loops; sgemm above), fp16 and bf16 (vector loops at any rows) below ``PACK_ROWS``.
+
+        >>> import attncc as ac, torch
+        >>> from attncc.plan import TileLists, head_index
+        >>> kern = ac.compile(ac.AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=64), target="cpu")
+        >>> cpu, lists = kern.cpu_kernel(), TileLists.of(kern.block_map(1, 4096))
+        >>> q, k = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 4096, 64)
+        >>> cpu.grouped_jobs(q, k, head_index(8, 2), lists) == (cpu.lanes > 0)  # 4 heads x 1 row per job
+        True
+        >>> cpu.grouped_jobs(q, k, head_index(8, 2, torch.tensor([0, 1] * 4)), lists)  # groups not consecutive
+        False
+        """
         _, H, Sq, D = q.shape
         Hkv = k.shape[1]
         if Hkv == H or rope or not self.lanes or D % self.lanes or Sq > self.bq or lists.map_of.shape[1] > 1:
@@ -553,7 +566,7 @@ class CpuKernel:
         exactly; each split is a job of its own. Two reasons to split: fewer tasks than threads (one head decoding
         would use one core), and GQA groups whose query heads would each stream the same K and V from memory (a
         kv head's split of at most ``SPLIT_BYTES`` of K and V is then read once for the group, by one thread).
-        ``grouped`` (``_grouped``): a group's heads are one task already, so only the first reason holds.
+        ``grouped`` (``grouped_jobs``): a group's heads are one task already, so only the first reason holds.
         At most one split per kv tile of the longest row, and 64.
 
         >>> import attncc as ac, torch

@@ -912,7 +912,8 @@ inline void split_range(const int32_t* kv_ptr, int64_t row, int64_t split, int s
 // head, split, query head of the group) order, a group's heads in one dynamic chunk: one thread reads a split's
 // keys once from memory for all the heads that share them.
 // Grouped (group: every query head of a kv head in one job, (b, kv head, split) order): the group's rows (its heads'
-// Sq rows each, consecutive heads: contiguous in q and o) read each key once (few rows per key, CpuKernel._grouped).
+// Sq rows each, consecutive heads: contiguous in q and o) read each key once (few rows per key,
+// CpuKernel.grouped_jobs).
 struct Jobs {{
   int64_t B, H, Hkv, Sq, D, nq, rows;
   const int64_t* HEADS;
@@ -1942,7 +1943,7 @@ extern "C" int attncc_forward(
   const void *q_n = q, *k_n = k, *v_n = v;
   if (narrow && (!SIMD || (narrow == 1 && !F16C) || ROPE || D % VW)) return -1;
   const bool half = narrow != 0;
-  // group != 0 (CpuKernel._grouped): a kv head's query heads in one job (Jobs), few rows per key, K and V in place
+  // group != 0 (CpuKernel.grouped_jobs): a kv head's query heads in one job (Jobs); few rows per key, K, V in place
   if (group && (work || !SIMD || D % VW || ROPE || nq > 1 || maps_h > 1 || !Jobs::groups_fit(H, Hkv, Sq, HEADS)))
     return -1;
   Buf k_rot;  // prologue: K rotated once (every q-block task reads it); Q per task below

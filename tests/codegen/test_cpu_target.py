@@ -995,7 +995,7 @@ def test_gqa_decoding_reads_each_key_once_per_group(dtype: torch.dtype, isa: str
             kern = ac.compile(spec, target="cpu")
             lists = TileLists.of(kern.block_map(sq, skv))
             index = head_index(H, Hkv, heads if table else None)
-            assert kern.cpu_kernel()._grouped(q, k, index, lists, False) == grouped, (H, Hkv, sq, table)
+            assert kern.cpu_kernel().grouped_jobs(q, k, index, lists, False) == grouped, (H, Hkv, sq, table)
             out, lse = kern(q, k, v, return_lse=True, **({"kv_head_of": heads} if table else {}))
         keep = torch.tensor([[i + 137 <= j <= i + skv - sq for j in range(skv)] for i in range(sq)])
         want, want_lse = oracle.attention(q, k[:, heads], v[:, heads], keep.expand(1, H, sq, skv), D**-0.5,
@@ -1011,7 +1011,7 @@ def test_gqa_decoding_splits_the_keys_per_group(dtype: torch.dtype, table: list[
     """GQA decoding whose groups cannot be one job each (here: a runtime head table whose groups are not consecutive
     heads, uneven, with a kv head nobody reads) splits each kv head's keys into ranges that one thread reads once for
     all the query heads of the group (jobs in kv head, split, query head order). Consecutive groups run as one job
-    per group instead (``_grouped``). Output and lse against the float64 oracle on k and v gathered per query
+    per group instead (``grouped_jobs``). Output and lse against the float64 oracle on k and v gathered per query
     head."""
     from attncc.plan import TileLists, head_index
     from tests.numerics import oracle
@@ -1025,7 +1025,7 @@ def test_gqa_decoding_splits_the_keys_per_group(dtype: torch.dtype, table: list[
     q = torch.randn(1, 6, sq, 64, generator=g).to(dtype)
     k, v = (torch.randn(1, 3, skv, 64, generator=g).to(dtype) for _ in range(2))
     cpu, lists = kern.cpu_kernel(), TileLists.of(kern.block_map(sq, skv))
-    grouped = cpu._grouped(q, k, head_index(6, 3, heads if table else None), lists, False)
+    grouped = cpu.grouped_jobs(q, k, head_index(6, 3, heads if table else None), lists, False)
     assert grouped == (table is None)
     splits = cpu.kv_splits(q, k, lists, torch.get_num_threads(), grouped)
     assert grouped or splits > 1  # K and V of one kv head exceed a split's bytes
