@@ -398,7 +398,7 @@ class CpuKernel:
         width = 2 * self.lanes
         halves = (6 if fp16 else 2) * D * B * Hkv * (-(-Skv // width) * width)  # packed K (4 D wide split) and V
         threads = torch.get_num_threads()
-        grouped = not pack and self.grouped_jobs(q, k, heads, lists, False)
+        grouped = not pack and self.grouped_jobs(q, k, heads if self._table(tensors) else None, lists, False)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
         code = self.runtime.attncc_forward_bf16(
@@ -493,7 +493,9 @@ class CpuKernel:
         self._tell(D)
         narrow = _NARROW[q.dtype]
         packed = self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened after K's panels)
-        grouped = not packed and self.grouped_jobs(q, k, heads, lists, tables is not None)
+        grouped = not packed and self.grouped_jobs(
+            q, k, heads if self._table(tensors) else None, lists, tables is not None
+        )
         o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
@@ -534,14 +536,19 @@ class CpuKernel:
         self._check(code)
         return o, lse
 
+    def _table(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether a runtime head table (GQA groups of any shape) comes with this call."""
+        return tensors.get(self.head_table) is not None
+
     def grouped_jobs(
-        self, q: torch.Tensor, k: torch.Tensor, heads: np.ndarray, lists: TileLists, rope: bool = False
+        self, q: torch.Tensor, k: torch.Tensor, heads: np.ndarray | None, lists: TileLists, rope: bool = False
     ) -> bool:
         """Whether the forward (unpacked: few rows per key) runs each kv head's query heads as one job, so that each
         key is read once for all of them in its vector loops (GQA and MQA decoding: a group's rows, G x Sq): the
-        heads of each group are consecutive (their rows contiguous in q and o; ``heads``: ``head_index``), the
-        block map is the same for every head, one q-block, no RoPE. fp32 q only up to ``FEW_ROWS`` rows (the vector
-        loops; sgemm above), fp16 and bf16 (vector loops at any rows) below ``PACK_ROWS``.
+        heads of each group are consecutive (their rows contiguous in q and o; ``heads``: ``head_index``, None where
+        no head table reorders them: query head h reads kv head h // (H // Hkv)), the block map is the same for
+        every head, one q-block, no RoPE. fp32 q only up to ``FEW_ROWS`` rows (the vector loops; sgemm above), fp16
+        and bf16 (vector loops at any rows) below ``PACK_ROWS``.
 
         >>> import attncc as ac, torch
         >>> from attncc.plan import TileLists, head_index
@@ -557,8 +564,10 @@ class CpuKernel:
         Hkv = k.shape[1]
         if Hkv == H or rope or not self.lanes or D % self.lanes or Sq > self.bq or lists.map_of.shape[1] > 1:
             return False
-        sizes = np.diff(heads[H : H + Hkv + 1])
         most = FEW_ROWS if q.dtype == torch.float32 else PACK_ROWS - 1
+        if heads is None:  # (decoding's common case, per call: no numpy)
+            return H // Hkv * Sq <= most
+        sizes = np.diff(heads[H : H + Hkv + 1])
         return int(sizes.max()) * Sq <= most and bool((heads[H + Hkv + 1 :] == np.arange(H)).all())
 
     def kv_splits(self, q: torch.Tensor, k: torch.Tensor, lists: TileLists, threads: int, grouped: bool = False) -> int:
