@@ -39,6 +39,11 @@ SPLIT_BYTES = 512 * 1024  # K and V bytes of one kv split of a GQA group's decod
 PACK_ROWS = 16  # the forward packs K for the micro-kernels when at least this many query rows read each key
 # (measured at Skv=16K, D=64: below it, e.g. one-token decoding, packing K costs more than the products gain)
 FEW_ROWS = 8  # (the runtime's) fp32 tasks of at most this many unpacked rows take its vector loops, larger ones sgemm
+# a GQA group's rows (G x Sq) up to which the forward runs the group as one job on K and V in place (vector loops)
+# rather than a job per head on packed K (micro-kernels). Measured (Zen 4, H=32, 8 kv heads, Skv 4K and 16K, D=64
+# and 128): at 16 rows grouping is 1.16-2.0x (bf16 at 4K, D=64: 0.80x), at 32 rows fp16 1.1-1.3x (its packed path
+# widens V in an extra pass), fp32 0.87-1.13x and bf16 0.79-1.0x, at 64 rows 0.64-0.97x
+GROUP_ROWS = {torch.float32: 16, torch.float16: 32, torch.bfloat16: 16}
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 # what the fp32 kernels' ``narrow`` argument says of q, k, v (and dout, dq, dk, dv): fp32, or fp16 or bf16 to widen
@@ -398,7 +403,8 @@ class CpuKernel:
         width = 2 * self.lanes
         halves = (6 if fp16 else 2) * D * B * Hkv * (-(-Skv // width) * width)  # packed K (4 D wide split) and V
         threads = torch.get_num_threads()
-        grouped = not pack and self.grouped_jobs(q, k, heads if self._table(tensors) else None, lists, False)
+        grouped = not fp16 and self.grouped_jobs(q, k, heads if self._table(tensors) else None, lists, False)
+        pack = pack and not grouped
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
         code = self.runtime.attncc_forward_bf16(
@@ -492,10 +498,8 @@ class CpuKernel:
         Hkv, Skv = k.shape[1], k.shape[2]
         self._tell(D)
         narrow = _NARROW[q.dtype]
-        packed = self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened after K's panels)
-        grouped = not packed and self.grouped_jobs(
-            q, k, heads if self._table(tensors) else None, lists, tables is not None
-        )
+        grouped = self.grouped_jobs(q, k, heads if self._table(tensors) else None, lists, tables is not None)
+        packed = 0 if grouped else self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened)
         o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
@@ -543,12 +547,12 @@ class CpuKernel:
     def grouped_jobs(
         self, q: torch.Tensor, k: torch.Tensor, heads: np.ndarray | None, lists: TileLists, rope: bool = False
     ) -> bool:
-        """Whether the forward (unpacked: few rows per key) runs each kv head's query heads as one job, so that each
-        key is read once for all of them in its vector loops (GQA and MQA decoding: a group's rows, G x Sq): the
-        heads of each group are consecutive (their rows contiguous in q and o; ``heads``: ``head_index``, None where
-        no head table reorders them: query head h reads kv head h // (H // Hkv)), the block map is the same for
-        every head, one q-block, no RoPE. fp32 q only up to ``FEW_ROWS`` rows (the vector loops; sgemm above), fp16
-        and bf16 (vector loops at any rows) below ``PACK_ROWS``.
+        """Whether the forward runs each kv head's query heads as one job on K and V in place, so that each key is
+        read once for all of them in its vector loops (GQA and MQA decoding, speculative decoding's few tokens): the
+        group's rows (G x Sq) are at most ``GROUP_ROWS`` for the dtype (and the q tile), the heads of each group are
+        consecutive (their rows contiguous in q and o; ``heads``: ``head_index``, None where no head table reorders
+        them: query head h reads kv head h // (H // Hkv)), the block map is the same for every head, one q-block, no
+        RoPE. Such calls pack nothing (``_packed`` is not asked).
 
         >>> import attncc as ac, torch
         >>> from attncc.plan import TileLists, head_index
@@ -564,7 +568,7 @@ class CpuKernel:
         Hkv = k.shape[1]
         if Hkv == H or rope or not self.lanes or D % self.lanes or Sq > self.bq or lists.map_of.shape[1] > 1:
             return False
-        most = FEW_ROWS if q.dtype == torch.float32 else PACK_ROWS - 1
+        most = min(GROUP_ROWS[q.dtype], self.bq)
         if heads is None:  # (decoding's common case, per call: no numpy)
             return H // Hkv * Sq <= most
         sizes = np.diff(heads[H : H + Hkv + 1])

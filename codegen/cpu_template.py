@@ -1985,7 +1985,7 @@ extern "C" int attncc_forward(
       const int rows = group ? (int)(heads * Sq) : (int)min_of<int64_t>(BQ, Sq - q0);
       // (else sgemm where not micro; fp16 and bf16 inputs take the vector loops at any rows: they come unpacked
       // only when few rows read each key, CpuKernel.narrow_forward)
-      const bool few = !micro && SIMD && D % VW == 0 && (rows <= FEW_ROWS || half);
+      const bool few = !micro && SIMD && D % VW == 0 && (rows <= FEW_ROWS || half || group);
       const float* qp = half ? q_rot.data() : q + ((b * H + h) * Sq + q0) * D;
       if (half)  // prologue: this task's query rows widened into a local tile
         widen_at(q_n, narrow, ((b * H + h) * Sq + q0) * D, q_rot.data(), rows * D);
