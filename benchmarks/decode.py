@@ -9,7 +9,8 @@ bottom-right boolean mask. Best of ``--reps`` rounds, each round calling every c
 rows, "via fp32 copies" is the same kernel called on fp32 copies of q, k and v with its output cast back: what a
 half-precision call costs where no native path takes it (``--dtypes float16``: the F16C path against it). "kv
 splits": the forward's jobs, each kv range of one query head, or of a GQA group's heads together (few rows per key:
-``CpuKernel.grouped_jobs``).
+``CpuKernel.grouped_jobs``); "job per head" is the same kernel with grouping switched off (K packed for the
+micro-kernels from 16 rows per key on).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from cpu import interleaved  # benchmarks/cpu.py: best of rounds that call every contender once
 
 import attncc as ac
-from attncc.codegen.cpu import PACK_ROWS
+from attncc.codegen import cpu as cpu_target
 from attncc.plan import TileLists, head_index
 
 
@@ -33,10 +34,22 @@ def contenders(
     found = {
         "attncc": lambda: kern(q, k, v),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+        "per_head": lambda: per_head(kern, q, k, v),
     }
     if q.dtype != torch.float32:
         found["upcast"] = lambda: kern(q.float(), k.float(), v.float()).to(q.dtype)
     return found
+
+
+def per_head(kern: ac.Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> object:
+    """The call with one job per query head (GQA groups never one job: ``CpuKernel.grouped_jobs`` says no), as
+    before grouping: K packed for the micro-kernels from ``PACK_ROWS`` rows per key on."""
+    most = cpu_target.GROUP_ROWS[q.dtype]
+    cpu_target.GROUP_ROWS[q.dtype] = 0
+    try:
+        return kern(q, k, v)
+    finally:
+        cpu_target.GROUP_ROWS[q.dtype] = most
 
 
 def main() -> None:
@@ -54,8 +67,9 @@ def main() -> None:
     kern = ac.compile(spec, target="cpu")
     print(f"# B=1 H={H} Hkv={Hkv} D={D}; torch {torch.__version__}; {platform.machine()}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    print("| dtype | Sq | Skv | kv splits | attncc ms | SDPA ms | SDPA/attncc | via fp32 copies ms | copies/attncc |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | Sq | Skv | kv splits | attncc ms | SDPA ms | SDPA/attncc | job per head ms | per head/attncc | "
+          "via fp32 copies ms | copies/attncc |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dt in args.dtypes:
         for skv in args.kv_lens:
             for sq in args.q_lens:
@@ -66,14 +80,14 @@ def main() -> None:
                 t = interleaved(contenders(kern, q, k, v, mask), args.reps)
                 cpu = kern.cpu_kernel()
                 lists = TileLists.of(kern.block_map(sq, skv))
-                rows = sq * H // Hkv  # query rows per key: packed (micro-kernels) from PACK_ROWS on
-                grouped = rows < PACK_ROWS and cpu.grouped_jobs(q, k, head_index(H, Hkv), lists)
+                grouped = cpu.grouped_jobs(q, k, head_index(H, Hkv), lists)
                 n = cpu.kv_splits(q, k, lists, torch.get_num_threads(), grouped)
                 splits = f"{n} per group" if grouped else f"{n} per head"
                 up = f"{t['upcast'] * 1e3:.2f} | {t['upcast'] / t['attncc']:.2f}x" if "upcast" in t else "- | -"
                 print(
                     f"| {dt} | {sq} | {skv} | {splits} | {t['attncc'] * 1e3:.2f} | {t['sdpa'] * 1e3:.2f} | "
-                    f"{t['sdpa'] / t['attncc']:.2f}x | {up} |"
+                    f"{t['sdpa'] / t['attncc']:.2f}x | {t['per_head'] * 1e3:.2f} | "
+                    f"{t['per_head'] / t['attncc']:.2f}x | {up} |"
                 )
 
 
