@@ -44,12 +44,12 @@ def contenders(
 def per_head(kern: ac.Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> object:
     """The call with one job per query head (GQA groups never one job: ``CpuKernel.grouped_jobs`` says no), as
     before grouping: K packed for the micro-kernels from ``PACK_ROWS`` rows per key on."""
-    most = cpu_target.GROUP_ROWS[q.dtype]
-    cpu_target.GROUP_ROWS[q.dtype] = 0
+    most, packed = cpu_target.GROUP_ROWS[q.dtype], cpu_target.GROUP_PACKED
+    cpu_target.GROUP_ROWS[q.dtype], cpu_target.GROUP_PACKED = 0, False
     try:
         return kern(q, k, v)
     finally:
-        cpu_target.GROUP_ROWS[q.dtype] = most
+        cpu_target.GROUP_ROWS[q.dtype], cpu_target.GROUP_PACKED = most, packed
 
 
 def main() -> None:
@@ -80,7 +80,11 @@ def main() -> None:
                 t = interleaved(contenders(kern, q, k, v, mask), args.reps)
                 cpu = kern.cpu_kernel()
                 lists = TileLists.of(kern.block_map(sq, skv))
-                grouped = cpu.grouped_jobs(q, k, head_index(H, Hkv), lists)
+                index = head_index(H, Hkv)  # (bf16 with AVX512_BF16: its own forward, groups only in place)
+                micro = cpu.products(D).startswith("micro") and not (q.dtype == torch.bfloat16 and cpu.has_bf16)
+                grouped = cpu.grouped_jobs(q, k, index, lists) or (
+                    micro and cpu.grouped_jobs(q, k, index, lists, packed=True)
+                )
                 n = cpu.kv_splits(q, k, lists, torch.get_num_threads(), grouped)
                 splits = f"{n} per group" if grouped else f"{n} per head"
                 up = f"{t['upcast'] * 1e3:.2f} | {t['upcast'] / t['attncc']:.2f}x" if "upcast" in t else "- | -"

@@ -44,6 +44,7 @@ FEW_ROWS = 8  # (the runtime's) fp32 tasks of at most this many unpacked rows ta
 # and 128): at 16 rows grouping is 1.16-2.0x (bf16 at 4K, D=64: 0.80x), at 32 rows fp16 1.1-1.3x (its packed path
 # widens V in an extra pass), fp32 0.87-1.13x and bf16 0.79-1.0x, at 64 rows 0.64-0.97x
 GROUP_ROWS = {torch.float32: 16, torch.float16: 32, torch.bfloat16: 16}
+GROUP_PACKED = True  # larger groups (up to a q tile) as one register-blocked task on packed K (fp32 forward)
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 # what the fp32 kernels' ``narrow`` argument says of q, k, v (and dout, dq, dk, dv): fp32, or fp16 or bf16 to widen
@@ -498,8 +499,11 @@ class CpuKernel:
         Hkv, Skv = k.shape[1], k.shape[2]
         self._tell(D)
         narrow = _NARROW[q.dtype]
-        grouped = self.grouped_jobs(q, k, heads if self._table(tensors) else None, lists, tables is not None)
-        packed = 0 if grouped else self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened)
+        table = heads if self._table(tensors) else None
+        in_place = self.grouped_jobs(q, k, table, lists, tables is not None)  # (K and V read in place)
+        micro = self.products(D).startswith("micro")
+        grouped = in_place or (micro and self.grouped_jobs(q, k, table, lists, tables is not None, packed=True))
+        packed = 0 if in_place else self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened)
         o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         _keep_alive, ptrs, dims = self.pack(tensors)
@@ -545,14 +549,22 @@ class CpuKernel:
         return tensors.get(self.head_table) is not None
 
     def grouped_jobs(
-        self, q: torch.Tensor, k: torch.Tensor, heads: np.ndarray | None, lists: TileLists, rope: bool = False
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        heads: np.ndarray | None,
+        lists: TileLists,
+        rope: bool = False,
+        packed: bool = False,
     ) -> bool:
         """Whether the forward runs each kv head's query heads as one job on K and V in place, so that each key is
         read once for all of them in its vector loops (GQA and MQA decoding, speculative decoding's few tokens): the
         group's rows (G x Sq) are at most ``GROUP_ROWS`` for the dtype (and the q tile), the heads of each group are
         consecutive (their rows contiguous in q and o; ``heads``: ``head_index``, None where no head table reorders
         them: query head h reads kv head h // (H // Hkv)), the block map is the same for every head, one q-block, no
-        RoPE. Such calls pack nothing (``_packed`` is not asked).
+        RoPE. Such calls pack nothing (``_packed`` is not asked). ``packed``: whether the group may instead be one
+        register-blocked task on packed K (the fp32 forward's micro-kernels), its rows then up to a q tile
+        (``GROUP_PACKED``).
 
         >>> import attncc as ac, torch
         >>> from attncc.plan import TileLists, head_index
@@ -568,7 +580,7 @@ class CpuKernel:
         Hkv = k.shape[1]
         if Hkv == H or rope or not self.lanes or D % self.lanes or Sq > self.bq or lists.map_of.shape[1] > 1:
             return False
-        most = min(GROUP_ROWS[q.dtype], self.bq)
+        most = self.bq if packed and GROUP_PACKED else min(GROUP_ROWS[q.dtype], self.bq)
         if heads is None:  # (decoding's common case, per call: no numpy)
             return H // Hkv * Sq <= most
         sizes = np.diff(heads[H : H + Hkv + 1])

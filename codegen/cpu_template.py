@@ -1943,9 +1943,9 @@ extern "C" int attncc_forward(
   const void *q_n = q, *k_n = k, *v_n = v;
   if (narrow && (!SIMD || (narrow == 1 && !F16C) || ROPE || D % VW)) return -1;
   const bool half = narrow != 0;
-  // group != 0 (CpuKernel.grouped_jobs): a kv head's query heads in one job (Jobs); few rows per key, K, V in place
-  if (group && (work || !SIMD || D % VW || ROPE || nq > 1 || maps_h > 1 || !Jobs::groups_fit(H, Hkv, Sq, HEADS)))
-    return -1;
+  // group != 0 (CpuKernel.grouped_jobs): a kv head's query heads in one job (Jobs): with K and V in place (few rows
+  // per key, vector loops) or on packed K (micro-kernels: the group's rows are one register-blocked task)
+  if (group && (!SIMD || D % VW || ROPE || nq > 1 || maps_h > 1 || !Jobs::groups_fit(H, Hkv, Sq, HEADS))) return -1;
   Buf k_rot;  // prologue: K rotated once (every q-block task reads it); Q per task below
   if (ROPE) {{
     k_rot.resize(B * Hkv * Skv * D);
@@ -1975,6 +1975,7 @@ extern "C" int attncc_forward(
   #pragma omp parallel num_threads(threads)
   {{
     Buf s(BQ * LDS), acc(BQ * D), m(BQ), l(BQ), alpha(BQ), q_rot(ROPE || half ? BQ * D : 0);
+    std::vector<int16_t> group_rng(group && micro ? SPAN * 2 * BQ : 0);  // partial tiles' row ranges, per group row
     #pragma omp for schedule(dynamic, chunk)
     for (int64_t job = 0; job < jobs.count(); ++job) {{
       int64_t b, h, qb, split;
@@ -2016,6 +2017,14 @@ extern "C" int attncc_forward(
           for (int u = 0; u < span; ++u) {{
             run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
             run_rng[u] = kept_ranges(run_keep[u]);
+            if (group && micro && heads > 1) {{  // (grouped rows: head g's row i is row i of the q-block)
+              int16_t* to = group_rng.data() + u * 2 * BQ;
+              for (int r = 0; r < rows; ++r) {{
+                to[2 * r] = run_rng[u][2 * (r % Sq)];
+                to[2 * r + 1] = run_rng[u][2 * (r % Sq) + 1];
+              }}
+              run_rng[u] = to;
+            }}
           }}
         if (micro && !full)  // partial tiles: only the column panels some row keeps
           for (int u = 0; u < span; ++u)

@@ -973,21 +973,24 @@ def test_gqa_decoding_reads_each_key_once_per_group(dtype: torch.dtype, isa: str
     """Few rows per key (decoding): each kv head's query heads run as one job whose rows are all of theirs (G x Sq,
     contiguous in q and o; up to 16 rows, fp16 32), so every key is read once for the group; the vector loops take
     VW keys at a time (scores summed across lanes by a tree of shuffles) and the values VR rows at a time (a block
-    of 4 and a remainder at 6 rows). Checked with a per-head
-    score mod (ALiBi: each head's rows get their own slope), partial tiles (a window's edge), a key count off the
-    vector width, uneven groups with a kv head nobody reads, and a head table whose groups are not consecutive
-    (which keeps a job per head). fp32, fp16 (F16C) and bf16 (AVX512_BF16 where the build has it, else widened)
-    against the float64 oracle."""
+    of 4 and a remainder at 6 rows). Larger groups (64 rows here) are one register-blocked task on packed K in the
+    fp32 forward (fp32, fp16 widened), each partial tile's kept ranges laid out per group row. Checked with a
+    per-head score mod (ALiBi: each head's rows get their own slope), partial tiles (a window's edge), a key count
+    off the vector width, uneven groups with a kv head nobody reads, and a head table whose groups are not
+    consecutive (which keeps a job per head). fp32, fp16 (F16C) and bf16 (AVX512_BF16 where the build has it,
+    else widened) against the float64 oracle."""
     from attncc.plan import TileLists, head_index
     from tests.numerics import oracle
 
     skv, D = 300, 64
     mask = ac.causal(align="bottom_right") & (ac.kv >= ac.q + 137)
     fp16 = dtype == torch.float16  # (groups of up to 32 rows; 16 for the others)
-    cases = [(8, 2, 1, None, True), (6, 2, 2, None, True), (4, 1, 2, None, True), (4, 3, 1, [0, 0, 0, 2], True),
-             (4, 2, 1, [1, 0, 1, 0], False), (8, 2, 4, None, True), (8, 1, 4, None, fp16)]  # fmt: skip
+    # (H, Hkv, Sq, head table, a group is one job on K and V in place, or (larger) one task on packed K)
+    cases = [(8, 2, 1, None, True, True), (6, 2, 2, None, True, True), (4, 1, 2, None, True, True),
+             (4, 3, 1, [0, 0, 0, 2], True, True), (4, 2, 1, [1, 0, 1, 0], False, False), (8, 2, 4, None, True, True),
+             (8, 1, 4, None, fp16, True), (16, 2, 8, None, False, True)]  # fmt: skip
     g = torch.Generator().manual_seed(11)
-    for H, Hkv, sq, table, grouped in cases:
+    for H, Hkv, sq, table, grouped, packed in cases:
         extra = {"kv_head_of": ac.tensor("kv_head_of")} if table else {}
         spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=mask, score_mod=ac.alibi(), **extra)
         heads = torch.tensor(table) if table else torch.arange(H) // (H // Hkv)
@@ -998,6 +1001,7 @@ def test_gqa_decoding_reads_each_key_once_per_group(dtype: torch.dtype, isa: str
             lists = TileLists.of(kern.block_map(sq, skv))
             index = head_index(H, Hkv, heads if table else None)
             assert kern.cpu_kernel().grouped_jobs(q, k, index, lists, False) == grouped, (H, Hkv, sq, table)
+            assert kern.cpu_kernel().grouped_jobs(q, k, index, lists, False, packed=True) == packed
             out, lse = kern(q, k, v, return_lse=True, **({"kv_head_of": heads} if table else {}))
         keep = torch.tensor([[i + 137 <= j <= i + skv - sq for j in range(skv)] for i in range(sq)])
         want, want_lse = oracle.attention(q, k[:, heads], v[:, heads], keep.expand(1, H, sq, skv), D**-0.5,
