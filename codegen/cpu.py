@@ -476,6 +476,8 @@ class CpuKernel:
         return keep, ptrs, dims
 
     def _check(self, code: int) -> None:
+        if code < 0:  # the runtime refused a layout this side asked for (narrow inputs, grouped jobs): a bug here
+            raise LoweringError(f"{self.runtime_path.name} refused the call's layout (dtype, head dim or job grouping)")
         if code:
             t = self.tensors[code - 1]
             raise SpecError(
