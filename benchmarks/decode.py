@@ -25,7 +25,7 @@ from cpu import interleaved  # benchmarks/cpu.py: best of rounds that call every
 
 import attncc as ac
 from attncc.codegen import cpu as cpu_target
-from attncc.plan import TileLists, head_index
+from attncc.plan import TileLists
 
 
 def contenders(
@@ -80,11 +80,10 @@ def main() -> None:
                 t = interleaved(contenders(kern, q, k, v, mask), args.reps)
                 cpu = kern.cpu_kernel()
                 lists = TileLists.of(kern.block_map(sq, skv))
-                index = head_index(H, Hkv)  # (bf16 with AVX512_BF16: its own forward, groups only in place)
-                micro = cpu.products(D).startswith("micro") and not (q.dtype == torch.bfloat16 and cpu.has_bf16)
-                grouped = cpu.grouped_jobs(q, k, index, lists) or (
-                    micro and cpu.grouped_jobs(q, k, index, lists, packed=True)
-                )
+                if q.dtype == torch.bfloat16 and cpu.has_bf16:  # (its own forward: groups only in place)
+                    grouped = cpu.grouped_jobs(q, k, None, lists)
+                else:
+                    grouped, _ = cpu.fp32_jobs(q, k, None, lists)
                 n = cpu.kv_splits(q, k, lists, torch.get_num_threads(), grouped)
                 splits = f"{n} per group" if grouped else f"{n} per head"
                 up = f"{t['upcast'] * 1e3:.2f} | {t['upcast'] / t['attncc']:.2f}x" if "upcast" in t else "- | -"

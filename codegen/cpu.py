@@ -38,7 +38,6 @@ SPAN_ROWS = 128  # the backward's runs of q-blocks, up to this many rows (measur
 SPLIT_BYTES = 512 * 1024  # K and V bytes of one kv split of a GQA group's decoding jobs (fits L2 on the pool's CPUs)
 PACK_ROWS = 16  # the forward packs K for the micro-kernels when at least this many query rows read each key
 # (measured at Skv=16K, D=64: below it, e.g. one-token decoding, packing K costs more than the products gain)
-FEW_ROWS = 8  # (the runtime's) fp32 tasks of at most this many unpacked rows take its vector loops, larger ones sgemm
 # a GQA group's rows (G x Sq) up to which the forward runs the group as one job on K and V in place (vector loops)
 # rather than a job per head on packed K (micro-kernels). Measured (Zen 4, H=32, 8 kv heads, Skv 4K and 16K, D=64
 # and 128): at 16 rows grouping is 1.16-2.0x (bf16 at 4K, D=64: 0.80x), at 32 rows fp16 1.1-1.3x (its packed path
@@ -501,10 +500,7 @@ class CpuKernel:
         Hkv, Skv = k.shape[1], k.shape[2]
         self._tell(D)
         narrow = _NARROW[q.dtype]
-        table = heads if self._table(tensors) else None
-        in_place = self.grouped_jobs(q, k, table, lists, tables is not None)  # (K and V read in place)
-        micro = self.products(D).startswith("micro")
-        grouped = in_place or (micro and self.grouped_jobs(q, k, table, lists, tables is not None, packed=True))
+        grouped, in_place = self.fp32_jobs(q, k, heads if self._table(tensors) else None, lists, tables is not None)
         packed = 0 if in_place else self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened)
         o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
@@ -578,15 +574,36 @@ class CpuKernel:
         >>> cpu.grouped_jobs(q, k, head_index(8, 2, torch.tensor([0, 1] * 4)), lists)  # groups not consecutive
         False
         """
+        rows = self._group_rows(q, k, heads, lists, rope)
+        return 0 < rows <= (self.bq if packed and GROUP_PACKED else min(GROUP_ROWS[q.dtype], self.bq))
+
+    def fp32_jobs(
+        self, q: torch.Tensor, k: torch.Tensor, heads: np.ndarray | None, lists: TileLists, rope: bool = False
+    ) -> tuple[bool, bool]:
+        """(grouped, in place) of the fp32 forward (``forward``: fp32, and fp16 or bf16 it widens): whether its jobs
+        are whole GQA groups (``grouped_jobs``), and whether on K and V in place (else on packed K, where the
+        micro-kernels fit the head dim)."""
+        rows = self._group_rows(q, k, heads, lists, rope)
+        in_place = 0 < rows <= min(GROUP_ROWS[q.dtype], self.bq)
+        micro = self.products(q.shape[3]).startswith("micro")
+        return in_place or (micro and GROUP_PACKED and 0 < rows <= self.bq), in_place
+
+    def _group_rows(
+        self, q: torch.Tensor, k: torch.Tensor, heads: np.ndarray | None, lists: TileLists, rope: bool
+    ) -> int:
+        """The largest GQA group's rows (G x Sq) where the forward's jobs may be whole groups (``grouped_jobs``), else
+        0; at most a q tile."""
         _, H, Sq, D = q.shape
         Hkv = k.shape[1]
         if Hkv == H or rope or not self.lanes or D % self.lanes or Sq > self.bq or lists.map_of.shape[1] > 1:
-            return False
-        most = self.bq if packed and GROUP_PACKED else min(GROUP_ROWS[q.dtype], self.bq)
+            return 0
         if heads is None:  # (decoding's common case, per call: no numpy)
-            return H // Hkv * Sq <= most
-        sizes = np.diff(heads[H : H + Hkv + 1])
-        return int(sizes.max()) * Sq <= most and bool((heads[H + Hkv + 1 :] == np.arange(H)).all())
+            rows = H // Hkv * Sq
+        elif bool((heads[H + Hkv + 1 :] == np.arange(H)).all()):
+            rows = int(np.diff(heads[H : H + Hkv + 1]).max()) * Sq
+        else:
+            return 0
+        return rows if rows <= self.bq else 0
 
     def kv_splits(self, q: torch.Tensor, k: torch.Tensor, lists: TileLists, threads: int, grouped: bool = False) -> int:
         """Into how many kv ranges the forward splits each (batch, head, q-block) task, merging their (o, lse)

@@ -934,6 +934,11 @@ struct Jobs {{
   }}
   // query heads of kv head hk (grouped jobs: the job's rows are theirs, from head ``h`` on)
   int64_t heads_of(int64_t hk) const {{ return HEADS[H + hk + 1] - HEADS[H + hk]; }}
+  // a job's query heads (from h on: 1 unless grouped) and rows (q-block rows from q0, of each of those heads)
+  void rows_of(int64_t hk, int64_t q0, int64_t& heads, int& rows) const {{
+    heads = group ? heads_of(hk) : 1;
+    rows = group ? (int)(heads * Sq) : (int)min_of<int64_t>(BQ, Sq - q0);
+  }}
   // whether the grouped jobs' layout holds: each kv head's query heads consecutive, all rows of a group in one task
   static bool groups_fit(int64_t H, int64_t Hkv, int64_t Sq, const int64_t* HEADS) {{
     for (int64_t h = 0; h < H; ++h)
@@ -1917,6 +1922,15 @@ inline void tile_scores(const Hooks& spec, const Ctx& cx, float SCALE, float* s,
     }}
 }}
 
+// tile_scores on a job's rows, head by head: ``heads`` query heads from h on, each with rows / heads rows of the
+// q-block from q0 (grouped jobs; the keep records' rows are the same for every head: one block map for all)
+inline void tile_scores_heads(const Hooks& spec, const Ctx& cx, float SCALE, float* s, int ld, int64_t heads, int rows,
+                              int cols, const uint8_t* const* keep, int64_t b, int64_t h, int64_t q0, int64_t k0) {{
+  const int per = rows / (int)heads;
+  for (int64_t g = 0; g < heads; ++g)
+    tile_scores(spec, cx, SCALE, s + g * per * ld, ld, per, cols, keep, b, h + g, q0, k0);
+}}
+
 }}  // namespace
 
 // ---- attncc: next translation unit ----
@@ -1982,8 +1996,9 @@ extern "C" int attncc_forward(
       jobs.of(job, b, h, qb, split);
       if (h < 0) continue;  // (grouped: a kv head without query heads)
       const int64_t hk = HEADS[h], q0 = qb * BQ;  // HEADS: kv head of each query head, then per kv head its heads
-      const int64_t heads = group ? jobs.heads_of(hk) : 1;  // query heads in this job, from h on
-      const int rows = group ? (int)(heads * Sq) : (int)min_of<int64_t>(BQ, Sq - q0);
+      int64_t heads;  // query heads in this job, from h on
+      int rows;
+      jobs.rows_of(hk, q0, heads, rows);
       // (else sgemm where not micro; fp16 and bf16 inputs take the vector loops at any rows: they come unpacked
       // only when few rows read each key, CpuKernel.narrow_forward)
       const bool few = !micro && SIMD && D % VW == 0 && (rows <= FEW_ROWS || half || group);
@@ -2039,10 +2054,8 @@ extern "C" int attncc_forward(
         // without a score mod the scale folds into max and exp (SCALE > 0: AttentionSpec checks); partial tiles
         // then only mask, full ones skip the scores pass
         const bool plain = full && !HAS_MOD;
-        if (!plain)  // (grouped: each head's Sq rows, the masks' rows the same for every head: maps_h == 1)
-          for (int64_t g = 0; g < heads; ++g)
-            tile_scores(spec, cx, SCALE, s.data() + g * Sq * LDS, LDS, rows / (int)heads, cols,
-                        full ? nullptr : run_keep, b, h + g, q0, k0);
+        if (!plain)
+          tile_scores_heads(spec, cx, SCALE, s.data(), LDS, heads, rows, cols, full ? nullptr : run_keep, b, h, q0, k0);
         const float sc = HAS_MOD ? LOG2E : SCALE * LOG2E;  // scores to base 2; m[] is kept in base 2
         softmax_rows(s.data(), LDS, rows, cols, sc, m.data(), l.data(), alpha.data());
         if (micro && !full)
@@ -2131,8 +2144,10 @@ extern "C" int attncc_forward_bf16(
       jobs.of(job, b, h, qb, split);
       if (h < 0) continue;  // (grouped: a kv head without query heads)
       const int64_t hk = HEADS[h], q0 = qb * BQ;
-      const int64_t heads = group ? jobs.heads_of(hk) : 1;  // query heads in this job, from h on
-      const int rows = group ? (int)(heads * Sq) : (int)min_of<int64_t>(BQ, Sq - q0), rows16 = (rows + 15) / 16 * 16;
+      int64_t heads;  // query heads in this job, from h on
+      int rows;
+      jobs.rows_of(hk, q0, heads, rows);
+      const int rows16 = (rows + 15) / 16 * 16;
       const bf16_t* qp = q + ((b * H + h) * Sq + q0) * D;
       if (hilo) {{  // the block's split rows, zero past rows
         for (int i = 0; i < rows16; ++i) split_row_q(i < rows ? qp + i * D : nullptr, D, qpad.data() + i * DK);
@@ -2160,9 +2175,9 @@ extern "C" int attncc_forward_bf16(
         for (int u = 0; !full && u < span; ++u) run_keep[u] = tile_record(keep, keep_base, pair, kv_rank[t + u]);
         if (!packed) {{  // few rows: in place, every column (tile_scores masks a partial tile's)
           scores_rows_bf(rows, cols, d, qp, kpp + k0 * D, s.data(), LDS);  // (unsplit: dk == d)
-          for (int64_t g = 0; !plain && g < heads; ++g)  // (grouped: each head's Sq rows, as in attncc_forward)
-            tile_scores(spec, cx, SCALE, s.data() + g * Sq * LDS, LDS, rows / (int)heads, cols,
-                        full ? nullptr : run_keep, b, h + g, q0, k0);
+          if (!plain)
+            tile_scores_heads(spec, cx, SCALE, s.data(), LDS, heads, rows, cols, full ? nullptr : run_keep, b, h, q0,
+                              k0);
           softmax_rows(s.data(), LDS, rows, cols, sc, m.data(), l.data(), alpha.data());
           values_rows_bf(rows, cols, d, s.data(), LDS, vpp + k0 * D, acc.data(), alpha.data());
           continue;
