@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import sympy
@@ -336,6 +336,17 @@ class TileLists:
             keep_base,
             int(counts.sum()),
         )
+
+    @functools.cached_property
+    def addresses(self) -> dict[str, int]:
+        """Each list's data address, as the cpu runtime takes them: read once per lists (numpy's ``.ctypes.data``
+        costs about a microsecond, and a call passes ten; static masks reuse their lists call after call)."""
+        return {f.name: getattr(self, f.name).ctypes.data for f in fields(self) if f.name != "keep_tiles"}
+
+    @functools.cached_property
+    def longest_kv_row(self) -> int:
+        """The most kv blocks any (map, q-block) row computes."""
+        return int(np.diff(self.kv_ptr).max()) if len(self.kv_ptr) > 1 else 1
 
 
 def head_index(num_heads: int, num_kv_heads: int, table: torch.Tensor | None = None) -> np.ndarray:

@@ -73,6 +73,8 @@ def size_env(spec: AttentionSpec, shape: CallShape) -> dict[sympy.Basic, int]:
 
 
 def check_requires(spec: AttentionSpec, shape: CallShape) -> None:
+    if not spec.requires:
+        return
     env = size_env(spec, shape)
     for cond, message in spec.requires:
         if cond.subs(env) != sympy.true:
@@ -88,6 +90,8 @@ def check_tensors(
 ) -> dict[str, torch.Tensor]:
     """The runtime tensors to pass to a kernel (captured ones included), all validated; ``names``: only these
     are required (the mask's, for a block map), the spec's others are accepted and left out."""
+    if not given and not spec.captured and not spec.runtime_tensors():
+        return {}  # (most calls: nothing to check, and the checks below cost ~10 us)
     wanted = {t.name: t for t in spec.runtime_tensors() if names is None or t.name in names}
     given = {n: t for n, t in given.items() if n in wanted or n not in {d.name for d in spec.runtime_tensors()}}
     missing, unknown = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))

@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -209,6 +209,28 @@ def _ptr(a: np.ndarray | torch.Tensor) -> int:
     return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
 
 
+def _heads(num_heads: int, num_kv_heads: int, table: torch.Tensor | None) -> tuple[np.ndarray, int]:
+    """``head_index`` and its address (both kept from call to call where no table reorders the heads)."""
+    if table is None:
+        return _grouped_heads(num_heads, num_kv_heads)
+    heads = head_index(num_heads, num_kv_heads, table)
+    return heads, heads.ctypes.data
+
+
+@functools.lru_cache(maxsize=64)
+def _grouped_heads(num_heads: int, num_kv_heads: int) -> tuple[np.ndarray, int]:
+    heads = head_index(num_heads, num_kv_heads)
+    return heads, heads.ctypes.data
+
+
+class Packed(NamedTuple):
+    """A call's runtime-tensor arguments (``CpuKernel.pack``)."""
+
+    keep: Any  # the tensors and arrays that the addresses point into
+    ptrs: int  # void*[n]: each runtime tensor's data
+    dims: int  # int64[4 n]: each runtime tensor's shape
+
+
 class CpuKernel:
     """A compiled cpu kernel: ``forward`` and ``backward`` on float32 CPU tensors."""
 
@@ -262,6 +284,8 @@ class CpuKernel:
         self._told: set[int] = set()
         self._upcast_told: set[tuple[str, int, bool]] = set()
         self._fp32_backward_told: set[tuple[bool, int]] = set()  # (fp16, head dim)s whose fallback was logged
+        self._products: dict[int, str] = {}  # products() per head dim (asked several times a call)
+        self._no_tensors: Packed | None = None  # pack() of a kernel that reads no runtime tensors, made once
 
     def products(self, head_dim: int) -> str:
         """How this kernel computes its block products at ``head_dim``: register-blocked micro-kernels
@@ -275,6 +299,11 @@ class CpuKernel:
         >>> kern.cpu_kernel().products(8).startswith("blas")  # 8 columns: narrower than any register block
         True
         """
+        if head_dim not in self._products:
+            self._products[head_dim] = self._describe_products(head_dim)
+        return self._products[head_dim]
+
+    def _describe_products(self, head_dim: int) -> str:
         width = 2 * self.lanes
         if not self.lanes:
             return "blas: this build has no FMA vector unit (no AVX2+FMA or AVX-512)"
@@ -399,19 +428,20 @@ class CpuKernel:
         where the runtime declines (no bf16 products, or fp16 inputs without AMX tiles)."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
-        heads = head_index(H, Hkv, tensors.get(self.head_table))
+        heads, heads_at = _heads(H, Hkv, tensors.get(self.head_table))
         width = 2 * self.lanes
         halves = (6 if fp16 else 2) * D * B * Hkv * (-(-Skv // width) * width)  # packed K (4 D wide split) and V
         threads = torch.get_num_threads()
         grouped = not fp16 and self.grouped_jobs(q, k, heads if self._table(tensors) else None, lists, False)
         pack = pack and not grouped
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
-        _keep_alive, ptrs, dims = self.pack(tensors)
+        rt = self.pack(tensors)
+        at = lists.addresses
         code = self.runtime.attncc_forward_bf16(
             _ptr(q), _ptr(k), _ptr(v), None if fp16 else _ptr(o), _ptr(lse), B, H, Hkv, Sq, Skv, D,
-            _ptr(lists.map_of), lists.map_of.shape[0], lists.map_of.shape[1], _ptr(lists.kv_ptr), _ptr(lists.kv_idx),
-            _ptr(lists.kv_full), _ptr(lists.kv_rank), _ptr(lists.keep_base), keep.data_ptr(), ctypes.cast(ptrs, _P),
-            _ptr(dims), threads, _ptr(heads), self.scale, workspace(-(-halves // 2)) if pack else None, self.hooks,
+            at["map_of"], lists.map_of.shape[0], lists.map_of.shape[1], at["kv_ptr"], at["kv_idx"],
+            at["kv_full"], at["kv_rank"], at["keep_base"], keep.data_ptr(), rt.ptrs,
+            rt.dims, threads, heads_at, self.scale, workspace(-(-halves // 2)) if pack else None, self.hooks,
             self.kv_splits(q, k, lists, threads, grouped), int(fp16), _ptr(o) if fp16 else None, int(grouped),
         )  # fmt: skip
         if code < 0:
@@ -444,35 +474,44 @@ class CpuKernel:
         column range [lo, hi) and each column's kept row range as two int16), from one pass of mask code."""
         B, H, Sq, Skv = shape
         keep = torch.empty(max(1, lists.keep_tiles) * self.tile_bytes, dtype=torch.uint8)
-        _keep_alive, ptrs, dims = self.pack(tensors)
+        rt = self.pack(tensors)
+        at = lists.addresses
         code = self.lib.attncc_masks(
             keep.data_ptr(),
             B,
             H,
             Sq,
             Skv,
-            _ptr(lists.map_of),
+            at["map_of"],
             lists.map_of.shape[0],
             lists.map_of.shape[1],
-            _ptr(lists.kv_ptr),
-            _ptr(lists.kv_idx),
-            _ptr(lists.kv_rank),
-            _ptr(lists.keep_base),
-            ctypes.cast(ptrs, _P),
-            _ptr(dims),
+            at["kv_ptr"],
+            at["kv_idx"],
+            at["kv_rank"],
+            at["keep_base"],
+            rt.ptrs,
+            rt.dims,
             torch.get_num_threads(),
         )
         self._check(code)
         return keep
 
-    def pack(self, tensors: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], Any, np.ndarray]:
-        keep, dims = [], np.zeros(4 * max(1, len(self.tensors)), np.int64)
+    def pack(self, tensors: dict[str, torch.Tensor]) -> Packed:
+        """The runtime tensors as the kernels read them (``kernel_value``): the addresses of their pointer array and
+        of their shapes (4 int64 each); ``keep`` holds everything alive while the call runs. Made once for a kernel
+        that reads none."""
+        if not self.tensors and self._no_tensors is not None:
+            return self._no_tensors
+        values, dims = [], np.zeros(4 * max(1, len(self.tensors)), np.int64)
         for i, t in enumerate(self.tensors):
             value = kernel_value(t, tensors)
-            keep.append(value)
+            values.append(value)
             dims[4 * i : 4 * i + value.dim()] = value.shape
-        ptrs = (ctypes.c_void_p * max(1, len(keep)))(*[v.data_ptr() for v in keep])
-        return keep, ptrs, dims
+        ptrs = (ctypes.c_void_p * max(1, len(values)))(*[v.data_ptr() for v in values])
+        packed = Packed((values, ptrs, dims), ctypes.addressof(ptrs), dims.ctypes.data)
+        if not self.tensors:
+            self._no_tensors = packed
+        return packed
 
     def _check(self, code: int) -> None:
         if code < 0:  # the runtime refused a layout this side asked for (narrow inputs, grouped jobs): a bug here
@@ -496,7 +535,7 @@ class CpuKernel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """o (float32) and lse of contiguous float32 q, k, v, or of fp16 or bf16 ones (see ``narrow_forward``)."""
         B, H, Sq, D = q.shape
-        heads = head_index(H, k.shape[1], tensors.get(self.head_table))
+        heads, heads_at = _heads(H, k.shape[1], tensors.get(self.head_table))
         Hkv, Skv = k.shape[1], k.shape[2]
         self._tell(D)
         narrow = _NARROW[q.dtype]
@@ -504,7 +543,8 @@ class CpuKernel:
         packed = 0 if in_place else self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened)
         o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
-        _keep_alive, ptrs, dims = self.pack(tensors)
+        rt = self.pack(tensors)
+        at = lists.addresses
         code = self.runtime.attncc_forward(
             _ptr(q),
             _ptr(k),
@@ -517,20 +557,20 @@ class CpuKernel:
             Sq,
             Skv,
             D,
-            _ptr(lists.map_of),
+            at["map_of"],
             lists.map_of.shape[0],
             lists.map_of.shape[1],
-            _ptr(lists.kv_ptr),
-            _ptr(lists.kv_idx),
-            _ptr(lists.kv_full),
-            _ptr(lists.kv_rank),
-            _ptr(lists.keep_base),
+            at["kv_ptr"],
+            at["kv_idx"],
+            at["kv_full"],
+            at["kv_rank"],
+            at["keep_base"],
             keep.data_ptr(),
-            ctypes.cast(ptrs, _P),
-            _ptr(dims),
+            rt.ptrs,
+            rt.dims,
             sgemm(),
             torch.get_num_threads(),
-            _ptr(heads),
+            heads_at,
             self.scale,
             *_rope_args(tables, self.rope),
             workspace(packed) if packed else None,
@@ -633,8 +673,7 @@ class CpuKernel:
             want = max(want, -(-2 * Skv * D * k.element_size() // SPLIT_BYTES))
         if want == 1:
             return 1
-        longest = int((lists.kv_ptr[1:] - lists.kv_ptr[:-1]).max()) if len(lists.kv_ptr) > 1 else 1
-        return max(1, min(want, longest, 64))
+        return max(1, min(want, lists.longest_kv_row, 64))
 
     def backward(
         self,
@@ -662,13 +701,14 @@ class CpuKernel:
         q, k, v and do may be fp16 or bf16 (o float32), and dq, dk and dv then are too (see ``narrow_backward``)."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
-        heads = head_index(H, Hkv, tensors.get(self.head_table))
+        _held, heads_at = _heads(H, Hkv, tensors.get(self.head_table))  # (alive until the call returns)
         threads = torch.get_num_threads()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # (q's dtype)
         packed = 2 * self._packed(k)
         scratch = whole_lines(threads * q.numel() + B * H * Sq)  # (the packed panels after it start on a line)
         work = workspace(scratch + packed)
-        _keep_alive, ptrs, dims = self.pack(tensors)
+        rt = self.pack(tensors)
+        at = lists.addresses
         sizes, offsets, partials = self._table_partials(tensors, want, threads)
         code = self.runtime.attncc_backward(
             _ptr(q),
@@ -687,20 +727,20 @@ class CpuKernel:
             Sq,
             Skv,
             D,
-            _ptr(lists.map_of),
+            at["map_of"],
             lists.map_of.shape[0],
             lists.map_of.shape[1],
-            _ptr(lists.q_ptr),
-            _ptr(lists.q_idx),
-            _ptr(lists.q_full),
-            _ptr(lists.q_rank),
-            _ptr(lists.keep_base),
+            at["q_ptr"],
+            at["q_idx"],
+            at["q_full"],
+            at["q_rank"],
+            at["keep_base"],
             keep.data_ptr(),
-            ctypes.cast(ptrs, _P),
-            _ptr(dims),
+            rt.ptrs,
+            rt.dims,
             sgemm(),
             threads,
-            _ptr(heads),
+            heads_at,
             self.scale,
             *_rope_args(tables, self.rope),
             work,
@@ -740,7 +780,7 @@ class CpuKernel:
                 log.info("cpu kernel %s: the %s backward runs fp32 on upcast copies: %s", self.path.name,
                          "fp16" if fp16 else "bf16", misfit)  # fmt: skip
             return None
-        heads = head_index(H, Hkv, tensors.get(self.head_table))
+        _held, heads_at = _heads(H, Hkv, tensors.get(self.head_table))  # (alive until the call returns)
         threads = torch.get_num_threads()
         grad = torch.float32 if fp16 else torch.bfloat16
         dq = torch.empty(B, H, Sq, D, dtype=grad)
@@ -752,13 +792,14 @@ class CpuKernel:
         halves = (10 * kv_rows + 4 * q_rows) if fp16 else (3 * kv_rows + 2 * q_rows)
         scratch = whole_lines(threads * q.numel() + B * H * Sq)  # (the packed panels after it start on a line)
         work = workspace(scratch + -(-halves // 2))
-        _keep_alive, ptrs, dims = self.pack(tensors)
+        rt = self.pack(tensors)
+        at = lists.addresses
         sizes, offsets, partials = self._table_partials(tensors, want, threads)
         code = self.runtime.attncc_backward_bf16(
             _ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(do), _ptr(lse), None if dlse is None else _ptr(dlse), _ptr(dq),
-            _ptr(dk), _ptr(dv), B, H, Hkv, Sq, Skv, D, _ptr(lists.map_of), lists.map_of.shape[0],
-            lists.map_of.shape[1], _ptr(lists.q_ptr), _ptr(lists.q_idx), _ptr(lists.q_full), _ptr(lists.q_rank),
-            _ptr(lists.keep_base), keep.data_ptr(), ctypes.cast(ptrs, _P), _ptr(dims), threads, _ptr(heads),
+            _ptr(dk), _ptr(dv), B, H, Hkv, Sq, Skv, D, at["map_of"], lists.map_of.shape[0],
+            lists.map_of.shape[1], at["q_ptr"], at["q_idx"], at["q_full"], at["q_rank"],
+            at["keep_base"], keep.data_ptr(), rt.ptrs, rt.dims, threads, heads_at,
             self.scale, work, work + 4 * scratch, torch.are_deterministic_algorithms_enabled(),
             None if partials is None else partials.data_ptr(), _ptr(offsets), sum(sizes), self.hooks,
             int(fp16), *((_ptr(o), _ptr(dq), _ptr(dk), _ptr(dv)) if fp16 else (None,) * 4),
@@ -887,6 +928,10 @@ class CpuExecutable(Lazy):
         lists = call.lists()
         keep = self._keep(self.kernel, lists, call)
         learn = tuple(fallback.learned(call.tensors))
+        wanted = torch.is_grad_enabled() and (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad)
+        if not learn and not wanted:
+            o, lse, _, _ = forward(call.q, call.k, call.v, self.kernel, lists, keep, call.tensors, call.rope)
+            return o, lse  # no gradient wanted (inference, decoding): no autograd node, nothing kept
         recompute = functools.partial(call.recompute, tables=call.rope)
         parts = functools.partial(self._backward_parts, call)
         fp32_parts = self._fp32_backward_parts(call, lists, keep)
@@ -898,6 +943,47 @@ class CpuExecutable(Lazy):
 def build(plan: KernelPlan) -> CpuExecutable:
     """The cpu executable of ``plan`` (nothing is compiled until its first call or ``.kernel``)."""
     return CpuExecutable(plan)
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kern: CpuKernel,
+    lists: TileLists,
+    keep: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    tables: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.dtype | None]:
+    """o (q's dtype) and lse of one call, with what its backward keeps (q, k, v as the chosen path read them, o and
+    lse as it wrote them) and the dtype of its native half-precision backward (None: the fp32 backward, on q, k, v as
+    given or as they are for fp16 and bf16 it widens). ``CpuAttention`` runs this under autograd; a call that needs
+    no gradient runs it alone (``CpuExecutable.run``)."""
+    dtype = q.dtype
+    rope = rope_tables(tables)
+    if dtype == torch.bfloat16 and kern.native_bf16(q.shape[3], rope is not None):
+        q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
+        o, lse = kern.forward_bf16(q16, k16, v16, lists, keep, tensors)
+        return o, lse, (q16, k16, v16, o, lse), torch.bfloat16  # bf16 inputs kept for the bf16 backward
+    _, H, Sq, D = q.shape
+    rows = Sq * H // k.shape[1]  # query rows per key: decoding reads an fp16 cache in place (F16C), unsplit
+    if dtype == torch.float16 and kern.native_fp16(D, rope is not None) and rows >= PACK_ROWS:
+        q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
+        found = kern.forward_fp16(q16, k16, v16, lists, keep, tensors)
+        if found is not None:  # fp16 inputs and the fp32 o kept for the fp16 backward, on the same splits
+            o, lse = found
+            return o.to(dtype), lse, (q16, k16, v16, o, lse), torch.float16
+    if dtype in _NARROW and kern.narrow_forward(dtype, D, rows, rope is not None):
+        q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
+        o, lse = kern.forward(q16, k16, v16, lists, keep, tensors)
+        return o.to(dtype), lse, (q16, k16, v16, o, lse), None  # q, k, v as given (no fp32 copies); o fp32
+    if dtype in (torch.bfloat16, torch.float16):
+        kern.tell_upcast(dtype, q.shape[3], rope is not None)
+    qf, kf, vf = (t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+                  for t in (q, k, v))  # fmt: skip
+    o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
+    # the inputs as given (for half precision: half the memory of the fp32 copies, upcast again then)
+    return o.to(dtype), lse, (q.detach(), k.detach(), v.detach(), o, lse), None
 
 
 class CpuAttention(torch.autograd.Function):
@@ -926,41 +1012,13 @@ class CpuAttention(torch.autograd.Function):
         ``backward_parts``: the kernel, tile lists and partial-tile records at the plan's backward tiles,
         which the native bf16 backward walks (made when it first runs); ``fp32_parts``: those the fp32 backward
         walks (``CpuExecutable._fp32_backward_parts``)."""
-        dtype = q.dtype
-        rope = rope_tables(tables)
-        if dtype == torch.bfloat16 and kern.native_bf16(q.shape[3], rope is not None):
-            q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
-            o, lse = kern.forward_bf16(q16, k16, v16, lists, keep, tensors)
-            ctx.save_for_backward(q16, k16, v16, o, lse)  # bf16 inputs kept for the bf16 backward
-            ctx.native = torch.bfloat16
-        else:
-            found = None
-            _, H, Sq, D = q.shape
-            rows = Sq * H // k.shape[1]  # query rows per key: decoding reads an fp16 cache in place (F16C), unsplit
-            if dtype == torch.float16 and kern.native_fp16(D, rope is not None) and rows >= PACK_ROWS:
-                q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
-                found = kern.forward_fp16(q16, k16, v16, lists, keep, tensors)
-            if found is not None:  # fp16 inputs and the fp32 o kept for the fp16 backward, on the same splits
-                o, lse = found
-                ctx.save_for_backward(q16, k16, v16, o, lse)
-                ctx.native = torch.float16
-            elif dtype in _NARROW and kern.narrow_forward(dtype, D, rows, rope is not None):
-                q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
-                o, lse = kern.forward(q16, k16, v16, lists, keep, tensors)
-                ctx.save_for_backward(q16, k16, v16, o, lse)  # q, k, v as given (no fp32 copies); o fp32
-                ctx.native = None
-            else:
-                if dtype in (torch.bfloat16, torch.float16):
-                    kern.tell_upcast(dtype, q.shape[3], rope is not None)
-                qf, kf, vf = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
-                o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
-                # the inputs as given (for half precision: half the memory of the fp32 copies, upcast again then)
-                ctx.save_for_backward(q.detach(), k.detach(), v.detach(), o, lse)
-                ctx.native = None
+        o, lse, saved, ctx.native = forward(q, k, v, kern, lists, keep, tensors, tables)
+        ctx.save_for_backward(*saved)
+        dtype, rope = q.dtype, rope_tables(tables)
         ctx.kern, ctx.lists, ctx.keep, ctx.tensors, ctx.dtype, ctx.rope = kern, lists, keep, tensors, dtype, rope
         ctx.learn, ctx.recompute, ctx.inputs = learn, recompute, (q, k, v, *learned)
         ctx.backward_parts, ctx.fp32_parts = backward_parts, fp32_parts
-        return o.to(dtype), lse
+        return o, lse
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:

@@ -1042,3 +1042,49 @@ def test_gqa_decoding_splits_the_keys_per_group(dtype: torch.dtype, table: list[
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol / 10)
     torch.testing.assert_close(lse.double(), want_lse, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_calls_that_need_no_gradient_skip_autograd_and_reuse_their_arguments(dtype: torch.dtype) -> None:
+    """A call whose inputs need no gradient (no_grad, inference, decoding) runs the forward without an autograd
+    node; any one input that requires grad, a learned table among them, still gets its gradient. Per-call arguments
+    are kept between calls (tile-list addresses per lists, the runtime-tensor arguments of a kernel that reads
+    none, the head index): calls that alternate lengths and document layouts (new lists each) must each be right.
+    Against the float64 oracle."""
+    from tests.numerics import oracle
+
+    H, Hkv, D = 4, 2, 32
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    plain = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.causal()), target="cpu")
+    docs = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.document(ac.tensor("doc")),
+                                       score_mod=ac.relative_bias(ac.tensor("table"), 4)), target="cpu")  # fmt: skip
+    table = torch.randn(H, 9)
+    g = torch.Generator().manual_seed(5)
+    for n, cut in ((70, 20), (130, 90), (70, 50)):
+        q = torch.randn(1, H, n, D, generator=g).to(dtype)
+        k, v = (torch.randn(1, Hkv, n, D, generator=g).to(dtype) for _ in range(2))
+        doc = (torch.arange(n) >= cut).long()
+        causal = torch.ones(n, n, dtype=torch.bool).tril().expand(1, H, n, n)
+        same = (doc[:, None] == doc[None, :]).expand(1, H, n, n)
+        rel = (torch.arange(n)[None, :] - torch.arange(n)[:, None]).clamp(-4, 4) + 4
+        bias = table.double()[:, rel][None]
+        want, _ = oracle.attention(q, k, v, causal, D**-0.5)
+        want_doc, _ = oracle.attention(q, k, v, same, D**-0.5, lambda s, b=bias: s + b)  # type: ignore[misc]
+        with torch.no_grad():
+            out = plain(*(t.clone().requires_grad_() for t in (q, k, v)))
+            out_doc = docs(q, k, v, doc=doc, table=table)
+        assert out.grad_fn is None and out_doc.grad_fn is None
+        torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol / 10)
+        torch.testing.assert_close(out_doc.double(), want_doc, rtol=tol, atol=tol / 10)
+        for wants in range(4):  # q, k, v, or only the learned table requires grad
+            leaves = [t.clone().requires_grad_(i == wants) for i, t in enumerate((q, k, v))]
+            learned = table.clone().requires_grad_(wants == 3)
+            got = docs(*leaves, doc=doc, table=learned)
+            torch.testing.assert_close(got.double(), want_doc, rtol=tol, atol=tol / 10)
+            grad = torch.autograd.grad(got.float().square().sum(), [*leaves, learned][wants])[0]
+            ref = [t.double().requires_grad_(i == wants) for i, t in enumerate((q, k, v))]
+            ref_table = table.double().requires_grad_(wants == 3)
+            ref_bias = ref_table[:, rel][None]
+            ref_out, _ = oracle.attention(*ref, same, D**-0.5, lambda s, b=ref_bias: s + b)  # type: ignore[misc]
+            ref_grad = torch.autograd.grad(ref_out.square().sum(), [*ref, ref_table][wants])[0]
+            torch.testing.assert_close(grad.double(), ref_grad, rtol=10 * tol, atol=10 * tol)
