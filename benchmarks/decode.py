@@ -10,7 +10,12 @@ rows, "via fp32 copies" is the same kernel called on fp32 copies of q, k and v w
 half-precision call costs where no native path takes it (``--dtypes float16``: the F16C path against it). "kv
 splits": the forward's jobs, each kv range of one query head, or of a GQA group's heads together (few rows per key:
 ``CpuKernel.grouped_jobs``); "job per head" is the same kernel with grouping switched off (K packed for the
-micro-kernels from 16 rows per key on).
+micro-kernels from 16 rows per key on). "runtime alone" is the kernel's forward (``attncc.codegen.cpu.forward``) on
+this call's tile lists and partial-tile records made beforehand: what is left when validation, the block-map lookup
+and dispatch are taken away; "Python share" is the rest's share of a call. Every call runs under ``no_grad``
+(inference: no autograd node).
+
+    python benchmarks/decode.py --kv-lens 256 4096 --dtypes float32 bfloat16 float16   # per-call overhead
 """
 
 from __future__ import annotations
@@ -31,8 +36,12 @@ from attncc.plan import TileLists
 def contenders(
     kern: ac.Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> dict[str, Callable[[], object]]:
+    cpu = kern.cpu_kernel()
+    lists = TileLists.of(kern.block_map(q.shape[2], k.shape[2]))
+    keep = cpu.masks(lists, (1, q.shape[1], q.shape[2], k.shape[2]), {})
     found = {
         "attncc": lambda: kern(q, k, v),
+        "runtime": lambda: cpu_target.forward(q, k, v, cpu, lists, keep, {}, None),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
         "per_head": lambda: per_head(kern, q, k, v),
     }
@@ -67,9 +76,9 @@ def main() -> None:
     kern = ac.compile(spec, target="cpu")
     print(f"# B=1 H={H} Hkv={Hkv} D={D}; torch {torch.__version__}; {platform.machine()}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    print("| dtype | Sq | Skv | kv splits | attncc ms | SDPA ms | SDPA/attncc | job per head ms | per head/attncc | "
-          "via fp32 copies ms | copies/attncc |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | Sq | Skv | kv splits | attncc ms | SDPA ms | SDPA/attncc | runtime alone ms | Python share | "
+          "job per head ms | per head/attncc | via fp32 copies ms | copies/attncc |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dt in args.dtypes:
         for skv in args.kv_lens:
             for sq in args.q_lens:
@@ -77,7 +86,8 @@ def main() -> None:
                 q = torch.randn(1, H, sq, D, generator=g).to(getattr(torch, dt))
                 k, v = (torch.randn(1, Hkv, skv, D, generator=g).to(q.dtype) for _ in range(2))
                 mask = None if sq == 1 else torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
-                t = interleaved(contenders(kern, q, k, v, mask), args.reps)
+                with torch.no_grad():
+                    t = interleaved(contenders(kern, q, k, v, mask), args.reps)
                 cpu = kern.cpu_kernel()
                 lists = TileLists.of(kern.block_map(sq, skv))
                 if q.dtype == torch.bfloat16 and cpu.has_bf16:  # (its own forward: groups only in place)
@@ -86,10 +96,11 @@ def main() -> None:
                     grouped, _ = cpu.fp32_jobs(q, k, None, lists)
                 n = cpu.kv_splits(q, k, lists, torch.get_num_threads(), grouped)
                 splits = f"{n} per group" if grouped else f"{n} per head"
-                up = f"{t['upcast'] * 1e3:.2f} | {t['upcast'] / t['attncc']:.2f}x" if "upcast" in t else "- | -"
+                up = f"{t['upcast'] * 1e3:.3f} | {t['upcast'] / t['attncc']:.2f}x" if "upcast" in t else "- | -"
                 print(
-                    f"| {dt} | {sq} | {skv} | {splits} | {t['attncc'] * 1e3:.2f} | {t['sdpa'] * 1e3:.2f} | "
-                    f"{t['sdpa'] / t['attncc']:.2f}x | {t['per_head'] * 1e3:.2f} | "
+                    f"| {dt} | {sq} | {skv} | {splits} | {t['attncc'] * 1e3:.3f} | {t['sdpa'] * 1e3:.3f} | "
+                    f"{t['sdpa'] / t['attncc']:.2f}x | {t['runtime'] * 1e3:.3f} | "
+                    f"{1 - t['runtime'] / t['attncc']:.0%} | {t['per_head'] * 1e3:.3f} | "
                     f"{t['per_head'] / t['attncc']:.2f}x | {up} |"
                 )
 
