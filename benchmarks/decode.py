@@ -15,6 +15,7 @@ this call's tile lists and partial-tile records made beforehand: what is left wh
 and dispatch are taken away; "Python share" is the rest's share of a call. Every call runs under ``no_grad``
 (inference: no autograd node).
 
+    python benchmarks/decode.py --batch 8 --kv-lens 4096 32768   # batched decoding, long caches
     python benchmarks/decode.py --kv-lens 256 4096 --dtypes float32 bfloat16 float16   # per-call overhead
 """
 
@@ -37,8 +38,8 @@ def contenders(
     kern: ac.Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> dict[str, Callable[[], object]]:
     cpu = kern.cpu_kernel()
-    lists = TileLists.of(kern.block_map(q.shape[2], k.shape[2]))
-    keep = cpu.masks(lists, (1, q.shape[1], q.shape[2], k.shape[2]), {})
+    lists = TileLists.of(kern.block_map(q.shape[2], k.shape[2], q.shape[0]))
+    keep = cpu.masks(lists, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), {})
     found = {
         "attncc": lambda: kern(q, k, v),
         "runtime": lambda: cpu_target.forward(q, k, v, cpu, lists, keep, {}, None),
@@ -63,6 +64,7 @@ def per_head(kern: ac.Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -74,7 +76,7 @@ def main() -> None:
     H, Hkv, D = args.heads, args.kv_heads, args.head_dim
     spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.causal(align="bottom_right"))
     kern = ac.compile(spec, target="cpu")
-    print(f"# B=1 H={H} Hkv={Hkv} D={D}; torch {torch.__version__}; {platform.machine()}, "
+    print(f"# B={args.batch} H={H} Hkv={Hkv} D={D}; torch {torch.__version__}; {platform.machine()}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print("| dtype | Sq | Skv | kv splits | attncc ms | SDPA ms | SDPA/attncc | runtime alone ms | Python share | "
           "job per head ms | per head/attncc | via fp32 copies ms | copies/attncc |")  # fmt: skip
@@ -83,13 +85,13 @@ def main() -> None:
         for skv in args.kv_lens:
             for sq in args.q_lens:
                 g = torch.Generator().manual_seed(0)
-                q = torch.randn(1, H, sq, D, generator=g).to(getattr(torch, dt))
-                k, v = (torch.randn(1, Hkv, skv, D, generator=g).to(q.dtype) for _ in range(2))
+                q = torch.randn(args.batch, H, sq, D, generator=g).to(getattr(torch, dt))
+                k, v = (torch.randn(args.batch, Hkv, skv, D, generator=g).to(q.dtype) for _ in range(2))
                 mask = None if sq == 1 else torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
                 with torch.no_grad():
                     t = interleaved(contenders(kern, q, k, v, mask), args.reps)
                 cpu = kern.cpu_kernel()
-                lists = TileLists.of(kern.block_map(sq, skv))
+                lists = TileLists.of(kern.block_map(sq, skv, args.batch))
                 if q.dtype == torch.bfloat16 and cpu.has_bf16:  # (its own forward: groups only in place)
                     grouped = cpu.grouped_jobs(q, k, None, lists)
                 else:
