@@ -13,9 +13,11 @@ splits": the forward's jobs, each kv range of one query head, or of a GQA group'
 micro-kernels from 16 rows per key on). "runtime alone" is the kernel's forward (``attncc.codegen.cpu.forward``) on
 this call's tile lists and partial-tile records made beforehand: what is left when validation, the block-map lookup
 and dispatch are taken away; "Python share" is the rest's share of a call. Every call runs under ``no_grad``
-(inference: no autograd node).
+(inference: no autograd node). ``--cache-views``: k and v are the first Skv positions of caches twice as long (every
+contender gets the views); "view copied" is the call on contiguous copies of them made per call.
 
     python benchmarks/decode.py --batch 8 --kv-lens 4096 32768   # batched decoding, long caches
+    python benchmarks/decode.py --cache-views --kv-lens 4096 16384 --dtypes float32 bfloat16   # a preallocated cache
     python benchmarks/decode.py --kv-lens 256 4096 --dtypes float32 bfloat16 float16   # per-call overhead
 """
 
@@ -48,6 +50,8 @@ def contenders(
     }
     if q.dtype != torch.float32:
         found["upcast"] = lambda: kern(q.float(), k.float(), v.float()).to(q.dtype)
+    if not k.is_contiguous():  # (--cache-views) the view copied first, as every call did before views were read
+        found["copied"] = lambda: kern(q, k.contiguous(), v.contiguous())
     return found
 
 
@@ -72,6 +76,7 @@ def main() -> None:
     parser.add_argument("--kv-lens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--cache-views", action="store_true", help="k, v: the first Skv positions of a 2 Skv cache")
     args = parser.parse_args()
     H, Hkv, D = args.heads, args.kv_heads, args.head_dim
     spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.causal(align="bottom_right"))
@@ -79,14 +84,16 @@ def main() -> None:
     print(f"# B={args.batch} H={H} Hkv={Hkv} D={D}; torch {torch.__version__}; {platform.machine()}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print("| dtype | Sq | Skv | kv splits | attncc ms | SDPA ms | SDPA/attncc | runtime alone ms | Python share | "
-          "job per head ms | per head/attncc | via fp32 copies ms | copies/attncc |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "job per head ms | per head/attncc | via fp32 copies ms | copies/attncc | view copied ms | "
+          "copied/attncc |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dt in args.dtypes:
         for skv in args.kv_lens:
             for sq in args.q_lens:
                 g = torch.Generator().manual_seed(0)
                 q = torch.randn(args.batch, H, sq, D, generator=g).to(getattr(torch, dt))
-                k, v = (torch.randn(args.batch, Hkv, skv, D, generator=g).to(q.dtype) for _ in range(2))
+                most = 2 * skv if args.cache_views else skv
+                k, v = (torch.randn(args.batch, Hkv, most, D, generator=g).to(q.dtype)[:, :, :skv] for _ in range(2))
                 mask = None if sq == 1 else torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
                 with torch.no_grad():
                     t = interleaved(contenders(kern, q, k, v, mask), args.reps)
@@ -98,12 +105,14 @@ def main() -> None:
                     grouped, _ = cpu.fp32_jobs(q, k, None, lists)
                 n = cpu.kv_splits(q, k, lists, torch.get_num_threads(), grouped)
                 splits = f"{n} per group" if grouped else f"{n} per head"
-                up = f"{t['upcast'] * 1e3:.3f} | {t['upcast'] / t['attncc']:.2f}x" if "upcast" in t else "- | -"
+                up, copied = (
+                    f"{t[c] * 1e3:.3f} | {t[c] / t['attncc']:.2f}x" if c in t else "- | -" for c in ("upcast", "copied")
+                )
                 print(
                     f"| {dt} | {sq} | {skv} | {splits} | {t['attncc'] * 1e3:.3f} | {t['sdpa'] * 1e3:.3f} | "
                     f"{t['sdpa'] / t['attncc']:.2f}x | {t['runtime'] * 1e3:.3f} | "
                     f"{1 - t['runtime'] / t['attncc']:.0%} | {t['per_head'] * 1e3:.3f} | "
-                    f"{t['per_head'] / t['attncc']:.2f}x | {up} |"
+                    f"{t['per_head'] / t['attncc']:.2f}x | {up} | {copied} |"
                 )
 
 

@@ -217,6 +217,28 @@ def _heads(num_heads: int, num_kv_heads: int, table: torch.Tensor | None) -> tup
     return heads, heads.ctypes.data
 
 
+def _head_stride(t: torch.Tensor) -> int | None:
+    """The stride between consecutive (batch, head)s of ``t`` [B, heads, S, D] whose heads are each S contiguous rows
+    (as in a contiguous tensor) one stride apart, batches included; None for any other layout."""
+    B, heads, S, D = t.shape
+    sb, sh, ss, sd = t.stride()
+    if (sd != 1 and D > 1) or (ss != D and S > 1):
+        return None
+    stride = sh if heads > 1 else sb if B > 1 else S * D
+    return stride if stride >= S * D and (B == 1 or sb == heads * stride) else None
+
+
+def _kv_in_place(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """K and V for a forward that reads them where they are (few rows per key: nothing packed), and the stride between
+    their (batch, kv head)s: a view of a longer cache (``k_cache[:, :, :n]``) is read in place, with no copy of it
+    per call; other layouts are made contiguous."""
+    stride = _head_stride(k)
+    if stride is None or _head_stride(v) != stride:
+        k, v = k.contiguous(), v.contiguous()
+        return k, v, k.shape[2] * k.shape[3]
+    return k, v, stride
+
+
 @functools.lru_cache(maxsize=64)
 def _grouped_heads(num_heads: int, num_kv_heads: int) -> tuple[np.ndarray, int]:
     heads = head_index(num_heads, num_kv_heads)
@@ -255,7 +277,7 @@ class CpuKernel:
         self.hooks = self.lib.attncc_hooks()  # the spec's score-mod code, called by the runtime
         common: list[Any] = [_I] * 6 + [_P, _I, _I]
         tail: list[Any] = [_P] * 9 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, _I, _P]
-        self.runtime.attncc_forward.argtypes = [_P] * 5 + common + tail + [_P] + [ctypes.c_int] * 3
+        self.runtime.attncc_forward.argtypes = [_P] * 5 + common + tail + [_P] + [ctypes.c_int] * 3 + [_I]
         self.runtime.attncc_backward.argtypes = [_P] * 10 + common + tail + [_P, ctypes.c_int, _P, _P, _I, _P,
                                                                              ctypes.c_int]  # fmt: skip
         self.lib.attncc_masks.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
@@ -271,7 +293,7 @@ class CpuKernel:
         self.has_amx = self.has_bf16 and bool(self.runtime.attncc_amx())  # its products on AMX tiles
         fwd_bf16 = self.runtime.attncc_forward_bf16
         fwd_bf16.argtypes = [_P] * 5 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, ctypes.c_int,
-                                                            ctypes.c_int, _P, ctypes.c_int]  # fmt: skip
+                                                            ctypes.c_int, _P, ctypes.c_int, _I]  # fmt: skip
         fwd_bf16.restype = ctypes.c_int
         bwd_bf16 = self.runtime.attncc_backward_bf16
         bwd_bf16.argtypes = [_P] * 10 + common + [_P] * 8 + [ctypes.c_int, _P, ctypes.c_float, _P, _P, ctypes.c_int,
@@ -352,8 +374,8 @@ class CpuKernel:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: TileLists, keep: torch.Tensor,
         tensors: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """o (bf16, rounded once from its fp32 sums) and lse (fp32) of contiguous bf16 q, k, v through the native bf16
-        forward (see ``native_bf16``)."""
+        """o (bf16, rounded once from its fp32 sums) and lse (fp32) of bf16 q (contiguous), k and v (any layout, as in
+        ``forward``) through the native bf16 forward (see ``native_bf16``)."""
         B, H, Sq, D = q.shape
         o = torch.empty(B, H, Sq, D, dtype=torch.bfloat16)
         pack = Sq * H // k.shape[1] >= PACK_ROWS  # else few rows read each key: K and V are read in place, unpacked
@@ -434,15 +456,20 @@ class CpuKernel:
         threads = torch.get_num_threads()
         grouped = not fp16 and self.grouped_jobs(q, k, heads if self._table(tensors) else None, lists, False)
         pack = pack and not grouped
+        if pack:
+            k, v, kv_stride = k.contiguous(), v.contiguous(), Skv * D
+        else:
+            k, v, kv_stride = _kv_in_place(k, v)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         rt = self.pack(tensors)
         at = lists.addresses
         code = self.runtime.attncc_forward_bf16(
             _ptr(q), _ptr(k), _ptr(v), None if fp16 else _ptr(o), _ptr(lse), B, H, Hkv, Sq, Skv, D,
             at["map_of"], lists.map_of.shape[0], lists.map_of.shape[1], at["kv_ptr"], at["kv_idx"],
-            at["kv_full"], at["kv_rank"], at["keep_base"], keep.data_ptr(), rt.ptrs,
-            rt.dims, threads, heads_at, self.scale, workspace(-(-halves // 2)) if pack else None, self.hooks,
+            at["kv_full"], at["kv_rank"], at["keep_base"], keep.data_ptr(), rt.ptrs, rt.dims, threads, heads_at,
+            self.scale, workspace(-(-halves // 2)) if pack else None, self.hooks,
             self.kv_splits(q, k, lists, threads, grouped), int(fp16), _ptr(o) if fp16 else None, int(grouped),
+            kv_stride,
         )  # fmt: skip
         if code < 0:
             return None
@@ -533,7 +560,8 @@ class CpuKernel:
         tensors: dict[str, torch.Tensor],
         tables: RopeTables = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """o (float32) and lse of contiguous float32 q, k, v, or of fp16 or bf16 ones (see ``narrow_forward``)."""
+        """o (float32) and lse of float32 q, k, v, or of fp16 or bf16 ones (see ``narrow_forward``); q contiguous, k and
+        v any layout (made contiguous where they are packed or rotated, else read in place: ``_kv_in_place``)."""
         B, H, Sq, D = q.shape
         heads, heads_at = _heads(H, k.shape[1], tensors.get(self.head_table))
         Hkv, Skv = k.shape[1], k.shape[2]
@@ -541,6 +569,10 @@ class CpuKernel:
         narrow = _NARROW[q.dtype]
         grouped, in_place = self.fp32_jobs(q, k, heads if self._table(tensors) else None, lists, tables is not None)
         packed = 0 if in_place else self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened)
+        if packed or tables is not None:  # (packing and rotation read contiguous heads)
+            k, v, kv_stride = k.contiguous(), v.contiguous(), Skv * D
+        else:
+            k, v, kv_stride = _kv_in_place(k, v)
         o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         rt = self.pack(tensors)
@@ -578,6 +610,7 @@ class CpuKernel:
             self.kv_splits(q, k, lists, torch.get_num_threads(), grouped),
             narrow,
             int(grouped),
+            kv_stride,
         )
         self._check(code)
         return o, lse
@@ -961,26 +994,25 @@ def forward(
     no gradient runs it alone (``CpuExecutable.run``)."""
     dtype = q.dtype
     rope = rope_tables(tables)
+    # K and V as given: the kernels make them contiguous where they pack them, and read a view of a longer cache where
+    # it is when few rows read each key (``_kv_in_place``); the native backwards make them contiguous
+    q16, k16, v16 = q.detach().contiguous(), k.detach(), v.detach()
     if dtype == torch.bfloat16 and kern.native_bf16(q.shape[3], rope is not None):
-        q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
         o, lse = kern.forward_bf16(q16, k16, v16, lists, keep, tensors)
         return o, lse, (q16, k16, v16, o, lse), torch.bfloat16  # bf16 inputs kept for the bf16 backward
     _, H, Sq, D = q.shape
     rows = Sq * H // k.shape[1]  # query rows per key: decoding reads an fp16 cache in place (F16C), unsplit
     if dtype == torch.float16 and kern.native_fp16(D, rope is not None) and rows >= PACK_ROWS:
-        q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
         found = kern.forward_fp16(q16, k16, v16, lists, keep, tensors)
         if found is not None:  # fp16 inputs and the fp32 o kept for the fp16 backward, on the same splits
             o, lse = found
             return o.to(dtype), lse, (q16, k16, v16, o, lse), torch.float16
     if dtype in _NARROW and kern.narrow_forward(dtype, D, rows, rope is not None):
-        q16, k16, v16 = (t.detach().contiguous() for t in (q, k, v))
         o, lse = kern.forward(q16, k16, v16, lists, keep, tensors)
         return o.to(dtype), lse, (q16, k16, v16, o, lse), None  # q, k, v as given (no fp32 copies); o fp32
     if dtype in (torch.bfloat16, torch.float16):
         kern.tell_upcast(dtype, q.shape[3], rope is not None)
-    qf, kf, vf = (t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
-                  for t in (q, k, v))  # fmt: skip
+    qf, kf, vf = (t.to(torch.float32) for t in (q16, k16, v16))
     o, lse = kern.forward(qf, kf, vf, lists, keep, tensors, rope)
     # the inputs as given (for half precision: half the memory of the fp32 copies, upcast again then)
     return o.to(dtype), lse, (q.detach(), k.detach(), v.detach(), o, lse), None
@@ -1029,6 +1061,7 @@ class CpuAttention(torch.autograd.Function):
         found = None
         if ctx.native is not None:  # bf16 or fp16 saved as given: the products on AMX tiles where the machine has them
             q16, k16, v16, o, lse = ctx.saved_tensors
+            k16, v16 = k16.contiguous(), v16.contiguous()  # (views of a longer cache, read in place by the forward)
             do16 = do.to(ctx.native).contiguous()
             kern, lists, keep = ctx.backward_parts()
             fp16 = ctx.native == torch.float16

@@ -1945,7 +1945,7 @@ extern "C" int attncc_forward(
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, void* sgemm, int threads, const int64_t* HEADS, float SCALE,
     const float* rope_cos, const float* rope_sin, int64_t rope_bt, float* work, const void* hooks, int kv_splits,
-    int narrow, int group) {{
+    int narrow, int group, int64_t kv_stride) {{
   const int64_t nq = (Sq + BQ - 1) / BQ;
   const sgemm_t sg = (sgemm_t)sgemm;
   const Hooks& spec = *(const Hooks*)hooks;
@@ -1960,6 +1960,10 @@ extern "C" int attncc_forward(
   // group != 0 (CpuKernel.grouped_jobs): a kv head's query heads in one job (Jobs): with K and V in place (few rows
   // per key, vector loops) or on packed K (micro-kernels: the group's rows are one register-blocked task)
   if (group && (!SIMD || D % VW || ROPE || nq > 1 || maps_h > 1 || !Jobs::groups_fit(H, Hkv, Sq, HEADS))) return -1;
+  // kv_stride: elements from one (batch, kv head)'s K rows to the next's (and V's), Skv * D when contiguous; more for
+  // a view of a longer cache (k_cache[:, :, :Skv]), read where it is when K and V are read in place (work null: few
+  // rows per key); packing and rotation read whole contiguous heads
+  if (kv_stride != Skv * D && (work || ROPE)) return -1;
   Buf k_rot;  // prologue: K rotated once (every q-block task reads it); Q per task below
   if (ROPE) {{
     k_rot.resize(B * Hkv * Skv * D);
@@ -2012,10 +2016,10 @@ extern "C" int attncc_forward(
         }}
         qp = q_rot.data();
       }}
-      const float* kp = half ? nullptr : k + (b * Hkv + hk) * Skv * D;
+      const float* kp = half ? nullptr : k + (b * Hkv + hk) * kv_stride;
       const float* kpp = micro ? k_pack + (b * Hkv + hk) * skv_pad * D : nullptr;
-      const float* vp = half && !micro ? nullptr : v + (b * Hkv + hk) * Skv * D;  // (fp16: v widened, or v_h)
-      const int64_t kv_at = (b * Hkv + hk) * Skv * D;  // (fp16 and bf16 K and V read in place: few rows)
+      const float* vp = half && !micro ? nullptr : v + (b * Hkv + hk) * kv_stride;  // (fp16: v widened, or v_h)
+      const int64_t kv_at = (b * Hkv + hk) * kv_stride;  // (fp16 and bf16 K and V read in place: few rows)
       start_rows(acc.data(), m.data(), l.data(), D);
       const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
       const int64_t row = (int64_t)map_of[pair] * nq + qb;
@@ -2100,12 +2104,13 @@ extern "C" int attncc_forward_bf16(
     const int32_t* kv_ptr, const int32_t* kv_idx, const uint8_t* kv_full,
     const int32_t* kv_rank, const int64_t* keep_base, const uint8_t* keep,
     const void* const* tensors, const int64_t* dims, int threads, const int64_t* HEADS, float SCALE,
-    bf16_t* work, const void* hooks, int kv_splits, int fp16, float* o32, int group) {{
+    bf16_t* work, const void* hooks, int kv_splits, int fp16, float* o32, int group, int64_t kv_stride) {{
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   if (D % NR || BKV % NR) return -1;
   const int64_t nq = (Sq + BQ - 1) / BQ;
   // group (as in attncc_forward): a kv head's query heads in one job, few rows per key (unpacked)
   if (group && (work || nq > 1 || maps_h > 1 || !Jobs::groups_fit(H, Hkv, Sq, HEADS))) return -1;
+  if (kv_stride != Skv * D && work) return -1;  // (as in attncc_forward: K and V in place only)
   const Hooks& spec = *(const Hooks*)hooks;
   const bool HAS_MOD = spec.mod_rows != nullptr;
   const int64_t skv_pad = (Skv + NR - 1) / NR * NR;
@@ -2157,8 +2162,8 @@ extern "C" int attncc_forward_bf16(
         std::memset(qpad.data() + rows * D, 0, sizeof(bf16_t) * (rows16 - rows) * D);
         qp = qpad.data();
       }}
-      const bf16_t* kpp = packed ? k_pack + (b * Hkv + hk) * skv_pad * DK : k + (b * Hkv + hk) * Skv * DK;
-      const bf16_t* vpp = packed ? v_pack + (b * Hkv + hk) * skv_pad * D : v + (b * Hkv + hk) * Skv * D;
+      const bf16_t* kpp = packed ? k_pack + (b * Hkv + hk) * skv_pad * DK : k + (b * Hkv + hk) * kv_stride;
+      const bf16_t* vpp = packed ? v_pack + (b * Hkv + hk) * skv_pad * D : v + (b * Hkv + hk) * kv_stride;
       const bf16_t* vlp = hilo ? vlo_pack + (b * Hkv + hk) * skv_pad * D : nullptr;
       start_rows(acc.data(), m.data(), l.data(), D);
       const int64_t pair = (maps_b > 1 ? b : 0) * maps_h + (maps_h > 1 ? h : 0);
@@ -2234,7 +2239,7 @@ extern "C" int attncc_forward_bf16(
   (void)q; (void)k; (void)v; (void)o; (void)lse; (void)B; (void)H; (void)Hkv; (void)Sq; (void)Skv; (void)D;
   (void)map_of; (void)maps_b; (void)maps_h; (void)kv_ptr; (void)kv_idx; (void)kv_full; (void)kv_rank;
   (void)keep_base; (void)keep; (void)tensors; (void)dims; (void)threads; (void)HEADS; (void)SCALE; (void)work;
-  (void)hooks; (void)kv_splits; (void)fp16; (void)o32; (void)group;
+  (void)hooks; (void)kv_splits; (void)fp16; (void)o32; (void)group; (void)kv_stride;
   return -1;
 #endif
 }}

@@ -1088,3 +1088,52 @@ def test_calls_that_need_no_gradient_skip_autograd_and_reuse_their_arguments(dty
             ref_out, _ = oracle.attention(*ref, same, D**-0.5, lambda s, b=ref_bias: s + b)  # type: ignore[misc]
             ref_grad = torch.autograd.grad(ref_out.square().sum(), [*ref, ref_table][wants])[0]
             torch.testing.assert_close(grad.double(), ref_grad, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_decoding_reads_a_view_of_a_longer_cache_in_place(dtype: torch.dtype, isa: str) -> None:
+    """Decoding on a preallocated cache passes its first n positions, ``k_cache[:, :, :n]``: a view whose heads are
+    a cache length apart. Where few rows read each key (nothing packed) the forward reads it where it is (no copy of K
+    or V per call: checked in the profiler's record of the call), per head, GQA group, kv split and batch; the
+    backward (a view that requires grad) makes its own contiguous copies. Calls whose K is packed (many rows) and
+    layouts that are not a head stride (a transposed cache) are made contiguous first. Against the float64 oracle."""
+    from torch.profiler import profile
+
+    from tests.numerics import oracle
+
+    H, Hkv, D, most = 8, 2, 64, 700
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.causal(align="bottom_right"),
+                            score_mod=ac.alibi())  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    with config.override(cpu_isa=isa):
+        kern = ac.compile(spec, target="cpu")
+        micro = kern.cpu_kernel().products(D).startswith("micro")
+        for B, sq, n, layout in ((1, 1, 300, "view"), (2, 2, 650, "view"), (3, 1, 1, "view"), (1, 64, 500, "view"),
+                                 (2, 1, 200, "transposed")):  # fmt: skip
+            if layout == "view":
+                cache = [torch.randn(B, Hkv, most, D, generator=g).to(dtype) for _ in range(2)]
+            else:  # [B, S, Hkv, D] seen as [B, Hkv, S, D]
+                cache = [torch.randn(B, most, Hkv, D, generator=g).to(dtype).transpose(1, 2) for _ in range(2)]
+            k, v = (c[:, :, :n] for c in cache)
+            q = torch.randn(B, H, sq, D, generator=g).to(dtype)
+            with profile(record_shapes=True) as prof:
+                out = kern(q, k, v)
+            copies = [e for e in prof.events() if e.name == "aten::copy_" and list(k.shape) in e.input_shapes]
+            packed = micro and sq * H // Hkv >= cpu.PACK_ROWS  # (micro-kernels on packed K)
+            upcast = dtype != torch.float32 and not kern.cpu_kernel().lanes  # (the portable build's fp32 copies)
+            assert bool(copies) == (layout != "view" or packed or upcast), (B, sq, n, layout)
+            keep = torch.ones(sq, n, dtype=torch.bool).tril(n - sq).expand(B, H, sq, n)
+            want, _ = oracle.attention(q, k, v, keep, D**-0.5, oracle.alibi_fn(H))
+            torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol / 10)
+        leaf = torch.randn(1, Hkv, most, D, generator=g).to(dtype).requires_grad_()
+        v = torch.randn(1, Hkv, 300, D, generator=g).to(dtype)
+        q = torch.randn(1, H, 1, D, generator=g).to(dtype)
+        grad = torch.autograd.grad(kern(q, leaf[:, :, :300], v).float().square().sum(), leaf)[0]
+    ref = leaf.detach().double().requires_grad_()
+    keep = torch.ones(1, H, 1, 300, dtype=torch.bool)
+    want, _ = oracle.attention(q, ref[:, :, :300], v, keep, D**-0.5, oracle.alibi_fn(H))
+    want_grad = torch.autograd.grad(want.square().sum(), ref)[0]
+    assert float((grad.double() - want_grad).norm() / want_grad.norm()) < tol, "dK of the cache's first 300 positions"
+    assert bool((grad[:, :, 300:] == 0).all())
