@@ -1079,8 +1079,14 @@ struct InPlace {{
 #if defined(__AVX512F__)
     const __m512 vs = _mm512_set1_ps(sc), vm = _mm512_set1_ps(mx);
     __m512 acc = _mm512_setzero_ps();
-    for (int j = 0; j < cols; j += 16) {{
-      const __mmask16 in = j + 16 <= cols ? 0xffff : (__mmask16)((1u << (cols - j)) - 1);
+    int j = 0;
+    for (; j + 16 <= cols; j += 16) {{  // whole vectors: no masks
+      const __m512 e = exp2_v(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vs, vm));
+      _mm512_storeu_ps(sr + j, e);
+      acc = _mm512_add_ps(acc, e);
+    }}
+    if (j < cols) {{
+      const __mmask16 in = (__mmask16)((1u << (cols - j)) - 1);
       const __m512 e = exp2_v(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, sr + j), vs, vm));
       _mm512_mask_storeu_ps(sr + j, in, e);
       acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(in, e));
