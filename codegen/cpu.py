@@ -228,11 +228,12 @@ def _head_stride(t: torch.Tensor) -> int | None:
     return stride if stride >= S * D and (B == 1 or sb == heads * stride) else None
 
 
-def _kv_in_place(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """K and V for a forward that reads them where they are (few rows per key: nothing packed), and the stride between
-    their (batch, kv head)s: a view of a longer cache (``k_cache[:, :, :n]``) is read in place, with no copy of it
-    per call; other layouts are made contiguous."""
-    stride = _head_stride(k)
+def _kv_in_place(k: torch.Tensor, v: torch.Tensor, contiguous: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """K and V as a forward reads them, and the stride between their (batch, kv head)s: where it reads them in place
+    (few rows per key: nothing packed), a view of a longer cache (``k_cache[:, :, :n]``) is read where it is, with no
+    copy of it per call; other layouts, and any where the forward packs or rotates them (``contiguous``), are made
+    contiguous."""
+    stride = None if contiguous else _head_stride(k)
     if stride is None or _head_stride(v) != stride:
         k, v = k.contiguous(), v.contiguous()
         return k, v, k.shape[2] * k.shape[3]
@@ -456,10 +457,7 @@ class CpuKernel:
         threads = torch.get_num_threads()
         grouped = not fp16 and self.grouped_jobs(q, k, heads if self._table(tensors) else None, lists, False)
         pack = pack and not grouped
-        if pack:
-            k, v, kv_stride = k.contiguous(), v.contiguous(), Skv * D
-        else:
-            k, v, kv_stride = _kv_in_place(k, v)
+        k, v, kv_stride = _kv_in_place(k, v, contiguous=pack)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         rt = self.pack(tensors)
         at = lists.addresses
@@ -569,10 +567,7 @@ class CpuKernel:
         narrow = _NARROW[q.dtype]
         grouped, in_place = self.fp32_jobs(q, k, heads if self._table(tensors) else None, lists, tables is not None)
         packed = 0 if in_place else self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened)
-        if packed or tables is not None:  # (packing and rotation read contiguous heads)
-            k, v, kv_stride = k.contiguous(), v.contiguous(), Skv * D
-        else:
-            k, v, kv_stride = _kv_in_place(k, v)
+        k, v, kv_stride = _kv_in_place(k, v, contiguous=bool(packed) or tables is not None)
         o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(B, H, Sq, dtype=torch.float32)
         rt = self.pack(tensors)
