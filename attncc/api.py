@@ -33,6 +33,7 @@ from attncc.ir import exprs as X
 from attncc.ir.core import Graph
 from attncc.linear import LinearAttentionSpec
 from attncc.lower import linear_to_ir, spec_to_ir
+from attncc.memo import Recent
 from attncc.passes.base import PassRecord, parse_pipeline, run_pipeline
 from attncc.plan import TileLists, lower, lower_linear
 from attncc.spec import AttentionSpec
@@ -62,7 +63,7 @@ class Kernel:
         self._built: dict[str, Executable] = {}  # target -> its executable; shared with rebound() twins
         self._last_call: dump.Call | None = None  # lengths and runtime tensors of the last call, for dump()
         self._dumped_to: Path | None = None  # ATTNCC_DUMP_DIR folder whose map waits for a call's tensors
-        self._lists: dict[tuple[int, ...], TileLists] = {}
+        self._lists: Recent[TileLists] = Recent()  # per shape and tiles, where the map is static
         self.block_size = self.plan.tiles
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
 
@@ -75,7 +76,7 @@ class Kernel:
             raise SpecError(f"rebound(): {spec!r} is not {self.spec!r} with other captured tensors")
         twin = copy.copy(self)
         twin.spec = spec
-        twin._lists = {}
+        twin._lists = Recent()
         twin._last_call = twin._dumped_to = None
         return twin
 
@@ -116,9 +117,7 @@ class Kernel:
         if not self._static():
             return TileLists.of(self._map(shape, bound, block))
         key = (shape.batch, shape.q_len, shape.kv_len, *block)
-        if key not in self._lists:
-            self._lists[key] = TileLists.of(self._map(shape, bound, block))
-        return self._lists[key]
+        return self._lists.get(key, lambda: TileLists.of(self._map(shape, bound, block)))
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False, **tensors: torch.Tensor
@@ -222,7 +221,7 @@ class Kernel:
 
     def _map(self, shape: CallShape, bound: dict[str, torch.Tensor], block: tuple[int, int] | None = None) -> BlockMap:
         """The block map of a validated call (runtime tensors already bound)."""
-        read = X.tensor_refs(self.spec.mask)  # the map depends on the mask only (a bias never hides a tile)
+        read = X.tensor_refs(self.spec.mask) if bound else {}  # the mask's tensors only (a bias never hides a tile)
         half = (torch.float16, torch.bfloat16)  # numpy has no bfloat16; the values convert exactly
         values = {
             n: (t.float() if t.dtype in half else t).detach().cpu().numpy() for n, t in bound.items() if n in read

@@ -29,6 +29,7 @@ from attncc.codegen.target import Call, Lazy
 from attncc.errors import LoweringError, SpecError
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp
+from attncc.memo import Recent
 from attncc.plan import KernelPlan, RopeTables, TileLists, head_index, kernel_value, rope_tables
 
 log = logging.getLogger("attncc.codegen.cpu")
@@ -499,6 +500,8 @@ class CpuKernel:
         column range [lo, hi) and each column's kept row range as two int16), from one pass of mask code."""
         B, H, Sq, Skv = shape
         keep = torch.empty(max(1, lists.keep_tiles) * self.tile_bytes, dtype=torch.uint8)
+        if not lists.keep_tiles:  # no partial tile (decoding's maps, most often): no record to write, no mask to read
+            return keep
         rt = self.pack(tensors)
         at = lists.addresses
         code = self.lib.attncc_masks(
@@ -900,7 +903,7 @@ class CpuExecutable(Lazy):
 
     def __init__(self, plan: KernelPlan) -> None:
         super().__init__(plan)
-        self._keeps: dict[tuple[int, ...], torch.Tensor] = {}
+        self._keeps: Recent[torch.Tensor] = Recent()  # partial-tile records per shape, where the map is static
         self._backward: CpuKernel | None = None
         self._lock = threading.Lock()
 
@@ -922,14 +925,11 @@ class CpuExecutable(Lazy):
 
     def _keep(self, kern: CpuKernel, lists: TileLists, call: Call) -> torch.Tensor:
         """The partial tiles' records of ``lists`` (``kern``'s tiles), cached per shape and tiles when static."""
+        sizes = (call.shape.batch, self.plan.num_heads, call.shape.q_len, call.shape.kv_len)
+        if not call.static:
+            return kern.masks(lists, sizes, call.tensors)
         key = (call.shape.batch, call.shape.q_len, call.shape.kv_len, kern.bq, kern.bkv)
-        keep = self._keeps.get(key) if call.static else None
-        if keep is None:
-            sizes = (call.shape.batch, self.plan.num_heads, call.shape.q_len, call.shape.kv_len)
-            keep = kern.masks(lists, sizes, call.tensors)
-            if call.static:
-                self._keeps[key] = keep
-        return keep
+        return self._keeps.get(key, lambda: kern.masks(lists, sizes, call.tensors))
 
     def _backward_parts(self, call: Call) -> Parts:
         """(kernel, tile lists, partial-tile records) at the backward tiles, for the native bf16 backward (and the

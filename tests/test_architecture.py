@@ -19,8 +19,8 @@ def _names(text: str) -> set[str]:
 
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", _names("errors config diskcache ir.dispatch")),
-    ("ir", _names("ir ir.core ir.exprs ir.attrs ir.ops ir.text ir.boxeval ir.intervals")),
+    ("base", _names("errors config diskcache memo ir.dispatch")),
+    ("ir", _names("ir ir.core ir.exprs ir.attrs ir.ops ir.text ir.boxeval ir.intervals ir.pointeval")),
     # what users write: the DSL, specs, tracing, and spec -> decomposed IR
     ("declarations", _names("dsl torchfuncs trace masks mods neighborhood routing spec rope linear lower validate")),
     (

@@ -24,6 +24,7 @@ import sympy
 from attncc.analysis.bands import Band, bands_of
 from attncc.analysis.blockmap import EMPTY, FULL, PARTIAL, BlockMap
 from attncc.ir import exprs as X
+from attncc.ir import pointeval
 from attncc.ir.boxeval import Box, Env, TensorRanges, evaluate, interval
 
 log = logging.getLogger("attncc.tiling")
@@ -173,12 +174,13 @@ def _eval_at(
 ) -> np.ndarray:
     """max (or min) of the bounds at query rows ``qpos`` ([hm, n] or [n]) for every head: [hm, n]."""
     qpos = np.asarray(qpos, dtype=np.float64)
-    env = {
-        **sizes,
-        X.q: Box.point(qpos if qpos.ndim == 2 else qpos[None, :]),
-        X.h: Box.point(np.arange(hm, dtype=np.float64)[:, None]),
-    }
+    rows, heads = (qpos if qpos.ndim == 2 else qpos[None, :]), np.arange(hm, dtype=np.float64)[:, None]
+    points = {**{s: box.lo for s, box in sizes.items()}, X.q: rows, X.h: heads}
     shape = (hm, qpos.shape[-1])
+    found = pointeval.at(tuple(bounds), points, "max" if pick is np.maximum else "min")  # (a map per decoded token)
+    if found is not None:
+        return np.broadcast_to(found, shape)
+    env = {**sizes, X.q: Box.point(rows), X.h: Box.point(heads)}
     values = [np.broadcast_to(interval(e, env, tables).lo, shape) for e in bounds]
     return pick.reduce(values) if len(values) > 1 else values[0]
 
@@ -211,7 +213,7 @@ def _visible_rows(
     in_first = np.minimum(starts[first_b][:, None] + offsets, q_len - 1)
     in_last = np.minimum(starts[last_b][:, None] + offsets, q_len - 1)
     ok_first = width_at(in_first) >= 0
-    ok_last = width_at(in_last) >= 0
+    ok_last = ok_first if (first_b == last_b).all() else width_at(in_last) >= 0  # (one q-block: decoding)
     qa = np.where(ok_s[heads, first_b], starts[first_b], in_first[heads, ok_first.argmax(-1)])
     last_ok = ok_last & (in_last <= ends[last_b][:, None])
     qz = np.where(ok_e[heads, last_b], ends[last_b], in_last[heads, bq - 1 - last_ok[:, ::-1].argmax(-1)])
@@ -254,10 +256,14 @@ def _band_ranges(
     qe = np.minimum(qs + bq, q_len) - 1
     first, final = np.maximum(qs, qa[:, None]), np.minimum(qe, qz[:, None])
     rows = first <= final
-    c_lo, c_hi = lo_at(np.where(rows, first, 0)), hi_at(np.where(rows, final, 0))
+    # the computed range's bounds at each block's first and last visible rows, the full range's at its last and first
+    lows, highs = (
+        lo_at(np.concatenate([np.where(rows, first, 0), qe], -1)),
+        hi_at(np.concatenate([np.where(rows, final, 0), qs], -1)),
+    )
+    (c_lo, f_lo), (c_hi, f_hi) = np.split(lows, 2, -1), np.split(highs, 2, -1)
     comp = np.stack([np.where(rows, c_lo // bkv, 1), np.where(rows, c_hi // bkv, 0)], -1)
     all_rows = (qa[:, None] <= qs) & (qe <= qz[:, None])
-    f_lo, f_hi = lo_at(qe), hi_at(qs)
     f_start = np.ceil(f_lo / bkv)
     f_end = np.where(f_hi >= kv_len - 1, nkv - 1, np.floor((f_hi + 1) / bkv) - 1)
     ok = all_rows & (f_start <= f_end)
@@ -364,6 +370,9 @@ def _jointly_full(
 
 def merge_ranges(ranges: np.ndarray) -> np.ndarray:
     """Merge [..., R, 2] inclusive ranges into disjoint, sorted ones (unused slots hold (1, 0))."""
+    if ranges.shape[-2] == 1:  # one range per row (one band): nothing to merge; an empty one becomes (1, 0)
+        one = ranges.astype(np.int64)
+        return np.where(one[..., :1] <= one[..., 1:], one, np.array([1, 0], dtype=np.int64))
     start, end = ranges[..., 0].astype(np.int64), ranges[..., 1].astype(np.int64)
     valid = start <= end
     big = np.iinfo(np.int64).max // 4

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attncc as ac
-from attncc.analysis.blockmap import EMPTY, FULL
+from attncc import memo
+from attncc.analysis.blockmap import EMPTY, FULL, BlockMap
+from attncc.ir import pointeval
 from attncc.passes.normalize import boolean
 from tests.numerics.brute import constant_tables, dense_mask, tile_states
 
@@ -204,3 +208,50 @@ def test_flex_attention_interop() -> None:
     torch.testing.assert_close(
         flex_attention(q, k, v, block_mask=flex_bm), kern(q, k, v, doc=doc), atol=2e-5, rtol=1e-4
     )
+
+
+def _arrays(bm: BlockMap) -> dict[str, np.ndarray]:
+    return {f.name: getattr(bm, f.name) for f in dataclasses.fields(bm) if isinstance(getattr(bm, f.name), np.ndarray)}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(masks(), st.integers(1, 150), st.integers(1, 3000), st.sampled_from([(16, 16), (64, 64), (128, 64), (7, 13)]))
+def test_bands_evaluated_by_point_functions_give_the_maps_of_interval_arithmetic(
+    mask_and_tensors, sq, skv, block
+) -> None:  # type: ignore[no-untyped-def]
+    """The banded maps' bounds run as compiled point functions (a decoding step builds a map per token); with them
+    switched off every bound goes through interval arithmetic: the maps must be the same arrays, at decoding's
+    shapes (few rows, many keys) and prefill's."""
+    mask, tensors = mask_and_tensors
+    try:
+        spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=mask)
+    except ac.SpecError:
+        return
+    if "layout" in tensors and (sq > 120 or skv > 120):
+        return
+    kern = ac.compile(spec, target="reference", tiles=block)
+    fast = kern.block_map(sq, skv, **tensors)
+    with mock.patch.object(pointeval, "at", lambda *args: None):
+        slow = kern.block_map(sq, skv, **tensors)
+    assert fast.kind == slow.kind
+    got, want = _arrays(fast), _arrays(slow)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_decoding_builds_maps_through_point_functions_and_keeps_a_bounded_number() -> None:
+    """A generation loop calls with a new key length each token: each map's bands take the compiled path, and the
+    kernel keeps the lists of the last ``memo.SHAPES`` lengths only."""
+    kern = ac.compile(ac.AttentionSpec(num_heads=4, head_dim=16, mask=ac.causal("bottom_right")), target="cpu")
+    q = torch.randn(1, 4, 1, 16)
+    cache = torch.randn(1, 4, 300, 16)
+    calls = []
+    real = pointeval.at
+    with mock.patch.object(pointeval, "at", lambda *a: calls.append(real(*a)) or calls[-1]):
+        for n in range(1, 200):
+            o = kern(q, cache[:, :, :n], cache[:, :, :n])
+    assert calls and all(c is not None for c in calls)  # never the interval fallback
+    want = ac.compile(kern.spec, target="reference")(q.double(), cache[:, :, :199].double(), cache[:, :, :199].double())
+    torch.testing.assert_close(o.double(), want, atol=1e-5, rtol=1e-5)
+    assert len(kern._lists) == memo.SHAPES and len(kern.executable("cpu")._keeps) == memo.SHAPES

@@ -1,0 +1,82 @@
+"""Token-by-token generation on the CPU: attncc's cpu target vs SDPA on a growing KV cache, side by side.
+
+    python benchmarks/generate.py                          # B=1, H=32, 8 kv heads, D=64, fp32, from 256 and 4096 keys
+    python benchmarks/generate.py --layers 1 --dtypes float32 bfloat16   # one attention call per token
+
+Each step appends one key: the call reads the first n positions of a preallocated cache (``k_cache[:, :, :n]``,
+as a generation loop does), so every step is a new key length, and a new block map, for attncc. ``--layers``
+calls per step share that step's length, as a model's layers share one compiled kernel: the map is built at the
+first and reused by the rest. The mask is ``causal(align="bottom_right")`` (the new token sees every key); SDPA is
+``scaled_dot_product_attention(..., enable_gqa=True)``. Every call runs under ``no_grad``. Steps alternate
+between the contenders (attncc's layers, then SDPA's), and each contender's total time over ``--steps`` steps is
+reported per call. "same length" is attncc's per-call time when every step repeats one length, the growing calls'
+mean (the map reused throughout); "new-length cost" is what a step's new length adds, in microseconds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+import attncc as ac
+
+
+def generate(
+    kern: ac.Kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, steps: int, layers: int
+) -> tuple[float, float, float]:
+    """Seconds per call of attncc on growing lengths, of SDPA on the same, and of attncc at one repeated length."""
+    spent = {"attncc": 0.0, "sdpa": 0.0, "same": 0.0}
+    middle = start + steps // 2  # the growing calls' mean length
+    calls: dict[str, object] = {
+        "attncc": lambda n: kern(q, k_cache[:, :, :n], v_cache[:, :, :n]),
+        "sdpa": lambda n: F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], enable_gqa=True),
+        "same": lambda n: kern(q, k_cache[:, :, :middle], v_cache[:, :, :middle]),
+    }
+    with torch.no_grad():
+        for call in calls.values():  # warm: compiled, first maps built
+            call(start - 1)  # type: ignore[operator]
+        for n in range(start, start + steps):
+            for name, call in calls.items():
+                began = time.perf_counter()
+                for _ in range(layers):
+                    call(n)  # type: ignore[operator]
+                spent[name] += time.perf_counter() - began
+    return spent["attncc"] / (steps * layers), spent["sdpa"] / (steps * layers), spent["same"] / (steps * layers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--starts", type=int, nargs="+", default=[256, 4096])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    args = parser.parse_args()
+    H, Hkv, D = args.heads, args.kv_heads, args.head_dim
+    print(f"# B=1 H={H} Hkv={Hkv} D={D}; {args.steps} steps; torch {torch.__version__}; {platform.machine()}, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print("| dtype | keys | layers | attncc us/call | SDPA us/call | SDPA/attncc | same length us/call "
+          "| new-length cost us/step |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.causal(align="bottom_right"))
+    kern = ac.compile(spec, target="cpu")
+    torch.manual_seed(0)
+    for name in args.dtypes:
+        dtype = getattr(torch, name)
+        for start in args.starts:
+            k_cache = torch.randn(1, Hkv, start + args.steps + 1, D, dtype=dtype)
+            v_cache, q = torch.randn_like(k_cache), torch.randn(1, H, 1, D, dtype=dtype)
+            for layers in args.layers:
+                ours, sdpa, same = generate(kern, q, k_cache, v_cache, start, args.steps, layers)
+                print(f"| {name} | {start}-{start + args.steps} | {layers} | {ours * 1e6:.1f} | {sdpa * 1e6:.1f} "
+                      f"| {sdpa / ours:.2f}x | {same * 1e6:.1f} | {(ours - same) * layers * 1e6:.0f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
