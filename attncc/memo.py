@@ -24,7 +24,7 @@ SHAPES = 64  # call shapes a kernel remembers (a model's layers share one kernel
 
 
 class Recent(Generic[V]):
-    """At most ``size`` values, by key; the one used longest ago goes first."""
+    """At most ``size`` values (never None), by key; the one used longest ago goes first."""
 
     def __init__(self, size: int = SHAPES) -> None:
         self.size = size
@@ -33,16 +33,27 @@ class Recent(Generic[V]):
 
     def get(self, key: Hashable, make: Callable[[], V]) -> V:
         """The value of ``key``, made by ``make()`` (and kept) where it is not held."""
+        found = self.peek(key)
+        if found is None:
+            found = make()  # (two threads may both make it, and keep one)
+            self.put(key, found)
+        return found
+
+    def peek(self, key: Hashable) -> V | None:
+        """The value of ``key``, or None where it is not held."""
         with self._lock:
-            if key in self._items:
+            found = self._items.get(key)
+            if found is not None:
                 self._items.move_to_end(key)
-                return self._items[key]
-        value = make()  # (outside the lock: two threads may both make it, and keep one)
+            return found
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Keep ``value`` under ``key``; the entry used longest ago goes where that makes more than ``size``."""
         with self._lock:
             self._items[key] = value
+            self._items.move_to_end(key)
             if len(self._items) > self.size:
                 self._items.popitem(last=False)
-        return value
 
     def __len__(self) -> int:
         return len(self._items)

@@ -25,7 +25,7 @@ import torch
 
 from attncc.codegen import cpu_template, fallback
 from attncc.codegen.emit_cpp import emit
-from attncc.codegen.target import Call, Lazy
+from attncc.codegen.target import Call, Lazy, Prepared
 from attncc.errors import LoweringError, SpecError
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp
@@ -946,6 +946,21 @@ class CpuExecutable(Lazy):
             return functools.partial(self._backward_parts, call)
         return lambda: (self.kernel, lists, keep)
 
+    def prepare(self, call: Call) -> Prepared | None:
+        """The forward of calls like ``call`` that need no gradient, on its tile lists and partial-tile records, for a
+        static map with no runtime tensors and no RoPE (else None). ``forward`` still decides each call's path (K and
+        V in place or packed, the threads' jobs) from the tensors it is given."""
+        if not call.static or call.tensors or call.rope is not None:
+            return None
+        kern, lists = self.kernel, call.lists()
+        keep = self._keep(kern, lists, call)
+
+        def prepared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            o, lse, _, _ = forward(q, k, v, kern, lists, keep, {}, None)
+            return o, lse
+
+        return prepared
+
     def unsupported(self, call: Call) -> str | None:
         reason = fallback.reason("cpu", call.q, call.tensors, self.plan.grad_tables)
         if reason is not None and call.q.device.type != "cpu":
@@ -1005,6 +1020,9 @@ def forward(
     if dtype in _NARROW and kern.narrow_forward(dtype, D, rows, rope is not None):
         o, lse = kern.forward(q16, k16, v16, lists, keep, tensors)
         return o.to(dtype), lse, (q16, k16, v16, o, lse), None  # q, k, v as given (no fp32 copies); o fp32
+    if dtype == torch.float32:  # (no casts: a few microseconds of a decoding call)
+        o, lse = kern.forward(q16, k16, v16, lists, keep, tensors, rope)
+        return o, lse, (q.detach(), k16, v16, o, lse), None
     if dtype in (torch.bfloat16, torch.float16):
         kern.tell_upcast(dtype, q.shape[3], rope is not None)
     qf, kf, vf = (t.to(torch.float32) for t in (q16, k16, v16))

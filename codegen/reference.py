@@ -101,6 +101,9 @@ class ReferenceKernel:
     def run(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         return self(call.q, call.k, call.v, with_rope(call.tensors, call.rope), True)  # type: ignore[no-any-return]
 
+    def prepare(self, call: Call) -> None:
+        return None  # (a reference call is generated PyTorch: validation is not its cost)
+
 
 ROPE_CODE = """\
     # attn.rope on q and k: x * cos + rotate_half(x) * sin (tables: one row per key position)

@@ -53,6 +53,9 @@ class Call:
     recompute: Callable[..., Any]
 
 
+Prepared = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class Executable(Protocol):
     """What ``build(plan)`` returns."""
 
@@ -67,6 +70,12 @@ class Executable(Protocol):
 
     def run(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         """(o, lse) of ``call``, differentiable."""
+        ...
+
+    def prepare(self, call: Call) -> Prepared | None:
+        """A function of (q, k, v) that runs calls like ``call`` (same shapes, dtypes and device, no runtime tensors,
+        RoPE tables or routing) that need no gradient, with what ``run`` worked out for it kept; None where the
+        target keeps nothing (the API then validates and runs every call in full)."""
         ...
 
 

@@ -371,6 +371,9 @@ class TritonExecutable(Lazy):
                                        *(given[n] for n in names))  # fmt: skip
         return o, lse
 
+    def prepare(self, call: Call) -> None:
+        return None
+
 
 def build(plan: KernelPlan) -> TritonExecutable:
     """The triton executable of ``plan`` (rendered and loaded on its first call or ``.kernel``)."""

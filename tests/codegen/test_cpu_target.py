@@ -6,6 +6,7 @@ import logging
 import math
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -1088,6 +1089,70 @@ def test_calls_that_need_no_gradient_skip_autograd_and_reuse_their_arguments(dty
             ref_out, _ = oracle.attention(*ref, same, D**-0.5, lambda s, b=ref_bias: s + b)  # type: ignore[misc]
             ref_grad = torch.autograd.grad(ref_out.square().sum(), [*ref, ref_table][wants])[0]
             torch.testing.assert_close(grad.double(), ref_grad, rtol=10 * tol, atol=10 * tol)
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass (as tracing's fake tensors are): validated on every call, never a prepared one."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_calls_like_an_earlier_one_skip_validation_and_stay_exact(dtype: torch.dtype) -> None:
+    """A call with the shapes, dtypes and device of an earlier validated one, no runtime tensors and no gradient
+    wanted (a model's layers at one decoding step, a serving loop) runs the forward the cpu executable prepared for it
+    (``Executable.prepare``), without validation, tile-list lookup or dispatch. Each still decides its own layout
+    (a transposed view, a view of a longer cache, contiguous inputs), threads and lse; one that needs a gradient
+    gets it; a call that would fail validation has another signature and fails it. Against the float64 oracle."""
+    H, Hkv, D, n = 4, 2, 32, 50
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    kern = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.causal("bottom_right")),
+                      target="cpu")  # fmt: skip
+    g = torch.Generator().manual_seed(11)
+    made = []
+    exe = kern.executable("cpu")
+    real = exe.prepare
+    with mock.patch.object(exe, "prepare", lambda call: made.append(call.shape) or real(call)):
+        _prepared_calls(kern, dtype, tol, g, made)
+    assert len(made) == 2  # the first call prepared; the gradient call, on the full path, prepared again
+    q, k = torch.randn(1, H, 3, D).to(dtype), torch.randn(1, Hkv, n, D).to(dtype)
+    docs = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.document(ac.tensor("d"))),
+                      target="cpu")  # fmt: skip
+    with torch.no_grad():
+        docs(q, k, k, d=torch.zeros(n, dtype=torch.long))
+    assert len(docs._prepared) == 0  # runtime tensors: validated and bound every call
+
+
+def _prepared_calls(kern: ac.Kernel, dtype: torch.dtype, tol: float, g: torch.Generator, made: list[Any]) -> None:
+    from tests.numerics import oracle
+
+    H, Hkv, D, n = 4, 2, 32, 50
+    threads = torch.get_num_threads()
+    try:
+        for step, layout in enumerate(["contiguous", "cache view", "transposed", "contiguous", "one thread"]):
+            q = torch.randn(1, H, 3, D, generator=g).to(dtype)
+            cache = torch.randn(1, Hkv, 2 * n, D, generator=g).to(dtype)
+            k, v = cache[:, :, :n], cache.flip(2)[:, :, :n]  # views: heads 2n apart (v: negative strides, copied)
+            if layout == "contiguous":
+                k, v = k.contiguous(), v.contiguous()
+            if layout == "transposed":  # HF's [B, S, H, D] layout seen as [B, H, S, D]
+                k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+            torch.set_num_threads(1 if layout == "one thread" else threads)
+            visible = torch.ones(3, n, dtype=torch.bool).tril(n - 3).expand(1, H, 3, n)
+            want, want_lse = oracle.attention(q, k, v, visible, D**-0.5)
+            with torch.no_grad():
+                o, lse = kern(q, k, v, return_lse=True)
+            torch.testing.assert_close(o.double(), want, rtol=tol, atol=tol / 10)
+            torch.testing.assert_close(lse.double(), want_lse, rtol=1e-4, atol=1e-4)
+            assert len(made) == 1, (step, layout)  # the first call prepared, every later one ran prepared
+    finally:
+        torch.set_num_threads(threads)
+    leaf = q.clone().requires_grad_()
+    out = kern(leaf, k, v)  # a gradient wanted: the full path, with its autograd node
+    assert out.grad_fn is not None
+    torch.autograd.grad(out.float().sum(), leaf)
+    with pytest.raises(ac.SpecError, match="dtypes differ"):
+        kern(q.float() if dtype != torch.float32 else q.double(), k, v)  # another signature: validated, refused
+    marked = kern(q.as_subclass(_Marked), k, v)  # a subclass: validated every call, not prepared
+    torch.testing.assert_close(marked.as_subclass(torch.Tensor).double(), want, rtol=tol, atol=tol / 10)
 
 
 @pytest.mark.parametrize("isa", _isas())
