@@ -255,6 +255,15 @@ class Packed(NamedTuple):
     dims: int  # int64[4 n]: each runtime tensor's shape
 
 
+class Args(NamedTuple):
+    """A runtime call's arguments after its five tensors (``CpuKernel._forward_args``), kept for later calls like it
+    (``CpuKernel._args``) with what their addresses point into."""
+
+    args: tuple[Any, ...]
+    holds: tuple[Any, ...]  # the tile lists, records, head index and runtime-tensor arrays
+    tail: tuple[Any, ...] = ()  # attncc_forward_bf16's arguments after its fp16 output
+
+
 class CpuKernel:
     """A compiled cpu kernel: ``forward`` and ``backward`` on float32 CPU tensors."""
 
@@ -309,6 +318,7 @@ class CpuKernel:
         self._upcast_told: set[tuple[str, int, bool]] = set()
         self._fp32_backward_told: set[tuple[bool, int]] = set()  # (fp16, head dim)s whose fallback was logged
         self._products: dict[int, str] = {}  # products() per head dim (asked several times a call)
+        self._args: Recent[Args] = Recent()  # the forwards' arguments of calls that read K and V in place (decoding)
         self._no_tensors: Packed | None = None  # pack() of a kernel that reads no runtime tensors, made once
 
     def products(self, head_dim: int) -> str:
@@ -450,6 +460,26 @@ class CpuKernel:
     ) -> torch.Tensor | None:  # fmt: skip
         """Run attncc_forward_bf16 into o (bf16; fp32 for fp16 inputs, split as ``forward_fp16`` says); lse, or None
         where the runtime declines (no bf16 products, or fp16 inputs without AMX tiles)."""
+        lse = torch.empty(q.shape[:3], dtype=torch.float32)
+        key = self._memo_key("bf16", q, k, v, lists, keep, tensors) if not fp16 else None
+        rest = self._args.peek(key) if key is not None else None
+        if rest is None:
+            rest, k, v, kept = self._forward_bf16_args(q, k, v, lists, keep, tensors, pack, fp16)
+            if key is not None and kept:
+                self._args.put(key, rest)
+        head = (_ptr(q), _ptr(k), _ptr(v), None if fp16 else _ptr(o), _ptr(lse))
+        code = self.runtime.attncc_forward_bf16(*head, *rest.args, _ptr(o) if fp16 else None, *rest.tail)
+        if code < 0:
+            return None
+        self._check(code)
+        return lse
+
+    def _forward_bf16_args(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: TileLists, keep: torch.Tensor,
+        tensors: dict[str, torch.Tensor], pack: bool, fp16: bool,
+    ) -> tuple[Args, torch.Tensor, torch.Tensor, bool]:  # fmt: skip
+        """``attncc_forward_bf16``'s arguments after q, k, v, o and lse (up to its fp16 output, then the rest); K and V
+        as it reads them; and whether the arguments may be kept (K and V read in place, nothing packed)."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         heads, heads_at = _heads(H, Hkv, tensors.get(self.head_table))
@@ -458,22 +488,22 @@ class CpuKernel:
         threads = torch.get_num_threads()
         grouped = not fp16 and self.grouped_jobs(q, k, heads if self._table(tensors) else None, lists, False)
         pack = pack and not grouped
+        given = k, v
         k, v, kv_stride = _kv_in_place(k, v, contiguous=pack)
-        lse = torch.empty(B, H, Sq, dtype=torch.float32)
         rt = self.pack(tensors)
         at = lists.addresses
-        code = self.runtime.attncc_forward_bf16(
-            _ptr(q), _ptr(k), _ptr(v), None if fp16 else _ptr(o), _ptr(lse), B, H, Hkv, Sq, Skv, D,
-            at["map_of"], lists.map_of.shape[0], lists.map_of.shape[1], at["kv_ptr"], at["kv_idx"],
-            at["kv_full"], at["kv_rank"], at["keep_base"], keep.data_ptr(), rt.ptrs, rt.dims, threads, heads_at,
-            self.scale, workspace(-(-halves // 2)) if pack else None, self.hooks,
-            self.kv_splits(q, k, lists, threads, grouped), int(fp16), _ptr(o) if fp16 else None, int(grouped),
-            kv_stride,
+        args = (
+            B, H, Hkv, Sq, Skv, D, at["map_of"], lists.map_of.shape[0], lists.map_of.shape[1], at["kv_ptr"],
+            at["kv_idx"], at["kv_full"], at["kv_rank"], at["keep_base"], keep.data_ptr(), rt.ptrs, rt.dims, threads,
+            heads_at, self.scale, workspace(-(-halves // 2)) if pack else None, self.hooks,
+            self.kv_splits(q, k, lists, threads, grouped), int(fp16),
         )  # fmt: skip
-        if code < 0:
-            return None
-        self._check(code)
-        return lse
+        return (
+            Args(args, (lists, keep, heads, rt), (int(grouped), kv_stride)),
+            k,
+            v,
+            not pack and k is given[0] and v is given[1],
+        )
 
     def _packed(self, k: torch.Tensor, rows: int = PACK_ROWS) -> int:
         """Floats of one copy of k packed into register-block panels (0 where the BLAS path packs nothing).
@@ -563,6 +593,24 @@ class CpuKernel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """o (float32) and lse of float32 q, k, v, or of fp16 or bf16 ones (see ``narrow_forward``); q contiguous, k and
         v any layout (made contiguous where they are packed or rotated, else read in place: ``_kv_in_place``)."""
+        o = torch.empty(q.shape, dtype=torch.float32)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32)
+        key = self._memo_key("fp32", q, k, v, lists, keep, tensors, tables)
+        rest = self._args.peek(key) if key is not None else None
+        if rest is None:
+            rest, k, v, kept = self._forward_args(q, k, v, lists, keep, tensors, tables)
+            if key is not None and kept:
+                self._args.put(key, rest)
+        code = self.runtime.attncc_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), *rest.args)
+        self._check(code)
+        return o, lse
+
+    def _forward_args(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: TileLists, keep: torch.Tensor,
+        tensors: dict[str, torch.Tensor], tables: RopeTables,
+    ) -> tuple[Args, torch.Tensor, torch.Tensor, bool]:  # fmt: skip
+        """``attncc_forward``'s arguments after q, k, v, o and lse; K and V as it reads them; and whether the arguments
+        may be kept for later calls like this one (K and V read in place, so nothing packed into the workspace)."""
         B, H, Sq, D = q.shape
         heads, heads_at = _heads(H, k.shape[1], tensors.get(self.head_table))
         Hkv, Skv = k.shape[1], k.shape[2]
@@ -570,48 +618,29 @@ class CpuKernel:
         narrow = _NARROW[q.dtype]
         grouped, in_place = self.fp32_jobs(q, k, heads if self._table(tensors) else None, lists, tables is not None)
         packed = 0 if in_place else self._packed(k, Sq * H // Hkv) * (2 if narrow else 1)  # (fp16, bf16: V widened)
+        given = k, v
         k, v, kv_stride = _kv_in_place(k, v, contiguous=bool(packed) or tables is not None)
-        o = torch.empty(q.shape, dtype=torch.float32)
-        lse = torch.empty(B, H, Sq, dtype=torch.float32)
         rt = self.pack(tensors)
         at = lists.addresses
-        code = self.runtime.attncc_forward(
-            _ptr(q),
-            _ptr(k),
-            _ptr(v),
-            _ptr(o),
-            _ptr(lse),
-            B,
-            H,
-            Hkv,
-            Sq,
-            Skv,
-            D,
-            at["map_of"],
-            lists.map_of.shape[0],
-            lists.map_of.shape[1],
-            at["kv_ptr"],
-            at["kv_idx"],
-            at["kv_full"],
-            at["kv_rank"],
-            at["keep_base"],
-            keep.data_ptr(),
-            rt.ptrs,
-            rt.dims,
-            sgemm(),
-            torch.get_num_threads(),
-            heads_at,
-            self.scale,
-            *_rope_args(tables, self.rope),
-            workspace(packed) if packed else None,
-            self.hooks,
-            self.kv_splits(q, k, lists, torch.get_num_threads(), grouped),
-            narrow,
-            int(grouped),
-            kv_stride,
-        )
-        self._check(code)
-        return o, lse
+        threads = torch.get_num_threads()
+        args = (
+            B, H, Hkv, Sq, Skv, D, at["map_of"], lists.map_of.shape[0], lists.map_of.shape[1], at["kv_ptr"],
+            at["kv_idx"], at["kv_full"], at["kv_rank"], at["keep_base"], keep.data_ptr(), rt.ptrs, rt.dims, sgemm(),
+            threads, heads_at, self.scale, *_rope_args(tables, self.rope), workspace(packed) if packed else None,
+            self.hooks, self.kv_splits(q, k, lists, threads, grouped), narrow, int(grouped), kv_stride,
+        )  # fmt: skip
+        return Args(args, (lists, keep, heads, rt)), k, v, not packed and k is given[0] and v is given[1]
+
+    def _memo_key(
+        self, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: TileLists, keep: torch.Tensor,
+        tensors: dict[str, torch.Tensor], tables: RopeTables = None,
+    ) -> tuple[Any, ...] | None:  # fmt: skip
+        """What a call's runtime arguments after its five tensors depend on (``_args``): shapes, dtype, K and V's
+        layout, threads, and the tile lists and records (kept alive by the entry, so their ids stay theirs); None
+        where a call passes runtime tensors or RoPE tables (their arguments are made every call)."""
+        if tensors or tables is not None:
+            return None
+        return kind, q.shape, q.dtype, k.shape, k.stride(), v.stride(), torch.get_num_threads(), id(lists), id(keep)
 
     def _table(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Whether a runtime head table (GQA groups of any shape) comes with this call."""
