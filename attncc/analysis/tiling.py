@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -200,12 +201,7 @@ def _visible_rows(
     ok_s, ok_e = w[:, :nq] >= 0, w[:, nq:] >= 0
     touched = ok_s | ok_e
     if not touched.any(-1).all():  # some head's visible rows (if any) sit strictly inside one block
-        rows = np.arange(q_len)
-        ok = width_at(np.broadcast_to(rows, (hm, q_len))) >= 0
-        some = ok.any(-1)
-        qa = np.where(some, ok.argmax(-1), 1)
-        qz = np.where(some, q_len - 1 - ok[:, ::-1].argmax(-1), 0)
-        return qa, qz
+        return _first_last(width_at(np.broadcast_to(np.arange(q_len), (hm, q_len))) >= 0, q_len)
     first_b = touched.argmax(-1)
     last_b = nq - 1 - touched[:, ::-1].argmax(-1)
     heads = np.arange(hm)
@@ -218,6 +214,17 @@ def _visible_rows(
     last_ok = ok_last & (in_last <= ends[last_b][:, None])
     qz = np.where(ok_e[heads, last_b], ends[last_b], in_last[heads, bq - 1 - last_ok[:, ::-1].argmax(-1)])
     return qa, qz
+
+
+def _first_last(ok: np.ndarray, q_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per head, the first and last rows where ``ok`` [hm, q_len] holds (none: first > last)."""
+    some = ok.any(-1)
+    return np.where(some, ok.argmax(-1), 1), np.where(some, q_len - 1 - ok[:, ::-1].argmax(-1), 0)
+
+
+def _row_values(values: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """``values`` [hm, q_len], a bound at every row, at rows ``pos`` ([hm, n]): [hm, n]."""
+    return np.take_along_axis(values, np.asarray(pos, dtype=np.intp), -1)
 
 
 def _band_lo(band: Band, pos: np.ndarray, hm: int, tables: Mapping[str, TensorRanges], sizes: Env) -> np.ndarray:
@@ -245,13 +252,15 @@ def _band_ranges(
     bq, bkv = block
     nq, nkv = -(-q_len // bq), -(-kv_len // bkv)
 
-    def lo_at(pos: np.ndarray) -> np.ndarray:  # pos: [hm, n] rows
-        return _band_lo(band, pos, hm, tables, sizes)
-
-    def hi_at(pos: np.ndarray) -> np.ndarray:
-        return _band_hi(band, pos, kv_len, hm, tables, sizes)
-
-    qa, qz = _visible_rows(lambda pos: hi_at(pos) - lo_at(pos), q_len, bq, hm)
+    lo_at = functools.partial(_band_lo, band, hm=hm, tables=tables, sizes=sizes)  # at rows pos: [hm, n]
+    hi_at = functools.partial(_band_hi, band, kv_len=kv_len, hm=hm, tables=tables, sizes=sizes)
+    if nq == 1:  # one q-block (a decoding step): every row's bounds at once, the visible rows and ends read off them
+        every = np.broadcast_to(np.arange(q_len), (hm, q_len))
+        row_lo, row_hi = lo_at(every), hi_at(every)
+        qa, qz = _first_last(row_hi - row_lo >= 0, q_len)
+        lo_at, hi_at = functools.partial(_row_values, row_lo), functools.partial(_row_values, row_hi)
+    else:
+        qa, qz = _visible_rows(lambda pos: hi_at(pos) - lo_at(pos), q_len, bq, hm)
     qs = np.broadcast_to((np.arange(nq) * bq)[None, :], (hm, nq))
     qe = np.minimum(qs + bq, q_len) - 1
     first, final = np.maximum(qs, qa[:, None]), np.minimum(qe, qz[:, None])

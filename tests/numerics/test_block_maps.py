@@ -227,7 +227,7 @@ def test_bands_evaluated_by_point_functions_give_the_maps_of_interval_arithmetic
         spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=mask)
     except ac.SpecError:
         return
-    if "layout" in tensors and (sq > 120 or skv > 120):
+    if tensors and (sq > 120 or skv > 120):  # (the drawn runtime tensors cover 120 tokens)
         return
     kern = ac.compile(spec, target="reference", tiles=block)
     fast = kern.block_map(sq, skv, **tensors)
@@ -255,3 +255,17 @@ def test_decoding_builds_maps_through_point_functions_and_keeps_a_bounded_number
     want = ac.compile(kern.spec, target="reference")(q.double(), cache[:, :, :199].double(), cache[:, :, :199].double())
     torch.testing.assert_close(o.double(), want, atol=1e-5, rtol=1e-5)
     assert len(kern._lists) == memo.SHAPES and len(kern.executable("cpu")._keeps) == memo.SHAPES
+
+
+@pytest.mark.parametrize("name", ["causal", "causal_bottom_right", "sliding_window_2sided", "prefix_lm",
+                                  "sinks_or_window", "per_head_window"])  # fmt: skip
+def test_maps_of_one_q_block_are_exact(name: str) -> None:
+    """Few query rows against many keys (decoding, speculative decoding, a short prompt): the bands' bounds are
+    read at every row of the one q-block. Against the dense mask, tile by tile, at lengths around tile edges."""
+    spec = ac.AttentionSpec(num_heads=4, head_dim=64, mask=BUILTINS[name]())
+    for block in ((128, 64), (16, 16)):
+        kern = ac.compile(spec, target="reference", tiles=block)
+        for sq, skv in ((1, 1), (1, 1000), (3, 1025), (16, 1088), (block[0], 1500), (7, 5)):
+            bm = kern.block_map(sq, skv)
+            want = tile_states(dense_mask(boolean(spec.mask), sq, skv, 4, constant_tables(spec)), block)
+            np.testing.assert_array_equal(np.broadcast_to(bm.states()[0], want.shape), want, err_msg=f"{sq}x{skv}")
