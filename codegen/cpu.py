@@ -236,9 +236,26 @@ def _kv_in_place(k: torch.Tensor, v: torch.Tensor, contiguous: bool = False) -> 
     contiguous."""
     stride = None if contiguous else _head_stride(k)
     if stride is None or _head_stride(v) != stride:
+        if not contiguous:
+            _tell_copies(k, v)
         k, v = k.contiguous(), v.contiguous()
         return k, v, k.shape[2] * k.shape[3]
     return k, v, stride
+
+
+_COPIES_TOLD: set[tuple[tuple[int, ...], ...]] = set()  # the stride orders whose copies were logged
+
+
+def _tell_copies(k: torch.Tensor, v: torch.Tensor) -> None:
+    """Log once per layout (the order of the strides) that K and V, which the forward would read in place, are copied
+    per call because their heads are not each contiguous rows (a [B, S, H, D] cache seen as [B, H, S, D], a flip)."""
+    order = tuple(tuple(np.argsort([-abs(x) for x in t.stride()], kind="stable").tolist()) for t in (k, v))
+    if order in _COPIES_TOLD:
+        return
+    _COPIES_TOLD.add(order)
+    log.info("cpu target: k %s and v %s (strides %s, %s) are copied to contiguous ones every call; K and V whose "
+             "heads are each S contiguous rows of D, as in a [B, H, S, D] cache or a view of its first positions, are "
+             "read where they are", tuple(k.shape), tuple(v.shape), k.stride(), v.stride())  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)

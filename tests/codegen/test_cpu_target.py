@@ -1091,6 +1091,25 @@ def test_calls_that_need_no_gradient_skip_autograd_and_reuse_their_arguments(dty
             torch.testing.assert_close(grad.double(), ref_grad, rtol=10 * tol, atol=10 * tol)
 
 
+def test_kv_layouts_copied_per_call_are_logged_once(caplog: pytest.LogCaptureFixture, monkeypatch: Any) -> None:
+    """Decoding reads K and V in place where each head is S contiguous rows; another layout (HF's [B, S, H, D] cache
+    seen as [B, H, S, D]) is copied every call, which costs a copy of the whole cache per token: logged once per
+    layout, not per call, and not at all for a view of a [B, H, S, D] cache."""
+    monkeypatch.setattr(cpu, "_COPIES_TOLD", set())
+    kern = ac.compile(ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=32), target="cpu")
+    q = torch.randn(1, 4, 1, 32)
+    cache = torch.randn(1, 2, 80, 32)
+    hf = torch.randn(1, 80, 2, 32).transpose(1, 2)
+    with caplog.at_level(logging.INFO, logger="attncc.codegen.cpu"), torch.no_grad():
+        for n in (40, 41, 60):
+            kern(q, cache[:, :, :n], cache[:, :, :n])
+        assert not [r for r in caplog.records if "copied to contiguous" in r.getMessage()]
+        for n in (40, 41, 60):
+            kern(q, hf[:, :, :n], hf[:, :, :n])
+    copied = [r.getMessage() for r in caplog.records if "copied to contiguous" in r.getMessage()]
+    assert len(copied) == 1 and "(1, 2, 40, 32)" in copied[0], copied
+
+
 class _Marked(torch.Tensor):
     """A tensor subclass (as tracing's fake tensors are): validated on every call, never a prepared one."""
 
