@@ -653,11 +653,24 @@ class CpuKernel:
         tensors: dict[str, torch.Tensor], tables: RopeTables = None,
     ) -> tuple[Any, ...] | None:  # fmt: skip
         """What a call's runtime arguments after its five tensors depend on (``_args``): shapes, dtype, K and V's
-        layout, threads, and the tile lists and records (kept alive by the entry, so their ids stay theirs); None
-        where a call passes runtime tensors or RoPE tables (their arguments are made every call)."""
+        layout, threads, the tile lists and records (kept alive by the entry, so their ids stay theirs) and this
+        module's job tunables (a benchmark may set them); None where a call passes runtime tensors or RoPE tables
+        (their arguments are made every call)."""
         if tensors or tables is not None:
             return None
-        return kind, q.shape, q.dtype, k.shape, k.stride(), v.stride(), torch.get_num_threads(), id(lists), id(keep)
+        tunables = GROUP_ROWS[q.dtype], GROUP_PACKED, PACK_ROWS, SPLIT_BYTES
+        return (
+            kind,
+            q.shape,
+            q.dtype,
+            k.shape,
+            k.stride(),
+            v.stride(),
+            torch.get_num_threads(),
+            id(lists),
+            id(keep),
+            tunables,
+        )
 
     def _table(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Whether a runtime head table (GQA groups of any shape) comes with this call."""
