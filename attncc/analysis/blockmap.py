@@ -25,6 +25,7 @@ Counts are over the stored maps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +75,13 @@ class BlockMap:
         st = self.unique_states()
         u, r, c = np.nonzero(st)
         return u, r, c, st[u, r, c]
+
+    def tiles_key(self) -> tuple[Any, ...]:
+        """What :meth:`tiles` depends on: two maps with one key (a decoding step's and the next's, when the new key
+        falls in the same kv block) have the same tiles, and so the same tile lists."""
+        arrays = (self.map_of, self.computed, self.full, self.state, self.ptr, self.cols, self.cell)
+        held = tuple(None if a is None else (a.dtype.str, a.shape, a.tobytes()) for a in arrays)
+        return (self.kind, self.num_q_blocks, self.num_kv_blocks, *held)
 
     # ---- shape ------------------------------------------------------------------------------
     @property

@@ -17,6 +17,7 @@ from attncc import memo
 from attncc.analysis.blockmap import EMPTY, FULL, BlockMap
 from attncc.ir import pointeval
 from attncc.passes.normalize import boolean
+from attncc.validate import CallShape
 from tests.numerics.brute import constant_tables, dense_mask, tile_states
 
 
@@ -255,6 +256,10 @@ def test_decoding_builds_maps_through_point_functions_and_keeps_a_bounded_number
     want = ac.compile(kern.spec, target="reference")(q.double(), cache[:, :, :199].double(), cache[:, :, :199].double())
     torch.testing.assert_close(o.double(), want, atol=1e-5, rtol=1e-5)
     assert len(kern._lists) == memo.SHAPES and len(kern.executable("cpu")._keeps) == memo.SHAPES
+    bkv = kern.plan.tiles[1]  # steps whose new key falls in one kv block have the same tiles: one lists object
+    lists = {n: kern._lists_for(CallShape(1, 1, n), {}) for n in range(bkv + 1, 2 * bkv + 2)}
+    assert len({id(x) for n, x in lists.items() if n <= 2 * bkv}) == 1 and lists[2 * bkv + 1] is not lists[2 * bkv]
+    assert lists[2 * bkv + 1].kv_idx.tolist() == [0, 1, 2] and lists[bkv + 1].kv_idx.tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("name", ["causal", "causal_bottom_right", "sliding_window_2sided", "prefix_lm",
