@@ -180,7 +180,7 @@ def _eval_at(
     shape = (hm, qpos.shape[-1])
     found = pointeval.at(tuple(bounds), points, "max" if pick is np.maximum else "min")  # (a map per decoded token)
     if found is not None:
-        return np.broadcast_to(found, shape)
+        return found if found.shape == shape else np.broadcast_to(found, shape)
     env = {**sizes, X.q: Box.point(rows), X.h: Box.point(heads)}
     values = [np.broadcast_to(interval(e, env, tables).lo, shape) for e in bounds]
     return pick.reduce(values) if len(values) > 1 else values[0]
@@ -255,13 +255,13 @@ def _band_ranges(
     lo_at = functools.partial(_band_lo, band, hm=hm, tables=tables, sizes=sizes)  # at rows pos: [hm, n]
     hi_at = functools.partial(_band_hi, band, kv_len=kv_len, hm=hm, tables=tables, sizes=sizes)
     if nq == 1:  # one q-block (a decoding step): every row's bounds at once, the visible rows and ends read off them
-        every = np.broadcast_to(np.arange(q_len), (hm, q_len))
+        every = np.repeat(np.arange(q_len)[None, :], hm, 0)
         row_lo, row_hi = lo_at(every), hi_at(every)
         qa, qz = _first_last(row_hi - row_lo >= 0, q_len)
         lo_at, hi_at = functools.partial(_row_values, row_lo), functools.partial(_row_values, row_hi)
     else:
         qa, qz = _visible_rows(lambda pos: hi_at(pos) - lo_at(pos), q_len, bq, hm)
-    qs = np.broadcast_to((np.arange(nq) * bq)[None, :], (hm, nq))
+    qs = np.repeat((np.arange(nq) * bq)[None, :], hm, 0)
     qe = np.minimum(qs + bq, q_len) - 1
     first, final = np.maximum(qs, qa[:, None]), np.minimum(qe, qz[:, None])
     rows = first <= final
@@ -270,7 +270,7 @@ def _band_ranges(
         lo_at(np.concatenate([np.where(rows, first, 0), qe], -1)),
         hi_at(np.concatenate([np.where(rows, final, 0), qs], -1)),
     )
-    (c_lo, f_lo), (c_hi, f_hi) = np.split(lows, 2, -1), np.split(highs, 2, -1)
+    c_lo, f_lo, c_hi, f_hi = lows[:, :nq], lows[:, nq:], highs[:, :nq], highs[:, nq:]
     comp = np.stack([np.where(rows, c_lo // bkv, 1), np.where(rows, c_hi // bkv, 0)], -1)
     all_rows = (qa[:, None] <= qs) & (qe <= qz[:, None])
     f_start = np.ceil(f_lo / bkv)
