@@ -38,7 +38,7 @@ from attncc.rope import NAMES as ROPE_NAMES
 
 log = logging.getLogger("attncc.dynamo")
 
-_SITES: dict[int, tuple[Any, list[str]]] = {}
+_SITES: dict[int, tuple[Any, list[str], list[float]]] = {}  # kernel, runtime tensors' names, traced scalar values
 _REPORTS: list[dict[str, Any]] = []
 _IDS = itertools.count()
 _NEW_KERNEL: dict[str, bool] = {}  # per site name: did the last lift generate a new kernel?
@@ -61,8 +61,20 @@ def clear_reports() -> None:
 def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: int, tensors: list[torch.Tensor]
 ) -> torch.Tensor:
-    kern, names = _SITES[site]
-    return kern(q, k, v, **dict(zip(names, tensors, strict=True)))  # type: ignore[no-any-return]
+    kern, names, traced = _SITES[site]
+    _check_traced(site, tensors[len(names) :], traced)
+    return kern(q, k, v, **dict(zip(names, tensors[: len(names)], strict=True)))  # type: ignore[no-any-return]
+
+
+def _check_traced(site: int, given: list[torch.Tensor], traced: list[float]) -> None:
+    """The graph's 0-d tensors that the site's kernel was compiled with the traced values of (a scale): the same."""
+    for t, want in zip(given, traced, strict=True):
+        if float(t) != want:
+            raise SpecError(
+                f"attncc site {site}: its scale was traced as {want} and compiled into the kernel, but this call "
+                f"passes {float(t)}; a model whose scale changes between calls must be compiled with dynamic=False "
+                "(the scale is then a constant and a new value recompiles)"
+            )
 
 
 @_attention.register_fake
@@ -74,7 +86,8 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     q, k, v, site, tensors = inputs
     ctx.save_for_backward(q, k, v, *tensors)
     ctx.site = site
-    ctx.learnable = [t.requires_grad and t.is_floating_point() for t in tensors]
+    named = len(_SITES[site][1])  # (the traced scalars after them get no gradient)
+    ctx.learnable = [i < named and t.requires_grad and t.is_floating_point() for i, t in enumerate(tensors)]
 
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
@@ -102,7 +115,8 @@ def _attention_backward(
     The dispatcher runs custom-op bodies with autograd switched off for the calling thread, so the
     recompute runs in a worker thread of its own, where the kernel's own backward (cpu, triton or
     reference) is recorded as usual."""
-    kern, names = _SITES[site]
+    kern, names, _ = _SITES[site]
+    tensors, learnable = tensors[: len(names)], learnable[: len(names)]  # (traced scalars: checked by the forward)
 
     def recompute() -> list[torch.Tensor]:
         with torch.enable_grad():
@@ -156,7 +170,7 @@ def _lift(site: fx_frontend.Site, target: str) -> dict[str, Any]:
     node = site.node
     _NEW_KERNEL[node.name] = not ac.api.is_cached(spec, target)
     kern = ac.compile(spec, target=target)
-    _replace(node, site.inputs["q"], kern, [site.inputs["k"], site.inputs["v"]], site.inputs)
+    _replace(node, site.inputs["q"], kern, [site.inputs["k"], site.inputs["v"]], site.inputs, site.checks)
     q_len, kv_len = fx_frontend.shape_of(site.inputs["q"])[2], fx_frontend.shape_of(site.inputs["k"])[2]
     return {**_info(kern, X.expr_str(kern.spec.mask), q_len, kv_len), "note": site.note}
 
@@ -188,16 +202,20 @@ def _kept(node: fx.Node) -> bool:
     return node.is_impure() or mutates(node)
 
 
-def _replace(node: fx.Node, q: Any, kern: Any, kv: list[fx.Node], by_name: dict[str, fx.Node]) -> None:
-    """Swap the site for an attncc::attention call reading q, k, v and the named tensors."""
+def _replace(
+    node: fx.Node, q: Any, kern: Any, kv: list[fx.Node], by_name: dict[str, fx.Node],
+    checks: list[tuple[fx.Node, float]] | None = None,
+) -> None:  # fmt: skip
+    """Swap the site for an attncc::attention call reading q, k, v, the named tensors and the 0-d tensors whose traced
+    values the kernel was compiled with (``checks``: each call compares them)."""
     k0, v0 = kv
     site = next(_IDS)
     names = [t.name for t in kern.spec.runtime_tensors()] + (list(ROPE_NAMES) if kern.spec.rope else [])
-    _SITES[site] = (kern, names)
+    checks = checks or []
+    _SITES[site] = (kern, names, [value for _, value in checks])
     with node.graph.inserting_before(node):
-        new = node.graph.call_function(
-            torch.ops.attncc.attention.default, (q, k0, v0, site, [by_name[n] for n in names])
-        )
+        tensors = [by_name[n] for n in names] + [t for t, _ in checks]
+        new = node.graph.call_function(torch.ops.attncc.attention.default, (q, k0, v0, site, tensors))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     node.graph.erase_node(node)

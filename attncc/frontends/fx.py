@@ -548,6 +548,9 @@ class Site:
     graph: Graph
     inputs: dict[str, Any]  # "q", "k", "v", every runtime tensor's name and the rope tables -> FX node
     note: str = ""  # what was left in the graph and why (a partial rotary embedding)
+    # (FX node of a 0-d tensor, its traced value) for a scale the graph reads from a tensor (``torch.compile(...,
+    # dynamic=True)`` passes a module's float attribute as one): the kernel holds the value, each call checks it
+    checks: list[tuple[Any, float]] = field(default_factory=list)
 
 
 SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, "softmax")
@@ -806,7 +809,9 @@ def sdpa_site(node: fx.Node) -> Site:
         raise UnsupportedError(f"dropout_p={a['dropout_p']} (attncc computes attention without dropout)")
     site = SiteBuilder(node)
     site.start(a["query"], a["key"], a["value"])
-    scale = a.get("scale")
+    scale, checks = a.get("scale"), list[tuple[fx.Node, float]]()
+    if isinstance(scale, fx.Node):  # a float attribute traced as a tensor (dynamic=True): its value, checked per call
+        scale, checks = _traced_scale(scale)
     site.scale(1.0 / math.sqrt(site.head_dim) if scale is None else float(scale))
     if a.get("attn_mask") is not None:
         lifted = lift_mask(node.graph, a["attn_mask"], site.shape4)
@@ -814,7 +819,22 @@ def sdpa_site(node: fx.Node) -> Site:
         site.mask_or_bias(lifted.mask, lifted.bias)
     if a.get("is_causal", False):
         site.mask_or_bias(sympy.Le(X.kv, X.q), None)
-    return site.finish(f"site_{node.name}")
+    found = site.finish(f"site_{node.name}")
+    found.checks = checks
+    return found
+
+
+def _traced_scale(node: fx.Node) -> tuple[float, list[tuple[fx.Node, float]]]:
+    """The value of an SDPA ``scale`` that the graph reads as ``t.item()`` of a 0-d tensor ``t`` (what
+    ``torch.compile(..., dynamic=True)`` makes of a module's float attribute, such as HF's ``self.scaling``), and the
+    check that keeps it honest: the kernel is compiled with the traced value, and each call compares ``t`` with it."""
+    value = example_value(node)
+    hint = getattr(getattr(value, "node", None), "hint", value)
+    if not (node.op == "call_method" and node.target == "item" and isinstance(node.args[0], fx.Node)):
+        raise UnsupportedError(f"scale is the graph value {node.name} ({node.op} {node.target}), not a number")
+    if not isinstance(hint, int | float):
+        raise UnsupportedError(f"scale {node.name} has no traced value to compile with")
+    return float(hint), [(node.args[0], float(hint))]
 
 
 def softmax_of(node: fx.Node) -> fx.Node | None:

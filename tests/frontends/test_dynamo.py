@@ -70,6 +70,33 @@ def test_new_lengths_recompile_the_graph_but_reuse_the_kernels() -> None:
     assert all(not s["new_kernel"] for s in later), "the length-independent spec reuses its kernel"
 
 
+def test_dynamic_shapes_lift_a_scale_traced_as_a_tensor_and_check_it_each_call() -> None:
+    """``torch.compile(model, dynamic=True)`` passes HF's float ``self.scaling`` to SDPA as ``t.item()`` of a graph
+    input: the site is lifted with the traced value (it was kept as is before), every length runs the one graph
+    (decoding's steps), and a scale other than the traced one is refused by the lifted op, never run with the old
+    one."""
+    model = _llama()
+    torch._dynamo.reset()
+    ac.dynamo.clear_reports()
+    compiled = torch.compile(model, backend="attncc", dynamic=True, options={"backend": "eager"})
+    with torch.no_grad():
+        for n in (17, 23, 31):
+            ids = torch.randint(0, 96, (1, n))
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    sites = _sites()
+    assert len(sites) == 2 and all(s["status"] == "lifted" for s in sites), sites
+    assert all(s["scale"] == pytest.approx(16**-0.5) for s in sites)
+    site = max(i for i, (_, _, traced) in ac.dynamo._SITES.items() if traced)
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    named = [torch.zeros(5, 16) for _ in ac.dynamo._SITES[site][1]]  # (the rope tables, unread: refused first)
+    with pytest.raises(ac.SpecError, match=r"scale was traced as 0\.25"):
+        torch.ops.attncc.attention(q, k, k, site, [*named, torch.tensor(0.5, dtype=torch.float64)])
+    model.model.layers[0].self_attn.scaling = 0.5  # (dynamo guards the attribute: a new graph, or the check above)
+    ids = torch.randint(0, 96, (1, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_mistral_sliding_window() -> None:
     cfg = transformers.MistralConfig(
         vocab_size=96,
