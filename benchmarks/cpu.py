@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import random
 import tempfile
 import time
 from collections.abc import Callable, Collection
@@ -80,12 +81,16 @@ def flex_mask(name: str, n: int) -> Callable:
 def interleaved(fns: dict[str, Callable[[], object]], reps: int, slow: Collection[str] = ()) -> dict[str, float]:
     """Best time of each callable, timed in rounds that visit every callable once, so that all of them
     see the same machine state (speed on a shared machine drifts by 10-30% over a minute); the
-    callables named in ``slow`` (dense SDPA at large N) run in every other round only."""
+    callables named in ``slow`` (dense SDPA at large N) run in every other round only. Each round visits them in
+    another order (seeded), so that none always follows the same one: a callable that runs after one which
+    streams other data finds its own inputs out of cache."""
     for fn in fns.values():
         fn()
     out = dict.fromkeys(fns, math.inf)
+    names, order = list(fns), random.Random(0)
     for rnd in range(reps):
-        for name, fn in fns.items():
+        for name in order.sample(names, len(names)):
+            fn = fns[name]
             if name in slow and rnd % 2:
                 continue
             start = time.perf_counter()
