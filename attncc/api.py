@@ -64,7 +64,7 @@ class Kernel:
         self._last_call: dump.Call | None = None  # lengths and runtime tensors of the last call, for dump()
         self._dumped_to: Path | None = None  # ATTNCC_DUMP_DIR folder whose map waits for a call's tensors
         self._lists: Recent[TileLists] = Recent()  # per shape and tiles, where the map is static
-        self._lists_by_tiles: Recent[TileLists] = Recent()  # per tiles (``_tile_lists``)
+        self._lists_by_tiles: Recent[TileLists] = Recent()  # one q-block's, per tiles (``_tile_lists``)
         self._prepared: Recent[Prepared] = Recent()  # per call signature (``_signature``): calls that skip validation
         self.block_size = self.plan.tiles
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
@@ -117,13 +117,16 @@ class Kernel:
         is static."""
         block = block or self.plan.tiles
         if not self._static():
-            return self._tile_lists(self._map(shape, bound, block))
+            return TileLists.of(self._map(shape, bound, block))
         key = (shape.batch, shape.q_len, shape.kv_len, *block)
         return self._lists.get(key, lambda: self._tile_lists(self._map(shape, bound, block)))
 
     def _tile_lists(self, bm: BlockMap) -> TileLists:
-        """The lists of ``bm``, shared with any recent map of the same tiles (``BlockMap.tiles_key``): decoding's
-        steps within one kv block, a document layout repeated."""
+        """The lists of a static map; those of one q-block (decoding) shared with any recent map of the same tiles
+        (``BlockMap.tiles_key``): the steps whose new key falls in one kv block. (Larger maps are not keyed by their
+        contents: a key would hold a copy of them.)"""
+        if bm.num_q_blocks > 1:
+            return TileLists.of(bm)
         return self._lists_by_tiles.get(bm.tiles_key(), lambda: TileLists.of(bm))
 
     def __call__(
