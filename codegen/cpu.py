@@ -479,11 +479,9 @@ class CpuKernel:
         where the runtime declines (no bf16 products, or fp16 inputs without AMX tiles)."""
         lse = torch.empty(q.shape[:3], dtype=torch.float32)
         key = self._memo_key("bf16", q, k, v, lists, keep, tensors) if not fp16 else None
-        rest = self._args.peek(key) if key is not None else None
-        if rest is None:
-            rest, k, v, kept = self._forward_bf16_args(q, k, v, lists, keep, tensors, pack, fp16)
-            if key is not None and kept:
-                self._args.put(key, rest)
+        rest, k, v = self._arguments(
+            key, k, v, lambda: self._forward_bf16_args(q, k, v, lists, keep, tensors, pack, fp16)
+        )
         head = (_ptr(q), _ptr(k), _ptr(v), None if fp16 else _ptr(o), _ptr(lse))
         code = self.runtime.attncc_forward_bf16(*head, *rest.args, _ptr(o) if fp16 else None, *rest.tail)
         if code < 0:
@@ -613,11 +611,7 @@ class CpuKernel:
         o = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(q.shape[:3], dtype=torch.float32)
         key = self._memo_key("fp32", q, k, v, lists, keep, tensors, tables)
-        rest = self._args.peek(key) if key is not None else None
-        if rest is None:
-            rest, k, v, kept = self._forward_args(q, k, v, lists, keep, tensors, tables)
-            if key is not None and kept:
-                self._args.put(key, rest)
+        rest, k, v = self._arguments(key, k, v, lambda: self._forward_args(q, k, v, lists, keep, tensors, tables))
         code = self.runtime.attncc_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), *rest.args)
         self._check(code)
         return o, lse
@@ -647,6 +641,20 @@ class CpuKernel:
             self.hooks, self.kv_splits(q, k, lists, threads, grouped), narrow, int(grouped), kv_stride,
         )  # fmt: skip
         return Args(args, (lists, keep, heads, rt)), k, v, not packed and k is given[0] and v is given[1]
+
+    def _arguments(
+        self, key: tuple[Any, ...] | None, k: torch.Tensor, v: torch.Tensor,
+        build: Callable[[], tuple[Args, torch.Tensor, torch.Tensor, bool]],
+    ) -> tuple[Args, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The runtime arguments kept under ``key`` (K and V then read as given), else ``build()``'s, kept where it
+        says they may be; with K and V as the call reads them."""
+        rest = self._args.peek(key) if key is not None else None
+        if rest is not None:
+            return rest, k, v
+        rest, k, v, kept = build()
+        if key is not None and kept:
+            self._args.put(key, rest)
+        return rest, k, v
 
     def _memo_key(
         self, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: TileLists, keep: torch.Tensor,
