@@ -43,6 +43,8 @@ log = logging.getLogger("attncc.api")
 
 DEFAULT_PIPELINE = "canonicalize,fuse,block-sparse{{{tiles}}}"  # tiles: bq=..,bkv=.. or target=..,n=.. (cost model)
 TARGETS = ("auto", "cpu", "triton", "reference")
+AHEAD = 32  # key lengths whose maps a growing cache's step builds at once (``Kernel._static_map``)
+GROWTH = 8  # keys a step may add and still count as a generation loop's next step (speculative decoding adds several)
 _CACHE: dict[tuple[AttentionSpec, str, str, tuple[int, ...], str], Kernel] = {}
 # the same kernels by structure (the spec without its captured bindings): a spec that differs from a
 # compiled one only in which tensors it captured reuses that kernel's IR and code, bound to its own tensors
@@ -65,6 +67,7 @@ class Kernel:
         self._dumped_to: Path | None = None  # ATTNCC_DUMP_DIR folder whose map waits for a call's tensors
         self._lists: Recent[TileLists] = Recent()  # per shape and tiles, where the map is static
         self._lists_by_tiles: Recent[TileLists] = Recent()  # one q-block's, per tiles (``_tile_lists``)
+        self._ahead: Recent[BlockMap] = Recent()  # maps of lengths a growing cache reaches next (``_static_map``)
         self._prepared: Recent[Prepared] = Recent()  # per call signature (``_signature``): calls that skip validation
         self.block_size = self.plan.tiles
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
@@ -78,7 +81,7 @@ class Kernel:
             raise SpecError(f"rebound(): {spec!r} is not {self.spec!r} with other captured tensors")
         twin = copy.copy(self)
         twin.spec = spec
-        twin._lists, twin._lists_by_tiles, twin._prepared = Recent(), Recent(), Recent()
+        twin._lists, twin._lists_by_tiles, twin._prepared, twin._ahead = Recent(), Recent(), Recent(), Recent()
         twin._last_call = twin._dumped_to = None
         return twin
 
@@ -119,7 +122,24 @@ class Kernel:
         if not self._static():
             return TileLists.of(self._map(shape, bound, block))
         key = (shape.batch, shape.q_len, shape.kv_len, *block)
-        return self._lists.get(key, lambda: self._tile_lists(self._map(shape, bound, block)))
+        return self._lists.get(key, lambda: self._tile_lists(self._static_map(shape, block)))
+
+    def _static_map(self, shape: CallShape, block: tuple[int, int]) -> BlockMap:
+        """The map of a static mask at ``shape``. A banded map of one q-block whose call follows one at a slightly
+        shorter key length (a generation loop's steps, ``GROWTH`` keys apart at most) is built with the maps of the
+        next ``AHEAD`` lengths (:func:`attncc.analysis.tiling.build_lengths`), which the next steps then find."""
+        key = (shape.batch, shape.q_len, shape.kv_len, *block)
+        found = self._ahead.peek(key)
+        if found is not None:
+            return found
+        rec, n = self.plan.recipe, shape.kv_len
+        growing = any((shape.batch, shape.q_len, n - d, *block) in self._lists for d in range(1, GROWTH + 1))
+        if rec.bands is None or shape.q_len > block[0] or not growing:
+            return self._map(shape, {}, block)
+        maps = tiling.build_lengths(rec, shape.q_len, range(n, n + AHEAD), block, self.plan.num_heads, shape.batch)
+        for bm in maps[1:]:
+            self._ahead.put((shape.batch, shape.q_len, bm.kv_len, *block), bm)
+        return maps[0]
 
     def _tile_lists(self, bm: BlockMap) -> TileLists:
         """The lists of a static map; those of one q-block (decoding) shared with any recent map of the same tiles

@@ -55,6 +55,10 @@ class Recent(Generic[V]):
             if len(self._items) > self.size:
                 self._items.popitem(last=False)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is held (its use is not renewed)."""
+        return key in self._items
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,12 +101,128 @@ def build(
     if rec.listed is not None and rec.listed[0].blocks != block:
         log.info("block map of %s: tiles %s differ from the list's blocks %s; classifying every tile",
                  rec.listed[0].tensor, block, rec.listed[0].blocks)  # fmt: skip
+    if rec.bands is not None and q_len <= block[0]:  # one q-block (a decoding step): every row at once
+        return build_lengths(rec, q_len, [kv_len], block, num_heads, batch, tensors)[0]
     if rec.bands is not None:
         comp, full = _banded(list(rec.bands), q_len, kv_len, block, hm, tables, sizes)
         both, map_of = _dedupe(np.stack([comp, full], 1).reshape(1, hm, 2, *comp.shape[1:]))
         return BlockMap.banded(block, q_len, kv_len, both[:, 0], both[:, 1], map_of)
     state, map_of = _dedupe(classify(rec.mask, q_len, kv_len, block, hm, bm, tables, sizes))
     return BlockMap.listed(block, q_len, kv_len, state, map_of)
+
+
+def build_lengths(
+    rec: Recipe,
+    q_len: int,
+    kv_lens: Sequence[int],
+    block: tuple[int, int],
+    num_heads: int,
+    batch: int,
+    tensors: Mapping[str, np.ndarray] | None = None,
+) -> list[BlockMap]:
+    """The block maps at one query length and each of ``kv_lens``: ``[build(rec, q_len, n, ...) for n in kv_lens]``.
+
+    Where the map has one q-block and the mask is banded (a decoding step), the maps of all the lengths are
+    worked out together, as arrays over the lengths: a generation loop's next steps cost about one map.
+
+    >>> import attncc as ac
+    >>> rec = recipe((ac.sinks(4) | ac.causal(align="bottom_right")).sym)
+    >>> [m.num_computed_blocks for m in build_lengths(rec, 1, [64, 65, 200], (64, 64), 1, 1)]
+    [1, 2, 4]
+    """
+    hm = num_heads if rec.per_head else 1
+    if rec.bands is None or q_len > block[0] or rec.listed is not None:
+        return [build(rec, q_len, n, block, num_heads, batch, tensors) for n in kv_lens]
+    tables = {**rec.constants, **{n: TensorRanges(np.asarray(v)) for n, v in (tensors or {}).items()}}
+    lengths = np.asarray(kv_lens, dtype=np.int64)
+    sizes = {X.Sq: Box.point(q_len), X.Skv: Box.point(lengths[:, None, None]), X.H: Box.point(num_heads),
+             X.B: Box.point(batch)}  # fmt: skip
+    comp, full = _one_block(list(rec.bands), q_len, lengths, block[1], hm, tables, sizes)
+    maps = []
+    for i, n in enumerate(kv_lens):
+        both, map_of = _dedupe(np.stack([comp[i], full[i]], 1).reshape(1, hm, 2, *comp.shape[2:]))
+        maps.append(BlockMap.banded(block, q_len, int(n), both[:, 0], both[:, 1], map_of))
+    return maps
+
+
+def _one_block(
+    bands: list[Band],
+    q_len: int,
+    kv_lens: np.ndarray,
+    bkv: int,
+    hm: int,
+    tables: Mapping[str, TensorRanges],
+    sizes: Env,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(computed, full) kv-block ranges [K, hm, 1, R, 2] of a one-q-block map at each of K key lengths.
+
+    Every band's bounds are evaluated at every row and length at once ([K, hm, Sq]). A band computes the
+    blocks from its first visible row's low bound to its last one's high bound (the bounds are non-decreasing
+    in q). A block is full where the union of the bands covers it at every row: one band's full range in closed
+    form; for several, the covered blocks of each row's merged intervals, counted over the rows.
+    """
+    kv = kv_lens[:, None]  # [K, 1]
+    nkv = -(-kv // bkv)
+    rows = np.arange(q_len)[None, None, :]
+    lows = [_band_lo(b, rows, hm, tables, sizes) for b in bands]  # [K, hm, Sq] each
+    highs = [_band_hi(b, rows, kv[..., None], hm, tables, sizes) for b in bands]
+    comps = []
+    for lo, hi in zip(lows, highs, strict=True):
+        seen = hi >= lo
+        some, first = seen.any(-1), seen.argmax(-1)
+        last = q_len - 1 - seen[..., ::-1].argmax(-1)
+        c_lo = np.take_along_axis(lo, first[..., None], -1)[..., 0] // bkv
+        c_hi = np.take_along_axis(hi, last[..., None], -1)[..., 0] // bkv
+        comps.append(np.stack([np.where(some, c_lo, 1), np.where(some, c_hi, 0)], -1))
+    comp = merge_ranges(np.stack(comps, -2))  # [K, hm, nb, 2]
+    if len(bands) == 1:  # visible at every row, between the last row's low bound and the first row's high one
+        lo, hi = lows[0], highs[0]
+        f_start = np.ceil(lo[..., -1] / bkv)
+        f_end = np.where(hi[..., 0] >= kv - 1, nkv - 1, np.floor((hi[..., 0] + 1) / bkv) - 1)
+        ok = (hi >= lo).all(-1) & (f_start <= f_end)
+        full = np.stack([np.where(ok, f_start, 1), np.where(ok, f_end, 0)], -1)[..., None, :].astype(np.int64)
+    else:
+        merged = merge_ranges(np.stack([np.stack(lows, -1), np.stack(highs, -1)], -1))  # [K, hm, Sq, nb, 2]
+        lo, hi = merged[..., 0], merged[..., 1]
+        k_end = kv[..., None, None]
+        start = -(-lo // bkv)
+        end = np.where(hi >= k_end - 1, nkv[..., None, None] - 1, (hi + 1) // bkv - 1)
+        ok = (lo <= hi) & (start <= end)  # (each row's covered block ranges are disjoint: a gap's block is not one)
+        width = int(nkv.max()) + 1
+        at = np.arange(kv_lens.size * hm).reshape(kv_lens.size, hm, 1, 1) * width
+        steps = np.bincount((at + start)[ok], minlength=at.size * width) - np.bincount(
+            (at + end + 1)[ok], minlength=at.size * width
+        )
+        covered = np.cumsum(steps.reshape(kv_lens.size, hm, width), -1)[..., :-1] == q_len
+        full = _runs(covered)
+    slots = max(comp.shape[-2], full.shape[-2])
+    return _pad_slots(comp, slots)[:, :, None], _pad_slots(full, slots)[:, :, None]
+
+
+def _runs(on: np.ndarray) -> np.ndarray:
+    """The runs of True in ``on`` [..., n] as inclusive ranges [..., R, 2], in order (unused slots hold (1, 0)).
+
+    >>> _runs(np.array([[True, True, False, True], [False] * 4])).tolist()
+    [[[0, 1], [3, 3]], [[1, 0], [1, 0]]]
+    """
+    flat = on.reshape(-1, on.shape[-1]).astype(np.int8)
+    edge = np.diff(np.pad(flat, ((0, 0), (1, 1))), axis=-1)  # +1 where a run starts, -1 just after it ends
+    row, start = np.nonzero(edge == 1)
+    end = np.nonzero(edge == -1)[1] - 1
+    count = np.bincount(row, minlength=flat.shape[0])
+    slot = np.arange(row.size) - np.repeat(np.cumsum(count) - count, count)
+    out = np.tile(np.array([1, 0], dtype=np.int64), (flat.shape[0], max(int(count.max(initial=0)), 1), 1))
+    out[row, slot] = np.stack([start, end], -1)
+    return out.reshape(*on.shape[:-1], *out.shape[1:])
+
+
+def _pad_slots(ranges: np.ndarray, slots: int) -> np.ndarray:
+    """``ranges`` [..., R, 2] with empty ranges (1, 0) appended up to ``slots``."""
+    pad = slots - ranges.shape[-2]
+    if pad <= 0:
+        return ranges
+    empty = np.tile(np.array([1, 0], dtype=np.int64), (*ranges.shape[:-2], pad, 1))
+    return np.concatenate([ranges, empty], -2)
 
 
 def _from_list(
@@ -173,11 +289,12 @@ def _eval_at(
     tables: Mapping[str, TensorRanges],
     sizes: Env,
 ) -> np.ndarray:
-    """max (or min) of the bounds at query rows ``qpos`` ([hm, n] or [n]) for every head: [hm, n]."""
+    """max (or min) of the bounds at query rows ``qpos`` ([hm, n] or [n]) for every head: [hm, n] (with the
+    lengths in ``sizes`` arrays that broadcast, such as K key lengths [K, 1, 1]: [K, hm, n])."""
     qpos = np.asarray(qpos, dtype=np.float64)
-    rows, heads = (qpos if qpos.ndim == 2 else qpos[None, :]), np.arange(hm, dtype=np.float64)[:, None]
+    rows, heads = (qpos if qpos.ndim >= 2 else qpos[None, :]), np.arange(hm, dtype=np.float64)[:, None]
     points = {**{s: box.lo for s, box in sizes.items()}, X.q: rows, X.h: heads}
-    shape = (hm, qpos.shape[-1])
+    shape = np.broadcast_shapes(*(np.shape(p) for p in points.values()))  # [hm, n]; [K, hm, n] at K key lengths
     found = pointeval.at(tuple(bounds), points, "max" if pick is np.maximum else "min")  # (a map per decoded token)
     if found is not None:
         return found if found.shape == shape else np.broadcast_to(found, shape)
@@ -217,14 +334,9 @@ def _visible_rows(
 
 
 def _first_last(ok: np.ndarray, q_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per head, the first and last rows where ``ok`` [hm, q_len] holds (none: first > last)."""
+    """Per head, the first and last rows where ``ok`` [..., hm, q_len] holds (none: first > last)."""
     some = ok.any(-1)
     return np.where(some, ok.argmax(-1), 1), np.where(some, q_len - 1 - ok[:, ::-1].argmax(-1), 0)
-
-
-def _row_values(values: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """``values`` [hm, q_len], a bound at every row, at rows ``pos`` ([hm, n]): [hm, n]."""
-    return np.take_along_axis(values, np.asarray(pos, dtype=np.intp), -1)
 
 
 def _band_lo(band: Band, pos: np.ndarray, hm: int, tables: Mapping[str, TensorRanges], sizes: Env) -> np.ndarray:
@@ -233,9 +345,10 @@ def _band_lo(band: Band, pos: np.ndarray, hm: int, tables: Mapping[str, TensorRa
 
 
 def _band_hi(
-    band: Band, pos: np.ndarray, kv_len: int, hm: int, tables: Mapping[str, TensorRanges], sizes: Env
+    band: Band, pos: np.ndarray, kv_len: int | np.ndarray, hm: int, tables: Mapping[str, TensorRanges], sizes: Env
 ) -> np.ndarray:
-    """Last visible key of the band at query rows ``pos``, clipped to kv_len - 1: [hm, n]."""
+    """Last visible key of the band at query rows ``pos``, clipped to kv_len - 1 (lengths [K, 1, 1]: [K, hm, n]):
+    [hm, n]."""
     return np.minimum(_eval_at(band.highs, np.minimum, pos, hm, tables, sizes), kv_len - 1)
 
 
@@ -254,13 +367,7 @@ def _band_ranges(
 
     lo_at = functools.partial(_band_lo, band, hm=hm, tables=tables, sizes=sizes)  # at rows pos: [hm, n]
     hi_at = functools.partial(_band_hi, band, kv_len=kv_len, hm=hm, tables=tables, sizes=sizes)
-    if nq == 1:  # one q-block (a decoding step): every row's bounds at once, the visible rows and ends read off them
-        every = np.repeat(np.arange(q_len)[None, :], hm, 0)
-        row_lo, row_hi = lo_at(every), hi_at(every)
-        qa, qz = _first_last(row_hi - row_lo >= 0, q_len)
-        lo_at, hi_at = functools.partial(_row_values, row_lo), functools.partial(_row_values, row_hi)
-    else:
-        qa, qz = _visible_rows(lambda pos: hi_at(pos) - lo_at(pos), q_len, bq, hm)
+    qa, qz = _visible_rows(lambda pos: hi_at(pos) - lo_at(pos), q_len, bq, hm)
     qs = np.repeat((np.arange(nq) * bq)[None, :], hm, 0)
     qe = np.minimum(qs + bq, q_len) - 1
     first, final = np.maximum(qs, qa[:, None]), np.minimum(qe, qz[:, None])
@@ -293,10 +400,7 @@ def _banded(
     comp, full = merge_ranges(np.stack([p[0] for p in parts], -2)), merge_ranges(np.stack([p[1] for p in parts], -2))
     if len(bands) > 1:
         full = _jointly_full(bands, parts, full, q_len, kv_len, block, hm, tables, sizes)
-        pad = full.shape[-2] - comp.shape[-2]
-        if pad > 0:  # keep one slot count for both (unused slots hold the empty range (1, 0))
-            empty = np.tile(np.array([1, 0], dtype=np.int64), (*comp.shape[:2], pad, 1))
-            comp = np.concatenate([comp, empty], -2)
+        comp = _pad_slots(comp, full.shape[-2])  # one slot count for both
     return comp, full
 
 

@@ -13,9 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attncc as ac
-from attncc import memo
+from attncc import api, memo
+from attncc.analysis import tiling
 from attncc.analysis.blockmap import EMPTY, FULL, BlockMap
+from attncc.ir import exprs as X
 from attncc.ir import pointeval
+from attncc.ir.boxeval import Box
 from attncc.passes.normalize import boolean
 from attncc.validate import CallShape
 from tests.numerics.brute import constant_tables, dense_mask, tile_states
@@ -262,12 +265,95 @@ def test_decoding_builds_maps_through_point_functions_and_keeps_a_bounded_number
     assert lists[2 * bkv + 1].kv_idx.tolist() == [0, 1, 2] and lists[bkv + 1].kv_idx.tolist() == [0, 1]
 
 
+@st.composite
+def banded_masks(draw: st.DrawFn, depth: int = 2) -> ac.Expr:
+    """Masks made of bands, as decoding uses them (bottom-right causal and windows, sinks, prefixes, per-head
+    windows), combined with &, | and ~."""
+    i = lambda lo, hi: draw(st.integers(lo, hi))
+    if depth == 0 or (depth == 1 and draw(st.booleans())):
+        last = ac.q + ac.Expr(X.Skv) - ac.Expr(X.Sq)  # the query's position in a bottom-right aligned cache
+        return draw(st.sampled_from([
+            ac.causal(), ac.causal("bottom_right"), ac.sliding_window(i(0, 40), i(0, 20)), ac.sinks(i(0, 30)),
+            ac.prefix_lm(i(0, 60)), (last - i(0, 150) <= ac.kv) & (ac.kv <= last), abs(ac.q - ac.kv) <= i(0, 30),
+            ac.sliding_window(ac.per_head([i(0, 30), i(0, 30)], name="w")),
+        ]))  # fmt: skip
+    a, b = draw(banded_masks(depth - 1)), draw(banded_masks(depth - 1))
+    op = draw(st.sampled_from(["and", "or", "or", "or", "not"]))  # (| makes several bands)
+    try:
+        return ~a if op == "not" else a & b if op == "and" else a | b
+    except ac.SpecError:  # two different per-head tables drawn under one name
+        return a
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(banded_masks(), st.data(), st.sampled_from([(16, 16), (64, 64), (128, 64), (7, 13)]))
+def test_maps_of_a_run_of_key_lengths_are_each_lengths_map(mask, data, block) -> None:  # type: ignore[no-untyped-def]
+    """A one-q-block map of a banded mask is built for a run of key lengths at once (a generation loop's next
+    steps): each must be the map of the general banded path at its length, tile for tile, and (banded maps being
+    exact) the dense mask's tiles."""
+    kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8, mask=mask), target="reference", tiles=block)
+    spec, rec = kern.spec, kern.recipe
+    if rec.bands is None:
+        return
+    sq = data.draw(st.integers(1, block[0]), label="sq")
+    first = data.draw(st.integers(1, 400), label="first kv length")
+    lengths = list(range(first, first + data.draw(st.integers(1, 40), label="lengths"), data.draw(st.integers(1, 5))))
+    maps = tiling.build_lengths(rec, sq, lengths, block, 2, 1)
+    hm = 2 if rec.per_head else 1
+    for n, bm in zip(lengths, maps, strict=True):
+        sizes = {X.Sq: Box.point(sq), X.Skv: Box.point(n), X.H: Box.point(2), X.B: Box.point(1)}
+        comp, full = tiling._banded(list(rec.bands), sq, n, block, hm, rec.constants, sizes)
+        general = BlockMap.banded(block, sq, n, comp, full, np.arange(hm).reshape(1, hm))
+        assert (bm.q_len, bm.kv_len) == (sq, n)
+        np.testing.assert_array_equal(bm.states()[0], general.states()[0], err_msg=f"{sq}x{n}")
+        want = tile_states(dense_mask(boolean(spec.mask), sq, n, 2, constant_tables(spec)), block)
+        np.testing.assert_array_equal(np.broadcast_to(bm.states()[0], want.shape), want, err_msg=f"{sq}x{n}")
+
+
+@pytest.mark.parametrize("growth", [1, 3])
+def test_a_growing_cache_finds_its_next_maps_built_ahead(growth: int) -> None:
+    """A generation loop (one new key a step, or several: speculative decoding) builds the maps of the next
+    ``api.AHEAD`` lengths at once when a step follows a slightly shorter one; calls at lengths in no order build only
+    their own. Every step stays exact against the float64 reference."""
+    mask = ac.sinks(4) | ((_last_query() - 40 <= ac.kv) & (ac.kv <= _last_query()))
+    kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=16, mask=mask), target="cpu", tiles=(16, 16))
+    ref = ac.compile(kern.spec, target="reference")
+    q, cache = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 400, 16)
+    built: list[int] = []  # lengths per build
+    real = tiling.build_lengths
+    lengths = list(range(20, 20 + 100 * growth, growth))
+    counted = lambda rec, sq, ns, *a: built.append(len(ns)) or real(rec, sq, ns, *a)
+    with mock.patch.object(tiling, "build_lengths", counted):
+        for n in lengths:
+            k = cache[:, :, :n]
+            want = ref(q.double(), k.double(), k.double())
+            torch.testing.assert_close(kern(q, k, k).double(), want, atol=1e-5, rtol=1e-5, msg=f"kv length {n}")
+        assert built[0] == 1 and set(built[1:]) == {api.AHEAD}  # the first step alone, then runs of the next ones
+        assert len(built) <= 2 + len(lengths) * growth // api.AHEAD
+        assert len(kern._ahead) <= memo.SHAPES
+        built.clear()
+        for n in np.random.default_rng(0).permutation(np.arange(500, 900, 40)):  # no step follows a shorter one
+            kern(q, torch.randn(1, 2, int(n), 16), torch.randn(1, 2, int(n), 16))
+        assert built == [1] * 10
+
+
+def _last_query() -> ac.Expr:
+    """The query's position in a bottom-right aligned cache (decoding's windows are aligned so)."""
+    return ac.q + ac.Expr(X.Skv) - ac.Expr(X.Sq)
+
+
+DECODING = {
+    "window_bottom_right": lambda: (_last_query() - 40 <= ac.kv) & (ac.kv <= _last_query()),
+    "sinks_or_window_bottom_right": lambda: ac.sinks(4) | ((_last_query() - 300 <= ac.kv) & (ac.kv <= _last_query())),
+}
+
+
 @pytest.mark.parametrize("name", ["causal", "causal_bottom_right", "sliding_window_2sided", "prefix_lm",
-                                  "sinks_or_window", "per_head_window"])  # fmt: skip
+                                  "sinks_or_window", "per_head_window", *DECODING])  # fmt: skip
 def test_maps_of_one_q_block_are_exact(name: str) -> None:
     """Few query rows against many keys (decoding, speculative decoding, a short prompt): the bands' bounds are
     read at every row of the one q-block. Against the dense mask, tile by tile, at lengths around tile edges."""
-    spec = ac.AttentionSpec(num_heads=4, head_dim=64, mask=BUILTINS[name]())
+    spec = ac.AttentionSpec(num_heads=4, head_dim=64, mask={**BUILTINS, **DECODING}[name]())
     for block in ((128, 64), (16, 16)):
         kern = ac.compile(spec, target="reference", tiles=block)
         for sq, skv in ((1, 1), (1, 1000), (3, 1025), (16, 1088), (block[0], 1500), (7, 5)):
