@@ -65,12 +65,16 @@ class Kernel:
         self._built: dict[str, Executable] = {}  # target -> its executable; shared with rebound() twins
         self._last_call: dump.Call | None = None  # lengths and runtime tensors of the last call, for dump()
         self._dumped_to: Path | None = None  # ATTNCC_DUMP_DIR folder whose map waits for a call's tensors
-        self._lists: Recent[TileLists] = Recent()  # per shape and tiles, where the map is static
-        self._lists_by_tiles: Recent[TileLists] = Recent()  # one q-block's, per tiles (``_tile_lists``)
-        self._ahead: Recent[BlockMap] = Recent()  # maps of lengths a growing cache reaches next (``_static_map``)
-        self._prepared: Recent[Prepared] = Recent()  # per call signature (``_signature``): calls that skip validation
+        self._start_memos()
         self.block_size = self.plan.tiles
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
+
+    def _start_memos(self) -> None:
+        """Empty per-shape memos (a new kernel's, or a rebound twin's, whose tensors differ)."""
+        self._lists: Recent[TileLists] = Recent()  # per shape and tiles, where the map is static
+        self._lists_by_tiles: Recent[TileLists] = Recent()  # one q-block's, per tiles (``_tile_lists``)
+        self._ahead: Recent[BlockMap] = Recent(AHEAD * 16)  # lengths growing caches reach next (``_static_map``)
+        self._prepared: Recent[Prepared] = Recent()  # per call signature (``_signature``): calls that skip validation
 
     def __repr__(self) -> str:
         return f"Kernel(@{self.spec.name}, target={self.target!r}, key={self.key})"
@@ -81,7 +85,7 @@ class Kernel:
             raise SpecError(f"rebound(): {spec!r} is not {self.spec!r} with other captured tensors")
         twin = copy.copy(self)
         twin.spec = spec
-        twin._lists, twin._lists_by_tiles, twin._prepared, twin._ahead = Recent(), Recent(), Recent(), Recent()
+        twin._start_memos()
         twin._last_call = twin._dumped_to = None
         return twin
 

@@ -138,6 +138,10 @@ def build_lengths(
     sizes = {X.Sq: Box.point(q_len), X.Skv: Box.point(lengths[:, None, None]), X.H: Box.point(num_heads),
              X.B: Box.point(batch)}  # fmt: skip
     comp, full = _one_block(list(rec.bands), q_len, lengths, block[1], hm, tables, sizes)
+    if hm == 1:  # one map a length: no heads to dedupe
+        one = np.zeros((1, 1), np.int64)
+        one.flags.writeable = False  # (shared by the maps)
+        return [BlockMap.banded(block, q_len, int(n), comp[i], full[i], one) for i, n in enumerate(kv_lens)]
     maps = []
     for i, n in enumerate(kv_lens):
         both, map_of = _dedupe(np.stack([comp[i], full[i]], 1).reshape(1, hm, 2, *comp.shape[2:]))

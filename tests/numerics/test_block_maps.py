@@ -330,7 +330,7 @@ def test_a_growing_cache_finds_its_next_maps_built_ahead(growth: int) -> None:
             torch.testing.assert_close(kern(q, k, k).double(), want, atol=1e-5, rtol=1e-5, msg=f"kv length {n}")
         assert built[0] == 1 and set(built[1:]) == {api.AHEAD}  # the first step alone, then runs of the next ones
         assert len(built) <= 2 + len(lengths) * growth // api.AHEAD
-        assert len(kern._ahead) <= memo.SHAPES
+        assert len(kern._ahead) <= 16 * api.AHEAD
         built.clear()
         for n in np.random.default_rng(0).permutation(np.arange(500, 900, 40)):  # no step follows a shorter one
             kern(q, torch.randn(1, 2, int(n), 16), torch.randn(1, 2, int(n), 16))
