@@ -30,26 +30,38 @@ def _nonneg(value: IntOrExpr, label: str) -> Expr:
     return lift(value)
 
 
+def _aligned(align: str, label: str) -> Expr:
+    """The query's position among the keys: ``q`` (``"top_left"``) or ``q + (Skv - Sq)`` (``"bottom_right"``: the
+    last query sits at the last key, as in decoding with a KV cache)."""
+    if align == "top_left":
+        return ac_q()
+    if align == "bottom_right":
+        return Expr(X.q + X.Skv - X.Sq)
+    raise SpecError(f"{label}(align={align!r}): align must be 'top_left' or 'bottom_right'")
+
+
 def causal(align: str = "top_left") -> Expr:
     """Each query sees itself and earlier keys.
 
     align="top_left": ``q >= kv``; align="bottom_right": ``q + (Skv - Sq) >= kv`` (the last
     query sees the last key, as in decoding with a KV cache).
     """
-    if align == "top_left":
-        return Expr(sympy.Le(X.kv, X.q))
-    if align == "bottom_right":
-        return Expr(sympy.Le(X.kv, X.q + X.Skv - X.Sq))
-    raise SpecError(f"causal(align={align!r}): align must be 'top_left' or 'bottom_right'")
+    return ac_kv() <= _aligned(align, "causal")
 
 
-def sliding_window(left: IntOrExpr, right: IntOrExpr = 0) -> Expr:
+def sliding_window(left: IntOrExpr, right: IntOrExpr = 0, align: str = "top_left") -> Expr:
     """Keys within ``left`` before and ``right`` after the query: ``q - left <= kv <= q + right``.
 
-    ``sliding_window(255)`` is causal with a 256-key window (the query and 255 before it).
+    ``sliding_window(255)`` is causal with a 256-key window (the query and 255 before it). With
+    ``align="bottom_right"`` the query stands at ``q + (Skv - Sq)``, as :func:`causal`'s: decoding
+    from a KV cache with a windowed model (Mistral, Gemma's local layers).
+
+    >>> sliding_window(255, align="bottom_right").sym
+    (kv <= Skv - Sq + q) & (Skv - Sq + q - 255 <= kv)
     """
     lo, hi = _nonneg(left, "sliding_window(left)"), _nonneg(right, "sliding_window(right)")
-    return (ac_q() - lo <= ac_kv()) & (ac_kv() <= ac_q() + hi)
+    at = _aligned(align, "sliding_window")
+    return (at - lo <= ac_kv()) & (ac_kv() <= at + hi)
 
 
 def ac_q() -> Expr:
@@ -60,9 +72,10 @@ def ac_kv() -> Expr:
     return Expr(X.kv)
 
 
-def prefix_lm(n: IntOrExpr) -> Expr:
-    """Bidirectional over the first ``n`` keys, causal after: ``kv < n | kv <= q``."""
-    return (ac_kv() < _nonneg(n, "prefix_lm(n)")) | causal()
+def prefix_lm(n: IntOrExpr, align: str = "top_left") -> Expr:
+    """Bidirectional over the first ``n`` keys, causal after: ``kv < n | kv <= q`` (the causal part aligned as
+    :func:`causal`'s ``align``)."""
+    return (ac_kv() < _nonneg(n, "prefix_lm(n)")) | causal(align)
 
 
 def sinks(n: IntOrExpr) -> Expr:

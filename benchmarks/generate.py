@@ -2,17 +2,21 @@
 
     python benchmarks/generate.py                          # B=1, H=32, 8 kv heads, D=64, fp32, from 256 and 4096 keys
     python benchmarks/generate.py --layers 1 --dtypes float32 bfloat16   # one attention call per token
+    python benchmarks/generate.py --masks causal sinks_window            # StreamingLLM's mask too
 
 Each step appends one key: the call reads the first n positions of a preallocated cache (``k_cache[:, :, :n]``,
 as a generation loop does), so every step is a new key length, and a new block map, for attncc. ``--layers``
 calls per step share that step's length, as a model's layers share one compiled kernel: the map is built at the
-first and reused by the rest. The mask is ``causal(align="bottom_right")`` (the new token sees every key); SDPA is
-``scaled_dot_product_attention(..., enable_gqa=True)``. Every call runs under ``no_grad``. Steps alternate
-between the contenders (attncc's layers, then SDPA's), and each contender's total time over ``--steps`` steps is
-reported per call. Each dtype's rows start a little later than ``--starts`` says (``--steps`` + 2 keys a dtype), so
-that no row meets a length an earlier one built a map for. "same length" is attncc's per-call time when every step
-repeats one length, the growing calls' mean (the map reused throughout); "new-length cost" is what a step's new
-length adds, in microseconds per step (with many layers a difference of two close figures times the layers: noisy).
+first and reused by the rest. ``--masks``: ``causal`` is ``causal(align="bottom_right")`` (the new token sees every
+key), against SDPA's ``scaled_dot_product_attention(..., enable_gqa=True)``; ``sinks_window`` is StreamingLLM's
+``sinks(4) | sliding_window(1023, align="bottom_right")``, against SDPA given that mask as a boolean ``attn_mask``
+(built for every step before the timing starts: SDPA's figure leaves out the mask's cost). Every call runs under
+``no_grad``. Steps alternate between the contenders (attncc's layers, then SDPA's), and each contender's total time
+over ``--steps`` steps is reported per call. Each row starts a little later than ``--starts`` says (``--steps`` + 2
+keys a row before it), so that no row meets a length an earlier one built a map for. "same length" is attncc's
+per-call time when every step repeats one length, the growing calls' mean (the map reused throughout); "new-length
+cost" is what a step's new length adds, in microseconds per step (with many layers a difference of two close figures
+times the layers: noisy).
 """
 
 from __future__ import annotations
@@ -20,22 +24,42 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import attncc as ac
 
+SINKS, WINDOW = 4, 1023
+MASKS = {  # name: (attncc's mask, SDPA's boolean attn_mask [1, 1, 1, n] for one query at key length n, or None)
+    "causal": (lambda: ac.causal(align="bottom_right"), None),
+    "sinks_window": (
+        lambda: ac.sinks(SINKS) | ac.sliding_window(WINDOW, align="bottom_right"),
+        lambda n: ((torch.arange(n) < SINKS) | (torch.arange(n) >= n - 1 - WINDOW)).view(1, 1, 1, n),
+    ),
+}
+
 
 def generate(
-    kern: ac.Kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, steps: int, layers: int
+    kern: ac.Kernel,
+    sdpa_mask: Callable[[int], torch.Tensor] | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    start: int,
+    steps: int,
+    layers: int,
 ) -> tuple[float, float, float]:
     """Seconds per call of attncc on growing lengths, of SDPA on the same, and of attncc at one repeated length."""
     spent = {"attncc": 0.0, "sdpa": 0.0, "same": 0.0}
     middle = start + steps // 2  # the growing calls' mean length
+    made = {n: sdpa_mask(n) for n in range(start - 1, start + steps)} if sdpa_mask else {}
     calls: dict[str, object] = {
         "attncc": lambda n: kern(q, k_cache[:, :, :n], v_cache[:, :, :n]),
-        "sdpa": lambda n: F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], enable_gqa=True),
+        "sdpa": lambda n: F.scaled_dot_product_attention(
+            q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=made.get(n), enable_gqa=True
+        ),
         "same": lambda n: kern(q, k_cache[:, :, :middle], v_cache[:, :, :middle]),
     }
     with torch.no_grad():
@@ -59,26 +83,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--masks", nargs="+", choices=sorted(MASKS), default=["causal"])
     args = parser.parse_args()
     H, Hkv, D = args.heads, args.kv_heads, args.head_dim
     print(f"# B=1 H={H} Hkv={Hkv} D={D}; {args.steps} steps; torch {torch.__version__}; {platform.machine()}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    print("| dtype | keys | layers | attncc us/call | SDPA us/call | SDPA/attncc | same length us/call "
+    print("| mask | dtype | keys | layers | attncc us/call | SDPA us/call | SDPA/attncc | same length us/call "
           "| new-length cost us/step |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=ac.causal(align="bottom_right"))
-    kern = ac.compile(spec, target="cpu")
+    print("|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
-    for i, name in enumerate(args.dtypes):
-        dtype = getattr(torch, name)
-        for first in args.starts:
-            start = first + i * (args.steps + 2)  # lengths no earlier row met (its maps would be cached)
-            k_cache = torch.randn(1, Hkv, start + args.steps + 1, D, dtype=dtype)
-            v_cache, q = torch.randn_like(k_cache), torch.randn(1, H, 1, D, dtype=dtype)
-            for layers in args.layers:
-                ours, sdpa, same = generate(kern, q, k_cache, v_cache, start, args.steps, layers)
-                print(f"| {name} | {start}-{start + args.steps} | {layers} | {ours * 1e6:.1f} | {sdpa * 1e6:.1f} "
-                      f"| {sdpa / ours:.2f}x | {same * 1e6:.1f} | {(ours - same) * layers * 1e6:.0f} |")  # fmt: skip
+    row = 0
+    for mask in args.masks:
+        make, sdpa_mask = MASKS[mask]
+        kern = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=make()), target="cpu")
+        for name in args.dtypes:
+            dtype = getattr(torch, name)
+            for first in args.starts:
+                for layers in args.layers:
+                    start = first + row * (args.steps + 2)  # lengths no earlier row met (its maps would be cached)
+                    row += 1
+                    k_cache = torch.randn(1, Hkv, start + args.steps + 1, D, dtype=dtype)
+                    v_cache, q = torch.randn_like(k_cache), torch.randn(1, H, 1, D, dtype=dtype)
+                    ours, sdpa, same = generate(kern, sdpa_mask, q, k_cache, v_cache, start, args.steps, layers)
+                    print(f"| {mask} | {name} | {start}-{start + args.steps} | {layers} | {ours * 1e6:.1f} "
+                          f"| {sdpa * 1e6:.1f} | {sdpa / ours:.2f}x | {same * 1e6:.1f} "
+                          f"| {(ours - same) * layers * 1e6:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -271,10 +271,10 @@ def banded_masks(draw: st.DrawFn, depth: int = 2) -> ac.Expr:
     windows), combined with &, | and ~."""
     i = lambda lo, hi: draw(st.integers(lo, hi))
     if depth == 0 or (depth == 1 and draw(st.booleans())):
-        last = ac.q + ac.Expr(X.Skv) - ac.Expr(X.Sq)  # the query's position in a bottom-right aligned cache
         return draw(st.sampled_from([
             ac.causal(), ac.causal("bottom_right"), ac.sliding_window(i(0, 40), i(0, 20)), ac.sinks(i(0, 30)),
-            ac.prefix_lm(i(0, 60)), (last - i(0, 150) <= ac.kv) & (ac.kv <= last), abs(ac.q - ac.kv) <= i(0, 30),
+            ac.prefix_lm(i(0, 60)), ac.sliding_window(i(0, 150), i(0, 20), align="bottom_right"),
+            ac.prefix_lm(i(0, 60), align="bottom_right"), abs(ac.q - ac.kv) <= i(0, 30),
             ac.sliding_window(ac.per_head([i(0, 30), i(0, 30)], name="w")),
         ]))  # fmt: skip
     a, b = draw(banded_masks(depth - 1)), draw(banded_masks(depth - 1))
@@ -315,7 +315,7 @@ def test_a_growing_cache_finds_its_next_maps_built_ahead(growth: int) -> None:
     """A generation loop (one new key a step, or several: speculative decoding) builds the maps of the next
     ``api.AHEAD`` lengths at once when a step follows a slightly shorter one; calls at lengths in no order build only
     their own. Every step stays exact against the float64 reference."""
-    mask = ac.sinks(4) | ((_last_query() - 40 <= ac.kv) & (ac.kv <= _last_query()))
+    mask = ac.sinks(4) | ac.sliding_window(40, align="bottom_right")
     kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=16, mask=mask), target="cpu", tiles=(16, 16))
     ref = ac.compile(kern.spec, target="reference")
     q, cache = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 400, 16)
@@ -337,14 +337,10 @@ def test_a_growing_cache_finds_its_next_maps_built_ahead(growth: int) -> None:
         assert built == [1] * 10
 
 
-def _last_query() -> ac.Expr:
-    """The query's position in a bottom-right aligned cache (decoding's windows are aligned so)."""
-    return ac.q + ac.Expr(X.Skv) - ac.Expr(X.Sq)
-
-
 DECODING = {
-    "window_bottom_right": lambda: (_last_query() - 40 <= ac.kv) & (ac.kv <= _last_query()),
-    "sinks_or_window_bottom_right": lambda: ac.sinks(4) | ((_last_query() - 300 <= ac.kv) & (ac.kv <= _last_query())),
+    "window_bottom_right": lambda: ac.sliding_window(40, align="bottom_right"),
+    "sinks_or_window_bottom_right": lambda: ac.sinks(4) | ac.sliding_window(300, align="bottom_right"),
+    "prefix_lm_bottom_right": lambda: ac.prefix_lm(100, align="bottom_right"),
 }
 
 
