@@ -114,8 +114,9 @@ class Kernel:
         return self.executable("cpu").kernel  # type: ignore[attr-defined]
 
     def _static(self) -> bool:
-        """True when the block map depends on the lengths only (no runtime or captured tensors)."""
-        return not self.spec.runtime_tensors() and not self.spec.captured
+        """True when the block map depends on the lengths only (no runtime or captured tensors, and no kv-block lists
+        selected from each call's q and k): then its lists and records are kept per shape."""
+        return not self.spec.runtime_tensors() and not self.spec.captured and not self.plan.selects
 
     def _lists_for(
         self, shape: CallShape, bound: dict[str, torch.Tensor], block: tuple[int, int] | None = None

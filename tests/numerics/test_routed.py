@@ -190,6 +190,24 @@ def test_route_blocks_1d(target: str, causal: bool) -> None:
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_calls_of_one_shape_select_their_own_blocks(target: str) -> None:
+    """The selected lists depend on each call's q and k, not on its shape alone: calls of one shape with other q
+    and k (with and without gradients) must each walk their own blocks, never an earlier call's lists or records."""
+    B, H, Sq, Skv, D, blk, top_k = 1, 2, 40, 70, 16, 16, 2
+    kern = ac.compile(ac.AttentionSpec(num_heads=H, head_dim=D, mask=ac.route_blocks(top_k, blk)), target=target)
+    region = lambda t: t // blk
+    keep = lambda q, k: routed(q, k, top_k, region, region, False, True)
+    for _ in range(2):
+        check(kern, keep, (B, H, Sq, Skv, D))
+    for _ in range(2):
+        q, k, v = (torch.randn(B, H, n, D, dtype=torch.float64).float() for n in (Sq, Skv, Skv))
+        with torch.no_grad():
+            o = kern(q, k, v)
+        want, _ = oracle.attention(q.double(), k.double(), v.double(), keep(q.double(), k.double()), 1 / math.sqrt(D))
+        torch.testing.assert_close(o.double(), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_route_blocks_on_a_grid(target: str) -> None:
     """BiFormer: 2-d regions of a 6 x 8 row-major token grid (reordered region-major for the kernel), no own
     block forced."""
