@@ -43,6 +43,7 @@ log = logging.getLogger("attncc.api")
 
 DEFAULT_PIPELINE = "canonicalize,fuse,block-sparse{{{tiles}}}"  # tiles: bq=..,bkv=.. or target=..,n=.. (cost model)
 TARGETS = ("auto", "cpu", "triton", "reference")
+CONTENTS = 4  # maps of runtime tensors' values a kernel keeps (a training step's forward and backward tiles, twice)
 AHEAD = 32  # key lengths whose maps a growing cache's step builds at once (``Kernel._static_map``)
 GROWTH = 8  # keys a step may add and still count as a generation loop's next step (speculative decoding adds several)
 _CACHE: dict[tuple[AttentionSpec, str, str, tuple[int, ...], str], Kernel] = {}
@@ -66,6 +67,7 @@ class Kernel:
         self._last_call: dump.Call | None = None  # lengths and runtime tensors of the last call, for dump()
         self._dumped_to: Path | None = None  # ATTNCC_DUMP_DIR folder whose map waits for a call's tensors
         self._start_memos()
+        self._mask_tensors = frozenset(X.tensor_refs(spec.mask))  # (the score mod's tensors never hide a tile)
         self.block_size = self.plan.tiles
         self.key = hashlib.sha256(f"{target}\n{pipeline}\n{records[-1].ir}".encode()).hexdigest()[:16]
 
@@ -75,6 +77,7 @@ class Kernel:
         self._lists_by_tiles: Recent[TileLists] = Recent()  # one q-block's, per tiles (``_tile_lists``)
         self._ahead: Recent[BlockMap] = Recent(AHEAD * 16)  # lengths growing caches reach next (``_static_map``)
         self._prepared: Recent[Prepared] = Recent()  # per call signature (``_signature``): calls that skip validation
+        self._lists_by_content: Recent[TileLists] = Recent(CONTENTS)  # per shape and mask tensors' values
 
     def __repr__(self) -> str:
         return f"Kernel(@{self.spec.name}, target={self.target!r}, key={self.key})"
@@ -124,8 +127,9 @@ class Kernel:
         """Tile lists of a call at ``block`` (default: the plan's tiles); cached per shape and block when the mask
         is static."""
         block = block or self.plan.tiles
-        if not self._static():
-            return TileLists.of(self._map(shape, bound, block))
+        if not self._static():  # (kept by the values of the tensors the mask reads: a model's layers share them)
+            key = (shape.batch, shape.q_len, shape.kv_len, *block, *_contents(bound, self._mask_tensors))
+            return self._lists_by_content.get(key, lambda: TileLists.of(self._map(shape, bound, block)))
         key = (shape.batch, shape.q_len, shape.kv_len, *block)
         return self._lists.get(key, lambda: self._tile_lists(self._static_map(shape, block)))
 
@@ -287,6 +291,17 @@ class Kernel:
             q = q_len if q_len is not None else call[1]  # type: ignore[index]
             call = (1, q, kv_len if kv_len is not None else q, tensors)
         return dump.write(self, Path(path), call)
+
+
+def _contents(bound: dict[str, torch.Tensor], names: frozenset[str]) -> tuple[Any, ...]:
+    """The values of the tensors ``names`` in ``bound``, as (name, dtype, shape, digest of the bytes) each: what a map
+    of runtime tensors depends on besides the lengths. (A digest, not the bytes: a key holds no copy of a tensor.)"""
+    out = []
+    for name in sorted(names & bound.keys()):
+        t = bound[name].detach()
+        data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        out.append((name, t.dtype, tuple(t.shape), hashlib.blake2b(data.tobytes(), digest_size=16).digest()))
+    return tuple(out)
 
 
 def _signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, ...] | None:

@@ -971,6 +971,7 @@ class CpuExecutable(Lazy):
     def __init__(self, plan: KernelPlan) -> None:
         super().__init__(plan)
         self._keeps: Recent[torch.Tensor] = Recent()  # partial-tile records per shape, where the map is static
+        self._keeps_by_lists: Recent[tuple[TileLists, torch.Tensor]] = Recent(8)  # else per lists (and their records)
         self._backward: CpuKernel | None = None
         self._lock = threading.Lock()
 
@@ -991,10 +992,17 @@ class CpuExecutable(Lazy):
         return self._backward
 
     def _keep(self, kern: CpuKernel, lists: TileLists, call: Call) -> torch.Tensor:
-        """The partial tiles' records of ``lists`` (``kern``'s tiles), cached per shape and tiles when static."""
+        """The partial tiles' records of ``lists`` (``kern``'s tiles), kept per shape and tiles when static, else with
+        the lists they belong to (lists of runtime tensors are kept by those tensors' values)."""
         sizes = (call.shape.batch, self.plan.num_heads, call.shape.q_len, call.shape.kv_len)
-        if not call.static:
-            return kern.masks(lists, sizes, call.tensors)
+        if not call.static:  # lists of runtime tensors' values are kept by those values (``Kernel._lists_for``)
+            held = (id(lists), *sizes, kern.bq, kern.bkv)
+            found = self._keeps_by_lists.peek(held)
+            if found is not None and found[0] is lists:  # (the entry holds its lists: an id is theirs while it lives)
+                return found[1]
+            keep = kern.masks(lists, sizes, call.tensors)
+            self._keeps_by_lists.put(held, (lists, keep))
+            return keep
         key = (call.shape.batch, call.shape.q_len, call.shape.kv_len, kern.bq, kern.bkv)
         return self._keeps.get(key, lambda: kern.masks(lists, sizes, call.tensors))
 

@@ -1140,6 +1140,44 @@ def test_calls_like_an_earlier_one_skip_validation_and_stay_exact(dtype: torch.d
     assert len(docs._prepared) == 0  # runtime tensors: validated and bound every call
 
 
+def test_maps_of_runtime_tensors_are_kept_by_their_values() -> None:
+    """A model's layers pass one document-id tensor: the map, lists and partial-tile records are built once for its
+    values and found again by them (also for another tensor with equal values); other values, or the same tensor
+    changed in place, get their own. Every call (forward, and backward at its own tiles) against the float64 oracle."""
+    from tests.numerics import oracle
+
+    H, D, n = 2, 16, 100
+    kern = ac.compile(ac.AttentionSpec(num_heads=H, head_dim=D, mask=ac.document(ac.tensor("d")) & ac.causal()),
+                      target="cpu", tiles=(16, 16))  # fmt: skip
+    built = []
+    real = kern._map
+    g = torch.Generator().manual_seed(5)
+    counted = lambda shape, bound, block=None: built.append(block) or real(shape, bound, block)
+    with mock.patch.object(kern, "_map", counted):
+        ids = torch.repeat_interleave(torch.arange(4), torch.tensor([30, 25, 40, 5]))
+        for step, d in enumerate([ids, ids.clone(), ids.flip(0), ids, None]):
+            if d is None:  # the first tensor, changed in place
+                ids[:50] = 7
+                d = ids
+            q, k, v = (torch.randn(1, H, n, D, generator=g).requires_grad_() for _ in "qkv")
+            visible = (d[:, None] == d[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
+            want_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            want, _ = oracle.attention(*want_in, visible.expand(1, H, n, n), D**-0.5)
+            o = kern(q, k, v, d=d)
+            torch.testing.assert_close(o.double(), want, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+            o.double().mul(want.detach()).sum().backward()
+            want.mul(want.detach()).sum().backward()
+            for got, ref in zip((q, k, v), want_in, strict=True):
+                torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+            with torch.no_grad():
+                torch.testing.assert_close(kern(q, k, v, d=d).double(), want, rtol=1e-5, atol=1e-6)
+            if step == 0:
+                per_values = len(built)  # the forward's tiles' map, and the backward's where its tiles differ
+            if step in (1, 3):  # equal values (another tensor; the first again): nothing built again
+                assert len(built) == per_values * (1 if step == 1 else 2)
+    assert len(built) == 3 * per_values  # the first values, flipped, changed in place
+
+
 def _prepared_calls(kern: ac.Kernel, dtype: torch.dtype, tol: float, g: torch.Generator, made: list[Any]) -> None:
     from tests.numerics import oracle
 
