@@ -181,6 +181,10 @@ def _add(e: sympy.Add, env: Env, t: Tables) -> Box:
 
 
 def _mul(e: sympy.Mul, env: Env, t: Tables) -> Box:
+    first = e.args[0]
+    if len(e.args) == 2 and first.is_number and first.is_finite and first != 0:  # c * x (and -x): the general rule's
+        c, b = float(first), interval(e.args[1], env, t)  # floats, without the products it would discard
+        return Box(c * b.lo, c * b.hi) if c > 0 else Box(c * b.hi, c * b.lo)
     acc = Box.point(1.0)
     for a in e.args:
         b = interval(a, env, t)
