@@ -1,0 +1,92 @@
+"""One kernel, many calls: whatever a kernel keeps between calls must leave every call its own answer.
+
+A compiled kernel keeps a lot from call to call: tile lists per shape, maps built ahead for a growing cache, lists
+shared by maps of the same tiles, maps of runtime tensors kept by their values, the cpu target's partial-tile
+records and runtime arguments, and prepared calls that skip validation. Each is exact for the calls it was made
+for; a key that leaves something out gives a later call an earlier call's answer, silently. Here one kernel per mask
+walks a seeded random sequence of calls, as a generation loop and a serving process make them: a growing cache (one
+key a step, a model's layers calling at each step with their own caches), jumps ahead and back, a few speculative
+tokens, a new batch, a prefill, document ids rewritten in place, calls that want gradients. Every call is checked
+against the float64 oracle on the mask written from its definition.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import attncc as ac
+from attncc import config
+from tests.codegen.test_cpu_target import _isas
+from tests.numerics import oracle
+
+H, HKV, D, LAYERS = 4, 2, 16, 2
+SINKS, LEFT = 3, 21
+Keep = Callable[[torch.Tensor, torch.Tensor, int, int, torch.Tensor], torch.Tensor]  # (i, j, Sq, Skv, doc) -> bool
+
+MASKS: dict[str, tuple[Callable[[], ac.Expr], Keep]] = {  # name: (the attncc mask, its definition)
+    "causal_br": (lambda: ac.causal(align="bottom_right"), lambda i, j, sq, skv, doc: j <= i + skv - sq),
+    "sinks_window_br": (
+        lambda: ac.sinks(SINKS) | ac.sliding_window(LEFT, align="bottom_right"),
+        lambda i, j, sq, skv, doc: (j < SINKS) | ((i + skv - sq - LEFT <= j) & (j <= i + skv - sq)),
+    ),
+    "document": (
+        lambda: ac.document(ac.tensor("doc")) & ac.causal(),
+        lambda i, j, sq, skv, doc: (doc[i] == doc[j]) & (j <= i),
+    ),
+}
+
+
+def walk(rng: random.Random, prefill_only: bool, steps: int) -> list[tuple[int, int, int, bool]]:
+    """(batch, q_len, kv_len, wants gradient) of each call; a document mask's calls are prefills (q_len = kv_len)."""
+    calls: list[tuple[int, int, int, bool]] = []
+    n, batch = rng.randrange(5, 40), 1
+    for _ in range(steps):
+        r = rng.random()
+        if r < 0.55:
+            n += 1  # a generation step
+        elif r < 0.65:
+            n += rng.randrange(2, 70)  # a longer prompt appended
+        elif r < 0.75 and calls:
+            n = rng.choice(calls)[2]  # back to a length met before (a cache reset, another sequence)
+        elif r < 0.8:
+            batch = rng.choice([1, 2, 3])
+        sq = n if prefill_only else (rng.choice([2, 3, 5]) if r > 0.93 else 1)  # speculative tokens
+        calls.append((batch, min(sq, n), n, rng.random() < 0.1))
+    return calls
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_every_call_of_a_random_walk_gets_its_own_answer(name: str, isa: str) -> None:
+    make, keep_fn = MASKS[name]
+    rng = random.Random(f"{name}-{isa}")
+    spec = ac.AttentionSpec(num_heads=H, num_kv_heads=HKV, head_dim=D, mask=make())
+    with config.override(cpu_isa=isa):
+        kern = ac.compile(spec, target="cpu")
+        doc = torch.zeros(0, dtype=torch.long)
+        for batch, sq, skv, grad in walk(rng, name == "document", 45 if name == "document" else 90):
+            if name == "document":  # new ids in the same tensor when the length allows (a batch of packed prompts)
+                ids = torch.tensor(sorted(rng.choices(range(4), k=skv)))
+                doc = ids if doc.shape[0] != skv or rng.random() < 0.5 else doc.copy_(ids)
+            tensors = {"doc": doc} if name == "document" else {}
+            for layer in range(LAYERS):  # each layer's K and V: whole tensors or views of longer caches
+                cache = torch.randn(2, batch, HKV, skv + rng.choice([0, 0, 9]), D)
+                q = torch.randn(batch, H, sq, D, requires_grad=grad)
+                k, v = cache[0, :, :, :skv], cache[1, :, :, :skv]
+                with torch.set_grad_enabled(grad):
+                    out = kern(q, k, v, **tensors)
+                i, j = torch.arange(sq)[:, None], torch.arange(skv)[None, :]
+                keep = keep_fn(i, j, sq, skv, doc).expand(batch, H, sq, skv)
+                want, _ = oracle.attention(q.detach(), k, v, keep, D**-0.5)
+                err = float((out.detach().double() - want).abs().max())
+                assert err < 1e-5, f"call {(batch, sq, skv)} layer {layer}: max error {err:.2e}"
+                if grad:
+                    w = torch.randn(out.shape, dtype=torch.float64)
+                    (got,) = torch.autograd.grad((out.double() * w).sum(), q)
+                    ref = q.detach().double().requires_grad_()
+                    (wanted,) = torch.autograd.grad((oracle.attention(ref, k, v, keep, D**-0.5)[0] * w).sum(), ref)
+                    assert float((got - wanted).abs().max()) < 1e-4, f"dq of call {(batch, sq, skv)}"
