@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ log = logging.getLogger("attncc.api")
 DEFAULT_PIPELINE = "canonicalize,fuse,block-sparse{{{tiles}}}"  # tiles: bq=..,bkv=.. or target=..,n=.. (cost model)
 TARGETS = ("auto", "cpu", "triton", "reference")
 CONTENTS = 4  # maps of runtime tensors' values a kernel keeps (a training step's forward and backward tiles, twice)
-AHEAD = 32  # key lengths whose maps a growing cache's step builds at once (``Kernel._static_map``)
+AHEAD = 128  # key lengths whose maps (and lists) a growing cache's step builds at once (``Kernel._static_lists``)
 GROWTH = 8  # keys a step may add and still count as a generation loop's next step (speculative decoding adds several)
 _CACHE: dict[tuple[AttentionSpec, str, str, tuple[int, ...], str], Kernel] = {}
 # the same kernels by structure (the spec without its captured bindings): a spec that differs from a
@@ -75,7 +76,7 @@ class Kernel:
         """Empty per-shape memos (a new kernel's, or a rebound twin's, whose tensors differ)."""
         self._lists: Recent[TileLists] = Recent()  # per shape and tiles, where the map is static
         self._lists_by_tiles: Recent[TileLists] = Recent()  # one q-block's, per tiles (``_tile_lists``)
-        self._ahead: Recent[BlockMap] = Recent(AHEAD * 16)  # lengths growing caches reach next (``_static_map``)
+        self._ahead: Recent[TileLists] = Recent(AHEAD * 16)  # lengths growing caches reach next (``_static_lists``)
         self._prepared: Recent[Prepared] = Recent()  # per call signature (``_signature``): calls that skip validation
         self._lists_by_content: Recent[TileLists] = Recent(CONTENTS)  # per shape and mask tensors' values
 
@@ -131,12 +132,13 @@ class Kernel:
             key = (shape.batch, shape.q_len, shape.kv_len, *block, *_contents(bound, self._mask_tensors))
             return self._lists_by_content.get(key, lambda: TileLists.of(self._map(shape, bound, block)))
         key = (shape.batch, shape.q_len, shape.kv_len, *block)
-        return self._lists.get(key, lambda: self._tile_lists(self._static_map(shape, block)))
+        return self._lists.get(key, lambda: self._static_lists(shape, block))
 
-    def _static_map(self, shape: CallShape, block: tuple[int, int]) -> BlockMap:
-        """The map of a static mask at ``shape``. A banded map of one q-block whose call follows one at a slightly
+    def _static_lists(self, shape: CallShape, block: tuple[int, int]) -> TileLists:
+        """The lists of a static mask at ``shape``. A banded map of one q-block whose call follows one at a slightly
         shorter key length (a generation loop's steps, ``GROWTH`` keys apart at most) is built with the maps of the
-        next ``AHEAD`` lengths (:func:`attncc.analysis.tiling.build_lengths`), which the next steps then find."""
+        next ``AHEAD`` lengths (:func:`attncc.analysis.tiling.build_lengths`), and their lists with it (one lists for
+        each run of lengths with the same tiles), which the next steps then find."""
         key = (shape.batch, shape.q_len, shape.kv_len, *block)
         found = self._ahead.peek(key)
         if found is not None:
@@ -144,11 +146,13 @@ class Kernel:
         rec, n = self.plan.recipe, shape.kv_len
         growing = any((shape.batch, shape.q_len, n - d, *block) in self._lists for d in range(1, GROWTH + 1))
         if rec.bands is None or shape.q_len > block[0] or not growing:
-            return self._map(shape, {}, block)
+            return self._tile_lists(self._map(shape, {}, block))
         maps = tiling.build_lengths(rec, shape.q_len, range(n, n + AHEAD), block, self.plan.num_heads, shape.batch)
-        for bm in maps[1:]:
-            self._ahead.put((shape.batch, shape.q_len, bm.kv_len, *block), bm)
-        return maps[0]
+        first = lists = self._tile_lists(maps[0])
+        for before, bm in itertools.pairwise(maps):
+            lists = lists if bm.shares_tiles(before) else self._tile_lists(bm)
+            self._ahead.put((shape.batch, shape.q_len, bm.kv_len, *block), lists)
+        return first
 
     def _tile_lists(self, bm: BlockMap) -> TileLists:
         """The lists of a static map; those of one q-block (decoding) shared with any recent map of the same tiles

@@ -331,6 +331,7 @@ class CpuKernel:
         self.tile_bytes = int(self.runtime.attncc_tile_bytes())  # one partial tile's record in the keep buffer
         if self.tile_bytes != int(self.lib.attncc_tile_bytes()):
             raise LoweringError(f"{self.path.name} and {self.runtime_path.name} disagree on the keep-record layout")
+        self.no_records = torch.empty(self.tile_bytes, dtype=torch.uint8)  # the records of lists with no partial tile
         self._told: set[int] = set()
         self._upcast_told: set[tuple[str, int, bool]] = set()
         self._fp32_backward_told: set[tuple[bool, int]] = set()  # (fp16, head dim)s whose fallback was logged
@@ -544,9 +545,9 @@ class CpuKernel:
         """The record of every partial tile (its BQ x BKV keep bytes, padded to 4, then each row's kept
         column range [lo, hi) and each column's kept row range as two int16), from one pass of mask code."""
         B, H, Sq, Skv = shape
-        keep = torch.empty(max(1, lists.keep_tiles) * self.tile_bytes, dtype=torch.uint8)
-        if not lists.keep_tiles:  # no partial tile (decoding's maps, most often): no record to write, no mask to read
-            return keep
+        if not lists.keep_tiles:  # no partial tile (decoding's maps, most often): nothing to write, nothing read
+            return self.no_records  # (one for every such call: the runtimes only read the records)
+        keep = torch.empty(lists.keep_tiles * self.tile_bytes, dtype=torch.uint8)
         rt = self.pack(tensors)
         at = lists.addresses
         code = self.lib.attncc_masks(
@@ -995,6 +996,8 @@ class CpuExecutable(Lazy):
         """The partial tiles' records of ``lists`` (``kern``'s tiles), kept per shape and tiles when static, else with
         the lists they belong to (lists of runtime tensors are kept by those tensors' values)."""
         sizes = (call.shape.batch, self.plan.num_heads, call.shape.q_len, call.shape.kv_len)
+        if not lists.keep_tiles:  # no partial tile: no records to make or keep
+            return kern.no_records
         if not call.static:  # lists of runtime tensors' values are kept by those values (``Kernel._lists_for``)
             held = (id(lists), *sizes, kern.bq, kern.bkv)
             found = self._keeps_by_lists.peek(held)

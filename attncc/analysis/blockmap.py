@@ -83,6 +83,24 @@ class BlockMap:
         held = tuple(None if a is None else (a.dtype.str, a.shape, a.tobytes()) for a in arrays)
         return (self.kind, self.num_q_blocks, self.num_kv_blocks, *held)
 
+    def shares_tiles(self, other: BlockMap) -> bool:
+        """Whether ``other`` holds this map's arrays themselves (the same objects, as
+        :func:`attncc.analysis.tiling.build_lengths` gives a length whose tiles are those of the length before) at the
+        same numbers of blocks: then the two have the same tiles, and so the same tile lists. False says nothing.
+
+        >>> import attncc as ac
+        >>> from attncc.analysis.tiling import build_lengths, recipe
+        >>> a, b, c = build_lengths(recipe(ac.causal(align="bottom_right").sym), 1, [65, 66, 129], (64, 64), 1, 1)
+        >>> a.shares_tiles(b), b.shares_tiles(c)  # 66 keys: the new key in 65's second kv block; 129: a third block
+        (True, False)
+        """
+        arrays = ("map_of", "computed", "full", "state", "ptr", "cols", "cell")
+        return (
+            self.kind == other.kind
+            and (self.num_q_blocks, self.num_kv_blocks) == (other.num_q_blocks, other.num_kv_blocks)
+            and all(getattr(self, a) is getattr(other, a) for a in arrays)
+        )
+
     # ---- shape ------------------------------------------------------------------------------
     @property
     def num_q_blocks(self) -> int:

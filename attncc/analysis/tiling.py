@@ -123,7 +123,9 @@ def build_lengths(
     """The block maps at one query length and each of ``kv_lens``: ``[build(rec, q_len, n, ...) for n in kv_lens]``.
 
     Where the map has one q-block and the mask is banded (a decoding step), the maps of all the lengths are
-    worked out together, as arrays over the lengths: a generation loop's next steps cost about one map.
+    worked out together, as arrays over the lengths: a generation loop's next steps cost about one map. A length
+    whose tiles are those of the length before it (its new key falls in the same kv block) gets that map's arrays,
+    the same objects, read-only (``same_tiles`` then answers without reading them).
 
     >>> import attncc as ac
     >>> rec = recipe((ac.sinks(4) | ac.causal(align="bottom_right")).sym)
@@ -138,14 +140,23 @@ def build_lengths(
     sizes = {X.Sq: Box.point(q_len), X.Skv: Box.point(lengths[:, None, None]), X.H: Box.point(num_heads),
              X.B: Box.point(batch)}  # fmt: skip
     comp, full = _one_block(list(rec.bands), q_len, lengths, block[1], hm, tables, sizes)
-    if hm == 1:  # one map a length: no heads to dedupe
-        one = np.zeros((1, 1), np.int64)
-        one.flags.writeable = False  # (shared by the maps)
-        return [BlockMap.banded(block, q_len, int(n), comp[i], full[i], one) for i, n in enumerate(kv_lens)]
-    maps = []
+    nkv = -(-lengths // block[1])
+    same = np.zeros(lengths.size, bool)  # the tiles of the length before: its arrays are shared (next steps in a block)
+    rest = tuple(range(1, comp.ndim))
+    same[1:] = (nkv[1:] == nkv[:-1]) & (comp[1:] == comp[:-1]).all(rest) & (full[1:] == full[:-1]).all(rest)
+    maps: list[BlockMap] = []
     for i, n in enumerate(kv_lens):
-        both, map_of = _dedupe(np.stack([comp[i], full[i]], 1).reshape(1, hm, 2, *comp.shape[2:]))
-        maps.append(BlockMap.banded(block, q_len, int(n), both[:, 0], both[:, 1], map_of))
+        if same[i]:
+            last = maps[-1]
+            computed, full_of, map_of = last.computed, last.full, last.map_of
+        elif hm == 1:  # one map a length: no heads to dedupe
+            computed, full_of, map_of = comp[i], full[i], np.zeros((1, 1), np.int64)
+        else:
+            both, map_of = _dedupe(np.stack([comp[i], full[i]], 1).reshape(1, hm, 2, *comp.shape[2:]))
+            computed, full_of = both[:, 0], both[:, 1]
+        for a in (computed, full_of, map_of):
+            a.flags.writeable = False  # (shared by the maps)
+        maps.append(BlockMap.banded(block, q_len, int(n), computed, full_of, map_of))
     return maps
 
 
