@@ -146,16 +146,14 @@ def build_lengths(
     same[1:] = (nkv[1:] == nkv[:-1]) & (comp[1:] == comp[:-1]).all(rest) & (full[1:] == full[:-1]).all(rest)
     maps: list[BlockMap] = []
     for i, n in enumerate(kv_lens):
-        if same[i]:
-            last = maps[-1]
-            computed, full_of, map_of = last.computed, last.full, last.map_of
-        elif hm == 1:  # one map a length: no heads to dedupe
-            computed, full_of, map_of = comp[i], full[i], np.zeros((1, 1), np.int64)
-        else:
-            both, map_of = _dedupe(np.stack([comp[i], full[i]], 1).reshape(1, hm, 2, *comp.shape[2:]))
-            computed, full_of = both[:, 0], both[:, 1]
-        for a in (computed, full_of, map_of):
-            a.flags.writeable = False  # (shared by the maps)
+        if not same[i]:  # (else the arrays of the length before)
+            if hm == 1:  # one map a length: no heads to dedupe
+                computed, full_of, map_of = comp[i], full[i], np.zeros((1, 1), np.int64)
+            else:
+                both, map_of = _dedupe(np.stack([comp[i], full[i]], 1).reshape(1, hm, 2, *comp.shape[2:]))
+                computed, full_of = both[:, 0], both[:, 1]
+            for a in (computed, full_of, map_of):
+                a.flags.writeable = False  # (shared by the maps)
         maps.append(BlockMap.banded(block, q_len, int(n), computed, full_of, map_of))
     return maps
 
