@@ -78,6 +78,7 @@ class Kernel:
         self._lists_by_tiles: Recent[TileLists] = Recent()  # one q-block's, per tiles (``_tile_lists``)
         self._ahead: Recent[TileLists] = Recent(AHEAD * 16)  # lengths growing caches reach next (``_static_lists``)
         self._prepared: Recent[Prepared] = Recent()  # per call signature (``_signature``): calls that skip validation
+        self._lengths: Recent[Executable] = Recent()  # per signature less the key length (``_any_length``)
         self._lists_by_content: Recent[TileLists] = Recent(CONTENTS)  # per shape and mask tensors' values
 
     def __repr__(self) -> str:
@@ -171,6 +172,11 @@ class Kernel:
         if prepared is not None and not _wants_gradient(q, k, v):
             o, lse = prepared(q, k, v)  # a call like an earlier one, needing no gradient (decoding's layers, steps)
             return (o, lse) if return_lse else o
+        if signature is not None and 0 < k.shape[2] == v.shape[2] and not _wants_gradient(q, k, v):
+            exe = self._lengths.peek(_any_length(signature))
+            if exe is not None:  # a call like a prepared one at another key length (a generation loop's next step)
+                o, lse = self._new_length(exe, q, k, v, signature)
+                return (o, lse) if return_lse else o
         shape = check_qkv(self.spec, q, k, v)
         check_requires(self.spec, shape)
         tensors = dict(tensors)
@@ -204,9 +210,26 @@ class Kernel:
             made = exe.prepare(call)
             if made is not None:
                 self._prepared.put(signature, made)
+                self._lengths.put(_any_length(signature), exe)
         if order is not None:
             o, lse = o.index_select(2, order[1].to(o.device)), lse.index_select(2, order[1].to(o.device))
         return (o, lse) if return_lse else o
+
+    def _new_length(
+        self, exe: Executable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, signature: tuple[Any, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A call whose signature is a prepared call's but for the key length (K and V of one length, not empty),
+        needing no gradient: of what validation checks, only the spec's length requirements can differ, and of what
+        dispatch decides, only the tile lists; run on ``exe`` (the prepared call's executable) and prepared in turn."""
+        shape = CallShape(int(q.shape[0]), int(q.shape[2]), int(k.shape[2]))
+        check_requires(self.spec, shape)
+        lists = functools.partial(self._lists_for, shape, {})
+        call = Call(q, k, v, shape, {}, None, lists, True, self._recompute)
+        o, lse = exe.run(call)
+        made = exe.prepare(call)
+        if made is not None:
+            self._prepared.put(signature, made)
+        return o, lse
 
     def _select(self, q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The kv-block lists of the plan's ``attn.select`` ops for this q and k (not differentiable); ``heads``:
@@ -315,6 +338,12 @@ def _signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, 
     if not (type(q) is type(k) is type(v) is torch.Tensor):
         return None
     return q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device
+
+
+def _any_length(signature: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``_signature``'s key less K's and V's lengths: calls a generation loop makes step after step."""
+    q, k, v, *rest = signature
+    return (q, k[:2] + k[3:], v[:2] + v[3:], *rest)
 
 
 def _wants_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

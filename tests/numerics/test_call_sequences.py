@@ -90,3 +90,21 @@ def test_every_call_of_a_random_walk_gets_its_own_answer(name: str, isa: str) ->
                     ref = q.detach().double().requires_grad_()
                     (wanted,) = torch.autograd.grad((oracle.attention(ref, k, v, keep, D**-0.5)[0] * w).sum(), ref)
                     assert float((got - wanted).abs().max()) < 1e-4, f"dq of call {(batch, sq, skv)}"
+
+
+def test_a_call_at_a_new_key_length_is_still_checked() -> None:
+    """A call like a prepared one but for its key length skips most validation (``Kernel._new_length``); what can
+    differ is still checked: K and V of different lengths, empty ones, and the spec's length requirements."""
+    kern = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=HKV, head_dim=D, mask=ac.causal("bottom_right")))
+    q, cache = torch.randn(1, H, 1, D), torch.randn(1, HKV, 40, D)
+    with torch.no_grad():
+        kern(q, cache[:, :, :20], cache[:, :, :20])  # prepared at 20 keys
+        with pytest.raises(ac.SpecError, match="same shape"):
+            kern(q, cache[:, :, :21], cache[:, :, :22])
+        with pytest.raises(ac.SpecError, match="empty sequence"):
+            kern(q, cache[:, :, :0], cache[:, :, :0])
+        grid = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=HKV, head_dim=D, mask=ac.block_local(16, 4)))
+        x = torch.randn(1, H, 16, D)
+        grid(x, cache[:, :, :16], cache[:, :, :16])
+        with pytest.raises(ac.SpecError, match="grid's 16 tokens"):
+            grid(x, cache[:, :, :17], cache[:, :, :17])
