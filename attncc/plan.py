@@ -343,6 +343,27 @@ class TileLists:
         costs about a microsecond, and a call passes ten; static masks reuse their lists call after call)."""
         return {f.name: getattr(self, f.name).ctypes.data for f in fields(self) if f.name != "keep_tiles"}
 
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The lists the triton kernels read, as tensors on ``device``: copied there once per lists and device (a
+        static mask's calls reuse their lists, a generation loop's steps within a kv block share them), not per call.
+
+        >>> import attncc as ac, torch
+        >>> kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.causal()), target="reference")
+        >>> lists = TileLists.of(kern.block_map(128, 128))
+        >>> on = lists.on(torch.device("cpu"))
+        >>> on["kv_idx"].tolist() == lists.kv_idx.tolist(), lists.on(torch.device("cpu")) is on
+        (True, True)
+        """
+        found = self._copies.get(device)
+        if found is None:
+            names = ("map_of", "kv_ptr", "kv_idx", "kv_full", "q_ptr", "q_idx", "q_full")
+            found = self._copies[device] = {n: torch.from_numpy(getattr(self, n)).to(device) for n in names}
+        return found
+
+    @functools.cached_property
+    def _copies(self) -> dict[torch.device, dict[str, torch.Tensor]]:
+        return {}
+
     @functools.cached_property
     def longest_kv_row(self) -> int:
         """The most kv blocks any (map, q-block) row computes."""

@@ -9,6 +9,7 @@ CPU, which is how this target is tested on machines without a GPU.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -209,12 +210,6 @@ class TritonKernel:
             meta["num_warps"] = 8 if self.bq * self.bkv > 64 * 64 else 4
         return meta
 
-    def _lists(self, lists: TileLists, device: torch.device) -> dict[str, torch.Tensor]:
-        return {
-            n: torch.from_numpy(getattr(lists, n)).to(device)
-            for n in ("map_of", "kv_ptr", "kv_idx", "kv_full", "q_ptr", "q_idx", "q_full")
-        }
-
     def _rope_args(self, q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> list[Any]:
         """COS, SIN, ROPE_B: the rope tables (under their call names in ``tensors``) as fp32 [Bt, Skv, D]."""
         tables = rope_tables((tensors[ROPE_NAMES[0]], tensors[ROPE_NAMES[1]]) if self.rope else None)
@@ -235,7 +230,7 @@ class TritonKernel:
         o = torch.empty_like(q)
         lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
         err = torch.zeros(1, dtype=torch.int32, device=q.device)
-        L = self._lists(lists, q.device)
+        L = lists.on(q.device)
         nq, nkv = -(-Sq // self.bq), -(-Skv // self.bkv)
         bands = len(self.plan.bands)
         self.module.attncc_fwd[(nq, B * H)](
@@ -275,7 +270,9 @@ class TritonKernel:
     def _heads(self, num_heads: int, num_kv_heads: int, tensors: dict[str, torch.Tensor], device: torch.device) -> Any:
         """The head index (:func:`attncc.plan.head_index`) on the kernels' device."""
         table = tensors.get(self.plan.head_table) if self.plan.head_table else None
-        return torch.from_numpy(head_index(num_heads, num_kv_heads, table).copy()).to(device)
+        if table is None:
+            return _grouped_heads(num_heads, num_kv_heads, device)
+        return torch.from_numpy(head_index(num_heads, num_kv_heads, table)).to(device)
 
     def backward(
         self,
@@ -298,7 +295,7 @@ class TritonKernel:
         rope = self._rope_args(q, tensors)  # both kernels read the same tables
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         err = torch.zeros(1, dtype=torch.int32, device=q.device)
-        L = self._lists(lists, q.device)
+        L = lists.on(q.device)
         nq, nkv = -(-Sq // self.bq), -(-Skv // self.bkv)
         args = self._tensor_args(tensors, q.device)
         shape = (B, H, Hkv, Sq, Skv)
@@ -373,6 +370,12 @@ class TritonExecutable(Lazy):
 
     def prepare(self, call: Call) -> None:
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _grouped_heads(num_heads: int, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """``head_index`` without a table on ``device``, copied there once per head counts (the kernels only read it)."""
+    return torch.from_numpy(head_index(num_heads, num_kv_heads).copy()).to(device)
 
 
 def build(plan: KernelPlan) -> TritonExecutable:

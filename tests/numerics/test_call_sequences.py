@@ -62,34 +62,43 @@ def walk(rng: random.Random, prefill_only: bool, steps: int) -> list[tuple[int, 
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("name", sorted(MASKS))
 def test_every_call_of_a_random_walk_gets_its_own_answer(name: str, isa: str) -> None:
-    make, keep_fn = MASKS[name]
-    rng = random.Random(f"{name}-{isa}")
-    spec = ac.AttentionSpec(num_heads=H, num_kv_heads=HKV, head_dim=D, mask=make())
     with config.override(cpu_isa=isa):
-        kern = ac.compile(spec, target="cpu")
-        doc = torch.zeros(0, dtype=torch.long)
-        for batch, sq, skv, grad in walk(rng, name == "document", 45 if name == "document" else 90):
-            if name == "document":  # new ids in the same tensor when the length allows (a batch of packed prompts)
-                ids = torch.tensor(sorted(rng.choices(range(4), k=skv)))
-                doc = ids if doc.shape[0] != skv or rng.random() < 0.5 else doc.copy_(ids)
-            tensors = {"doc": doc} if name == "document" else {}
-            for layer in range(LAYERS):  # each layer's K and V: whole tensors or views of longer caches
-                cache = torch.randn(2, batch, HKV, skv + rng.choice([0, 0, 9]), D)
-                q = torch.randn(batch, H, sq, D, requires_grad=grad)
-                k, v = cache[0, :, :, :skv], cache[1, :, :, :skv]
-                with torch.set_grad_enabled(grad):
-                    out = kern(q, k, v, **tensors)
-                i, j = torch.arange(sq)[:, None], torch.arange(skv)[None, :]
-                keep = keep_fn(i, j, sq, skv, doc).expand(batch, H, sq, skv)
-                want, _ = oracle.attention(q.detach(), k, v, keep, D**-0.5)
-                err = float((out.detach().double() - want).abs().max())
-                assert err < 1e-5, f"call {(batch, sq, skv)} layer {layer}: max error {err:.2e}"
-                if grad:
-                    w = torch.randn(out.shape, dtype=torch.float64)
-                    (got,) = torch.autograd.grad((out.double() * w).sum(), q)
-                    ref = q.detach().double().requires_grad_()
-                    (wanted,) = torch.autograd.grad((oracle.attention(ref, k, v, keep, D**-0.5)[0] * w).sum(), ref)
-                    assert float((got - wanted).abs().max()) < 1e-4, f"dq of call {(batch, sq, skv)}"
+        walk_and_check(name, "cpu", random.Random(f"{name}-{isa}"), 45 if name == "document" else 90, LAYERS)
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_every_call_of_a_random_walk_on_triton_gets_its_own_answer(name: str) -> None:
+    """The same on the triton target (its lists copied to the device once per lists; under the interpreter here,
+    so a shorter walk)."""
+    walk_and_check(name, "triton", random.Random(f"{name}-triton"), 30, LAYERS)
+
+
+def walk_and_check(name: str, target: str, rng: random.Random, steps: int, layers: int) -> None:
+    make, keep_fn = MASKS[name]
+    kern = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=HKV, head_dim=D, mask=make()), target=target)
+    doc = torch.zeros(0, dtype=torch.long)
+    for batch, sq, skv, grad in walk(rng, name == "document", steps):
+        if name == "document":  # new ids in the same tensor when the length allows (a batch of packed prompts)
+            ids = torch.tensor(sorted(rng.choices(range(4), k=skv)))
+            doc = ids if doc.shape[0] != skv or rng.random() < 0.5 else doc.copy_(ids)
+        tensors = {"doc": doc} if name == "document" else {}
+        for layer in range(layers):  # each layer's K and V: whole tensors or views of longer caches
+            cache = torch.randn(2, batch, HKV, skv + rng.choice([0, 0, 9]), D)
+            q = torch.randn(batch, H, sq, D, requires_grad=grad)
+            k, v = cache[0, :, :, :skv], cache[1, :, :, :skv]
+            with torch.set_grad_enabled(grad):
+                out = kern(q, k, v, **tensors)
+            i, j = torch.arange(sq)[:, None], torch.arange(skv)[None, :]
+            keep = keep_fn(i, j, sq, skv, doc).expand(batch, H, sq, skv)
+            want, _ = oracle.attention(q.detach(), k, v, keep, D**-0.5)
+            err = float((out.detach().double() - want).abs().max())
+            assert err < 1e-5, f"{target} call {(batch, sq, skv)} layer {layer}: max error {err:.2e}"
+            if grad:
+                w = torch.randn(out.shape, dtype=torch.float64)
+                (got,) = torch.autograd.grad((out.double() * w).sum(), q)
+                ref = q.detach().double().requires_grad_()
+                (wanted,) = torch.autograd.grad((oracle.attention(ref, k, v, keep, D**-0.5)[0] * w).sum(), ref)
+                assert float((got - wanted).abs().max()) < 1e-4, f"{target} dq of call {(batch, sq, skv)}"
 
 
 def test_a_call_at_a_new_key_length_is_still_checked() -> None:
