@@ -6,8 +6,8 @@ records and runtime arguments, and prepared calls that skip validation. Each is 
 for; a key that leaves something out gives a later call an earlier call's answer, silently. Here one kernel per mask
 walks a seeded random sequence of calls, as a generation loop and a serving process make them: a growing cache (one
 key a step, a model's layers calling at each step with their own caches), jumps ahead and back, a few speculative
-tokens, a new batch, a prefill, document ids rewritten in place, calls that want gradients. Every call is checked
-against the float64 oracle on the mask written from its definition.
+tokens, a new batch, a prefill, document ids rewritten in place, calls that want gradients, a dtype per call. Every
+call is checked against the float64 oracle on the mask written from its definition.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from tests.numerics import oracle
 
 H, HKV, D, LAYERS = 4, 2, 16, 2
 SINKS, LEFT = 3, 21
+DTYPES = [torch.float32, torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}  # max abs error of o (unit-variance inputs)
 Keep = Callable[[torch.Tensor, torch.Tensor, int, int, torch.Tensor], torch.Tensor]  # (i, j, Sq, Skv, doc) -> bool
 
 MASKS: dict[str, tuple[Callable[[], ac.Expr], Keep]] = {  # name: (the attncc mask, its definition)
@@ -69,11 +71,14 @@ def test_every_call_of_a_random_walk_gets_its_own_answer(name: str, isa: str) ->
 @pytest.mark.parametrize("name", sorted(MASKS))
 def test_every_call_of_a_random_walk_on_triton_gets_its_own_answer(name: str) -> None:
     """The same on the triton target (its lists copied to the device once per lists; under the interpreter here,
-    so a shorter walk)."""
-    walk_and_check(name, "triton", random.Random(f"{name}-triton"), 30, LAYERS)
+    so a shorter walk, and no bf16: the interpreter's bf16 ``tl.dot`` is wrong, ``test_triton.BF16_INTERPRETER``)."""
+    dtypes = DTYPES if torch.cuda.is_available() else [t for t in DTYPES if t != torch.bfloat16]
+    walk_and_check(name, "triton", random.Random(f"{name}-triton"), 30, LAYERS, dtypes)
 
 
-def walk_and_check(name: str, target: str, rng: random.Random, steps: int, layers: int) -> None:
+def walk_and_check(
+    name: str, target: str, rng: random.Random, steps: int, layers: int, dtypes: list[torch.dtype] = DTYPES
+) -> None:
     make, keep_fn = MASKS[name]
     kern = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=HKV, head_dim=D, mask=make()), target=target)
     doc = torch.zeros(0, dtype=torch.long)
@@ -83,22 +88,24 @@ def walk_and_check(name: str, target: str, rng: random.Random, steps: int, layer
             doc = ids if doc.shape[0] != skv or rng.random() < 0.5 else doc.copy_(ids)
         tensors = {"doc": doc} if name == "document" else {}
         for layer in range(layers):  # each layer's K and V: whole tensors or views of longer caches
-            cache = torch.randn(2, batch, HKV, skv + rng.choice([0, 0, 9]), D)
-            q = torch.randn(batch, H, sq, D, requires_grad=grad)
+            dtype = rng.choice(dtypes)  # (a model's layers in one dtype; another model's, or a cast, in another)
+            cache = torch.randn(2, batch, HKV, skv + rng.choice([0, 0, 9]), D).to(dtype)
+            q = torch.randn(batch, H, sq, D).to(dtype).requires_grad_(grad)
             k, v = cache[0, :, :, :skv], cache[1, :, :, :skv]
             with torch.set_grad_enabled(grad):
                 out = kern(q, k, v, **tensors)
             i, j = torch.arange(sq)[:, None], torch.arange(skv)[None, :]
             keep = keep_fn(i, j, sq, skv, doc).expand(batch, H, sq, skv)
             want, _ = oracle.attention(q.detach(), k, v, keep, D**-0.5)
-            err = float((out.detach().double() - want).abs().max())
-            assert err < 1e-5, f"{target} call {(batch, sq, skv)} layer {layer}: max error {err:.2e}"
+            err, tol = float((out.detach().double() - want).abs().max()), TOL[dtype]
+            assert err < tol, f"{target} {dtype} call {(batch, sq, skv)} layer {layer}: max error {err:.2e}"
             if grad:
                 w = torch.randn(out.shape, dtype=torch.float64)
                 (got,) = torch.autograd.grad((out.double() * w).sum(), q)
                 ref = q.detach().double().requires_grad_()
                 (wanted,) = torch.autograd.grad((oracle.attention(ref, k, v, keep, D**-0.5)[0] * w).sum(), ref)
-                assert float((got - wanted).abs().max()) < 1e-4, f"{target} dq of call {(batch, sq, skv)}"
+                err = float((got.double() - wanted).abs().max())
+                assert err < 10 * tol, f"{target} {dtype} dq of call {(batch, sq, skv)}: max error {err:.2e}"
 
 
 def test_a_call_at_a_new_key_length_is_still_checked() -> None:
