@@ -201,8 +201,19 @@ def _check_block_lists(spec: AttentionSpec, shape: CallShape, tensors: dict[str,
 
 
 def _check_bounds(spec: AttentionSpec, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:
+    """Each index of a runtime tensor within its size, where interval analysis bounds it exactly. That depends on the
+    lengths and the tensors' shapes only (an index reading a tensor is never exact), so a call like one checked
+    before is not checked again (sympy's work here is about half a millisecond: a decoding step's kernel may take
+    less)."""
     if shape.batch == 0:  # nothing is read
         return
+    _bounds_checked(spec, shape, tuple((n, tuple(t.shape)) for n, t in sorted(tensors.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds_checked(spec: AttentionSpec, shape: CallShape, shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
+    """``_check_bounds`` of tensors of these shapes; kept when it passes (a SpecError is raised again each call)."""
+    sizes_of = dict(shapes)
     env: dict[sympy.Basic, Interval] = {
         X.b: Interval(0, shape.batch - 1),
         X.h: Interval(0, spec.num_heads - 1),
@@ -212,12 +223,12 @@ def _check_bounds(spec: AttentionSpec, shape: CallShape, tensors: dict[str, torc
     sizes = size_env(spec, shape)
     for expr in (spec.mask, spec.score_mod):
         for name, uses in _reads(expr).items():
-            if name not in tensors:
+            if name not in sizes_of:
                 continue
             for idx in uses:
                 for dim, i in enumerate(idx):
                     r = bounds(i.subs(sizes), env)
-                    size = tensors[name].shape[dim]
+                    size = sizes_of[name][dim]
                     if r.exact and (r.lo < 0 or r.hi >= size):
                         bad = int(r.lo if r.lo < 0 else r.hi)
                         raise SpecError(

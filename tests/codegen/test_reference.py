@@ -208,3 +208,15 @@ def test_targets() -> None:
         ac.compile(SPEC, target="gpu")
     with pytest.raises(ValueError, match="ATTNCC_DEBUG must be an integer"):
         config.from_env({"ATTNCC_DEBUG": "lots"})
+
+
+def test_index_bounds_are_checked_every_call_though_kept_per_shape() -> None:
+    """A call's index-bounds check is kept per lengths and tensor shapes (``validate._bounds_checked``): a too-short
+    tensor is refused at every call, and a good one of another shape at the same lengths passes."""
+    kern = ac.compile(SPEC, target="reference")
+    q, k, v = _qkv()
+    for _ in range(2):
+        with pytest.raises(SpecError, match="reaches 11 along dim 0"):
+            kern(q, k, v, doc=DOC[:10])
+        kern(q, k, v, doc=DOC)
+        kern(q, k, v, doc=torch.cat([DOC, DOC]))  # longer than read: fine
