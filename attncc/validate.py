@@ -202,17 +202,40 @@ def _check_block_lists(spec: AttentionSpec, shape: CallShape, tensors: dict[str,
 
 def _check_bounds(spec: AttentionSpec, shape: CallShape, tensors: dict[str, torch.Tensor]) -> None:
     """Each index of a runtime tensor within its size, where interval analysis bounds it exactly. That depends on the
-    lengths and the tensors' shapes only (an index reading a tensor is never exact), so a call like one checked
-    before is not checked again (sympy's work here is about half a millisecond: a decoding step's kernel may take
-    less)."""
+    tensors' shapes and the lengths the indices read only (an index reading a tensor is never exact), so a call like
+    one checked before is not checked again (sympy's work here is about half a millisecond: a decoding step's kernel
+    may take less). A call that fails is checked again, and refused, every time."""
     if shape.batch == 0:  # nothing is read
         return
-    _bounds_checked(spec, shape, tuple((n, tuple(t.shape)) for n, t in sorted(tensors.items())))
+    shapes = tuple((n, tuple(t.shape)) for n, t in sorted(tensors.items()))
+    reads = _index_symbols(spec)  # lengths no index reads take one value in the key (a generation loop's steps)
+    key = CallShape(*(n if ({a, b} & reads) else 1 for n, a, b in zip(
+        (shape.batch, shape.q_len, shape.kv_len), (X.b, X.q, X.kv), (X.B, X.Sq, X.Skv), strict=True
+    )))  # fmt: skip
+    if not _bounds_hold(spec, key, shapes):
+        _bounds_checked(spec, shape, shapes)  # raises, naming the call's own lengths
 
 
 @functools.lru_cache(maxsize=64)
+def _bounds_hold(spec: AttentionSpec, shape: CallShape, shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> bool:
+    try:
+        _bounds_checked(spec, shape, shapes)
+    except SpecError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _index_symbols(spec: AttentionSpec) -> frozenset[sympy.Basic]:
+    """The symbols in the index expressions of the spec's tensor reads."""
+    return frozenset().union(*(
+        i.free_symbols for expr in (spec.mask, spec.score_mod) for uses in _reads(expr).values() for idx in uses
+        for i in idx
+    ))  # fmt: skip
+
+
 def _bounds_checked(spec: AttentionSpec, shape: CallShape, shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
-    """``_check_bounds`` of tensors of these shapes; kept when it passes (a SpecError is raised again each call)."""
+    """``_check_bounds`` on the tensors' shapes (``shapes``: name and shape each)."""
     sizes_of = dict(shapes)
     env: dict[sympy.Basic, Interval] = {
         X.b: Interval(0, shape.batch - 1),

@@ -3,6 +3,7 @@
     python benchmarks/generate.py                          # B=1, H=32, 8 kv heads, D=64, fp32, from 256 and 4096 keys
     python benchmarks/generate.py --layers 1 --dtypes float32 bfloat16   # one attention call per token
     python benchmarks/generate.py --masks causal sinks_window            # StreamingLLM's mask too
+    python benchmarks/generate.py --masks ragged --batch 8 --layers 1    # a batch of sequences of their own lengths
 
 Each step appends one key: the call reads the first n positions of a preallocated cache (``k_cache[:, :, :n]``,
 as a generation loop does), so every step is a new key length, and a new block map, for attncc. ``--layers``
@@ -10,7 +11,10 @@ calls per step share that step's length, as a model's layers share one compiled 
 first and reused by the rest. ``--masks``: ``causal`` is ``causal(align="bottom_right")`` (the new token sees every
 key), against SDPA's ``scaled_dot_product_attention(..., enable_gqa=True)``; ``sinks_window`` is StreamingLLM's
 ``sinks(4) | sliding_window(1023, align="bottom_right")``, against SDPA given that mask as a boolean ``attn_mask``
-(built for every step before the timing starts: SDPA's figure leaves out the mask's cost). Every call runs under
+(built for every step before the timing starts: SDPA's figure leaves out the mask's cost); ``ragged`` is a batch
+whose sequences each have their own key length (``SHORTER`` keys fewer than the longest, which has the cache's n),
+``kv < lens[b]`` with the step's ``lens`` a runtime tensor (a new one each step, as a server makes it), against SDPA
+given the [B, 1, 1, n] boolean mask. Every call runs under
 ``no_grad``. Steps alternate between the contenders (attncc's layers, then SDPA's), and each contender's total time
 over ``--steps`` steps is reported per call. Each row starts a little later than ``--starts`` says (``--steps`` + 2
 keys a row before it), so that no row meets a length an earlier one built a map for. "same length" is attncc's
@@ -32,18 +36,35 @@ import torch.nn.functional as F
 import attncc as ac
 
 SINKS, WINDOW = 4, 1023
-MASKS = {  # name: (attncc's mask, SDPA's boolean attn_mask [1, 1, 1, n] for one query at key length n, or None)
-    "causal": (lambda: ac.causal(align="bottom_right"), None),
+SHORTER = (0, 37, 300, 1000)  # ragged batches: keys each sequence has fewer than the longest (cycled over the batch)
+
+
+def lens(n: int, batch: int) -> torch.Tensor:
+    """Each sequence's key length in a ragged batch whose longest has ``n`` (at least 1)."""
+    return (n - torch.tensor([SHORTER[b % len(SHORTER)] for b in range(batch)])).clamp_min(1)
+
+
+MASKS: dict[str, tuple[Callable[[], ac.Expr], Callable[[int, int], torch.Tensor] | None, bool]] = {
+    # name: (attncc's mask; SDPA's boolean attn_mask [B or 1, 1, 1, n] for one query at key length n, or None; whether
+    # attncc's call passes ``lens``)
+    "causal": (lambda: ac.causal(align="bottom_right"), None, False),
     "sinks_window": (
         lambda: ac.sinks(SINKS) | ac.sliding_window(WINDOW, align="bottom_right"),
-        lambda n: ((torch.arange(n) < SINKS) | (torch.arange(n) >= n - 1 - WINDOW)).view(1, 1, 1, n),
+        lambda n, B: ((torch.arange(n) < SINKS) | (torch.arange(n) >= n - 1 - WINDOW)).view(1, 1, 1, n),
+        False,
+    ),
+    "ragged": (
+        lambda: ac.kv < ac.tensor("lens")[ac.b],
+        lambda n, B: (torch.arange(n)[None, :] < lens(n, B)[:, None]).view(B, 1, 1, n),
+        True,
     ),
 }
 
 
 def generate(
     kern: ac.Kernel,
-    sdpa_mask: Callable[[int], torch.Tensor] | None,
+    sdpa_mask: Callable[[int, int], torch.Tensor] | None,
+    ragged: bool,
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -54,13 +75,15 @@ def generate(
     """Seconds per call of attncc on growing lengths, of SDPA on the same, and of attncc at one repeated length."""
     spent = {"attncc": 0.0, "sdpa": 0.0, "same": 0.0}
     middle = start + steps // 2  # the growing calls' mean length
-    made = {n: sdpa_mask(n) for n in range(start - 1, start + steps)} if sdpa_mask else {}
+    B = q.shape[0]
+    made = {n: sdpa_mask(n, B) for n in range(start - 1, start + steps)} if sdpa_mask else {}
+    given = {n: {"lens": lens(n, B)} if ragged else {} for n in range(start - 1, start + steps)}  # (each step's own)
     calls: dict[str, object] = {
-        "attncc": lambda n: kern(q, k_cache[:, :, :n], v_cache[:, :, :n]),
+        "attncc": lambda n: kern(q, k_cache[:, :, :n], v_cache[:, :, :n], **given[n]),
         "sdpa": lambda n: F.scaled_dot_product_attention(
             q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=made.get(n), enable_gqa=True
         ),
-        "same": lambda n: kern(q, k_cache[:, :, :middle], v_cache[:, :, :middle]),
+        "same": lambda n: kern(q, k_cache[:, :, :middle], v_cache[:, :, :middle], **given[middle]),
     }
     with torch.no_grad():
         for call in calls.values():  # warm: compiled, first maps built
@@ -76,6 +99,7 @@ def generate(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -86,7 +110,8 @@ def main() -> None:
     parser.add_argument("--masks", nargs="+", choices=sorted(MASKS), default=["causal"])
     args = parser.parse_args()
     H, Hkv, D = args.heads, args.kv_heads, args.head_dim
-    print(f"# B=1 H={H} Hkv={Hkv} D={D}; {args.steps} steps; torch {torch.__version__}; {platform.machine()}, "
+    B = args.batch
+    print(f"# B={B} H={H} Hkv={Hkv} D={D}; {args.steps} steps; torch {torch.__version__}; {platform.machine()}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print("| mask | dtype | keys | layers | attncc us/call | SDPA us/call | SDPA/attncc | same length us/call "
           "| new-length cost us/step |")  # fmt: skip
@@ -94,7 +119,7 @@ def main() -> None:
     torch.manual_seed(0)
     row = 0
     for mask in args.masks:
-        make, sdpa_mask = MASKS[mask]
+        make, sdpa_mask, ragged = MASKS[mask]
         kern = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=make()), target="cpu")
         for name in args.dtypes:
             dtype = getattr(torch, name)
@@ -102,9 +127,9 @@ def main() -> None:
                 for layers in args.layers:
                     start = first + row * (args.steps + 2)  # lengths no earlier row met (its maps would be cached)
                     row += 1
-                    k_cache = torch.randn(1, Hkv, start + args.steps + 1, D, dtype=dtype)
-                    v_cache, q = torch.randn_like(k_cache), torch.randn(1, H, 1, D, dtype=dtype)
-                    ours, sdpa, same = generate(kern, sdpa_mask, q, k_cache, v_cache, start, args.steps, layers)
+                    k_cache = torch.randn(B, Hkv, start + args.steps + 1, D, dtype=dtype)
+                    v_cache, q = torch.randn_like(k_cache), torch.randn(B, H, 1, D, dtype=dtype)
+                    ours, sdpa, same = generate(kern, sdpa_mask, ragged, q, k_cache, v_cache, start, args.steps, layers)
                     print(f"| {mask} | {name} | {start}-{start + args.steps} | {layers} | {ours * 1e6:.1f} "
                           f"| {sdpa * 1e6:.1f} | {sdpa / ours:.2f}x | {same * 1e6:.1f} "
                           f"| {(ours - same) * layers * 1e6:.0f} |")  # fmt: skip

@@ -220,3 +220,11 @@ def test_index_bounds_are_checked_every_call_though_kept_per_shape() -> None:
             kern(q, k, v, doc=DOC[:10])
         kern(q, k, v, doc=DOC)
         kern(q, k, v, doc=torch.cat([DOC, DOC]))  # longer than read: fine
+    with pytest.raises(SpecError, match=r"reaches 12 along dim 0 \(q length 13, kv length 13\)"):
+        kern(*_qkv(13, 13), doc=torch.arange(13)[:12])  # the same tensor shape at lengths the index reads further
+    lens = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=8, mask=ac.kv < ac.tensor("lens")[ac.b])
+    short = ac.compile(lens, target="reference")
+    for n in (5, 9):  # the index reads neither length: kept across lengths, still refused at each
+        short(*_qkv(1, n), lens=torch.tensor([n]))
+        with pytest.raises(SpecError, match=rf"reaches 1 along dim 0 \(q length 1, kv length {n}\)"):
+            short(*(torch.cat([x, x]) for x in _qkv(1, n)), lens=torch.tensor([n]))
