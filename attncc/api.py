@@ -296,7 +296,7 @@ class Kernel:
 
     def _map(self, shape: CallShape, bound: dict[str, torch.Tensor], block: tuple[int, int] | None = None) -> BlockMap:
         """The block map of a validated call (runtime tensors already bound)."""
-        read = X.tensor_refs(self.spec.mask) if bound else {}  # the mask's tensors only (a bias never hides a tile)
+        read = self._mask_tensors if bound else frozenset()  # the mask's tensors only (a bias never hides a tile)
         half = (torch.float16, torch.bfloat16)  # numpy has no bfloat16; the values convert exactly
         values = {
             n: (t.float() if t.dtype in half else t).detach().cpu().numpy() for n, t in bound.items() if n in read

@@ -65,13 +65,12 @@ class TensorRanges:
         self._stack: tuple[Array, Array] | None = None
         if self.values.ndim == 1:
             self._build(levels)
-            n = shape[0]
-            pad = lambda a, fill: np.pad(a, (0, n - a.shape[0]), constant_values=fill)
-            levels_sorted = sorted(self._tables)
-            self._stack = (
-                np.stack([pad(self._tables[k][0], np.inf) for k in levels_sorted]),
-                np.stack([pad(self._tables[k][1], -np.inf) for k in levels_sorted]),
-            )
+            keys = sorted(self._tables)
+            lo, hi = np.full((len(keys), shape[0]), np.inf), np.full((len(keys), shape[0]), -np.inf)
+            for row, key in enumerate(keys):  # each level's table, padded to the tensor's length
+                level_lo, level_hi = self._tables[key]
+                lo[row, : level_lo.shape[0]], hi[row, : level_hi.shape[0]] = level_lo, level_hi
+            self._stack = (lo, hi)
         elif self.values.ndim == 2 and self.values.size * levels[0] * levels[1] <= self.MAX_2D:
             self._build(levels)
 

@@ -557,8 +557,50 @@ def classify(
     state = np.where(~may_t, EMPTY, np.where(~may_f, FULL, PARTIAL)).astype(np.int8)
     undecided = np.flatnonzero(may_t & may_f)
     if undecided.size:
-        state.reshape(-1)[undecided] = _refine(mask, undecided, state.shape, block, q_len, kv_len, tables, sizes)
+        refine = _at_points if undecided.size * min(bq, q_len) * min(bkv, kv_len) <= POINTS else _refine
+        state.reshape(-1)[undecided] = refine(mask, undecided, state.shape, block, q_len, kv_len, tables, sizes)
     return state
+
+
+POINTS = 1 << 15  # undecided tiles of at most this many points (decoding's few) are read at each point
+
+
+def _at_points(
+    mask: sympy.Basic,
+    tiles: np.ndarray,
+    shape: tuple[int, ...],
+    block: tuple[int, int],
+    q_len: int,
+    kv_len: int,
+    tables: Mapping[str, TensorRanges],
+    sizes: Env,
+) -> np.ndarray:
+    """``_refine`` by the mask at every point of the ``tiles``: full where it is proven true at each point, empty
+    where proven false at each, else partial (sound; exact where every point is decided, as it is unless a tensor
+    read may leave its tensor). For the few undecided tiles of a decoding step's map (a batch's own lengths, a
+    document's edge) one pass over their points is cheaper than boxes split until decided.
+
+    >>> import attncc as ac
+    >>> from attncc.ir.boxeval import TensorRanges
+    >>> tiles, shape = np.array([1, 4]), (2, 1, 1, 4)  # (batch 0, kv block 1), (batch 1, kv block 0)
+    >>> lens = {"lens": TensorRanges([70, 64])}
+    >>> _at_points((ac.kv < ac.tensor("lens")[ac.b]).sym, tiles, shape, (64, 64), 1, 200, lens, {}).tolist()
+    [1, 2]
+    """
+    bb, hh, qb, kb = np.unravel_index(tiles, shape)
+    rows, cols = np.arange(min(block[0], q_len)), np.arange(min(block[1], kv_len))
+    qs = np.minimum(qb[:, None, None] * block[0] + rows[None, :, None], q_len - 1).astype(np.float64)
+    ks = np.minimum(kb[:, None, None] * block[1] + cols[None, None, :], kv_len - 1).astype(np.float64)
+    env = tile_env(sizes, qs, qs, ks, ks, hh[:, None, None].astype(np.float64), bb[:, None, None].astype(np.float64))
+    points = (tiles.size, rows.size, cols.size)  # (a point past a tile's end repeats its last row or key)
+    may_t, may_f = (np.broadcast_to(a, points) for a in evaluate(mask, env, tables))
+    true, false = may_t & ~may_f, may_f & ~may_t
+    full, empty = true.all((1, 2)), false.all((1, 2))
+    unsure = ~full & ~empty & ~(true.any((1, 2)) & false.any((1, 2)))  # partial only for an undecided point
+    if unsure.any():
+        log.info("block map: %d of %d undecided tiles left partial after refinement (a point undecided: sound, maybe "
+                 "not tight)", int(unsure.sum()), tiles.size)  # fmt: skip
+    return np.where(full, FULL, np.where(empty, EMPTY, PARTIAL)).astype(np.int8)
 
 
 def _refine(

@@ -113,8 +113,15 @@ def masks(draw: st.DrawFn, depth: int = 2) -> tuple[ac.Expr, dict[str, torch.Ten
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(masks(), st.integers(1, 120), st.integers(1, 120), st.integers(1, 24), st.integers(1, 24))
-def test_classification_is_sound_and_exact_where_decided(mask_and_tensors, sq, skv, bq, bkv) -> None:  # type: ignore[no-untyped-def]
+@given(masks(), st.integers(1, 120), st.integers(1, 120), st.integers(1, 24), st.integers(1, 24), st.booleans())
+def test_classification_is_sound_and_exact_where_decided(mask_and_tensors, sq, skv, bq, bkv, points) -> None:  # type: ignore[no-untyped-def]
+    """Tile states against the dense mask; undecided tiles settled at their points (few of them, as decoding's
+    maps have: ``tiling._at_points``) or by splitting boxes (``tiling._refine``)."""
+    with mock.patch.object(tiling, "POINTS", tiling.POINTS if points else 0):
+        _classification_is_sound_and_exact_where_decided(mask_and_tensors, sq, skv, bq, bkv)
+
+
+def _classification_is_sound_and_exact_where_decided(mask_and_tensors, sq, skv, bq, bkv) -> None:  # type: ignore[no-untyped-def]
     mask, tensors = mask_and_tensors
     try:
         spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=mask)
