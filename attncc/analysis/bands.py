@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from attncc.ir.exprs import Skv, Sq, h, kv, q, qb
+from attncc.ir.exprs import Skv, Sq, b, h, kv, q, qb
 
 MAX_BANDS = 8
 
@@ -54,40 +54,51 @@ def _union(a: tuple[sympy.Expr, ...], b: tuple[sympy.Expr, ...]) -> tuple[sympy.
 FULL = Band((sympy.Integer(0),), (Skv - 1,))
 
 
-def _constant_ok(expr: sympy.Expr) -> bool:
-    """Allowed in a band constant: numbers, Sq, Skv, constant tables indexed by h."""
+def _constant_ok(expr: sympy.Expr, tables: frozenset[str], read: frozenset[str]) -> bool:
+    """Allowed in a band constant: numbers, Sq, Skv, constant tables (``tables``) indexed by h, and, for maps
+    of one q-block only (``Recipe.read_bands``), runtime tensors (``read``) indexed by h or b."""
     for acc in expr.atoms(sympy.Indexed):
-        if acc.indices != (h,):
+        name = str(acc.base)
+        if not ((name in tables and acc.indices == (h,)) or (name in read and acc.indices in ((h,), (b,)))):
             return False
     plain = expr.subs({acc: 0 for acc in expr.atoms(sympy.Indexed)})
     return plain.free_symbols <= {Sq, Skv}
 
 
-def relation_band(rel: sympy.Basic, tables: frozenset[str] = frozenset()) -> Band | None:
-    """The band of one normalized relation ``e <= 0`` (kv bounded by an affine function of q), or None."""
-    if not isinstance(rel, sympy.LessThan):
+def relation_band(
+    rel: sympy.Basic, tables: frozenset[str] = frozenset(), read: frozenset[str] = frozenset()
+) -> Band | None:
+    """The band of one normalized relation ``e <= 0`` (kv bounded by an affine function of q), or None. A relation
+    that reads a runtime tensor of ``read`` may also be strict or ``>=`` (normalization keeps those where it cannot
+    tell that the tensor's values are integers): ``kv < x`` is ``kv <= ceil(x) - 1``, q and kv being integers."""
+    strict = False
+    if isinstance(rel, sympy.StrictLessThan | sympy.StrictGreaterThan | sympy.GreaterThan) and any(
+        str(acc.base) in read for acc in rel.atoms(sympy.Indexed)
+    ):
+        sign = 1 if isinstance(rel, sympy.StrictLessThan) else -1
+        e, strict = sympy.expand(sign * (rel.lhs - rel.rhs)), not isinstance(rel, sympy.GreaterThan)  # e (<)<= 0
+    elif isinstance(rel, sympy.LessThan):
+        e = sympy.expand(rel.lhs - rel.rhs)  # e <= 0
+    else:
         return None
-    e = sympy.expand(rel.lhs - rel.rhs)  # e <= 0
     a, c = e.coeff(q), e.coeff(kv)
     rest = e - a * q - c * kv
-    if q in rest.free_symbols or kv in rest.free_symbols or not _constant_ok(rest):
+    if q in rest.free_symbols or kv in rest.free_symbols or not _constant_ok(rest, tables, read):
         return None
-    if any(str(acc.base) not in tables for acc in rest.atoms(sympy.Indexed)):
-        return None
-    if c == 1 and a in (0, -1):  # kv <= -a*q - rest
-        return Band((sympy.Integer(0),), (-a * q - rest,))
-    if c == -1 and a in (0, 1):  # kv >= a*q + rest
-        return Band((a * q + rest,), (Skv - 1,))
+    if c == 1 and a in (0, -1):  # kv <= -a*q - rest (kv < -a*q - rest: kv <= -a*q + ceil(-rest) - 1)
+        return Band((sympy.Integer(0),), (-a * q + sympy.ceiling(-rest) - 1 if strict else -a * q - rest,))
+    if c == -1 and a in (0, 1):  # kv >= a*q + rest (kv > a*q + rest: kv >= a*q + floor(rest) + 1)
+        return Band((a * q + sympy.floor(rest) + 1 if strict else a * q + rest,), (Skv - 1,))
     return None
 
 
-def _dnf(expr: sympy.Basic, tables: frozenset[str]) -> list[Band] | None:
+def _dnf(expr: sympy.Basic, tables: frozenset[str], read: frozenset[str] = frozenset()) -> list[Band] | None:
     if expr is sympy.true:
         return [FULL]
     if isinstance(expr, sympy.Or):
         out: list[Band] = []
         for arg in expr.args:
-            part = _dnf(arg, tables)
+            part = _dnf(arg, tables, read)
             if part is None:
                 return None
             out += part
@@ -95,18 +106,29 @@ def _dnf(expr: sympy.Basic, tables: frozenset[str]) -> list[Band] | None:
     if isinstance(expr, sympy.And):
         acc = [FULL]
         for arg in expr.args:
-            part = _dnf(arg, tables)
+            part = _dnf(arg, tables, read)
             if part is None or len(acc) * len(part) > MAX_BANDS:
                 return None
             acc = [x & y for x, y in itertools.product(acc, part)]
         return acc
-    band = relation_band(expr, tables)
+    band = relation_band(expr, tables, read)
     return None if band is None else [band]
 
 
-def bands_of(mask: sympy.Basic, constant_tables: frozenset[str] = frozenset()) -> list[Band] | None:
-    """The bands of a normalized mask, or None when it is not banded."""
-    bands = _dnf(mask, constant_tables)
+def bands_of(
+    mask: sympy.Basic, constant_tables: frozenset[str] = frozenset(), read: frozenset[str] = frozenset()
+) -> list[Band] | None:
+    """The bands of a normalized mask, or None when it is not banded. ``read``: runtime tensors a bound may read
+    (indexed by h or b), for the maps of one q-block (``tiling.Recipe.read_bands``); kernels never iterate such
+    bands in closed form.
+
+    >>> from attncc.passes.normalize import boolean
+    >>> import attncc as ac
+    >>> lens = (ac.kv < ac.tensor("lens")[ac.b]).sym
+    >>> bands_of(boolean(lens)), bands_of(boolean(lens), read=frozenset({"lens"}))
+    (None, [Band(lo=0, hi=ceiling(lens[b]) - 1)])
+    """
+    bands = _dnf(mask, constant_tables, read)
     if bands is None:
         return None
     return [Band(_drop(b.lows, sympy.Integer(0)), _drop(b.highs, Skv - 1)) for b in bands]

@@ -48,6 +48,7 @@ class Recipe:
     per_batch: bool
     constants: dict[str, TensorRanges]
     listed: tuple[X.InBlocks, sympy.Basic] | None = None  # mask == InBlocks(...) & rest, contiguous blocks
+    read_bands: tuple[Band, ...] | None = None  # not banded, but bands whose bounds read runtime tensors by b or h
 
 
 _FIND = object()
@@ -60,13 +61,17 @@ def recipe(mask: sympy.Basic, constants: Mapping[str, np.ndarray] | None = None,
     per_batch = _depends(mask, X.b)
     if bands is _FIND:
         bands = None if per_batch else bands_of(mask, frozenset(consts))
+    read = frozenset(str(a.base) for a in mask.atoms(sympy.Indexed)) - consts.keys()
+    listed = _listed(mask)
+    read_bands = bands_of(mask, frozenset(consts), read) if bands is None and read and listed is None else None
     return Recipe(
         mask,
         tuple(bands) if bands is not None else None,
         _depends(mask, X.h),
         per_batch,
         {n: TensorRanges(v) for n, v in consts.items()},
-        _listed(mask),
+        listed,
+        tuple(read_bands) if read_bands is not None else None,
     )
 
 
@@ -103,12 +108,52 @@ def build(
                  rec.listed[0].tensor, block, rec.listed[0].blocks)  # fmt: skip
     if rec.bands is not None and q_len <= block[0]:  # one q-block (a decoding step): every row at once
         return build_lengths(rec, q_len, [kv_len], block, num_heads, batch, tensors)[0]
+    if rec.read_bands is not None and q_len <= block[0]:  # the same, bounds reading runtime tensors (own lengths)
+        found = _read_banded(list(rec.read_bands), q_len, kv_len, block, hm, bm, tables, sizes)
+        if found is not None:
+            return found
     if rec.bands is not None:
         comp, full = _banded(list(rec.bands), q_len, kv_len, block, hm, tables, sizes)
         both, map_of = _dedupe(np.stack([comp, full], 1).reshape(1, hm, 2, *comp.shape[1:]))
         return BlockMap.banded(block, q_len, kv_len, both[:, 0], both[:, 1], map_of)
     state, map_of = _dedupe(classify(rec.mask, q_len, kv_len, block, hm, bm, tables, sizes))
     return BlockMap.listed(block, q_len, kv_len, state, map_of)
+
+
+def _read_banded(
+    bands: list[Band],
+    q_len: int,
+    kv_len: int,
+    block: tuple[int, int],
+    hm: int,
+    bm: int,
+    tables: Mapping[str, TensorRanges],
+    sizes: Env,
+) -> BlockMap | None:
+    """The one-q-block map of bands whose bounds read runtime tensors by batch entry or head (a batch of sequences
+    of their own lengths: ``kv < lens[b]``): each (batch, head)'s bounds at every row, then ``_one_block``'s ranges;
+    None where a bound is not finite (a tensor value that is not, or a read that may leave its tensor), for the
+    caller to classify the tiles instead.
+
+    >>> import attncc as ac
+    >>> rec = recipe((ac.kv < ac.tensor("lens")[ac.b]).sym)
+    >>> bm = build(rec, 1, 300, (64, 64), 1, 2, {"lens": np.array([64, 200])})
+    >>> bm.kind, bm.states().reshape(2, -1).tolist()  # 64 keys: a full tile; 200: three full, then 8 keys of one
+    ('banded', [[2, 0, 0, 0, 0], [2, 2, 2, 1, 0]])
+    """
+    heads = np.tile(np.arange(hm, dtype=np.float64), bm)[None, :, None]  # [1, M, 1]: M = bm x hm maps
+    batches = np.repeat(np.arange(bm, dtype=np.float64), hm)[None, :, None]
+    rows = np.arange(q_len, dtype=np.float64)[None, None, :]
+    env = {**sizes, X.q: Box.point(rows), X.h: Box.point(heads), X.b: Box.point(batches)}
+    shape = (1, bm * hm, q_len)
+    at = lambda bounds: [np.broadcast_to(interval(e, env, tables).lo, shape) for e in bounds]
+    lows = [np.maximum(np.maximum.reduce(at(b.lows)), 0) for b in bands]
+    highs = [np.minimum(np.minimum.reduce(at(b.highs)), kv_len - 1) for b in bands]
+    if not all(np.isfinite(x).all() for x in lows + highs):
+        return None
+    comp, full = _ranges_at_rows(lows, highs, np.array([kv_len]), q_len, block[1])
+    both, map_of = _dedupe(np.stack([comp[0], full[0]], 1).reshape(bm, hm, 2, *comp.shape[2:]))
+    return BlockMap.banded(block, q_len, kv_len, both[:, 0].astype(np.int64), both[:, 1].astype(np.int64), map_of)
 
 
 def build_lengths(
@@ -174,11 +219,19 @@ def _one_block(
     in q). A block is full where the union of the bands covers it at every row: one band's full range in closed
     form; for several, the covered blocks of each row's merged intervals, counted over the rows.
     """
-    kv = kv_lens[:, None]  # [K, 1]
-    nkv = -(-kv // bkv)
     rows = np.arange(q_len)[None, None, :]
     lows = [_band_lo(b, rows, hm, tables, sizes) for b in bands]  # [K, hm, Sq] each
-    highs = [_band_hi(b, rows, kv[..., None], hm, tables, sizes) for b in bands]
+    highs = [_band_hi(b, rows, kv_lens[:, None, None], hm, tables, sizes) for b in bands]
+    return _ranges_at_rows(lows, highs, kv_lens, q_len, bkv)
+
+
+def _ranges_at_rows(
+    lows: list[np.ndarray], highs: list[np.ndarray], kv_lens: np.ndarray, q_len: int, bkv: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``_one_block``'s (computed, full) ranges [K, M, 1, R, 2] from each band's clipped bounds at every row
+    ([K, M, Sq] each, M maps)."""
+    kv = kv_lens[:, None]  # [K, 1]
+    nkv = -(-kv // bkv)
     comps = []
     for lo, hi in zip(lows, highs, strict=True):
         seen = hi >= lo
@@ -187,26 +240,26 @@ def _one_block(
         c_lo = np.take_along_axis(lo, first[..., None], -1)[..., 0] // bkv
         c_hi = np.take_along_axis(hi, last[..., None], -1)[..., 0] // bkv
         comps.append(np.stack([np.where(some, c_lo, 1), np.where(some, c_hi, 0)], -1))
-    comp = merge_ranges(np.stack(comps, -2))  # [K, hm, nb, 2]
-    if len(bands) == 1:  # visible at every row, between the last row's low bound and the first row's high one
+    comp = merge_ranges(np.stack(comps, -2))  # [K, M, nb, 2]
+    if len(lows) == 1:  # visible at every row, between the last row's low bound and the first row's high one
         lo, hi = lows[0], highs[0]
         f_start = np.ceil(lo[..., -1] / bkv)
         f_end = np.where(hi[..., 0] >= kv - 1, nkv - 1, np.floor((hi[..., 0] + 1) / bkv) - 1)
         ok = (hi >= lo).all(-1) & (f_start <= f_end)
         full = np.stack([np.where(ok, f_start, 1), np.where(ok, f_end, 0)], -1)[..., None, :].astype(np.int64)
     else:
-        merged = merge_ranges(np.stack([np.stack(lows, -1), np.stack(highs, -1)], -1))  # [K, hm, Sq, nb, 2]
+        merged = merge_ranges(np.stack([np.stack(lows, -1), np.stack(highs, -1)], -1))  # [K, M, Sq, nb, 2]
         lo, hi = merged[..., 0], merged[..., 1]
         k_end = kv[..., None, None]
         start = -(-lo // bkv)
         end = np.where(hi >= k_end - 1, nkv[..., None, None] - 1, (hi + 1) // bkv - 1)
         ok = (lo <= hi) & (start <= end)  # (each row's covered block ranges are disjoint: a gap's block is not one)
-        width = int(nkv.max()) + 1
-        at = np.arange(kv_lens.size * hm).reshape(kv_lens.size, hm, 1, 1) * width
+        width, maps = int(nkv.max()) + 1, lo.shape[1]
+        at = np.arange(kv_lens.size * maps).reshape(kv_lens.size, maps, 1, 1) * width
         steps = np.bincount((at + start)[ok], minlength=at.size * width) - np.bincount(
             (at + end + 1)[ok], minlength=at.size * width
         )
-        covered = np.cumsum(steps.reshape(kv_lens.size, hm, width), -1)[..., :-1] == q_len
+        covered = np.cumsum(steps.reshape(kv_lens.size, maps, width), -1)[..., :-1] == q_len
         full = _runs(covered)
     slots = max(comp.shape[-2], full.shape[-2])
     return _pad_slots(comp, slots)[:, :, None], _pad_slots(full, slots)[:, :, None]
@@ -280,12 +333,20 @@ def _from_list(
     return BlockMap.sparse(block, q_len, kv_len, ptr, kb[kept].astype(np.int32), cell[kept], map_of)
 
 
+DEDUPE_BY_BYTES = 64  # up to this many (batch, head) maps are told apart by their bytes in a dict
+
+
 def _dedupe(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Keep one copy of each distinct (batch, head) map: (unique [U, ...], map_of [Bm, Hm])."""
     bm, hm = maps.shape[:2]
     if bm * hm == 1:
         return maps.reshape(1, *maps.shape[2:]), np.zeros((1, 1), np.int64)
     flat = maps.reshape(bm * hm, -1)
+    if bm * hm <= DEDUPE_BY_BYTES:  # a few maps (a decoding batch's): a dict of their bytes, no sort
+        seen: dict[bytes, int] = {}
+        rank_of = np.array([seen.setdefault(row.tobytes(), len(seen)) for row in flat], np.int64)
+        firsts = np.unique(rank_of, return_index=True)[1]
+        return flat[firsts].reshape(-1, *maps.shape[2:]), rank_of.reshape(bm, hm)
     _, first, inverse = np.unique(flat, axis=0, return_index=True, return_inverse=True)
     order = np.argsort(first)  # number the maps in order of first use: head 0 gets map 0
     rank = np.empty_like(order)

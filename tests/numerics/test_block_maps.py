@@ -368,3 +368,59 @@ def test_maps_of_one_q_block_are_exact(name: str) -> None:
             bm = kern.block_map(sq, skv)
             want = tile_states(dense_mask(boolean(spec.mask), sq, skv, 4, constant_tables(spec)), block)
             np.testing.assert_array_equal(np.broadcast_to(bm.states()[0], want.shape), want, err_msg=f"{sq}x{skv}")
+
+
+OWN_LENGTHS = {  # name: (mask, its definition at (b, h, i, j) from the tensors, the tensors at batch 3, 2 heads)
+    "lens": (
+        lambda: ac.kv < ac.tensor("lens")[ac.b],
+        lambda b, h, i, j, sq, skv, t: j < t["lens"][b],
+        lambda skv: {"lens": torch.tensor([0, skv // 2 + 1, skv + 5])},
+    ),
+    "lens_float": (
+        lambda: ac.kv < ac.tensor("x", dtype="float")[ac.b],
+        lambda b, h, i, j, sq, skv, t: j < t["x"][b],
+        lambda skv: {"x": torch.tensor([3.5, 64.0, skv * 0.37])},
+    ),
+    "start_and_causal_br": (
+        lambda: ac.causal(align="bottom_right") & (ac.kv >= ac.tensor("start")[ac.b]),
+        lambda b, h, i, j, sq, skv, t: (j <= i + skv - sq) & (j >= t["start"][b]),
+        lambda skv: {"start": torch.tensor([0, skv // 3, skv - 1])},
+    ),
+    "head_window_br": (
+        lambda: ac.sliding_window(ac.tensor("w")[ac.h], align="bottom_right"),
+        lambda b, h, i, j, sq, skv, t: (j <= i + skv - sq) & (j >= i + skv - sq - t["w"][h]),
+        lambda skv: {"w": torch.tensor([5, 130])},
+    ),
+    "lens_and_head_window": (
+        lambda: (ac.kv < ac.tensor("lens")[ac.b]) & ac.sliding_window(ac.tensor("w")[ac.h], align="bottom_right"),
+        lambda b, h, i, j, sq, skv, t: (j < t["lens"][b]) & (j <= i + skv - sq) & (j >= i + skv - sq - t["w"][h]),
+        lambda skv: {"lens": torch.tensor([skv, skv // 2 + 1, 3]), "w": torch.tensor([70, 10])},
+    ),
+    "lens_or_sinks": (
+        lambda: (ac.kv < ac.tensor("lens")[ac.b]) | ac.sinks(2),
+        lambda b, h, i, j, sq, skv, t: (j < t["lens"][b]) | (j < 2),
+        lambda skv: {"lens": torch.tensor([1, skv // 2, 0])},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_LENGTHS))
+def test_maps_of_sequences_of_their_own_lengths_are_exact(name: str) -> None:
+    """Bounds that read runtime tensors per batch entry or head (a batch of sequences of their own lengths, a
+    per-head window given at run time) are bands for maps of one q-block (``tiling._read_banded``): each (batch,
+    head)'s map against the mask's definition, tile by tile, at decoding's shapes and around tile edges."""
+    make, keep, tensors_at = OWN_LENGTHS[name]
+    spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=make())
+    assert spec and ac.compile(spec, target="reference").recipe.read_bands is not None
+    for block in ((128, 64), (16, 16)):
+        kern = ac.compile(spec, target="reference", tiles=block)
+        for sq, skv in ((1, 1), (1, 70), (3, 200), (16, 1000), (block[0], 129)):
+            tensors = tensors_at(skv)
+            bm = kern.block_map(sq, skv, batch=3, **tensors)
+            assert bm.kind == "banded", (sq, skv)
+            b, h = torch.arange(3).view(3, 1, 1, 1), torch.arange(2).view(1, 2, 1, 1)
+            i, j = torch.arange(sq).view(1, 1, sq, 1), torch.arange(skv).view(1, 1, 1, skv)
+            dense = keep(b, h, i, j, sq, skv, tensors).expand(3, 2, sq, skv)
+            want = tile_states(dense.reshape(6, sq, skv), block).reshape(3, 2, -1)
+            got = bm.unique_states()[np.broadcast_to(bm.map_of, (3, 2))].reshape(3, 2, -1)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} {sq}x{skv} tiles {block}")

@@ -27,17 +27,21 @@ H, HKV, D, LAYERS = 4, 2, 16, 2
 SINKS, LEFT = 3, 21
 DTYPES = [torch.float32, torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}  # max abs error of o (unit-variance inputs)
-Keep = Callable[[torch.Tensor, torch.Tensor, int, int, torch.Tensor], torch.Tensor]  # (i, j, Sq, Skv, doc) -> bool
+Keep = Callable[[torch.Tensor, torch.Tensor, int, int, dict[str, torch.Tensor]], torch.Tensor]  # (i, j, Sq, Skv, T)
 
 MASKS: dict[str, tuple[Callable[[], ac.Expr], Keep]] = {  # name: (the attncc mask, its definition)
-    "causal_br": (lambda: ac.causal(align="bottom_right"), lambda i, j, sq, skv, doc: j <= i + skv - sq),
+    "causal_br": (lambda: ac.causal(align="bottom_right"), lambda i, j, sq, skv, t: j <= i + skv - sq),
     "sinks_window_br": (
         lambda: ac.sinks(SINKS) | ac.sliding_window(LEFT, align="bottom_right"),
-        lambda i, j, sq, skv, doc: (j < SINKS) | ((i + skv - sq - LEFT <= j) & (j <= i + skv - sq)),
+        lambda i, j, sq, skv, t: (j < SINKS) | ((i + skv - sq - LEFT <= j) & (j <= i + skv - sq)),
     ),
     "document": (
         lambda: ac.document(ac.tensor("doc")) & ac.causal(),
-        lambda i, j, sq, skv, doc: (doc[i] == doc[j]) & (j <= i),
+        lambda i, j, sq, skv, t: (t["doc"][i] == t["doc"][j]) & (j <= i),
+    ),
+    "ragged": (  # a batch of sequences of their own lengths, causal within each (the new rows at its end)
+        lambda: ac.causal(align="bottom_right") & (ac.kv < ac.tensor("lens")[ac.b]),
+        lambda i, j, sq, skv, t: (j <= i + skv - sq) & (j < t["lens"].view(-1, 1, 1, 1)),
     ),
 }
 
@@ -87,6 +91,8 @@ def walk_and_check(
             ids = torch.tensor(sorted(rng.choices(range(4), k=skv)))
             doc = ids if doc.shape[0] != skv or rng.random() < 0.5 else doc.copy_(ids)
         tensors = {"doc": doc} if name == "document" else {}
+        if name == "ragged":  # each sequence's own length (some shorter than the new rows: those see nothing)
+            tensors = {"lens": torch.tensor([rng.choice([skv, skv, skv - 40, 2, 0]) for _ in range(batch)])}
         for layer in range(layers):  # each layer's K and V: whole tensors or views of longer caches
             dtype = rng.choice(dtypes)  # (a model's layers in one dtype; another model's, or a cast, in another)
             cache = torch.randn(2, batch, HKV, skv + rng.choice([0, 0, 9]), D).to(dtype)
@@ -95,7 +101,7 @@ def walk_and_check(
             with torch.set_grad_enabled(grad):
                 out = kern(q, k, v, **tensors)
             i, j = torch.arange(sq)[:, None], torch.arange(skv)[None, :]
-            keep = keep_fn(i, j, sq, skv, doc).expand(batch, H, sq, skv)
+            keep = keep_fn(i, j, sq, skv, tensors).expand(batch, H, sq, skv)
             want, _ = oracle.attention(q.detach(), k, v, keep, D**-0.5)
             err, tol = float((out.detach().double() - want).abs().max()), TOL[dtype]
             assert err < tol, f"{target} {dtype} call {(batch, sq, skv)} layer {layer}: max error {err:.2e}"
