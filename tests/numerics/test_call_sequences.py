@@ -6,8 +6,8 @@ records and runtime arguments, and prepared calls that skip validation. Each is 
 for; a key that leaves something out gives a later call an earlier call's answer, silently. Here one kernel per mask
 walks a seeded random sequence of calls, as a generation loop and a serving process make them: a growing cache (one
 key a step, a model's layers calling at each step with their own caches), jumps ahead and back, a few speculative
-tokens, a new batch, a prefill, document ids rewritten in place, calls that want gradients, a dtype per call. Every
-call is checked against the float64 oracle on the mask written from its definition.
+tokens, a new batch, a prefill, document ids rewritten in place, calls that want gradients, a dtype and a thread
+count per call. Every call is checked against the float64 oracle on the mask written from its definition.
 """
 
 from __future__ import annotations
@@ -98,8 +98,13 @@ def walk_and_check(
             cache = torch.randn(2, batch, HKV, skv + rng.choice([0, 0, 9]), D).to(dtype)
             q = torch.randn(batch, H, sq, D).to(dtype).requires_grad_(grad)
             k, v = cache[0, :, :, :skv], cache[1, :, :, :skv]
-            with torch.set_grad_enabled(grad):
-                out = kern(q, k, v, **tensors)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(rng.choice([1, 2, 2, 3]))  # (a server's other work takes threads now and then)
+            try:
+                with torch.set_grad_enabled(grad):
+                    out = kern(q, k, v, **tensors)
+            finally:
+                torch.set_num_threads(threads)
             i, j = torch.arange(sq)[:, None], torch.arange(skv)[None, :]
             keep = keep_fn(i, j, sq, skv, tensors).expand(batch, H, sq, skv)
             want, _ = oracle.attention(q.detach(), k, v, keep, D**-0.5)
