@@ -1027,7 +1027,19 @@ class CpuExecutable(Lazy):
     def prepare(self, call: Call) -> Prepared | None:
         """The forward of calls like ``call`` that need no gradient, on its tile lists and partial-tile records, for a
         static map with no runtime tensors and no RoPE (else None). ``forward`` still decides each call's path (K and
-        V in place or packed, the threads' jobs) from the tensors it is given."""
+        V in place or packed, the threads' jobs) from the tensors it is given. ``Kernel.__call__`` makes one per call
+        signature and runs later calls of that signature through it (a model's layers at one decoding step).
+
+        >>> import attncc as ac, torch
+        >>> kern = ac.compile(ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, mask=ac.causal()), "cpu")
+        >>> q, k, v = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+        >>> with torch.no_grad():
+        ...     first = kern(q, k, v)  # validated, run, and prepared for its signature
+        ...     again = kern(q, k * 2, v)  # same signature: the prepared forward, no validation or lookup
+        >>> want = ac.compile(kern.spec, target="reference")(q.double(), 2 * k.double(), v.double())
+        >>> torch.allclose(again.double(), want, atol=1e-5), len(kern._prepared)
+        (True, 1)
+        """
         if not call.static or call.tensors or call.rope is not None:
             return None
         kern, lists = self.kernel, call.lists()
