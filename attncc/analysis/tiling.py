@@ -61,7 +61,7 @@ def recipe(mask: sympy.Basic, constants: Mapping[str, np.ndarray] | None = None,
     per_batch = _depends(mask, X.b)
     if bands is _FIND:
         bands = None if per_batch else bands_of(mask, frozenset(consts))
-    read = frozenset(str(a.base) for a in mask.atoms(sympy.Indexed)) - consts.keys()
+    read = frozenset(str(a.base) for a in mask.atoms(sympy.Indexed)) - frozenset(consts)
     listed = _listed(mask)
     read_bands = bands_of(mask, frozenset(consts), read) if bands is None and read and listed is None else None
     return Recipe(
@@ -152,8 +152,9 @@ def _read_banded(
     if not all(np.isfinite(x).all() for x in lows + highs):
         return None
     comp, full = _ranges_at_rows(lows, highs, np.array([kv_len]), q_len, block[1])
-    both, map_of = _dedupe(np.stack([comp[0], full[0]], 1).reshape(bm, hm, 2, *comp.shape[2:]))
-    return BlockMap.banded(block, q_len, kv_len, both[:, 0].astype(np.int64), both[:, 1].astype(np.int64), map_of)
+    both = np.stack([comp[0], full[0]], 1).astype(np.int64)  # (block numbers: integers, as the other maps hold)
+    both, map_of = _dedupe(both.reshape(bm, hm, 2, *comp.shape[2:]))
+    return BlockMap.banded(block, q_len, kv_len, both[:, 0], both[:, 1], map_of)
 
 
 def build_lengths(
@@ -170,7 +171,7 @@ def build_lengths(
     Where the map has one q-block and the mask is banded (a decoding step), the maps of all the lengths are
     worked out together, as arrays over the lengths: a generation loop's next steps cost about one map. A length
     whose tiles are those of the length before it (its new key falls in the same kv block) gets that map's arrays,
-    the same objects, read-only (``same_tiles`` then answers without reading them).
+    the same objects, read-only (``BlockMap.shares_tiles`` then answers without reading them).
 
     >>> import attncc as ac
     >>> rec = recipe((ac.sinks(4) | ac.causal(align="bottom_right")).sym)
