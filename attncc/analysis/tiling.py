@@ -141,14 +141,9 @@ def _read_banded(
     >>> bm.kind, bm.states().reshape(2, -1).tolist()  # 64 keys: a full tile; 200: three full, then 8 keys of one
     ('banded', [[2, 0, 0, 0, 0], [2, 2, 2, 1, 0]])
     """
-    heads = np.tile(np.arange(hm, dtype=np.float64), bm)[None, :, None]  # [1, M, 1]: M = bm x hm maps
-    batches = np.repeat(np.arange(bm, dtype=np.float64), hm)[None, :, None]
-    rows = np.arange(q_len, dtype=np.float64)[None, None, :]
-    env = {**sizes, X.q: Box.point(rows), X.h: Box.point(heads), X.b: Box.point(batches)}
-    shape = (1, bm * hm, q_len)
-    at = lambda bounds: [np.broadcast_to(interval(e, env, tables).lo, shape) for e in bounds]
-    lows = [np.maximum(np.maximum.reduce(at(b.lows)), 0) for b in bands]
-    highs = [np.minimum(np.minimum.reduce(at(b.highs)), kv_len - 1) for b in bands]
+    rows = np.arange(q_len)
+    lows = [_band_lo(b, rows, hm, tables, sizes, bm)[None] for b in bands]  # [1, M, Sq]: M = bm x hm maps
+    highs = [_band_hi(b, rows, kv_len, hm, tables, sizes, bm)[None] for b in bands]
     if not all(np.isfinite(x).all() for x in lows + highs):
         return None
     comp, full = _ranges_at_rows(lows, highs, np.array([kv_len]), q_len, block[1])
@@ -363,17 +358,22 @@ def _eval_at(
     hm: int,
     tables: Mapping[str, TensorRanges],
     sizes: Env,
+    bm: int | None = None,
 ) -> np.ndarray:
     """max (or min) of the bounds at query rows ``qpos`` ([hm, n] or [n]) for every head: [hm, n] (with the
-    lengths in ``sizes`` arrays that broadcast, such as K key lengths [K, 1, 1]: [K, hm, n])."""
+    lengths in ``sizes`` arrays that broadcast, such as K key lengths [K, 1, 1]: [K, hm, n]). ``bm``: for every
+    batch entry and head, batch-major (bounds that read runtime tensors by b: ``Recipe.read_bands``): [bm * hm, n]."""
     qpos = np.asarray(qpos, dtype=np.float64)
-    rows, heads = (qpos if qpos.ndim >= 2 else qpos[None, :]), np.arange(hm, dtype=np.float64)[:, None]
-    points = {**{s: box.lo for s, box in sizes.items()}, X.q: rows, X.h: heads}
+    rows, heads = (qpos if qpos.ndim >= 2 else qpos[None, :]), np.tile(np.arange(hm, dtype=np.float64), bm or 1)
+    maps = {X.h: heads[:, None]}
+    if bm is not None:
+        maps[X.b] = np.repeat(np.arange(bm, dtype=np.float64), hm)[:, None]
+    points = {**{s: box.lo for s, box in sizes.items()}, X.q: rows, **maps}
     shape = np.broadcast_shapes(*(np.shape(p) for p in points.values()))  # [hm, n]; [K, hm, n] at K key lengths
     found = pointeval.at(tuple(bounds), points, "max" if pick is np.maximum else "min")  # (a map per decoded token)
     if found is not None:
         return found if found.shape == shape else np.broadcast_to(found, shape)
-    env = {**sizes, X.q: Box.point(rows), X.h: Box.point(heads)}
+    env = {**sizes, X.q: Box.point(rows), **{s: Box.point(v) for s, v in maps.items()}}
     values = [np.broadcast_to(interval(e, env, tables).lo, shape) for e in bounds]
     return pick.reduce(values) if len(values) > 1 else values[0]
 
@@ -414,17 +414,25 @@ def _first_last(ok: np.ndarray, q_len: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(some, ok.argmax(-1), 1), np.where(some, q_len - 1 - ok[:, ::-1].argmax(-1), 0)
 
 
-def _band_lo(band: Band, pos: np.ndarray, hm: int, tables: Mapping[str, TensorRanges], sizes: Env) -> np.ndarray:
-    """First visible key of the band at query rows ``pos``, clipped to 0: [hm, n]."""
-    return np.maximum(_eval_at(band.lows, np.maximum, pos, hm, tables, sizes), 0)
+def _band_lo(
+    band: Band, pos: np.ndarray, hm: int, tables: Mapping[str, TensorRanges], sizes: Env, bm: int | None = None
+) -> np.ndarray:
+    """First visible key of the band at query rows ``pos``, clipped to 0: [hm, n] ([bm * hm, n]: ``_eval_at``)."""
+    return np.maximum(_eval_at(band.lows, np.maximum, pos, hm, tables, sizes, bm), 0)
 
 
 def _band_hi(
-    band: Band, pos: np.ndarray, kv_len: int | np.ndarray, hm: int, tables: Mapping[str, TensorRanges], sizes: Env
+    band: Band,
+    pos: np.ndarray,
+    kv_len: int | np.ndarray,
+    hm: int,
+    tables: Mapping[str, TensorRanges],
+    sizes: Env,
+    bm: int | None = None,
 ) -> np.ndarray:
     """Last visible key of the band at query rows ``pos``, clipped to kv_len - 1 (lengths [K, 1, 1]: [K, hm, n]):
-    [hm, n]."""
-    return np.minimum(_eval_at(band.highs, np.minimum, pos, hm, tables, sizes), kv_len - 1)
+    [hm, n] ([bm * hm, n]: ``_eval_at``)."""
+    return np.minimum(_eval_at(band.highs, np.minimum, pos, hm, tables, sizes, bm), kv_len - 1)
 
 
 def _band_ranges(
