@@ -249,7 +249,8 @@ def lower(graph: Graph) -> KernelPlan:
         tiles, layout = (op.bq, op.bkv), op.layout
         backward = (op.bwd_bq, op.bwd_bkv) if op.bwd_bq else tiles
         found = tuple(band_from_range(lo, hi) for lo, hi in op.bands) if layout == "banded" else None
-        rec = tiling.recipe(op.mask, constants, bands=found)
+        # a mask of every key is dense to the kernels, but its maps are the one band's (a decoding step's built ahead)
+        rec = tiling.recipe(op.mask, constants, bands=found if op.mask is not sympy.true else tiling.FIND)
         bands = tuple(BandPlan(*x) for x in zip(found or (), op.kv_blocks, op.full_blocks, strict=True))
     else:  # a pipeline without block-sparse: the default tiles, bands found here
         rec = tiling.recipe(op.mask, constants)

@@ -51,15 +51,15 @@ class Recipe:
     read_bands: tuple[Band, ...] | None = None  # not banded, but bands whose bounds read runtime tensors by b or h
 
 
-_FIND = object()
+FIND: Any = object()  # recipe(bands=FIND): find the bands here
 
 
-def recipe(mask: sympy.Basic, constants: Mapping[str, np.ndarray] | None = None, bands: Any = _FIND) -> Recipe:
+def recipe(mask: sympy.Basic, constants: Mapping[str, np.ndarray] | None = None, bands: Any = FIND) -> Recipe:
     """Analyse ``mask`` (normalized) once: its bands if banded (``bands`` gives them when a pass
     already found them, None when it found the mask is not banded), and what it depends on."""
     consts = dict(constants or {})
     per_batch = _depends(mask, X.b)
-    if bands is _FIND:
+    if bands is FIND:
         bands = None if per_batch else bands_of(mask, frozenset(consts))
     read = frozenset(str(a.base) for a in mask.atoms(sympy.Indexed)) - frozenset(consts)
     listed = _listed(mask)

@@ -322,12 +322,14 @@ def test_maps_of_a_run_of_key_lengths_are_each_lengths_map(mask, data, block) ->
         np.testing.assert_array_equal(np.broadcast_to(bm.states()[0], want.shape), want, err_msg=f"{sq}x{n}")
 
 
+@pytest.mark.parametrize("mask_name", ["sinks_or_window", "every_key"])
 @pytest.mark.parametrize("growth", [1, 3])
-def test_a_growing_cache_finds_its_next_maps_built_ahead(growth: int) -> None:
+def test_a_growing_cache_finds_its_next_maps_built_ahead(growth: int, mask_name: str) -> None:
     """A generation loop (one new key a step, or several: speculative decoding) builds the maps of the next
     ``api.AHEAD`` lengths at once when a step follows a slightly shorter one; calls at lengths in no order build only
-    their own. Every step stays exact against the float64 reference."""
-    mask = ac.sinks(4) | ac.sliding_window(40, align="bottom_right")
+    their own. Every step stays exact against the float64 reference. ``every_key``: no mask, as a model's decoding
+    steps call SDPA (dense to the kernels; its maps are one band's all the same)."""
+    mask = ac.sinks(4) | ac.sliding_window(40, align="bottom_right") if mask_name == "sinks_or_window" else None
     kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=16, mask=mask), target="cpu", tiles=(16, 16))
     ref = ac.compile(kern.spec, target="reference")
     q, cache = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 400, 16)
@@ -353,6 +355,7 @@ DECODING = {
     "window_bottom_right": lambda: ac.sliding_window(40, align="bottom_right"),
     "sinks_or_window_bottom_right": lambda: ac.sinks(4) | ac.sliding_window(300, align="bottom_right"),
     "prefix_lm_bottom_right": lambda: ac.prefix_lm(100, align="bottom_right"),
+    "every_key": lambda: None,  # no mask (a model's decoding step calls SDPA so): dense to the kernels, one band here
 }
 
 

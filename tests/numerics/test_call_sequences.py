@@ -29,7 +29,8 @@ DTYPES = [torch.float32, torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}  # max abs error of o (unit-variance inputs)
 Keep = Callable[[torch.Tensor, torch.Tensor, int, int, dict[str, torch.Tensor]], torch.Tensor]  # (i, j, Sq, Skv, T)
 
-MASKS: dict[str, tuple[Callable[[], ac.Expr], Keep]] = {  # name: (the attncc mask, its definition)
+MASKS: dict[str, tuple[Callable[[], ac.Expr | None], Keep]] = {  # name: (the attncc mask, its definition)
+    "every_key": (lambda: None, lambda i, j, sq, skv, t: (i >= 0) & (j >= 0)),  # a model's decoding step's SDPA
     "causal_br": (lambda: ac.causal(align="bottom_right"), lambda i, j, sq, skv, t: j <= i + skv - sq),
     "sinks_window_br": (
         lambda: ac.sinks(SINKS) | ac.sliding_window(LEFT, align="bottom_right"),
