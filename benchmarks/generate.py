@@ -4,6 +4,7 @@
     python benchmarks/generate.py --layers 1 --dtypes float32 bfloat16   # one attention call per token
     python benchmarks/generate.py --masks causal sinks_window            # StreamingLLM's mask too
     python benchmarks/generate.py --masks ragged --batch 8 --layers 1    # a batch of sequences of their own lengths
+    python benchmarks/generate.py --masks none padded --batch 8 --layers 1   # what torch.compile lifts from HF models
 
 Each step appends one key: the call reads the first n positions of a preallocated cache (``k_cache[:, :, :n]``,
 as a generation loop does), so every step is a new key length, and a new block map, for attncc. ``--layers``
@@ -14,7 +15,11 @@ key), against SDPA's ``scaled_dot_product_attention(..., enable_gqa=True)``; ``s
 (built for every step before the timing starts: SDPA's figure leaves out the mask's cost); ``ragged`` is a batch
 whose sequences each have their own key length (``SHORTER`` keys fewer than the longest, which has the cache's n),
 ``kv < lens[b]`` with the step's ``lens`` a runtime tensor (a new one each step, as a server makes it), against SDPA
-given the [B, 1, 1, n] boolean mask. Every call runs under
+given the [B, 1, 1, n] boolean mask. ``none`` and ``padded`` are the masks ``torch.compile(backend="attncc")`` lifts
+from a Hugging Face model's decoding step: no mask (SDPA called without one), and for a left-padded batch
+``(kv <= pos[0]) & (attention_mask[b, kv] != 0)`` (the step's position and the [B, n] padding mask, both runtime
+tensors new each step; ``SHORTER`` keys of padding, cycled), against SDPA given the [B, 1, 1, n] boolean mask. Every
+call runs under
 ``no_grad``. Steps alternate between the contenders (attncc's layers, then SDPA's), and each contender's total time
 over ``--steps`` steps is reported per call. Each row starts a little later than ``--starts`` says (``--steps`` + 2
 keys a row before it), so that no row meets a length an earlier one built a map for. "same length" is attncc's
@@ -44,19 +49,31 @@ def lens(n: int, batch: int) -> torch.Tensor:
     return (n - torch.tensor([SHORTER[b % len(SHORTER)] for b in range(batch)])).clamp_min(1)
 
 
-MASKS: dict[str, tuple[Callable[[], ac.Expr], Callable[[int, int], torch.Tensor] | None, bool]] = {
-    # name: (attncc's mask; SDPA's boolean attn_mask [B or 1, 1, 1, n] for one query at key length n, or None; whether
-    # attncc's call passes ``lens``)
-    "causal": (lambda: ac.causal(align="bottom_right"), None, False),
+def padding(n: int, batch: int) -> torch.Tensor:
+    """A left-padded batch's attention_mask [B, n] (1: a token, 0: padding; at least one token each)."""
+    return (torch.arange(n)[None, :] >= (n - lens(n, batch))[:, None]).long()
+
+
+Tensors = Callable[[int, int], dict[str, torch.Tensor]]
+MASKS: dict[str, tuple[Callable[[], ac.Expr | None], Callable[[int, int], torch.Tensor] | None, Tensors | None]] = {
+    # name: (attncc's mask; SDPA's boolean attn_mask [B or 1, 1, 1, n] for one query at key length n, or None; the
+    # runtime tensors of attncc's call at key length n and batch B, or None)
+    "causal": (lambda: ac.causal(align="bottom_right"), None, None),
+    "none": (lambda: None, None, None),
+    "padded": (
+        lambda: (ac.kv <= ac.tensor("pos")[0]) & (ac.tensor("attention_mask")[ac.b, ac.kv] != 0),
+        lambda n, B: (padding(n, B) != 0).view(B, 1, 1, n),
+        lambda n, B: {"pos": torch.tensor([n - 1]), "attention_mask": padding(n, B)},
+    ),
     "sinks_window": (
         lambda: ac.sinks(SINKS) | ac.sliding_window(WINDOW, align="bottom_right"),
         lambda n, B: ((torch.arange(n) < SINKS) | (torch.arange(n) >= n - 1 - WINDOW)).view(1, 1, 1, n),
-        False,
+        None,
     ),
     "ragged": (
         lambda: ac.kv < ac.tensor("lens")[ac.b],
         lambda n, B: (torch.arange(n)[None, :] < lens(n, B)[:, None]).view(B, 1, 1, n),
-        True,
+        lambda n, B: {"lens": lens(n, B)},
     ),
 }
 
@@ -64,7 +81,7 @@ MASKS: dict[str, tuple[Callable[[], ac.Expr], Callable[[int, int], torch.Tensor]
 def generate(
     kern: ac.Kernel,
     sdpa_mask: Callable[[int, int], torch.Tensor] | None,
-    ragged: bool,
+    tensors: Tensors | None,
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -77,7 +94,7 @@ def generate(
     middle = start + steps // 2  # the growing calls' mean length
     B = q.shape[0]
     made = {n: sdpa_mask(n, B) for n in range(start - 1, start + steps)} if sdpa_mask else {}
-    given = {n: {"lens": lens(n, B)} if ragged else {} for n in range(start - 1, start + steps)}  # (each step's own)
+    given = {n: tensors(n, B) if tensors else {} for n in range(start - 1, start + steps)}  # (each step's own)
     calls: dict[str, object] = {
         "attncc": lambda n: kern(q, k_cache[:, :, :n], v_cache[:, :, :n], **given[n]),
         "sdpa": lambda n: F.scaled_dot_product_attention(
@@ -119,7 +136,7 @@ def main() -> None:
     torch.manual_seed(0)
     row = 0
     for mask in args.masks:
-        make, sdpa_mask, ragged = MASKS[mask]
+        make, sdpa_mask, tensors = MASKS[mask]
         kern = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=make()), target="cpu")
         for name in args.dtypes:
             dtype = getattr(torch, name)
@@ -129,7 +146,8 @@ def main() -> None:
                     row += 1
                     k_cache = torch.randn(B, Hkv, start + args.steps + 1, D, dtype=dtype)
                     v_cache, q = torch.randn_like(k_cache), torch.randn(B, H, 1, D, dtype=dtype)
-                    ours, sdpa, same = generate(kern, sdpa_mask, ragged, q, k_cache, v_cache, start, args.steps, layers)
+                    cache = (k_cache, v_cache)
+                    ours, sdpa, same = generate(kern, sdpa_mask, tensors, q, *cache, start, args.steps, layers)
                     print(f"| {mask} | {name} | {start}-{start + args.steps} | {layers} | {ours * 1e6:.1f} "
                           f"| {sdpa * 1e6:.1f} | {sdpa / ours:.2f}x | {same * 1e6:.1f} "
                           f"| {(ours - same) * layers * 1e6:.0f} |")  # fmt: skip

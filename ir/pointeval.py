@@ -77,14 +77,18 @@ def _mod(a: np.ndarray, n: float) -> np.ndarray:
     return a - n * np.floor(a / n)
 
 
-def _emit(e: sympy.Basic) -> str | None:
-    """Python source of ``e`` over ``ARGS``; None where some node has no point rule."""
-    if e in ARGS:
+def _emit(e: sympy.Basic, names: tuple[sympy.Symbol, ...] = ARGS) -> str | None:
+    """Python source of ``e`` over ``names``; None where some node has no point rule. Tensor reads (``T_``, the
+    tensors by name, read through ``_read``) only where ``names`` has kv: a mask's, not a bound's."""
+    if e in names:
         return str(e)
     if e.is_number:
         value = float(e)  # type: ignore[arg-type]
         return f"({value!r})" if np.isfinite(value) else None
-    parts = [_emit(a) for a in e.args]
+    if isinstance(e, sympy.Indexed) and X.kv in names:
+        index = [_emit(i, names) for i in e.indices]
+        return None if None in index else f"_read(T_, {str(e.base)!r}, {', '.join(index)})"  # type: ignore[arg-type]
+    parts = [_emit(a, names) for a in e.args]
     if any(p is None for p in parts):
         return None
     if isinstance(e, sympy.Add):
@@ -100,3 +104,78 @@ def _emit(e: sympy.Basic) -> str | None:
     if isinstance(e, sympy.Mod) and e.args[1].is_number and e.args[1] > 0:
         return f"_mod({parts[0]}, {parts[1]})"
     return None
+
+
+# ---- masks at points --------------------------------------------------------------------------
+MASK_ARGS = (X.q, X.kv, X.h, X.b, X.Sq, X.Skv, X.H, X.B)  # a compiled mask's parameters, then the tensors
+
+
+class _Unread(Exception):
+    """A point's read of a tensor is not one of its elements (out of range, or not at an integer)."""
+
+
+def mask_at(
+    mask: sympy.Basic, values: Mapping[sympy.Symbol, np.ndarray | float], tensors: Mapping[str, np.ndarray]
+) -> np.ndarray | None:
+    """The boolean ``mask`` at the points ``values`` (each of ``MASK_ARGS``' values; the arrays broadcast), reading
+    ``tensors`` (float64 arrays by name); None where a node has no point rule or a read is not an element of its
+    tensor (the caller then classifies). The same float64 operations as ``boxeval.evaluate`` on point boxes.
+
+    >>> import attncc as ac
+    >>> mask = ((ac.kv <= ac.tensor("pos")[0]) & (ac.tensor("am")[ac.b, ac.kv] != 0)).sym
+    >>> at_points = {X.b: np.arange(2.0)[:, None], X.kv: np.arange(4.0)[None, :]}
+    >>> mask_at(mask, at_points, {"pos": np.array([2.0]), "am": np.array([[1.0, 1, 1, 1], [0, 0, 1, 1]])}).tolist()
+    [[True, True, True, False], [False, False, True, False]]
+    >>> mask_at(mask, at_points, {"pos": np.array([2.0]), "am": np.ones((2, 3))}) is None  # kv 3 is not read
+    True
+    """
+    fn = compiled_mask(mask)
+    if fn is None:
+        return None
+    try:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.asarray(fn(*[values.get(s, np.nan) for s in MASK_ARGS], tensors), dtype=bool)
+    except _Unread:
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def compiled_mask(mask: sympy.Basic) -> PointFn | None:
+    """The Python function of ``MASK_ARGS`` and the tensors computing ``mask``, or None where a node has no rule."""
+    body = _emit_bool(mask)
+    if body is None:
+        return None
+    params = ", ".join(str(s) for s in MASK_ARGS)
+    space: dict[str, object] = {"np": np, "_floor": _floor, "_ceil": _ceil, "_mod": _mod, "_read": _read}
+    exec(f"def mask({params}, T_):\n    return {body}\n", space)  # the source: sympy nodes emitted here
+    return space["mask"]  # type: ignore[return-value]
+
+
+def _emit_bool(e: sympy.Basic) -> str | None:
+    if e is sympy.true or e is sympy.false:
+        return str(bool(e))
+    if isinstance(e, sympy.And | sympy.Or | sympy.Not):
+        parts = [_emit_bool(a) for a in e.args]
+        if None in parts:
+            return None
+        if isinstance(e, sympy.Not):
+            return f"np.logical_not({parts[0]})"
+        fn = "np.logical_and" if isinstance(e, sympy.And) else "np.logical_or"
+        return functools.reduce(lambda acc, p: f"{fn}({acc}, {p})", parts[1:], parts[0])  # type: ignore[arg-type]
+    if isinstance(e, sympy.core.relational.Relational) and e.rel_op in ("<", "<=", ">", ">=", "==", "!="):
+        a, b = (_emit(x, MASK_ARGS) for x in e.args)
+        return None if a is None or b is None else f"({a} {e.rel_op} {b})"
+    return None
+
+
+def _read(tensors: Mapping[str, np.ndarray], name: str, *index: np.ndarray | float) -> np.ndarray:
+    """``tensors[name]`` at ``index`` (float arrays of integers that broadcast); ``_Unread`` where one is not."""
+    t = tensors[name]
+    at = []
+    for i, size in zip(index, t.shape, strict=True):
+        x = np.asarray(i)
+        k = x.astype(np.int64)
+        if (k != x).any() or (k < 0).any() or (k >= size).any():
+            raise _Unread(name)
+        at.append(k)
+    return t[tuple(at)]

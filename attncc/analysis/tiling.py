@@ -5,6 +5,8 @@
   evaluated, so a 1M-token causal map takes milliseconds.
 * Block-index lists (``InBlocks(...) & rest``, :func:`attncc.block_indices`): the listed tiles are the
   only candidates; ``rest`` is classified on them alone, O(list size), and the map is kept sparse.
+* A map of one q-block (a decoding step) of a mask that is not banded: the mask is read at every (batch, head,
+  row, key) point when they are few (:func:`_from_points`); exact, and no range tables of runtime tensors built.
 * Other masks: every tile is classified at once by three-valued interval analysis
   (:mod:`attncc.ir.boxeval`), O(number of tiles). Tiles the analysis cannot decide are split in
   halves and re-analysed, a bounded number of times; what is still undecided is marked partial
@@ -97,9 +99,13 @@ def build(
     """The block map at these lengths; ``tensors`` holds the runtime tensors' values."""
     hm = num_heads if rec.per_head else 1
     bm = batch if rec.per_batch else 1
-    tables = {**rec.constants, **{n: TensorRanges(np.asarray(v)) for n, v in (tensors or {}).items()}}
-    sizes = {X.Sq: Box.point(q_len), X.Skv: Box.point(kv_len), X.H: Box.point(num_heads), X.B: Box.point(batch)}
     given = tensors or {}
+    if rec.bands is None and rec.read_bands is None and rec.listed is None and q_len <= block[0]:
+        found = _from_points(rec, q_len, kv_len, block, num_heads, batch, given)  # (no range tables built)
+        if found is not None:
+            return found
+    tables = {**rec.constants, **{n: TensorRanges(np.asarray(v)) for n, v in given.items()}}
+    sizes = {X.Sq: Box.point(q_len), X.Skv: Box.point(kv_len), X.H: Box.point(num_heads), X.B: Box.point(batch)}
     if rec.listed is not None and rec.listed[0].blocks == block and rec.listed[0].tensor in given:
         lists = np.asarray(given[rec.listed[0].tensor])
         return _from_list(rec, q_len, kv_len, block, num_heads, batch, lists, tables, sizes)
@@ -117,6 +123,57 @@ def build(
         both, map_of = _dedupe(np.stack([comp, full], 1).reshape(1, hm, 2, *comp.shape[1:]))
         return BlockMap.banded(block, q_len, kv_len, both[:, 0], both[:, 1], map_of)
     state, map_of = _dedupe(classify(rec.mask, q_len, kv_len, block, hm, bm, tables, sizes))
+    return BlockMap.listed(block, q_len, kv_len, state, map_of)
+
+
+# one-q-block maps of at most this many (batch, head, row, key) points are read at each point; more where the mask
+# reads runtime tensors (classifying tiles would build their range tables first)
+POINT_MAP, POINT_MAP_READING = 1 << 16, 1 << 18
+
+
+def _from_points(
+    rec: Recipe,
+    q_len: int,
+    kv_len: int,
+    block: tuple[int, int],
+    num_heads: int,
+    batch: int,
+    tensors: Mapping[str, np.ndarray],
+) -> BlockMap | None:
+    """The one-q-block map of a mask that is not banded, read at every (batch, head, row, key) point
+    (:func:`attncc.ir.pointeval.mask_at`): exact, and for a decoding step's few points cheaper than classifying its
+    tiles, which builds range tables of each runtime tensor first (a padded batch's ``attention_mask[b, kv]``, new
+    each step). None where the points are more than ``POINT_MAP`` (``POINT_MAP_READING`` with runtime tensors), a
+    tensor holds a value that is not finite, or the mask has a node without a point rule: the caller classifies.
+
+    >>> import attncc as ac
+    >>> rec = recipe(((ac.kv <= ac.tensor("pos")[0]) & (ac.tensor("am")[ac.b, ac.kv] != 0)).sym)
+    >>> am = np.ones((2, 300)); am[1, :70] = 0  # the second sequence left-padded by 70
+    >>> bm = build(rec, 1, 300, (64, 64), 1, 2, {"pos": np.array([299]), "am": am})
+    >>> bm.kind, bm.states().reshape(2, -1).tolist()
+    ('listed', [[2, 2, 2, 2, 2], [0, 1, 2, 2, 2]])
+    """
+    hm, bm = (num_heads if rec.per_head else 1), (batch if rec.per_batch else 1)
+    if bm * hm * q_len * kv_len > (POINT_MAP_READING if tensors else POINT_MAP):
+        return None
+    values = {
+        **{n: r.values for n, r in rec.constants.items()},
+        **{n: np.asarray(v, np.float64) for n, v in tensors.items()},
+    }
+    if not all(np.isfinite(v).all() for v in values.values()):
+        return None
+    f64, nkv = np.float64, -(-kv_len // block[1])
+    keys = np.minimum(np.arange(nkv * block[1], dtype=f64), kv_len - 1)  # (past the end: the last key again)
+    dense = pointeval.mask_at(rec.mask, {
+        X.b: np.arange(bm, dtype=f64)[:, None, None, None], X.h: np.arange(hm, dtype=f64)[None, :, None, None],
+        X.q: np.arange(q_len, dtype=f64)[None, None, :, None], X.kv: keys[None, None, None, :],
+        X.Sq: float(q_len), X.Skv: float(kv_len), X.H: float(num_heads), X.B: float(batch),
+    }, values)  # fmt: skip
+    if dense is None:
+        return None
+    tiles = np.broadcast_to(dense, (bm, hm, q_len, nkv * block[1])).reshape(bm, hm, q_len, nkv, block[1])
+    some, every = tiles.any((2, 4)), tiles.all((2, 4))
+    state, map_of = _dedupe(np.where(every, FULL, np.where(some, PARTIAL, EMPTY)).astype(np.int8)[:, :, None])
     return BlockMap.listed(block, q_len, kv_len, state, map_of)
 
 

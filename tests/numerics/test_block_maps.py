@@ -427,3 +427,73 @@ def test_maps_of_sequences_of_their_own_lengths_are_exact(name: str) -> None:
             want = tile_states(dense.reshape(6, sq, skv), block).reshape(3, 2, -1)
             got = bm.unique_states()[np.broadcast_to(bm.map_of, (3, 2))].reshape(3, 2, -1)
             np.testing.assert_array_equal(got, want, err_msg=f"{name} {sq}x{skv} tiles {block}")
+
+
+AT = ac.Expr(X.q + X.Skv - X.Sq)  # a query's position among the keys, bottom-right aligned
+AT_POINTS = {  # name: (mask, definition at (b, h, i, j), tensors at batch 3 and 2 heads): not banded, even per batch
+    "padded_causal_br": (  # a left-padded batch decoding (HF's attention_mask[b, kv], bottom-right causal)
+        lambda: ac.causal("bottom_right") & (ac.tensor("am")[ac.b, ac.kv] != 0),
+        lambda b, h, i, j, sq, skv, t: (j <= i + skv - sq) & (t["am"][b, j] != 0),
+        lambda skv: {"am": (torch.arange(skv)[None, :] >= torch.tensor([[0], [skv // 3], [skv - 1]])).long()},
+    ),
+    "position_and_padding": (  # what torch.compile lifts from HF's decoding step: a position tensor, the padding
+        lambda: (ac.kv <= ac.tensor("pos")[0]) & (ac.tensor("am")[ac.b, ac.kv] != 0),
+        lambda b, h, i, j, sq, skv, t: (j <= t["pos"][0]) & (t["am"][b, j] != 0),
+        lambda skv: {"pos": torch.tensor([skv - 2]), "am": (torch.rand(3, skv) > 0.4).long()},
+    ),
+    "document_per_batch": (  # packed documents, one id row per sequence, bottom-right causal
+        lambda: ac.causal("bottom_right") & (ac.tensor("doc")[ac.b, AT] == ac.tensor("doc")[ac.b, ac.kv]),
+        lambda b, h, i, j, sq, skv, t: (j <= i + skv - sq) & (t["doc"][b, i + skv - sq] == t["doc"][b, j]),
+        lambda skv: {"doc": torch.sort(torch.randint(0, 5, (3, skv)), 1).values},
+    ),
+    "dilated_window": (
+        BUILTINS["dilated_window"],
+        lambda b, h, i, j, sq, skv, t: torch.as_tensor(
+            dense_mask(boolean(ac.dilated_window(64, 4).sym), sq, skv, 1, {})
+        ).view(1, 1, sq, skv),
+        lambda skv: {},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AT_POINTS))
+def test_maps_of_one_q_block_read_at_every_point_are_exact(name: str) -> None:
+    """A decoding step's map of a mask that is not banded is read at every (batch, head, row, key) point
+    (``tiling._from_points``), not classified: each (batch, head)'s map against the mask's definition, tile by tile,
+    at decoding's shapes and around tile edges; the classification is never called."""
+    make, keep, tensors_at = AT_POINTS[name]
+    torch.manual_seed(0)
+    spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=make())
+    for block in ((128, 64), (16, 16)):
+        kern = ac.compile(spec, target="reference", tiles=block)
+        assert kern.recipe.bands is None and kern.recipe.read_bands is None
+        for sq, skv in ((1, 1), (1, 70), (3, 200), (16, 1000), (block[0], 129)):
+            tensors = tensors_at(skv)
+            with mock.patch.object(tiling, "classify", side_effect=AssertionError("classified")):
+                bm = kern.block_map(sq, skv, batch=3, **tensors)
+            b, h = torch.arange(3).view(3, 1, 1, 1), torch.arange(2).view(1, 2, 1, 1)
+            i, j = torch.arange(sq).view(1, 1, sq, 1), torch.arange(skv).view(1, 1, 1, skv)
+            dense = torch.as_tensor(keep(b, h, i, j, sq, skv, tensors)).expand(3, 2, sq, skv)
+            want = tile_states(dense.reshape(6, sq, skv), block).reshape(3, 2, -1)
+            got = bm.unique_states()[np.broadcast_to(bm.map_of, (3, 2))].reshape(3, 2, -1)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} {sq}x{skv} tiles {block}")
+
+
+def test_maps_read_at_points_fall_back_to_classifying_tiles() -> None:
+    """Where a point cannot be read (a float tensor holding NaN) or there are more points than ``POINT_MAP_READING``,
+    the map is classified instead: sound, and the same tiles where classification is tight."""
+    x = ac.tensor("x", dtype="float")
+    cases = [  # (mask, tensors, batch, largest map read at points)
+        (ac.kv < x[ac.b] * 0.5 + x[ac.b], {"x": torch.tensor([float("nan"), 30.0])}, 2, tiling.POINT_MAP_READING),
+        (ac.kv < ac.tensor("am")[ac.b, ac.kv] + 600, {"am": torch.zeros(1, 1000, dtype=torch.long)}, 1, 999),
+    ]
+    for mask, tensors, batch, most in cases:
+        kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=16, mask=mask), target="reference", tiles=(16, 64))
+        with (
+            mock.patch.object(tiling, "POINT_MAP_READING", most),
+            mock.patch.object(tiling, "classify", wraps=tiling.classify) as classify,
+        ):
+            bm = kern.block_map(1, 1000, batch=batch, **tensors)
+        assert classify.call_count == 1, mask
+        if batch == 1:  # kv < 600: nine full tiles of 64 keys, one partial
+            assert bm.states().reshape(-1).tolist() == [2] * 9 + [1] + [0] * 6

@@ -40,6 +40,10 @@ MASKS: dict[str, tuple[Callable[[], ac.Expr | None], Keep]] = {  # name: (the at
         lambda: ac.document(ac.tensor("doc")) & ac.causal(),
         lambda i, j, sq, skv, t: (t["doc"][i] == t["doc"][j]) & (j <= i),
     ),
+    "padded": (  # a left-padded batch (HF's attention_mask[b, kv]): a decoding step's map read at every point
+        lambda: ac.causal(align="bottom_right") & (ac.tensor("am")[ac.b, ac.kv] != 0),
+        lambda i, j, sq, skv, t: (j <= i + skv - sq) & (t["am"][:, None, None, :] != 0),
+    ),
     "ragged": (  # a batch of sequences of their own lengths, causal within each (the new rows at its end)
         lambda: ac.causal(align="bottom_right") & (ac.kv < ac.tensor("lens")[ac.b]),
         lambda i, j, sq, skv, t: (j <= i + skv - sq) & (j < t["lens"].view(-1, 1, 1, 1)),
@@ -94,6 +98,9 @@ def walk_and_check(
         tensors = {"doc": doc} if name == "document" else {}
         if name == "ragged":  # each sequence's own length (some shorter than the new rows: those see nothing)
             tensors = {"lens": torch.tensor([rng.choice([skv, skv, skv - 40, 2, 0]) for _ in range(batch)])}
+        if name == "padded":  # each sequence's padding on the left (some all padding)
+            pads = torch.tensor([[rng.choice([0, 0, 7, skv // 2, skv])] for _ in range(batch)])
+            tensors = {"am": (torch.arange(skv)[None, :] >= pads).long()}
         for layer in range(layers):  # each layer's K and V: whole tensors or views of longer caches
             dtype = rng.choice(dtypes)  # (a model's layers in one dtype; another model's, or a cast, in another)
             cache = torch.randn(2, batch, HKV, skv + rng.choice([0, 0, 9]), D).to(dtype)
