@@ -5,9 +5,12 @@
     python benchmarks/generate.py --masks causal sinks_window            # StreamingLLM's mask too
     python benchmarks/generate.py --masks ragged --batch 8 --layers 1    # a batch of sequences of their own lengths
     python benchmarks/generate.py --masks none padded --batch 8 --layers 1   # what torch.compile lifts from HF models
+    python benchmarks/generate.py --masks none --cache cat --layers 1    # K and V grown by torch.cat (HF DynamicCache)
 
 Each step appends one key: the call reads the first n positions of a preallocated cache (``k_cache[:, :, :n]``,
-as a generation loop does), so every step is a new key length, and a new block map, for attncc. ``--layers``
+as a generation loop does), so every step is a new key length, and a new block map, for attncc; ``--cache cat``
+grows K and V by ``torch.cat`` instead (as Hugging Face's DynamicCache does: new contiguous tensors each step, made
+before the step's timed calls). ``--layers``
 calls per step share that step's length, as a model's layers share one compiled kernel: the map is built at the
 first and reused by the rest. ``--masks``: ``causal`` is ``causal(align="bottom_right")`` (the new token sees every
 key), against SDPA's ``scaled_dot_product_attention(..., enable_gqa=True)``; ``sinks_window`` is StreamingLLM's
@@ -88,6 +91,7 @@ def generate(
     start: int,
     steps: int,
     layers: int,
+    cat: bool = False,
 ) -> tuple[float, float, float]:
     """Seconds per call of attncc on growing lengths, of SDPA on the same, and of attncc at one repeated length."""
     spent = {"attncc": 0.0, "sdpa": 0.0, "same": 0.0}
@@ -95,17 +99,27 @@ def generate(
     B = q.shape[0]
     made = {n: sdpa_mask(n, B) for n in range(start - 1, start + steps)} if sdpa_mask else {}
     given = {n: tensors(n, B) if tensors else {} for n in range(start - 1, start + steps)}  # (each step's own)
+    grown = {"k": k_cache[:, :, : start - 2].clone(), "v": v_cache[:, :, : start - 2].clone()}  # (--cache cat)
+
+    def kv(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's K and V: views of the caches, or (``cat``) the tensors grown to n keys by this step."""
+        if not cat:
+            return k_cache[:, :, :n], v_cache[:, :, :n]
+        return grown["k"], grown["v"]
+
     calls: dict[str, object] = {
-        "attncc": lambda n: kern(q, k_cache[:, :, :n], v_cache[:, :, :n], **given[n]),
-        "sdpa": lambda n: F.scaled_dot_product_attention(
-            q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=made.get(n), enable_gqa=True
-        ),
+        "attncc": lambda n: kern(q, *kv(n), **given[n]),
+        "sdpa": lambda n: F.scaled_dot_product_attention(q, *kv(n), attn_mask=made.get(n), enable_gqa=True),
         "same": lambda n: kern(q, k_cache[:, :, :middle], v_cache[:, :, :middle], **given[middle]),
     }
     with torch.no_grad():
-        for call in calls.values():  # warm: compiled, first maps built
-            call(start - 1)  # type: ignore[operator]
-        for n in range(start, start + steps):
+        for n in range(start - 1, start + steps):
+            if cat:  # (untimed: the model's own work)
+                grown = {x: torch.cat([grown[x], c[:, :, n - 1 : n]], 2) for x, c in (("k", k_cache), ("v", v_cache))}
+            if n == start - 1:
+                for call in calls.values():  # warm: compiled, first maps built
+                    call(n)  # type: ignore[operator]
+                continue
             for name, call in calls.items():
                 began = time.perf_counter()
                 for _ in range(layers):
@@ -125,6 +139,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--masks", nargs="+", choices=sorted(MASKS), default=["causal"])
+    parser.add_argument("--cache", choices=["views", "cat"], default="views")
     args = parser.parse_args()
     H, Hkv, D = args.heads, args.kv_heads, args.head_dim
     B = args.batch
@@ -147,7 +162,8 @@ def main() -> None:
                     k_cache = torch.randn(B, Hkv, start + args.steps + 1, D, dtype=dtype)
                     v_cache, q = torch.randn_like(k_cache), torch.randn(B, H, 1, D, dtype=dtype)
                     cache = (k_cache, v_cache)
-                    ours, sdpa, same = generate(kern, sdpa_mask, tensors, q, *cache, start, args.steps, layers)
+                    timed = (start, args.steps, layers, args.cache == "cat")
+                    ours, sdpa, same = generate(kern, sdpa_mask, tensors, q, *cache, *timed)
                     print(f"| {mask} | {name} | {start}-{start + args.steps} | {layers} | {ours * 1e6:.1f} "
                           f"| {sdpa * 1e6:.1f} | {sdpa / ours:.2f}x | {same * 1e6:.1f} "
                           f"| {(ours - same) * layers * 1e6:.0f} |")  # fmt: skip

@@ -407,11 +407,13 @@ OWN_LENGTHS = {  # name: (mask, its definition at (b, h, i, j) from the tensors,
 }
 
 
+@pytest.mark.parametrize("way", ["points", "read_bands"])
 @pytest.mark.parametrize("name", sorted(OWN_LENGTHS))
-def test_maps_of_sequences_of_their_own_lengths_are_exact(name: str) -> None:
+def test_maps_of_sequences_of_their_own_lengths_are_exact(name: str, way: str) -> None:
     """Bounds that read runtime tensors per batch entry or head (a batch of sequences of their own lengths, a
-    per-head window given at run time) are bands for maps of one q-block (``tiling._read_banded``): each (batch,
-    head)'s map against the mask's definition, tile by tile, at decoding's shapes and around tile edges."""
+    per-head window given at run time): maps of one q-block read at every point (``tiling._from_points``), or, with
+    more points than ``POINT_MAP_READING``, bands (``tiling._read_banded``). Each (batch, head)'s map against the
+    mask's definition, tile by tile, at decoding's shapes and around tile edges, both ways."""
     make, keep, tensors_at = OWN_LENGTHS[name]
     spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=make())
     assert spec and ac.compile(spec, target="reference").recipe.read_bands is not None
@@ -419,8 +421,9 @@ def test_maps_of_sequences_of_their_own_lengths_are_exact(name: str) -> None:
         kern = ac.compile(spec, target="reference", tiles=block)
         for sq, skv in ((1, 1), (1, 70), (3, 200), (16, 1000), (block[0], 129)):
             tensors = tensors_at(skv)
-            bm = kern.block_map(sq, skv, batch=3, **tensors)
-            assert bm.kind == "banded", (sq, skv)
+            with mock.patch.object(tiling, "POINT_MAP_READING", 0 if way == "read_bands" else tiling.POINT_MAP_READING):
+                bm = kern.block_map(sq, skv, batch=3, **tensors)
+            assert bm.kind == ("banded" if way == "read_bands" else "listed"), (sq, skv)
             b, h = torch.arange(3).view(3, 1, 1, 1), torch.arange(2).view(1, 2, 1, 1)
             i, j = torch.arange(sq).view(1, 1, sq, 1), torch.arange(skv).view(1, 1, 1, skv)
             dense = keep(b, h, i, j, sq, skv, tensors).expand(3, 2, sq, skv)
