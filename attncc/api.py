@@ -51,6 +51,9 @@ _CACHE: dict[tuple[AttentionSpec, str, str, tuple[int, ...], str], Kernel] = {}
 # the same kernels by structure (the spec without its captured bindings): a spec that differs from a
 # compiled one only in which tensors it captured reuses that kernel's IR and code, bound to its own tensors
 _BY_STRUCTURE: dict[tuple[Any, ...], Kernel] = {}
+# the same kernels by everything but the spec's name: a model's layers (torch.compile names each site) share one
+# kernel's code and its per-call memos, so a decoding step's new key length is worked out once, not once per layer
+_BY_BODY: dict[tuple[Any, ...], Kernel] = {}
 
 
 class Kernel:
@@ -83,6 +86,16 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"Kernel(@{self.spec.name}, target={self.target!r}, key={self.key})"
+
+    def renamed(self, spec: AttentionSpec) -> Kernel:
+        """This kernel for ``spec``, which differs only in its name: the same IR and code (named as this kernel's),
+        and the same per-call memos (maps, tile lists, prepared calls), shared from now on."""
+        if _body(spec) != _body(self.spec):
+            raise SpecError(f"renamed(): {spec!r} is not {self.spec!r} under another name")
+        twin = copy.copy(self)
+        twin.spec = spec
+        twin._last_call = twin._dumped_to = None
+        return twin
 
     def rebound(self, spec: AttentionSpec) -> Kernel:
         """This kernel (IR, generated code) for ``spec``, which differs only in its captured tensors."""
@@ -395,11 +408,16 @@ def compile(
     key = _cache_key(spec, resolved, pipeline, tiles)
     if not cfg.always_compile and key in _CACHE:
         return _CACHE[key]
-    shared = (_structure(spec), *key[1:])
+    shared, body = (_structure(spec), *key[1:]), (_body(spec), *key[1:])
+    if not cfg.always_compile and body in _BY_BODY:
+        kern = _BY_BODY[body].renamed(spec)
+        kern.auto = target == "auto"
+        _CACHE[key] = kern
+        return kern
     if not cfg.always_compile and shared in _BY_STRUCTURE:
         kern = _BY_STRUCTURE[shared].rebound(spec)
         kern.auto = target == "auto"
-        _CACHE[key] = kern
+        _CACHE[key] = _BY_BODY[body] = kern
         return kern
     if pipeline is None:
         chosen = f"bq={tiles[0]},bkv={tiles[1]}" if tiles else f"target={resolved},n={representative_length(spec)}"
@@ -423,7 +441,7 @@ def compile(
         config.knob_logger(log.name).info("dumped %r to %s", kern, where)
         if spec.runtime_tensors():
             kern._dumped_to = where
-    _CACHE[key] = _BY_STRUCTURE[shared] = kern
+    _CACHE[key] = _BY_STRUCTURE[shared] = _BY_BODY[body] = kern
     return kern
 
 
@@ -473,6 +491,11 @@ def triton_tiles_problem(bq: int, bkv: int) -> str | None:
 def _structure(spec: AttentionSpec) -> tuple[Any, ...]:
     """The spec's compared fields except its captured bindings: what the generated code depends on."""
     return tuple(getattr(spec, f.name) for f in dataclasses.fields(spec) if f.compare and f.name != "bindings")
+
+
+def _body(spec: AttentionSpec) -> tuple[Any, ...]:
+    """The spec's compared fields except its name: what its kernel computes, for the same captured tensors."""
+    return tuple(getattr(spec, f.name) for f in dataclasses.fields(spec) if f.compare and f.name != "name")
 
 
 class LinearKernel:

@@ -6,11 +6,13 @@
     python benchmarks/generate.py --masks ragged --batch 8 --layers 1    # a batch of sequences of their own lengths
     python benchmarks/generate.py --masks none padded --batch 8 --layers 1   # what torch.compile lifts from HF models
     python benchmarks/generate.py --masks none --cache cat --layers 1    # K and V grown by torch.cat (HF DynamicCache)
+    python benchmarks/generate.py --masks padded --batch 8 --layers 8 --sites   # a kernel per layer, named apart
 
 Each step appends one key: the call reads the first n positions of a preallocated cache (``k_cache[:, :, :n]``,
 as a generation loop does), so every step is a new key length, and a new block map, for attncc; ``--cache cat``
 grows K and V by ``torch.cat`` instead (as Hugging Face's DynamicCache does: new contiguous tensors each step, made
-before the step's timed calls). ``--layers``
+before the step's timed calls). ``--sites``: each layer calls its own kernel, compiled from the same spec under
+its own name, as ``torch.compile(backend="attncc")`` makes one per attention site. ``--layers``
 calls per step share that step's length, as a model's layers share one compiled kernel: the map is built at the
 first and reused by the rest. ``--masks``: ``causal`` is ``causal(align="bottom_right")`` (the new token sees every
 key), against SDPA's ``scaled_dot_product_attention(..., enable_gqa=True)``; ``sinks_window`` is StreamingLLM's
@@ -34,6 +36,7 @@ times the layers: noisy).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import time
 from collections.abc import Callable
@@ -82,7 +85,7 @@ MASKS: dict[str, tuple[Callable[[], ac.Expr | None], Callable[[int, int], torch.
 
 
 def generate(
-    kern: ac.Kernel,
+    kerns: list[ac.Kernel],
     sdpa_mask: Callable[[int, int], torch.Tensor] | None,
     tensors: Tensors | None,
     q: torch.Tensor,
@@ -93,7 +96,8 @@ def generate(
     layers: int,
     cat: bool = False,
 ) -> tuple[float, float, float]:
-    """Seconds per call of attncc on growing lengths, of SDPA on the same, and of attncc at one repeated length."""
+    """Seconds per call of attncc on growing lengths, of SDPA on the same, and of attncc at one repeated length
+    (``kerns``: each layer's kernel, or one for all)."""
     spent = {"attncc": 0.0, "sdpa": 0.0, "same": 0.0}
     middle = start + steps // 2  # the growing calls' mean length
     B = q.shape[0]
@@ -108,9 +112,9 @@ def generate(
         return grown["k"], grown["v"]
 
     calls: dict[str, object] = {
-        "attncc": lambda n: kern(q, *kv(n), **given[n]),
-        "sdpa": lambda n: F.scaled_dot_product_attention(q, *kv(n), attn_mask=made.get(n), enable_gqa=True),
-        "same": lambda n: kern(q, k_cache[:, :, :middle], v_cache[:, :, :middle], **given[middle]),
+        "attncc": lambda n, i: kerns[i % len(kerns)](q, *kv(n), **given[n]),
+        "sdpa": lambda n, i: F.scaled_dot_product_attention(q, *kv(n), attn_mask=made.get(n), enable_gqa=True),
+        "same": lambda n, i: kerns[i % len(kerns)](q, k_cache[:, :, :middle], v_cache[:, :, :middle], **given[middle]),
     }
     with torch.no_grad():
         for n in range(start - 1, start + steps):
@@ -118,12 +122,13 @@ def generate(
                 grown = {x: torch.cat([grown[x], c[:, :, n - 1 : n]], 2) for x, c in (("k", k_cache), ("v", v_cache))}
             if n == start - 1:
                 for call in calls.values():  # warm: compiled, first maps built
-                    call(n)  # type: ignore[operator]
+                    for i in range(len(kerns)):
+                        call(n, i)  # type: ignore[operator]
                 continue
             for name, call in calls.items():
                 began = time.perf_counter()
-                for _ in range(layers):
-                    call(n)  # type: ignore[operator]
+                for i in range(layers):
+                    call(n, i)  # type: ignore[operator]
                 spent[name] += time.perf_counter() - began
     return spent["attncc"] / (steps * layers), spent["sdpa"] / (steps * layers), spent["same"] / (steps * layers)
 
@@ -140,6 +145,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--masks", nargs="+", choices=sorted(MASKS), default=["causal"])
     parser.add_argument("--cache", choices=["views", "cat"], default="views")
+    parser.add_argument("--sites", action="store_true", help="a kernel per layer, each under its own name")
     args = parser.parse_args()
     H, Hkv, D = args.heads, args.kv_heads, args.head_dim
     B = args.batch
@@ -152,18 +158,22 @@ def main() -> None:
     row = 0
     for mask in args.masks:
         make, sdpa_mask, tensors = MASKS[mask]
-        kern = ac.compile(ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=make()), target="cpu")
+        spec = ac.AttentionSpec(num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=make(), name=f"generate_{mask}")
+        kerns = [ac.compile(spec, target="cpu")]
         for name in args.dtypes:
             dtype = getattr(torch, name)
             for first in args.starts:
                 for layers in args.layers:
+                    if args.sites:
+                        kerns = [ac.compile(dataclasses.replace(spec, name=f"{spec.name}_{i}"), target="cpu")
+                                 for i in range(layers)]  # fmt: skip
                     start = first + row * (args.steps + 2)  # lengths no earlier row met (its maps would be cached)
                     row += 1
                     k_cache = torch.randn(B, Hkv, start + args.steps + 1, D, dtype=dtype)
                     v_cache, q = torch.randn_like(k_cache), torch.randn(B, H, 1, D, dtype=dtype)
                     cache = (k_cache, v_cache)
                     timed = (start, args.steps, layers, args.cache == "cat")
-                    ours, sdpa, same = generate(kern, sdpa_mask, tensors, q, *cache, *timed)
+                    ours, sdpa, same = generate(kerns, sdpa_mask, tensors, q, *cache, *timed)
                     print(f"| {mask} | {name} | {start}-{start + args.steps} | {layers} | {ours * 1e6:.1f} "
                           f"| {sdpa * 1e6:.1f} | {sdpa / ours:.2f}x | {same * 1e6:.1f} "
                           f"| {(ours - same) * layers * 1e6:.0f} |")  # fmt: skip

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import torch
 
 import attncc as ac
 from attncc import config
+from attncc.analysis import tiling
 from tests.codegen.test_cpu_target import _isas
 from tests.numerics import oracle
 
@@ -143,3 +145,37 @@ def test_a_call_at_a_new_key_length_is_still_checked() -> None:
         grid(x, cache[:, :, :16], cache[:, :, :16])
         with pytest.raises(ac.SpecError, match="grid's 16 tokens"):
             grid(x, cache[:, :, :17], cache[:, :, :17])
+
+
+def test_kernels_differing_only_in_name_share_what_they_keep() -> None:
+    """A model's layers: torch.compile names each attention site, so their specs differ in name only. They share one
+    kernel's memos: a decoding step's new key length builds one map for every layer (the later layers' calls are
+    prepared), and each call still gets its own answer. Specs that capture different tensors never share."""
+    mask = ac.sinks(SINKS) | ac.sliding_window(LEFT, align="bottom_right")
+    layers = [
+        ac.compile(ac.AttentionSpec(num_heads=H, head_dim=D, num_kv_heads=HKV, mask=mask, name=f"share_{i}"))
+        for i in range(3)
+    ]
+    assert layers[1].spec.name == "share_1" and layers[1]._prepared is layers[0]._prepared
+    q, caches = torch.randn(1, H, 1, D), torch.randn(3, 2, 1, HKV, 300, D)
+    with torch.no_grad(), mock.patch.object(tiling, "build_lengths", wraps=tiling.build_lengths) as built:
+        for n in (100, 101, 300):  # (101: a growing cache's step, whose maps are built ahead)
+            for kern, (k, v) in zip(layers, caches, strict=True):
+                i, j = torch.arange(1)[:, None], torch.arange(n)[None, :]
+                keep = MASKS["sinks_window_br"][1](i, j, 1, n, {}).expand(1, H, 1, n)
+                want, _ = oracle.attention(q, k[:, :, :n], v[:, :, :n], keep, D**-0.5)
+                torch.testing.assert_close(kern(q, k[:, :, :n], v[:, :, :n]).double(), want, atol=1e-5, rtol=1e-5)
+    assert built.call_count == 3  # one map (or run of maps) per length, not per layer
+    doc = [torch.tensor([0] * 5 + [1] * 7), torch.tensor([0] * 9 + [1] * 3)]  # captured: the spec's own tensors
+    specs = [ac.AttentionSpec(num_heads=H, head_dim=D, mask=_same_doc(d), name=f"docs_{i}") for i, d in enumerate(doc)]
+    kerns = [ac.compile(spec) for spec in specs]
+    assert kerns[0]._prepared is not kerns[1]._prepared
+    q, k = torch.randn(1, H, 12, D), torch.randn(1, H, 12, D)
+    for kern, d in zip(kerns, doc, strict=True):
+        want, _ = oracle.attention(q, k, k, (d[:, None] == d[None, :]).expand(1, H, 12, 12), D**-0.5)
+        torch.testing.assert_close(kern(q, k, k).double(), want, atol=1e-5, rtol=1e-5)
+
+
+def _same_doc(ids: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """A FlexAttention-style mask_mod capturing ``ids``."""
+    return lambda b, h, q, kv: ids[q] == ids[kv]
