@@ -180,6 +180,12 @@ def _normalize(
     elif callable(value):
         traced = tracer(value)
         expr, captured = traced.expr, traced.captured
+    elif isinstance(value, sympy.Basic):  # another spec's, after construction (dataclasses.replace copies it)
+        raise SpecError(
+            f"{label} `{X.expr_str(value)}` is another spec's {label} after construction, which has lost its "
+            f"tensors' declarations; build the spec from the original {label} (the attncc expression or callable), "
+            "e.g. AttentionSpec(..., name=...) again rather than dataclasses.replace(spec, ...)"
+        )
     else:
         raise SpecError(f"{label} must be an attncc expression, a callable or None, got {type(value).__name__}")
     if boolean and not expr.is_boolean:

@@ -36,7 +36,6 @@ times the layers: noisy).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import time
 from collections.abc import Callable
@@ -165,8 +164,9 @@ def main() -> None:
             for first in args.starts:
                 for layers in args.layers:
                     if args.sites:
-                        kerns = [ac.compile(dataclasses.replace(spec, name=f"{spec.name}_{i}"), target="cpu")
+                        named = [dict(num_heads=H, num_kv_heads=Hkv, head_dim=D, name=f"{spec.name}_{i}")
                                  for i in range(layers)]  # fmt: skip
+                        kerns = [ac.compile(ac.AttentionSpec(mask=make(), **kw), target="cpu") for kw in named]
                     start = first + row * (args.steps + 2)  # lengths no earlier row met (its maps would be cached)
                     row += 1
                     k_cache = torch.randn(B, Hkv, start + args.steps + 1, D, dtype=dtype)

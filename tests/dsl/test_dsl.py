@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import sympy
 import torch
@@ -108,6 +110,16 @@ def test_alibi_with_a_head_count_says_what_it_takes() -> None:
     with pytest.raises(ac.SpecError, match=r"alibi\(slopes\) takes one slope per query head.*got int 4"):
         ac.alibi(4)
     assert ac.AttentionSpec(num_heads=2, head_dim=8, score_mod=ac.alibi([0.5, 0.25])).tensors[0].values == (0.5, 0.25)
+
+
+def test_a_spec_copied_by_dataclasses_replace_says_how_to_make_one() -> None:
+    """After construction a spec holds its mask as sympy, without the tensors' declarations: a copy made from it
+    (``dataclasses.replace``) is refused, naming the mask and what to do, instead of a bare type error."""
+    spec = ac.AttentionSpec(num_heads=2, head_dim=8, mask=ac.tensor("x", dtype="float")[ac.h] > ac.kv)
+    with pytest.raises(
+        ac.SpecError, match=r"mask `x\[h\] > kv` is another spec's mask after construction.*name=\.\.\."
+    ):
+        dataclasses.replace(spec, name="other")
 
 
 def test_tensor_names_of_the_wrong_type_are_refused() -> None:
