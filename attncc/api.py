@@ -455,16 +455,19 @@ def _cache_key(
 def is_cached(
     spec: AttentionSpec, target: str = "auto", pipeline: str | None = None, tiles: tuple[int, int] | None = None
 ) -> bool:
-    """True when ``compile`` with these arguments returns an already compiled kernel.
+    """True when ``compile`` with these arguments returns an already compiled kernel (or that kernel under this
+    spec's name: ``Kernel.renamed``, which compiles nothing).
 
     >>> import attncc as ac
     >>> spec = ac.AttentionSpec(num_heads=1, head_dim=8, mask=ac.sliding_window(3), name="is_cached_doc")
     >>> before = ac.api.is_cached(spec, "reference")
     >>> kern = ac.compile(spec, "reference")
-    >>> before, ac.api.is_cached(spec, "reference")
-    (False, True)
+    >>> other = ac.AttentionSpec(num_heads=1, head_dim=8, mask=ac.sliding_window(3), name="is_cached_doc_2")
+    >>> before, ac.api.is_cached(spec, "reference"), ac.api.is_cached(other, "reference")
+    (False, True, True)
     """
-    return _cache_key(spec, _resolve_target(target), pipeline, tiles) in _CACHE
+    key = _cache_key(spec, _resolve_target(target), pipeline, tiles)
+    return key in _CACHE or (_body(spec), *key[1:]) in _BY_BODY
 
 
 def triton_tiles_problem(bq: int, bkv: int) -> str | None:

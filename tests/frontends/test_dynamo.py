@@ -53,6 +53,7 @@ def test_llama_causal_gqa() -> None:
     assert all(s["mask"] == "kv <= q" for s in sites)
     assert all(s["num_heads"] == 4 and s["num_kv_heads"] == 2 for s in sites), "GQA recovered, k/v not repeated"
     assert all(s["rope"] for s in sites), "q/k rotation moved into the kernel prologue"
+    assert not sites[1]["new_kernel"], "the second layer's site shares the first's kernel (Kernel.renamed)"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
