@@ -1,4 +1,4 @@
-"""Bound expressions evaluated at points, compiled once per expression into one numpy function.
+"""Bound expressions (and whole masks) evaluated at points, compiled once per expression into one numpy function.
 
 A banded block map evaluates each band's bounds at query rows: points, not boxes. Interval arithmetic
 (:func:`attncc.ir.boxeval.interval`) gives the right answer there too, but walks the sympy tree and
@@ -12,6 +12,10 @@ wherever its result is finite it is those floats. It answers None, and the calle
 ``interval``, where the expression has a node it does not compile (tensor reads, Piecewise, powers,
 transcendental functions, symbols other than the size and index symbols) or the result is not finite
 (an infinite bound, or inf - inf where interval arithmetic widens instead).
+
+:func:`mask_at` does the same for a whole boolean mask at (b, h, q, kv) points, tensor reads included (each read
+must be an element of its tensor, else None): a decoding step's map read at every point
+(:func:`attncc.analysis.tiling._from_points`).
 
 >>> import numpy as np
 >>> from attncc.ir import exprs as X
