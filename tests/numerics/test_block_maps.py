@@ -113,11 +113,24 @@ def masks(draw: st.DrawFn, depth: int = 2) -> tuple[ac.Expr, dict[str, torch.Ten
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(masks(), st.integers(1, 120), st.integers(1, 120), st.integers(1, 24), st.integers(1, 24), st.booleans())
-def test_classification_is_sound_and_exact_where_decided(mask_and_tensors, sq, skv, bq, bkv, points) -> None:  # type: ignore[no-untyped-def]
-    """Tile states against the dense mask; undecided tiles settled at their points (few of them, as decoding's
-    maps have: ``tiling._at_points``) or by splitting boxes (``tiling._refine``)."""
-    with mock.patch.object(tiling, "POINTS", tiling.POINTS if points else 0):
+@given(
+    masks(),
+    st.one_of(st.integers(1, 4), st.integers(1, 120)),  # (often one q-block: a decoding step's map)
+    st.integers(1, 120),
+    st.integers(1, 24),
+    st.integers(1, 24),
+    st.sampled_from(["every_point", "at_points", "split"]),
+)
+def test_classification_is_sound_and_exact_where_decided(mask_and_tensors, sq, skv, bq, bkv, way) -> None:  # type: ignore[no-untyped-def]
+    """Tile states against the dense mask: a one-q-block map read at every point (``tiling._from_points``), or
+    classified, its undecided tiles settled at their points (few of them, as decoding's maps have:
+    ``tiling._at_points``) or by splitting boxes (``tiling._refine``)."""
+    read = 0 if way != "every_point" else tiling.POINT_MAP
+    with (
+        mock.patch.object(tiling, "POINTS", 0 if way == "split" else tiling.POINTS),
+        mock.patch.object(tiling, "POINT_MAP", read),
+        mock.patch.object(tiling, "POINT_MAP_READING", read and tiling.POINT_MAP_READING),
+    ):
         _classification_is_sound_and_exact_where_decided(mask_and_tensors, sq, skv, bq, bkv)
 
 
