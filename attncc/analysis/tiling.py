@@ -5,8 +5,8 @@
   evaluated, so a 1M-token causal map takes milliseconds.
 * Block-index lists (``InBlocks(...) & rest``, :func:`attncc.block_indices`): the listed tiles are the
   only candidates; ``rest`` is classified on them alone, O(list size), and the map is kept sparse.
-* A map of one q-block (a decoding step) of a mask that is not banded: the mask is read at every (batch, head,
-  row, key) point when they are few (:func:`_from_points`); exact, and no range tables of runtime tensors built.
+* A mask that is not banded, at lengths with few (batch, head, row, key) points (a decoding step, a batch of short
+  prompts): the mask is read at every point (:func:`_from_points`); exact, and no range tables of runtime tensors.
 * Other masks: every tile is classified at once by three-valued interval analysis
   (:mod:`attncc.ir.boxeval`), O(number of tiles). Tiles the analysis cannot decide are split in
   halves and re-analysed, a bounded number of times; what is still undecided is marked partial
@@ -100,7 +100,7 @@ def build(
     hm = num_heads if rec.per_head else 1
     bm = batch if rec.per_batch else 1
     given = tensors or {}
-    if rec.bands is None and rec.listed is None and q_len <= block[0]:
+    if rec.bands is None and rec.listed is None:
         found = _from_points(rec, q_len, kv_len, block, num_heads, batch, given)  # (no range tables built)
         if found is not None:
             return found
@@ -126,9 +126,10 @@ def build(
     return BlockMap.listed(block, q_len, kv_len, state, map_of)
 
 
-# one-q-block maps of at most this many (batch, head, row, key) points are read at each point; more where the mask
-# reads runtime tensors (classifying tiles would build their range tables first)
-POINT_MAP, POINT_MAP_READING = 1 << 16, 1 << 18
+# maps of at most this many (batch, head, row, key) points are read at each point; more where the mask reads runtime
+# tensors (classifying tiles builds their range tables first): ~1-1.5 ms per million points against 3-9 ms of
+# classification for a padded or per-batch document mask of 0.5-8M points (B x n x n)
+POINT_MAP, POINT_MAP_READING = 1 << 16, 1 << 21
 
 
 def _from_points(
@@ -140,10 +141,11 @@ def _from_points(
     batch: int,
     tensors: Mapping[str, np.ndarray],
 ) -> BlockMap | None:
-    """The one-q-block map of a mask that is not banded, read at every (batch, head, row, key) point
-    (:func:`attncc.ir.pointeval.mask_at`): exact, and for a decoding step's few points cheaper than classifying its
-    tiles, which builds range tables of each runtime tensor first (a padded batch's ``attention_mask[b, kv]``, new
-    each step), and than the bands that read tensors (``kv < lens[b]``: 65 against 330 us at B=8, 1.1K keys). None
+    """The map of a mask that is not banded, read at every (batch, head, row, key) point
+    (:func:`attncc.ir.pointeval.mask_at`): exact, and for few points (a decoding step's, a batch of short prompts')
+    cheaper than classifying the tiles, which builds range tables of each runtime tensor first (a padded batch's
+    ``attention_mask[b, kv]``, new each step), and than the bands that read tensors (``kv < lens[b]``: 65 against
+    330 us at B=8, 1.1K keys, one query). None
     where the points are more than ``POINT_MAP`` (``POINT_MAP_READING`` with runtime tensors), a tensor holds a value
     that is not finite, or the mask has a node without a point rule: the caller bands or classifies.
 
@@ -163,18 +165,20 @@ def _from_points(
     }
     if not all(np.isfinite(v).all() for v in values.values()):
         return None
-    f64, nkv = np.float64, -(-kv_len // block[1])
-    keys = np.minimum(np.arange(nkv * block[1], dtype=f64), kv_len - 1)  # (past the end: the last key again)
+    f64, (bq, bkv) = np.float64, block
+    nq, nkv = -(-q_len // bq), -(-kv_len // bkv)
+    rows = np.minimum(np.arange(nq * bq if nq > 1 else q_len, dtype=f64), q_len - 1)  # (past the end: the last row
+    keys = np.minimum(np.arange(nkv * bkv, dtype=f64), kv_len - 1)  # or key again: a tile's states do not change)
     dense = pointeval.mask_at(rec.mask, {
         X.b: np.arange(bm, dtype=f64)[:, None, None, None], X.h: np.arange(hm, dtype=f64)[None, :, None, None],
-        X.q: np.arange(q_len, dtype=f64)[None, None, :, None], X.kv: keys[None, None, None, :],
+        X.q: rows[None, None, :, None], X.kv: keys[None, None, None, :],
         X.Sq: float(q_len), X.Skv: float(kv_len), X.H: float(num_heads), X.B: float(batch),
     }, values)  # fmt: skip
     if dense is None:
         return None
-    tiles = np.broadcast_to(dense, (bm, hm, q_len, nkv * block[1])).reshape(bm, hm, q_len, nkv, block[1])
-    some, every = tiles.any((2, 4)), tiles.all((2, 4))
-    state, map_of = _dedupe(np.where(every, FULL, np.where(some, PARTIAL, EMPTY)).astype(np.int8)[:, :, None])
+    tiles = np.broadcast_to(dense, (bm, hm, rows.size, keys.size)).reshape(bm, hm, nq, -1, nkv, bkv)
+    some, every = tiles.any((3, 5)), tiles.all((3, 5))
+    state, map_of = _dedupe(np.where(every, FULL, np.where(some, PARTIAL, EMPTY)).astype(np.int8))
     return BlockMap.listed(block, q_len, kv_len, state, map_of)
 
 

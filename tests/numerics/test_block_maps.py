@@ -473,17 +473,18 @@ AT_POINTS = {  # name: (mask, definition at (b, h, i, j), tensors at batch 3 and
 
 
 @pytest.mark.parametrize("name", sorted(AT_POINTS))
-def test_maps_of_one_q_block_read_at_every_point_are_exact(name: str) -> None:
-    """A decoding step's map of a mask that is not banded is read at every (batch, head, row, key) point
-    (``tiling._from_points``), not classified: each (batch, head)'s map against the mask's definition, tile by tile,
-    at decoding's shapes and around tile edges; the classification is never called."""
+def test_maps_read_at_every_point_are_exact(name: str) -> None:
+    """A map of few points (a decoding step's, a batch of short prompts') of a mask that is not banded is read at
+    every (batch, head, row, key) point (``tiling._from_points``), not classified: each (batch, head)'s map against
+    the mask's definition, tile by tile, at decoding's and prefill's shapes and around tile edges; the classification
+    is never called."""
     make, keep, tensors_at = AT_POINTS[name]
     torch.manual_seed(0)
     spec = ac.AttentionSpec(num_heads=2, head_dim=16, mask=make())
     for block in ((128, 64), (16, 16)):
         kern = ac.compile(spec, target="reference", tiles=block)
         assert kern.recipe.bands is None and kern.recipe.read_bands is None
-        for sq, skv in ((1, 1), (1, 70), (3, 200), (16, 1000), (block[0], 129)):
+        for sq, skv in ((1, 1), (1, 70), (3, 200), (16, 1000), (block[0], 129), (40, 40), (33, 100), (150, 150)):
             tensors = tensors_at(skv)
             with mock.patch.object(tiling, "classify", side_effect=AssertionError("classified")):
                 bm = kern.block_map(sq, skv, batch=3, **tensors)
