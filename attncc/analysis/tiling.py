@@ -145,9 +145,9 @@ def _from_points(
     (:func:`attncc.ir.pointeval.mask_at`): exact, and for few points (a decoding step's, a batch of short prompts')
     cheaper than classifying the tiles, which builds range tables of each runtime tensor first (a padded batch's
     ``attention_mask[b, kv]``, new each step), and than the bands that read tensors (``kv < lens[b]``: 65 against
-    330 us at B=8, 1.1K keys, one query). None
-    where the points are more than ``POINT_MAP`` (``POINT_MAP_READING`` with runtime tensors), a tensor holds a value
-    that is not finite, or the mask has a node without a point rule: the caller bands or classifies.
+    330 us at B=8, 1.1K keys, one query). None where there are no points or more than ``POINT_MAP``
+    (``POINT_MAP_READING`` with runtime tensors), a tensor holds a value that is not finite, or the mask has a node
+    without a point rule: the caller bands or classifies.
 
     >>> import attncc as ac
     >>> rec = recipe(((ac.kv <= ac.tensor("pos")[0]) & (ac.tensor("am")[ac.b, ac.kv] != 0)).sym)
@@ -157,7 +157,7 @@ def _from_points(
     ('listed', [[2, 2, 2, 2, 2], [0, 1, 2, 2, 2]])
     """
     hm, bm = (num_heads if rec.per_head else 1), (batch if rec.per_batch else 1)
-    if bm * hm * q_len * kv_len > (POINT_MAP_READING if tensors else POINT_MAP):
+    if not 0 < bm * hm * q_len * kv_len <= (POINT_MAP_READING if tensors else POINT_MAP):
         return None
     values = {
         **{n: r.values for n, r in rec.constants.items()},
