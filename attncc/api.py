@@ -339,9 +339,24 @@ def _contents(bound: dict[str, torch.Tensor], names: frozenset[str]) -> tuple[An
     out = []
     for name in sorted(names & bound.keys()):
         t = bound[name].detach()
-        data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        out.append((name, t.dtype, tuple(t.shape), hashlib.blake2b(data.tobytes(), digest_size=16).digest()))
+        data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        out.append((name, t.dtype, tuple(t.shape), _digest(name, data)))
     return tuple(out)
+
+
+# tensor name -> the last bytes digested under it (one copy per name) and their digest
+_LAST_BYTES: dict[str, tuple[bytes, bytes]] = {}
+
+
+def _digest(name: str, data: bytes) -> bytes:
+    """blake2b of ``data``; a model's layers pass one tensor per step, so bytes equal to the last ones digested under
+    this name (compared in full: a few microseconds against the hash's ~75 us for 64 KB) give their digest again."""
+    last = _LAST_BYTES.get(name)
+    if last is not None and last[0] == data:
+        return last[1]
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    _LAST_BYTES[name] = (data, digest)
+    return digest
 
 
 def _signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, ...] | None:
