@@ -294,6 +294,9 @@ class Kernel:
                 q, k = q.index_select(2, order[0]), k.index_select(2, order[0])
             heads = tensors.get(self.spec.head_table) if self.spec.head_table else None
             tensors.update({n: t for n, t in self._select(q, k, heads).items() if n in missing})
+        if min(q_len, kv_len, batch) < 1:  # (a call refuses them too)
+            raise SpecError(f"empty sequence: block_map(q_len={q_len}, kv_len={kv_len}, batch={batch}) needs at least "
+                            "one query, one key and one batch entry")  # fmt: skip
         selected = {t.tensor: tensors.pop(t.tensor) for t in self.plan.selects}
         shape = CallShape(batch, q_len, kv_len)
         check_requires(self.spec, shape)

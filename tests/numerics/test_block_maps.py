@@ -514,3 +514,12 @@ def test_maps_read_at_points_fall_back_to_classifying_tiles() -> None:
         assert classify.call_count == 1, mask
         if batch == 1:  # kv < 600: nine full tiles of 64 keys, one partial
             assert bm.states().reshape(-1).tolist() == [2] * 9 + [1] + [0] * 6
+
+
+@pytest.mark.parametrize("lengths", [(1, 0), (0, 4), (0, 0)])
+def test_a_map_of_an_empty_sequence_is_refused_as_a_call_is(lengths: tuple[int, int]) -> None:
+    for mask in (ac.causal(), (ac.kv <= ac.q) & (ac.tensor("am")[ac.b, ac.kv] != 0)):
+        kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=8, mask=mask), target="reference")
+        tensors = {"am": torch.ones(1, 4, dtype=torch.long)} if kern.spec.runtime_tensors() else {}
+        with pytest.raises(ac.SpecError, match=r"empty sequence: block_map\(q_len=\d, kv_len=\d, batch=1\)"):
+            kern.block_map(*lengths, **tensors)
