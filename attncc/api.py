@@ -92,18 +92,20 @@ class Kernel:
         and the same per-call memos (maps, tile lists, prepared calls), shared from now on."""
         if _body(spec) != _body(self.spec):
             raise SpecError(f"renamed(): {spec!r} is not {self.spec!r} under another name")
-        twin = copy.copy(self)
-        twin.spec = spec
-        twin._last_call = twin._dumped_to = None
-        return twin
+        return self._twin(spec)
 
     def rebound(self, spec: AttentionSpec) -> Kernel:
         """This kernel (IR, generated code) for ``spec``, which differs only in its captured tensors."""
         if _structure(spec) != _structure(self.spec):
             raise SpecError(f"rebound(): {spec!r} is not {self.spec!r} with other captured tensors")
+        twin = self._twin(spec)
+        twin._start_memos()
+        return twin
+
+    def _twin(self, spec: AttentionSpec) -> Kernel:
+        """A shallow copy for ``spec``: the same plan, executables and memos, no last call or pending dump."""
         twin = copy.copy(self)
         twin.spec = spec
-        twin._start_memos()
         twin._last_call = twin._dumped_to = None
         return twin
 
@@ -427,15 +429,11 @@ def compile(
     if not cfg.always_compile and key in _CACHE:
         return _CACHE[key]
     shared, body = (_structure(spec), *key[1:]), (_body(spec), *key[1:])
-    if not cfg.always_compile and body in _BY_BODY:
-        kern = _BY_BODY[body].renamed(spec)
+    if not cfg.always_compile and (body in _BY_BODY or shared in _BY_STRUCTURE):
+        # the kernel under another name (its memos shared), else with other captured tensors (memos of its own)
+        kern = _BY_BODY[body].renamed(spec) if body in _BY_BODY else _BY_STRUCTURE[shared].rebound(spec)
         kern.auto = target == "auto"
-        _CACHE[key] = kern
-        return kern
-    if not cfg.always_compile and shared in _BY_STRUCTURE:
-        kern = _BY_STRUCTURE[shared].rebound(spec)
-        kern.auto = target == "auto"
-        _CACHE[key] = _BY_BODY[body] = kern
+        _CACHE[key] = _BY_BODY.setdefault(body, kern)
         return kern
     if pipeline is None:
         chosen = f"bq={tiles[0]},bkv={tiles[1]}" if tiles else f"target={resolved},n={representative_length(spec)}"

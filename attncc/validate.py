@@ -225,10 +225,6 @@ def _bounds_hold(spec: AttentionSpec, shape: CallShape, shapes: tuple[tuple[str,
     return True
 
 
-def _number(i: sympy.Integer) -> Interval:
-    return Interval(int(i), int(i))
-
-
 @functools.lru_cache(maxsize=64)
 def _index_symbols(spec: AttentionSpec) -> frozenset[sympy.Basic]:
     """The symbols in the index expressions of the spec's tensor reads."""
@@ -254,7 +250,7 @@ def _bounds_checked(spec: AttentionSpec, shape: CallShape, shapes: tuple[tuple[s
                 continue
             for idx in uses:
                 for dim, i in enumerate(idx):
-                    r = env[i] if i in env else _number(i) if i.is_Integer else bounds(i.subs(sizes), env)
+                    r = env[i] if i in env else Interval(int(i), int(i)) if i.is_Integer else bounds(i.subs(sizes), env)
                     size = sizes_of[name][dim]
                     if r.exact and (r.lo < 0 or r.hi >= size):
                         bad = int(r.lo if r.lo < 0 else r.hi)

@@ -61,12 +61,20 @@ def compiled(exprs: tuple[sympy.Basic, ...], pick: str = "max") -> PointFn | Non
     parts = [_emit(e) for e in exprs]
     if not parts or any(p is None for p in parts):
         return None
-    fn = "np.maximum" if pick == "max" else "np.minimum"
-    body = functools.reduce(lambda acc, p: f"{fn}({acc}, {p})", parts[1:], parts[0])
-    params = ", ".join(str(s) for s in ARGS)
-    space: dict[str, object] = {"np": np, "_floor": _floor, "_ceil": _ceil, "_mod": _mod}
-    exec(f"def point({params}):\n    return {body}\n", space)  # the source: sympy nodes emitted below
-    return space["point"]  # type: ignore[return-value]
+    body = _nested("np.maximum" if pick == "max" else "np.minimum", parts)  # type: ignore[arg-type]
+    return _defined("point", ", ".join(str(s) for s in ARGS), body)
+
+
+def _defined(name: str, params: str, body: str) -> PointFn:
+    """The function ``name(params)`` returning ``body`` (source emitted from sympy nodes here), with its helpers."""
+    space: dict[str, object] = {"np": np, "_floor": _floor, "_ceil": _ceil, "_mod": _mod, "_read": _read}
+    exec(f"def {name}({params}):\n    return {body}\n", space)
+    return space[name]  # type: ignore[return-value]
+
+
+def _nested(fn: str, parts: list[str]) -> str:
+    """``fn`` applied pairwise, left to right: ``fn(fn(a, b), c)``."""
+    return functools.reduce(lambda acc, p: f"{fn}({acc}, {p})", parts[1:], parts[0])
 
 
 def _floor(x: np.ndarray) -> np.ndarray:
@@ -103,8 +111,7 @@ def _emit(e: sympy.Basic, names: tuple[sympy.Symbol, ...] = ARGS) -> str | None:
         fn = {sympy.floor: "_floor", sympy.ceiling: "_ceil", sympy.Abs: "np.abs"}[type(e)]
         return f"{fn}({parts[0]})"
     if isinstance(e, sympy.Min | sympy.Max):
-        fn = "np.minimum" if isinstance(e, sympy.Min) else "np.maximum"
-        return functools.reduce(lambda acc, p: f"{fn}({acc}, {p})", parts[1:], parts[0])  # type: ignore[arg-type]
+        return _nested("np.minimum" if isinstance(e, sympy.Min) else "np.maximum", parts)  # type: ignore[arg-type]
     if isinstance(e, sympy.Mod) and e.args[1].is_number and e.args[1] > 0:
         return f"_mod({parts[0]}, {parts[1]})"
     return None
@@ -149,10 +156,7 @@ def compiled_mask(mask: sympy.Basic) -> PointFn | None:
     body = _emit_bool(mask)
     if body is None:
         return None
-    params = ", ".join(str(s) for s in MASK_ARGS)
-    space: dict[str, object] = {"np": np, "_floor": _floor, "_ceil": _ceil, "_mod": _mod, "_read": _read}
-    exec(f"def mask({params}, T_):\n    return {body}\n", space)  # the source: sympy nodes emitted here
-    return space["mask"]  # type: ignore[return-value]
+    return _defined("mask", ", ".join(str(s) for s in (*MASK_ARGS, "T_")), body)
 
 
 def _emit_bool(e: sympy.Basic) -> str | None:
@@ -164,8 +168,7 @@ def _emit_bool(e: sympy.Basic) -> str | None:
             return None
         if isinstance(e, sympy.Not):
             return f"np.logical_not({parts[0]})"
-        fn = "np.logical_and" if isinstance(e, sympy.And) else "np.logical_or"
-        return functools.reduce(lambda acc, p: f"{fn}({acc}, {p})", parts[1:], parts[0])  # type: ignore[arg-type]
+        return _nested("np.logical_and" if isinstance(e, sympy.And) else "np.logical_or", parts)  # type: ignore[arg-type]
     if isinstance(e, sympy.core.relational.Relational) and e.rel_op in ("<", "<=", ">", ">=", "==", "!="):
         a, b = (_emit(x, MASK_ARGS) for x in e.args)
         return None if a is None or b is None else f"({a} {e.rel_op} {b})"
