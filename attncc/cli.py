@@ -55,9 +55,10 @@ def show(args: argparse.Namespace) -> int:
     print(kern.ir)
     print(kern.plan)
     print(bm.summary())
-    print(f"predicted: {bm.predicted_flops(spec.head_dim, spec.num_heads) / 1e9:.3f} GFLOP per batch element")
+    flops = bm.predicted_flops(spec.head_dim, spec.num_heads, value_dim=spec.value_dim)
+    print(f"predicted: {flops / 1e9:.3f} GFLOP per batch element")
     out = Path(args.out or f"{spec.name}-blockmap.png")
-    picture.save(bm, out, spec.name, spec.head_dim, spec.num_heads)
+    picture.save(bm, out, spec.name, spec.head_dim, spec.num_heads, spec.value_dim)
     print(f"block-map picture: {out}")
     return 0
 
@@ -109,7 +110,8 @@ def onnx_sites(args: argparse.Namespace) -> int:
             print(f"  left to the reference evaluator: {lifted}")
             continue
         spec = lifted.spec
-        print(f"  spec: {spec.num_heads} heads over {spec.num_kv_heads} kv heads, head_dim {spec.head_dim}")
+        values = f", value_dim {spec.value_dim}" if spec.value_dim != spec.head_dim else ""
+        print(f"  spec: {spec.num_heads} heads over {spec.num_kv_heads} kv heads, head_dim {spec.head_dim}{values}")
         print(f"  mask: {spec.mask}" if spec.mask is not None else "  mask: none (dense)")
         if spec.score_mod is not None:
             print(f"  score_mod: {spec.score_mod}")

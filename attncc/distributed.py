@@ -375,29 +375,31 @@ class _FetchKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, k: torch.Tensor, v: torch.Tensor, lay: SequenceLayout, rank: int,
                 group: ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        own = dict(zip(lay.chunks_of(rank), _split(torch.stack([k, v]), lay, lay.chunks_of(rank)), strict=True))
-        got = _exchange(own, [(c, s, d) for c, s, d in lay.transfers()], rank, group, lay, like=k)
+        kv = torch.cat([k, v], dim=3)  # one message per chunk: its key and value rows side by side
+        own = dict(zip(lay.chunks_of(rank), _split(kv, lay, lay.chunks_of(rank)), strict=True))
+        got = _exchange(own, [(c, s, d) for c, s, d in lay.transfers()], rank, group, lay, like=kv)
         need = lay.kv_chunks_needed(rank)
-        both = torch.cat([own[c] if c in own else got[c] for c in need], dim=3)
-        ctx.lay, ctx.rank, ctx.group = lay, rank, group
-        return both[0], both[1]
+        both = torch.cat([own[c] if c in own else got[c] for c in need], dim=2)
+        ctx.lay, ctx.rank, ctx.group, ctx.width = lay, rank, group, k.shape[3]
+        return both[..., : k.shape[3]], both[..., k.shape[3] :]
 
     @staticmethod
     def backward(ctx: Any, gk: torch.Tensor, gv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         lay, rank = ctx.lay, ctx.rank
         need = lay.kv_chunks_needed(rank)
-        grads = dict(zip(need, _split(torch.stack([gk, gv]), lay, need), strict=True))
+        gkv = torch.cat([gk, gv], dim=3)
+        grads = dict(zip(need, _split(gkv, lay, need), strict=True))
         back = [(c, d, s) for c, s, d in lay.transfers()]  # gradients travel the other way
         sent = {c: g for c, g in grads.items() if lay.owner[c] != rank}
-        got = _exchange(sent, back, rank, group=ctx.group, lay=lay, like=gk, accumulate=True)
+        got = _exchange(sent, back, rank, group=ctx.group, lay=lay, like=gkv, accumulate=True)
         mine = lay.chunks_of(rank)
         parts = []
         for c in mine:
             terms = [g for g in (grads.get(c), got.get(c)) if g is not None]
-            zero = gk.new_zeros(2, *gk.shape[:2], _rows(lay, c), gk.shape[3])  # a chunk no query sees
+            zero = gkv.new_zeros(*gkv.shape[:2], _rows(lay, c), gkv.shape[3])  # a chunk no query sees
             parts.append(sum(terms[1:], terms[0]) if terms else zero)
-        total = torch.cat(parts, dim=3)
-        return total[0], total[1], None, None, None
+        total = torch.cat(parts, dim=2)
+        return total[..., : ctx.width], total[..., ctx.width :], None, None, None
 
 
 def _rows(lay: SequenceLayout, c: int) -> int:
@@ -405,7 +407,7 @@ def _rows(lay: SequenceLayout, c: int) -> int:
 
 
 def _split(both: torch.Tensor, lay: SequenceLayout, chunks: Sequence[int]) -> list[torch.Tensor]:
-    return list(torch.split(both, [_rows(lay, c) for c in chunks], dim=3))
+    return list(torch.split(both, [_rows(lay, c) for c in chunks], dim=2))
 
 
 def _exchange(
@@ -424,7 +426,7 @@ def _exchange(
         if src == rank:
             ops.append(dist.P2POp(dist.isend, have[c].contiguous(), _global(dst, group), group=group, tag=c))
         elif dst == rank:
-            buf = like.new_empty(2, *like.shape[:2], _rows(lay, c), like.shape[3])
+            buf = like.new_empty(*like.shape[:2], _rows(lay, c), like.shape[3])
             ops.append(dist.P2POp(dist.irecv, buf, _global(src, group), group=group, tag=c))
             recvs.append((c, buf))
     if ops:

@@ -42,7 +42,8 @@ def picture_of(kern: Kernel, path: Path, call: Call | None) -> str:
         batch, q_len, kv_len, tensors = 1, min([n, *lengths]), min([n, *lengths]), {}
     try:
         bm = kern.block_map(q_len, kv_len, batch=batch, **tensors)
-        picture.save(bm, path / "blockmap.png", kern.spec.name, kern.spec.head_dim, kern.spec.num_heads)
+        spec = kern.spec
+        picture.save(bm, path / "blockmap.png", spec.name, spec.head_dim, spec.num_heads, spec.value_dim)
     except (AttnccError, ValueError) as exc:
         log.info("dump of %r: block map not drawn: %s", kern, exc)
         return f"not drawn: {exc}"

@@ -236,6 +236,7 @@ def _info(kern: Any, mask: str, q_len: int, kv_len: int) -> dict[str, Any]:
         "num_heads": kern.spec.num_heads,
         "num_kv_heads": kern.spec.num_kv_heads,
         "head_dim": kern.spec.head_dim,
+        "value_dim": kern.spec.value_dim,
         "score_mod": X.expr_str(kern.spec.score_mod),
         "scale": kern.spec.scale,
         "lengths": (q_len, kv_len),
@@ -266,7 +267,8 @@ class Explanation:
             if r["status"] != "lifted":
                 rows.append((r["site"].split(":")[-1], "fallback", "-", "-", "-", "-", "-", "-"))
                 continue
-            heads = f"{r['num_heads']}/{r['num_kv_heads']} x {r['head_dim']}" + (" +rope" if r["rope"] else "")
+            dims = f"{r['head_dim']}" + (f"/{r['value_dim']}" if r["value_dim"] != r["head_dim"] else "")
+            heads = f"{r['num_heads']}/{r['num_kv_heads']} x {dims}" + (" +rope" if r["rope"] else "")
             lengths = " x ".join("dyn" if n < 0 else str(n) for n in r["lengths"])
             tiles = "per call" if r["computed_tiles"] is None else f"{100 * r['computed_tiles']:.1f}%"
             rows.append(

@@ -65,9 +65,10 @@ def linear_to_ir(spec: LinearAttentionSpec) -> Graph:
 def spec_to_ir(spec: AttentionSpec) -> Graph:
     """The decomposed graph (rope ->) qk -> scale -> score_mod -> mask -> softmax -> pv of ``spec``."""
     hq, hkv, d = sympy.Integer(spec.num_heads), sympy.Integer(int(spec.num_kv_heads or 0)), sympy.Integer(spec.head_dim)
+    dv = sympy.Integer(int(spec.value_dim or spec.head_dim))
     q = Value("q", (X.B, hq, X.Sq, d))
     k = Value("k", (X.B, hkv, X.Skv, d))
-    v = Value("v", (X.B, hkv, X.Skv, d))
+    v = Value("v", (X.B, hkv, X.Skv, dv))
     ops: list[Op] = [InputOp(q, "q"), InputOp(k, "k"), InputOp(v, "v")]
     routes = dict(spec.selectors)
     for t in spec.tensors:
@@ -100,7 +101,7 @@ def spec_to_ir(spec: AttentionSpec) -> Graph:
         prev, cur = cur, next_scores()
         ops.append(MaskOp(cur, prev, spec.mask))
     probs = Value("p", scores.shape)
-    out = Value("o", (X.B, hq, X.Sq, d))
+    out = Value("o", (X.B, hq, X.Sq, dv))
     ops += [SoftmaxOp(probs, cur), PVOp(out, probs, v, spec.groups, spec.head_table), ReturnOp(None, out)]
     return Graph(spec.name, tuple(ops))
 
@@ -124,12 +125,13 @@ def spec_of(graph: Graph, name: str) -> AttentionSpec:
     dtypes = tuple((t.tensor, t.dtype) for t in graph.ops if isinstance(t, TensorOp))
     tables = tuple((t.tensor, t.values) for t in graph.ops if isinstance(t, TensorOp) and t.values)
     meta = Meta(tables=tables, dtypes=tuple(d for d in dtypes if d[0] not in dict(tables)))
-    hq, hkv, d = (int(n) for n in (op.q.shape[1], op.k.shape[1], op.q.shape[3]))
+    hq, hkv, d, dv = (int(n) for n in (op.q.shape[1], op.k.shape[1], op.q.shape[3], op.v.shape[3]))
     return AttentionSpec(
         name=name,
         num_heads=hq,
         num_kv_heads=hkv,
         head_dim=d,
+        value_dim=dv,
         mask=None if op.mask == sympy.true else Expr(op.mask, meta),
         score_mod=None if op.score_mod == X.score else Expr(op.score_mod, meta),
         scale=op.scale,

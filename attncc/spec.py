@@ -42,7 +42,10 @@ class AttentionSpec:
     """What one attention computes; see DESIGN.md for the shared semantics.
 
     num_heads / num_kv_heads: query and key/value heads (num_kv_heads < num_heads is GQA/MQA).
-    head_dim: size of each head. mask: boolean expression, FlexAttention mask_mod or None.
+    head_dim: size of each query and key head. value_dim: size of each value head (and of the output's), default
+    ``head_dim``; another size where values are narrower or wider than queries and keys (DeepSeek's multi-head latent
+    attention: 192 and 128), as SDPA and FlexAttention take it.
+    mask: boolean expression, FlexAttention mask_mod or None.
     score_mod: numeric expression over ``score``, FlexAttention score_mod or None.
     scale: score scale, default ``1/sqrt(head_dim)``.
     rope: rotate q and k by RoPE tables passed at call time (``rope_cos``, ``rope_sin``; see
@@ -69,6 +72,7 @@ class AttentionSpec:
     num_heads: int
     head_dim: int
     num_kv_heads: int | None = None
+    value_dim: int | None = None
     mask: Any = None
     score_mod: Any = None
     scale: float | None = None
@@ -84,6 +88,8 @@ class AttentionSpec:
     def __post_init__(self) -> None:
         _check_int(self.num_heads, "num_heads")
         _check_int(self.head_dim, "head_dim")
+        value_dim = self.head_dim if self.value_dim is None else self.value_dim
+        _check_int(value_dim, "value_dim")
         kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
         _check_int(kv_heads, "num_kv_heads")
         head_table = _head_table(self.kv_head_of, kv_heads, self.num_heads)
@@ -108,6 +114,7 @@ class AttentionSpec:
         meta = mmeta.merge(smeta)
         set_ = object.__setattr__
         set_(self, "num_kv_heads", kv_heads)
+        set_(self, "value_dim", value_dim)
         set_(self, "scale", float(scale))
         set_(self, "mask", mask)
         set_(self, "score_mod", mod)
@@ -343,6 +350,7 @@ def _rebuilt(
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=spec.head_dim,
+        value_dim=spec.value_dim,
         mask=Expr(mask, meta),
         score_mod=Expr(mod, EMPTY),
         scale=spec.scale,

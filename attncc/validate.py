@@ -34,7 +34,8 @@ class CallShape:
 
 
 def check_qkv(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> CallShape:
-    """Validate q [B,Hq,Sq,D] and k, v [B,Hkv,Skv,D] against the spec."""
+    """Validate q [B,Hq,Sq,D], k [B,Hkv,Skv,D] and v [B,Hkv,Skv,Dv] against the spec (D: ``head_dim``, Dv:
+    ``value_dim``)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise SpecError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -46,8 +47,8 @@ def check_qkv(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         raise SpecError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
     if not q.device == k.device == v.device:
         raise SpecError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    if k.shape != v.shape:
-        raise SpecError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[:3] != v.shape[:3]:
+        raise SpecError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same batch, heads and length")
     if not q.shape[0] == k.shape[0]:
         raise SpecError(f"batch of q ({q.shape[0]}) != batch of k/v ({k.shape[0]})")
     if q.shape[1] != spec.num_heads:
@@ -57,6 +58,12 @@ def check_qkv(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     for name, t in (("q", q), ("k", k)):
         if t.shape[3] != spec.head_dim:
             raise SpecError(f"{name} has head_dim {t.shape[3]}, the spec declares head_dim={spec.head_dim}")
+    value_dim = getattr(spec, "value_dim", spec.head_dim)  # (a linear attention's spec: values as wide as keys)
+    if v.shape[3] != value_dim and value_dim != spec.head_dim:
+        raise SpecError(f"v has head_dim {v.shape[3]}, the spec declares value_dim={value_dim}")
+    if v.shape[3] != value_dim:
+        hint = "; values of another size: AttentionSpec(..., value_dim=...)" if hasattr(spec, "value_dim") else ""
+        raise SpecError(f"v has head_dim {v.shape[3]}, the spec declares head_dim={spec.head_dim}{hint}")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise SpecError(f"empty sequence: q length {q.shape[2]}, kv length {k.shape[2]}")
     return CallShape(int(q.shape[0]), int(q.shape[2]), int(k.shape[2]))

@@ -17,16 +17,21 @@ the :class:`attncc.api.Kernel`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from attncc import rope
 from attncc.plan import KernelPlan, TileLists
 from attncc.validate import CallShape
+
+log = logging.getLogger("attncc.target")
 
 MODULES = {"cpu": "attncc.codegen.cpu", "triton": "attncc.codegen.triton", "reference": "attncc.codegen.reference"}
 
@@ -108,6 +113,83 @@ def with_rope(tensors: dict[str, Any], tables: tuple[torch.Tensor, torch.Tensor]
 
 def build(target: str, plan: KernelPlan) -> Executable:
     """The executable of ``target`` for ``plan`` (the target's module is imported on first use: triton's only
-    when asked for)."""
+    when asked for). Targets whose kernels take one head size (``ONE_WIDTH``) run a plan whose values are another
+    width through :class:`OneWidth`."""
     module = importlib.import_module(MODULES[target])
+    if target in ONE_WIDTH and plan.value_dim != plan.head_dim:
+        width = max(plan.head_dim, plan.value_dim)
+        rope_inside = plan.rope and plan.head_dim == width  # (else OneWidth rotates q and k before padding them)
+        inner = module.build(dataclasses.replace(plan, head_dim=width, value_dim=width, rope=rope_inside))
+        return OneWidth(inner, plan, target)
     return module.build(plan)  # type: ignore[no-any-return]
+
+
+ONE_WIDTH = frozenset({"cpu", "triton"})  # targets whose kernels read q, k and v rows of one width
+
+
+class OneWidth:
+    """A target whose kernels take one head size, running a plan whose values are another size (``value_dim``):
+    the narrower side is zero-padded to the wider (values to ``head_dim``, or q and k to ``value_dim``, RoPE applied
+    before), which leaves every score and every output column as it is, and the output cut back to ``value_dim``
+    columns. Padding and cutting are torch operations, so gradients flow through them (the padded columns' are
+    dropped). It costs a copy of the padded tensors and the products over the wider size (MLA's 192 / 128: 1.2x
+    the products); logged once per executable.
+
+    >>> import attncc as ac, torch
+    >>> spec = ac.AttentionSpec(num_heads=2, head_dim=16, value_dim=8, mask=ac.causal())
+    >>> q, k, v = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 8)
+    >>> o = ac.compile(spec, target="cpu")(q, k, v)
+    >>> want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> o.shape, torch.allclose(o, want, atol=1e-5)
+    (torch.Size([1, 2, 20, 8]), True)
+    """
+
+    def __init__(self, inner: Executable, plan: KernelPlan, target: str) -> None:
+        self.inner, self.plan, self.target = inner, plan, target
+        self.width = max(plan.head_dim, plan.value_dim)
+        self._told = False
+
+    def __getattr__(self, name: str) -> Any:  # the inner executable's kernel, source, ...
+        return getattr(self.inner, name)
+
+    @property
+    def source(self) -> str:
+        return self.inner.source
+
+    def unsupported(self, call: Call) -> str | None:
+        return self.inner.unsupported(call)
+
+    def widen(self, call: Call) -> Call:
+        """``call`` with q, k and v zero-padded to one width."""
+        if not self._told:
+            self._told = True
+            side = "values" if self.plan.value_dim < self.width else "queries and keys"
+            log.info("%s target: %s of @%s zero-padded to %d columns (head_dim %d, value_dim %d; its kernels take "
+                     "one head size)", self.target, side, self.plan.name, self.width, self.plan.head_dim,
+                     self.plan.value_dim)  # fmt: skip
+        q, k, v, tables = call.q, call.k, call.v, call.rope
+        if tables is not None and self.plan.head_dim < self.width:  # rotated before padding: pairs are d, d + D/2
+            q, k, tables = rope.apply(q, *tables), rope.apply(k, *tables), None
+        q, k, v = (self._pad(t) for t in (q, k, v))
+        return dataclasses.replace(call, q=q, k=k, v=v, rope=tables)
+
+    def _pad(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.shape[3] == self.width else F.pad(t, (0, self.width - t.shape[3]))
+
+    def run(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+        o, lse = self.inner.run(self.widen(call))
+        return self._cut(o), lse
+
+    def _cut(self, o: torch.Tensor) -> torch.Tensor:
+        return o if self.plan.value_dim == self.width else o[..., : self.plan.value_dim].contiguous()
+
+    def prepare(self, call: Call) -> Prepared | None:
+        made = self.inner.prepare(self.widen(call))
+        if made is None:
+            return None
+
+        def prepared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            o, lse = made(self._pad(q), self._pad(k), self._pad(v))  # (prepared calls have no RoPE)
+            return self._cut(o), lse
+
+        return prepared

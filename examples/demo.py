@@ -115,6 +115,11 @@ def specs() -> list[tuple[ac.AttentionSpec, dict[str, torch.Tensor], int]]:
             256,
         ),
         (
+            ac.AttentionSpec(name="mla_values", num_heads=4, head_dim=48, value_dim=32, mask=ac.causal()),
+            {},  # DeepSeek-style: values narrower than queries and keys
+            256,
+        ),
+        (
             ac.AttentionSpec(
                 name="flex_callable",
                 num_heads=2,
@@ -137,7 +142,7 @@ def check(spec: ac.AttentionSpec, tensors: dict[str, torch.Tensor], n: int) -> s
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, spec.num_heads, n, spec.head_dim, generator=g, requires_grad=True)
     k = torch.randn(2, int(spec.num_kv_heads or 0), n, spec.head_dim, generator=g, requires_grad=True)
-    v = torch.randn_like(k, requires_grad=True)
+    v = torch.randn(2, int(spec.num_kv_heads or 0), n, int(spec.value_dim or 0), generator=g, requires_grad=True)
     out = kern(q, k, v, **tensors)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))

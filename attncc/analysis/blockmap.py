@@ -161,11 +161,13 @@ class BlockMap:
     def computed_fraction(self) -> float:
         return self.num_computed_blocks / (self.num_maps * self.num_q_blocks * self.num_kv_blocks)
 
-    def predicted_flops(self, head_dim: int, num_heads: int, batch: int = 1) -> float:
-        """4 * bq * bkv * head_dim FLOPs per computed tile (QK^T and PV), over all heads."""
+    def predicted_flops(self, head_dim: int, num_heads: int, batch: int = 1, value_dim: int | None = None) -> float:
+        """2 * bq * bkv * (head_dim + value_dim) FLOPs per computed tile (QK^T and PV), over all heads; value_dim
+        defaults to head_dim."""
         per_map = self.num_computed_blocks / self.num_maps
         bq, bkv = self.block_size
-        return 4.0 * bq * bkv * head_dim * per_map * num_heads * batch
+        dims = head_dim + (head_dim if value_dim is None else value_dim)
+        return 2.0 * bq * bkv * dims * per_map * num_heads * batch
 
     # ---- dense and list forms ---------------------------------------------------------------
     def states(self) -> np.ndarray:

@@ -50,8 +50,8 @@ def render(bm: BlockMap, caption: str) -> Image.Image:
     return image
 
 
-def caption(name: str, bm: BlockMap, head_dim: int, num_heads: int) -> str:
-    flops = bm.predicted_flops(head_dim, num_heads)
+def caption(name: str, bm: BlockMap, head_dim: int, num_heads: int, value_dim: int | None = None) -> str:
+    flops = bm.predicted_flops(head_dim, num_heads, value_dim=value_dim)
     shown = min(bm.num_maps, MAX_MAPS)
     return (
         f"{name}: {bm.q_len}x{bm.kv_len}, tiles {bm.block_size[0]}x{bm.block_size[1]}, "
@@ -60,6 +60,6 @@ def caption(name: str, bm: BlockMap, head_dim: int, num_heads: int) -> str:
     )
 
 
-def save(bm: BlockMap, path: Path, name: str, head_dim: int, num_heads: int) -> Path:
-    render(bm, caption(name, bm, head_dim, num_heads)).save(path)
+def save(bm: BlockMap, path: Path, name: str, head_dim: int, num_heads: int, value_dim: int | None = None) -> Path:
+    render(bm, caption(name, bm, head_dim, num_heads, value_dim)).save(path)
     return path

@@ -641,8 +641,8 @@ class SiteBuilder:
         qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
         if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
             raise UnsupportedError(f"q/k/v are not 4-d ({qs}, {ks}, {vs})")
-        if vs[-1] != qs[-1]:
-            raise UnsupportedError(f"value head_dim {vs[-1]} differs from query head_dim {qs[-1]}")
+        if ks[-1] != qs[-1]:
+            raise UnsupportedError(f"key head_dim {ks[-1]} differs from query head_dim {qs[-1]}")
         k0, rk = _kv_source(k)
         v0, rv = _kv_source(v)
         if rk != rv:
@@ -652,7 +652,7 @@ class SiteBuilder:
         if self.rope is not None:
             q, k0 = self.rope[0], self.rope[1]
         self.q, self.k, self.v = q, k0, v0
-        self.heads, self.kv_heads, self.head_dim = qs[1], shape_of(k0)[1], qs[-1]
+        self.heads, self.kv_heads, self.head_dim, self.value_dim = qs[1], shape_of(k0)[1], qs[-1], vs[-1]
         if self.heads % self.kv_heads:
             raise UnsupportedError(f"{self.heads} query heads do not divide into {self.kv_heads} kv heads")
         self.shape4 = (qs[0], qs[1], qs[2], ks[2])
@@ -709,8 +709,8 @@ class SiteBuilder:
         self.steps.append(ScoreModOp(self._next(), self.current, expr))
 
     def finish(self, name: str) -> Site:
-        hq, hkv, d = (sympy.Integer(n) for n in (self.heads, self.kv_heads, self.head_dim))
-        q, k, v = Value("q", (X.B, hq, X.Sq, d)), Value("k", (X.B, hkv, X.Skv, d)), Value("v", (X.B, hkv, X.Skv, d))
+        hq, hkv, d, dv = (sympy.Integer(n) for n in (self.heads, self.kv_heads, self.head_dim, self.value_dim))
+        q, k, v = Value("q", (X.B, hq, X.Sq, d)), Value("k", (X.B, hkv, X.Skv, d)), Value("v", (X.B, hkv, X.Skv, dv))
         ops: list[Op] = [InputOp(q, "q"), InputOp(k, "k"), InputOp(v, "v")]
         inputs: dict[str, Any] = {"q": self.q, "k": self.k, "v": self.v}
         for tname, tnode in self.evaluator.tensors.items():
@@ -721,7 +721,7 @@ class SiteBuilder:
             ops += [RopeOp(q, ops[0].result), RopeOp(k, ops[1].result)]  # type: ignore[arg-type]
             inputs.update(zip(ROPE_NAMES, self.rope[2], strict=True))
         groups = self.heads // self.kv_heads
-        probs, out = Value("p", self.scores.shape), Value("o", (X.B, hq, X.Sq, d))
+        probs, out = Value("p", self.scores.shape), Value("o", (X.B, hq, X.Sq, dv))
         ops += [QKOp(self.scores, q, k, groups), *self.steps, SoftmaxOp(probs, self.current)]
         ops += [PVOp(out, probs, v, groups), ReturnOp(None, out)]
         return Site(self.node, Graph(name, tuple(ops)), inputs, self.note)

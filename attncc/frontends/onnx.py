@@ -29,8 +29,8 @@ expression, anything else a runtime mask or bias.
 
 Not lifted, with the reason logged and reported, the node then running in the reference evaluator: a requested
 ``qk_matmul_output`` (attncc never materializes the score matrix), ``softmax_precision`` wider than float32
-(attncc's softmax is float32 for every input dtype), value heads of another size than query heads, query heads
-that are not a multiple of the kv heads, input dtypes other than float32 and float16.
+(attncc's softmax is float32 for every input dtype), query heads that are not a multiple of the kv heads, input
+dtypes other than float32 and float16. Value heads may be of another size than query and key heads (``v_head_size``).
 """
 
 from __future__ import annotations
@@ -161,8 +161,8 @@ def lift(
         return str(exc)
     B, H, Sq, D = q.shape
     Hkv = k.shape[1]
-    if v.shape[3] != D or k.shape[3] != D:
-        return f"head sizes q {D}, k {k.shape[3]}, v {v.shape[3]} differ (attncc kernels take one head size)"
+    if k.shape[3] != D:
+        return f"head sizes q {D} and k {k.shape[3]} differ (the operator needs one)"
     if H % Hkv or v.shape[1] != Hkv:
         return f"{H} query heads over {Hkv} key heads and {v.shape[1]} value heads (GQA needs a multiple)"
     if (past_key is None) != (past_value is None):
@@ -182,6 +182,7 @@ def lift(
         H,
         Hkv,
         D,
+        int(v.shape[3]),
         None if scale is None else float(scale),
         float(softcap or 0),
         bool(is_causal),
@@ -236,8 +237,8 @@ def lift(
     for part in parts:
         combined = part if combined is None else combined & part
     spec = ac.AttentionSpec(
-        name="onnx_attention", num_heads=H, num_kv_heads=Hkv, head_dim=D, mask=combined, score_mod=score_mod,
-        scale=None if scale is None else float(scale),
+        name="onnx_attention", num_heads=H, num_kv_heads=Hkv, head_dim=D, value_dim=int(v.shape[3]), mask=combined,
+        score_mod=score_mod, scale=None if scale is None else float(scale),
     )  # fmt: skip
     return Lifted(spec, tuple(key), q, k, v, tensors)
 

@@ -213,7 +213,7 @@ def export(spec: ac.AttentionSpec, path: str | Path, q_len: int, kv_len: int) ->
     """
     if spec.kv_head_of is not None or spec.rope or spec.selectors:
         raise UnsupportedError(f"export: spec {spec.name!r} uses a runtime head table, RoPE or routed blocks")
-    H, Hkv, D = spec.num_heads, int(spec.num_kv_heads or spec.num_heads), spec.head_dim
+    H, Hkv, D, Dv = spec.num_heads, int(spec.num_kv_heads or spec.num_heads), spec.head_dim, int(spec.value_dim or 0)
     mask = spec.mask if spec.mask is not None else sympy.true
     mod = spec.score_mod if spec.score_mod is not None else X.score
     scale = spec.scale if spec.scale is not None else 1 / math.sqrt(D)
@@ -222,10 +222,10 @@ def export(spec: ac.AttentionSpec, path: str | Path, q_len: int, kv_len: int) ->
     inputs = [
         helper.make_tensor_value_info("q", TensorProto.FLOAT, ["B", H, q_len, D]),
         helper.make_tensor_value_info("k", TensorProto.FLOAT, ["B", Hkv, kv_len, D]),
-        helper.make_tensor_value_info("v", TensorProto.FLOAT, ["B", Hkv, kv_len, D]),
+        helper.make_tensor_value_info("v", TensorProto.FLOAT, ["B", Hkv, kv_len, Dv]),
         *[helper.make_tensor_value_info(t, TensorProto.INT64, [None]) for t in runtime],
     ]
-    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", H, q_len, D])
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", H, q_len, Dv])
     softcap = _softcap(mod)
     window = _window(mask)
     plain_mask = mask in (sympy.true, sympy.Le(X.kv, X.q)) or window is not None
@@ -268,7 +268,8 @@ def _decomposed(
     if Hkv != H:  # GQA: each kv head read by H / Hkv query heads (repeated in the graph, not in the inputs)
         k, v = (g.node("Reshape", [g.node("Expand", [g.node("Unsqueeze", [t, g.const([2], INT)]),
                                                      g.const([1, 1, H // Hkv, 1, 1], INT)]),
-                                   g.const([0, H, kv_len, spec.head_dim], INT)]) for t in (k, v))  # fmt: skip
+                                   g.const([0, H, kv_len, width], INT)])
+                for t, width in ((k, spec.head_dim), (v, spec.value_dim)))  # fmt: skip
     kt = g.node("Transpose", [k], perm=[0, 1, 3, 2])
     scores = g.node("Mul", [g.node("MatMul", ["q", kt]), g.const(float(scale), FLOAT)])
     if mod != X.score:

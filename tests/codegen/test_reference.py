@@ -54,8 +54,14 @@ DOC = torch.arange(12) // 5
         ),
         (
             lambda k, q, kk, v: k(q, kk, v[:, :, :5], doc=DOC),
-            r"k \(1, 2, 12, 8\) and v \(1, 2, 5, 8\) must have the same shape",
+            r"k \(1, 2, 12, 8\) and v \(1, 2, 5, 8\) must have the same batch, heads and length",
         ),
+        (
+            lambda k, q, kk, v: k(q, kk, v[..., :4], doc=DOC),
+            r"v has head_dim 4, the spec declares head_dim=8; values of another size: AttentionSpec\(\.\.\., "
+            r"value_dim=\.\.\.\)",
+        ),
+        (lambda k, q, kk, v: k(q, kk[..., :4], v, doc=DOC), r"k has head_dim 4, the spec declares head_dim=8"),
         (lambda k, q, kk, v: k(q, kk, v), r"missing runtime tensors \['doc'\]; pass them as keywords"),
         (lambda k, q, kk, v: k(q, kk, v, doc=DOC, extra=DOC), r"unexpected keyword tensors \['extra'\]"),
         (

@@ -43,6 +43,13 @@ def test_mha_odd_lengths_and_head_dim_not_a_power_of_two() -> None:
     check_target(spec, keep, 45, 45, {}, None, target="triton", tiles=TILES)
 
 
+@pytest.mark.parametrize("head_dim,value_dim", [(32, 16), (16, 24)])
+def test_values_of_another_width(head_dim: int, value_dim: int) -> None:
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=head_dim, value_dim=value_dim, mask=ac.causal())
+    keep = oracle.dense(oracle.causal(), 2, 4, 37, 37)
+    check_target(spec, keep, 37, 37, {}, None, target="triton", tiles=TILES, lse_weight=0.5)
+
+
 BF16_INTERPRETER = pytest.mark.xfail(
     strict=True,
     reason="Triton 3.9's interpreter computes tl.dot on bf16 wrongly (a 16x16 bf16 dot is off by 1e10; "

@@ -23,6 +23,7 @@ class Case:
     learned: tuple[str, ...] = ()  # runtime tensors that get gradients
     shape: tuple[int, int, int, int, int] = (2, 4, 4, 96, 96)  # B, H, Hkv, Sq, Skv
     head_dim: int = 16
+    value_dim: int = 16  # (v and the output: another width than q and k where a case says so)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,6 +59,13 @@ CASES: dict[str, Case] = {
         lambda t: oracle.alibi_fn(8),
         shape=(1, 8, 8, 100, 100),
     ),
+    "heads_gqa_causal_value_dim": Case(
+        "heads",
+        lambda: ac.AttentionSpec(num_heads=8, num_kv_heads=4, head_dim=24, value_dim=16, mask=ac.causal()),
+        lambda sq, skv: oracle.causal(),
+        shape=(1, 8, 4, 80, 80),
+        head_dim=24,
+    ),
     "heads_document_learned_bias": Case(
         "heads",
         lambda: ac.AttentionSpec(
@@ -88,6 +96,14 @@ CASES: dict[str, Case] = {
         lambda t: oracle.alibi_fn(4),
         shape=(2, 4, 2, 200, 200),
     ),
+    "seq_window_value_dim": Case(
+        "sequence",
+        lambda: ac.AttentionSpec(num_heads=2, head_dim=8, value_dim=24, mask=ac.sliding_window(30)),
+        lambda sq, skv: oracle.sliding_window(30),
+        shape=(1, 2, 2, 200, 200),
+        head_dim=8,
+        value_dim=24,
+    ),
     "seq_cross_bottom_right_gqa": Case(
         "sequence",
         lambda: ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, mask=ac.causal("bottom_right")),
@@ -116,10 +132,10 @@ def inputs(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[st
     case = CASES[name]
     b, h, hkv, sq, skv = case.shape
     torch.manual_seed(sum(map(ord, name)))
-    d = case.head_dim
-    q, k, v = torch.randn(b, h, sq, d), torch.randn(b, hkv, skv, d), torch.randn(b, hkv, skv, d)
+    d, dv = case.head_dim, case.value_dim
+    q, k, v = torch.randn(b, h, sq, d), torch.randn(b, hkv, skv, d), torch.randn(b, hkv, skv, dv)
     runtime = case.runtime(sq, skv)
-    return q, k, v, runtime, torch.randn(b, h, sq, d)
+    return q, k, v, runtime, torch.randn(b, h, sq, dv)
 
 
 def expected(name: str) -> dict[str, torch.Tensor]:

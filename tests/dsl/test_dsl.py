@@ -72,6 +72,8 @@ def test_spec_is_frozen_hashable_and_normalized() -> None:
     [
         ({"num_heads": 8, "num_kv_heads": 3, "head_dim": 64}, r"num_heads=8 is not divisible by num_kv_heads=3"),
         ({"num_heads": 0, "head_dim": 64}, r"num_heads must be a positive int, got 0"),
+        ({"num_heads": 2, "head_dim": 64, "value_dim": 0}, r"value_dim must be a positive int, got 0"),
+        ({"num_heads": 2, "head_dim": 64, "value_dim": 32.0}, r"value_dim must be a positive int, got 32.0"),
         ({"num_heads": 2, "head_dim": 64, "scale": -1.0}, r"scale must be a positive finite number"),
         ({"num_heads": 2, "head_dim": 8, "mask": ac.q - ac.kv}, r"mask `-kv \+ q` is a number, not a condition"),
         (

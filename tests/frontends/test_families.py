@@ -1,5 +1,5 @@
 """The model-family matrix (issue 16): ``torch.compile(model, backend="attncc")`` on tiny random-weight
-Hugging Face models of eleven families, with the "sdpa" and "eager" attention implementations.
+Hugging Face models of twelve families, with the "sdpa" and "eager" attention implementations.
 
 Every softmax that reads a product of two activations, and every SDPA call, found by an independent walk
 of the graph dynamo hands the backend, must appear in ``ac.dynamo.reports()``: lifted, or a fallback
@@ -71,6 +71,12 @@ FAMILIES: dict[str, tuple[Callable[[str], torch.nn.Module], Callable[[], dict[st
         attn_implementation=impl)),
         lambda: {"input_features": torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0)),
                  "decoder_input_ids": _ids(2, 7), "use_cache": False}),
+    # multi-head latent attention: q and k of 16 + 8 (rotary) columns, values of 16; dense MLPs (first_k_dense_replace)
+    "deepseek_v3": (lambda impl: T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
+        vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+        q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, first_k_dense_replace=2, n_group=1,
+        topk_group=1, max_position_embeddings=128, attn_implementation=impl)), _decoder_inputs),
 }  # fmt: skip
 
 # what each family's sites must come to: masks the lifted sites prove, or the fallback reason's words
@@ -85,6 +91,7 @@ LIFTED_MASKS = {
     "bert": {"Ne(t_l_kwargs_attention_mask_[b, kv], 0)"},
     "vit": {"True"},
     "whisper": {"True", "kv <= q"},  # encoder and cross-attention dense, decoder causal
+    "deepseek_v3": {"kv <= q"},
 }
 FALLBACK = {("bloom", "eager"): "3-d [batch*heads, Sq, Skv] baddbmm"}  # BLOOM has no sdpa implementation
 HAS_SDPA = set(FAMILIES) - {"bloom"}
@@ -161,5 +168,7 @@ def test_family(family: str, impl: str) -> None:
         assert all("partial rotary embedding (rotary_dim 8 < head_dim 16)" in r["note"] for r in reports), reports
     if family == "gptj":  # partial and interleaved (pairs 2i, 2i+1)
         assert all("interleaved (GPT-J) rotary layout" in r["note"] for r in reports), reports
+    if family == "deepseek_v3":  # values narrower than queries and keys, lifted as they are
+        assert all((r["head_dim"], r["value_dim"]) == (24, 16) for r in reports), reports
     if LIFTED_MASKS[family] is not None:
         assert {r["mask"] for r in reports} == LIFTED_MASKS[family], reports

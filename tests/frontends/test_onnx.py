@@ -180,6 +180,30 @@ def test_float16_inputs() -> None:
     _close(ours, theirs, tol=2e-3)
 
 
+@pytest.mark.parametrize("dims", [3, 4])
+def test_value_heads_of_another_size(dims: int) -> None:
+    """V's head size (the operator's v_head_size) differs from Q's and K's: lifted, with a decoding cache too."""
+    g = _rng(5)
+    feeds: dict[str, np.ndarray | None] = {
+        "Q": g.standard_normal((B, H, 1, D)).astype(np.float32),
+        "K": g.standard_normal((B, HKV, 1, D)).astype(np.float32),
+        "V": g.standard_normal((B, HKV, 1, D // 2)).astype(np.float32),
+        "attn_mask": None,
+        "past_key": g.standard_normal((B, HKV, 20, D)).astype(np.float32),
+        "past_value": g.standard_normal((B, HKV, 20, D // 2)).astype(np.float32),
+    }
+    attrs: dict[str, object] = {"is_causal": 1}
+    if dims == 3:
+        for n in "QKV":
+            feeds[n] = feeds[n].transpose(0, 2, 1, 3).reshape(B, 1, -1)  # type: ignore[union-attr]
+        attrs |= {"q_num_heads": H, "kv_num_heads": HKV}
+    model = attention_model(feeds, attrs, outputs=("Y", "present_key", "present_value"))
+    ours, theirs = both(model, feeds)
+    assert ac.onnx.reports()[-1]["status"] == "attncc", ac.onnx.reports()[-1]
+    assert ours[0].shape == ((B, 1, H * D // 2) if dims == 3 else (B, H, 1, D // 2))
+    _close(ours, theirs)
+
+
 @pytest.mark.parametrize(
     ("attrs", "outputs", "reason"),
     [
@@ -453,6 +477,24 @@ def test_export_round_trips_through_onnxruntime(mask: str, mod: str, tmp_path: P
     kern = ac.compile(spec, target="cpu")
     want = kern(*(torch.from_numpy(x) for x in (q, k, v)), **runtime).numpy()
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("mask", ["causal", "prefix_lm"])
+def test_export_writes_values_of_another_width(mask: str, tmp_path: Path) -> None:
+    """value_dim != head_dim: the Attention operator and the decomposed graph (GQA repeat included) both carry
+    v's width; onnxruntime's output equals the kernel's and ``ac.onnx.run`` lifts the file back."""
+    spec = ac.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, value_dim=24, mask=EXPORT_MASKS[mask])
+    model = ac.onnx.export(spec, tmp_path / "spec.onnx", N, N)
+    g = _rng(22)
+    q, k = g.standard_normal((2, 4, N, 16)).astype(np.float32), g.standard_normal((2, 2, N, 16)).astype(np.float32)
+    feeds = {"q": q, "k": k, "v": g.standard_normal((2, 2, N, 24)).astype(np.float32)}
+    (got,) = ort.InferenceSession(str(tmp_path / "spec.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = ac.compile(spec, target="cpu")(*(torch.from_numpy(x) for x in feeds.values())).numpy()
+    assert got.shape == (2, 4, N, 24)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    (lifted,) = ac.onnx.run(model, feeds)
+    assert ac.onnx.reports()[-1]["status"] == "attncc", ac.onnx.reports()[-1]
+    np.testing.assert_allclose(lifted, want, rtol=2e-5, atol=2e-5)
 
 
 def test_export_refuses_what_it_cannot_write_yet(tmp_path: Path) -> None:

@@ -136,7 +136,7 @@ def test_a_call_at_a_new_key_length_is_still_checked() -> None:
     q, cache = torch.randn(1, H, 1, D), torch.randn(1, HKV, 40, D)
     with torch.no_grad():
         kern(q, cache[:, :, :20], cache[:, :, :20])  # prepared at 20 keys
-        with pytest.raises(ac.SpecError, match="same shape"):
+        with pytest.raises(ac.SpecError, match="same batch, heads and length"):
             kern(q, cache[:, :, :21], cache[:, :, :22])
         with pytest.raises(ac.SpecError, match="empty sequence"):
             kern(q, cache[:, :, :0], cache[:, :, :0])

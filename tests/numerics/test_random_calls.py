@@ -1,11 +1,12 @@
 """Random calls on the cpu target against the float64 oracle: the combinations no hand-written test lists.
 
-Each case draws a batch, a GQA grouping (with a runtime head table sometimes), a head dim, query and key lengths
-(decoding's few rows up to a ragged prefill), a mask, a score mod, a dtype, a build (every instruction set this
-machine runs) and an input layout: contiguous [B, H, S, D], the [B, S, H, D] layout transposed (HF's), or K and V as
-the first positions of longer caches. Output, lse and, in a third of the cases, the gradients of q, k and v (with an
-lse term) are checked against ``oracle.attention`` on masks written here from their definitions. The default run
-takes a few dozen cases; ``-m slow`` runs a thousand. A failure prints the case, so it can be replayed by seed.
+Each case draws a batch, a GQA grouping (with a runtime head table sometimes), a head dim (and in a fifth of the
+cases a value head dim of its own), query and key lengths (decoding's few rows up to a ragged prefill), a mask, a
+score mod, a dtype, a build (every instruction set this machine runs) and an input layout: contiguous
+[B, H, S, D], the [B, S, H, D] layout transposed (HF's), or K and V as the first positions of longer caches. Output,
+lse and, in a third of the cases, the gradients of q, k and v (with an lse term) are checked against
+``oracle.attention`` on masks written here from their definitions. The default run takes a few dozen cases;
+``-m slow`` runs a thousand. A failure prints the case, so it can be replayed by seed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Case:
     table: list[int] | None
     seed: int
     ids: list[int] = field(default_factory=list)
+    Dv: int = 0  # v's head size (0: D)
 
 
 def draw(rng: random.Random, isas: list[str]) -> Case:
@@ -59,6 +61,8 @@ def draw(rng: random.Random, isas: list[str]) -> Case:
                 rng.choice([torch.float32, torch.float32, torch.float16, torch.bfloat16]), rng.choice(isas),
                 rng.choice(["bhsd", "bhsd", "bshd", "cache"]), rng.random() < 0.35, table,
                 rng.randrange(1 << 30))  # fmt: skip
+    if rng.random() < 0.2:  # values of another width (MLA's 192 / 128, or wider than q and k)
+        case.Dv = rng.choice([8, 16, 24, 64, 128])
     if case.mask == "document":
         cuts = rng.sample(range(Sq), min(rng.choice([1, 2, 5]), Sq))
         case.ids = [sum(c <= i for c in cuts) for i in range(Sq)]
@@ -97,13 +101,13 @@ def spec_of(c: Case) -> ac.AttentionSpec:
         kw["score_mod"] = ac.alibi() if c.mod == "alibi" else ac.softcap(20.0)
     if c.table is not None:
         kw["kv_head_of"] = ac.tensor("kv_head_of")
-    return ac.AttentionSpec(num_heads=c.H, num_kv_heads=c.Hkv, head_dim=c.D, **kw)
+    return ac.AttentionSpec(num_heads=c.H, num_kv_heads=c.Hkv, head_dim=c.D, value_dim=c.Dv or c.D, **kw)
 
 
 def check(c: Case) -> None:
     g = torch.Generator().manual_seed(c.seed)
     q = torch.randn(c.B, c.H, c.Sq, c.D, generator=g).to(c.dtype)
-    k, v = (torch.randn(c.B, c.Hkv, c.Skv, c.D, generator=g).to(c.dtype) for _ in range(2))
+    k, v = (torch.randn(c.B, c.Hkv, c.Skv, d, generator=g).to(c.dtype) for d in (c.D, c.Dv or c.D))
     tensors = {"doc": torch.tensor(c.ids)} if c.mask == "document" else {}
     if c.table is not None:
         tensors["kv_head_of"] = torch.tensor(c.table)
@@ -111,7 +115,7 @@ def check(c: Case) -> None:
         leaves = [t.transpose(1, 2).contiguous().requires_grad_(c.grad) for t in (q, k, v)]
         args = [t.transpose(1, 2) for t in leaves]
     elif c.layout == "cache":  # K and V: the first Skv positions of caches 37 positions longer
-        longer = [torch.cat([t, torch.randn(c.B, c.Hkv, 37, c.D, generator=g).to(c.dtype)], 2) for t in (k, v)]
+        longer = [torch.cat([t, torch.randn(c.B, c.Hkv, 37, t.shape[3], generator=g).to(c.dtype)], 2) for t in (k, v)]
         leaves = [q.clone().requires_grad_(c.grad), *(t.requires_grad_(c.grad) for t in longer)]
         args = [leaves[0], *(t[:, :, : c.Skv] for t in leaves[1:])]
     else:

@@ -34,15 +34,16 @@ def _check(
     dtype: torch.dtype = torch.float32,
     mod: bool = False,
     D: int = 16,
+    Dv: int | None = None,
 ) -> None:
-    B, H = 2, 4
+    B, H, Dv = 2, 4, Dv or D
     g = torch.Generator().manual_seed(sq * 100 + skv + kv_heads)
     q, k, v = (
-        torch.randn(B, h, n, D, dtype=torch.float64, generator=g)
-        for h, n in ((H, sq), (kv_heads, skv), (kv_heads, skv))
+        torch.randn(B, h, n, d, dtype=torch.float64, generator=g)
+        for h, n, d in ((H, sq, D), (kv_heads, skv, D), (kv_heads, skv, Dv))
     )
     q, k, v = (t.to(dtype).double() for t in (q, k, v))
-    w = torch.randn(B, H, sq, D, dtype=torch.float64, generator=g)
+    w = torch.randn(B, H, sq, Dv, dtype=torch.float64, generator=g)
     if paired:
         theta = oracle.rope_angles(skv, D)
         emb = torch.cat((theta, theta), -1)
@@ -63,6 +64,7 @@ def _check(
         num_heads=H,
         num_kv_heads=kv_heads,
         head_dim=D,
+        value_dim=Dv,
         mask=ac.causal("bottom_right"),
         score_mod=ac.softcap(20.0) if mod else None,
         rope=True,
@@ -101,6 +103,14 @@ def test_rope_triton_prologue(head_dim: int) -> None:
     """In-kernel rotation of the Triton target (forward, dK/dV and dQ kernels), under the interpreter
     on machines without a GPU."""
     _check("triton", 16, 24, batched=True, mod=True, D=head_dim)
+
+
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+@pytest.mark.parametrize("D,Dv", [(16, 8), (8, 24)], ids=["values-narrower", "values-wider"])
+def test_rope_with_values_of_another_width(target: str, D: int, Dv: int) -> None:
+    """Values narrower than q and k are padded, q and k kept (rotated in the kernel); values wider: q and k
+    rotated before they are padded (the rotation pairs columns d and d + D/2 of the declared head_dim)."""
+    _check(target, 13, 29, D=D, Dv=Dv)
 
 
 def test_rope_ir_shows_the_rotation_feeding_the_tiled_op() -> None:
