@@ -25,7 +25,7 @@ import torch
 
 from attncc.codegen import cpu_template, fallback
 from attncc.codegen.emit_cpp import emit
-from attncc.codegen.target import Call, Lazy, Prepared
+from attncc.codegen.target import Call, Lazy, Prepared, release_padding
 from attncc.errors import LoweringError, SpecError
 from attncc.ir.exprs import expr_str, score
 from attncc.ir.ops import TensorOp
@@ -183,7 +183,8 @@ def release_workspace() -> int:
     """Free the calling thread's cpu-kernel workspace and return how many bytes it held. The workspace
     (K and V packed for the micro-kernels, the backward's per-thread dQ partials) is kept between calls and
     grows to the largest call's need: after a 16K-token, 8-head backward it holds about 128 MB. The next
-    cpu-kernel call in this thread allocates afresh.
+    cpu-kernel call in this thread allocates afresh. The thread's buffers of zero-padded q, k or v (specs whose
+    ``value_dim`` differs from ``head_dim``: ``codegen.target.padding_buffer``) are freed with it.
 
     >>> import torch, attncc as ac
     >>> kern = ac.compile(ac.AttentionSpec(num_heads=2, head_dim=16, mask=ac.causal()), target="cpu")
@@ -192,7 +193,7 @@ def release_workspace() -> int:
     >>> ac.release_workspace() > 0, ac.workspace_bytes()
     (True, 0)
     """
-    held = workspace_bytes()
+    held = workspace_bytes() + release_padding()  # (and the thread's zero-padded q, k or v: target.OneWidth)
     _WORKSPACE.buf = None
     return held
 

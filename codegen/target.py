@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -160,7 +162,8 @@ class OneWidth:
         return self.inner.unsupported(call)
 
     def widen(self, call: Call) -> Call:
-        """``call`` with q, k and v zero-padded to one width."""
+        """``call`` with q, k and v zero-padded to one width (into this thread's kept buffers where no autograd
+        graph will hold them)."""
         if not self._told:
             self._told = True
             side = "values" if self.plan.value_dim < self.width else "queries and keys"
@@ -168,13 +171,23 @@ class OneWidth:
                      "one head size)", self.target, side, self.plan.name, self.width, self.plan.head_dim,
                      self.plan.value_dim)  # fmt: skip
         q, k, v, tables = call.q, call.k, call.v, call.rope
+        kept = not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v, *call.tensors.values()))
         if tables is not None and self.plan.head_dim < self.width:  # rotated before padding: pairs are d, d + D/2
             q, k, tables = rope.apply(q, *tables), rope.apply(k, *tables), None
-        q, k, v = (self._pad(t) for t in (q, k, v))
+        q, k, v = (self._pad(t, role if kept else None) for role, t in zip("qkv", (q, k, v), strict=True))
         return dataclasses.replace(call, q=q, k=k, v=v, rope=tables)
 
-    def _pad(self, t: torch.Tensor) -> torch.Tensor:
-        return t if t.shape[3] == self.width else F.pad(t, (0, self.width - t.shape[3]))
+    def _pad(self, t: torch.Tensor, role: str | None) -> torch.Tensor:
+        """``t`` zero-padded to the width; in this thread's buffer for ``role`` (q, k or v) when one is given, which
+        the next call of any OneWidth in this thread overwrites, so only for calls no autograd graph keeps."""
+        if t.shape[3] == self.width:
+            return t
+        if role is None:
+            return F.pad(t, (0, self.width - t.shape[3]))
+        out = padding_buffer(role, (*t.shape[:3], self.width), t.dtype, t.device)
+        out[..., : t.shape[3]].copy_(t)
+        out[..., t.shape[3] :].zero_()
+        return out
 
     def run(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         o, lse = self.inner.run(self.widen(call))
@@ -189,7 +202,31 @@ class OneWidth:
             return None
 
         def prepared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            o, lse = made(self._pad(q), self._pad(k), self._pad(v))  # (prepared calls have no RoPE)
+            # (prepared calls need no gradient and have no RoPE)
+            o, lse = made(self._pad(q, "q"), self._pad(k, "k"), self._pad(v, "v"))
             return self._cut(o), lse
 
         return prepared
+
+
+_PADDING = threading.local()  # per thread: (role, dtype, device) -> a flat buffer of the largest size asked for
+
+
+def padding_buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A contiguous ``shape`` view of this thread's buffer for ``role``, kept between calls: a fresh allocation of a
+    padded cache per decoding step costs page faults (the OS zeroes each new page), 5x the copy itself at 16K keys.
+    ``ac.release_workspace()`` frees the buffers."""
+    held: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = _PADDING.__dict__.setdefault("buffers", {})
+    n = math.prod(shape)
+    key = (role, dtype, device)
+    buf = held.get(key)
+    if buf is None or buf.numel() < n:
+        held.pop(key, None)  # the old buffer goes before the larger one is allocated
+        buf = held[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def release_padding() -> int:
+    """Free this thread's padding buffers (:func:`padding_buffer`); the bytes they held."""
+    held = _PADDING.__dict__.pop("buffers", {})
+    return sum(t.numel() * t.element_size() for t in held.values())

@@ -127,6 +127,29 @@ def test_values_of_another_width_when_decoding() -> None:
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+def test_padding_buffers_are_never_what_a_backward_reads() -> None:
+    """Calls that need no gradient pad into this thread's kept buffers; a call whose autograd graph keeps its padded
+    inputs (q, k, v requiring grad, or only a learned bias table) must not: no-grad calls made between its forward
+    and its backward overwrite those buffers."""
+    table = torch.randn(2, 17, requires_grad=True)
+    spec = ac.AttentionSpec(num_heads=2, head_dim=32, value_dim=16, mask=ac.causal(),
+                            score_mod=ac.relative_bias(ac.tensor("table"), 8))  # fmt: skip
+    kern, ref = ac.compile(spec, target="cpu"), ac.compile(spec, target="reference")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 2, 50, 32, generator=g), torch.randn(1, 2, 50, 32, generator=g), torch.randn(1, 2, 50, 16)
+    for leaves in ((q, k, v), tuple(t.clone().requires_grad_() for t in (q, k, v))):
+        out = kern(*leaves, table=table)
+        with torch.no_grad():  # overwrites the thread's padding buffers with other values of the same shapes
+            kern(q + 1, k - 1, v * 3, table=table)
+        got = torch.autograd.grad(out.square().sum(), (table, *[t for t in leaves if t.requires_grad]))
+        wanted_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+        t64 = table.detach().double().requires_grad_()
+        want_out = ref(*wanted_leaves, table=t64)
+        want = torch.autograd.grad(want_out.square().sum(), (t64, *[t for t in wanted_leaves if t.requires_grad]))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
 def test_large_tiles_with_merged_runs_match() -> None:
     """Odd lengths and many consecutive full tiles: exercises the merged-GEMM runs."""
     spec = ac.AttentionSpec(num_heads=2, head_dim=32, mask=ac.causal() | ac.sinks(3))
