@@ -126,7 +126,7 @@ def build(target: str, plan: KernelPlan) -> Executable:
     return module.build(plan)  # type: ignore[no-any-return]
 
 
-ONE_WIDTH = frozenset({"cpu", "triton"})  # targets whose kernels read q, k and v rows of one width
+ONE_WIDTH = frozenset({"cpu"})  # targets whose kernels read q, k and v rows of one width
 
 
 class OneWidth:

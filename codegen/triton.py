@@ -193,10 +193,12 @@ class TritonKernel:
             out += [value, dims]
         return out
 
-    def _meta(self, D: int) -> dict[str, Any]:
+    def _meta(self, D: int, DV: int) -> dict[str, Any]:
         meta: dict[str, Any] = dict(
             D=D,
             BLOCK_D=max(16, 1 << (D - 1).bit_length()),
+            DV=DV,
+            BLOCK_DV=max(16, 1 << (DV - 1).bit_length()),
             BLOCK_M=self.bq,
             BLOCK_N=self.bkv,
             HAS_MOD=self.plan.score_mod != score,
@@ -204,8 +206,8 @@ class TritonKernel:
         )
         return meta  # the forward kernel is autotuned over num_warps / num_stages on a GPU
 
-    def _bwd_meta(self, D: int) -> dict[str, Any]:
-        meta = self._meta(D)
+    def _bwd_meta(self, D: int, DV: int) -> dict[str, Any]:
+        meta = self._meta(D, DV)
         if not interpreting():  # the backward kernels accumulate (atomics), so they are not autotuned
             meta["num_warps"] = 8 if self.bq * self.bkv > 64 * 64 else 4
         return meta
@@ -227,7 +229,7 @@ class TritonKernel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, Sq, D = q.shape
         Skv = k.shape[2]
-        o = torch.empty_like(q)
+        o = q.new_empty(B, H, Sq, v.shape[3])
         lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
         err = torch.zeros(1, dtype=torch.int32, device=q.device)
         L = lists.on(q.device)
@@ -262,7 +264,7 @@ class TritonKernel:
             self.plan.scale,
             BANDED=bands > 0,
             BANDS=max(bands, 1),
-            **self._meta(D),
+            **self._meta(D, v.shape[3]),
         )
         self._error(err)
         return o, lse
@@ -326,7 +328,7 @@ class TritonKernel:
             nkv,
             *maps,
             TABLE_GRADS=bool(want),
-            **self._bwd_meta(D),
+            **self._bwd_meta(D, v.shape[3]),
         )
         self.module.attncc_bwd_dq[(nq, B * H)](
             q,
@@ -346,7 +348,7 @@ class TritonKernel:
             *shape,
             nq,
             *maps,
-            **self._bwd_meta(D),
+            **self._bwd_meta(D, v.shape[3]),
         )
         self._error(err)
         return (dq, dk, dv), {n: g.to(want[n].dtype) for n, g in table_grads.items() if n in want}

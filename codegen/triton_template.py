@@ -112,7 +112,8 @@ def _kv_range(qb, band: tl.constexpr, h, SQ, SKV, NKV{table_params}):
 def attncc_fwd(Q, K, V, O, LSE, ERR, COS, SIN, ROPE_B, MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_params},
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                B, H, SQ, SKV, NQ, NKV, MAPS_B, MAPS_H, HEADS, SCALE,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_MOD: tl.constexpr, ROPE: tl.constexpr, BANDED: tl.constexpr, BANDS: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -122,6 +123,8 @@ def attncc_fwd(Q, K, V, O, LSE, ERR, COS, SIN, ROPE_B, MAP_OF, KV_PTR, KV_IDX, K
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
+    offs_e = tl.arange(0, BLOCK_DV)  # value columns (DV: the value head size, D unless the spec says otherwise)
+    emask = offs_e < DV
     q_rows = Q + b * sqb + h * sqh + offs_m[:, None] * sqm
     qmask = (offs_m[:, None] < SQ) & dmask[None, :]
     q = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0)
@@ -130,7 +133,7 @@ def attncc_fwd(Q, K, V, O, LSE, ERR, COS, SIN, ROPE_B, MAP_OF, KV_PTR, KV_IDX, K
         q = _rope(q, q_rows, qmask, COS, SIN, tb + offs_m + SKV - SQ, offs_d, D).to(q.dtype)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     if BANDED:
         for band in tl.static_range(BANDS):
             lo, hi, flo, fhi = _kv_range(qb, band, h, SQ, SKV, NKV{table_params})
@@ -142,7 +145,8 @@ def attncc_fwd(Q, K, V, O, LSE, ERR, COS, SIN, ROPE_B, MAP_OF, KV_PTR, KV_IDX, K
                 if seen == 0:
                     full = ((kb >= flo) & (kb <= fhi)).to(tl.int32)
                     m_i, l_i, acc = _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_params},
-                                              b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
+                                              b, h, hk, offs_m, offs_d, dmask, offs_e, emask,
+                                              skb, skh, skn, svb, svh, svn,
                                               B, H, SQ, SKV, SCALE, COS, SIN, tb, D, BLOCK_N, HAS_MOD, ROPE)
     else:
         pair = tl.where(MAPS_B > 1, b, 0) * MAPS_H + tl.where(MAPS_H > 1, h, 0)
@@ -153,19 +157,19 @@ def attncc_fwd(Q, K, V, O, LSE, ERR, COS, SIN, ROPE_B, MAP_OF, KV_PTR, KV_IDX, K
             kb = tl.load(KV_IDX + t)
             full = tl.load(KV_FULL + t).to(tl.int32)
             m_i, l_i, acc = _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_params},
-                                      b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
+                                      b, h, hk, offs_m, offs_d, dmask, offs_e, emask, skb, skh, skn, svb, svh, svn,
                                       B, H, SQ, SKV, SCALE, COS, SIN, tb, D, BLOCK_N, HAS_MOD, ROPE)
     visible = l_i != 0  # NaN scores make l_i NaN: the row and its lse stay NaN, as in torch
     out = acc / tl.where(visible, l_i, 1.0)[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=(offs_m[:, None] < SQ) & dmask[None, :])
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_e[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < SQ) & emask[None, :])
     lse = tl.where(visible, m_i + tl.log(tl.where(visible, l_i, 1.0)), float("-inf"))
     tl.store(LSE + bh * SQ + offs_m, lse, mask=offs_m < SQ)
 
 
 @triton.jit
 def _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_params},
-              b, h, hk, offs_m, offs_d, dmask, skb, skh, skn, svb, svh, svn,
+              b, h, hk, offs_m, offs_d, dmask, offs_e, emask, skb, skh, skn, svb, svh, svn,
               B, H, SQ, SKV, SCALE, COS, SIN, tb, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MOD: tl.constexpr,
               ROPE: tl.constexpr):
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -184,8 +188,8 @@ def _fwd_tile(q, acc, m_i, l_i, kb, full, K, V, ERR{tensor_params},
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :],
-                mask=nmask[:, None] & dmask[None, :], other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_e[None, :],
+                mask=nmask[:, None] & emask[None, :], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     l_i = l_i * alpha + tl.sum(p, 1)
     return m_new, l_i, acc
@@ -219,10 +223,11 @@ def _table_grads(d_mod, s, offs_m, offs_n, b, h, B, H, SQ, SKV, ERR{tensor_param
 
 
 @triton.jit
-def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, COS, SIN, ROPE_B,
+def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DVS, ERR, COS, SIN, ROPE_B,
                     MAP_OF, Q_PTR, Q_IDX, Q_FULL{tensor_params}{grad_params},
                     B, H, HKV, SQ, SKV, NKV, MAPS_B, MAPS_H, HEADS, SCALE,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_MOD: tl.constexpr, ROPE: tl.constexpr, TABLE_GRADS: tl.constexpr):
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -233,13 +238,16 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, COS, SIN, ROPE_B,
     dmask = offs_d < D
     nm = (offs_n[:, None] < SKV) & dmask[None, :]
     kv_off = (bhk * SKV + offs_n[:, None]) * D + offs_d[None, :]
+    offs_e = tl.arange(0, BLOCK_DV)
+    ne = (offs_n[:, None] < SKV) & (offs_e < DV)[None, :]
+    v_off = (bhk * SKV + offs_n[:, None]) * DV + offs_e[None, :]
     k = tl.load(K + kv_off, mask=nm, other=0.0)
-    v = tl.load(V + kv_off, mask=nm, other=0.0)
+    v = tl.load(V + v_off, mask=ne, other=0.0)
     tb = tl.where(ROPE_B > 1, b, 0) * SKV
     if ROPE:  # prologue: K rotated; dK is rotated back in the epilogue
         k = _rope(k, K + (bhk * SKV + offs_n[:, None]) * D, nm, COS, SIN, tb + offs_n, offs_d, D).to(k.dtype)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(tl.load(HEADS + H + hk), tl.load(HEADS + H + hk + 1)):  # the query heads reading kv head hk
         h = tl.load(HEADS + H + HKV + 1 + g)
         pair = tl.where(MAPS_B > 1, b, 0) * MAPS_H + tl.where(MAPS_H > 1, h, 0)
@@ -254,7 +262,8 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, COS, SIN, ROPE_B,
             if ROPE:
                 q_rows = Q + ((b * H + h) * SQ + offs_m[:, None]) * D
                 q = _rope(q, q_rows, mm, COS, SIN, tb + offs_m + SKV - SQ, offs_d, D).to(q.dtype)
-            do = tl.load(DO + q_off, mask=mm, other=0.0)
+            o_off = ((b * H + h) * SQ + offs_m[:, None]) * DV + offs_e[None, :]
+            do = tl.load(DO + o_off, mask=(offs_m[:, None] < SQ) & (offs_e < DV)[None, :], other=0.0)
             lse = tl.load(LSE + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=float("-inf"))
             delta = tl.load(DELTA + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=0.0)
             p, ds, d_mod, raw = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
@@ -266,15 +275,15 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, ERR, COS, SIN, ROPE_B,
     if ROPE:
         dk = _rope_back(dk, COS, SIN, tb + offs_n, nm, offs_d, D)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=nm)
-    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=nm)
+    tl.store(DVS + v_off, dv.to(DVS.dtype.element_ty), mask=ne)
 
 
 @triton.jit
 def attncc_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, ERR, COS, SIN, ROPE_B,
                   MAP_OF, KV_PTR, KV_IDX, KV_FULL{tensor_params},
                   B, H, HKV, SQ, SKV, NQ, MAPS_B, MAPS_H, HEADS, SCALE,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_MOD: tl.constexpr, ROPE: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MOD: tl.constexpr, ROPE: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -289,7 +298,10 @@ def attncc_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, ERR, COS, SIN, ROPE_B,
     tb = tl.where(ROPE_B > 1, b, 0) * SKV
     if ROPE:  # prologue: Q rotated; dQ is rotated back in the epilogue
         q = _rope(q, Q + (bh * SQ + offs_m[:, None]) * D, mm, COS, SIN, tb + offs_m + SKV - SQ, offs_d, D).to(q.dtype)
-    do = tl.load(DO + q_off, mask=mm, other=0.0)
+    offs_e = tl.arange(0, BLOCK_DV)
+    emask = offs_e < DV
+    do = tl.load(DO + (bh * SQ + offs_m[:, None]) * DV + offs_e[None, :], mask=(offs_m[:, None] < SQ) & emask[None, :],
+                 other=0.0)
     lse = tl.load(LSE + bh * SQ + offs_m, mask=offs_m < SQ, other=float("-inf"))
     delta = tl.load(DELTA + bh * SQ + offs_m, mask=offs_m < SQ, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -305,7 +317,8 @@ def attncc_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, ERR, COS, SIN, ROPE_B,
         if ROPE:
             k_rows = K + ((b * HKV + hk) * SKV + offs_n[:, None]) * D
             k = _rope(k, k_rows, nm, COS, SIN, tb + offs_n, offs_d, D).to(k.dtype)
-        v = tl.load(V + kv_off, mask=nm, other=0.0)
+        v = tl.load(V + ((b * HKV + hk) * SKV + offs_n[:, None]) * DV + offs_e[None, :],
+                    mask=(offs_n[:, None] < SKV) & emask[None, :], other=0.0)
         p, ds, _, _ = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
                              ERR{tensor_params}, HAS_MOD)
         dq += tl.dot(ds.to(k.dtype), k)
