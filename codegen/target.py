@@ -82,7 +82,8 @@ class Executable(Protocol):
     def prepare(self, call: Call) -> Prepared | None:
         """A function of (q, k, v) that runs calls like ``call`` (same shapes, dtypes and device, no runtime tensors,
         RoPE tables or routing) that need no gradient, with what ``run`` worked out for it kept; None where the
-        target keeps nothing (the API then validates and runs every call in full)."""
+        target keeps nothing (the API then validates and runs every call in full). It reads ``call``'s shapes,
+        dtypes, device and tile lists, never the values of q, k and v."""
         ...
 
 
@@ -174,20 +175,28 @@ class OneWidth:
         kept = not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v, *call.tensors.values()))
         if tables is not None and self.plan.head_dim < self.width:  # rotated before padding: pairs are d, d + D/2
             q, k, tables = rope.apply(q, *tables), rope.apply(k, *tables), None
-        q, k, v = (self._pad(t, role if kept else None) for role, t in zip("qkv", (q, k, v), strict=True))
+        if not kept:
+            q, k, v = (t if t.shape[3] == self.width else F.pad(t, (0, self.width - t.shape[3])) for t in (q, k, v))
+        else:  # padded k or v laid out as the other is (a view of a longer cache stays one, read in place)
+            q, k, v = self._pad(q, "q", None), self._pad(k, "k", v), self._pad(v, "v", k)
         return dataclasses.replace(call, q=q, k=k, v=v, rope=tables)
 
-    def _pad(self, t: torch.Tensor, role: str | None) -> torch.Tensor:
-        """``t`` zero-padded to the width; in this thread's buffer for ``role`` (q, k or v) when one is given, which
-        the next call of any OneWidth in this thread overwrites, so only for calls no autograd graph keeps."""
+    def _pad(self, t: torch.Tensor, role: str, like: torch.Tensor | None) -> torch.Tensor:
+        """``t`` zero-padded to the width in this thread's buffer for ``role`` (q, k or v), which the next call of any
+        OneWidth in this thread overwrites (so only for calls no autograd graph keeps); with the strides of ``like``
+        where it has the padded shape and its elements do not overlap, else contiguous."""
         if t.shape[3] == self.width:
             return t
-        if role is None:
-            return F.pad(t, (0, self.width - t.shape[3]))
-        out = padding_buffer(role, (*t.shape[:3], self.width), t.dtype, t.device)
+        out = self._place(role, t, like)
         out[..., : t.shape[3]].copy_(t)
         out[..., t.shape[3] :].zero_()
         return out
+
+    def _place(self, role: str, t: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+        """Where ``_pad`` puts ``t`` (its values left as they are)."""
+        shape = (*t.shape[:3], self.width)
+        strides = like.stride() if like is not None and like.shape == shape and _apart(like) else None
+        return padding_buffer(role, shape, t.dtype, t.device, strides)
 
     def run(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         o, lse = self.inner.run(self.widen(call))
@@ -197,13 +206,19 @@ class OneWidth:
         return o if self.plan.value_dim == self.width else o[..., : self.plan.value_dim].contiguous()
 
     def prepare(self, call: Call) -> Prepared | None:
-        made = self.inner.prepare(self.widen(call))
+        if call.rope is not None:  # (the API prepares no call with RoPE tables; a rotation outside would be lost)
+            return None
+        # a prepare reads the call's shapes, dtypes, device and tile lists, not q, k and v's values (the Executable
+        # protocol): the widened call's tensors are this thread's buffers as they are, not a second copy of the call's
+        likes = {"q": (call.q, None), "k": (call.k, call.v), "v": (call.v, call.k)}
+        shaped = [t if t.shape[3] == self.width else self._place(r, t, like) for r, (t, like) in likes.items()]
+        made = self.inner.prepare(dataclasses.replace(call, q=shaped[0], k=shaped[1], v=shaped[2]))
         if made is None:
             return None
 
         def prepared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # (prepared calls need no gradient and have no RoPE)
-            o, lse = made(self._pad(q, "q"), self._pad(k, "k"), self._pad(v, "v"))
+            o, lse = made(self._pad(q, "q", None), self._pad(k, "k", v), self._pad(v, "v", k))
             return self._cut(o), lse
 
         return prepared
@@ -212,18 +227,37 @@ class OneWidth:
 _PADDING = threading.local()  # per thread: (role, dtype, device) -> a flat buffer of the largest size asked for
 
 
-def padding_buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A contiguous ``shape`` view of this thread's buffer for ``role``, kept between calls: a fresh allocation of a
+def _apart(t: torch.Tensor) -> bool:
+    """No two elements of ``t`` share memory (each dimension's stride at least the extent of those inside it)."""
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n > 1)
+    extent = 1
+    for stride, n in dims:
+        if stride < extent:
+            return False
+        extent = stride * n
+    return True
+
+
+def padding_buffer(
+    role: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    strides: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """A ``shape`` view of this thread's buffer for ``role`` (contiguous, or with ``strides`` that overlap no two
+    elements), kept between calls: a fresh allocation of a
     padded cache per decoding step costs page faults (the OS zeroes each new page), 5x the copy itself at 16K keys.
+    It grows by a quarter more than a call needs, so that a cache growing a row per step reallocates it rarely.
     ``ac.release_workspace()`` frees the buffers."""
     held: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = _PADDING.__dict__.setdefault("buffers", {})
-    n = math.prod(shape)
+    n = math.prod(shape) if strides is None else 1 + sum((d - 1) * st for d, st in zip(shape, strides, strict=True))
     key = (role, dtype, device)
     buf = held.get(key)
-    if buf is None or buf.numel() < n:
+    if buf is None or buf.numel() < n:  # a quarter more than asked: a growing cache's next steps fit
         held.pop(key, None)  # the old buffer goes before the larger one is allocated
-        buf = held[key] = torch.empty(n, dtype=dtype, device=device)
-    return buf[:n].view(shape)
+        buf = held[key] = torch.empty(n + n // 4, dtype=dtype, device=device)
+    return buf[:n].view(shape) if strides is None else buf.as_strided(shape, strides)
 
 
 def release_padding() -> int:

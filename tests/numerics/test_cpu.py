@@ -114,7 +114,8 @@ def test_values_of_another_width(dtype: torch.dtype, head_dim: int, value_dim: i
 
 
 def test_values_of_another_width_when_decoding() -> None:
-    """One-row calls through the prepared path and the next key lengths' (a generation loop), no gradient."""
+    """One-row calls through the prepared path and the next key lengths' (a generation loop), no gradient; K a view
+    of a longer cache, and K expanded from one head (its elements overlap)."""
     spec = ac.AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=48, value_dim=32, mask=ac.causal("bottom_right"))
     kern, ref = ac.compile(spec, target="cpu"), ac.compile(spec, target="reference")
     g = torch.Generator().manual_seed(5)
@@ -125,6 +126,11 @@ def test_values_of_another_width_when_decoding() -> None:
             got, want = kern(q, k[:, :, :n], v[:, :, :n]), ref(q.double(), k[:, :, :n].double(), v[:, :, :n].double())
             assert got.shape == (1, 8, 1, 32) and got.is_contiguous()
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        # v padded into the layout of k where k's elements are apart (a view of a longer cache), else contiguous
+        q = torch.randn(1, 8, 1, 48, generator=g)
+        for kk in (k[:, :, :250], k[:, :1, :250].expand(1, 2, 250, 48)):
+            want = ref(q.double(), kk.double(), v[:, :, :250].double())
+            torch.testing.assert_close(kern(q, kk, v[:, :, :250]).double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_padding_buffers_are_never_what_a_backward_reads() -> None:
