@@ -8,7 +8,9 @@ Prefill: B=1, H=16, causal, q and k ``--head-dim`` (192) wide, v ``--value-dim``
 alone on a retained graph. "attncc all 192" is the same call with v as wide as q and k: the products the zero-padded
 call computes, without its padding copy and cut (the floor of a kernel that takes one head size). Decoding: one
 query row over Skv keys (every key visible), 16 heads each with its own kv head (Hugging Face's DeepSeek-V3 keeps
-K and V per head), against SDPA. GFLOP/s count the useful products, 2 * (D + Dv) per visible (query, key) pair.
+K and V per head), against SDPA; "growing": 20 steps of a generation loop, the key length one longer each step, K and
+V views of preallocated caches (each step a new length: maps, padding into a kept buffer laid out as K). GFLOP/s
+count the useful products, 2 * (D + Dv) per visible (query, key) pair.
 Best of ``--reps`` rounds, each calling every contender once (``benchmarks/cpu.py``'s ``interleaved``).
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import time
 from collections.abc import Callable
 
 import torch
@@ -85,6 +88,27 @@ def decode(skv: int, dtype: torch.dtype, d: int, dv: int, reps: int) -> dict[str
     return out
 
 
+def growing(n: int, dtype: torch.dtype, d: int, dv: int, steps: int) -> dict[str, float]:
+    """Mean time per step of a generation loop: one query row, the key length growing by one each step, K and V the
+    first positions of preallocated caches (a static cache's views); SDPA given the same views."""
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(B, H, n + steps, d, generator=g).to(dtype)
+    v = torch.randn(B, H, n + steps, dv, generator=g).to(dtype)
+    q = torch.randn(B, H, 1, d, generator=g).to(dtype)
+    spec = ac.AttentionSpec(num_heads=H, head_dim=d, value_dim=dv, mask=ac.causal("bottom_right"))
+    kern = ac.compile(spec, target="cpu")
+    out = {}
+    with torch.no_grad():
+        for name, fn in (("attncc", kern), ("sdpa", F.scaled_dot_product_attention)):
+            for m in range(n - 3, n):  # (the loop's earlier steps)
+                fn(q, k[:, :, :m], v[:, :, :m])
+            start = time.perf_counter()
+            for m in range(n, n + steps):
+                fn(q, k[:, :, :m], v[:, :, :m])
+            out[name] = (time.perf_counter() - start) / steps
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="*", default=[2048])
@@ -121,6 +145,13 @@ def main() -> None:
             r = decode(skv, getattr(torch, name), d, dv, max(args.reps, 20))
             print(f"| {skv} | {name} | {1e3 * float(r['attncc']):.3f} | {1e3 * float(r['sdpa']):.3f} | "
                   f"{float(r['sdpa']) / float(r['attncc']):.2f}x | {float(r['err']):.1e} |", flush=True)  # fmt: skip
+    print("\n| growing from Skv | dtype | attncc ms/step | SDPA ms/step | SDPA/attncc |")
+    print("|---|---|---|---|---|")
+    for skv in args.kv_lens:
+        for name in args.dtypes:
+            r = growing(skv, getattr(torch, name), d, dv, 20)
+            print(f"| {skv} | {name} | {1e3 * r['attncc']:.2f} | {1e3 * r['sdpa']:.2f} | "
+                  f"{r['sdpa'] / r['attncc']:.2f}x |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
