@@ -152,7 +152,9 @@ class OneWidth:
         self.width = max(plan.head_dim, plan.value_dim)
         self._told = False
 
-    def __getattr__(self, name: str) -> Any:  # the inner executable's kernel, source, ...
+    def __getattr__(self, name: str) -> Any:  # the inner executable's kernel, ...
+        if name == "inner":  # (not set yet: a copy being made)
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     @property
