@@ -59,11 +59,11 @@ def check_qkv(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         if t.shape[3] != spec.head_dim:
             raise SpecError(f"{name} has head_dim {t.shape[3]}, the spec declares head_dim={spec.head_dim}")
     value_dim = getattr(spec, "value_dim", spec.head_dim)  # (a linear attention's spec: values as wide as keys)
-    if v.shape[3] != value_dim and value_dim != spec.head_dim:
-        raise SpecError(f"v has head_dim {v.shape[3]}, the spec declares value_dim={value_dim}")
     if v.shape[3] != value_dim:
-        hint = "; values of another size: AttentionSpec(..., value_dim=...)" if hasattr(spec, "value_dim") else ""
-        raise SpecError(f"v has head_dim {v.shape[3]}, the spec declares head_dim={spec.head_dim}{hint}")
+        declared = f"value_dim={value_dim}" if value_dim != spec.head_dim else f"head_dim={spec.head_dim}"
+        own = value_dim == spec.head_dim and hasattr(spec, "value_dim")  # (values may have a width of their own)
+        hint = "; values of another size: AttentionSpec(..., value_dim=...)" if own else ""
+        raise SpecError(f"v has head_dim {v.shape[3]}, the spec declares {declared}{hint}")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise SpecError(f"empty sequence: q length {q.shape[2]}, kv length {k.shape[2]}")
     return CallShape(int(q.shape[0]), int(q.shape[2]), int(k.shape[2]))

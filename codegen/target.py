@@ -248,10 +248,9 @@ def padding_buffer(
     strides: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """A ``shape`` view of this thread's buffer for ``role`` (contiguous, or with ``strides`` that overlap no two
-    elements), kept between calls: a fresh allocation of a
-    padded cache per decoding step costs page faults (the OS zeroes each new page), 5x the copy itself at 16K keys.
-    It grows by a quarter more than a call needs, so that a cache growing a row per step reallocates it rarely.
-    ``ac.release_workspace()`` frees the buffers."""
+    elements), kept between calls: a fresh allocation of a padded cache per decoding step costs page faults (the OS
+    zeroes each new page), 5x the copy itself at 16K keys. It grows by a quarter more than a call needs, so that a
+    cache growing a row per step reallocates it rarely. ``ac.release_workspace()`` frees the buffers."""
     held: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = _PADDING.__dict__.setdefault("buffers", {})
     n = math.prod(shape) if strides is None else 1 + sum((d - 1) * st for d, st in zip(shape, strides, strict=True))
     key = (role, dtype, device)

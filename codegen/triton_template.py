@@ -239,7 +239,8 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DVS, ERR, COS, SIN, ROPE_B,
     nm = (offs_n[:, None] < SKV) & dmask[None, :]
     kv_off = (bhk * SKV + offs_n[:, None]) * D + offs_d[None, :]
     offs_e = tl.arange(0, BLOCK_DV)
-    ne = (offs_n[:, None] < SKV) & (offs_e < DV)[None, :]
+    emask = offs_e < DV
+    ne = (offs_n[:, None] < SKV) & emask[None, :]
     v_off = (bhk * SKV + offs_n[:, None]) * DV + offs_e[None, :]
     k = tl.load(K + kv_off, mask=nm, other=0.0)
     v = tl.load(V + v_off, mask=ne, other=0.0)
@@ -263,7 +264,7 @@ def attncc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DVS, ERR, COS, SIN, ROPE_B,
                 q_rows = Q + ((b * H + h) * SQ + offs_m[:, None]) * D
                 q = _rope(q, q_rows, mm, COS, SIN, tb + offs_m + SKV - SQ, offs_d, D).to(q.dtype)
             o_off = ((b * H + h) * SQ + offs_m[:, None]) * DV + offs_e[None, :]
-            do = tl.load(DO + o_off, mask=(offs_m[:, None] < SQ) & (offs_e < DV)[None, :], other=0.0)
+            do = tl.load(DO + o_off, mask=(offs_m[:, None] < SQ) & emask[None, :], other=0.0)
             lse = tl.load(LSE + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=float("-inf"))
             delta = tl.load(DELTA + (b * H + h) * SQ + offs_m, mask=offs_m < SQ, other=0.0)
             p, ds, d_mod, raw = _bwd_tile(q, do, k, v, lse, delta, offs_m, offs_n, full, b, h, B, H, SQ, SKV, SCALE,
