@@ -67,6 +67,16 @@ class AttentionSpec:
     >>> spec = lambda doc: AttentionSpec(num_heads=1, head_dim=8, mask=same_doc(doc))
     >>> spec(a) == spec(a), spec(a) == spec(c)
     (True, False)
+
+    Values of their own width (``value_dim``; a call's v and output are that wide):
+
+    >>> import attncc as ac
+    >>> mla = ac.AttentionSpec(num_heads=2, head_dim=24, value_dim=16)
+    >>> mla.value_dim, ac.AttentionSpec(num_heads=2, head_dim=24).value_dim
+    (16, 24)
+    >>> q, k, v = torch.randn(1, 2, 5, 24), torch.randn(1, 2, 5, 24), torch.randn(1, 2, 5, 16)
+    >>> ac.compile(mla, target="reference")(q, k, v).shape
+    torch.Size([1, 2, 5, 16])
     """
 
     num_heads: int
